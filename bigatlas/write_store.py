@@ -1,0 +1,203 @@
+"""Streamed writers for the two store formats bigatlas produces (synth, prepare).
+
+Both take CSR row chunks in order and never hold more than one chunk plus one storage chunk.
+Zarr output is an AnnData store (format v3) with the fast layout of DESIGN §4: blosc-lz4 + byte
+shuffle, narrow index dtype, element chunks sized to ~a few hundred cells. It is written under
+`<path>.partial` and renamed into place only when complete, so a killed writer never leaves
+something that looks like a finished store (on object stores, where rename is a copy, the absence
+of `<path>/zarr.json` until the end plays that role).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+# 2**15 elements ≈ 50 cells at 650 nonzeros; blocks of a few chunks waste < one chunk of decode.
+DEFAULT_CHUNK_ELEMS = 1 << 15
+
+
+def index_dtype_for(n_vars: int):
+    return np.int16 if n_vars <= np.iinfo(np.int16).max else np.int32
+
+
+def _compressor(dtype) -> BloscCodec:
+    return BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle, typesize=np.dtype(dtype).itemsize)
+
+
+def _prepare_target(path: Path, overwrite: bool) -> Path:
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    partial = path.with_name(path.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    return partial
+
+
+def _commit(partial: Path, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(partial, path)
+
+
+class _Appender:
+    """Appends to a 1-D zarr array, writing whole chunks only (no read-modify-write)."""
+
+    def __init__(self, arr: zarr.Array):
+        self.arr, self.chunk = arr, arr.chunks[0]
+        self.buf: list[np.ndarray] = []
+        self.buffered = 0
+        self.written = 0
+
+    def push(self, values: np.ndarray) -> None:
+        self.buf.append(values)
+        self.buffered += len(values)
+        if self.buffered >= self.chunk:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self.buffered:
+            return
+        data = np.concatenate(self.buf)
+        n = len(data) if final else (len(data) // self.chunk) * self.chunk
+        self.arr.resize((self.written + n,))
+        self.arr[self.written : self.written + n] = data[:n]
+        self.written += n
+        rest = data[n:]
+        self.buf, self.buffered = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> None:
+        self._flush(final=True)
+
+
+class ZarrWriter:
+    """`with ZarrWriter(path, n_vars) as w: w.append(indptr, indices, data) …; w.finish(obs, var)`."""
+
+    def __init__(self, path, n_vars: int, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, overwrite: bool = False):
+        self.path = Path(path)
+        self.partial = _prepare_target(self.path, overwrite)
+        self.n_vars = n_vars
+        self.root = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
+        x = self.root.create_group("X")
+        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
+        self._x = x
+        idx_dtype = index_dtype_for(n_vars)
+        self._data = _Appender(x.create_array("data", shape=(0,), chunks=(chunk_elems,), dtype=np.float32,
+                                              compressors=_compressor(np.float32)))
+        self._indices = _Appender(x.create_array("indices", shape=(0,), chunks=(chunk_elems,), dtype=idx_dtype,
+                                                 compressors=_compressor(idx_dtype)))
+        self._indptr = [np.zeros(1, np.int64)]
+        self.n_obs = 0
+        self.nnz = 0
+
+    def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        self._data.push(np.asarray(data, dtype=np.float32))
+        self._indices.push(np.asarray(indices).astype(self._indices.arr.dtype, copy=False))
+        self._indptr.append(np.asarray(indptr[1:], dtype=np.int64) + self.nnz)
+        self.nnz += int(indptr[-1])
+        self.n_obs += len(indptr) - 1
+
+    def finish(self, obs: pd.DataFrame, var: pd.DataFrame) -> Path:
+        from anndata.io import write_elem
+
+        if len(obs) != self.n_obs or len(var) != self.n_vars:
+            raise ValueError(f"obs/var have {len(obs)}/{len(var)} rows, X is {self.n_obs} x {self.n_vars}")
+        self._data.close()
+        self._indices.close()
+        indptr = np.concatenate(self._indptr)
+        chunks = (min(max(len(indptr), 1), 1 << 20),)
+        self._x.create_array("indptr", shape=indptr.shape, chunks=chunks, dtype=np.int64,
+                             compressors=_compressor(np.int64))[:] = indptr
+        self._x.attrs["shape"] = [self.n_obs, self.n_vars]
+        write_elem(self.root, "obs", obs)
+        write_elem(self.root, "var", var)
+        self.root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        _commit(self.partial, self.path)
+        return self.path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None and self.partial.exists():
+            shutil.rmtree(self.partial, ignore_errors=True)
+        return False
+
+
+class SomaWriter:
+    """TileDB-SOMA experiment with measurement `RNA`, X layer `raw`, Census-style obs/var.
+
+    Appends are buffered into fragments of >= `fragment_rows` cells: reads slow down with the number
+    of fragments, and TileDB-SOMA has no consolidation call of its own.
+    """
+
+    def __init__(self, path, n_obs: int, n_vars: int, *, measurement: str = "RNA", layer: str = "raw",
+                 fragment_rows: int = 131072, overwrite: bool = False):
+        import pyarrow as pa
+        import tiledbsoma as soma
+
+        self.path = Path(path)
+        self.partial = _prepare_target(self.path, overwrite)
+        self.n_obs, self.n_vars, self.measurement, self.layer = n_obs, n_vars, measurement, layer
+        self.exp = soma.Experiment.create(str(self.partial))
+        ms = self.exp.add_new_collection("ms")
+        self.rna = ms.add_new_collection(measurement, soma.Measurement)
+        xcoll = self.rna.add_new_collection("X")
+        self.X = xcoll.add_new_sparse_ndarray(layer, type=pa.float32(), shape=(n_obs, n_vars))
+        self.row = 0
+        self.fragment_rows = fragment_rows
+        self._pending: list = []
+        self._pending_rows = 0
+        self._pa = pa
+
+    def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        n = len(indptr) - 1
+        rows = np.repeat(np.arange(self.row, self.row + n, dtype=np.int64), np.diff(indptr))
+        self._pending.append(self._pa.table({"soma_dim_0": rows,
+                                             "soma_dim_1": np.asarray(indices, dtype=np.int64),
+                                             "soma_data": np.asarray(data, dtype=np.float32)}))
+        self.row += n
+        self._pending_rows += n
+        if self._pending_rows >= self.fragment_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.X.write(self._pa.concat_tables(self._pending))
+        self._pending, self._pending_rows = [], 0
+
+    def finish(self, obs: pd.DataFrame, var: pd.DataFrame) -> Path:
+        if self.row != self.n_obs:
+            raise ValueError(f"wrote {self.row} rows, expected {self.n_obs}")
+        self._flush()
+        pa = self._pa
+        for frame, parent, name in ((obs, self.exp, "obs"), (var, self.rna, "var")):
+            frame = frame.reset_index(drop=True).copy()
+            frame["soma_joinid"] = np.arange(len(frame), dtype=np.int64)
+            # categoricals as plain strings: tiledbsoma 2.3 with pyarrow >= 2x writes dictionary
+            # columns with empty enumerations (codes without values)
+            for col in frame.columns:
+                if isinstance(frame[col].dtype, pd.CategoricalDtype):
+                    frame[col] = frame[col].astype(str)
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            df = parent.add_new_dataframe(name, schema=table.schema, index_column_names=["soma_joinid"],
+                                          domain=[(0, max(len(frame) - 1, 0))])
+            df.write(table)
+        self.X.close()
+        self.exp.close()
+        _commit(self.partial, self.path)
+        return self.path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None and self.partial.exists():
+            shutil.rmtree(self.partial, ignore_errors=True)
+        return False

@@ -1,0 +1,88 @@
+"""Minimal CSR rows container and the few row/column operations the stream needs.
+
+scipy.sparse would copy and upcast on every slice; these helpers keep the store's narrow index
+dtype until the batch is handed to torch and touch each nonzero at most once per operation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CSR:
+    indptr: np.ndarray  # int64, len n_rows + 1, starts at 0
+    indices: np.ndarray  # int16/int32/int64 column ids
+    data: np.ndarray  # float32 counts
+    n_cols: int
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    def to_scipy(self):
+        import scipy.sparse as sp
+
+        return sp.csr_matrix((self.data, self.indices.astype(np.int32, copy=False), self.indptr),
+                             shape=(self.n_rows, self.n_cols))
+
+    def nbytes(self) -> int:
+        return self.indptr.nbytes + self.indices.nbytes + self.data.nbytes
+
+
+def empty(n_cols: int, index_dtype=np.int32) -> CSR:
+    return CSR(np.zeros(1, np.int64), np.zeros(0, index_dtype), np.zeros(0, np.float32), n_cols)
+
+
+def element_index(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in data/indices of the given rows, concatenated in row order, and the new indptr."""
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    new_indptr = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=new_indptr[1:])
+    total = int(new_indptr[-1])
+    # element k of output row i sits at starts[i] + (k - new_indptr[i])
+    offsets = np.repeat(starts - new_indptr[:-1], lengths)
+    offsets += np.arange(total, dtype=np.int64)
+    return offsets, new_indptr
+
+
+def take_rows(m: CSR, rows: np.ndarray, index_dtype=None) -> CSR:
+    """Rows `rows` (any order, repeats allowed) as a new CSR; indices cast to index_dtype if given."""
+    elem, indptr = element_index(m.indptr, np.asarray(rows, dtype=np.int64))
+    indices = m.indices[elem]
+    if index_dtype is not None:
+        indices = indices.astype(index_dtype, copy=False)
+    return CSR(indptr, indices, m.data[elem], m.n_cols)
+
+
+def concat(parts: list[CSR]) -> CSR:
+    if len(parts) == 1:
+        return parts[0]
+    n_cols = parts[0].n_cols
+    indptr = [np.zeros(1, np.int64)]
+    offset = 0
+    for p in parts:
+        indptr.append(p.indptr[1:] + offset)
+        offset += p.nnz
+    return CSR(np.concatenate(indptr), np.concatenate([p.indices for p in parts]),
+               np.concatenate([p.data for p in parts]), n_cols)
+
+
+def select_columns(m: CSR, colmap: np.ndarray, n_out: int) -> CSR:
+    """Keep columns with colmap[col] >= 0, renumbered to colmap[col]; row order kept.
+
+    Output columns within a row follow the store's column order, not sorted by new id: torch and
+    scipy accept unsorted indices, and sorting would cost a pass per row.
+    """
+    new_cols = colmap[m.indices]
+    keep = new_cols >= 0
+    kept_before = np.zeros(len(keep) + 1, np.int64)
+    np.cumsum(keep, out=kept_before[1:])
+    indptr = kept_before[m.indptr]
+    return CSR(indptr, new_cols[keep], m.data[keep], n_out)

@@ -1,0 +1,104 @@
+"""Epoch plans: pure numpy functions of (n_obs, block_size, seed, epoch) and the consumer's place.
+
+An epoch shuffles chunk-aligned blocks of rows, deals them round-robin to the consumers
+(rank × worker; shuffle first, then partition, so every consumer gets an unbiased sample and row
+counts differ by at most one block), groups each consumer's blocks into read requests, and shuffles
+rows inside each request. Nothing here reads data, so a resumed stream can skip work for free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Distinct streams for the block order and the in-request row orders of one (seed, epoch).
+_BLOCKS, _ROWS = 0x626C6B, 0x726F77
+
+
+@dataclass(frozen=True)
+class Request:
+    """One pooled read: store positions (ascending) and the order to emit them in."""
+
+    rows: np.ndarray  # int64 ascending positions in the (filtered) store
+    order: np.ndarray  # permutation of range(len(rows)): emit rows[order[0]], rows[order[1]], ...
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def n_blocks(n_obs: int, block_size: int) -> int:
+    return -(-n_obs // block_size)
+
+
+def block_order(n_obs: int, block_size: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    nb = n_blocks(n_obs, block_size)
+    if not shuffle:
+        return np.arange(nb, dtype=np.int64)
+    return np.random.default_rng([seed, epoch, _BLOCKS]).permutation(nb).astype(np.int64)
+
+
+def consumer_blocks(order: np.ndarray, consumer: int, n_consumers: int) -> np.ndarray:
+    return order[consumer::n_consumers]
+
+
+def block_lengths(blocks: np.ndarray, n_obs: int, block_size: int) -> np.ndarray:
+    starts = blocks * block_size
+    return np.minimum(starts + block_size, n_obs) - starts
+
+
+def consumer_rows(n_obs: int, block_size: int, seed: int, epoch: int, n_consumers: int,
+                  shuffle: bool = True) -> np.ndarray:
+    """Rows each consumer receives in this epoch (computed from the plan, no data read)."""
+    order = block_order(n_obs, block_size, seed, epoch, shuffle)
+    lengths = block_lengths(order, n_obs, block_size)
+    return np.array([lengths[c::n_consumers].sum() for c in range(n_consumers)], dtype=np.int64)
+
+
+def requests(n_obs: int, block_size: int, blocks_per_request: int, seed: int, epoch: int,
+             consumer: int, n_consumers: int, shuffle: bool = True) -> list[Request]:
+    """The consumer's read requests for one epoch, in the order they are consumed."""
+    mine = consumer_blocks(block_order(n_obs, block_size, seed, epoch, shuffle), consumer, n_consumers)
+    out = []
+    for i in range(0, len(mine), blocks_per_request):
+        group = np.sort(mine[i : i + blocks_per_request])
+        lengths = block_lengths(group, n_obs, block_size)
+        rows = np.repeat(group * block_size - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        rows += np.arange(len(rows), dtype=np.int64)
+        if shuffle:
+            rng = np.random.default_rng([seed, epoch, _ROWS, consumer, n_consumers, i])
+            order = rng.permutation(len(rows))
+        else:
+            order = np.arange(len(rows))
+        out.append(Request(rows, order))
+    return out
+
+
+def batch_sizes(rows_per_consumer: np.ndarray, batch_size: int, drop_last: bool) -> list[list[int]]:
+    """Minibatch sizes for each consumer, with the same count for every consumer.
+
+    drop_last: full batches only; each consumer drops its tail (random rows, since rows are shuffled).
+    Otherwise every row is emitted exactly once: L = the largest consumer's ceil(n / batch_size),
+    and a consumer with fewer rows splits its remainder over its last slots, so no padding is needed.
+    """
+    rows_per_consumer = np.asarray(rows_per_consumer, dtype=np.int64)
+    if drop_last:
+        n_batches = int(rows_per_consumer.min()) // batch_size
+        return [[batch_size] * n_batches for _ in rows_per_consumer]
+    n_batches = int(-(-rows_per_consumer.max() // batch_size))
+    out = []
+    for n in rows_per_consumer.tolist():
+        if n < n_batches:
+            raise ValueError(
+                f"a consumer receives {n} cells but every consumer must emit {n_batches} minibatches; "
+                "use fewer processes/workers, a smaller block_size or drop_last=True")
+        # as many full batches as leave at least one row for each remaining slot
+        full = min(n // batch_size, n_batches)
+        if batch_size > 1:
+            full = min(full, (n - n_batches) // (batch_size - 1))
+        rest, slots = n - full * batch_size, n_batches - full
+        sizes = [batch_size] * full
+        if slots:
+            q, r = divmod(rest, slots)
+            sizes += [q + 1] * r + [q] * (slots - r)
+        out.append(sizes)
+    return out

@@ -1,0 +1,116 @@
+"""What every store offers the stream: cell count, genes, obs codes and row reads by position.
+
+Positions are 0..n_obs-1 over the cells that pass `obs_filter`, in storage order; subclasses map them
+to their own row ids (Zarr row numbers, SOMA soma_joinids) and read CSR rows.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from .csr import CSR
+
+
+class StoreError(ValueError):
+    """A store, column, gene or filter problem, with the offending name in the message."""
+
+
+def _names_list(names, limit=8) -> str:
+    names = list(names)
+    shown = ", ".join(map(str, names[:limit]))
+    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def filter_columns(expr: str, columns) -> list[str]:
+    """Obs columns an obs_filter expression refers to (identifiers outside string literals)."""
+    without_strings = re.sub(r"'[^']*'|\"[^\"]*\"", " ", expr)
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", without_strings))
+    keywords = {"and", "or", "not", "in", "True", "False", "None", "true", "false"}
+    unknown = sorted(words - keywords - set(columns))
+    if unknown:
+        raise StoreError(f"obs_filter {expr!r} names obs column {unknown[0]!r}, not in store "
+                         f"(have: {_names_list(columns)})")
+    return sorted(words & set(columns))
+
+
+def codes_of(values) -> tuple[np.ndarray, np.ndarray]:
+    """Integer category codes (missing → -1) and categories for any obs column."""
+    if isinstance(values, pd.Categorical) or isinstance(getattr(values, "dtype", None), pd.CategoricalDtype):
+        cat = pd.Categorical(values)
+        return np.asarray(cat.codes, dtype=np.int64), np.asarray(cat.categories.astype(str))
+    codes, cats = pd.factorize(pd.Series(values), sort=True)
+    return codes.astype(np.int64), np.asarray(pd.Index(cats).astype(str))
+
+
+class Store:
+    """Base: subclasses set uri, n_obs, n_vars, var frame, and implement _read_obs / read."""
+
+    uri: str
+    n_obs: int
+    n_vars: int
+    chunk_rows: int  # suggested block size: rows per storage chunk (or per cheap contiguous read)
+
+    def __init__(self, var: pd.DataFrame):
+        self._var = var
+        name_col = "feature_name" if "feature_name" in var.columns else None
+        id_col = "feature_id" if "feature_id" in var.columns else None
+        index = np.asarray(var.index.astype(str))
+        self.var_names = np.asarray(var[name_col].astype(str)) if name_col else index
+        self.var_ids = np.asarray(var[id_col].astype(str)) if id_col else index
+        self._codes_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    # -- obs --------------------------------------------------------------------------------------
+    @property
+    def obs_columns(self) -> list[str]:
+        raise NotImplementedError
+
+    def _read_obs(self, column: str) -> np.ndarray | pd.Categorical:
+        """The column's values for the filtered cells, in position order."""
+        raise NotImplementedError
+
+    def obs_codes(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        if column not in self.obs_columns:
+            raise StoreError(f"obs column {column!r} not in store {self.uri} "
+                             f"(have: {_names_list(self.obs_columns)})")
+        if column not in self._codes_cache:
+            self._codes_cache[column] = codes_of(self._read_obs(column))
+        return self._codes_cache[column]
+
+    # -- genes ------------------------------------------------------------------------------------
+    def gene_map(self, genes) -> np.ndarray:
+        """colmap[store column] = output column for each requested gene (by feature id, else name)."""
+        genes = [str(g) for g in genes]
+        if len(set(genes)) != len(genes):
+            dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
+            raise StoreError(f"gene list repeats {_names_list(dup)}")
+        by_id = pd.Index(self.var_ids)
+        by_name = pd.Index(self.var_names)
+        colmap = np.full(self.n_vars, -1, dtype=np.int64)
+        missing = []
+        for out, g in enumerate(genes):
+            if g in by_id:
+                loc = by_id.get_indexer([g])[0] if by_id.is_unique else np.flatnonzero(by_id == g)[0]
+            elif g in by_name:
+                hits = np.flatnonzero(by_name == g)
+                if len(hits) > 1:
+                    raise StoreError(f"gene name {g!r} appears {len(hits)} times in {self.uri}; "
+                                     "select it by feature id")
+                loc = hits[0]
+            else:
+                missing.append(g)
+                continue
+            colmap[loc] = out
+        if missing:
+            raise StoreError(f"{len(missing)} requested genes not in store {self.uri}: {_names_list(missing)}")
+        return colmap
+
+    # -- rows -------------------------------------------------------------------------------------
+    def read(self, rows: np.ndarray) -> CSR:
+        """CSR of the cells at ascending positions `rows`, in that order."""
+        raise NotImplementedError
+
+    def reader(self) -> "Store":
+        """A handle for one reader thread (stores with thread-affine handles return a fresh one)."""
+        return self

@@ -1,0 +1,194 @@
+"""CellStream: epoch plan → pooled reads on threads → shuffled minibatches, exactly once per epoch.
+
+Each rank runs `num_workers` reader threads; each thread is one consumer of the plan (consumer id
+rank * num_workers + worker) and turns its read requests into minibatches, carrying leftover rows
+into the next request, so only the per-consumer sizes from `sampling.batch_sizes` decide where
+minibatches end. The rank yields worker batches round-robin; every rank yields the same count.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import sampling
+from .csr import CSR, concat, select_columns, take_rows
+from .store import Store
+
+_STATE_KEYS = ("seed", "world_size", "num_workers", "batch_size", "block_size", "blocks_per_request",
+               "n_obs", "drop_last", "shuffle")
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # torch.sparse_csr float32, cells × selected genes
+    index: torch.Tensor  # int64 positions of the rows in the (filtered) store
+    obs: dict[str, torch.Tensor]  # obs key → int64 category codes (-1 = missing)
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def dense(self, device=None) -> torch.Tensor:
+        """Counts as a dense float32 tensor, densified on `device` (move sparse, densify there)."""
+        return self.x.to(device).to_dense() if device is not None else self.x.to_dense()
+
+
+def _to_batch(m: CSR, index: np.ndarray, codes: dict[str, np.ndarray]) -> Batch:
+    x = torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int32)),
+                                torch.from_numpy(m.indices.astype(np.int32, copy=False)),
+                                torch.from_numpy(m.data), size=(m.n_rows, m.n_cols))
+    return Batch(x, torch.from_numpy(index),
+                 {k: torch.from_numpy(v[index]) for k, v in codes.items()})
+
+
+class _Stop(Exception):
+    pass
+
+
+class CellStream(torch.utils.data.IterableDataset):
+    def __init__(self, store: Store | str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 2, genes=None, obs_keys=(), drop_last: bool = False,
+                 block_size: int | None = None, blocks_per_request: int = 64, prefetch: int = 2,
+                 shuffle: bool = True, epoch: int = 0):
+        if isinstance(store, str):
+            from . import open_store
+
+            store = open_store(store)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if batch_size < 1 or num_workers < 1 or blocks_per_request < 1:
+            raise ValueError("batch_size, num_workers and blocks_per_request must be >= 1")
+        self.store = store
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
+        self.block_size = int(block_size or store.chunk_rows)
+        self.blocks_per_request, self.prefetch = int(blocks_per_request), int(prefetch)
+        self.drop_last, self.shuffle = bool(drop_last), bool(shuffle)
+        self.n_obs = store.n_obs
+        self.obs_keys = tuple(obs_keys)
+        self._codes = {k: store.obs_codes(k)[0] for k in self.obs_keys}
+        if genes is not None:
+            self._colmap, self.n_genes = store.gene_map(genes), len(genes)
+        else:
+            self._colmap, self.n_genes = None, store.n_vars
+        self.epoch, self.consumed = int(epoch), 0
+
+    # -- plan -------------------------------------------------------------------------------------
+    @property
+    def n_consumers(self) -> int:
+        return self.world_size * self.num_workers
+
+    def _sizes(self, epoch: int) -> list[list[int]]:
+        rows = sampling.consumer_rows(self.n_obs, self.block_size, self.seed, epoch, self.n_consumers,
+                                      self.shuffle)
+        return sampling.batch_sizes(rows, self.batch_size, self.drop_last)
+
+    def __len__(self) -> int:
+        return len(self._sizes(self.epoch)[0]) * self.num_workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.consumed = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        state = {k: getattr(self, k) for k in _STATE_KEYS}
+        state.update(epoch=self.epoch, consumed=self.consumed)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        mismatch = {k: (state.get(k), getattr(self, k)) for k in _STATE_KEYS if state.get(k) != getattr(self, k)}
+        if mismatch:
+            detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in mismatch.items())
+            raise ValueError(f"stream state does not match this stream ({detail})")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+    # -- iteration --------------------------------------------------------------------------------
+    def __iter__(self):
+        if torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError("CellStream reads on its own threads (num_workers=…); use it with "
+                               "DataLoader(num_workers=0, batch_size=None) or iterate it directly")
+        epoch, start = self.epoch, self.consumed
+        sizes = self._sizes(epoch)
+        W = self.num_workers
+        total = len(sizes[0]) * W
+        stop = threading.Event()
+        queues = [queue.Queue(maxsize=self._queue_len()) for _ in range(W)]
+        threads = []
+        for w in range(W):
+            consumer = self.rank * W + w
+            skip = len(range(w, start, W))  # batches of this worker among the first `start`
+            t = threading.Thread(target=self._work, daemon=True, name=f"cellstream-{consumer}",
+                                 args=(epoch, consumer, sizes[consumer], skip, queues[w], stop))
+            t.start()
+            threads.append(t)
+        try:
+            for j in range(start, total):
+                item = queues[j % W].get()
+                if isinstance(item, BaseException):
+                    raise item
+                self.consumed = j + 1
+                yield item
+            self.epoch, self.consumed = epoch + 1, 0
+        finally:
+            stop.set()
+            for q in queues:  # unblock producers waiting on a full queue
+                while not q.empty():
+                    q.get_nowait()
+            for t in threads:
+                t.join(timeout=5)
+
+    def _queue_len(self) -> int:
+        per_request = self.block_size * self.blocks_per_request
+        return max(2, self.prefetch * per_request // max(self.num_workers, 1) // self.batch_size)
+
+    def _work(self, epoch, consumer, sizes, skip, out: queue.Queue, stop: threading.Event):
+        def put(item):
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+            raise _Stop
+
+        try:
+            for batch in self._batches(epoch, consumer, sizes, skip):
+                put(batch)
+        except _Stop:
+            return
+        except BaseException as e:  # handed to the consuming thread, which re-raises it
+            try:
+                put(e)
+            except _Stop:
+                return
+
+    def _batches(self, epoch, consumer, sizes, skip):
+        reqs = sampling.requests(self.n_obs, self.block_size, self.blocks_per_request, self.seed, epoch,
+                                 consumer, self.n_consumers, self.shuffle)
+        offset = sum(sizes[:skip])  # rows already consumed: whole requests are skipped unread
+        sizes = sizes[skip:]
+        reader = self.store.reader()
+        b, parts, have = 0, [], 0
+        for req in reqs:
+            if b == len(sizes):
+                break
+            if offset >= len(req):
+                offset -= len(req)
+                continue
+            m = reader.read(req.rows)
+            if self._colmap is not None:
+                m = select_columns(m, self._colmap, self.n_genes)
+            order, offset = req.order[offset:], 0
+            pos = 0
+            while pos < len(order) and b < len(sizes):
+                take = order[pos : pos + sizes[b] - have]
+                pos += len(take)
+                have += len(take)
+                parts.append((take_rows(m, take, np.int32), req.rows[take]))
+                if have == sizes[b]:
+                    x = concat([p[0] for p in parts])
+                    index = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+                    yield _to_batch(x, index, self._codes)
+                    b, parts, have = b + 1, [], 0
