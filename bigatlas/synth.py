@@ -27,7 +27,7 @@ class SynthSpec:
     donors_per_study: int = 4
     study_effect: float = 0.6  # sd of per-study gene log-fold changes
     donor_effect: float = 0.2
-    mean_library: float = 3000.0
+    mean_library: float = 2500.0
     undefined_fraction: float = 0.07
     zero_inflation: float = 0.05  # mean per-gene structural-zero probability
     order: str = "study"  # storage order: study (concatenated datasets), cell_type (sorted), random

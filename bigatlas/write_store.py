@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,10 @@ class ZarrWriter:
         self._x.create_array("indptr", shape=indptr.shape, chunks=chunks, dtype=np.int64,
                              compressors=_compressor(np.int64))[:] = indptr
         self._x.attrs["shape"] = [self.n_obs, self.n_vars]
-        write_elem(self.root, "obs", obs)
-        write_elem(self.root, "var", var)
+        with warnings.catch_warnings():  # anndata announces a future sharding default on every write
+            warnings.filterwarnings("ignore", message=".*autosharding.*")
+            write_elem(self.root, "obs", obs)
+            write_elem(self.root, "var", var)
         self.root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         _commit(self.partial, self.path)
         return self.path

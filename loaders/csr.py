@@ -9,10 +9,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+try:  # scipy's C++ row gather: one pass, ~4x the numpy repeat/arange/fancy-index formulation
+    from scipy.sparse._sparsetools import csr_row_index as _csr_row_index
+except ImportError:  # private API; the numpy path below gives the same result
+    _csr_row_index = None
+
 
 @dataclass(frozen=True)
 class CSR:
-    indptr: np.ndarray  # int64, len n_rows + 1, starts at 0
+    indptr: np.ndarray  # int64 (int32 after compact()), len n_rows + 1, starts at 0
     indices: np.ndarray  # int16/int32/int64 column ids
     data: np.ndarray  # float32 counts
     n_cols: int
@@ -52,20 +57,33 @@ def element_index(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.
     return offsets, new_indptr
 
 
-def take_rows(m: CSR, rows: np.ndarray, index_dtype=None) -> CSR:
-    """Rows `rows` (any order, repeats allowed) as a new CSR; indices cast to index_dtype if given."""
-    elem, indptr = element_index(m.indptr, np.asarray(rows, dtype=np.int64))
-    indices = m.indices[elem]
-    if index_dtype is not None:
-        indices = indices.astype(index_dtype, copy=False)
-    return CSR(indptr, indices, m.data[elem], m.n_cols)
+def compact(m: CSR) -> CSR:
+    """int32 indptr and indices (when nnz allows): the layout take_rows gathers fastest and torch takes."""
+    if m.nnz >= np.iinfo(np.int32).max:
+        return m
+    return CSR(m.indptr.astype(np.int32), m.indices.astype(np.int32, copy=False), m.data, m.n_cols)
+
+
+def take_rows(m: CSR, rows: np.ndarray) -> CSR:
+    """Rows `rows` (any order, repeats allowed) as a new CSR with m's index dtypes."""
+    rows = np.asarray(rows, dtype=m.indptr.dtype)
+    lengths = m.indptr[rows + 1] - m.indptr[rows]
+    indptr = np.zeros(len(rows) + 1, m.indptr.dtype)
+    np.cumsum(lengths, out=indptr[1:])
+    if _csr_row_index is not None and m.indptr.dtype == m.indices.dtype:
+        indices = np.empty(int(indptr[-1]), m.indices.dtype)
+        data = np.empty(int(indptr[-1]), m.data.dtype)
+        _csr_row_index(len(rows), rows, m.indptr, m.indices, m.data, indices, data)
+        return CSR(indptr, indices, data, m.n_cols)
+    elem, _ = element_index(m.indptr.astype(np.int64), rows.astype(np.int64))
+    return CSR(indptr, m.indices[elem], m.data[elem], m.n_cols)
 
 
 def concat(parts: list[CSR]) -> CSR:
     if len(parts) == 1:
         return parts[0]
     n_cols = parts[0].n_cols
-    indptr = [np.zeros(1, np.int64)]
+    indptr = [np.zeros(1, parts[0].indptr.dtype)]
     offset = 0
     for p in parts:
         indptr.append(p.indptr[1:] + offset)

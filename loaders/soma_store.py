@@ -56,7 +56,8 @@ class SomaStore(Store):
             except Exception as e:
                 raise StoreError(f"obs_filter {obs_filter!r} failed on {self.uri}: {e}") from None
             self._joinids = np.sort(ids["soma_joinid"].to_numpy().astype(np.int64))
-            self.chunk_rows = self._row_tile(x)
+            # point-list reads touch only the data tiles holding the rows: no chunk alignment to keep
+            self.chunk_rows = 1
         if len(self._joinids) == 0:
             what = f"obs_filter {obs_filter!r} matches" if obs_filter else "store has"
             raise StoreError(f"{what} 0 cells in {self.uri}")
@@ -68,13 +69,6 @@ class SomaStore(Store):
         self.n_obs = len(self._joinids)
         self._n_store_rows = n_rows
         self._local = threading.local()
-
-    @staticmethod
-    def _row_tile(x) -> int:
-        try:
-            return int(x.config_options_from_schema().dims["soma_dim_0"]["tile"])
-        except Exception:  # older tiledbsoma or non-TileDB backends: a Census-like default
-            return 2048
 
     @property
     def obs_columns(self) -> list[str]:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import sampling
-from .csr import CSR, concat, select_columns, take_rows
+from .csr import CSR, compact, concat, select_columns, take_rows
 from .store import Store
+
+# torch's notice that sparse CSR is "beta" would print once per process for every user
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 _STATE_KEYS = ("seed", "world_size", "num_workers", "batch_size", "block_size", "blocks_per_request",
                "n_obs", "drop_last", "shuffle")
@@ -37,9 +41,9 @@ class Batch:
 
 
 def _to_batch(m: CSR, index: np.ndarray, codes: dict[str, np.ndarray]) -> Batch:
-    x = torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int32)),
+    x = torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int32, copy=False)),
                                 torch.from_numpy(m.indices.astype(np.int32, copy=False)),
-                                torch.from_numpy(m.data), size=(m.n_rows, m.n_cols))
+                                torch.from_numpy(m.data), size=(m.n_rows, m.n_cols), check_invariants=False)
     return Batch(x, torch.from_numpy(index),
                  {k: torch.from_numpy(v[index]) for k, v in codes.items()})
 
@@ -64,7 +68,8 @@ class CellStream(torch.utils.data.IterableDataset):
         self.store = store
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
-        self.block_size = int(block_size or store.chunk_rows)
+        self.block_size = int(block_size or sampling.default_block_size(
+            store.n_obs, store.chunk_rows, world_size * num_workers))
         self.blocks_per_request, self.prefetch = int(blocks_per_request), int(prefetch)
         self.drop_last, self.shuffle = bool(drop_last), bool(shuffle)
         self.n_obs = store.n_obs
@@ -180,13 +185,14 @@ class CellStream(torch.utils.data.IterableDataset):
             m = reader.read(req.rows)
             if self._colmap is not None:
                 m = select_columns(m, self._colmap, self.n_genes)
+            m = compact(m)
             order, offset = req.order[offset:], 0
             pos = 0
             while pos < len(order) and b < len(sizes):
                 take = order[pos : pos + sizes[b] - have]
                 pos += len(take)
                 have += len(take)
-                parts.append((take_rows(m, take, np.int32), req.rows[take]))
+                parts.append((take_rows(m, take), req.rows[take]))
                 if have == sizes[b]:
                     x = concat([p[0] for p in parts])
                     index = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]

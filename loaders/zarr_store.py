@@ -85,48 +85,60 @@ class ZarrStore(Store):
     def read(self, rows: np.ndarray) -> CSR:
         rows = self.store_rows(np.asarray(rows, dtype=np.int64))
         starts, ends = self._indptr[rows], self._indptr[rows + 1]
-        lengths = ends - starts
         indptr = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        # contiguous element runs, then runs merged across gaps shorter than a chunk
-        breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
-        run_first = np.concatenate([[0], breaks]).astype(np.int64) if len(rows) else breaks
-        run_len = np.diff(np.concatenate([run_first, [len(rows)]]))
-        r_start, r_end = starts[run_first], ends[run_first + run_len - 1]
-        gap_break = np.flatnonzero(r_start[1:] - r_end[:-1] >= self._chunk_elems) + 1
-        m_first = np.concatenate([[0], gap_break]).astype(np.int64)
-        m_last = np.concatenate([gap_break - 1, [len(r_start) - 1]]).astype(np.int64)
-        ranges = list(zip(r_start[m_first].tolist(), r_end[m_last].tolist()))
-        data_parts, index_parts = self._fetch(ranges)
-        if len(ranges) == len(r_start):  # no gaps inside any merged range: concatenation is the answer
-            data = np.concatenate(data_parts) if data_parts else np.zeros(0, self._data.dtype)
-            indices = np.concatenate(index_parts) if index_parts else np.zeros(0, self._indices.dtype)
-        else:
-            data = np.empty(int(indptr[-1]), self._data.dtype)
-            indices = np.empty(int(indptr[-1]), self._indices.dtype)
-            row_range = np.repeat(np.arange(len(ranges)), m_last - m_first + 1)
-            row_range = np.repeat(row_range, run_len)
-            for k, (lo, _) in enumerate(ranges):
-                sel = np.flatnonzero(row_range == k)
-                local = np.concatenate([[0], np.cumsum(lengths[sel])])
-                src = np.repeat(starts[sel] - lo - local[:-1], lengths[sel]) + np.arange(local[-1])
-                dst = slice(int(indptr[sel[0]]), int(indptr[sel[0]] + local[-1]))
-                data[dst] = data_parts[k][src]
-                indices[dst] = index_parts[k][src]
+        np.cumsum(ends - starts, out=indptr[1:])
+        # rows that continue each other's elements form one range
+        first = np.flatnonzero(np.concatenate([[True], starts[1:] != ends[:-1]])) if len(rows) else rows
+        last = np.concatenate([first[1:] - 1, [len(rows) - 1]]) if len(rows) else rows
+        ranges = np.stack([starts[first], ends[last]], axis=1)
+        nnz = int(indptr[-1])
+        data = np.empty(nnz, self._data.dtype)
+        indices = np.empty(nnz, self._indices.dtype)
+        if nnz:
+            self._fetch(ranges, data, indices)
         if data.dtype != np.float32:
             data = data.astype(np.float32)
         return CSR(indptr, indices, data, self.n_vars)
 
-    def _fetch(self, ranges):
-        async def gather():
-            calls = [a._async_array.getitem((slice(lo, hi),))
-                     for a in (self._data, self._indices) for lo, hi in ranges]
-            return await asyncio.gather(*calls)
+    def _fetch(self, ranges: np.ndarray, data: np.ndarray, indices: np.ndarray) -> None:
+        """Decode all element ranges of both arrays in ONE pipeline call each, straight into the
+        output buffers: the codec pipeline then decodes every chunk of the request in parallel."""
+        async def both():
+            await asyncio.gather(*(_read_ranges(arr, ranges, out)
+                                   for arr, out in ((self._data, data), (self._indices, indices))))
 
         try:
-            parts = sync(gather())
+            sync(both())
         except Exception as e:
-            raise StoreError(f"{self.uri}:{self._x_path}: reading element ranges {ranges[:3]}… failed: "
-                             f"{type(e).__name__}: {e}") from e
-        parts = [np.asarray(p) for p in parts]
-        return parts[: len(ranges)], parts[len(ranges):]
+            lo, hi = ranges[0]
+            chunk = int(lo) // self._chunk_elems
+            raise StoreError(f"{self.uri}:{self._x_path}: decoding element ranges from {lo}:{hi} "
+                             f"(chunk {chunk}…) failed: {type(e).__name__}: {e}") from e
+
+
+class _RangesIndexer:
+    """zarr Indexer over a 1-D array: concatenation of element ranges, as chunk projections."""
+
+    drop_axes = ()
+
+    def __init__(self, ranges: np.ndarray, chunk: int):
+        self.ranges, self.chunk = ranges, chunk
+        self.shape = (int((ranges[:, 1] - ranges[:, 0]).sum()),)
+
+    def __iter__(self):
+        from zarr.core.indexing import ChunkProjection
+
+        c, out = self.chunk, 0
+        for lo, hi in self.ranges.tolist():
+            for k in range(lo // c, (hi - 1) // c + 1):
+                a, b = max(lo, k * c) - k * c, min(hi, (k + 1) * c) - k * c
+                yield ChunkProjection((k,), (slice(a, b),), (slice(out, out + b - a),), a == 0 and b == c)
+                out += b - a
+
+
+async def _read_ranges(arr: zarr.Array, ranges: np.ndarray, out: np.ndarray) -> None:
+    from zarr.core.buffer import default_buffer_prototype
+
+    proto = default_buffer_prototype()
+    await arr._async_array._get_selection(_RangesIndexer(ranges, arr.chunks[0]), prototype=proto,
+                                          out=proto.nd_buffer.from_numpy_array(out))

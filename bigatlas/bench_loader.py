@@ -1,0 +1,221 @@
+"""Loader benchmark: bigatlas CellStream vs the sequential decode limit, annbatch and tiledbsoma-ml.
+
+One full epoch each, minibatches of 512, on a store whose rows are SORTED by cell type (the hard
+case for shuffling). Reports cells/s, mean per-minibatch cell-type entropy ÷ that of a random
+permutation, and RSS growth; ratios L1 = b/c, L2 = b/a, L3 = d/e. Peer loaders are optional: a
+missing one is reported as skipped with the reason, never silently.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+LABEL = "true_cell_type"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--cells", type=int, default=200_000, help="cells in the benchmark store")
+    p.add_argument("--genes", type=int, default=2000, help="genes in the benchmark store")
+    p.add_argument("--data-dir", default="bench/data", help="where stores are built or reused")
+    p.add_argument("--batch-size", type=int, default=512, help="cells per minibatch")
+    p.add_argument("--workers", type=int, default=2, help="bigatlas reader threads")
+    p.add_argument("--block-size", type=int, default=None, help="bigatlas block rows (default: store's)")
+    p.add_argument("--blocks-per-request", type=int, default=64, help="bigatlas blocks per read request")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="subset of loaders: sequential bigatlas_zarr annbatch bigatlas_soma tiledbsoma_ml")
+    p.add_argument("--out", default="bench/results/loader.json", help="JSON result file")
+
+
+class PeakRSS:
+    """Samples this process's RSS every 20 ms; .growth_mb = peak minus the RSS at start."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.start = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *_):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def batch_entropy(labels: np.ndarray) -> float:
+    p = np.bincount(labels) / len(labels)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def measure(make_iter, n_expected: int) -> dict:
+    """Run one epoch of make_iter() → iterator of (n_cells, labels or None)."""
+    import gc
+
+    gc.collect()
+    with PeakRSS() as rss:
+        t = time.perf_counter()
+        cells, ents, batches = 0, [], 0
+        for n, labels in make_iter():
+            cells += n
+            batches += 1
+            if labels is not None:
+                ents.append(batch_entropy(labels))
+        dt = time.perf_counter() - t
+    return {"cells": cells, "batches": batches, "seconds": round(dt, 3), "cells_per_s": round(cells / dt),
+            "mean_batch_entropy": round(float(np.mean(ents)), 4) if ents else None,
+            "rss_growth_mb": round(rss.growth_mb, 1), "complete_epoch": cells == n_expected}
+
+
+def ensure_stores(a) -> tuple[str, str]:
+    from .synth import synth
+
+    root = Path(a.data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in ("zarr", "soma"):
+        path = root / f"sorted_{a.cells}x{a.genes}.{fmt}"
+        if not path.exists():
+            t = time.perf_counter()
+            synth(path, a.cells, a.genes, fmt, seed=0, order="cell_type")
+            print(f"built {path} in {time.perf_counter() - t:.0f}s", flush=True)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def sequential(zarr_path, batch_size):
+    from loaders import open_store
+
+    store = open_store(zarr_path)
+    step = 65536
+
+    def it():
+        for lo in range(0, store.n_obs, step):
+            m = store.read(np.arange(lo, min(lo + step, store.n_obs)))
+            for b in range(0, m.n_rows, batch_size):
+                yield min(batch_size, m.n_rows - b), None
+    return it
+
+
+def bigatlas_stream(path, a, codes):
+    from loaders import CellStream, open_store
+
+    def it():
+        s = CellStream(open_store(path), batch_size=a.batch_size, seed=0, num_workers=a.workers,
+                       block_size=a.block_size, blocks_per_request=a.blocks_per_request)
+        for b in s:
+            yield len(b), codes[b.index.numpy()]
+    return it
+
+
+def annbatch_loader(zarr_path, a, codes_of_name):
+    import anndata as ad
+    import annbatch
+    import zarr
+
+    coll_path = Path(a.data_dir) / f"annbatch_{Path(zarr_path).name}"
+    info = {}
+    if not coll_path.exists():
+        t = time.perf_counter()
+        annbatch.DatasetCollection(str(coll_path)).add_adatas([zarr_path], shuffle=True,
+                                                              rng=np.random.default_rng(0))
+        info["collection_build_s"] = round(time.perf_counter() - t, 1)
+
+    def load(g: zarr.Group):  # X and the label column only, like the other loaders
+        adata = ad.experimental.read_lazy(g)
+        return ad.AnnData(X=adata.X, obs=adata.obs[[LABEL]].to_memory())
+
+    def it():
+        loader = annbatch.Loader(batch_size=a.batch_size, shuffle=True, preload_to_gpu=False,
+                                 rng=np.random.default_rng(0))
+        loader.use_collection(annbatch.DatasetCollection(str(coll_path), mode="r"), load_adata=load)
+        for out in loader:
+            labels = codes_of_name(out["obs"][LABEL].astype(str).to_numpy())
+            yield out["X"].shape[0], labels
+    return it, info
+
+
+def tiledbsoma_ml_loader(soma_path, a, codes_of_name):
+    import tiledbsoma as soma
+    from tiledbsoma_ml import ExperimentDataset
+
+    def it():
+        with soma.Experiment.open(soma_path) as exp, exp.axis_query("RNA") as q:
+            ds = ExperimentDataset(q, layer_name="raw", obs_column_names=[LABEL], batch_size=a.batch_size,
+                                   shuffle=True, seed=0, return_sparse_X=True)
+            for x, obs in ds:
+                yield x.shape[0], codes_of_name(obs[LABEL].astype(str).to_numpy())
+    return it
+
+
+def run(a) -> dict:
+    from loaders import open_store
+
+    zarr_path, soma_path = ensure_stores(a)
+    codes, cats = open_store(zarr_path).obs_codes(LABEL)
+    lookup = {c: i for i, c in enumerate(cats)}
+
+    def codes_of_name(names):
+        return np.fromiter((lookup[n] for n in names), np.int64, len(names))
+
+    n = len(codes)
+    perm = np.random.default_rng(0).permutation(codes)
+    random_entropy = float(np.mean([batch_entropy(perm[i : i + a.batch_size]) for i in range(0, n, a.batch_size)]))
+    wanted = set(a.only or ["sequential", "bigatlas_zarr", "annbatch", "bigatlas_soma", "tiledbsoma_ml"])
+    res: dict = {"store": {"cells": n, "genes": a.genes, "order": "sorted by cell type",
+                           "nnz_per_cell": round(open_store(zarr_path)._indptr[-1] / n, 1)},
+                 "batch_size": a.batch_size, "random_permutation_entropy": round(random_entropy, 4),
+                 "cpu_count": os.cpu_count()}
+    runs = {
+        "sequential": lambda: (sequential(zarr_path, a.batch_size), {}),
+        "bigatlas_zarr": lambda: (bigatlas_stream(zarr_path, a, codes), {}),
+        "annbatch": lambda: annbatch_loader(zarr_path, a, codes_of_name),
+        "bigatlas_soma": lambda: (bigatlas_stream(soma_path, a, codes), {}),
+        "tiledbsoma_ml": lambda: (tiledbsoma_ml_loader(soma_path, a, codes_of_name), {}),
+    }
+    for name, make in runs.items():
+        if name not in wanted:
+            continue
+        try:
+            it, info = make()
+            r = measure(it, n)
+            r.update(info)
+        except ImportError as e:
+            r = {"skipped": f"not installed: {e} (see README, Benchmarks)"}
+        if r.get("mean_batch_entropy") is not None:
+            r["entropy_ratio"] = round(r["mean_batch_entropy"] / random_entropy, 4)
+        res[name] = r
+        print(json.dumps({name: r}), flush=True)
+
+    def ratio(x, y):
+        try:
+            return round(res[x]["cells_per_s"] / res[y]["cells_per_s"], 3)
+        except KeyError:
+            return None
+
+    res["L1_bigatlas_over_annbatch"] = ratio("bigatlas_zarr", "annbatch")
+    res["L2_bigatlas_over_sequential"] = ratio("bigatlas_zarr", "sequential")
+    res["L3_bigatlas_soma_over_tiledbsoma_ml"] = ratio("bigatlas_soma", "tiledbsoma_ml")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+    return res

@@ -1,0 +1,72 @@
+"""Tiny real stores for property tests: rows whose values encode their own position."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bigatlas.write_store import SomaWriter, ZarrWriter
+
+warnings.filterwarnings("ignore", message=".*autosharding.*")
+
+N_OBS = 1009  # prime: no block or batch size divides it
+N_VARS = 40
+N_LABELS = 8
+
+
+def position_rows(lo: int, hi: int, n_vars: int = N_VARS):
+    """Row i holds 1 + i % 4 nonzeros at columns (i + 11 j) % n_vars with value 10 i + j + 1."""
+    indptr, indices, data = [0], [], []
+    for i in range(lo, hi):
+        k = 1 + i % 4
+        cols = sorted((i + 11 * j) % n_vars for j in range(k))
+        indices += cols
+        data += [10 * i + cols.index((i + 11 * j) % n_vars) + 1 for j in range(k)]
+        indptr.append(len(indices))
+    return np.array(indptr, np.int64), np.array(indices, np.int64), np.array(data, np.float32)
+
+
+def decode_positions(x_dense: np.ndarray) -> np.ndarray:
+    """Position of each row from its smallest nonzero value (10 i + 1)."""
+    vals = np.where(x_dense > 0, x_dense, np.inf).min(axis=1)
+    return ((vals - 1) // 10).astype(np.int64)
+
+
+def position_frames(n_obs: int = N_OBS, n_vars: int = N_VARS):
+    i = np.arange(n_obs)
+    obs = pd.DataFrame({
+        # sorted by label: the hard case for shuffling
+        "cell_type": pd.Categorical([f"t{v}" for v in i * N_LABELS // n_obs]),
+        "donor_id": pd.Categorical([f"d{v % 5}" for v in i]),
+        "tissue_general": pd.Categorical(np.where(i % 3 == 0, "blood", "lung")),
+        "is_primary_data": i % 7 != 0,
+    }, index=[f"c{v}" for v in i])
+    var = pd.DataFrame({"feature_id": [f"ENSG{v:05d}" for v in range(n_vars)],
+                        "feature_name": [f"G{v}" for v in range(n_vars)]},
+                       index=[f"ENSG{v:05d}" for v in range(n_vars)])
+    return obs, var
+
+
+def write_position_store(path, fmt: str, n_obs: int = N_OBS, n_vars: int = N_VARS, chunk_rows: int = 100):
+    if fmt == "zarr":
+        writer = ZarrWriter(path, n_vars, chunk_elems=64)
+    else:
+        writer = SomaWriter(path, n_obs, n_vars, fragment_rows=300)
+    with writer:
+        for lo in range(0, n_obs, chunk_rows):
+            writer.append(*position_rows(lo, min(lo + chunk_rows, n_obs), n_vars))
+        writer.finish(*position_frames(n_obs, n_vars))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def position_stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    return {fmt: write_position_store(root / f"pos.{fmt}", fmt) for fmt in ("zarr", "soma")}
+
+
+@pytest.fixture(params=["zarr", "soma"])
+def fmt(request):
+    return request.param

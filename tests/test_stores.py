@@ -1,0 +1,102 @@
+"""Store opening: both AnnData-Zarr formats, SOMA, and one clear error per kind of bad input."""
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from conftest import N_OBS, N_VARS, position_frames, position_rows
+from loaders import StoreError, open_store
+
+
+def reference():
+    indptr, indices, data = position_rows(0, N_OBS)
+    return sp.csr_matrix((data, indices, indptr), shape=(N_OBS, N_VARS))
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_anndata_written_stores_of_both_formats(tmp_path, zarr_format):
+    obs, var = position_frames()
+    adata = ad.AnnData(reference(), obs=obs, var=var)
+    path = str(tmp_path / f"v{zarr_format}.zarr")
+    with ad.settings.override(zarr_write_format=zarr_format):
+        adata.write_zarr(path)
+    store = open_store(path)
+    rows = np.array([0, 5, 6, 7, 500, N_OBS - 1])
+    assert (store.read(rows).to_scipy() != reference()[rows]).nnz == 0
+    assert store.n_obs == N_OBS and list(store.var_names[:2]) == ["G0", "G1"]
+    codes, cats = store.obs_codes("cell_type")
+    assert list(cats) == [f"t{i}" for i in range(8)] and codes[0] == 0 and codes[-1] == 7
+
+
+def test_our_zarr_is_anndata_readable(position_stores):
+    adata = ad.read_zarr(position_stores["zarr"])
+    assert sp.issparse(adata.X) and adata.X.format == "csr"
+    assert (adata.X != reference()).nnz == 0
+    assert list(adata.obs.columns) == ["cell_type", "donor_id", "tissue_general", "is_primary_data"]
+
+
+def test_our_soma_is_a_valid_experiment(position_stores):
+    import tiledbsoma
+
+    with tiledbsoma.Experiment.open(position_stores["soma"]) as exp:
+        assert exp.obs.count == N_OBS
+        x = exp.ms["RNA"].X["raw"].read().tables().concat()
+        m = sp.csr_matrix((x["soma_data"].to_numpy(), (x["soma_dim_0"].to_numpy(), x["soma_dim_1"].to_numpy())),
+                          shape=(N_OBS, N_VARS))
+        assert (m != reference()).nnz == 0
+
+
+def test_unfiltered_reads_agree(position_stores):
+    rows = np.array([1, 2, 3, 64, 65, 900])
+    for fmt in ("zarr", "soma"):
+        assert (open_store(position_stores[fmt]).read(rows).to_scipy() != reference()[rows]).nnz == 0
+
+
+def test_filtered_read_with_gaps(position_stores, fmt):
+    store = open_store(position_stores[fmt], obs_filter="donor_id in ['d1', 'd3']")
+    expected = np.flatnonzero(np.isin(np.arange(N_OBS) % 5, [1, 3]))
+    assert store.n_obs == len(expected)
+    pos = np.arange(0, store.n_obs, 3)
+    assert (store.read(pos).to_scipy() != reference()[expected[pos]]).nnz == 0
+    codes, cats = store.obs_codes("donor_id")
+    assert set(cats[np.unique(codes)]) == {"d1", "d3"}
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", "does not exist"),
+    ("not_a_store", "neither an AnnData-Zarr store nor a TileDB-SOMA"),
+    ("bad_column", "obs column 'donr_id' not in store"),
+    ("bad_filter_column", "names obs column 'tisue'"),
+    ("empty_filter", "matches 0 of"),
+    ("dense_x", "not csr_matrix"),
+])
+def test_bad_input_gives_one_clear_error(tmp_path, position_stores, case, pattern):
+    with pytest.raises(StoreError, match=pattern):
+        if case == "missing":
+            open_store(tmp_path / "nope.zarr")
+        elif case == "not_a_store":
+            (tmp_path / "plain").mkdir()
+            open_store(tmp_path / "plain")
+        elif case == "bad_column":
+            open_store(position_stores["zarr"]).obs_codes("donr_id")
+        elif case == "bad_filter_column":
+            open_store(position_stores["soma"], obs_filter="tisue == 'blood'")
+        elif case == "empty_filter":
+            open_store(position_stores["zarr"], obs_filter="tissue_general == 'brain'")
+        elif case == "dense_x":
+            obs, var = position_frames()
+            ad.AnnData(reference().toarray(), obs=obs, var=var).write_zarr(tmp_path / "dense.zarr")
+            open_store(tmp_path / "dense.zarr")
+
+
+def test_unknown_and_repeated_genes_are_named(position_stores, fmt):
+    store = open_store(position_stores[fmt])
+    with pytest.raises(StoreError, match="1 requested genes not in store .*NOTAGENE"):
+        store.gene_map(["G1", "NOTAGENE"])
+    with pytest.raises(StoreError, match="repeats G1"):
+        store.gene_map(["G1", "G2", "G1"])
+
+
+def test_empty_filter_on_soma_is_an_error(position_stores):
+    with pytest.raises(StoreError, match="matches 0 cells"):
+        open_store(position_stores["soma"], obs_filter="tissue_general == 'brain'")

@@ -1,0 +1,180 @@
+"""CellStream properties on real Zarr and SOMA stores whose values encode each row's position."""
+import numpy as np
+import pytest
+
+from conftest import N_LABELS, N_OBS, N_VARS, decode_positions, position_rows
+from loaders import CellStream, open_store
+
+BLOCK = 16
+
+
+def stream(uri, **kw):
+    kw.setdefault("batch_size", 32)
+    kw.setdefault("seed", 5)
+    kw.setdefault("block_size", BLOCK)
+    kw.setdefault("blocks_per_request", 4)
+    return CellStream(open_store(uri) if isinstance(uri, str) else uri, **kw)
+
+
+def indices(s):
+    return [b.index.numpy() for b in s]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_exactly_once_across_ranks_and_workers(position_stores, fmt, world, workers):
+    store = open_store(position_stores[fmt])
+    seen, lengths = [], []
+    for rank in range(world):
+        s = stream(store, rank=rank, world_size=world, num_workers=workers)
+        got = indices(s)
+        assert len(got) == len(s)
+        lengths.append(len(got))
+        seen += got
+    assert len(set(lengths)) == 1, "every rank must yield the same number of minibatches"
+    allrows = np.concatenate(seen)
+    assert np.array_equal(np.sort(allrows), np.arange(N_OBS))
+
+
+def test_counts_match_store_at_index(position_stores, fmt):
+    for b in stream(position_stores[fmt], obs_keys=["cell_type"]):
+        x = b.x.to_dense().numpy()
+        idx = b.index.numpy()
+        assert np.array_equal(decode_positions(x), idx)
+        ref = np.zeros_like(x)
+        for r, i in enumerate(idx):
+            p, c, v = position_rows(i, i + 1)
+            ref[r, c] = v
+        assert np.array_equal(x, ref)
+        assert np.array_equal(b.obs["cell_type"].numpy(), idx * N_LABELS // N_OBS)
+
+
+def test_order_is_a_function_of_seed_and_epoch(position_stores):
+    uri = position_stores["zarr"]
+    a = np.concatenate(indices(stream(uri, epoch=0)))
+    assert np.array_equal(a, np.concatenate(indices(stream(uri, epoch=0))))
+    assert not np.array_equal(a, np.concatenate(indices(stream(uri, epoch=1))))
+    assert not np.array_equal(a, np.concatenate(indices(stream(uri, epoch=0, seed=6))))
+
+
+def test_epochs_advance_and_differ(position_stores):
+    s = stream(position_stores["zarr"])
+    first, second = np.concatenate(indices(s)), np.concatenate(indices(s))
+    assert s.epoch == 2
+    assert np.array_equal(np.sort(first), np.sort(second)) and not np.array_equal(first, second)
+
+
+def test_zarr_and_soma_give_identical_batches(position_stores):
+    a = stream(position_stores["zarr"], num_workers=2)
+    b = stream(position_stores["soma"], num_workers=2)
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x.index.numpy(), y.index.numpy())
+        assert np.array_equal(x.x.to_dense().numpy(), y.x.to_dense().numpy())
+
+
+class CountingStore:
+    """Wraps a store and counts the rows it is asked to read."""
+
+    def __init__(self, store):
+        self.store, self.rows_read = store, 0
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def reader(self):
+        return self
+
+    def read(self, rows):
+        self.rows_read += len(rows)
+        return self.store.read(rows)
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 20])
+def test_resume_equals_uninterrupted(position_stores, fmt, k):
+    store = open_store(position_stores[fmt])
+    full = [(b.index.numpy(), b.x.to_dense().numpy()) for b in stream(store, num_workers=2, epoch=3)]
+    first = stream(store, num_workers=2, epoch=3)
+    it = iter(first)
+    for _ in range(k):
+        next(it)
+    state = first.state_dict()
+    it.close()
+    counting = CountingStore(store)
+    resumed = stream(counting, num_workers=2)
+    resumed.load_state_dict(state)
+    rest = [(b.index.numpy(), b.x.to_dense().numpy()) for b in resumed]
+    assert len(rest) == len(full) - k
+    for (i1, x1), (i2, x2) in zip(full[k:], rest, strict=True):
+        assert np.array_equal(i1, i2) and np.array_equal(x1, x2)
+    if k >= 20:  # whole requests before the resume point are skipped without reading
+        assert counting.rows_read < N_OBS - 10 * 32
+
+
+def test_state_mismatch_is_refused(position_stores):
+    s = stream(position_stores["zarr"])
+    other = stream(position_stores["zarr"], batch_size=64)
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(s.state_dict())
+
+
+def test_drop_last_gives_full_batches_without_repeats(position_stores):
+    got = []
+    lens = []
+    for rank in range(2):
+        s = stream(position_stores["zarr"], rank=rank, world_size=2, drop_last=True, batch_size=50)
+        b = indices(s)
+        lens.append(len(b))
+        got += b
+    assert len(set(lens)) == 1 and all(len(x) == 50 for x in got)
+    allrows = np.concatenate(got)
+    consumers = 2 * 2  # ranks x default reader threads; each drops its own short tail
+    assert len(np.unique(allrows)) == len(allrows) > N_OBS - consumers * (50 + 2 * BLOCK)
+
+
+def test_gene_subset_by_id_and_name(position_stores, fmt):
+    genes = ["G7", "ENSG00003", "G30"]
+    cols = [7, 3, 30]
+    for b in stream(position_stores[fmt], genes=genes):
+        x = b.x.to_dense().numpy()
+        assert x.shape[1] == 3
+        for r, i in enumerate(b.index.numpy()):
+            _, c, v = position_rows(i, i + 1)
+            dense = np.zeros(N_VARS, np.float32)
+            dense[c] = v
+            assert np.array_equal(x[r], dense[cols])
+
+
+def test_obs_filter_selects_same_cells_in_both_formats(position_stores):
+    expr = "tissue_general == 'blood' and is_primary_data == True"
+    i = np.arange(N_OBS)
+    expected = np.flatnonzero((i % 3 == 0) & (i % 7 != 0))
+    for fmt in ("zarr", "soma"):
+        store = open_store(position_stores[fmt], obs_filter=expr)
+        assert store.n_obs == len(expected)
+        got = np.concatenate([decode_positions(b.x.to_dense().numpy()) for b in stream(store)])
+        assert np.array_equal(np.sort(got), expected)
+
+
+def entropy_per_batch(labels_per_batch, n_labels):
+    out = []
+    for lab in labels_per_batch:
+        p = np.bincount(lab, minlength=n_labels) / len(lab)
+        p = p[p > 0]
+        out.append(-(p * np.log(p)).sum())
+    return float(np.mean(out))
+
+
+def test_minibatches_mix_labels_like_a_random_permutation(tmp_path):
+    from conftest import write_position_store
+
+    n = 30_000
+    uri = write_position_store(tmp_path / "sorted.zarr", "zarr", n_obs=n, chunk_rows=5000)
+    s = CellStream(open_store(uri), batch_size=256, seed=0, block_size=64, blocks_per_request=64,
+                   obs_keys=["cell_type"], num_workers=2)
+    got = entropy_per_batch([b.obs["cell_type"].numpy() for b in s], N_LABELS)
+    labels = np.arange(n) * N_LABELS // n
+    perm = np.random.default_rng(0).permutation(labels)
+    ref = entropy_per_batch([perm[i : i + 256] for i in range(0, n, 256)], N_LABELS)
+    sequential = entropy_per_batch([labels[i : i + 256] for i in range(0, n, 256)], N_LABELS)
+    assert sequential < 0.1 * ref  # the store really is sorted by label
+    assert got >= 0.95 * ref, (got, ref)
