@@ -43,7 +43,7 @@ def _add_stream(sub):
     p.add_argument("--batch-size", type=int, default=512, help="cells per minibatch")
     p.add_argument("--epochs", type=int, default=1, help="epochs to stream")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    p.add_argument("--workers", type=int, default=2, help="reader threads")
+    p.add_argument("--workers", type=int, default=1, help="reader threads")
     p.add_argument("--obs-filter", default=None, help="SOMA value_filter, e.g. \"tissue_general == 'blood'\"")
     p.add_argument("--obs-keys", nargs="*", default=[], help="obs columns delivered as codes")
     p.set_defaults(func=_run_stream)

@@ -133,6 +133,11 @@ class ZarrWriter:
         return False
 
 
+# Data tiles of ~16k nonzeros (~25 cells) instead of TileDB-SOMA's 100k: a shuffled block of rows then
+# decodes little beyond itself (measured on 128-row blocks, see bench/results/loader.json).
+SOMA_X_CREATE = {"capacity": 16384}
+
+
 class SomaWriter:
     """TileDB-SOMA experiment with measurement `RNA`, X layer `raw`, Census-style obs/var.
 
@@ -141,7 +146,7 @@ class SomaWriter:
     """
 
     def __init__(self, path, n_obs: int, n_vars: int, *, measurement: str = "RNA", layer: str = "raw",
-                 fragment_rows: int = 131072, overwrite: bool = False):
+                 fragment_rows: int = 131072, overwrite: bool = False, x_create: dict | None = None):
         import pyarrow as pa
         import tiledbsoma as soma
 
@@ -152,7 +157,9 @@ class SomaWriter:
         ms = self.exp.add_new_collection("ms")
         self.rna = ms.add_new_collection(measurement, soma.Measurement)
         xcoll = self.rna.add_new_collection("X")
-        self.X = xcoll.add_new_sparse_ndarray(layer, type=pa.float32(), shape=(n_obs, n_vars))
+        create = SOMA_X_CREATE if x_create is None else x_create
+        self.X = xcoll.add_new_sparse_ndarray(layer, type=pa.float32(), shape=(n_obs, n_vars),
+                                              platform_config={"tiledb": {"create": create}})
         self.row = 0
         self.fragment_rows = fragment_rows
         self._pending: list = []

@@ -26,12 +26,10 @@ class Request:
         return len(self.rows)
 
 
-def default_block_size(n_obs: int, chunk_rows: int, n_consumers: int) -> int:
-    """512 rows, or whole storage chunks when they are larger (capped at 4096); small stores get
-    smaller blocks so that every consumer receives several. 64 blocks of 512 make a ~32k-cell
-    request: per-minibatch label mixing depends on the number of blocks, memory on their size."""
-    block = min(max(chunk_rows, 512), 4096)
-    return max(1, min(block, n_obs // (4 * n_consumers)))
+def default_block_size(n_obs: int, block_rows: int, n_consumers: int) -> int:
+    """The store's preferred block, shrunk for small stores so every consumer receives several.
+    Per-minibatch label mixing depends on the number of blocks per request, memory on their size."""
+    return max(1, min(block_rows, n_obs // (4 * n_consumers)))
 
 
 def n_blocks(n_obs: int, block_size: int) -> int:

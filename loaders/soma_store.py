@@ -8,10 +8,11 @@ handle opened before a fork deadlocks the child.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .csr import CSR
+from .csr import CSR, compact, concat, take_rows
 from .store import Store, StoreError, filter_columns
 
 
@@ -19,6 +20,10 @@ def _soma():
     import tiledbsoma
 
     return tiledbsoma
+
+
+READ_CELLS = 8192
+SUBREAD_THREADS = 2
 
 
 class SomaStore(Store):
@@ -56,8 +61,10 @@ class SomaStore(Store):
             except Exception as e:
                 raise StoreError(f"obs_filter {obs_filter!r} failed on {self.uri}: {e}") from None
             self._joinids = np.sort(ids["soma_joinid"].to_numpy().astype(np.int64))
-            # point-list reads touch only the data tiles holding the rows: no chunk alignment to keep
-            self.chunk_rows = 1
+            # TileDB decodes whole data tiles: point reads of 128-row blocks ran at 40k cells/s,
+            # 512-row blocks at 57-60k, 1024 at 66k (200k x 2000 atlas); 64 blocks of 512 keep the
+            # per-minibatch label mix at ~0.96 of random with a 32k-cell request
+            self.block_rows, self.blocks_per_request = 512, 64
         if len(self._joinids) == 0:
             what = f"obs_filter {obs_filter!r} matches" if obs_filter else "store has"
             raise StoreError(f"{what} 0 cells in {self.uri}")
@@ -69,6 +76,7 @@ class SomaStore(Store):
         self.n_obs = len(self._joinids)
         self._n_store_rows = n_rows
         self._local = threading.local()
+        self._executor = None
 
     @property
     def obs_columns(self) -> list[str]:
@@ -88,25 +96,64 @@ class SomaStore(Store):
         x = getattr(self._local, "x", None)
         if x is None:
             soma = _soma()
-            x = soma.SparseNDArray.open(f"{self.uri}/ms/{self.measurement}/X/{self.layer}")
+            # smaller result buffers than the 1 GiB default: a request arrives in a few pieces
+            ctx = soma.SOMATileDBContext(tiledb_config={"soma.init_buffer_bytes": 32 << 20})
+            x = soma.SparseNDArray.open(f"{self.uri}/ms/{self.measurement}/X/{self.layer}", context=ctx)
             self._local.x = x
         return x
 
     def read(self, rows: np.ndarray) -> CSR:
         ids = self.store_rows(np.asarray(rows, dtype=np.int64))
-        n = len(ids)
-        if n == 0:
+        if len(ids) == 0:
             return CSR(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), self.n_vars)
+        # point reads of ~8k cells each: measured faster per cell than one large point list, and
+        # the Arrow result (20 bytes per nonzero) stays small before it becomes CSR (8 bytes);
+        # two run at once so one converts while the other is in TileDB
+        pieces = [ids[i : i + READ_CELLS] for i in range(0, len(ids), READ_CELLS)]
+        return concat(list(self._pool().map(self._read_ids, pieces)))
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:  # created on first read, never before a fork
+            self._executor = ThreadPoolExecutor(SUBREAD_THREADS, thread_name_prefix="soma-read")
+        return self._executor
+
+    def _read_ids(self, ids: np.ndarray) -> CSR:
         try:
-            tables = self._x().read(coords=(ids,), result_order="row-major").tables().concat()
+            # unordered: asking TileDB for row-major order costs 5-7x the read itself
+            tables = list(self._x().read(coords=(ids,), result_order="auto").tables())
         except Exception as e:
             raise StoreError(f"{self.uri}: reading X/{self.layer} rows {ids[0]}…{ids[-1]} failed: {e}") from e
-        dim0 = tables["soma_dim_0"].to_numpy()
-        indptr = np.zeros(n + 1, np.int64)
-        # rows arrive sorted: the position of each entry's row is found by one searchsorted
-        np.cumsum(np.bincount(np.searchsorted(ids, dim0), minlength=n), out=indptr[1:])
-        indices = tables["soma_dim_1"].to_numpy().astype(np.int32)
-        data = tables["soma_data"].to_numpy()
-        if data.dtype != np.float32:
-            data = data.astype(np.float32)
-        return CSR(indptr, indices, data, self.n_vars)
+        dim0 = _column(tables, "soma_dim_0", np.int64)
+        dim1 = _column(tables, "soma_dim_1", np.int32)
+        data = _column(tables, "soma_data", np.float32)
+        del tables
+        return coo_rows_to_csr(ids, dim0, dim1, data, self.n_vars)
+
+
+def _column(tables, name, dtype) -> np.ndarray:
+    parts = [t[name].to_numpy().astype(dtype, copy=False) for t in tables]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def coo_rows_to_csr(ids: np.ndarray, dim0: np.ndarray, dim1: np.ndarray, data: np.ndarray, n_cols: int) -> CSR:
+    """CSR with rows in the order of sorted `ids` from entries that arrive in runs of equal rows.
+
+    TileDB returns each fragment's entries in row-major order, so entries come as runs ("segments")
+    of one row. Rows are located per segment (a searchsorted over ~rows, not over nonzeros), and only
+    when segments are out of row order are they gathered — never a sort of the nonzeros.
+    """
+    n = len(ids)
+    if len(dim0) == 0:
+        return CSR(np.zeros(n + 1, np.int64), dim1, data, n_cols)
+    change = np.flatnonzero(dim0[1:] != dim0[:-1]) + 1
+    seg_start = np.concatenate([[0], change])
+    seg_end = np.concatenate([change, [len(dim0)]])
+    seg_row = np.searchsorted(ids, dim0[seg_start])
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(seg_row, weights=seg_end - seg_start, minlength=n).astype(np.int64), out=indptr[1:])
+    if len(seg_row) > 1 and not np.all(seg_row[1:] > seg_row[:-1]):
+        seg_indptr = np.concatenate([[0], seg_end])
+        segments = compact(CSR(seg_indptr, dim1, data, n_cols))
+        gathered = take_rows(segments, np.argsort(seg_row, kind="stable"))
+        dim1, data = gathered.indices, gathered.data
+    return CSR(indptr, dim1, data, n_cols)

@@ -50,7 +50,8 @@ class Store:
     uri: str
     n_obs: int
     n_vars: int
-    chunk_rows: int  # suggested block size: rows per storage chunk (or per cheap contiguous read)
+    block_rows: int  # preferred rows per shuffled block, from the storage layout
+    blocks_per_request: int  # preferred blocks per pooled read
 
     def __init__(self, var: pd.DataFrame):
         self._var = var

@@ -54,8 +54,8 @@ class _Stop(Exception):
 
 class CellStream(torch.utils.data.IterableDataset):
     def __init__(self, store: Store | str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 2, genes=None, obs_keys=(), drop_last: bool = False,
-                 block_size: int | None = None, blocks_per_request: int = 64, prefetch: int = 2,
+                 num_workers: int = 1, genes=None, obs_keys=(), drop_last: bool = False,
+                 block_size: int | None = None, blocks_per_request: int | None = None, prefetch: int = 1,
                  shuffle: bool = True, epoch: int = 0):
         if isinstance(store, str):
             from . import open_store
@@ -63,13 +63,14 @@ class CellStream(torch.utils.data.IterableDataset):
             store = open_store(store)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        blocks_per_request = blocks_per_request or store.blocks_per_request
         if batch_size < 1 or num_workers < 1 or blocks_per_request < 1:
             raise ValueError("batch_size, num_workers and blocks_per_request must be >= 1")
         self.store = store
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
         self.block_size = int(block_size or sampling.default_block_size(
-            store.n_obs, store.chunk_rows, world_size * num_workers))
+            store.n_obs, store.block_rows, world_size * num_workers))
         self.blocks_per_request, self.prefetch = int(blocks_per_request), int(prefetch)
         self.drop_last, self.shuffle = bool(drop_last), bool(shuffle)
         self.n_obs = store.n_obs
@@ -145,8 +146,9 @@ class CellStream(torch.utils.data.IterableDataset):
                 t.join(timeout=5)
 
     def _queue_len(self) -> int:
+        """Each worker buffers `prefetch` requests' worth of minibatches while it reads the next one."""
         per_request = self.block_size * self.blocks_per_request
-        return max(2, self.prefetch * per_request // max(self.num_workers, 1) // self.batch_size)
+        return max(2, self.prefetch * per_request // self.batch_size)
 
     def _work(self, epoch, consumer, sizes, skip, out: queue.Queue, stop: threading.Event):
         def put(item):

@@ -69,7 +69,11 @@ class ZarrStore(Store):
         self.n_obs = n_rows if self._rows is None else len(self._rows)
         self._chunk_elems = int(self._data.chunks[0])
         mean_nnz = max(self._indptr[-1] / max(n_rows, 1), 1.0)
-        self.chunk_rows = int(max(1, round(self._chunk_elems / mean_nnz)))
+        # whole chunks per block when chunks are large; blocks of 256 rows otherwise (a block
+        # shorter than a chunk decodes the whole chunk anyway)
+        chunk_rows = int(max(1, round(self._chunk_elems / mean_nnz)))
+        self.block_rows = min(max(chunk_rows, 256), 4096)
+        self.blocks_per_request = 128
 
     @property
     def obs_columns(self) -> list[str]:

@@ -100,3 +100,17 @@ def test_unknown_and_repeated_genes_are_named(position_stores, fmt):
 def test_empty_filter_on_soma_is_an_error(position_stores):
     with pytest.raises(StoreError, match="matches 0 cells"):
         open_store(position_stores["soma"], obs_filter="tissue_general == 'brain'")
+
+
+def test_coo_runs_out_of_row_order_become_csr():
+    from loaders.soma_store import coo_rows_to_csr
+
+    ids = np.array([3, 7, 8, 20])
+    ref = reference()[ids]
+    coo = ref.tocoo()
+    dim0, dim1, data = ids[coo.row], coo.col, coo.data
+    # two "fragments" returned in reverse order, each row-major inside
+    split = np.searchsorted(dim0, 8)
+    order = np.concatenate([np.arange(split, len(dim0)), np.arange(split)])
+    m = coo_rows_to_csr(ids, dim0[order], dim1[order].astype(np.int32), data[order], N_VARS)
+    assert (m.to_scipy() != ref).nnz == 0
