@@ -1,4 +1,4 @@
-"""`bigatlas` console entry point: synth | stream | bench-loader (more subcommands join as they land)."""
+"""`bigatlas` console entry point: synth | stream | train | bench-loader."""
 from __future__ import annotations
 
 import argparse
@@ -77,19 +77,94 @@ def _add_bench_loader(sub):
     p.set_defaults(func=lambda a: __import__("bigatlas.bench_loader", fromlist=["run"]).run(a))
 
 
+def add_train_arguments(p) -> None:
+    """Flags of `bigatlas train` and scripts/train.py; unset flags keep the config file's value."""
+    from .config import ModelConfig, TrainConfig
+
+    m, t = ModelConfig(), TrainConfig()
+    d = p.add_argument_group("data")
+    d.add_argument("--data", required=True, help="AnnData-Zarr store or SOMA experiment")
+    d.add_argument("--batch-key", required=True, help="obs column of the batch (embedded in the decoder)")
+    d.add_argument("--covariate-keys", nargs="*", default=None, help="further categorical obs columns to embed")
+    d.add_argument("--label-keys", nargs="*", default=None, help="obs columns with cell-type labels to predict")
+    d.add_argument("--obs-filter", default=None, help="SOMA value_filter selecting the training cells")
+    d.add_argument("--layer", default=None, help="Zarr layer / SOMA X layer of raw counts (default X / raw)")
+    d.add_argument("--genes", default=None, help="file with one feature id (or name) per line, in model order")
+    p.add_argument("--out", required=True, help="RUN_DIR to write")
+    p.add_argument("--config", default=None, help="TOML/JSON with [model], [train], [data] sections")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/latest")
+    g = p.add_argument_group("training (defaults shown are the built-in ones)")
+    g.add_argument("--max-epochs", type=int, default=None,
+                   help="epochs (default: min(round(20000 / n_cells * 400), 400), at least 10)")
+    g.add_argument("--batch-size", type=int, default=None, help=f"cells per minibatch per process ({t.batch_size})")
+    g.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate ({t.lr})")
+    g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay ({t.weight_decay})")
+    g.add_argument("--kl-warmup-epochs", type=float, default=None, help=f"KL warm-up epochs ({t.kl_warmup_epochs})")
+    g.add_argument("--label-start-epoch", type=int, default=None,
+                   help=f"epoch from which the label loss applies ({t.label_start_epoch})")
+    g.add_argument("--val-fraction", type=float, default=None, help=f"held-out cell fraction ({t.val_fraction})")
+    g.add_argument("--early-stopping-patience", type=int, default=None,
+                   help="stop after this many epochs without validation improvement (off)")
+    g.add_argument("--checkpoint-every-steps", type=int, default=None,
+                   help=f"mid-epoch checkpoint interval ({t.checkpoint_every_steps})")
+    g.add_argument("--mixed-precision", choices=["no", "bf16"], default=None, help="bf16 on GPUs (no)")
+    g.add_argument("--seed", type=int, default=None, help=f"seed of shuffling, hold-out and init ({t.seed})")
+    g.add_argument("--workers", type=int, default=None, help=f"reader threads per process ({t.num_workers})")
+    mg = p.add_argument_group("model")
+    mg.add_argument("--n-latent", type=int, default=None, help=f"latent dimensions ({m.n_latent})")
+    mg.add_argument("--likelihood", choices=["zinb", "nb"], default=None, help=f"({m.likelihood})")
+    mg.add_argument("--dispersion", choices=["gene-cell", "gene", "gene-batch"], default=None,
+                    help=f"({m.dispersion})")
+    mg.add_argument("--zi-gate", choices=["gene", "gene-cell"], default=None, help=f"({m.zi_gate})")
+    p.add_argument("--trace-cells", action="store_true", help=argparse.SUPPRESS)
+
+
+def config_from_args(a):
+    from .config import RunConfig
+
+    cfg = RunConfig.load(a.config) if a.config else RunConfig()
+    genes = None
+    if a.genes:
+        genes = tuple(g.strip() for g in open(a.genes) if g.strip())
+    cfg = cfg.override("data", data=a.data, batch_key=a.batch_key, covariate_keys=a.covariate_keys,
+                       label_keys=a.label_keys, obs_filter=a.obs_filter, layer=a.layer, genes=genes)
+    cfg = cfg.override("train", max_epochs=a.max_epochs, batch_size=a.batch_size, lr=a.lr,
+                       weight_decay=a.weight_decay, kl_warmup_epochs=a.kl_warmup_epochs,
+                       label_start_epoch=a.label_start_epoch, val_fraction=a.val_fraction,
+                       early_stopping_patience=a.early_stopping_patience,
+                       checkpoint_every_steps=a.checkpoint_every_steps, mixed_precision=a.mixed_precision,
+                       seed=a.seed, num_workers=a.workers)
+    return cfg.override("model", n_latent=a.n_latent, likelihood=a.likelihood, dispersion=a.dispersion,
+                        zi_gate=a.zi_gate)
+
+
+def _run_train(a):
+    from .train import train
+
+    train(config_from_args(a), a.out, resume=a.resume, trace_cells=a.trace_cells)
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train scAtlasVAE on a store (use scripts/train.py under accelerate "
+                                     "launch for several processes)")
+    add_train_arguments(p)
+    p.set_defaults(func=_run_train)
+
+
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*autosharding.*")
     parser = argparse.ArgumentParser(prog="bigatlas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synth(sub)
     _add_stream(sub)
+    _add_train(sub)
     _add_bench_loader(sub)
     a = parser.parse_args(argv)
     from loaders import StoreError
 
     try:
         a.func(a)
-    except (StoreError, FileExistsError) as e:
+    except (StoreError, FileExistsError, ValueError) as e:
         print(f"bigatlas {a.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,179 @@
+"""scAtlasVAE: ZINB/NB variational autoencoder with batch embeddings in the decoder and label heads on z.
+
+Encoder: log1p(counts) → [Linear → BatchNorm(momentum 0.01, eps 1e-3) → ReLU → Dropout] → q(z|x),
+var = exp(logvar) + 1e-4; the batch is not an encoder input, so a query embeds without retraining.
+Decoder: [z, one embedding per batch/covariate key] → [Linear → BatchNorm → ReLU] → softmax(Linear) ×
+observed library size = mean; dispersion per gene-cell, gene or gene-batch; ZI gate per gene or
+gene-cell. Label heads: one Linear(n_latent, n_classes) per label key on z.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .distributions import Counts, nll
+
+# Bounds on log-scale outputs: exp() of a runaway logit is what turns a real-data run into NaN.
+LOGVAR_MAX = 15.0
+LOG_THETA_RANGE = (-12.0, 12.0)
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor  # scalar to backpropagate
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached per-cell means
+    n_cells: int = 0
+
+
+def mlp(sizes, dropout: float) -> nn.Sequential:
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.BatchNorm1d(b, momentum=0.01, eps=1e-3), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """w_c = N / (K · n_c) over the K non-empty classes; 0 for empty ones (the original gave inf)."""
+    counts = counts.double()
+    present = counts > 0
+    k = int(present.sum())
+    w = torch.zeros_like(counts)
+    if k:
+        w[present] = counts.sum() / (k * counts[present])
+    return w.float()
+
+
+class ScAtlasVAE(nn.Module):
+    def __init__(self, n_genes: int, n_batch_categories: list[int], n_label_classes: list[int],
+                 cfg: ModelConfig = ModelConfig(), class_counts: list | None = None):
+        super().__init__()
+        self.cfg, self.n_genes = cfg, n_genes
+        hidden = list(cfg.hidden)
+        self.encoder = mlp([n_genes, *hidden], cfg.dropout)
+        self.z_mean = nn.Linear(hidden[-1], cfg.n_latent)
+        self.z_logvar = nn.Linear(hidden[-1], cfg.n_latent)
+        self.embeddings = nn.ModuleList(nn.Embedding(n, cfg.embedding_dim) for n in n_batch_categories)
+        dec_in = cfg.n_latent + cfg.embedding_dim * len(n_batch_categories)
+        self.decoder = mlp([dec_in, *reversed(hidden)], 0.0)
+        h = hidden[0]
+        self.px_scale = nn.Linear(h, n_genes)
+        if cfg.dispersion == "gene-cell":
+            self.px_r = nn.Linear(h, n_genes)
+        elif cfg.dispersion == "gene":
+            self.px_r = nn.Parameter(torch.zeros(n_genes))
+        else:  # gene-batch: one dispersion vector per category of the first batch key
+            self.px_r = nn.Parameter(torch.zeros(n_batch_categories[0], n_genes))
+        if cfg.likelihood == "zinb":
+            if cfg.zi_gate == "gene":
+                self.gate = nn.Parameter(torch.zeros(n_genes))
+            else:
+                self.gate = nn.Linear(h, n_genes)
+        self.heads = nn.ModuleList(nn.Linear(cfg.n_latent, n) for n in n_label_classes)
+        for i, n in enumerate(n_label_classes):
+            counts = torch.as_tensor(class_counts[i]) if class_counts is not None else torch.ones(n)
+            self.register_buffer(f"class_weight_{i}", class_weights(counts))
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.normalize_total:
+            lib = x.sum(1, keepdim=True).clamp_min(1.0)
+            x = x / lib * self.cfg.normalize_total
+        return torch.log1p(x)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.encoder(self.encoder_input(x))
+        return self.z_mean(q), torch.exp(self.z_logvar(q).clamp(max=LOGVAR_MAX)) + self.cfg.var_eps
+
+    def decode(self, z: torch.Tensor, batch_codes: torch.Tensor, library: torch.Tensor):
+        """Mean, inverse dispersion and gate logits (None for NB) for each cell and gene."""
+        parts = [z] + [emb(batch_codes[:, i]) for i, emb in enumerate(self.embeddings)]
+        h = self.decoder(torch.cat(parts, dim=1))
+        mu = F.softmax(self.px_scale(h), dim=-1) * library.unsqueeze(1)
+        if self.cfg.dispersion == "gene-cell":
+            log_theta = self.px_r(h)
+        elif self.cfg.dispersion == "gene":
+            log_theta = self.px_r
+        else:
+            log_theta = self.px_r[batch_codes[:, 0]]
+        theta = torch.exp(log_theta.clamp(*LOG_THETA_RANGE))
+        gate = None
+        if self.cfg.likelihood == "zinb":
+            gate = self.gate if self.cfg.zi_gate == "gene" else self.gate(h)
+        return mu, theta, gate
+
+    def label_logits(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return [head(z) for head in self.heads]
+
+    # -- loss -------------------------------------------------------------------------------------
+    def forward(self, counts: Counts, batch_codes: torch.Tensor, labels: torch.Tensor | None = None, *,
+                cell_mask: torch.Tensor | None = None, eval_mask: torch.Tensor | None = None,
+                kl_weight: float = 1.0, eval_kl_weight: float = 1.0, gate_weight: float = 1.0,
+                label_weight: float = 1.0) -> LossOutput:
+        """Loss as a per-cell mean over the cells in cell_mask (all if None), so a short last batch
+        weighs each cell like a full one. labels: (cells, label keys), -1 = unlabelled/undefined.
+        Cells in eval_mask are scored from the same forward pass into LossOutput.terms['val_*']
+        (no gradient), with eval_kl_weight."""
+        q_mu, q_var = self.encode(counts.dense)
+        z = q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu)
+        mu, theta, gate = self.decode(z, batch_codes, counts.library)
+        with torch.autocast(device_type=mu.device.type, enabled=False):  # likelihood in float32
+            recon = nll(counts, mu.float(), theta.float(), None if gate is None else gate.float())
+        kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
+        gate_pen = torch.sigmoid(gate).sum(-1) if gate is not None else None
+        mask = torch.ones(len(counts), dtype=torch.bool, device=q_mu.device) if cell_mask is None else cell_mask
+        total, terms = self._terms(recon, kl, gate_pen, z, labels, mask, kl_weight, gate_weight, label_weight)
+        if eval_mask is not None and bool(eval_mask.any()):
+            with torch.no_grad():
+                _, val = self._terms(recon, kl, gate_pen, z, labels, eval_mask, eval_kl_weight, gate_weight,
+                                     label_weight)
+            terms.update({f"val_{k}": v for k, v in val.items()})
+            terms["val_n"] = torch.tensor(float(eval_mask.sum()))
+        return LossOutput(total, terms, int(mask.sum()))
+
+    def _terms(self, recon, kl, gate_pen, z, labels, mask, kl_weight, gate_weight, label_weight):
+        denom = mask.sum().clamp_min(1)
+        recon_m = (recon * mask).sum() / denom
+        kl_m = (kl * mask).sum() / denom
+        total = recon_m + kl_weight * kl_m
+        terms = {"recon": recon_m.detach(), "kl": kl_m.detach()}
+        if gate_pen is not None:
+            gate_m = gate_pen if gate_pen.dim() == 0 else (gate_pen * mask).sum() / denom
+            total = total + gate_weight * gate_m
+            terms["gate"] = gate_m.detach()
+        if len(self.heads) and labels is not None:
+            label_loss = self._label_loss(z, labels, mask)
+            total = total + label_weight * label_loss
+            terms["label"] = label_loss.detach()
+        terms["loss"] = total.detach()
+        return total, terms
+
+    def _label_loss(self, z, labels, mask) -> torch.Tensor:
+        """Mean over label keys of class-weighted cross-entropy over labelled cells in mask.
+        A batch without labelled cells contributes exactly 0 (the original gave NaN)."""
+        losses = []
+        for i, logits in enumerate(self.label_logits(z)):
+            y = labels[:, i]
+            keep = mask & (y >= 0)
+            if not bool(keep.any()):
+                losses.append(logits.sum() * 0.0)  # keeps every parameter in the graph (DDP)
+                continue
+            w = getattr(self, f"class_weight_{i}")[y[keep]]
+            ce = F.cross_entropy(logits[keep].float(), y[keep], reduction="none")
+            losses.append((w * ce).sum() / w.sum().clamp_min(1e-12))
+        return torch.stack(losses).mean()
+
+    # -- inference --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def latent(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        q_mu, q_var = self.encode(x)
+        return q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu) if sample else q_mu
+
+    @torch.no_grad()
+    def label_probs(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return [F.softmax(logits.float(), dim=-1) for logits in self.label_logits(z)]

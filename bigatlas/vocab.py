@@ -1,0 +1,75 @@
+"""What a model was trained on: genes, category lists per batch/covariate key, classes per label key.
+
+Saved as RUN_DIR/vocab.json. Translating a store's obs codes into model codes goes through lookup
+tables built by category name, so a query store with other category orders maps correctly.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig
+
+
+@dataclass
+class Vocab:
+    genes: list[str]  # feature ids, in model column order
+    batch_categories: dict[str, list[str]]  # per batch/covariate key, in embedding order
+    label_classes: dict[str, list[str]]  # per label key, undefined labels excluded
+    class_counts: dict[str, list[int]] = field(default_factory=dict)  # labelled training cells per class
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.__dict__, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "Vocab":
+        return cls(**json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_store(cls, store, data: DataConfig, train_mask: np.ndarray | None = None) -> "Vocab":
+        genes = list(data.genes) if data.genes is not None else list(store.var_ids)
+        batch = {}
+        for key in data.batch_keys:
+            codes, cats = store.obs_codes(key)
+            missing = int((codes < 0).sum())
+            if missing:
+                raise ValueError(f"obs column {key!r} (a batch/covariate key) is missing for {missing} cells; "
+                                 "fill it (e.g. with 'unknown') or filter those cells out")
+            batch[key] = [str(c) for c in cats]
+        labels, counts = {}, {}
+        undefined = {u.lower() for u in data.undefined_labels}
+        for key in data.label_keys:
+            codes, cats = store.obs_codes(key)
+            classes = [str(c) for c in cats if str(c).lower() not in undefined]
+            if not classes:
+                raise ValueError(f"label key {key!r} has only undefined labels ({', '.join(map(str, cats))})")
+            labels[key] = classes
+            model_codes = apply_lut(label_lut(cats, classes), codes)
+            if train_mask is not None:
+                model_codes = model_codes[train_mask]
+            counts[key] = np.bincount(model_codes[model_codes >= 0], minlength=len(classes)).tolist()
+        return cls(genes, batch, labels, counts)
+
+    def batch_luts(self, store) -> dict[str, np.ndarray]:
+        """Store code → model code per batch key; -1 where the store has a category the model lacks."""
+        return {k: label_lut(store.obs_codes(k)[1], cats) for k, cats in self.batch_categories.items()}
+
+    def label_luts(self, store) -> dict[str, np.ndarray]:
+        """Store code → class index per label key; -1 for undefined or unknown labels."""
+        return {k: label_lut(store.obs_codes(k)[1], cls) for k, cls in self.label_classes.items()}
+
+
+def label_lut(store_categories, model_categories) -> np.ndarray:
+    index = {c: i for i, c in enumerate(model_categories)}
+    return np.array([index.get(str(c), -1) for c in store_categories], dtype=np.int64)
+
+
+def apply_lut(lut: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Model codes for store codes (store code -1, i.e. missing, stays -1)."""
+    out = np.full(codes.shape, -1, dtype=np.int64)
+    ok = codes >= 0
+    out[ok] = lut[codes[ok]]
+    return out
