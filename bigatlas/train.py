@@ -30,6 +30,15 @@ from .vocab import Vocab, apply_lut
 FORMAT_VERSION = 1
 
 
+def fault_point(name: str, step: int) -> None:
+    """Fault injection for tests: BIGATLAS_FAULT="<name>:<step>" SIGKILLs this process there."""
+    spec = os.environ.get("BIGATLAS_FAULT")
+    if spec and spec == f"{name}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def holdout_mask(positions: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     """True for validation cells: splitmix64 of (position, seed) below `fraction` of 2**64."""
     if fraction <= 0:
@@ -91,12 +100,17 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+    check_world(acc.num_processes)
+    return acc
+
+
+def check_world(num_processes: int) -> None:
+    """`accelerate launch --cpu --num_processes N` starts ONE process per launch: N silent copies."""
     world = os.environ.get("WORLD_SIZE")
-    if world is not None and int(world) != acc.num_processes:
-        raise RuntimeError(f"WORLD_SIZE={world} but Accelerate started {acc.num_processes} process(es): every "
+    if world is not None and int(world) != num_processes:
+        raise RuntimeError(f"WORLD_SIZE={world} but Accelerate started {num_processes} process(es): every "
                            "process would train its own copy. On CPU use `accelerate launch --multi_gpu "
                            "--num_processes N` or `torchrun --nproc_per_node N` (not --cpu)")
-    return acc
 
 
 def build_model(vocab: Vocab, cfg: RunConfig) -> ScAtlasVAE:
@@ -133,6 +147,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
             print(f"resumed from {run.latest().name}: epoch {progress.epoch}, step {progress.step}, "
                   f"{stream.consumed} minibatches into the epoch", flush=True)
     max_epochs = t_cfg.epochs_for(int((~val_all).sum()))
+    warmup = t_cfg.warmup_epochs(max_epochs)
     steps_per_epoch = len(stream)
     logger = _Logger(run, acc, resume)
     stopped_early = False
@@ -155,8 +170,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
             labels = (torch.stack([torch.from_numpy(apply_lut(label_luts[k], batch.obs[k].numpy()))
                                    for k in d_cfg.label_keys], 1).to(acc.device) if d_cfg.label_keys else None)
             frac_epoch = epoch + step_in_epoch / max(steps_per_epoch, 1)
-            kl_weight = t_cfg.kl_weight * min(1.0, frac_epoch / t_cfg.kl_warmup_epochs) \
-                if t_cfg.kl_warmup_epochs > 0 else t_cfg.kl_weight
+            kl_weight = t_cfg.kl_weight * min(1.0, frac_epoch / warmup) if warmup > 0 else t_cfg.kl_weight
             label_weight = t_cfg.label_weight if epoch >= t_cfg.label_start_epoch else 0.0
             train_mask = torch.from_numpy(~val).to(acc.device)
             with acc.autocast():
@@ -185,6 +199,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
             if t_cfg.checkpoint_every_steps and progress.step % t_cfg.checkpoint_every_steps == 0 \
                     and stream.consumed < steps_per_epoch:
                 _checkpoint(acc, run, progress, t_cfg.keep_checkpoints)
+            fault_point("after_step", progress.step)
         if bar is not None:
             bar.close()
         if trace is not None:
@@ -202,7 +217,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
         progress.epoch, progress.sums = epoch + 1, None
         _checkpoint(acc, run, progress, t_cfg.keep_checkpoints)
     logger.close()
-    return _finish(acc, run, model, stopped_early)
+    return _finish(acc, run, model, stopped_early, trace_cells)
 
 
 def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask) -> Vocab:
@@ -262,16 +277,20 @@ def _checkpoint(acc, run: RunDir, progress: Progress, keep: int) -> None:
             shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=True)
+    fault_point("checkpoint_written", progress.step)
     acc.wait_for_everyone()
     if acc.is_main_process:
         run.publish(tmp, name, keep)
     acc.wait_for_everyone()
 
 
-def _finish(acc, run: RunDir, model, stopped_early: bool) -> Path:
+def _finish(acc, run: RunDir, model, stopped_early: bool, trace: bool) -> Path:
     from safetensors.torch import save_file
 
     acc.wait_for_everyone()
+    if trace:  # each rank's own weights, to check that data-parallel ranks stayed identical
+        params = torch.cat([p.detach().cpu().double().ravel() for p in acc.unwrap_model(model).parameters()])
+        np.save(run.path / "trace" / f"rank{acc.process_index}_params.npy", params.numpy())
     out = run.path / "model.safetensors"
     if acc.is_main_process:
         state = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(model).state_dict().items()}

@@ -1,0 +1,74 @@
+"""Model loss properties: finite class weights, ignored undefined labels, per-cell means."""
+import torch
+
+from bigatlas.config import ModelConfig
+from bigatlas.distributions import Counts
+from bigatlas.model import ScAtlasVAE, class_weights
+
+
+def batch(seed=0, cells=40, genes=30):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.rand(cells, genes, generator=g) * 3)
+    codes = torch.randint(0, 3, (cells, 1), generator=g)
+    labels = torch.randint(0, 4, (cells, 1), generator=g)
+    return Counts.from_dense(x), codes, labels
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    return ScAtlasVAE(30, [3], [4], ModelConfig(**kw), class_counts=[[10, 0, 5, 1]]).eval()
+
+
+def loss(m, counts, codes, labels, **kw):
+    torch.manual_seed(1)
+    return m(counts, codes, labels, **kw)
+
+
+def test_class_weights_finite_with_an_empty_class():
+    w = class_weights(torch.tensor([10, 0, 5, 1]))
+    assert torch.isfinite(w).all() and w[1] == 0
+    assert torch.allclose(w[[0, 2, 3]], torch.tensor([16 / 30, 16 / 15, 16 / 3]))
+
+
+def test_no_labelled_cells_gives_zero_label_loss():
+    counts, codes, labels = batch()
+    out = loss(model(), counts, codes, torch.full_like(labels, -1))
+    assert out.terms["label"].item() == 0.0 and torch.isfinite(out.total)
+
+
+def test_undefined_cells_never_contribute():
+    counts, codes, labels = batch()
+    labels[:10] = -1
+    other = labels.clone()
+    a = loss(model(), counts, codes, labels).terms["label"]
+    other[:10] = -1  # unchanged
+    b = loss(model(), counts, codes, other).terms["label"]
+    assert torch.equal(a, b)
+    for value in range(4):  # whatever an undefined cell's class would be, nothing changes
+        c = labels.clone()
+        c[:10] = -1
+        assert torch.equal(loss(model(), counts, codes, c).terms["label"], a)
+
+
+def test_loss_is_a_per_cell_mean():
+    """Splitting a batch into 7 + 33 cells and recombining by cell counts gives the whole batch's terms:
+    each cell weighs the same whatever the batch size (the original divided by the nominal size)."""
+    counts, codes, labels = batch()
+    m = model(likelihood="nb")
+    whole = loss(m, counts, codes, labels)
+    first = torch.arange(40) < 7
+    a = loss(m, counts, codes, labels, cell_mask=first)
+    b = loss(m, counts, codes, labels, cell_mask=~first)
+    assert (a.n_cells, b.n_cells) == (7, 33)
+    for k in ("recon", "kl"):
+        torch.testing.assert_close((7 * a.terms[k] + 33 * b.terms[k]) / 40, whole.terms[k])
+
+
+def test_eval_mask_scores_without_gradient_and_matches_a_masked_forward():
+    counts, codes, labels = batch()
+    m = model()
+    mask = torch.arange(40) < 30
+    both = loss(m, counts, codes, labels, cell_mask=mask, eval_mask=~mask)
+    only_val = loss(m, counts, codes, labels, cell_mask=~mask)
+    for k in ("recon", "kl", "label"):
+        torch.testing.assert_close(both.terms[f"val_{k}"], only_val.terms[k])
