@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 # elsewhere; override with e.g. TORCH=torch to take your platform's newest build.
 TORCH ?= torch>=2.3,<2.14
 DEMO ?= demo
+# processes for the demo's training run (gloo on CPU, one per GPU elsewhere)
+DEMO_PROCS ?= 2
+LAUNCH := $(BIN)/accelerate launch --num_machines 1 --mixed_precision no --dynamo_backend no \
+	$(if $(filter 1,$(DEMO_PROCS)),--num_processes 1,--multi_gpu --num_processes $(DEMO_PROCS))
 
 .PHONY: install demo test clean
 
@@ -20,7 +24,11 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(BIN)/bigatlas synth $(DEMO)/atlas.zarr --cells 20000 --genes 1000 --format zarr --seed 0 --overwrite
-	$(BIN)/bigatlas stream $(DEMO)/atlas.zarr --batch-size 512 --epochs 2 --obs-keys cell_type donor_id
+	$(BIN)/bigatlas stream $(DEMO)/atlas.zarr --batch-size 512 --epochs 1 --obs-keys cell_type donor_id
+	rm -rf $(DEMO)/run
+	$(LAUNCH) scripts/train.py --data $(DEMO)/atlas.zarr --batch-key dataset_id --covariate-keys donor_id \
+		--label-keys cell_type cell_type_coarse --out $(DEMO)/run --max-epochs 15
+	@echo "loss curves: $(DEMO)/run/loss_curves.png   metrics: $(DEMO)/run/metrics.csv"
 
 test: install
 	$(BIN)/python -m pytest -q

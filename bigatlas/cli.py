@@ -1,4 +1,4 @@
-"""`bigatlas` console entry point: synth | stream | train | bench-loader."""
+"""`bigatlas` console entry point: synth | stream | train | bench-loader | bench-train."""
 from __future__ import annotations
 
 import argparse
@@ -77,6 +77,15 @@ def _add_bench_loader(sub):
     p.set_defaults(func=lambda a: __import__("bigatlas.bench_loader", fromlist=["run"]).run(a))
 
 
+def _add_bench_train(sub):
+    p = sub.add_parser("bench-train", help="training benchmark: streaming vs in-memory, vs scatlasvae, memory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .bench_train import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=lambda a: __import__("bigatlas.bench_train", fromlist=["run"]).run(a))
+
+
 def add_train_arguments(p) -> None:
     """Flags of `bigatlas train` and scripts/train.py; unset flags keep the config file's value."""
     from .config import ModelConfig, TrainConfig
@@ -96,6 +105,7 @@ def add_train_arguments(p) -> None:
     g = p.add_argument_group("training (defaults shown are the built-in ones)")
     g.add_argument("--max-epochs", type=int, default=None,
                    help="epochs (default: min(round(20000 / n_cells * 400), 400), at least 10)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (off)")
     g.add_argument("--batch-size", type=int, default=None, help=f"cells per minibatch per process ({t.batch_size})")
     g.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate ({t.lr})")
     g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay ({t.weight_decay})")
@@ -128,7 +138,7 @@ def config_from_args(a):
         genes = tuple(g.strip() for g in open(a.genes) if g.strip())
     cfg = cfg.override("data", data=a.data, batch_key=a.batch_key, covariate_keys=a.covariate_keys,
                        label_keys=a.label_keys, obs_filter=a.obs_filter, layer=a.layer, genes=genes)
-    cfg = cfg.override("train", max_epochs=a.max_epochs, batch_size=a.batch_size, lr=a.lr,
+    cfg = cfg.override("train", max_epochs=a.max_epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
                        weight_decay=a.weight_decay, kl_warmup_epochs=a.kl_warmup_epochs,
                        label_start_epoch=a.label_start_epoch, val_fraction=a.val_fraction,
                        early_stopping_patience=a.early_stopping_patience,
@@ -159,6 +169,7 @@ def main(argv=None) -> int:
     _add_stream(sub)
     _add_train(sub)
     _add_bench_loader(sub)
+    _add_bench_train(sub)
     a = parser.parse_args(argv)
     from loaders import StoreError
 

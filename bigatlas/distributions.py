@@ -66,31 +66,58 @@ def log_zinb_dense(x, mu, theta, gate_logits, eps: float = EPS):
     return torch.where(x == 0, zero, nonzero)
 
 
-def _at(t: torch.Tensor, rows, cols):
+class _TakeUnique(torch.autograd.Function):
+    """t.flatten()[flat] for indices without repeats: the backward is a plain scatter into zeros, not
+    the accumulating (sorting) index_put that advanced indexing falls back to."""
+
+    @staticmethod
+    def forward(ctx, t, flat):
+        ctx.shape = t.shape
+        ctx.save_for_backward(flat)
+        return t.reshape(-1).take(flat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flat,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.shape.numel())
+        out.index_copy_(0, flat, grad)
+        return out.view(ctx.shape), None
+
+
+def _at(t: torch.Tensor, counts: "Counts") -> torch.Tensor:
     """Values of a (cells, genes) or (genes,) tensor at the nonzero positions."""
-    return t[cols] if t.dim() == 1 else t[rows, cols]
+    if t.dim() == 1:
+        return t[counts.cols]
+    return _TakeUnique.apply(t, counts.rows * t.shape[1] + counts.cols)
 
 
 def nll(counts: Counts, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor | None = None,
         eps: float = EPS) -> torch.Tensor:
     """Per-cell negative log-likelihood summed over genes (NB if gate_logits is None, else ZINB).
 
-    mu: (cells, genes); theta and gate_logits: (cells, genes) or (genes,).
+    mu: (cells, genes); theta and gate_logits: (cells, genes) or (genes,). Only mu, theta and the gate
+    are gathered at the nonzeros; every nonzero-only term is recomputed from those gathered values.
     """
-    rows, cols, x = counts.rows, counts.cols, counts.values
+    x = counts.values
     log_theta = torch.log(theta + eps)
     log_theta_mu = torch.log(theta + mu + eps)
     nb0 = theta * (log_theta - log_theta_mu)  # log NB(0), every entry
     if gate_logits is None:
         zero = nb0
     else:
-        zero = F.softplus(-gate_logits + nb0) - F.softplus(-gate_logits)
+        neg_gate = -gate_logits
+        zero = F.softplus(neg_gate + nb0) - F.softplus(neg_gate)
     per_cell = zero.sum(1)  # (cells, genes): mu is always per cell
-    # at the nonzeros: replace the x = 0 term by the x > 0 term
-    theta_nz = _at(theta, rows, cols)
-    nonzero = nb0[rows, cols] + x * (torch.log(mu[rows, cols] + eps) - log_theta_mu[rows, cols]) \
+    # at the nonzeros: replace the x = 0 term by the x > 0 term, from gathered mu, theta, gate
+    mu_nz, theta_nz = _at(mu, counts), _at(theta, counts)
+    lt_mu_nz = torch.log(theta_nz + mu_nz + eps)
+    nb0_nz = theta_nz * (torch.log(theta_nz + eps) - lt_mu_nz)
+    nonzero = nb0_nz + x * (torch.log(mu_nz + eps) - lt_mu_nz) \
         + torch.lgamma(x + theta_nz) - torch.lgamma(theta_nz) - torch.lgamma(x + 1)
-    if gate_logits is not None:
-        nonzero = nonzero - F.softplus(_at(gate_logits, rows, cols))
-    correction = nonzero - zero[rows, cols]
-    return -per_cell.index_add(0, rows, correction)
+    if gate_logits is None:
+        zero_nz = nb0_nz
+    else:
+        g_nz = _at(gate_logits, counts)
+        zero_nz = F.softplus(nb0_nz - g_nz) - F.softplus(-g_nz)
+        nonzero = nonzero - F.softplus(g_nz)
+    return -per_cell.index_add(0, counts.rows, nonzero - zero_nz)

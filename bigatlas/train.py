@@ -200,8 +200,13 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
                     and stream.consumed < steps_per_epoch:
                 _checkpoint(acc, run, progress, t_cfg.keep_checkpoints)
             fault_point("after_step", progress.step)
+            if t_cfg.max_steps is not None and progress.step >= t_cfg.max_steps:
+                stopped_early = True
+                break
         if bar is not None:
             bar.close()
+        if stopped_early:  # max_steps reached mid-epoch: no epoch row, no end-of-epoch checkpoint
+            break
         if trace is not None:
             (run.path / "trace").mkdir(parents=True, exist_ok=True)
             np.save(run.path / "trace" / f"rank{acc.process_index}_epoch{epoch}.npy",
@@ -300,7 +305,7 @@ def _finish(acc, run: RunDir, model, stopped_early: bool, trace: bool) -> Path:
         from .plots import loss_curves
 
         loss_curves(run.path / "metrics.csv", run.path / "loss_curves.png")
-        print(f"wrote {out}{' (early stopping)' if stopped_early else ''}", flush=True)
+        print(f"wrote {out}{' (stopped early)' if stopped_early else ''}", flush=True)
     acc.wait_for_everyone()
     return out
 
