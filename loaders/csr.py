@@ -98,7 +98,7 @@ def select_columns(m: CSR, colmap: np.ndarray, n_out: int) -> CSR:
     Output columns within a row follow the store's column order, not sorted by new id: torch and
     scipy accept unsorted indices, and sorting would cost a pass per row.
     """
-    new_cols = colmap[m.indices]
+    new_cols = colmap.astype(np.int32, copy=False)[m.indices]
     keep = new_cols >= 0
     kept_before = np.zeros(len(keep) + 1, np.int64)
     np.cumsum(keep, out=kept_before[1:])

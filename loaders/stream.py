@@ -1,9 +1,10 @@
 """CellStream: epoch plan → pooled reads on threads → shuffled minibatches, exactly once per epoch.
 
 Each rank runs `num_workers` reader threads; each thread is one consumer of the plan (consumer id
-rank * num_workers + worker) and turns its read requests into minibatches, carrying leftover rows
-into the next request, so only the per-consumer sizes from `sampling.batch_sizes` decide where
-minibatches end. The rank yields worker batches round-robin; every rank yields the same count.
+rank * num_workers + worker) and decodes its read requests up to `prefetch` ahead. The iterating
+thread cuts each consumer's requests into minibatches, carrying leftover rows into the next
+request, so only the per-consumer sizes from `sampling.batch_sizes` decide where minibatches end.
+The rank yields the consumers' batches round-robin; every rank yields the same count.
 """
 from __future__ import annotations
 
@@ -76,10 +77,11 @@ class CellStream(torch.utils.data.IterableDataset):
         self.n_obs = store.n_obs
         self.obs_keys = tuple(obs_keys)
         self._codes = {k: store.obs_codes(k)[0] for k in self.obs_keys}
+        self._colmap, self.n_genes = None, store.n_vars
         if genes is not None:
-            self._colmap, self.n_genes = store.gene_map(genes), len(genes)
-        else:
-            self._colmap, self.n_genes = None, store.n_vars
+            colmap = store.gene_map(genes)
+            if not np.array_equal(colmap, np.arange(store.n_vars)):  # identity: no pass over the nonzeros
+                self._colmap, self.n_genes = colmap, len(genes)
         self.epoch, self.consumed = int(epoch), 0
 
     # -- plan -------------------------------------------------------------------------------------
@@ -120,37 +122,33 @@ class CellStream(torch.utils.data.IterableDataset):
         W = self.num_workers
         total = len(sizes[0]) * W
         stop = threading.Event()
-        queues = [queue.Queue(maxsize=self._queue_len()) for _ in range(W)]
-        threads = []
+        queues = [queue.Queue(maxsize=self.prefetch) for _ in range(W)]
+        threads, cutters = [], []
         for w in range(W):
             consumer = self.rank * W + w
             skip = len(range(w, start, W))  # batches of this worker among the first `start`
-            t = threading.Thread(target=self._work, daemon=True, name=f"cellstream-{consumer}",
+            t = threading.Thread(target=self._read, daemon=True, name=f"cellstream-{consumer}",
                                  args=(epoch, consumer, sizes[consumer], skip, queues[w], stop))
             t.start()
             threads.append(t)
+            cutters.append(self._cut(queues[w], sizes[consumer][skip:]))
         try:
             for j in range(start, total):
-                item = queues[j % W].get()
-                if isinstance(item, BaseException):
-                    raise item
+                batch = next(cutters[j % W])
                 self.consumed = j + 1
-                yield item
+                yield batch
             self.epoch, self.consumed = epoch + 1, 0
         finally:
             stop.set()
-            for q in queues:  # unblock producers waiting on a full queue
+            for q in queues:  # unblock readers waiting on a full queue
                 while not q.empty():
                     q.get_nowait()
             for t in threads:
                 t.join(timeout=5)
 
-    def _queue_len(self) -> int:
-        """Each worker buffers `prefetch` requests' worth of minibatches while it reads the next one."""
-        per_request = self.block_size * self.blocks_per_request
-        return max(2, self.prefetch * per_request // self.batch_size)
-
-    def _work(self, epoch, consumer, sizes, skip, out: queue.Queue, stop: threading.Event):
+    def _read(self, epoch, consumer, sizes, skip, out: queue.Queue, stop: threading.Event):
+        """Reader thread: decoded requests (GIL-free decode) → out; cutting happens on the consumer's
+        thread, which keeps the two threads from trading the GIL once per minibatch."""
         def put(item):
             while not stop.is_set():
                 try:
@@ -161,8 +159,23 @@ class CellStream(torch.utils.data.IterableDataset):
             raise _Stop
 
         try:
-            for batch in self._batches(epoch, consumer, sizes, skip):
-                put(batch)
+            reqs = sampling.requests(self.n_obs, self.block_size, self.blocks_per_request, self.seed, epoch,
+                                     consumer, self.n_consumers, self.shuffle)
+            offset = sum(sizes[:skip])  # rows already consumed: whole requests are skipped unread
+            needed = sum(sizes[skip:])
+            reader = self.store.reader()
+            for req in reqs:
+                if needed <= 0:
+                    break
+                if offset >= len(req):
+                    offset -= len(req)
+                    continue
+                m = reader.read(req.rows)
+                if self._colmap is not None:
+                    m = select_columns(m, self._colmap, self.n_genes)
+                put((req, compact(m), offset))
+                needed -= len(req) - offset
+                offset = 0
         except _Stop:
             return
         except BaseException as e:  # handed to the consuming thread, which re-raises it
@@ -171,24 +184,16 @@ class CellStream(torch.utils.data.IterableDataset):
             except _Stop:
                 return
 
-    def _batches(self, epoch, consumer, sizes, skip):
-        reqs = sampling.requests(self.n_obs, self.block_size, self.blocks_per_request, self.seed, epoch,
-                                 consumer, self.n_consumers, self.shuffle)
-        offset = sum(sizes[:skip])  # rows already consumed: whole requests are skipped unread
-        sizes = sizes[skip:]
-        reader = self.store.reader()
+    def _cut(self, requests: queue.Queue, sizes: list[int]):
+        """Minibatches of the given sizes from the decoded requests, in each request's row order;
+        rows left at the end of a request start the next minibatch."""
         b, parts, have = 0, [], 0
-        for req in reqs:
-            if b == len(sizes):
-                break
-            if offset >= len(req):
-                offset -= len(req)
-                continue
-            m = reader.read(req.rows)
-            if self._colmap is not None:
-                m = select_columns(m, self._colmap, self.n_genes)
-            m = compact(m)
-            order, offset = req.order[offset:], 0
+        while b < len(sizes):
+            item = requests.get()
+            if isinstance(item, BaseException):
+                raise item
+            req, m, offset = item
+            order = req.order[offset:]
             pos = 0
             while pos < len(order) and b < len(sizes):
                 take = order[pos : pos + sizes[b] - have]
