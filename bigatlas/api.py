@@ -21,8 +21,9 @@ from .vocab import Vocab, apply_lut
 
 
 class AtlasVAE:
-    def __init__(self, config: RunConfig, vocab: Vocab | None = None, module: ScAtlasVAE | None = None):
-        self.config, self.vocab, self.module = config, vocab, module
+    def __init__(self, config: RunConfig, vocab: Vocab | None = None, module: ScAtlasVAE | None = None,
+                 run_dir=None):
+        self.config, self.vocab, self.module, self.run_dir = config, vocab, module, run_dir
 
     @classmethod
     def setup(cls, data: str, *, batch_key: str, label_keys=(), covariate_keys=(), obs_filter=None, layer=None,
@@ -39,7 +40,7 @@ class AtlasVAE:
         cfg = self.config.override("train", max_epochs=max_epochs)
         train(cfg, run_dir, resume=resume, accelerator=make_accelerator(cfg))
         fitted = AtlasVAE.load(run_dir)
-        self.config, self.vocab, self.module = fitted.config, fitted.vocab, fitted.module
+        self.config, self.vocab, self.module, self.run_dir = fitted.config, fitted.vocab, fitted.module, run_dir
         return self
 
     @classmethod
@@ -61,7 +62,7 @@ class AtlasVAE:
         state = load_file(str(run / "model.safetensors"))
         module.load_state_dict(state, strict=True)
         module.eval()
-        return cls(cfg, vocab, module)
+        return cls(cfg, vocab, module, run)
 
     def save(self, run_dir) -> Path:
         from safetensors.torch import save_file
@@ -74,6 +75,7 @@ class AtlasVAE:
         self.vocab.save(run / "vocab.json")
         save_file({k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()},
                   str(run / "model.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
+        self.run_dir = run
         return run
 
     # -- inference --------------------------------------------------------------------------------
@@ -103,6 +105,15 @@ class AtlasVAE:
                                      "use map_query to extend the model")
                 codes = torch.from_numpy(codes).to(device)
             yield batch.index.numpy(), Counts.from_sparse_csr(batch.x, device), codes
+
+    def embed(self, data: str, out, **kwargs):
+        """Embed a (query) store to an AnnData-Zarr store on disk: see bigatlas.infer.embed. Needs a
+        saved run dir (fit() or load())."""
+        from .infer import embed
+
+        if self.run_dir is None:
+            raise RuntimeError("embed() streams from a saved run dir: fit(run_dir) or AtlasVAE.load(run_dir)")
+        return embed(self.run_dir, data, out, **kwargs)
 
     @torch.no_grad()
     def get_latent(self, data: str | None = None, *, obs_filter=None, batch_size: int = 4096) -> np.ndarray:

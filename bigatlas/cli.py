@@ -1,4 +1,4 @@
-"""`bigatlas` console entry point: synth | stream | train | bench-loader | bench-train."""
+"""`bigatlas` console entry point: synth | stream | train | embed | bench-loader | bench-train."""
 from __future__ import annotations
 
 import argparse
@@ -161,6 +161,37 @@ def _add_train(sub):
     p.set_defaults(func=_run_train)
 
 
+def add_embed_arguments(p) -> None:
+    p.add_argument("--run", required=True, help="trained RUN_DIR")
+    p.add_argument("--data", required=True, help="query store (AnnData-Zarr or SOMA)")
+    p.add_argument("--out", required=True, help="output AnnData-Zarr store (obsm/X_bigatlas, obs/<key>_pred …)")
+    p.add_argument("--chunk-size", type=int, default=16384, help="cells per output chunk (resume unit)")
+    p.add_argument("--batch-size", type=int, default=4096, help="cells per forward pass")
+    p.add_argument("--obs-filter", default=None, help="SOMA value_filter on the query cells")
+    p.add_argument("--full-probabilities", action="store_true", help="also write obsm/<key>_probabilities")
+    p.add_argument("--unknown-threshold", type=float, default=0.5,
+                   help="flag <key>_unknown when the top probability is below this")
+    p.add_argument("--min-gene-overlap", type=float, default=0.5,
+                   help="refuse a query sharing fewer of the model's genes than this fraction")
+    p.add_argument("--overwrite", action="store_true", help="recompute a complete or different output")
+
+
+def _run_embed(a):
+    from .infer import embed
+
+    embed(a.run, a.data, a.out, chunk_size=a.chunk_size, batch_size=a.batch_size, obs_filter=a.obs_filter,
+          overwrite=a.overwrite, full_probabilities=a.full_probabilities, unknown_threshold=a.unknown_threshold,
+          min_gene_overlap=a.min_gene_overlap)
+
+
+def _add_embed(sub):
+    p = sub.add_parser("embed", help="write latents and label predictions of a store to disk, in chunks "
+                                     "(scripts/embed.py under accelerate launch for several processes)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_embed_arguments(p)
+    p.set_defaults(func=_run_embed)
+
+
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*autosharding.*")
     parser = argparse.ArgumentParser(prog="bigatlas", description=__doc__)
@@ -168,6 +199,7 @@ def main(argv=None) -> int:
     _add_synth(sub)
     _add_stream(sub)
     _add_train(sub)
+    _add_embed(sub)
     _add_bench_loader(sub)
     _add_bench_train(sub)
     a = parser.parse_args(argv)

@@ -92,6 +92,10 @@ class SomaStore(Store):
     def store_rows(self, rows: np.ndarray) -> np.ndarray:
         return self._joinids[rows]
 
+    def obs_names(self, rows: np.ndarray) -> np.ndarray:
+        """soma_joinids as strings: SOMA experiments have no obs index of their own."""
+        return self.store_rows(np.asarray(rows, dtype=np.int64)).astype(str).astype(object)
+
     def _x(self):
         x = getattr(self._local, "x", None)
         if x is None:

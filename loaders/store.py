@@ -112,6 +112,14 @@ class Store:
         """CSR of the cells at ascending positions `rows`, in that order."""
         raise NotImplementedError
 
+    def store_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The store's own row ids (Zarr row numbers, SOMA soma_joinids) of positions `rows`."""
+        raise NotImplementedError
+
+    def obs_names(self, rows: np.ndarray) -> np.ndarray:
+        """Cell names (obs index) of positions `rows`."""
+        raise NotImplementedError
+
     def reader(self) -> "Store":
         """A handle for one reader thread (stores with thread-affine handles return a fresh one)."""
         return self

@@ -86,6 +86,13 @@ class ZarrStore(Store):
     def store_rows(self, rows: np.ndarray) -> np.ndarray:
         return rows if self._rows is None else self._rows[rows]
 
+    def obs_names(self, rows: np.ndarray) -> np.ndarray:
+        index = self._obs[self._obs.attrs.get("_index", "_index")]
+        rows = self.store_rows(np.asarray(rows, dtype=np.int64))
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1:  # contiguous: one slice
+            return np.asarray(index[int(rows[0]) : int(rows[-1]) + 1]).astype(object)
+        return np.asarray(index.get_orthogonal_selection(rows)).astype(object)
+
     def read(self, rows: np.ndarray) -> CSR:
         rows = self.store_rows(np.asarray(rows, dtype=np.int64))
         starts, ends = self._indptr[rows], self._indptr[rows + 1]

@@ -1,0 +1,136 @@
+"""Embedding to disk: equals in-memory inference, same output for 1-3 processes, survives SIGKILL,
+aligns genes of a differently ordered or incomplete query."""
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import zarr
+
+from bigatlas import AtlasVAE
+from bigatlas.infer import embed
+from bigatlas.synth import synth
+from bigatlas.write_store import ZarrWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 1500
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    data = root / "ref.zarr"
+    synth(data, N, 100, "zarr", seed=4, n_studies=3, donors_per_study=2)
+    run = root / "run"
+    AtlasVAE.setup(str(data), batch_key="dataset_id", label_keys=["cell_type", "cell_type_coarse"],
+                   train={"max_epochs": 3}).fit(run)
+    return str(data), str(run)
+
+
+def embed_cli(args, launcher=(), env_extra=None, check=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env.pop("WORLD_SIZE", None)
+    cmd = [*launcher, str(ROOT / "scripts" / "embed.py")] if launcher else [sys.executable, str(ROOT / "scripts" / "embed.py")]
+    res = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600)
+    if check and res.returncode != 0:
+        raise AssertionError(f"embed failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+def arrays(out):
+    g = zarr.open_group(str(out), mode="r")
+    return {"z": g["obsm/X_bigatlas"][:], "row": g["obs/row"][:], "pred": g["obs/cell_type_pred/codes"][:],
+            "prob": g["obs/cell_type_prob"][:], "names": g["obs/_index"][:].astype(object)}
+
+
+def test_output_equals_in_memory_inference(trained, tmp_path):
+    data, run = trained
+    out = embed(run, data, tmp_path / "emb.zarr", chunk_size=256, progress=False)
+    adata = ad.read_zarr(out)
+    model = AtlasVAE.load(run)
+    assert np.array_equal(adata.obsm["X_bigatlas"], model.get_latent())
+    for key, pred in model.predict_labels().items():
+        assert np.array_equal(adata.obs[f"{key}_pred"].astype(str).to_numpy(), pred["label"])
+        assert np.array_equal(adata.obs[f"{key}_prob"].to_numpy(), pred["probability"].astype(np.float32))
+        assert np.array_equal(adata.obs[f"{key}_unknown"].to_numpy(), pred["probability"] < 0.5)
+    assert list(adata.obs_names[:3]) == ["cell_0", "cell_1", "cell_2"]
+    assert zarr.open_group(str(out)).attrs["bigatlas"]["complete"] is True
+
+
+@pytest.mark.parametrize("procs", [2, 3])
+def test_processes_write_the_same_output_in_store_order(trained, tmp_path, procs):
+    data, run = trained
+    single = embed(run, data, tmp_path / "one.zarr", chunk_size=200, progress=False)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    multi = tmp_path / "multi.zarr"
+    embed_cli(["--run", run, "--data", data, "--out", str(multi), "--chunk-size", "200"], launcher=launcher)
+    a, b = arrays(single), arrays(multi)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    assert np.array_equal(a["row"], np.arange(N))
+
+
+def test_killed_run_resumes_to_the_same_output_and_is_never_complete_early(trained, tmp_path):
+    data, run = trained
+    ref = embed(run, data, tmp_path / "ref.zarr", chunk_size=200, progress=False)
+    out = tmp_path / "cut.zarr"
+    args = ["--run", run, "--data", data, "--out", str(out), "--chunk-size", "200"]
+    res = embed_cli(args, env_extra={"BIGATLAS_FAULT": "after_chunk:3"}, check=False)
+    assert res.returncode == -9
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["bigatlas"]["complete"] is False
+    assert g["uns/bigatlas_done"][:].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    again = embed_cli(args)
+    assert "4/8 chunks" not in again.stdout and "complete" in again.stdout
+    a, b = arrays(ref), arrays(out)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    noop = embed_cli(args)
+    assert "nothing to do" in noop.stdout
+    other = embed_cli([*args[:-1], "300"], check=False)
+    assert other.returncode == 2 and "other settings" in other.stderr
+
+
+def write_query(src, out, keep_genes):
+    """A copy of `src` with only `keep_genes` (store column indices), in that order."""
+    store = ad.read_zarr(src)
+    x = sp.csr_matrix(store.X[:, keep_genes])
+    with ZarrWriter(out, len(keep_genes)) as w:
+        w.append(x.indptr, x.indices, x.data)
+        w.finish(store.obs, store.var.iloc[keep_genes])
+    return str(out)
+
+
+def test_query_genes_are_aligned_by_id(trained, tmp_path):
+    data, run = trained
+    g = 100
+    perm = np.random.default_rng(0).permutation(g)
+    shuffled = write_query(data, tmp_path / "shuffled.zarr", perm)
+    base = arrays(embed(run, data, tmp_path / "base.zarr", progress=False))
+    assert np.array_equal(arrays(embed(run, shuffled, tmp_path / "s.zarr", progress=False))["z"], base["z"])
+    kept = np.sort(perm[:80])  # 20% of the genes missing
+    partial = write_query(data, tmp_path / "partial.zarr", kept)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = arrays(embed(run, partial, tmp_path / "p.zarr", progress=False))["z"]
+    assert any("20 of the model's 100 genes (20.0%) are missing" in str(w.message) for w in caught)
+    # reference: the full store with those genes zeroed
+    full = ad.read_zarr(data)
+    zeroed = full.X.copy().tolil()
+    zeroed[:, np.setdiff1d(np.arange(g), kept)] = 0
+    zeroed = sp.csr_matrix(zeroed)
+    zeroed.eliminate_zeros()
+    ref_path = tmp_path / "zeroed.zarr"
+    with ZarrWriter(ref_path, g) as w:
+        w.append(zeroed.indptr, zeroed.indices, zeroed.data)
+        w.finish(full.obs, full.var)
+    assert np.allclose(arrays(embed(run, str(ref_path), tmp_path / "r.zarr", progress=False))["z"], got, atol=1e-6)
+    tiny = write_query(data, tmp_path / "tiny.zarr", np.arange(30))
+    with pytest.raises(ValueError, match="30 of the model's 100 genes .* below the minimum overlap 50%"):
+        embed(run, tiny, tmp_path / "t.zarr", progress=False)
