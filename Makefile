@@ -25,10 +25,16 @@ $(BIN)/.installed: pyproject.toml Makefile
 demo: install
 	$(BIN)/bigatlas synth $(DEMO)/atlas.zarr --cells 20000 --genes 1000 --format zarr --seed 0 --overwrite
 	$(BIN)/bigatlas stream $(DEMO)/atlas.zarr --batch-size 512 --epochs 1 --obs-keys cell_type donor_id
-	rm -rf $(DEMO)/run
+	rm -rf $(DEMO)/run $(DEMO)/query_embedding.zarr
 	$(LAUNCH) scripts/train.py --data $(DEMO)/atlas.zarr --batch-key dataset_id --covariate-keys donor_id \
-		--label-keys cell_type cell_type_coarse --out $(DEMO)/run --max-epochs 15
+		--label-keys cell_type cell_type_coarse --obs-filter "dataset_id != 'study_5'" \
+		--out $(DEMO)/run --max-epochs 15
 	@echo "loss curves: $(DEMO)/run/loss_curves.png   metrics: $(DEMO)/run/metrics.csv"
+	$(LAUNCH) scripts/embed.py --run $(DEMO)/run --data $(DEMO)/atlas.zarr --obs-filter "dataset_id == 'study_5'" \
+		--out $(DEMO)/query_embedding.zarr --chunk-size 1024
+	$(BIN)/python -c "import anndata as ad, numpy as np; q = ad.read_zarr('$(DEMO)/query_embedding.zarr'); \
+		t = ad.read_zarr('$(DEMO)/atlas.zarr'); t = t[t.obs.dataset_id == 'study_5']; print(q); \
+		print('held-out study: cell_type accuracy vs truth %.3f' % np.mean(q.obs.cell_type_pred.astype(str).values == t.obs.true_cell_type.astype(str).values))"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -115,6 +115,15 @@ class AtlasVAE:
             raise RuntimeError("embed() streams from a saved run dir: fit(run_dir) or AtlasVAE.load(run_dir)")
         return embed(self.run_dir, data, out, **kwargs)
 
+    def map_query(self, query: str, out, **kwargs) -> "AtlasVAE":
+        """Architecture surgery on `query` (see bigatlas.query.map_query); returns the new model."""
+        from .query import map_query
+
+        if self.run_dir is None:
+            raise RuntimeError("map_query() starts from a saved run dir: fit(run_dir) or AtlasVAE.load(run_dir)")
+        map_query(self.run_dir, query, out, **kwargs)
+        return AtlasVAE.load(out)
+
     @torch.no_grad()
     def get_latent(self, data: str | None = None, *, obs_filter=None, batch_size: int = 4096) -> np.ndarray:
         """Posterior means (cells × n_latent), in store order."""

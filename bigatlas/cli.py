@@ -1,4 +1,4 @@
-"""`bigatlas` console entry point: synth | stream | train | embed | bench-loader | bench-train."""
+"""`bigatlas` console entry point: synth | stream | train | embed | map-query | bench-loader | bench-train."""
 from __future__ import annotations
 
 import argparse
@@ -192,6 +192,27 @@ def _add_embed(sub):
     p.set_defaults(func=_run_embed)
 
 
+def _add_map_query(sub):
+    p = sub.add_parser("map-query", help="scArches-style surgery: extend batch embeddings with a query's new "
+                                         "categories and fine-tune them (everything else frozen by default)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", required=True, help="reference RUN_DIR")
+    p.add_argument("--data", required=True, help="query store")
+    p.add_argument("--out", required=True, help="new RUN_DIR")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
+    p.add_argument("--obs-filter", default=None, help="SOMA value_filter on the query cells")
+    p.add_argument("--unfreeze-encoder", action="store_true", help="also train the encoder")
+    p.add_argument("--unfreeze-decoder", action="store_true", help="also train the decoder")
+
+    def run(a):
+        from .query import map_query
+
+        map_query(a.run, a.data, a.out, epochs=a.epochs, obs_filter=a.obs_filter,
+                  unfreeze_encoder=a.unfreeze_encoder, unfreeze_decoder=a.unfreeze_decoder)
+
+    p.set_defaults(func=run)
+
+
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*autosharding.*")
     parser = argparse.ArgumentParser(prog="bigatlas", description=__doc__)
@@ -200,6 +221,7 @@ def main(argv=None) -> int:
     _add_stream(sub)
     _add_train(sub)
     _add_embed(sub)
+    _add_map_query(sub)
     _add_bench_loader(sub)
     _add_bench_train(sub)
     a = parser.parse_args(argv)

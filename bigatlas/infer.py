@@ -25,6 +25,7 @@ from loaders.csr import select_columns
 
 from .distributions import Counts
 from .train import fault_point
+from .vocab import align_genes
 
 OUTPUT_VERSION = 1
 
@@ -39,31 +40,6 @@ def _array(group, name, shape, chunks, dtype, kind="array", fill_value=None):
     arr = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value)
     arr.attrs.update(_attrs(kind))
     return arr
-
-
-def align_genes(store, genes, min_overlap: float = 0.5):
-    """colmap[store column] = model gene index, matching by feature id then name; model genes
-    missing from the store stay zero. Returns (colmap, number of missing genes)."""
-    by_id = {g: i for i, g in enumerate(store.var_ids)}
-    by_name = {}
-    for i, g in enumerate(store.var_names):
-        by_name.setdefault(g, i)
-    colmap = np.full(store.n_vars, -1, dtype=np.int64)
-    missing = 0
-    for out, g in enumerate(genes):
-        loc = by_id.get(g, by_name.get(g))
-        if loc is None or colmap[loc] >= 0:
-            missing += 1
-            continue
-        colmap[loc] = out
-    overlap = 1 - missing / max(len(genes), 1)
-    if overlap < min_overlap:
-        raise ValueError(f"{store.uri} shares {len(genes) - missing} of the model's {len(genes)} genes "
-                         f"({overlap:.0%}); below the minimum overlap {min_overlap:.0%}")
-    if missing:
-        warnings.warn(f"{missing} of the model's {len(genes)} genes ({missing / len(genes):.1%}) are missing "
-                      f"from {store.uri}; they are zero-filled", stacklevel=2)
-    return colmap, missing
 
 
 def _meta(run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold) -> dict:

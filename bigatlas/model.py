@@ -79,6 +79,14 @@ class ScAtlasVAE(nn.Module):
             counts = torch.as_tensor(class_counts[i]) if class_counts is not None else torch.ones(n)
             self.register_buffer(f"class_weight_{i}", class_weights(counts))
 
+    frozen_modules: tuple[str, ...] = ()  # kept in eval mode (BatchNorm statistics fixed) by train()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen_modules:
+            getattr(self, name).eval()
+        return self
+
     # -- pieces -----------------------------------------------------------------------------------
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.normalize_total:

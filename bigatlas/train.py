@@ -25,7 +25,7 @@ from loaders import CellStream, open_store
 from .config import RunConfig
 from .distributions import Counts
 from .model import ScAtlasVAE
-from .vocab import Vocab, apply_lut
+from .vocab import Vocab, align_genes, apply_lut
 
 FORMAT_VERSION = 1
 
@@ -119,8 +119,10 @@ def build_model(vocab: Vocab, cfg: RunConfig) -> ScAtlasVAE:
                       [vocab.class_counts[k] for k in vocab.label_classes])
 
 
-def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, trace_cells: bool = False) -> Path:
-    """Train and write RUN_DIR; returns the path of model.safetensors."""
+def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, trace_cells: bool = False,
+          surgery=None) -> Path:
+    """Train and write RUN_DIR; returns the path of model.safetensors. `surgery` (query.Surgery)
+    starts from a reference model with grown embedding tables instead of a fresh model."""
     from accelerate.utils import set_seed
 
     acc = accelerator or make_accelerator(cfg)
@@ -131,13 +133,17 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
     if acc.is_main_process:
         print(f"{d_cfg.data}: {store.n_obs} cells x {store.n_vars} genes after filtering", flush=True)
     val_all = holdout_mask(np.arange(store.n_obs), t_cfg.val_fraction, t_cfg.seed)
-    vocab = _vocab(run, store, cfg, resume, ~val_all)
+    vocab = _vocab(run, store, cfg, resume, ~val_all, surgery)
+    colmap = align_genes(store, vocab.genes)[0] if surgery is not None else None
     stream = CellStream(store, batch_size=t_cfg.batch_size, seed=t_cfg.seed, rank=acc.process_index,
                         world_size=acc.num_processes, num_workers=t_cfg.num_workers, genes=vocab.genes,
-                        obs_keys=(*d_cfg.batch_keys, *d_cfg.label_keys))
-    batch_luts, label_luts = vocab.batch_luts(store), vocab.label_luts(store)
+                        colmap=colmap, obs_keys=(*d_cfg.batch_keys, *d_cfg.label_keys))
+    batch_luts, label_luts = vocab.batch_luts(store), vocab.label_luts(store, d_cfg.label_keys)
     model = build_model(vocab, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
+    if surgery is not None:
+        surgery.apply(model, vocab)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t_cfg.lr,
+                                  weight_decay=t_cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
     progress = Progress()
     acc.register_for_checkpointing(stream, progress)
@@ -225,7 +231,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
     return _finish(acc, run, model, stopped_early, trace_cells)
 
 
-def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask) -> Vocab:
+def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask, surgery=None) -> Vocab:
     path = run.path / "vocab.json"
     if resume and path.exists():
         saved = json.loads((run.path / "config.json").read_text())
@@ -233,7 +239,7 @@ def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask) -> Voca
             raise ValueError(f"{run.path}/config.json differs from this run's settings; resume with the same "
                              "configuration or start a new RUN_DIR")
         return Vocab.load(path)
-    vocab = Vocab.from_store(store, cfg.data, train_mask)
+    vocab = surgery.vocab(store) if surgery is not None else Vocab.from_store(store, cfg.data, train_mask)
     run.path.mkdir(parents=True, exist_ok=True)
     import accelerate
 

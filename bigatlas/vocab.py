@@ -6,6 +6,7 @@ tables built by category name, so a query store with other category orders maps 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,9 +58,10 @@ class Vocab:
         """Store code → model code per batch key; -1 where the store has a category the model lacks."""
         return {k: label_lut(store.obs_codes(k)[1], cats) for k, cats in self.batch_categories.items()}
 
-    def label_luts(self, store) -> dict[str, np.ndarray]:
-        """Store code → class index per label key; -1 for undefined or unknown labels."""
-        return {k: label_lut(store.obs_codes(k)[1], cls) for k, cls in self.label_classes.items()}
+    def label_luts(self, store, keys=None) -> dict[str, np.ndarray]:
+        """Store code → class index per label key (default: all); -1 for undefined or unknown labels."""
+        keys = self.label_classes if keys is None else keys
+        return {k: label_lut(store.obs_codes(k)[1], self.label_classes[k]) for k in keys}
 
 
 def label_lut(store_categories, model_categories) -> np.ndarray:
@@ -73,3 +75,28 @@ def apply_lut(lut: np.ndarray, codes: np.ndarray) -> np.ndarray:
     ok = codes >= 0
     out[ok] = lut[codes[ok]]
     return out
+
+
+def align_genes(store, genes, min_overlap: float = 0.5):
+    """colmap[store column] = model gene index, matching by feature id then name; model genes
+    missing from the store stay zero. Returns (colmap, number of missing genes)."""
+    by_id = {g: i for i, g in enumerate(store.var_ids)}
+    by_name = {}
+    for i, g in enumerate(store.var_names):
+        by_name.setdefault(g, i)
+    colmap = np.full(store.n_vars, -1, dtype=np.int64)
+    missing = 0
+    for out, g in enumerate(genes):
+        loc = by_id.get(g, by_name.get(g))
+        if loc is None or colmap[loc] >= 0:
+            missing += 1
+            continue
+        colmap[loc] = out
+    overlap = 1 - missing / max(len(genes), 1)
+    if overlap < min_overlap:
+        raise ValueError(f"{store.uri} shares {len(genes) - missing} of the model's {len(genes)} genes "
+                         f"({overlap:.0%}); below the minimum overlap {min_overlap:.0%}")
+    if missing:
+        warnings.warn(f"{missing} of the model's {len(genes)} genes ({missing / len(genes):.1%}) are missing "
+                      f"from {store.uri}; they are zero-filled", stacklevel=2)
+    return colmap, missing

@@ -57,7 +57,7 @@ class CellStream(torch.utils.data.IterableDataset):
     def __init__(self, store: Store | str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 1, genes=None, obs_keys=(), drop_last: bool = False,
                  block_size: int | None = None, blocks_per_request: int | None = None, prefetch: int = 1,
-                 shuffle: bool = True, epoch: int = 0):
+                 shuffle: bool = True, epoch: int = 0, colmap: np.ndarray | None = None):
         if isinstance(store, str):
             from . import open_store
 
@@ -78,10 +78,15 @@ class CellStream(torch.utils.data.IterableDataset):
         self.obs_keys = tuple(obs_keys)
         self._codes = {k: store.obs_codes(k)[0] for k in self.obs_keys}
         self._colmap, self.n_genes = None, store.n_vars
-        if genes is not None:
-            colmap = store.gene_map(genes)
-            if not np.array_equal(colmap, np.arange(store.n_vars)):  # identity: no pass over the nonzeros
-                self._colmap, self.n_genes = colmap, len(genes)
+        if genes is not None or colmap is not None:
+            # colmap (store column → output column, -1 = dropped) lets a caller zero-fill genes the
+            # store lacks; `genes` requires every gene to be present
+            if colmap is None:
+                colmap, n_out = store.gene_map(genes), len(genes)
+            else:
+                n_out = len(genes) if genes is not None else int(colmap.max()) + 1
+            if not (n_out == store.n_vars and np.array_equal(colmap, np.arange(store.n_vars))):
+                self._colmap, self.n_genes = np.asarray(colmap), n_out  # identity needs no pass over nonzeros
         self.epoch, self.consumed = int(epoch), 0
 
     # -- plan -------------------------------------------------------------------------------------

@@ -134,3 +134,30 @@ def test_query_genes_are_aligned_by_id(trained, tmp_path):
     tiny = write_query(data, tmp_path / "tiny.zarr", np.arange(30))
     with pytest.raises(ValueError, match="30 of the model's 100 genes .* below the minimum overlap 50%"):
         embed(run, tiny, tmp_path / "t.zarr", progress=False)
+
+
+def test_surgery_extends_batches_and_keeps_the_reference_fixed(trained, tmp_path):
+    from safetensors.numpy import load_file
+
+    data, run = trained
+    query = tmp_path / "query.zarr"
+    synth(query, 600, 100, "zarr", seed=9, n_studies=2, donors_per_study=2)  # same genes, new studies' effects
+    store = ad.read_zarr(query)
+    store.obs["dataset_id"] = ("q_" + store.obs["dataset_id"].astype(str)).astype("category")
+    qpath = tmp_path / "query_renamed.zarr"
+    with ZarrWriter(qpath, 100) as w:
+        w.append(store.X.indptr, store.X.indices, store.X.data)
+        w.finish(store.obs, store.var)
+    reference = AtlasVAE.load(run)
+    before = reference.get_latent(data)
+    mapped = reference.map_query(str(qpath), tmp_path / "mapped", epochs=2)
+    assert mapped.vocab.batch_categories["dataset_id"][:3] == reference.vocab.batch_categories["dataset_id"]
+    assert mapped.vocab.batch_categories["dataset_id"][3:] == ["q_study_0", "q_study_1"]
+    assert np.array_equal(mapped.get_latent(data), before)  # frozen encoder: reference latents identical
+    old, new = load_file(str(Path(run) / "model.safetensors")), load_file(str(tmp_path / "mapped" / "model.safetensors"))
+    for k, v in old.items():
+        if k.startswith("embeddings."):
+            assert np.array_equal(new[k][: len(v)], v) and not np.array_equal(new[k][len(v):], np.broadcast_to(v.mean(0), new[k][len(v):].shape))
+        else:
+            assert np.array_equal(new[k], v), k
+    assert np.isfinite(mapped.get_reconstructed_expression(str(qpath))).all()
