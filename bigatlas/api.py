@@ -131,7 +131,7 @@ class AtlasVAE:
         self.module.eval()
         out = []
         for _, counts, _ in self._batches(data, obs_filter, batch_size):
-            out.append(self.module.latent(counts.dense).cpu().numpy())
+            out.append(self.module.latent(counts).cpu().numpy())
         return np.concatenate(out)
 
     @torch.no_grad()
@@ -143,7 +143,7 @@ class AtlasVAE:
         keys = list(self.vocab.label_classes)
         probs = {k: [] for k in keys}
         for _, counts, _ in self._batches(data, obs_filter, batch_size):
-            for k, p in zip(keys, self.module.label_probs(self.module.latent(counts.dense))):
+            for k, p in zip(keys, self.module.label_probs(self.module.latent(counts))):
                 probs[k].append(p.cpu().numpy())
         out = {}
         for k in keys:
@@ -162,6 +162,6 @@ class AtlasVAE:
         out = []
         for _, counts, codes in self._batches(data, obs_filter, batch_size, with_batch_codes=True):
             lib = counts.library if library_size is None else torch.full_like(counts.library, float(library_size))
-            mu, _, _ = self.module.decode(self.module.latent(counts.dense), codes, lib)
+            mu, _, _ = self.module.decode(self.module.latent(counts), codes, lib)
             out.append(mu.cpu().numpy())
         return np.concatenate(out)

@@ -1,4 +1,4 @@
-"""`bigatlas` console entry point: synth | stream | train | embed | map-query | bench-loader | bench-train."""
+"""`bigatlas` console entry point: synth | stream | train | embed | map-query | bench-loader | bench-train | bench-infer."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +84,15 @@ def _add_bench_train(sub):
 
     add_arguments(p)
     p.set_defaults(func=lambda a: __import__("bigatlas.bench_train", fromlist=["run"]).run(a))
+
+
+def _add_bench_infer(sub):
+    p = sub.add_parser("bench-infer", help="inference benchmark: embed-to-disk vs in-memory forward, RSS",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .bench_infer import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=lambda a: __import__("bigatlas.bench_infer", fromlist=["run"]).run(a))
 
 
 def add_train_arguments(p) -> None:
@@ -224,6 +233,7 @@ def main(argv=None) -> int:
     _add_map_query(sub)
     _add_bench_loader(sub)
     _add_bench_train(sub)
+    _add_bench_infer(sub)
     a = parser.parse_args(argv)
     from loaders import StoreError
 

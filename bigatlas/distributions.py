@@ -13,42 +13,43 @@ lgamma(x+1) (no gradient) likewise. This is the correct NB: the original scAtlas
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 EPS = 1e-8
 
 
-@dataclass
 class Counts:
-    """One minibatch of counts: dense (for the encoder) plus its nonzero entries (for the likelihood)."""
+    """One minibatch of counts: its nonzero entries (for the likelihood) and the matrix itself as a
+    sparse CSR tensor or a dense one (for the encoder, which reads CSR without densifying)."""
 
-    dense: torch.Tensor  # (cells, genes) float32
-    rows: torch.Tensor  # (nnz,) int64
-    cols: torch.Tensor  # (nnz,) int64
-    values: torch.Tensor  # (nnz,) float32
-    library: torch.Tensor  # (cells,) total counts
+    def __init__(self, rows, cols, values, library, n_genes: int, csr=None, dense=None):
+        self.rows, self.cols, self.values, self.library = rows, cols, values, library  # (nnz,) ×3, (cells,)
+        self.n_genes, self.csr, self._dense = n_genes, csr, dense
 
     @classmethod
     def from_dense(cls, x: torch.Tensor) -> "Counts":
         rows, cols = torch.nonzero(x, as_tuple=True)
-        return cls(x, rows, cols, x[rows, cols], x.sum(1))
+        return cls(rows, cols, x[rows, cols], x.sum(1), x.shape[1], dense=x)
 
     @classmethod
     def from_sparse_csr(cls, x: torch.Tensor, device=None) -> "Counts":
-        """From a torch.sparse_csr batch; moved to `device` sparse and densified there."""
+        """From a torch.sparse_csr batch, moved to `device` as it is (never densified on the CPU)."""
         x = x.to(device) if device is not None else x
         crow = x.crow_indices().long()
-        counts = crow[1:] - crow[:-1]
-        rows = torch.repeat_interleave(torch.arange(x.shape[0], device=crow.device), counts)
+        rows = torch.repeat_interleave(torch.arange(x.shape[0], device=crow.device), crow[1:] - crow[:-1])
         values = x.values()
         library = torch.zeros(x.shape[0], device=values.device, dtype=values.dtype).index_add_(0, rows, values)
-        return cls(x.to_dense(), rows, x.col_indices().long(), values, library)
+        return cls(rows, x.col_indices().long(), values, library, x.shape[1], csr=x)
+
+    @property
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.csr.to_dense()
+        return self._dense
 
     def __len__(self) -> int:
-        return self.dense.shape[0]
+        return int(self.library.shape[0])
 
 
 def log_nb_dense(x, mu, theta, eps: float = EPS):

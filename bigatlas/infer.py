@@ -182,12 +182,12 @@ def _write_chunk(root, module, m, lo, hi, keys, classes, batch_size, device, thr
     z_parts, prob_parts = [], {k: [] for k in keys}
     for b in range(0, m.n_rows, batch_size):
         e = min(b + batch_size, m.n_rows)
-        dense = torch.zeros(e - b, m.n_cols)
-        rows = m.indptr[b : e + 1]
-        seg = slice(int(rows[0]), int(rows[-1]))
-        r = np.repeat(np.arange(e - b), np.diff(rows))
-        dense[torch.from_numpy(r), torch.from_numpy(m.indices[seg].astype(np.int64))] = torch.from_numpy(m.data[seg])
-        z = module.latent(dense.to(device))
+        lo_nz, hi_nz = int(m.indptr[b]), int(m.indptr[e])
+        x = torch.sparse_csr_tensor(torch.from_numpy((m.indptr[b : e + 1] - lo_nz).astype(np.int32)),
+                                    torch.from_numpy(m.indices[lo_nz:hi_nz].astype(np.int32)),
+                                    torch.from_numpy(m.data[lo_nz:hi_nz]), size=(e - b, m.n_cols),
+                                    check_invariants=False)
+        z = module.latent(x.to(device))
         z_parts.append(z.cpu().numpy())
         for k, p in zip(keys, module.label_probs(z)):
             prob_parts[k].append(p.cpu().numpy())

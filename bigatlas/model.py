@@ -94,9 +94,26 @@ class ScAtlasVAE(nn.Module):
             x = x / lib * self.cfg.normalize_total
         return torch.log1p(x)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.encoder(self.encoder_input(x))
+    def encode(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z|x) from a dense tensor, a sparse CSR tensor or Counts (CSR used when it has one: the
+        first layer is then a sparse matmul over the nonzeros, with no dense copy of the input)."""
+        if isinstance(x, Counts):
+            x = x.csr if x.csr is not None else x.dense
+        if x.layout == torch.sparse_csr:
+            q = self.encoder[1:](self._first_layer_sparse(x))
+        else:
+            q = self.encoder(self.encoder_input(x))
         return self.z_mean(q), torch.exp(self.z_logvar(q).clamp(max=LOGVAR_MAX)) + self.cfg.var_eps
+
+    def _first_layer_sparse(self, x: torch.Tensor) -> torch.Tensor:
+        crow, col, values = x.crow_indices(), x.col_indices(), x.values()
+        if self.cfg.normalize_total:
+            rows = torch.repeat_interleave(torch.arange(x.shape[0], device=values.device), crow[1:] - crow[:-1])
+            lib = torch.zeros(x.shape[0], device=values.device, dtype=values.dtype).index_add_(0, rows, values)
+            values = values / lib.clamp_min(1.0)[rows] * self.cfg.normalize_total
+        logx = torch.sparse_csr_tensor(crow, col, torch.log1p(values), x.shape, check_invariants=False)
+        first = self.encoder[0]
+        return torch.sparse.mm(logx, first.weight.t()) + first.bias
 
     def decode(self, z: torch.Tensor, batch_codes: torch.Tensor, library: torch.Tensor):
         """Mean, inverse dispersion and gate logits (None for NB) for each cell and gene."""
@@ -127,7 +144,7 @@ class ScAtlasVAE(nn.Module):
         weighs each cell like a full one. labels: (cells, label keys), -1 = unlabelled/undefined.
         Cells in eval_mask are scored from the same forward pass into LossOutput.terms['val_*']
         (no gradient), with eval_kl_weight."""
-        q_mu, q_var = self.encode(counts.dense)
+        q_mu, q_var = self.encode(counts)
         z = q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu)
         mu, theta, gate = self.decode(z, batch_codes, counts.library)
         with torch.autocast(device_type=mu.device.type, enabled=False):  # likelihood in float32
