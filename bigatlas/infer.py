@@ -1,11 +1,12 @@
-"""Chunked, ordered, resumable embedding + label prediction, written straight to an AnnData-Zarr store.
+"""Chunked, ordered, resumable embedding + label prediction, written straight to disk (Zarr or SOMA).
 
 Rows are cut into output chunks of `chunk_size` cells; chunk k belongs to process k mod world and is
 read sequentially, embedded and written into its own storage chunks of every output array, so no
-process ever gathers latents and no two processes touch one storage object. `uns/bigatlas_done[k]`
-(one storage object per chunk) is set only after chunk k is fully written; a rerun computes only
-chunks not done; the root attribute `bigatlas.complete` becomes true only when every chunk is done.
-On object stores the same holds: each done flag is a separate key written after the chunk's data.
+process ever gathers latents and no two processes touch one storage object. Chunk k's done flag
+(Zarr: `uns/bigatlas_done[k]`, one storage object per chunk; SOMA: `bigatlas_done`) is set only
+after the chunk is fully written; a rerun computes only chunks not done; the output is marked
+complete (`bigatlas.complete`) only when every chunk is done. On object stores the same holds:
+each done flag is a separate key written after the chunk's data.
 """
 from __future__ import annotations
 
@@ -82,30 +83,160 @@ def _create(out: Path, meta: dict, model, n_chunks: int) -> None:
     _array(uns, "bigatlas_done", (n_chunks,), (1,), np.uint8, fill_value=0)
 
 
-def _prepare_output(out: Path, meta: dict, model, n_chunks: int, overwrite: bool) -> bool:
-    """Create or validate OUT; False when it is already complete (nothing to do)."""
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    if out.exists():
-        try:
-            saved = dict(zarr.open_group(str(out), mode="r").attrs.get("bigatlas", {}))
-        except Exception as e:
-            raise ValueError(f"{out} exists and is not a bigatlas embedding ({e}); pass --overwrite") from None
-        complete = saved.pop("complete", False)
-        if saved != meta:
-            diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
-            raise ValueError(f"{out} was started with other settings {json.dumps(diff)}; "
-                             "rerun with the same ones to resume, or pass --overwrite")
-        return not complete
-    _create(out, meta, model, n_chunks)
-    return True
+class ZarrOutput:
+    """AnnData-Zarr output (for Zarr input, or on request)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.root = None
+
+    def prepare(self, meta: dict, model, n_chunks: int, overwrite: bool) -> bool:
+        """Create or validate; False when already complete (nothing to do). Main process only."""
+        if self.path.exists() and overwrite:
+            shutil.rmtree(self.path)
+        if self.path.exists():
+            try:
+                saved = dict(zarr.open_group(str(self.path), mode="r").attrs.get("bigatlas", {}))
+            except Exception as e:
+                raise ValueError(f"{self.path} exists and is not a bigatlas embedding ({e}); pass --overwrite") from None
+            return _check_meta(self.path, saved, meta)
+        _create(self.path, meta, model, n_chunks)
+        return True
+
+    def open(self) -> None:
+        self.root = zarr.open_group(str(self.path), mode="r+")
+
+    def complete(self) -> bool:
+        return bool(self.root.attrs["bigatlas"].get("complete", False))
+
+    def done(self) -> np.ndarray:
+        return self.root["uns/bigatlas_done"][:]
+
+    def write(self, k, lo, hi, row_ids, names, z, results, probs) -> None:
+        root = self.root
+        root["obsm/X_bigatlas"][lo:hi] = z
+        root["obs/row"][lo:hi] = row_ids
+        root["obs/_index"][lo:hi] = np.asarray(names, dtype=object)
+        for key, r in results.items():
+            root[f"obs/{key}_pred/codes"][lo:hi] = r["code"].astype(np.int16)
+            for field in ("prob", "entropy", "unknown"):
+                root[f"obs/{key}_{field}"][lo:hi] = r[field]
+            if key in probs:
+                root[f"obsm/{key}_probabilities"][lo:hi] = probs[key]
+        root["uns/bigatlas_done"][k] = 1  # after the data: a killed write leaves the chunk not done
+
+    def mark_complete(self) -> None:
+        meta = dict(self.root.attrs["bigatlas"])
+        meta["complete"] = True
+        self.root.attrs["bigatlas"] = meta
+
+
+class SomaOutput:
+    """A SOMA experiment (for SOMA input): obs indexed by the query's soma_joinids, latents in
+    ms/RNA/obsm/X_bigatlas (sparse, soma_joinid × latent dim), done flags in `bigatlas_done`,
+    settings and completion in the experiment's metadata."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def prepare(self, meta: dict, model, n_chunks: int, overwrite: bool, n_rows: int = 0) -> bool:
+        import pyarrow as pa
+        import tiledbsoma as soma
+
+        if self.path.exists() and overwrite:
+            shutil.rmtree(self.path)
+        if self.path.exists():
+            try:
+                with soma.Experiment.open(str(self.path)) as exp:
+                    saved = json.loads(exp.metadata["bigatlas"])
+            except Exception as e:
+                raise ValueError(f"{self.path} exists and is not a bigatlas embedding ({e}); pass --overwrite") from None
+            return _check_meta(self.path, saved, meta)
+        fields = [pa.field("soma_joinid", pa.int64(), nullable=False)]
+        for key in model.vocab.label_classes:
+            fields += [pa.field(f"{key}_pred", pa.large_string()), pa.field(f"{key}_prob", pa.float32()),
+                       pa.field(f"{key}_entropy", pa.float32()), pa.field(f"{key}_unknown", pa.bool_())]
+        with soma.Experiment.create(str(self.path)) as exp:
+            exp.metadata["bigatlas"] = json.dumps({**meta, "complete": False})
+            exp.add_new_dataframe("obs", schema=pa.schema(fields), index_column_names=["soma_joinid"],
+                                  domain=[(0, n_rows - 1)])
+            obsm = exp.add_new_collection("ms").add_new_collection("RNA", soma.Measurement).add_new_collection("obsm")
+            obsm.add_new_sparse_ndarray("X_bigatlas", type=pa.float32(),
+                                        shape=(n_rows, model.config.model.n_latent))
+            if meta["full_probabilities"]:
+                for key, classes in model.vocab.label_classes.items():
+                    obsm.add_new_sparse_ndarray(f"{key}_probabilities", type=pa.float32(), shape=(n_rows, len(classes)))
+            exp.add_new_sparse_ndarray("bigatlas_done", type=pa.uint8(), shape=(n_chunks,))
+        return True
+
+    def open(self) -> None:
+        self.classes = None
+
+    def _exp(self, mode="r"):
+        import tiledbsoma as soma
+
+        return soma.Experiment.open(str(self.path), mode)
+
+    def complete(self) -> bool:
+        with self._exp() as exp:
+            return bool(json.loads(exp.metadata["bigatlas"]).get("complete", False))
+
+    def done(self) -> np.ndarray:
+        with self._exp() as exp:
+            arr = exp["bigatlas_done"]
+            flags = np.zeros(int(arr.shape[0]), dtype=np.uint8)
+            t = arr.read().tables().concat()
+            flags[t["soma_dim_0"].to_numpy()] = t["soma_data"].to_numpy()
+        return flags
+
+    def write(self, k, lo, hi, row_ids, names, z, results, probs) -> None:
+        import pyarrow as pa
+
+        def matrix(values):
+            n, d = values.shape
+            return pa.table({"soma_dim_0": np.repeat(row_ids, d), "soma_dim_1": np.tile(np.arange(d), n),
+                             "soma_data": values.astype(np.float32).ravel()})
+
+        cols = {"soma_joinid": row_ids.astype(np.int64)}
+        for key, r in results.items():
+            cols.update({f"{key}_pred": r["label"], f"{key}_prob": r["prob"], f"{key}_entropy": r["entropy"],
+                         f"{key}_unknown": r["unknown"]})
+        with self._exp("w") as exp:
+            exp.obs.write(pa.table(cols))
+            obsm = exp.ms["RNA"].obsm
+            obsm["X_bigatlas"].write(matrix(z))
+            for key, p in probs.items():
+                obsm[f"{key}_probabilities"].write(matrix(p))
+        with self._exp("w") as exp:  # after the data, in its own write
+            exp["bigatlas_done"].write(pa.table({"soma_dim_0": np.array([k], np.int64),
+                                                 "soma_data": np.array([1], np.uint8)}))
+
+    def mark_complete(self) -> None:
+        with self._exp() as exp:
+            meta = json.loads(exp.metadata["bigatlas"])
+        meta["complete"] = True
+        with self._exp("w") as exp:
+            exp.metadata["bigatlas"] = json.dumps(meta)
+
+
+def _check_meta(path, saved: dict, meta: dict) -> bool:
+    saved = dict(saved)
+    complete = saved.pop("complete", False)
+    if saved != meta:
+        diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
+        raise ValueError(f"{path} was started with other settings {json.dumps(diff)}; "
+                         "rerun with the same ones to resume, or pass --overwrite")
+    return not complete
 
 
 def embed(run_dir, data, out, *, chunk_size: int = 16384, batch_size: int = 4096, obs_filter=None,
           overwrite: bool = False, full_probabilities: bool = False, unknown_threshold: float = 0.5,
-          min_gene_overlap: float = 0.5, progress: bool = True) -> Path:
-    """Embed `data` with the model in `run_dir` into the Zarr store `out` (see module doc)."""
+          min_gene_overlap: float = 0.5, progress: bool = True, out_format: str | None = None) -> Path:
+    """Embed `data` with the model in `run_dir` into `out`: AnnData-Zarr for Zarr input, a SOMA
+    experiment for SOMA input (out_format overrides). See the module doc."""
     from accelerate import PartialState
+
+    from loaders import detect_format
 
     from .api import AtlasVAE
 
@@ -123,18 +254,20 @@ def embed(run_dir, data, out, *, chunk_size: int = 16384, batch_size: int = 4096
     n, c = store.n_obs, int(chunk_size)
     n_chunks = -(-n // c)
     meta = _meta(run_dir, data, obs_filter, n, c, full_probabilities, unknown_threshold)
-    todo = _prepare_output(out, meta, model, n_chunks, overwrite) if state.is_main_process else None
+    fmt = out_format or detect_format(str(data))
+    output = SomaOutput(out) if fmt == "soma" else ZarrOutput(out)
+    if state.is_main_process:
+        extra = {"n_rows": int(store.store_rows(np.array([n - 1]))[0]) + 1} if fmt == "soma" else {}
+        output.prepare(meta, model, n_chunks, overwrite, **extra)
     state.wait_for_everyone()
-    root = zarr.open_group(str(out), mode="r+")
-    if todo is None:
-        todo = not root.attrs["bigatlas"].get("complete", False)
-    if not todo:
+    output.open()
+    if output.complete():
         if state.is_main_process:
             print(f"{out} is complete; nothing to do (pass --overwrite to recompute)", flush=True)
         return out
-    done = root["uns/bigatlas_done"]
+    done = output.done()
     mine = [k for k in range(state.process_index, n_chunks, state.num_processes) if not done[k]]
-    keys = list(model.vocab.label_classes)
+    classes = model.vocab.label_classes
 
     def read(k):
         lo, hi = k * c, min(n, (k + 1) * c)
@@ -154,9 +287,10 @@ def embed(run_dir, data, out, *, chunk_size: int = 16384, batch_size: int = 4096
         for i in range(len(mine)):
             k, lo, hi, m = pending.result()
             pending = pool.submit(read, mine[i + 1]) if i + 1 < len(mine) else None
-            _write_chunk(root, module, m, lo, hi, keys, model.vocab.label_classes, batch_size, device,
-                         unknown_threshold, full_probabilities, store)
-            done[k] = 1
+            z, probs = _predict(module, m, list(classes), batch_size, device)
+            positions = np.arange(lo, hi)
+            output.write(k, lo, hi, store.store_rows(positions), store.obs_names(positions), z,
+                         _summaries(probs, classes, unknown_threshold), probs if full_probabilities else {})
             fault_point("after_chunk", k)
             cells += hi - lo
             if bar is not None:
@@ -165,11 +299,9 @@ def embed(run_dir, data, out, *, chunk_size: int = 16384, batch_size: int = 4096
         bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        flags = root["uns/bigatlas_done"][:]
+        flags = output.done()
         if flags.all():
-            meta_done = dict(root.attrs["bigatlas"])
-            meta_done["complete"] = True
-            root.attrs["bigatlas"] = meta_done
+            output.mark_complete()
         dt = time.perf_counter() - t0
         print(f"embedded {cells} cells on this process in {dt:.1f}s ({cells / max(dt, 1e-9):,.0f} cells/s); "
               f"{int(flags.sum())}/{n_chunks} chunks done; {'complete' if flags.all() else 'INCOMPLETE'}: {out}",
@@ -178,7 +310,8 @@ def embed(run_dir, data, out, *, chunk_size: int = 16384, batch_size: int = 4096
 
 
 @torch.no_grad()
-def _write_chunk(root, module, m, lo, hi, keys, classes, batch_size, device, threshold, full_probs, store):
+def _predict(module, m, keys, batch_size, device):
+    """Posterior means and label probabilities of a chunk, from sparse CSR sub-batches."""
     z_parts, prob_parts = [], {k: [] for k in keys}
     for b in range(0, m.n_rows, batch_size):
         e = min(b + batch_size, m.n_rows)
@@ -191,19 +324,15 @@ def _write_chunk(root, module, m, lo, hi, keys, classes, batch_size, device, thr
         z_parts.append(z.cpu().numpy())
         for k, p in zip(keys, module.label_probs(z)):
             prob_parts[k].append(p.cpu().numpy())
-    z = np.concatenate(z_parts)
-    root["obsm/X_bigatlas"][lo:hi] = z
-    positions = np.arange(lo, hi)
-    root["obs/row"][lo:hi] = store.store_rows(positions)
-    root["obs/_index"][lo:hi] = np.asarray(store.obs_names(positions), dtype=object)
-    for k in keys:
-        p = np.concatenate(prob_parts[k])
+    return np.concatenate(z_parts), {k: np.concatenate(v) for k, v in prob_parts.items()}
+
+
+def _summaries(probs: dict, classes: dict, threshold: float) -> dict:
+    out = {}
+    for k, p in probs.items():
         best = p.argmax(1)
-        top = p[np.arange(len(p)), best]
-        entropy = -(p * np.log(np.clip(p, 1e-12, 1))).sum(1)
-        root[f"obs/{k}_pred/codes"][lo:hi] = best.astype(np.int16)
-        root[f"obs/{k}_prob"][lo:hi] = top.astype(np.float32)
-        root[f"obs/{k}_entropy"][lo:hi] = entropy.astype(np.float32)
-        root[f"obs/{k}_unknown"][lo:hi] = top < threshold
-        if full_probs:
-            root[f"obsm/{k}_probabilities"][lo:hi] = p.astype(np.float32)
+        top = p[np.arange(len(p)), best].astype(np.float32)
+        out[k] = {"code": best, "label": np.asarray(classes[k], dtype=object)[best], "prob": top,
+                  "entropy": (-(p * np.log(np.clip(p, 1e-12, 1))).sum(1)).astype(np.float32),
+                  "unknown": top < threshold}
+    return out

@@ -161,3 +161,25 @@ def test_surgery_extends_batches_and_keeps_the_reference_fixed(trained, tmp_path
         else:
             assert np.array_equal(new[k], v), k
     assert np.isfinite(mapped.get_reconstructed_expression(str(qpath))).all()
+
+
+def test_soma_query_gets_a_soma_output_aligned_by_joinid(trained, tmp_path):
+    import tiledbsoma
+
+    data, run = trained
+    soma_path = tmp_path / "ref.soma"
+    synth(soma_path, N, 100, "soma", seed=4, n_studies=3, donors_per_study=2)  # same atlas as the Zarr one
+    expr = "dataset_id != 'study_1'"
+    out = embed(run, str(soma_path), tmp_path / "emb.soma", chunk_size=256, obs_filter=expr, progress=False)
+    zarr_out = arrays(embed(run, data, tmp_path / "emb.zarr", chunk_size=256, obs_filter=expr, progress=False))
+    with tiledbsoma.Experiment.open(str(out)) as exp:
+        obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
+        x = exp.ms["RNA"].obsm["X_bigatlas"].read().tables().concat()
+        assert '"complete": true' in exp.metadata["bigatlas"]
+    assert np.array_equal(obs["soma_joinid"].to_numpy(), zarr_out["row"])  # joinids of the filtered cells
+    z = np.zeros((N, 10), np.float32)
+    z[x["soma_dim_0"].to_numpy(), x["soma_dim_1"].to_numpy()] = x["soma_data"].to_numpy()
+    assert np.allclose(z[zarr_out["row"]], zarr_out["z"], atol=1e-5)
+    assert np.array_equal(obs["cell_type_prob"].to_numpy(), zarr_out["prob"])
+    again = embed(run, str(soma_path), out, chunk_size=256, obs_filter=expr, progress=False)
+    assert again == out
