@@ -108,6 +108,8 @@ def add_train_arguments(p) -> None:
     d.add_argument("--obs-filter", default=None, help="SOMA value_filter selecting the training cells")
     d.add_argument("--layer", default=None, help="Zarr layer / SOMA X layer of raw counts (default X / raw)")
     d.add_argument("--genes", default=None, help="file with one feature id (or name) per line, in model order")
+    d.add_argument("--allow-non-integer", action="store_true", default=None,
+                   help="accept non-integer values (default: raw integer counts are required)")
     p.add_argument("--out", required=True, help="RUN_DIR to write")
     p.add_argument("--config", default=None, help="TOML/JSON with [model], [train], [data] sections")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/latest")
@@ -146,7 +148,8 @@ def config_from_args(a):
     if a.genes:
         genes = tuple(g.strip() for g in open(a.genes) if g.strip())
     cfg = cfg.override("data", data=a.data, batch_key=a.batch_key, covariate_keys=a.covariate_keys,
-                       label_keys=a.label_keys, obs_filter=a.obs_filter, layer=a.layer, genes=genes)
+                       label_keys=a.label_keys, obs_filter=a.obs_filter, layer=a.layer, genes=genes,
+                       allow_non_integer=a.allow_non_integer)
     cfg = cfg.override("train", max_epochs=a.max_epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
                        weight_decay=a.weight_decay, kl_warmup_epochs=a.kl_warmup_epochs,
                        label_start_epoch=a.label_start_epoch, val_fraction=a.val_fraction,
@@ -183,6 +186,7 @@ def add_embed_arguments(p) -> None:
     p.add_argument("--min-gene-overlap", type=float, default=0.5,
                    help="refuse a query sharing fewer of the model's genes than this fraction")
     p.add_argument("--overwrite", action="store_true", help="recompute a complete or different output")
+    p.add_argument("--allow-non-integer", action="store_true", help="accept non-integer values")
 
 
 def _run_embed(a):
@@ -190,7 +194,7 @@ def _run_embed(a):
 
     embed(a.run, a.data, a.out, chunk_size=a.chunk_size, batch_size=a.batch_size, obs_filter=a.obs_filter,
           overwrite=a.overwrite, full_probabilities=a.full_probabilities, unknown_threshold=a.unknown_threshold,
-          min_gene_overlap=a.min_gene_overlap)
+          min_gene_overlap=a.min_gene_overlap, allow_non_integer=a.allow_non_integer)
 
 
 def _add_embed(sub):
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
 
     try:
         a.func(a)
-    except (StoreError, FileExistsError, ValueError) as e:
+    except (StoreError, FileExistsError, ValueError, FloatingPointError) as e:
         print(f"bigatlas {a.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

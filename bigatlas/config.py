@@ -78,6 +78,7 @@ class DataConfig:
     layer: str | None = None
     genes: tuple[str, ...] | None = None
     undefined_labels: tuple[str, ...] = ("undefined", "unknown", "nan", "")
+    allow_non_integer: bool = False  # accept non-integer values (still finite and >= 0)
 
     def __post_init__(self):
         for name in ("covariate_keys", "label_keys", "undefined_labels"):

@@ -11,6 +11,7 @@ each done flag is a separate key written after the chunk's data.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import warnings
@@ -22,7 +23,7 @@ import torch
 import zarr
 
 from loaders import open_store
-from loaders.csr import select_columns
+from loaders.csr import check_counts, select_columns
 
 from .distributions import Counts
 from .train import fault_point
@@ -100,7 +101,7 @@ class ZarrOutput:
             except Exception as e:
                 raise ValueError(f"{self.path} exists and is not a bigatlas embedding ({e}); pass --overwrite") from None
             return _check_meta(self.path, saved, meta)
-        _create(self.path, meta, model, n_chunks)
+        _atomically(self.path, lambda tmp: _create(tmp, meta, model, n_chunks))
         return True
 
     def open(self) -> None:
@@ -140,7 +141,6 @@ class SomaOutput:
         self.path = Path(path)
 
     def prepare(self, meta: dict, model, n_chunks: int, overwrite: bool, n_rows: int = 0) -> bool:
-        import pyarrow as pa
         import tiledbsoma as soma
 
         if self.path.exists() and overwrite:
@@ -152,11 +152,19 @@ class SomaOutput:
             except Exception as e:
                 raise ValueError(f"{self.path} exists and is not a bigatlas embedding ({e}); pass --overwrite") from None
             return _check_meta(self.path, saved, meta)
+        _atomically(self.path, lambda tmp: self._create(tmp, meta, model, n_chunks, n_rows))
+        return True
+
+    @staticmethod
+    def _create(path, meta, model, n_chunks, n_rows) -> None:
+        import pyarrow as pa
+        import tiledbsoma as soma
+
         fields = [pa.field("soma_joinid", pa.int64(), nullable=False)]
         for key in model.vocab.label_classes:
             fields += [pa.field(f"{key}_pred", pa.large_string()), pa.field(f"{key}_prob", pa.float32()),
                        pa.field(f"{key}_entropy", pa.float32()), pa.field(f"{key}_unknown", pa.bool_())]
-        with soma.Experiment.create(str(self.path)) as exp:
+        with soma.Experiment.create(str(path)) as exp:
             exp.metadata["bigatlas"] = json.dumps({**meta, "complete": False})
             exp.add_new_dataframe("obs", schema=pa.schema(fields), index_column_names=["soma_joinid"],
                                   domain=[(0, n_rows - 1)])
@@ -167,10 +175,9 @@ class SomaOutput:
                 for key, classes in model.vocab.label_classes.items():
                     obsm.add_new_sparse_ndarray(f"{key}_probabilities", type=pa.float32(), shape=(n_rows, len(classes)))
             exp.add_new_sparse_ndarray("bigatlas_done", type=pa.uint8(), shape=(n_chunks,))
-        return True
 
     def open(self) -> None:
-        self.classes = None
+        """Nothing to hold open: each write opens the experiment itself (TileDB handles per call)."""
 
     def _exp(self, mode="r"):
         import tiledbsoma as soma
@@ -219,6 +226,15 @@ class SomaOutput:
             exp.metadata["bigatlas"] = json.dumps(meta)
 
 
+def _atomically(path: Path, create) -> None:
+    """Build the empty output next to `path` and rename it into place: a kill during creation never
+    leaves a half-made skeleton behind (object stores: the skeleton is small; rerun with --overwrite)."""
+    tmp = path.with_name(path.name + ".creating")
+    shutil.rmtree(tmp, ignore_errors=True)
+    create(tmp)
+    os.replace(tmp, path)
+
+
 def _check_meta(path, saved: dict, meta: dict) -> bool:
     saved = dict(saved)
     complete = saved.pop("complete", False)
@@ -231,7 +247,8 @@ def _check_meta(path, saved: dict, meta: dict) -> bool:
 
 def embed(run_dir, data, out, *, chunk_size: int = 16384, batch_size: int = 4096, obs_filter=None,
           overwrite: bool = False, full_probabilities: bool = False, unknown_threshold: float = 0.5,
-          min_gene_overlap: float = 0.5, progress: bool = True, out_format: str | None = None) -> Path:
+          min_gene_overlap: float = 0.5, progress: bool = True, out_format: str | None = None,
+          allow_non_integer: bool = False) -> Path:
     """Embed `data` with the model in `run_dir` into `out`: AnnData-Zarr for Zarr input, a SOMA
     experiment for SOMA input (out_format overrides). See the module doc."""
     from accelerate import PartialState
@@ -272,6 +289,7 @@ def embed(run_dir, data, out, *, chunk_size: int = 16384, batch_size: int = 4096
     def read(k):
         lo, hi = k * c, min(n, (k + 1) * c)
         m = store.read(np.arange(lo, hi))
+        check_counts(m, str(data), integer=not allow_non_integer, positions=np.arange(lo, hi))
         if not identity:
             m = select_columns(m, colmap, len(model.vocab.genes))
         return k, lo, hi, m

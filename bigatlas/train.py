@@ -8,6 +8,7 @@ validation rows are scored in the same forward pass, so validation costs no extr
 """
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import math
@@ -28,15 +29,22 @@ from .model import ScAtlasVAE
 from .vocab import Vocab, align_genes, apply_lut
 
 FORMAT_VERSION = 1
+RESUMABLE_CHANGES = ("max_epochs", "max_steps", "early_stopping_patience")
 
 
 def fault_point(name: str, step: int) -> None:
-    """Fault injection for tests: BIGATLAS_FAULT="<name>:<step>" SIGKILLs this process there."""
-    spec = os.environ.get("BIGATLAS_FAULT")
-    if spec and spec == f"{name}:{step}":
+    """Fault injection for tests: BIGATLAS_FAULT="<name>:<step>[@<rank>]" SIGKILLs this process there
+    (on every rank, or only on the given one)."""
+    if _fault_matches(name, step):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fault_matches(name: str, step: int) -> bool:
+    spec = os.environ.get("BIGATLAS_FAULT", "")
+    where, _, rank = spec.partition("@")
+    return where == f"{name}:{step}" and (not rank or rank == os.environ.get("RANK", "0"))
 
 
 def holdout_mask(positions: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -137,7 +145,8 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
     colmap = align_genes(store, vocab.genes)[0] if surgery is not None else None
     stream = CellStream(store, batch_size=t_cfg.batch_size, seed=t_cfg.seed, rank=acc.process_index,
                         world_size=acc.num_processes, num_workers=t_cfg.num_workers, genes=vocab.genes,
-                        colmap=colmap, obs_keys=(*d_cfg.batch_keys, *d_cfg.label_keys))
+                        colmap=colmap, obs_keys=(*d_cfg.batch_keys, *d_cfg.label_keys),
+                        validate="finite" if d_cfg.allow_non_integer else "counts")
     batch_luts, label_luts = vocab.batch_luts(store), vocab.label_luts(store, d_cfg.label_keys)
     model = build_model(vocab, cfg)
     if surgery is not None:
@@ -146,9 +155,8 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
                                   weight_decay=t_cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
     progress = Progress()
-    acc.register_for_checkpointing(stream, progress)
     if resume and run.latest() is not None:
-        acc.load_state(str(run.latest()))
+        _restore(acc, run.latest(), stream, progress)
         if acc.is_main_process:
             print(f"resumed from {run.latest().name}: epoch {progress.epoch}, step {progress.step}, "
                   f"{stream.consumed} minibatches into the epoch", flush=True)
@@ -183,10 +191,16 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
                 out = model(counts, codes, labels, cell_mask=train_mask, eval_mask=~train_mask,
                             kl_weight=kl_weight, eval_kl_weight=t_cfg.kl_weight, gate_weight=t_cfg.gate_weight,
                             label_weight=label_weight)
-            if not torch.isfinite(out.total):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {progress.step} "
-                                         f"(terms: { {k: float(v) for k, v in out.terms.items()} }); "
-                                         f"last good checkpoint: {run.latest()}")
+            finite = bool(torch.isfinite(out.total)) and not _fault_matches("nan_loss", progress.step + 1)
+            bad = torch.tensor([0.0 if finite else 1.0], device=acc.device)
+            if acc.num_processes > 1:  # every rank stops together, none waits on a dead collective
+                bad = acc.reduce(bad, reduction="sum")
+            if bad.item() > 0:
+                _checkpoint(acc, run, progress, stream, t_cfg.keep_checkpoints)  # weights not yet updated
+                raise FloatingPointError(
+                    f"non-finite loss at epoch {epoch}, step {progress.step + 1} "
+                    f"(terms: { {k: round(float(v), 4) for k, v in out.terms.items()} }); the last good state "
+                    f"is saved as {run.latest()}")
             acc.backward(out.total)
             if t_cfg.grad_clip:
                 acc.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
@@ -204,7 +218,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
             logger.step(progress.step, out.terms, kl_weight)
             if t_cfg.checkpoint_every_steps and progress.step % t_cfg.checkpoint_every_steps == 0 \
                     and stream.consumed < steps_per_epoch:
-                _checkpoint(acc, run, progress, t_cfg.keep_checkpoints)
+                _checkpoint(acc, run, progress, stream, t_cfg.keep_checkpoints)
             fault_point("after_step", progress.step)
             if t_cfg.max_steps is not None and progress.step >= t_cfg.max_steps:
                 stopped_early = True
@@ -226,7 +240,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
                 progress.bad_epochs += 1
                 stopped_early = progress.bad_epochs >= t_cfg.early_stopping_patience
         progress.epoch, progress.sums = epoch + 1, None
-        _checkpoint(acc, run, progress, t_cfg.keep_checkpoints)
+        _checkpoint(acc, run, progress, stream, t_cfg.keep_checkpoints)
     logger.close()
     return _finish(acc, run, model, stopped_early, trace_cells)
 
@@ -234,20 +248,35 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
 def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask, surgery=None) -> Vocab:
     path = run.path / "vocab.json"
     if resume and path.exists():
-        saved = json.loads((run.path / "config.json").read_text())
-        if saved.get("config") != json.loads(json.dumps(cfg.to_dict())):
-            raise ValueError(f"{run.path}/config.json differs from this run's settings; resume with the same "
-                             "configuration or start a new RUN_DIR")
+        saved = json.loads((run.path / "config.json").read_text()).get("config", {})
+        now = json.loads(json.dumps(cfg.to_dict()))
+        for c in (saved, now):  # how long to train may change on resume; nothing that shapes the run
+            for key in RESUMABLE_CHANGES:
+                c.get("train", {}).pop(key, None)
+        if saved != now:
+            diff = sorted(f"{sec}.{k}" for sec in now for k in now[sec] if saved.get(sec, {}).get(k) != now[sec][k])
+            raise ValueError(f"{run.path}/config.json differs from this run's settings ({', '.join(diff)}); resume "
+                             "with the same configuration or start a new RUN_DIR")
+        if _is_main():  # record the new length of the run
+            _write_config(run, cfg)
         return Vocab.load(path)
     vocab = surgery.vocab(store) if surgery is not None else Vocab.from_store(store, cfg.data, train_mask)
     run.path.mkdir(parents=True, exist_ok=True)
+    if _is_main():
+        vocab.save(path)
+        _write_config(run, cfg)
+    return vocab
+
+
+def _is_main() -> bool:
     import accelerate
 
-    if accelerate.PartialState().is_main_process:
-        vocab.save(path)
-        (run.path / "config.json").write_text(json.dumps(
-            {"format_version": FORMAT_VERSION, "config": cfg.to_dict()}, indent=2) + "\n")
-    return vocab
+    return accelerate.PartialState().is_main_process
+
+
+def _write_config(run: RunDir, cfg: RunConfig) -> None:
+    (run.path / "config.json").write_text(json.dumps(
+        {"format_version": FORMAT_VERSION, "config": cfg.to_dict()}, indent=2) + "\n")
 
 
 def _accumulate(sums: dict, terms: dict, n_train: int) -> None:
@@ -279,7 +308,9 @@ def _epoch_row(acc, progress: Progress, epoch: int, kl_weight: float, optimizer)
     return row
 
 
-def _checkpoint(acc, run: RunDir, progress: Progress, keep: int) -> None:
+def _checkpoint(acc, run: RunDir, progress: Progress, stream, keep: int) -> None:
+    """Model and optimizer through Accelerate (safetensors / tensors only); loop position, stream
+    position and this process's torch RNG in bigatlas_rank<r>.json — no pickle of ours to trust."""
     name = f"step-{progress.step:09d}"
     tmp = run.ckpt / f".tmp-{name}"
     if acc.is_main_process:
@@ -288,11 +319,31 @@ def _checkpoint(acc, run: RunDir, progress: Progress, keep: int) -> None:
             shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=True)
+    state = {"progress": progress.state_dict(), "stream": stream.state_dict(),
+             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    (tmp / f"bigatlas_rank{acc.process_index}.json").write_text(json.dumps(state))
     fault_point("checkpoint_written", progress.step)
     acc.wait_for_everyone()
     if acc.is_main_process:
         run.publish(tmp, name, keep)
     acc.wait_for_everyone()
+
+
+def _restore(acc, path: Path, stream, progress: Progress) -> None:
+    try:
+        acc.load_state(str(path))  # weights_only loads: a checkpoint file carrying code is refused
+        state = json.loads((path / f"bigatlas_rank{acc.process_index}.json").read_text())
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {e}); "
+                         "restore it or start a new RUN_DIR") from None
+    progress.load_state_dict(state["progress"])
+    stream.load_state_dict(state["stream"])
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8))
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+                                      for s in state["cuda_rng"]])
 
 
 def _finish(acc, run: RunDir, model, stopped_early: bool, trace: bool) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,10 @@ class Vocab:
     @classmethod
     def from_store(cls, store, data: DataConfig, train_mask: np.ndarray | None = None) -> "Vocab":
         genes = list(data.genes) if data.genes is not None else list(store.var_ids)
+        dup = sorted(g for g, n in Counter(genes).items() if n > 1)
+        if dup:
+            raise ValueError(f"gene ids repeat in {store.uri if data.genes is None else 'the gene list'}: "
+                             f"{', '.join(dup[:8])}{' …' if len(dup) > 8 else ''}; pass a de-duplicated --genes file")
         batch = {}
         for key in data.batch_keys:
             codes, cats = store.obs_codes(key)

@@ -104,3 +104,22 @@ def select_columns(m: CSR, colmap: np.ndarray, n_out: int) -> CSR:
     np.cumsum(keep, out=kept_before[1:])
     indptr = kept_before[m.indptr]
     return CSR(indptr, new_cols[keep], m.data[keep], n_out)
+
+
+def check_counts(m: CSR, where: str, integer: bool = True, positions: np.ndarray | None = None) -> None:
+    """Raise ValueError unless every stored value is finite, >= 0 and (if integer) whole: raw counts.
+    `where` names the store; positions[row] is the store position of each row (default: row)."""
+    d = m.data
+    if not len(d):
+        return
+    frac = np.mod(d, 1) if integer else d * 0  # NaN and inf give NaN here, so one test covers them
+    bad = ~(frac == 0) | (d < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(m.indptr, i, side="right") - 1)
+        v = d[i]
+        kind = ("NaN/inf" if not np.isfinite(v) else "negative" if v < 0 else "non-integer")
+        hint = " (pass --allow-non-integer for normalized/ambient-corrected data)" if kind == "non-integer" else ""
+        pos = int(positions[row]) if positions is not None else row
+        raise ValueError(f"{where}: {kind} value {float(v)!r} in the cell at position {pos} ({int(bad.sum())} "
+                         f"such values among these cells); the model needs raw counts{hint}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import sampling
-from .csr import CSR, compact, concat, select_columns, take_rows
+from .csr import CSR, check_counts, compact, concat, select_columns, take_rows
 from .store import Store
 
 # torch's notice that sparse CSR is "beta" would print once per process for every user
@@ -57,7 +57,8 @@ class CellStream(torch.utils.data.IterableDataset):
     def __init__(self, store: Store | str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 1, genes=None, obs_keys=(), drop_last: bool = False,
                  block_size: int | None = None, blocks_per_request: int | None = None, prefetch: int = 1,
-                 shuffle: bool = True, epoch: int = 0, colmap: np.ndarray | None = None):
+                 shuffle: bool = True, epoch: int = 0, colmap: np.ndarray | None = None,
+                 validate: str | None = "counts"):
         if isinstance(store, str):
             from . import open_store
 
@@ -88,6 +89,9 @@ class CellStream(torch.utils.data.IterableDataset):
             if not (n_out == store.n_vars and np.array_equal(colmap, np.arange(store.n_vars))):
                 self._colmap, self.n_genes = np.asarray(colmap), n_out  # identity needs no pass over nonzeros
         self.epoch, self.consumed = int(epoch), 0
+        if validate not in ("counts", "finite", None):
+            raise ValueError(f"validate must be 'counts', 'finite' or None, not {validate!r}")
+        self.validate = validate
 
     # -- plan -------------------------------------------------------------------------------------
     @property
@@ -176,6 +180,8 @@ class CellStream(torch.utils.data.IterableDataset):
                     offset -= len(req)
                     continue
                 m = reader.read(req.rows)
+                if self.validate:
+                    check_counts(m, str(self.store.uri), integer=self.validate == "counts", positions=req.rows)
                 if self._colmap is not None:
                     m = select_columns(m, self._colmap, self.n_genes)
                 put((req, compact(m), offset))

@@ -67,6 +67,8 @@ class ZarrStore(Store):
             if len(self._rows) == 0:
                 raise StoreError(f"obs_filter {obs_filter!r} matches 0 of {n_rows} cells in {self.uri}")
         self.n_obs = n_rows if self._rows is None else len(self._rows)
+        if self.n_obs == 0:
+            raise StoreError(f"store {self.uri} has 0 cells")
         self._chunk_elems = int(self._data.chunks[0])
         mean_nnz = max(self._indptr[-1] / max(n_rows, 1), 1.0)
         # whole chunks per block when chunks are large; blocks of 256 rows otherwise (a block
@@ -121,10 +123,20 @@ class ZarrStore(Store):
         try:
             sync(both())
         except Exception as e:
-            lo, hi = ranges[0]
-            chunk = int(lo) // self._chunk_elems
-            raise StoreError(f"{self.uri}:{self._x_path}: decoding element ranges from {lo}:{hi} "
-                             f"(chunk {chunk}…) failed: {type(e).__name__}: {e}") from e
+            raise StoreError(self._locate_failure(ranges, e)) from e
+
+    def _locate_failure(self, ranges: np.ndarray, error: Exception) -> str:
+        """Name the array and chunk that fails to decode, reading the request's chunks one by one."""
+        c = self._chunk_elems
+        chunks = sorted({k for lo, hi in ranges.tolist() for k in range(lo // c, (hi - 1) // c + 1)})
+        for name, arr in (("data", self._data), ("indices", self._indices)):
+            for k in chunks:
+                try:
+                    arr[k * c : min((k + 1) * c, arr.shape[0])]
+                except Exception as e:
+                    return (f"{self.uri}:{self._x_path}/{name} chunk {k} (elements {k * c}:{(k + 1) * c}) "
+                            f"is corrupt or missing: {type(e).__name__}: {e}")
+        return f"{self.uri}:{self._x_path}: reading {len(ranges)} element ranges failed: {type(error).__name__}: {error}"
 
 
 class _RangesIndexer:

@@ -72,7 +72,7 @@ def test_resume_with_other_settings_is_refused(small_atlas, tmp_path):
     run = tmp_path / "r"
     run_train(base_args(small_atlas, run, epochs=1))
     res = run_train([*base_args(small_atlas, run, epochs=1), "--lr", "0.5", "--resume"], check=False)
-    assert res.returncode == 2 and "differs from this run's settings" in res.stderr
+    assert res.returncode == 2 and "differs from this run's settings (train.lr)" in res.stderr
 
 
 def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
