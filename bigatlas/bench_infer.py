@@ -97,8 +97,6 @@ def run(a) -> dict:
         big["cells_per_s"] = round(a.large / big["seconds"])
         res[f"embed_{a.large}"] = big
     shutil.rmtree(out, ignore_errors=True)
-    path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2))
-    return res
+    from .bench_loader import write_results
+
+    return write_results(res, a.out)

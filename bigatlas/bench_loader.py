@@ -231,7 +231,12 @@ def run(a) -> dict:
     for name, (x, y) in pairs.items():
         res[name] = ratio(x, y)  # median epochs
         res[name + "_first_epoch"] = ratio(x, y, "first_epoch_cells_per_s")
-    out = Path(a.out)
+    return write_results(res, a.out)
+
+
+def write_results(res: dict, out) -> dict:
+    """Print the benchmark's JSON and write it to `out` (bench/results/*.json)."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))

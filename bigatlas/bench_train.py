@@ -167,8 +167,6 @@ def run(a) -> dict:
         res["M1_rss_1M_over_100k"] = round(rss["1M"] / rss["100k"], 3)
         print(json.dumps({"peak_rss_mb": res["peak_rss_mb"]}), flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2))
-    return res
+    from .bench_loader import write_results
+
+    return write_results(res, a.out)

@@ -25,7 +25,6 @@ import zarr
 from loaders import open_store
 from loaders.csr import check_counts, select_columns
 
-from .distributions import Counts
 from .train import fault_point
 from .vocab import align_genes
 

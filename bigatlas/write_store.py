@@ -47,6 +47,23 @@ def _commit(partial: Path, path: Path) -> None:
     os.replace(partial, path)
 
 
+class _PartialStore:
+    """A store written under `<path>.partial`; finish() renames it into place, an exception inside
+    the `with` block removes it."""
+
+    def __init__(self, path, overwrite: bool):
+        self.path = Path(path)
+        self.partial = _prepare_target(self.path, overwrite)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None and self.partial.exists():
+            shutil.rmtree(self.partial, ignore_errors=True)
+        return False
+
+
 class _Appender:
     """Appends to a 1-D zarr array, writing whole chunks only (no read-modify-write)."""
 
@@ -77,12 +94,11 @@ class _Appender:
         self._flush(final=True)
 
 
-class ZarrWriter:
+class ZarrWriter(_PartialStore):
     """`with ZarrWriter(path, n_vars) as w: w.append(indptr, indices, data) …; w.finish(obs, var)`."""
 
     def __init__(self, path, n_vars: int, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, overwrite: bool = False):
-        self.path = Path(path)
-        self.partial = _prepare_target(self.path, overwrite)
+        super().__init__(path, overwrite)
         self.n_vars = n_vars
         self.root = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
         x = self.root.create_group("X")
@@ -124,13 +140,6 @@ class ZarrWriter:
         _commit(self.partial, self.path)
         return self.path
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is not None and self.partial.exists():
-            shutil.rmtree(self.partial, ignore_errors=True)
-        return False
 
 
 # Data tiles of ~16k nonzeros (~25 cells) instead of TileDB-SOMA's 100k: a shuffled block of rows then
@@ -138,7 +147,7 @@ class ZarrWriter:
 SOMA_X_CREATE = {"capacity": 16384}
 
 
-class SomaWriter:
+class SomaWriter(_PartialStore):
     """TileDB-SOMA experiment with measurement `RNA`, X layer `raw`, Census-style obs/var.
 
     Appends are buffered into fragments of >= `fragment_rows` cells: reads slow down with the number
@@ -150,8 +159,7 @@ class SomaWriter:
         import pyarrow as pa
         import tiledbsoma as soma
 
-        self.path = Path(path)
-        self.partial = _prepare_target(self.path, overwrite)
+        super().__init__(path, overwrite)
         self.n_obs, self.n_vars, self.measurement, self.layer = n_obs, n_vars, measurement, layer
         self.exp = soma.Experiment.create(str(self.partial))
         ms = self.exp.add_new_collection("ms")
@@ -204,10 +212,3 @@ class SomaWriter:
         _commit(self.partial, self.path)
         return self.path
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is not None and self.partial.exists():
-            shutil.rmtree(self.partial, ignore_errors=True)
-        return False

@@ -1,7 +1,11 @@
 """Tiny real stores for property tests: rows whose values encode their own position."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -70,3 +74,22 @@ def position_stores(tmp_path_factory):
 @pytest.fixture(params=["zarr", "soma"])
 def fmt(request):
     return request.param
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, args, env_extra=None, launcher=(), check=True, timeout=600):
+    """Run scripts/<script> (under `launcher`, e.g. accelerate launch, or this Python) in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env.pop("WORLD_SIZE", None)
+    cmd = [*(launcher or [sys.executable]), str(ROOT / "scripts" / script), *map(str, args)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{script} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+def accelerate_launcher(processes: int) -> list:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -1,8 +1,5 @@
 """Embedding to disk: equals in-memory inference, same output for 1-3 processes, survives SIGKILL,
 aligns genes of a differently ordered or incomplete query."""
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,8 +13,7 @@ from bigatlas import AtlasVAE
 from bigatlas.infer import embed
 from bigatlas.synth import synth
 from bigatlas.write_store import ZarrWriter
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import accelerate_launcher, run_script
 N = 1500
 
 
@@ -33,13 +29,7 @@ def trained(tmp_path_factory):
 
 
 def embed_cli(args, launcher=(), env_extra=None, check=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    env.pop("WORLD_SIZE", None)
-    cmd = [*launcher, str(ROOT / "scripts" / "embed.py")] if launcher else [sys.executable, str(ROOT / "scripts" / "embed.py")]
-    res = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600)
-    if check and res.returncode != 0:
-        raise AssertionError(f"embed failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
-    return res
+    return run_script("embed.py", args, env_extra, launcher, check)
 
 
 def arrays(out):
@@ -66,10 +56,9 @@ def test_output_equals_in_memory_inference(trained, tmp_path):
 def test_processes_write_the_same_output_in_store_order(trained, tmp_path, procs):
     data, run = trained
     single = embed(run, data, tmp_path / "one.zarr", chunk_size=200, progress=False)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     multi = tmp_path / "multi.zarr"
-    embed_cli(["--run", run, "--data", data, "--out", str(multi), "--chunk-size", "200"], launcher=launcher)
+    embed_cli(["--run", run, "--data", data, "--out", str(multi), "--chunk-size", "200"],
+              launcher=accelerate_launcher(procs))
     a, b = arrays(single), arrays(multi)
     for k in a:
         assert np.array_equal(a[k], b[k]), k

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 
 from bigatlas.synth import synth
 from bigatlas.write_store import ZarrWriter
+from conftest import accelerate_launcher
 from loaders import StoreError, open_store
 from loaders.soma_store import SomaStore
 from loaders.zarr_store import ZarrStore
@@ -233,9 +234,7 @@ def test_kill_at_a_random_moment_then_resume_equals_uninterrupted(atlas, tmp_pat
 
 
 def test_one_rank_dying_stops_the_other_quickly(atlas, tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                str(ROOT / "scripts" / "train.py")]
+    launcher = [*accelerate_launcher(2), str(ROOT / "scripts" / "train.py")]
     t = time.time()
     res = cli(train_args(atlas, tmp_path / "run")[1:], {"BIGATLAS_FAULT": "after_step:3@1"}, launcher=launcher,
               timeout=300)

@@ -1,10 +1,6 @@
 """Training: resume after SIGKILL equals an uninterrupted run, 2-process runs agree with the partition,
 the model learns an integrated latent space, and bad launches fail loudly."""
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +9,7 @@ from safetensors.numpy import load_file
 
 from bigatlas.synth import synth
 from bigatlas.train import holdout_mask
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import accelerate_launcher, run_script
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +20,7 @@ def small_atlas(tmp_path_factory):
 
 
 def run_train(args, env_extra=None, launcher=(), check=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    env.pop("WORLD_SIZE", None)
-    cmd = [*launcher, str(ROOT / "scripts" / "train.py")] if launcher else [sys.executable, str(ROOT / "scripts" / "train.py")]
-    res = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600)
-    if check and res.returncode != 0:
-        raise AssertionError(f"train failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
-    return res
+    return run_script("train.py", args, env_extra, launcher, check)
 
 
 def base_args(data, out, epochs=2):
@@ -77,9 +66,7 @@ def test_resume_with_other_settings_is_refused(small_atlas, tmp_path):
 
 def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
     run = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    run_train([*base_args(small_atlas, run), "--trace-cells"], launcher=launcher)
+    run_train([*base_args(small_atlas, run), "--trace-cells"], launcher=accelerate_launcher(2))
     n = 2400
     train_cells = np.flatnonzero(~holdout_mask(np.arange(n), 0.05, 0))
     for epoch in range(2):
