@@ -270,3 +270,20 @@ def test_embedding_killed_anywhere_completes_on_rerun(atlas, trained_run, tmp_pa
     assert b.attrs["bigatlas"]["complete"] is True
     for name in ("obsm/X_bigatlas", "obs/row", "obs/cell_type_pred/codes", "obs/cell_type_prob"):
         assert np.array_equal(a[name][:], b[name][:]), name
+
+
+def test_duplicated_gene_names_need_ids_and_unseen_batches_are_handled(atlas, trained_run, tmp_path):
+    from bigatlas import AtlasVAE
+
+    var = ad.read_zarr(atlas).var.copy()
+    var["feature_name"] = ["GENEDUP" if i in (2, 4) else n for i, n in enumerate(var["feature_name"])]
+    data = variant(atlas, tmp_path / "dupnames.zarr", var=var)
+    with pytest.raises(StoreError, match="gene name 'GENEDUP' appears 2 times .* select it by feature id"):
+        open_store(data).gene_map(["GENEDUP"])
+    obs = ad.read_zarr(atlas).obs.copy()
+    obs["dataset_id"] = pd.Categorical(["new_study"] * len(obs))
+    query = variant(atlas, tmp_path / "newstudy.zarr", obs=obs)
+    model = AtlasVAE.load(trained_run)
+    assert np.isfinite(model.get_latent(query)).all()  # embedding never needs the batch (zero-shot)
+    with pytest.raises(ValueError, match="'dataset_id' has categories the model was not trained on; use map_query"):
+        model.get_reconstructed_expression(query)
