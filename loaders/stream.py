@@ -53,12 +53,28 @@ class _Stop(Exception):
     pass
 
 
+class _Readers:
+    """One epoch's reader threads and their queues of decoded requests."""
+
+    def __init__(self, queues):
+        self.queues, self.threads, self.stop = queues, [], threading.Event()
+
+    def close(self, join: bool = True) -> None:
+        self.stop.set()
+        for q in self.queues:  # unblock readers waiting on a full queue
+            while not q.empty():
+                q.get_nowait()
+        for t in self.threads if join else ():
+            if t is not threading.current_thread():
+                t.join(timeout=5)
+
+
 class CellStream(torch.utils.data.IterableDataset):
     def __init__(self, store: Store | str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 1, genes=None, obs_keys=(), drop_last: bool = False,
                  block_size: int | None = None, blocks_per_request: int | None = None, prefetch: int = 1,
                  shuffle: bool = True, epoch: int = 0, colmap: np.ndarray | None = None,
-                 validate: str | None = "counts"):
+                 validate: str | None = "counts", prefetch_next_epoch: bool = True):
         if isinstance(store, str):
             from . import open_store
 
@@ -89,6 +105,8 @@ class CellStream(torch.utils.data.IterableDataset):
             if not (n_out == store.n_vars and np.array_equal(colmap, np.arange(store.n_vars))):
                 self._colmap, self.n_genes = np.asarray(colmap), n_out  # identity needs no pass over nonzeros
         self.epoch, self.consumed = int(epoch), 0
+        self._next = None  # (epoch, _Readers) started ahead at the end of the previous epoch
+        self.prefetch_next_epoch = prefetch_next_epoch
         if validate not in ("counts", "finite", None):
             raise ValueError(f"validate must be 'counts', 'finite' or None, not {validate!r}")
         self.validate = validate
@@ -130,30 +148,46 @@ class CellStream(torch.utils.data.IterableDataset):
         sizes = self._sizes(epoch)
         W = self.num_workers
         total = len(sizes[0]) * W
-        stop = threading.Event()
-        queues = [queue.Queue(maxsize=self.prefetch) for _ in range(W)]
-        threads, cutters = [], []
-        for w in range(W):
-            consumer = self.rank * W + w
-            skip = len(range(w, start, W))  # batches of this worker among the first `start`
-            t = threading.Thread(target=self._read, daemon=True, name=f"cellstream-{consumer}",
-                                 args=(epoch, consumer, sizes[consumer], skip, queues[w], stop))
-            t.start()
-            threads.append(t)
-            cutters.append(self._cut(queues[w], sizes[consumer][skip:]))
+        readers = self._take_next(epoch, start) or self._start_readers(epoch, start, sizes)
+        cutters = [self._cut(readers.queues[w], sizes[self.rank * W + w][len(range(w, start, W)):])
+                   for w in range(W)]
         try:
             for j in range(start, total):
+                if j == total - 1 and self.prefetch_next_epoch:
+                    # the next epoch's first requests decode while this epoch's last batch trains
+                    self._next = (epoch + 1, self._start_readers(epoch + 1, 0, self._sizes(epoch + 1)))
                 batch = next(cutters[j % W])
                 self.consumed = j + 1
                 yield batch
             self.epoch, self.consumed = epoch + 1, 0
         finally:
-            stop.set()
-            for q in queues:  # unblock readers waiting on a full queue
-                while not q.empty():
-                    q.get_nowait()
-            for t in threads:
-                t.join(timeout=5)
+            readers.close()
+
+    def _take_next(self, epoch: int, start: int):
+        """The readers started ahead for this epoch, if they still fit; otherwise drop them."""
+        nxt, self._next = self._next, None
+        if nxt is None:
+            return None
+        if nxt[0] == epoch and start == 0:
+            return nxt[1]
+        nxt[1].close()
+        return None
+
+    def _start_readers(self, epoch: int, start: int, sizes) -> "_Readers":
+        W = self.num_workers
+        readers = _Readers([queue.Queue(maxsize=self.prefetch) for _ in range(W)])
+        for w in range(W):
+            consumer = self.rank * W + w
+            skip = len(range(w, start, W))  # batches of this worker among the first `start`
+            t = threading.Thread(target=self._read, daemon=True, name=f"cellstream-{consumer}",
+                                 args=(epoch, consumer, sizes[consumer], skip, readers.queues[w], readers.stop))
+            t.start()
+            readers.threads.append(t)
+        return readers
+
+    def __del__(self):  # may run on any thread (garbage collection): signal, never join
+        if getattr(self, "_next", None) is not None:
+            self._next[1].close(join=False)
 
     def _read(self, epoch, consumer, sizes, skip, out: queue.Queue, stop: threading.Event):
         """Reader thread: decoded requests (GIL-free decode) → out; cutting happens on the consumer's
