@@ -17,7 +17,7 @@ from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .distributions import Counts
 from .model import ScAtlasVAE
 from .train import FORMAT_VERSION, build_model, make_accelerator, train
-from .vocab import Vocab, apply_lut
+from .vocab import Vocab, align_genes, apply_lut
 
 
 class AtlasVAE:
@@ -84,14 +84,16 @@ class AtlasVAE:
             raise RuntimeError("model is not trained: call fit() or AtlasVAE.load(run_dir)")
 
     def _batches(self, data, obs_filter, batch_size, with_batch_codes=False):
-        """(positions, dense counts, model batch codes or None) in store order."""
+        """(positions, Counts, model batch codes or None) in store order; genes the store lacks are
+        zero-filled (with a warning), as in `embed`."""
         self._need_fit()
         d = self.config.data
         store = open_store(data or d.data, obs_filter=obs_filter if data else (obs_filter or d.obs_filter),
                            layer=d.layer)
         keys = d.batch_keys if with_batch_codes else ()
+        colmap, _ = align_genes(store, self.vocab.genes)
         stream = CellStream(store, batch_size=batch_size, seed=0, shuffle=False, genes=self.vocab.genes,
-                            obs_keys=keys)
+                            colmap=colmap, obs_keys=keys, prefetch_next_epoch=False)
         luts = self.vocab.batch_luts(store) if keys else {}
         device = next(self.module.parameters()).device
         for batch in stream:

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from .config import RunConfig
 from .vocab import Vocab
 
@@ -33,7 +31,8 @@ class Surgery:
         batch = {}
         for key, cats in ref.batch_categories.items():
             query_cats = [str(c) for c in store.obs_codes(key)[1]]
-            batch[key] = list(cats) + [c for c in query_cats if c not in set(cats)]
+            known = set(cats)
+            batch[key] = list(cats) + [c for c in query_cats if c not in known]
         return Vocab(list(ref.genes), batch, dict(ref.label_classes), dict(ref.class_counts))
 
     def apply(self, model, vocab: Vocab) -> None:
@@ -60,9 +59,8 @@ class Surgery:
         for name, n_old in old_rows.items():
             weight = dict(model.named_parameters())[name]
             weight.register_hook(_zero_rows(n_old))
-        model.frozen_modules = tuple(m for m in (*ENCODER, *DECODER, "heads")
-                                     if m not in trainable and hasattr(model, m) and isinstance(getattr(model, m),
-                                                                                                 torch.nn.Module))
+        modules = dict(model.named_children())  # the per-gene gate may be a bare Parameter: skipped here
+        model.frozen_modules = tuple(m for m in (*ENCODER, *DECODER, "heads") if m in modules and m not in trainable)
         model.train(model.training)
 
 

@@ -112,8 +112,12 @@ def check_counts(m: CSR, where: str, integer: bool = True, positions: np.ndarray
     d = m.data
     if not len(d):
         return
-    frac = np.mod(d, 1) if integer else d * 0  # NaN and inf give NaN here, so one test covers them
-    bad = ~(frac == 0) | (d < 0)
+    # fast path: three reductions (~20 ms per 20M values); NaN fails the first comparison
+    if d.min() >= 0 and np.isfinite(d).all() and (not integer or (np.floor(d) == d).all()):
+        return
+    bad = ~np.isfinite(d) | (d < 0)
+    if integer:
+        bad |= np.floor(d) != d
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         row = int(np.searchsorted(m.indptr, i, side="right") - 1)
