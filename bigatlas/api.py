@@ -93,7 +93,7 @@ class AtlasVAE:
         keys = d.batch_keys if with_batch_codes else ()
         colmap, _ = align_genes(store, self.vocab.genes)
         stream = CellStream(store, batch_size=batch_size, seed=0, shuffle=False, genes=self.vocab.genes,
-                            colmap=colmap, obs_keys=keys, prefetch_next_epoch=False)
+                            colmap=colmap, obs_keys=keys, prefetch_next_epoch=False, validate="counts")
         luts = self.vocab.batch_luts(store) if keys else {}
         device = next(self.module.parameters()).device
         for batch in stream:

@@ -5,6 +5,8 @@ rank * num_workers + worker) and decodes its read requests up to `prefetch` ahea
 thread cuts each consumer's requests into minibatches, carrying leftover rows into the next
 request, so only the per-consumer sizes from `sampling.batch_sizes` decide where minibatches end.
 The rank yields the consumers' batches round-robin; every rank yields the same count.
+`validate="counts"` (what training uses) checks every decoded request for NaN/inf, negative and
+non-integer values (~20 ms per 20M values); the bare loader leaves it off.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ class CellStream(torch.utils.data.IterableDataset):
                  num_workers: int = 1, genes=None, obs_keys=(), drop_last: bool = False,
                  block_size: int | None = None, blocks_per_request: int | None = None, prefetch: int = 1,
                  shuffle: bool = True, epoch: int = 0, colmap: np.ndarray | None = None,
-                 validate: str | None = "counts", prefetch_next_epoch: bool = True):
+                 validate: str | None = None, prefetch_next_epoch: bool = True):
         if isinstance(store, str):
             from . import open_store
 
