@@ -140,7 +140,10 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
     store = open_store(d_cfg.data, obs_filter=d_cfg.obs_filter, layer=d_cfg.layer)
     if acc.is_main_process:
         print(f"{d_cfg.data}: {store.n_obs} cells x {store.n_vars} genes after filtering", flush=True)
-    val_all = holdout_mask(np.arange(store.n_obs), t_cfg.val_fraction, t_cfg.seed)
+    # in slices: the hash's uint64 temporaries for 50M cells at once would be gigabytes
+    step = 1 << 20
+    val_all = np.concatenate([holdout_mask(np.arange(lo, min(lo + step, store.n_obs)), t_cfg.val_fraction,
+                                           t_cfg.seed) for lo in range(0, store.n_obs, step)])
     vocab = _vocab(run, store, cfg, resume, ~val_all, surgery)
     colmap = align_genes(store, vocab.genes)[0] if surgery is not None else None
     stream = CellStream(store, batch_size=t_cfg.batch_size, seed=t_cfg.seed, rank=acc.process_index,

@@ -36,9 +36,6 @@ class CSR:
         return sp.csr_matrix((self.data, self.indices.astype(np.int32, copy=False), self.indptr),
                              shape=(self.n_rows, self.n_cols))
 
-    def nbytes(self) -> int:
-        return self.indptr.nbytes + self.indices.nbytes + self.data.nbytes
-
 
 def empty(n_cols: int, index_dtype=np.int32) -> CSR:
     return CSR(np.zeros(1, np.int64), np.zeros(0, index_dtype), np.zeros(0, np.float32), n_cols)

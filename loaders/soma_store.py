@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .csr import CSR, compact, concat, take_rows
+from .csr import CSR, compact, concat, empty, take_rows
 from .store import Store, StoreError, filter_columns
 
 
@@ -109,7 +109,7 @@ class SomaStore(Store):
     def read(self, rows: np.ndarray) -> CSR:
         ids = self.store_rows(np.asarray(rows, dtype=np.int64))
         if len(ids) == 0:
-            return CSR(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), self.n_vars)
+            return empty(self.n_vars)
         # point reads of ~8k cells each: measured faster per cell than one large point list, and
         # the Arrow result (20 bytes per nonzero) stays small before it becomes CSR (8 bytes);
         # two run at once so one converts while the other is in TileDB
