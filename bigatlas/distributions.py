@@ -36,11 +36,8 @@ class Counts:
     def from_sparse_csr(cls, x: torch.Tensor, device=None) -> "Counts":
         """From a torch.sparse_csr batch, moved to `device` as it is (never densified on the CPU)."""
         x = x.to(device) if device is not None else x
-        crow = x.crow_indices().long()
-        rows = torch.repeat_interleave(torch.arange(x.shape[0], device=crow.device), crow[1:] - crow[:-1])
-        values = x.values()
-        library = torch.zeros(x.shape[0], device=values.device, dtype=values.dtype).index_add_(0, rows, values)
-        return cls(rows, x.col_indices().long(), values, library, x.shape[1], csr=x)
+        rows, library = csr_rows_and_library(x)
+        return cls(rows, x.col_indices().long(), x.values(), library, x.shape[1], csr=x)
 
     @property
     def dense(self) -> torch.Tensor:
@@ -50,6 +47,13 @@ class Counts:
 
     def __len__(self) -> int:
         return int(self.library.shape[0])
+
+
+def csr_rows_and_library(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row index of every stored value of a sparse CSR tensor, and each row's total."""
+    crow, values = x.crow_indices().long(), x.values()
+    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=crow.device), crow[1:] - crow[:-1])
+    return rows, torch.zeros(x.shape[0], device=values.device, dtype=values.dtype).index_add_(0, rows, values)
 
 
 def log_nb_dense(x, mu, theta, eps: float = EPS):

@@ -331,13 +331,7 @@ def _predict(module, m, keys, batch_size, device):
     """Posterior means and label probabilities of a chunk, from sparse CSR sub-batches."""
     z_parts, prob_parts = [], {k: [] for k in keys}
     for b in range(0, m.n_rows, batch_size):
-        e = min(b + batch_size, m.n_rows)
-        lo_nz, hi_nz = int(m.indptr[b]), int(m.indptr[e])
-        x = torch.sparse_csr_tensor(torch.from_numpy((m.indptr[b : e + 1] - lo_nz).astype(np.int32)),
-                                    torch.from_numpy(m.indices[lo_nz:hi_nz].astype(np.int32)),
-                                    torch.from_numpy(m.data[lo_nz:hi_nz]), size=(e - b, m.n_cols),
-                                    check_invariants=False)
-        z = module.latent(x.to(device))
+        z = module.latent(m.rows(b, min(b + batch_size, m.n_rows)).to_torch().to(device))
         z_parts.append(z.cpu().numpy())
         for k, p in zip(keys, module.label_probs(z)):
             prob_parts[k].append(p.cpu().numpy())

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .distributions import Counts, nll
+from .distributions import Counts, csr_rows_and_library, nll
 
 # Bounds on log-scale outputs: exp() of a runaway logit is what turns a real-data run into NaN.
 LOGVAR_MAX = 15.0
@@ -97,19 +97,21 @@ class ScAtlasVAE(nn.Module):
     def encode(self, x) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x) from a dense tensor, a sparse CSR tensor or Counts (CSR used when it has one: the
         first layer is then a sparse matmul over the nonzeros, with no dense copy of the input)."""
+        known = None
         if isinstance(x, Counts):
+            known = (x.rows, x.library)
             x = x.csr if x.csr is not None else x.dense
         if x.layout == torch.sparse_csr:
-            q = self.encoder[1:](self._first_layer_sparse(x))
+            q = self.encoder[1:](self._first_layer_sparse(x, known))
         else:
             q = self.encoder(self.encoder_input(x))
         return self.z_mean(q), torch.exp(self.z_logvar(q).clamp(max=LOGVAR_MAX)) + self.cfg.var_eps
 
-    def _first_layer_sparse(self, x: torch.Tensor) -> torch.Tensor:
+    def _first_layer_sparse(self, x: torch.Tensor, rows_and_library=None) -> torch.Tensor:
+        """log1p over the nonzeros, then a sparse matmul; rows_and_library reuses what Counts holds."""
         crow, col, values = x.crow_indices(), x.col_indices(), x.values()
         if self.cfg.normalize_total:
-            rows = torch.repeat_interleave(torch.arange(x.shape[0], device=values.device), crow[1:] - crow[:-1])
-            lib = torch.zeros(x.shape[0], device=values.device, dtype=values.dtype).index_add_(0, rows, values)
+            rows, lib = rows_and_library or csr_rows_and_library(x)
             values = values / lib.clamp_min(1.0)[rows] * self.cfg.normalize_total
         logx = torch.sparse_csr_tensor(crow, col, torch.log1p(values), x.shape, check_invariants=False)
         first = self.encoder[0]

@@ -30,6 +30,20 @@ class CSR:
     def nnz(self) -> int:
         return int(self.indptr[-1])
 
+    def rows(self, start: int, stop: int) -> "CSR":
+        """Rows start:stop as a view-based CSR (indptr rebased to 0)."""
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        return CSR(self.indptr[start : stop + 1] - lo, self.indices[lo:hi], self.data[lo:hi], self.n_cols)
+
+    def to_torch(self):
+        """torch.sparse_csr float32 tensor with int32 indices (no copy when they already are int32)."""
+        import torch
+
+        return torch.sparse_csr_tensor(torch.from_numpy(self.indptr.astype(np.int32, copy=False)),
+                                       torch.from_numpy(self.indices.astype(np.int32, copy=False)),
+                                       torch.from_numpy(self.data), size=(self.n_rows, self.n_cols),
+                                       check_invariants=False)
+
     def to_scipy(self):
         import scipy.sparse as sp
 

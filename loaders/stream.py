@@ -44,10 +44,7 @@ class Batch:
 
 
 def _to_batch(m: CSR, index: np.ndarray, codes: dict[str, np.ndarray]) -> Batch:
-    x = torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int32, copy=False)),
-                                torch.from_numpy(m.indices.astype(np.int32, copy=False)),
-                                torch.from_numpy(m.data), size=(m.n_rows, m.n_cols), check_invariants=False)
-    return Batch(x, torch.from_numpy(index),
+    return Batch(m.to_torch(), torch.from_numpy(index),
                  {k: torch.from_numpy(v[index]) for k, v in codes.items()})
 
 
