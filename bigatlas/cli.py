@@ -1,4 +1,4 @@
-"""`bigatlas` console entry point: synth | stream | train | embed | map-query | bench-loader | bench-train | bench-infer."""
+"""`bigatlas` console entry point: synth | stream | train | embed | map-query | evaluate | bench-loader | bench-train | bench-infer."""
 from __future__ import annotations
 
 import argparse
@@ -226,6 +226,33 @@ def _add_map_query(sub):
     p.set_defaults(func=run)
 
 
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="scIB metrics of an embedding (vs a PCA baseline), label-prediction "
+                                        "accuracy / macro-F1, UMAP and confusion plots, report.html",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--emb", required=True, help="output of `bigatlas embed`")
+    p.add_argument("--label-key", required=True, help="obs column of cell-type labels")
+    p.add_argument("--batch-key", required=True, help="obs column of batches")
+    p.add_argument("--data", default=None, help="store the embedding was made from (default: the one it records)")
+    p.add_argument("--obs-filter", default=None, help="filter the embedding was made with (default: recorded)")
+    p.add_argument("--run", default=None, help="RUN_DIR of the model (default: recorded); the report goes there")
+    p.add_argument("--out", default=None, help="report folder (default RUN_DIR/report)")
+    p.add_argument("--truth-keys", nargs="*", default=[], help="further obs columns to score predictions against")
+    p.add_argument("--cells", type=int, default=50_000, help="stratified subsample for the scIB metrics")
+    p.add_argument("--umap-cells", type=int, default=20_000, help="cells drawn in the UMAP")
+    p.add_argument("--no-baseline", action="store_true", help="skip the PCA baseline (reads no counts)")
+    p.add_argument("--seed", type=int, default=0, help="subsample / UMAP seed")
+
+    def run(a):
+        from .evaluate import evaluate
+
+        evaluate(a.emb, label_key=a.label_key, batch_key=a.batch_key, data=a.data, obs_filter=a.obs_filter,
+                 run=a.run, out=a.out, truth_keys=a.truth_keys, n_cells=a.cells, umap_cells=a.umap_cells,
+                 seed=a.seed, baseline=not a.no_baseline)
+
+    p.set_defaults(func=run)
+
+
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*autosharding.*")
     parser = argparse.ArgumentParser(prog="bigatlas", description=__doc__)
@@ -235,6 +262,7 @@ def main(argv=None) -> int:
     _add_train(sub)
     _add_embed(sub)
     _add_map_query(sub)
+    _add_evaluate(sub)
     _add_bench_loader(sub)
     _add_bench_train(sub)
     _add_bench_infer(sub)

@@ -1,22 +1,34 @@
-"""Embedding quality on a subsample: label kNN accuracy and batch mixing, plus a PCA baseline.
+"""Embedding quality on a subsample: scIB metrics (scib-metrics), label kNN accuracy, batch mixing,
+a PCA baseline, and label-prediction accuracy / macro-F1 from counts.
 
 Neighbours come from exact chunked distances (torch), so memory is chunk × n, never n × n.
 """
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
+# neighbour counts of scib-metrics' benchmarker: 15 (graph connectivity, kNN accuracy), 50 (kBET), 90 (LISI)
+K_SMALL, K_KBET, K_LISI = 15, 50, 90
 
-def knn(x: np.ndarray, k: int = 15, chunk: int = 2048) -> np.ndarray:
-    """Indices of the k nearest other points of every row (exact, Euclidean)."""
+
+def knn(x: np.ndarray, k: int = 15, *, return_distances: bool = False, budget: int = 1 << 25):
+    """Indices (and Euclidean distances) of the k nearest other points of every row, exact.
+
+    Rows are processed in chunks of budget // n so one chunk's distance matrix stays ~128 MB."""
     t = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-    out = np.empty((len(t), k), dtype=np.int64)
-    for lo in range(0, len(t), chunk):
+    n = len(t)
+    k = min(k, n - 1)
+    chunk = max(16, budget // max(n, 1))
+    idx = np.empty((n, k), dtype=np.int64)
+    dist = np.empty((n, k), dtype=np.float32)
+    for lo in range(0, n, chunk):
         d = torch.cdist(t[lo : lo + chunk], t)
         d[torch.arange(d.shape[0]), torch.arange(lo, lo + d.shape[0])] = float("inf")
-        out[lo : lo + chunk] = torch.topk(d, k, largest=False).indices.numpy()
-    return out
+        top = torch.topk(d, k, largest=False)
+        idx[lo : lo + chunk], dist[lo : lo + chunk] = top.indices.numpy(), top.values.numpy()
+    return (idx, dist) if return_distances else idx
 
 
 def knn_label_accuracy(neighbours: np.ndarray, labels: np.ndarray) -> float:
@@ -51,3 +63,63 @@ def log1p_normalized(counts: np.ndarray, target: float = 1e4) -> np.ndarray:
 def embedding_scores(emb: np.ndarray, labels: np.ndarray, batches: np.ndarray, k: int = 15) -> dict:
     nn_ = knn(emb, k)
     return {"knn_label_accuracy": knn_label_accuracy(nn_, labels), "batch_mixing": batch_mixing(nn_, batches)}
+
+
+BIO = ("ari", "nmi", "silhouette_label", "clisi", "isolated_labels")
+BATCH = ("silhouette_batch", "ilisi", "kbet", "graph_connectivity")
+
+
+def scib_scores(emb: np.ndarray, labels: np.ndarray, batches: np.ndarray, seed: int = 0) -> dict:
+    """scIB bio-conservation and batch-correction metrics (scib-metrics), our kNN label accuracy and
+    batch mixing, and the scIB aggregates (bio, batch, total = 0.6 bio + 0.4 batch); all in [0, 1]."""
+    import scib_metrics as sm
+    from scib_metrics.nearest_neighbors import NeighborsResults
+
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    idx, dist = knn(emb, K_LISI, return_distances=True)
+    # scib-metrics' neighbour results include each cell itself at distance 0
+    self_col = np.arange(len(emb))[:, None]
+    full = NeighborsResults(indices=np.hstack([self_col, idx]), distances=np.hstack([np.zeros_like(dist[:, :1]), dist]))
+    small, kb = full.subset_neighbors(K_SMALL + 1), full.subset_neighbors(K_KBET + 1)
+    out = {"knn_label_accuracy": knn_label_accuracy(idx[:, :K_SMALL], labels),
+           "batch_mixing": batch_mixing(idx[:, :K_SMALL], batches)}
+    np.random.seed(seed)  # scib-metrics' k-means draws from numpy's global state
+    out.update(sm.nmi_ari_cluster_labels_kmeans(emb, labels))
+    out["silhouette_label"] = float(sm.silhouette_label(emb, labels))
+    out["clisi"] = float(sm.clisi_knn(full, labels))
+    out["isolated_labels"] = float(sm.isolated_labels(emb, labels, batches))
+    n_batches = len(np.unique(batches))
+    out["silhouette_batch"] = float(sm.silhouette_batch(emb, labels, batches)) if n_batches > 1 else float("nan")
+    out["ilisi"] = float(sm.ilisi_knn(full, batches)) if n_batches > 1 else float("nan")
+    out["kbet"] = float(sm.kbet(kb, batches)[0]) if n_batches > 1 else float("nan")
+    out["graph_connectivity"] = float(sm.graph_connectivity(small, labels))
+    out = {k: float(v) for k, v in out.items()}
+    out["bio_conservation"] = float(np.nanmean([out[k] for k in BIO]))
+    out["batch_correction"] = float(np.nanmean([out[k] for k in BATCH]))
+    out["total"] = 0.6 * out["bio_conservation"] + 0.4 * out["batch_correction"]
+    return out
+
+
+def confusion(truth: pd.Categorical, pred: pd.Categorical) -> pd.DataFrame:
+    """Counts of (true label, predicted label); rows = true classes, columns = union of classes."""
+    classes = pd.Index(truth.categories.astype(str)).union(pd.Index(pred.categories.astype(str)), sort=False)
+    t = classes.get_indexer(np.asarray(truth.categories.astype(str)))[truth.codes]
+    p = classes.get_indexer(np.asarray(pred.categories.astype(str)))[pred.codes]
+    ok = (truth.codes >= 0) & (pred.codes >= 0)
+    m = np.bincount(t[ok] * len(classes) + p[ok], minlength=len(classes) ** 2).reshape(len(classes), -1)
+    present = np.asarray(truth.categories.astype(str))
+    return pd.DataFrame(m, index=classes, columns=classes).loc[present]
+
+
+def prediction_scores(conf: pd.DataFrame) -> dict:
+    """Accuracy and macro-F1 (over the true classes) from a confusion table of `confusion`."""
+    m = conf.to_numpy()
+    n = int(m.sum())
+    cols = conf.columns.get_indexer(conf.index)
+    tp = m[np.arange(len(m)), cols].astype(float)
+    fn = m.sum(1) - tp
+    fp = conf.to_numpy(dtype=float).sum(0)[cols] - tp
+    denom = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {"n_cells": n, "accuracy": float(tp.sum() / n) if n else float("nan"),
+            "macro_f1": float(f1[m.sum(1) > 0].mean()) if n else float("nan")}

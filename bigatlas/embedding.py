@@ -1,0 +1,87 @@
+"""Reading what `bigatlas embed` wrote (AnnData-Zarr group or SOMA experiment), by position.
+
+Positions are those of the store the embedding was made from (0..n_obs-1 after its obs_filter);
+the embedding's own metadata names that store, filter and run, so readers need only the path.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+
+class EmbeddingError(ValueError):
+    """An embedding output that is missing, incomplete or from another store."""
+
+
+class Embedding:
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise EmbeddingError(f"embedding {self.path} does not exist")
+        self.format = "zarr" if (self.path / "zarr.json").exists() else "soma"
+        self.meta = self._read_meta()
+        if not self.meta.get("complete"):
+            raise EmbeddingError(f"embedding {self.path} is incomplete (interrupted?); rerun `bigatlas embed` "
+                                 "with the same flags to finish it")
+        self.n_obs = int(self.meta["n_obs"])
+
+    def _read_meta(self) -> dict:
+        try:
+            if self.format == "zarr":
+                return dict(zarr.open_group(str(self.path), mode="r").attrs["bigatlas"])
+            import tiledbsoma as soma
+
+            with soma.Experiment.open(str(self.path)) as exp:
+                return json.loads(exp.metadata["bigatlas"])
+        except Exception as e:
+            raise EmbeddingError(f"{self.path} is not a bigatlas embedding ({type(e).__name__}: {e})") from None
+
+    @property
+    def label_keys(self) -> list[str]:
+        """Label keys with predictions (`<key>_pred` columns)."""
+        if self.format == "zarr":
+            cols = zarr.open_group(str(self.path), mode="r")["obs"].attrs["column-order"]
+        else:
+            import tiledbsoma as soma
+
+            with soma.Experiment.open(str(self.path)) as exp:
+                cols = [f.name for f in exp.obs.schema]
+        return [c[: -len("_pred")] for c in cols if c.endswith("_pred")]
+
+    def latents(self, positions: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
+        """Latent vectors of ascending `positions` (Zarr) / store row ids `row_ids` (SOMA)."""
+        if self.format == "zarr":
+            arr = zarr.open_group(str(self.path), mode="r")["obsm/X_bigatlas"]
+            return np.asarray(arr.get_orthogonal_selection((np.asarray(positions), slice(None))), np.float32)
+        import tiledbsoma as soma
+
+        with soma.Experiment.open(str(self.path)) as exp:
+            x = exp.ms["RNA"].obsm["X_bigatlas"]
+            t = x.read(coords=(np.asarray(row_ids, np.int64),)).tables().concat()
+            d = int(x.shape[1])
+        out = np.full((len(row_ids), d), np.nan, np.float32)
+        rows = np.searchsorted(row_ids, t["soma_dim_0"].to_numpy())
+        out[rows, t["soma_dim_1"].to_numpy()] = t["soma_data"].to_numpy()
+        return out
+
+    def row_ids(self, positions: np.ndarray) -> np.ndarray:
+        """The source store's row ids recorded for `positions` (Zarr outputs; checks alignment)."""
+        return np.asarray(zarr.open_group(str(self.path), mode="r")["obs/row"].get_orthogonal_selection(
+            np.asarray(positions)), np.int64)
+
+    def predictions(self, key: str, row_ids: np.ndarray | None = None) -> pd.Categorical:
+        """Predicted labels of every cell in position order (SOMA: ordered by `row_ids`)."""
+        if self.format == "zarr":
+            from anndata.io import read_elem
+
+            return pd.Categorical(read_elem(zarr.open_group(str(self.path), mode="r")[f"obs/{key}_pred"]))
+        import tiledbsoma as soma
+
+        with soma.Experiment.open(str(self.path)) as exp:
+            t = exp.obs.read(column_names=["soma_joinid", f"{key}_pred"]).concat().to_pandas()
+        values = t.set_index("soma_joinid")[f"{key}_pred"]
+        return pd.Categorical(values.reindex(row_ids).to_numpy())

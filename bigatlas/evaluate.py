@@ -1,0 +1,199 @@
+"""`bigatlas evaluate`: how well an embedding integrates batches and keeps cell types.
+
+scIB metrics run on a label-stratified subsample (default 50k cells: a 1M-cell embedding evaluates in
+minutes), beside the same metrics on a PCA of log-normalised counts of the same cells, so the numbers
+say what the model added. Label predictions are scored on every cell (accuracy, macro-F1, per-batch
+accuracy, confusion) against each known label column. Output: metrics.json, UMAP and confusion
+PNGs, the loss curves and report.md / report.html, written to a temporary folder and renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from loaders import open_store
+from loaders.csr import concat
+
+from .config import DataConfig
+from .embedding import Embedding, EmbeddingError
+from .metrics import confusion, knn, prediction_scores, scib_scores
+
+BASELINE_GENES = 2000
+
+
+def stratified_subsample(labels: np.ndarray, n: int, seed: int = 0, floor: int = 50) -> np.ndarray:
+    """Ascending positions of about n cells with label code >= 0: every class in proportion to its
+    size, and at least min(floor, class size) cells from each so rare classes are measured."""
+    rng = np.random.default_rng(seed)
+    pos = np.flatnonzero(labels >= 0)
+    if len(pos) <= n:
+        return pos
+    counts = np.bincount(labels[pos])
+    take = np.minimum(counts, np.maximum(np.round(counts * n / len(pos)).astype(np.int64), floor))
+    order = pos[np.argsort(labels[pos], kind="stable")]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    chosen = [rng.choice(order[s : s + c], t, replace=False) for s, c, t in zip(starts, counts, take) if t]
+    return np.sort(np.concatenate(chosen))
+
+
+def defined_categorical(store, column: str, undefined=DataConfig().undefined_labels) -> pd.Categorical:
+    """The column for every cell, with undefined / missing labels as missing (code -1)."""
+    codes, cats = store.obs_codes(column)
+    bad = {u.lower() for u in undefined}
+    keep = np.array([str(c).lower() not in bad for c in cats], dtype=bool)
+    remap = np.cumsum(keep) - 1
+    new = np.where((codes >= 0) & keep[np.maximum(codes, 0)], remap[np.maximum(codes, 0)], -1)
+    return pd.Categorical.from_codes(new, categories=np.asarray(cats)[keep])
+
+
+def read_counts(store, positions: np.ndarray, piece: int = 8192):
+    """scipy CSR of the cells at ascending positions (all genes)."""
+    return concat([store.read(positions[i : i + piece]) for i in range(0, len(positions), piece)]).to_scipy()
+
+
+def pca_baseline(counts, n_components: int, n_genes: int = BASELINE_GENES) -> np.ndarray:
+    """PCA of log1p(counts per 10k) on the n_genes most variable genes: the unintegrated reference."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+
+    lib = np.asarray(counts.sum(1)).ravel()
+    x = sp.diags(1e4 / np.maximum(lib, 1)) @ counts
+    x = x.tocsr()
+    x.data = np.log1p(x.data)
+    mean = np.asarray(x.mean(0)).ravel()
+    var = np.asarray(x.multiply(x).mean(0)).ravel() - mean**2
+    genes = np.sort(np.argsort(-var)[:n_genes])
+    dense = x[:, genes].toarray().astype(np.float32)
+    return PCA(n_components=min(n_components, *dense.shape), svd_solver="full", random_state=0).fit_transform(dense)
+
+
+def _umap(z: np.ndarray, seed: int) -> np.ndarray:
+    import warnings
+
+    import umap
+
+    warnings.filterwarnings("ignore", message=".*knn_search_index.*")  # we never transform new data
+    idx, dist = knn(z, 15, return_distances=True)
+    n = len(z)
+    idx = np.hstack([np.arange(n)[:, None], idx[:, :14]])  # umap's kNN lists each point first
+    dist = np.hstack([np.zeros((n, 1), np.float32), dist[:, :14]])
+    return umap.UMAP(n_neighbors=15, precomputed_knn=(idx, dist, None), random_state=seed,
+                     n_jobs=1).fit_transform(z)
+
+
+def _prediction_report(emb: Embedding, store, batch: pd.Categorical, label_key: str, truth_keys) -> dict:
+    """Per (predicted key, truth column): accuracy, macro-F1, per-batch accuracy and the confusion table.
+    Every predicted key is scored against the same-named column; label_key's also against truth_keys."""
+    out = {}
+    row_ids = store.store_rows(np.arange(store.n_obs)) if emb.format == "soma" else None
+    for key in emb.label_keys:
+        wanted = [key, *truth_keys] if key == label_key else [key]
+        missing = [c for c in wanted[1:] if c not in store.obs_columns]
+        if missing:
+            raise EmbeddingError(f"truth column {missing[0]!r} not in {store.uri} (have: {', '.join(store.obs_columns)})")
+        columns = [c for c in wanted if c in store.obs_columns]
+        pred = None
+        for col in dict.fromkeys(columns):
+            pred = emb.predictions(key, row_ids) if pred is None else pred
+            truth = defined_categorical(store, col)
+            conf = confusion(truth, pred)
+            scores = prediction_scores(conf)
+            lut = pd.Index(pred.categories.astype(str)).get_indexer(truth.categories.astype(str))
+            pred_in_truth = pd.Index(truth.categories.astype(str)).get_indexer(pred.categories.astype(str))
+            known = truth.codes >= 0
+            correct = (pred.codes >= 0) & (pred_in_truth[np.maximum(pred.codes, 0)] == truth.codes) & known
+            per = pd.DataFrame({"batch": batch.astype(str)[known], "correct": correct[known]})
+            scores["per_batch_accuracy"] = {str(b): round(float(v), 4)
+                                            for b, v in per.groupby("batch", observed=True).correct.mean().items()}
+            scores["unseen_classes"] = [str(c) for c, i in zip(truth.categories, lut) if i < 0]
+            out[f"{key}_pred vs {col}"] = {"scores": scores, "confusion": conf}
+    return out
+
+
+def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=None, run=None, out=None,
+             truth_keys=(), n_cells: int = 50_000, umap_cells: int = 20_000, seed: int = 0,
+             baseline: bool = True, log=print) -> dict:
+    """Score an embedding from `bigatlas embed`; returns metrics.json's content. `data`, `obs_filter`
+    and `run` default to those recorded in the embedding."""
+    t0 = time.perf_counter()
+    emb = Embedding(emb_path)
+    data = data or emb.meta["data"]
+    obs_filter = obs_filter if obs_filter is not None else emb.meta.get("obs_filter")
+    run = Path(run or emb.meta.get("run", "")) if (run or emb.meta.get("run")) else None
+    store = open_store(data, obs_filter=obs_filter)
+    if store.n_obs != emb.n_obs:
+        raise EmbeddingError(f"embedding {emb.path} has {emb.n_obs} cells but {data} "
+                             f"(obs_filter {obs_filter!r}) has {store.n_obs}; pass the data and filter it was made from")
+    labels = defined_categorical(store, label_key)
+    batch_codes, batch_cats = store.obs_codes(batch_key)
+    batch = pd.Categorical.from_codes(batch_codes, categories=batch_cats)
+    sample = stratified_subsample(np.asarray(labels.codes), n_cells, seed)
+    if len(sample) < 20:
+        raise EmbeddingError(f"only {len(sample)} cells of {data} have a defined {label_key!r} label; "
+                             "evaluation needs labelled cells")
+    rows = store.store_rows(sample)
+    if emb.format == "zarr" and not np.array_equal(emb.row_ids(sample), rows):
+        raise EmbeddingError(f"embedding {emb.path} rows do not match {data} (obs_filter {obs_filter!r}): "
+                             "it was made from other cells")
+    z = emb.latents(sample, rows)
+    if not np.isfinite(z).all():
+        raise EmbeddingError(f"embedding {emb.path} has missing or non-finite latents for the evaluated cells")
+    lab = pd.Categorical(labels[sample]).remove_unused_categories()
+    bat = pd.Categorical(batch[sample]).remove_unused_categories()
+    lab_codes, bat_codes = np.asarray(lab.codes), np.asarray(bat.codes)
+    log(f"evaluating {len(sample)} of {store.n_obs} cells ({len(lab.categories)} {label_key} classes, "
+        f"{len(bat.categories)} {batch_key} batches)")
+    result = {"embedding": str(emb.path), "data": str(data), "obs_filter": obs_filter, "label_key": label_key,
+              "batch_key": batch_key, "n_obs": int(store.n_obs), "n_evaluated": int(len(sample)), "seed": seed,
+              "scores": {"bigatlas": scib_scores(z, lab_codes, bat_codes, seed)}}
+    if baseline:
+        base = pca_baseline(read_counts(store, sample), z.shape[1])
+        result["scores"]["pca_baseline"] = scib_scores(base, lab_codes, bat_codes, seed)
+    preds = _prediction_report(emb, store, batch, label_key, truth_keys)
+    result["predictions"] = {k: v["scores"] for k, v in preds.items()}
+
+    out = Path(out) if out else (run / "report" if run and run.exists() else emb.path.with_name(emb.path.name + ".report"))
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    figures = _figures(tmp, z, sample, lab, bat, emb, store, preds, run, label_key, batch_key, umap_cells, seed)
+    result["figures"] = figures
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    from .report import write_report
+
+    write_report(tmp, result, run)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    log(f"metrics: {out / 'metrics.json'}")
+    log(f"report: {out / 'report.html'}")
+    return result
+
+
+def _figures(folder, z, sample, lab, bat, emb, store, preds, run, label_key, batch_key, umap_cells, seed) -> dict:
+    from .plots import confusion_matrix, loss_curves, umap_panels
+
+    figs = {}
+    pick = np.sort(np.random.default_rng(seed).choice(len(sample), min(umap_cells, len(sample)), replace=False))
+    xy = _umap(z[pick], seed)
+    panels = {f"batch ({batch_key})": bat[pick], f"label ({label_key})": lab[pick]}
+    if label_key in emb.label_keys:
+        row_ids = store.store_rows(sample[pick]) if emb.format == "soma" else None
+        pred = emb.predictions(label_key, row_ids)
+        panels[f"predicted {label_key}"] = pred if emb.format == "soma" else pred[sample[pick]]
+    figs["umap"] = umap_panels(xy, panels, folder / "umap.png", f"UMAP of {len(pick)} cells").name
+    for name, p in preds.items():
+        file = f"confusion_{name.replace(' vs ', '_vs_')}.png"
+        s = p["scores"]
+        confusion_matrix(p["confusion"], folder / file,
+                         f"{name}: accuracy {s['accuracy']:.3f}, macro-F1 {s['macro_f1']:.3f}")
+        figs[f"confusion {name}"] = file
+    if run is not None and loss_curves(run / "metrics.csv", folder / "loss_curves.png"):
+        figs["loss_curves"] = "loss_curves.png"
+    return figs

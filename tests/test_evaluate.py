@@ -1,0 +1,103 @@
+"""`bigatlas evaluate`: integrated latents beat a PCA of the counts, a scrambled embedding scores at
+chance, prediction scores agree with sklearn, the report is written whole or not at all."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from bigatlas import AtlasVAE
+from bigatlas.cli import main
+from bigatlas.embedding import EmbeddingError
+from bigatlas.evaluate import evaluate, stratified_subsample
+from bigatlas.infer import embed
+from bigatlas.metrics import confusion, prediction_scores
+from bigatlas.synth import synth
+
+N = 4000
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    data = root / "atlas.zarr"
+    synth(data, N, 200, "zarr", seed=5, n_studies=4, donors_per_study=2)
+    run = root / "run"
+    AtlasVAE.setup(str(data), batch_key="dataset_id", covariate_keys=["donor_id"],
+                   label_keys=["cell_type"], train={"max_epochs": 25}).fit(run)
+    out = root / "emb.zarr"
+    embed(run, data, out, chunk_size=1000, progress=False)
+    return data, run, out
+
+
+def test_integrated_beats_pca_and_report_is_complete(embedded, tmp_path):
+    data, run, emb = embedded
+    report = tmp_path / "report"
+    r = evaluate(emb, label_key="cell_type", batch_key="dataset_id", truth_keys=["true_cell_type"],
+                 out=report, n_cells=3000, umap_cells=1500, log=lambda *_: None)
+    ours, base = r["scores"]["bigatlas"], r["scores"]["pca_baseline"]
+    assert ours["batch_mixing"] > base["batch_mixing"] + 0.2, (ours, base)
+    assert ours["ilisi"] > base["ilisi"] and ours["batch_correction"] > base["batch_correction"]
+    assert ours["knn_label_accuracy"] >= base["knn_label_accuracy"] - 0.01, (ours, base)
+    assert ours["total"] > base["total"]
+    assert 2900 <= r["n_evaluated"] <= 3100
+    truth = r["predictions"]["cell_type_pred vs true_cell_type"]
+    assert truth["n_cells"] == N and truth["accuracy"] > 0.9
+    assert set(truth["per_batch_accuracy"]) == {f"study_{i}" for i in range(4)}
+    files = {p.name for p in report.iterdir()}
+    assert {"metrics.json", "report.md", "report.html", "umap.png", "loss_curves.png",
+            "confusion_cell_type_pred_vs_true_cell_type.png"} <= files
+    assert json.loads((report / "metrics.json").read_text())["scores"] == r["scores"]
+    html = (report / "report.html").read_text()
+    assert "<table>" in html and 'src="umap.png"' in html
+    assert not (tmp_path / "report.partial").exists()
+
+
+def test_scrambled_embedding_scores_at_chance(embedded, tmp_path):
+    data, run, emb = embedded
+    scrambled = tmp_path / "scrambled.zarr"
+    shutil.copytree(emb, scrambled)
+    z = zarr.open_group(str(scrambled), mode="r+")["obsm/X_bigatlas"]
+    z[:] = np.random.default_rng(0).permutation(z[:])
+    r = evaluate(scrambled, label_key="cell_type", batch_key="dataset_id", run=run, out=tmp_path / "r",
+                 n_cells=3000, umap_cells=500, baseline=False, log=lambda *_: None)
+    s = r["scores"]["bigatlas"]
+    assert s["ari"] < 0.05 and s["nmi"] < 0.1, s
+    assert s["knn_label_accuracy"] < 0.25, s  # 12 balanced-ish classes: chance ~ the largest class
+    assert s["batch_mixing"] > 0.9, s  # random neighbours are as mixed as random
+
+
+def test_mismatched_or_incomplete_embedding_is_refused(embedded, tmp_path):
+    data, run, emb = embedded
+    with pytest.raises(EmbeddingError, match="has 4000 cells but"):
+        evaluate(emb, label_key="cell_type", batch_key="dataset_id", obs_filter="dataset_id == 'study_0'",
+                 out=tmp_path / "r", log=lambda *_: None)
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(emb, partial)
+    g = zarr.open_group(str(partial), mode="r+")
+    g.attrs["bigatlas"] = {**g.attrs["bigatlas"], "complete": False}
+    assert main(["evaluate", "--emb", str(partial), "--label-key", "cell_type", "--batch-key", "dataset_id",
+                 "--out", str(tmp_path / "r2")]) == 2
+    assert not (tmp_path / "r2").exists()
+
+
+def test_prediction_scores_match_sklearn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = np.random.default_rng(0)
+    truth = rng.choice(["a", "b", "c", "d"], 500)
+    pred = np.where(rng.random(500) < 0.7, truth, rng.choice(["a", "b", "e"], 500))  # 'e' never true
+    s = prediction_scores(confusion(pd.Categorical(truth), pd.Categorical(pred)))
+    assert s["n_cells"] == 500
+    assert s["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+    assert s["macro_f1"] == pytest.approx(f1_score(truth, pred, average="macro", labels=["a", "b", "c", "d"]))
+
+
+def test_stratified_subsample_keeps_rare_classes():
+    labels = np.repeat([0, 1, 2, -1], [9000, 900, 30, 500])
+    s = stratified_subsample(labels, 1000, seed=3, floor=50)
+    assert np.all(np.diff(s) > 0) and np.all(labels[s] >= 0)
+    counts = np.bincount(labels[s])
+    assert counts[2] == 30 and counts[1] >= 50 and abs(counts[0] - 1000 * 9000 / 9930) < 5
