@@ -7,6 +7,11 @@ import time
 import warnings
 
 
+def _add_organism(p) -> None:
+    p.add_argument("--organism", default=None,
+                   help="Census organism for census:<version> data, e.g. 'Mus musculus' (default homo_sapiens)")
+
+
 def _add_synth(sub):
     from .synth import SynthSpec
 
@@ -39,7 +44,8 @@ def _run_synth(a):
 def _add_stream(sub):
     p = sub.add_parser("stream", help="stream a store in shuffled minibatches and report throughput",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data", help="AnnData-Zarr store or SOMA experiment")
+    p.add_argument("data", help="AnnData-Zarr store, SOMA experiment or census:<version>")
+    _add_organism(p)
     p.add_argument("--batch-size", type=int, default=512, help="cells per minibatch")
     p.add_argument("--epochs", type=int, default=1, help="epochs to stream")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
@@ -52,9 +58,9 @@ def _add_stream(sub):
 def _run_stream(a):
     from tqdm import tqdm
 
-    from loaders import CellStream, open_store
+    from loaders import CellStream, census_spec, open_store
 
-    store = open_store(a.data, obs_filter=a.obs_filter)
+    store = open_store(census_spec(a.data, a.organism), obs_filter=a.obs_filter)
     stream = CellStream(store, batch_size=a.batch_size, seed=a.seed, num_workers=a.workers, obs_keys=a.obs_keys)
     print(f"{a.data}: {store.n_obs} cells x {store.n_vars} genes, {len(stream)} minibatches per epoch")
     for epoch in range(a.epochs):
@@ -101,7 +107,9 @@ def add_train_arguments(p) -> None:
 
     m, t = ModelConfig(), TrainConfig()
     d = p.add_argument_group("data")
-    d.add_argument("--data", required=True, help="AnnData-Zarr store or SOMA experiment")
+    d.add_argument("--data", required=True, help="AnnData-Zarr store, SOMA experiment or census:<version> "
+                                                 "(CELLxGENE Census release, e.g. census:2025-01-30)")
+    _add_organism(d)
     d.add_argument("--batch-key", required=True, help="obs column of the batch (embedded in the decoder)")
     d.add_argument("--covariate-keys", nargs="*", default=None, help="further categorical obs columns to embed")
     d.add_argument("--label-keys", nargs="*", default=None, help="obs columns with cell-type labels to predict")
@@ -147,7 +155,10 @@ def config_from_args(a):
     genes = None
     if a.genes:
         genes = tuple(g.strip() for g in open(a.genes) if g.strip())
-    cfg = cfg.override("data", data=a.data, batch_key=a.batch_key, covariate_keys=a.covariate_keys,
+    from loaders import census_spec
+
+    cfg = cfg.override("data", data=census_spec(a.data, a.organism), batch_key=a.batch_key,
+                       covariate_keys=a.covariate_keys,
                        label_keys=a.label_keys, obs_filter=a.obs_filter, layer=a.layer, genes=genes,
                        allow_non_integer=a.allow_non_integer)
     cfg = cfg.override("train", max_epochs=a.max_epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
@@ -175,7 +186,8 @@ def _add_train(sub):
 
 def add_embed_arguments(p) -> None:
     p.add_argument("--run", required=True, help="trained RUN_DIR")
-    p.add_argument("--data", required=True, help="query store (AnnData-Zarr or SOMA)")
+    p.add_argument("--data", required=True, help="query store (AnnData-Zarr, SOMA or census:<version>)")
+    _add_organism(p)
     p.add_argument("--out", required=True, help="output AnnData-Zarr store (obsm/X_bigatlas, obs/<key>_pred …)")
     p.add_argument("--chunk-size", type=int, default=16384, help="cells per output chunk (resume unit)")
     p.add_argument("--batch-size", type=int, default=4096, help="cells per forward pass")
@@ -192,7 +204,10 @@ def add_embed_arguments(p) -> None:
 def _run_embed(a):
     from .infer import embed
 
-    embed(a.run, a.data, a.out, chunk_size=a.chunk_size, batch_size=a.batch_size, obs_filter=a.obs_filter,
+    from loaders import census_spec
+
+    embed(a.run, census_spec(a.data, a.organism), a.out, chunk_size=a.chunk_size, batch_size=a.batch_size,
+          obs_filter=a.obs_filter,
           overwrite=a.overwrite, full_probabilities=a.full_probabilities, unknown_threshold=a.unknown_threshold,
           min_gene_overlap=a.min_gene_overlap, allow_non_integer=a.allow_non_integer)
 
@@ -234,6 +249,7 @@ def _add_evaluate(sub):
     p.add_argument("--label-key", required=True, help="obs column of cell-type labels")
     p.add_argument("--batch-key", required=True, help="obs column of batches")
     p.add_argument("--data", default=None, help="store the embedding was made from (default: the one it records)")
+    _add_organism(p)
     p.add_argument("--obs-filter", default=None, help="filter the embedding was made with (default: recorded)")
     p.add_argument("--run", default=None, help="RUN_DIR of the model (default: recorded); the report goes there")
     p.add_argument("--out", default=None, help="report folder (default RUN_DIR/report)")
@@ -246,7 +262,10 @@ def _add_evaluate(sub):
     def run(a):
         from .evaluate import evaluate
 
-        evaluate(a.emb, label_key=a.label_key, batch_key=a.batch_key, data=a.data, obs_filter=a.obs_filter,
+        from loaders import census_spec
+
+        data = census_spec(a.data, a.organism) if a.data else None
+        evaluate(a.emb, label_key=a.label_key, batch_key=a.batch_key, data=data, obs_filter=a.obs_filter,
                  run=a.run, out=a.out, truth_keys=a.truth_keys, n_cells=a.cells, umap_cells=a.umap_cells,
                  seed=a.seed, baseline=not a.no_baseline)
 
@@ -271,7 +290,7 @@ def main(argv=None) -> int:
 
     try:
         a.func(a)
-    except (StoreError, FileExistsError, ValueError, FloatingPointError) as e:
+    except (StoreError, FileExistsError, FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"bigatlas {a.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

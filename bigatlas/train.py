@@ -139,7 +139,8 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
     set_seed(t_cfg.seed)
     store = open_store(d_cfg.data, obs_filter=d_cfg.obs_filter, layer=d_cfg.layer)
     if acc.is_main_process:
-        print(f"{d_cfg.data}: {store.n_obs} cells x {store.n_vars} genes after filtering", flush=True)
+        genes = f", training on {len(d_cfg.genes)} listed genes" if d_cfg.genes else ""
+        print(f"{d_cfg.data}: {store.n_obs} cells x {store.n_vars} genes after filtering{genes}", flush=True)
     # in slices: the hash's uint64 temporaries for 50M cells at once would be gigabytes
     step = 1 << 20
     val_all = np.concatenate([holdout_mask(np.arange(lo, min(lo + step, store.n_obs)), t_cfg.val_fraction,

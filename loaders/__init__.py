@@ -5,6 +5,7 @@ import os
 
 import zarr
 
+from .census import census_spec, is_census
 from .csr import CSR
 from .store import Store, StoreError
 
@@ -23,6 +24,8 @@ def _is_remote(uri: str) -> bool:
 def detect_format(uri: str) -> str:
     """'zarr' or 'soma' from what lies at `uri`; StoreError when it is neither."""
     uri = str(uri)
+    if is_census(uri):
+        return "soma"
     if _is_remote(uri):
         return "soma" if uri.startswith("tiledb://") else "zarr"
     path = uri[len("file://"):] if uri.startswith("file://") else uri
@@ -42,9 +45,16 @@ def open_store(uri, *, obs_filter: str | None = None, layer: str | None = None, 
 
     obs_filter uses SOMA value_filter syntax (e.g. "tissue_general == 'blood' and is_primary_data == True"),
     evaluated by TileDB for SOMA and by pandas for Zarr; layer is the Zarr layer (default X) or the
-    SOMA X layer (default 'raw'). kwargs: `measurement` for SOMA (default 'RNA').
+    SOMA X layer (default 'raw'). kwargs: `measurement` for SOMA (default 'RNA'). A
+    `census:<version>[/<organism>]` uri opens that CELLxGENE Census release (see loaders.census).
     """
     uri = str(uri)
+    if is_census(uri):
+        from .census import resolve
+        from .soma_store import SomaStore
+
+        exp_uri, config = resolve(uri)
+        return SomaStore(exp_uri, obs_filter=obs_filter, layer=layer, tiledb_config=config, **kwargs)
     if detect_format(uri) == "zarr":
         from .zarr_store import ZarrStore
 
@@ -56,4 +66,4 @@ def open_store(uri, *, obs_filter: str | None = None, layer: str | None = None, 
 
 from .stream import Batch, CellStream  # noqa: E402  (stream imports open_store lazily)
 
-__all__ = ["open_store", "detect_format", "CellStream", "Batch", "Store", "StoreError", "CSR"]
+__all__ = ["open_store", "detect_format", "census_spec", "CellStream", "Batch", "Store", "StoreError", "CSR"]

@@ -107,6 +107,10 @@ class Store:
             raise StoreError(f"{len(missing)} requested genes not in store {self.uri}: {_names_list(missing)}")
         return colmap
 
+    def restrict_columns(self, columns: np.ndarray) -> None:
+        """Hint that only these var columns are needed: stores that can skip the others on read do
+        (SOMA); reads may then omit every other column. Default: read all."""
+
     # -- rows -------------------------------------------------------------------------------------
     def read(self, rows: np.ndarray) -> CSR:
         """CSR of the cells at ascending positions `rows`, in that order."""

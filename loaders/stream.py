@@ -103,6 +103,7 @@ class CellStream(torch.utils.data.IterableDataset):
                 n_out = len(genes) if genes is not None else int(colmap.max()) + 1
             if not (n_out == store.n_vars and np.array_equal(colmap, np.arange(store.n_vars))):
                 self._colmap, self.n_genes = np.asarray(colmap), n_out  # identity needs no pass over nonzeros
+                store.restrict_columns(np.flatnonzero(self._colmap >= 0))
         self.epoch, self.consumed = int(epoch), 0
         self._next = None  # (epoch, _Readers) started ahead at the end of the previous epoch
         self.prefetch_next_epoch = prefetch_next_epoch
