@@ -1,4 +1,4 @@
-"""`bigatlas` console entry point: synth | stream | train | embed | map-query | evaluate | bench-loader | bench-train | bench-infer."""
+"""`bigatlas` console entry point: synth | stream | prepare | train | embed | map-query | evaluate | bench-loader | bench-train | bench-infer."""
 from __future__ import annotations
 
 import argparse
@@ -241,6 +241,43 @@ def _add_map_query(sub):
     p.set_defaults(func=run)
 
 
+def _add_prepare(sub):
+    p = sub.add_parser("prepare", help="out-of-core passes (dask): gene statistics, batch-aware seurat_v3 HVGs "
+                                       "(hvg.txt for --genes), class counts; .h5ad / SOMA / Census → chunked Zarr",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data", help=".h5ad file, AnnData-Zarr store, SOMA experiment or census:<version>")
+    p.add_argument("--out", required=True, help="folder for stats.json, genes.csv, hvg.txt, library_size.png")
+    _add_organism(p)
+    p.add_argument("--obs-filter", default=None, help="SOMA value_filter selecting cells")
+    p.add_argument("--layer", default=None, help="layer of raw counts (.h5ad: a layers/ name or 'raw')")
+    p.add_argument("--genes", default=None, help="file of feature ids: only these genes, in this order")
+    p.add_argument("--batch-key", default=None, help="obs column of batches for batch-aware HVG selection")
+    p.add_argument("--label-keys", nargs="*", default=[], help="obs columns to count classes of")
+    p.add_argument("--n-top-genes", type=int, default=2000, help="highly variable genes to select (0: skip)")
+    p.add_argument("--span", type=float, default=0.3, help="loess span of the seurat_v3 mean-variance fit")
+    p.add_argument("--convert", default=None, metavar="OUT.zarr",
+                   help="also write the (filtered) cells as a chunked AnnData-Zarr v3 store; stats are then "
+                        "computed from it")
+    p.add_argument("--shard-elems", type=int, default=None,
+                   help="shard the converted X arrays (elements per shard, a multiple of 32768)")
+    p.add_argument("--block-cells", type=int, default=8192, help="cells per dask task")
+    p.add_argument("--workers", type=int, default=2, help="dask threads")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --convert output")
+
+    def run(a):
+        from loaders import census_spec
+
+        from .prepare import prepare
+
+        genes = [g.strip() for g in open(a.genes) if g.strip()] if a.genes else None
+        prepare(census_spec(a.data, a.organism), a.out, batch_key=a.batch_key, label_keys=a.label_keys,
+                obs_filter=a.obs_filter, layer=a.layer, genes=genes, n_top_genes=a.n_top_genes, span=a.span,
+                convert_to=a.convert, shard_elems=a.shard_elems, block_cells=a.block_cells, workers=a.workers,
+                overwrite=a.overwrite)
+
+    p.set_defaults(func=run)
+
+
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="scIB metrics of an embedding (vs a PCA baseline), label-prediction "
                                         "accuracy / macro-F1, UMAP and confusion plots, report.html",
@@ -281,6 +318,7 @@ def main(argv=None) -> int:
     _add_train(sub)
     _add_embed(sub)
     _add_map_query(sub)
+    _add_prepare(sub)
     _add_evaluate(sub)
     _add_bench_loader(sub)
     _add_bench_train(sub)

@@ -68,7 +68,8 @@ class _Appender:
     """Appends to a 1-D zarr array, writing whole chunks only (no read-modify-write)."""
 
     def __init__(self, arr: zarr.Array):
-        self.arr, self.chunk = arr, arr.chunks[0]
+        # sharded arrays: whole shards only (a partial shard would be rewritten on every append)
+        self.arr, self.chunk = arr, (arr.shards or arr.chunks)[0]
         self.buf: list[np.ndarray] = []
         self.buffered = 0
         self.written = 0
@@ -97,18 +98,24 @@ class _Appender:
 class ZarrWriter(_PartialStore):
     """`with ZarrWriter(path, n_vars) as w: w.append(indptr, indices, data) …; w.finish(obs, var)`."""
 
-    def __init__(self, path, n_vars: int, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, overwrite: bool = False):
+    def __init__(self, path, n_vars: int, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, shard_elems: int | None = None,
+                 overwrite: bool = False):
+        """shard_elems: group chunks into shards of this many elements (a multiple of chunk_elems):
+        far fewer files on object stores and file systems with per-file costs, same partial reads."""
         super().__init__(path, overwrite)
+        if shard_elems is not None and (shard_elems < chunk_elems or shard_elems % chunk_elems):
+            raise ValueError(f"shard_elems {shard_elems} must be a multiple of chunk_elems {chunk_elems}")
+        shards = (shard_elems,) if shard_elems else None
         self.n_vars = n_vars
         self.root = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
         x = self.root.create_group("X")
         x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
         self._x = x
         idx_dtype = index_dtype_for(n_vars)
-        self._data = _Appender(x.create_array("data", shape=(0,), chunks=(chunk_elems,), dtype=np.float32,
-                                              compressors=_compressor(np.float32)))
-        self._indices = _Appender(x.create_array("indices", shape=(0,), chunks=(chunk_elems,), dtype=idx_dtype,
-                                                 compressors=_compressor(idx_dtype)))
+        self._data = _Appender(x.create_array("data", shape=(0,), chunks=(chunk_elems,), shards=shards,
+                                              dtype=np.float32, compressors=_compressor(np.float32)))
+        self._indices = _Appender(x.create_array("indices", shape=(0,), chunks=(chunk_elems,), shards=shards,
+                                                 dtype=idx_dtype, compressors=_compressor(idx_dtype)))
         self._indptr = [np.zeros(1, np.int64)]
         self.n_obs = 0
         self.nnz = 0

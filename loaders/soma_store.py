@@ -93,6 +93,8 @@ class SomaStore(Store):
         self._var_coords = np.unique(np.asarray(columns, dtype=np.int64))
 
     def _read_obs(self, column):
+        if column == "soma_joinid":
+            return self._joinids.copy()
         soma = _soma()
         with soma.Experiment.open(self.uri, context=self._context()) as exp:
             table = exp.obs.read(coords=(self._joinids,), column_names=["soma_joinid", column]).concat()

@@ -54,7 +54,7 @@ class Store:
     blocks_per_request: int  # preferred blocks per pooled read
 
     def __init__(self, var: pd.DataFrame):
-        self._var = var
+        self.var = var  # the var frame, one row per store column
         name_col = "feature_name" if "feature_name" in var.columns else None
         id_col = "feature_id" if "feature_id" in var.columns else None
         index = np.asarray(var.index.astype(str))
@@ -71,10 +71,18 @@ class Store:
         """The column's values for the filtered cells, in position order."""
         raise NotImplementedError
 
-    def obs_codes(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+    def _check_column(self, column: str) -> None:
         if column not in self.obs_columns:
             raise StoreError(f"obs column {column!r} not in store {self.uri} "
                              f"(have: {_names_list(self.obs_columns)})")
+
+    def obs_values(self, column: str):
+        """The column's values (any dtype) for the filtered cells, in position order."""
+        self._check_column(column)
+        return self._read_obs(column)
+
+    def obs_codes(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        self._check_column(column)
         if column not in self._codes_cache:
             self._codes_cache[column] = codes_of(self._read_obs(column))
         return self._codes_cache[column]

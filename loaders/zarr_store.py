@@ -69,7 +69,7 @@ class ZarrStore(Store):
         self.n_obs = n_rows if self._rows is None else len(self._rows)
         if self.n_obs == 0:
             raise StoreError(f"store {self.uri} has 0 cells")
-        self._chunk_elems = int(self._data.chunks[0])
+        self._chunk_elems = int(self._data.chunks[0])  # inner chunks when sharded: the decode unit
         mean_nnz = max(self._indptr[-1] / max(n_rows, 1), 1.0)
         # whole chunks per block when chunks are large; blocks of 256 rows otherwise (a block
         # shorter than a chunk decodes the whole chunk anyway)
@@ -127,7 +127,7 @@ class ZarrStore(Store):
 
     def _locate_failure(self, ranges: np.ndarray, error: Exception) -> str:
         """Name the array and chunk that fails to decode, reading the request's chunks one by one."""
-        c = self._chunk_elems
+        c = (self._data.shards or self._data.chunks)[0]
         chunks = sorted({k for lo, hi in ranges.tolist() for k in range(lo // c, (hi - 1) // c + 1)})
         for name, arr in (("data", self._data), ("indices", self._indices)):
             for k in chunks:
@@ -163,5 +163,7 @@ async def _read_ranges(arr: zarr.Array, ranges: np.ndarray, out: np.ndarray) -> 
     from zarr.core.buffer import default_buffer_prototype
 
     proto = default_buffer_prototype()
-    await arr._async_array._get_selection(_RangesIndexer(ranges, arr.chunks[0]), prototype=proto,
+    # the indexer walks the array's chunk grid: shards when sharded (the pipeline decodes only the
+    # inner chunks a range touches)
+    await arr._async_array._get_selection(_RangesIndexer(ranges, (arr.shards or arr.chunks)[0]), prototype=proto,
                                           out=proto.nd_buffer.from_numpy_array(out))

@@ -1,0 +1,388 @@
+"""`bigatlas prepare`: out-of-core passes over a store with dask, before training.
+
+- conversion of an `.h5ad` (opened backed: X is read block by block, never loaded whole), a SOMA
+  experiment or Census slice, or an AnnData-Zarr store into the chunked (optionally sharded) Zarr v3
+  layout the loader reads fastest;
+- per-gene mean, variance (ddof 1, as scanpy) and detection rate, library-size distribution;
+- batch-aware highly variable genes, seurat_v3 flavour on counts (Seurat's loess of log variance on
+  log mean per batch, clipped standardised variance, genes ranked by median rank across batches
+  with the number of batches as tie-break, as scanpy): `hvg.txt` is a gene list `--genes` accepts;
+- class counts per label key.
+
+The cells are cut into blocks of `block_cells`; a dask bag with a few partitions per worker reduces
+each partition's blocks into one small accumulator (batches × genes), then the partitions' results
+in a tree, so memory is a few blocks plus a few accumulators whatever the number of cells.
+Conversion computes windows of partitions in parallel and appends them in order.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from loaders import StoreError, open_store
+
+from .config import DataConfig
+from .write_store import DEFAULT_CHUNK_ELEMS, ZarrWriter
+
+LIB_BINS = np.concatenate([[0.0], np.logspace(0, 7, 281)])  # library sizes 1 .. 1e7, 40 bins per decade
+
+
+class Source:
+    """Rows of a store or a backed .h5ad by position (after obs_filter), as scipy CSR blocks."""
+
+    n_obs: int
+    var: pd.DataFrame
+
+    def read(self, lo: int, hi: int) -> sp.csr_matrix:
+        raise NotImplementedError
+
+    def obs(self, column: str) -> pd.Categorical:
+        raise NotImplementedError
+
+    def obs_frame(self) -> pd.DataFrame:
+        raise NotImplementedError
+
+
+class StoreSource(Source):
+    def __init__(self, uri: str, obs_filter=None, layer=None, genes=None):
+        self.store = s = open_store(uri, obs_filter=obs_filter, layer=layer)
+        self._colmap = None
+        self.var = s.var
+        if genes is not None:  # only these genes, in this order; SOMA then reads only their columns
+            self._colmap = s.gene_map(genes)
+            kept = np.flatnonzero(self._colmap >= 0)
+            s.restrict_columns(kept)
+            self.var = s.var.iloc[kept[np.argsort(self._colmap[kept])]]
+        self.n_obs = s.n_obs
+
+    def read(self, lo, hi):
+        from loaders.csr import select_columns
+
+        m = self.store.read(np.arange(lo, hi))
+        if self._colmap is not None:
+            m = select_columns(m, self._colmap, len(self.var))
+        return m.to_scipy()
+
+    def obs(self, column):
+        codes, cats = self.store.obs_codes(column)
+        return pd.Categorical.from_codes(codes, categories=cats)
+
+    def obs_frame(self):
+        s = self.store
+        frame = pd.DataFrame({c: s.obs_values(c) for c in s.obs_columns})
+        return frame.set_axis(pd.Index(s.obs_names(np.arange(s.n_obs)).astype(str)))
+
+
+class H5adSource(Source):
+    """An .h5ad through h5py: obs/var in memory (small), X (or a layer, or raw/X) read by row block."""
+
+    def __init__(self, path: str, obs_filter=None, layer=None):
+        import h5py
+        from anndata.io import read_elem, sparse_dataset
+
+        self.path = str(path)
+        self._file = h5py.File(self.path, "r")
+        f = self._file
+        key = {None: "X", "X": "X", "raw": "raw/X"}.get(layer, f"layers/{layer}")
+        if key not in f:
+            have = ["X"] + (["raw"] if "raw" in f else []) + list(f["layers"].keys() if "layers" in f else [])
+            raise StoreError(f"{self.path} has no {key} (have: {', '.join(have)})")
+        node = f[key]
+        enc = node.attrs.get("encoding-type", "array")
+        self._x = sparse_dataset(node) if enc in ("csr_matrix", "csc_matrix") else node
+        if enc == "csc_matrix":
+            raise StoreError(f"{self.path}:{key} is CSC; rows cannot be read in blocks without loading it "
+                             "(write it as CSR, e.g. adata.X = adata.X.tocsr())")
+        self._obs_all = read_elem(f["obs"])
+        self.var = read_elem(f["raw/var" if key == "raw/X" else "var"])
+        self._rows = None
+        if obs_filter:
+            from loaders.store import filter_columns
+
+            filter_columns(obs_filter, self._obs_all.columns)
+            try:
+                mask = np.asarray(self._obs_all.eval(obs_filter), dtype=bool)
+            except Exception as e:
+                raise StoreError(f"obs_filter {obs_filter!r} failed on {self.path}: {e}") from None
+            self._rows = np.flatnonzero(mask)
+        self.n_obs = len(self._obs_all) if self._rows is None else len(self._rows)
+        if self.n_obs == 0:
+            raise StoreError(f"{self.path}: 0 cells{' match obs_filter ' + repr(obs_filter) if obs_filter else ''}")
+
+    def read(self, lo, hi):
+        sel = slice(lo, hi) if self._rows is None else self._rows[lo:hi]
+        if self._rows is not None and len(sel) and sel[-1] - sel[0] == len(sel) - 1:
+            sel = slice(int(sel[0]), int(sel[-1]) + 1)  # contiguous: one slice, not a fancy index
+        block = self._x[sel]
+        return sp.csr_matrix(block, dtype=np.float32)
+
+    def obs(self, column):
+        if column not in self._obs_all.columns:
+            raise StoreError(f"obs column {column!r} not in {self.path} (have: {', '.join(self._obs_all.columns)})")
+        values = self._obs_all[column]
+        values = values if self._rows is None else values.iloc[self._rows]
+        return pd.Categorical(values.astype(str).where(values.notna(), None)
+                              if not isinstance(values.dtype, pd.CategoricalDtype) else values)
+
+    def obs_frame(self):
+        return self._obs_all if self._rows is None else self._obs_all.iloc[self._rows]
+
+
+def _feature_ids(var: pd.DataFrame) -> np.ndarray:
+    """Gene ids as `--genes` matches them: the feature_id column, else the var index."""
+    return np.asarray((var["feature_id"] if "feature_id" in var else var.index).astype(str))
+
+
+def open_source(data: str, obs_filter=None, layer=None, genes=None) -> Source:
+    if str(data).endswith(".h5ad"):
+        if genes is not None:
+            raise StoreError("--genes with an .h5ad input: convert first, then prepare the Zarr store with --genes")
+        return H5adSource(data, obs_filter, layer)
+    return StoreSource(str(data), obs_filter, layer, genes)
+
+
+# -- dask passes ---------------------------------------------------------------------------------
+
+def _blocks(n: int, block: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + block, n)) for lo in range(0, n, block)]
+
+
+def _bag(n: int, block: int, workers: int):
+    import dask.bag as db
+
+    ranges = _blocks(n, block)
+    return db.from_sequence(ranges, npartitions=max(1, min(len(ranges), 4 * workers)))
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {k: (np.minimum(a[k], b[k]) if k == "lib_min" else np.maximum(a[k], b[k]) if k == "lib_max"
+                else a[k] + b[k]) for k in a}
+
+
+def _moments(source: Source, batch: np.ndarray, n_batches: int, ranges) -> dict:
+    """Per batch and gene sum and sum of squares, per gene nonzeros, library histogram, of `ranges`."""
+    g = len(source.var)
+    acc = {"n": np.zeros(n_batches), "sum": np.zeros((n_batches, g)), "sumsq": np.zeros((n_batches, g)),
+           "nnz": np.zeros(g, np.int64), "lib_hist": np.zeros(len(LIB_BINS), np.int64),
+           "lib_min": np.array(np.inf), "lib_max": np.array(0.0), "lib_sum": np.array(0.0),
+           "non_integer": np.array(0), "negative": np.array(0)}
+    for lo, hi in ranges:
+        x = source.read(lo, hi).astype(np.float64)
+        b = batch[lo:hi]
+        onehot = sp.csr_matrix((np.ones(hi - lo), (b, np.arange(hi - lo))), shape=(n_batches, hi - lo))
+        acc["n"] += np.bincount(b, minlength=n_batches)
+        acc["sum"] += (onehot @ x).toarray()
+        sq = x.copy()
+        sq.data **= 2
+        acc["sumsq"] += (onehot @ sq).toarray()
+        acc["nnz"] += np.bincount(x.indices[x.data != 0], minlength=g)
+        lib = np.asarray(x.sum(1)).ravel()
+        bins = np.maximum(np.searchsorted(LIB_BINS, lib, side="right") - 1, 0)  # negative totals: bin 0, refused later
+        acc["lib_hist"] += np.bincount(bins, minlength=len(LIB_BINS))
+        acc["lib_min"] = np.minimum(acc["lib_min"], lib.min())
+        acc["lib_max"] = np.maximum(acc["lib_max"], lib.max())
+        acc["lib_sum"] = acc["lib_sum"] + lib.sum()
+        acc["non_integer"] = acc["non_integer"] + int(np.count_nonzero(x.data != np.floor(x.data)))
+        acc["negative"] = acc["negative"] + int(np.count_nonzero(x.data < 0))
+    return acc
+
+
+def _clipped(source: Source, batch: np.ndarray, clip: np.ndarray, ranges) -> dict:
+    """Per batch and gene sum and sum of squares of min(count, clip[batch, gene]) (zeros stay zero)."""
+    acc = {"sum": np.zeros(clip.shape), "sumsq": np.zeros(clip.shape)}
+    for lo, hi in ranges:
+        x = source.read(lo, hi)
+        rows = np.repeat(batch[lo:hi], np.diff(x.indptr))
+        v = np.minimum(x.data.astype(np.float64), clip[rows, x.indices])
+        flat = rows * clip.shape[1] + x.indices
+        acc["sum"] += np.bincount(flat, weights=v, minlength=clip.size).reshape(clip.shape)
+        acc["sumsq"] += np.bincount(flat, weights=v * v, minlength=clip.size).reshape(clip.shape)
+    return acc
+
+
+def _reduce(bag, per_partition, workers: int) -> dict:
+    return bag.reduction(lambda part: per_partition(list(part)), lambda parts: _sum_parts(parts),
+                         split_every=4).compute(scheduler="threads", num_workers=workers)
+
+
+def _sum_parts(parts) -> dict:
+    out = None
+    for p in parts:
+        out = p if out is None else _add(out, p)
+    return out
+
+
+# -- seurat_v3 -----------------------------------------------------------------------------------
+
+def _mean_var(n: np.ndarray, s: np.ndarray, sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and ddof-1 variance per row of (batches × genes) sums."""
+    n = n[:, None]
+    mean = s / np.maximum(n, 1)
+    var = (sq / np.maximum(n, 1) - mean**2) * n / np.maximum(n - 1, 1)
+    return mean, np.maximum(var, 0)
+
+
+def seurat_v3_fit(mean: np.ndarray, var: np.ndarray, span: float = 0.3, batch: str = "") -> np.ndarray:
+    """Regularised standard deviation per gene of one batch: 10**(loess of log10 var on log10 mean)/2."""
+    from skmisc.loess import loess
+
+    fitted = np.zeros(len(mean))
+    ok = var > 0
+    if ok.sum() < 10:  # loess needs points to fit (and crashes on none)
+        raise StoreError(f"batch {batch!r} has only {int(ok.sum())} genes with nonzero variance; "
+                         "too few cells or genes for the seurat_v3 fit (filter it out or choose another --batch-key)")
+    model = loess(np.log10(mean[ok]), np.log10(var[ok]), span=span, degree=2)
+    model.fit()
+    fitted[ok] = model.outputs.fitted_values
+    return np.sqrt(10**fitted)
+
+
+def seurat_v3_rank(norm_var: np.ndarray, n_top: int) -> pd.DataFrame:
+    """scanpy's seurat_v3 selection from normalised variances (batches × genes)."""
+    ranks = np.argsort(np.argsort(-norm_var, axis=1), axis=1).astype(np.float32)
+    nbatches = (ranks < n_top).sum(0)
+    ranks[ranks >= n_top] = np.nan
+    median = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
+    df = pd.DataFrame({"hvg_rank": median, "hvg_nbatches": nbatches, "variance_norm": norm_var.mean(0)})
+    order = df.sort_values(["hvg_rank", "hvg_nbatches"], ascending=[True, False], na_position="last").index
+    df["highly_variable"] = False
+    df.loc[order[:n_top], "highly_variable"] = True
+    df["hvg_order"] = -1
+    df.loc[order[:n_top], "hvg_order"] = np.arange(min(n_top, len(df)))
+    return df
+
+
+# -- conversion ----------------------------------------------------------------------------------
+
+def convert(source: Source, out, *, block: int, workers: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+            shard_elems: int | None = None, overwrite: bool = False, log=print) -> Path:
+    """Write `source` as an AnnData-Zarr v3 store: windows of `workers` blocks read in parallel by
+    dask, appended in order; the store appears under its name only when complete."""
+    import dask
+
+    ranges = _blocks(source.n_obs, block)
+    read = dask.delayed(source.read, pure=True)
+    with ZarrWriter(out, len(source.var), chunk_elems=chunk_elems, shard_elems=shard_elems,
+                    overwrite=overwrite) as w:
+        for i in range(0, len(ranges), workers):
+            window = dask.compute(*[read(lo, hi) for lo, hi in ranges[i : i + workers]],
+                                  scheduler="threads", num_workers=workers)
+            for m in window:
+                w.append(m.indptr, m.indices, m.data)
+        obs = source.obs_frame()
+        obs = obs.set_axis(obs.index.astype(str))
+        for col in obs.columns:  # strings as categoricals: compact, and what AnnData users expect
+            if obs[col].dtype == object:
+                obs[col] = obs[col].astype("category")
+        path = w.finish(obs, source.var)
+    log(f"wrote {out}: {source.n_obs} cells x {len(source.var)} genes")
+    return path
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+def prepare(data, out, *, batch_key: str | None = None, label_keys=(), obs_filter=None, layer=None, genes=None,
+            n_top_genes: int = 2000, span: float = 0.3, convert_to=None, shard_elems: int | None = None,
+            block_cells: int = 8192, workers: int = 2, overwrite: bool = False, log=print) -> dict:
+    """Statistics (and optionally a converted store) of `data`; writes OUT/{stats.json, genes.csv,
+    hvg.txt, library_size.png} and returns stats.json's content."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    source = open_source(data, obs_filter, layer, genes)
+    log(f"{data}: {source.n_obs} cells x {len(source.var)} genes{' after filtering' if obs_filter else ''}")
+    if convert_to:
+        convert(source, convert_to, block=block_cells, workers=workers, shard_elems=shard_elems,
+                overwrite=overwrite, log=log)
+        source = StoreSource(str(convert_to))  # later passes read the fast copy (already filtered)
+    n, g = source.n_obs, len(source.var)
+    if batch_key:
+        bcat = source.obs(batch_key)
+        if (bcat.codes < 0).any():
+            raise StoreError(f"obs column {batch_key!r} (batch key) is missing for {(bcat.codes < 0).sum()} cells")
+        batch, batch_names = np.asarray(bcat.codes, np.int64), [str(c) for c in bcat.categories]
+    else:
+        batch, batch_names = np.zeros(n, np.int64), ["all"]
+    nb = len(batch_names)
+    bag = _bag(n, block_cells, workers)
+    m = _reduce(bag, partial(_moments, source, batch, nb), workers)
+    if int(m["negative"]):
+        raise StoreError(f"{data}: {int(m['negative'])} negative values; raw counts are required")
+    mean, var = _mean_var(np.array([n], float), m["sum"].sum(0, keepdims=True), m["sumsq"].sum(0, keepdims=True))
+    table = pd.DataFrame({"mean": mean[0], "variance": var[0], "detection_rate": m["nnz"] / n},
+                         index=pd.Index(_feature_ids(source.var), name="feature_id"))
+    if "feature_name" in source.var:
+        table.insert(0, "feature_name", source.var["feature_name"].astype(str).to_numpy())
+    hvg_genes = []
+    if n_top_genes:
+        bmean, bvar = _mean_var(m["n"], m["sum"], m["sumsq"])
+        used = m["n"] >= 2  # batches with cells after filtering (a single cell has no variance)
+        reg_std = np.ones((nb, g))
+        reg_std[used] = np.stack([seurat_v3_fit(bmean[i], bvar[i], span, batch_names[i]) for i in np.flatnonzero(used)])
+        clip = reg_std * np.sqrt(m["n"])[:, None] + bmean
+        c = _reduce(bag, partial(_clipped, source, batch, clip), workers)
+        nn = m["n"][:, None]
+        norm_var = (nn * bmean**2 + c["sumsq"] - 2 * c["sum"] * bmean) / (np.maximum(nn - 1, 1) * reg_std**2)
+        ranked = seurat_v3_rank(norm_var[used], min(n_top_genes, g))
+        for col in ranked:
+            table[col] = ranked[col].to_numpy()
+        hvg_genes = list(table[table.hvg_order >= 0].sort_values("hvg_order").index)  # most variable first
+    undefined = {u.lower() for u in DataConfig().undefined_labels}
+    class_counts = {}
+    for key in label_keys:
+        cat = source.obs(key)
+        counts = pd.Series(np.bincount(cat.codes[cat.codes >= 0], minlength=len(cat.categories)),
+                           index=[str(c) for c in cat.categories])
+        class_counts[key] = {"classes": {k: int(v) for k, v in counts.items() if k.lower() not in undefined},
+                             "undefined": int(counts[[k for k in counts.index if k.lower() in undefined]].sum()
+                                              + (cat.codes < 0).sum())}
+    stats = {"data": str(data), "obs_filter": obs_filter, "converted_to": str(convert_to) if convert_to else None,
+             "n_obs": int(n), "n_vars": int(g), "batch_key": batch_key,
+             "cells_per_batch": dict(zip(batch_names, map(int, m["n"]))),
+             "non_integer_values": int(m["non_integer"]),
+             "library_size": _library_summary(m, n), "class_counts": class_counts,
+             "hvg": {"flavor": "seurat_v3", "n_top_genes": len(hvg_genes), "span": span, "file": "hvg.txt",
+                     "batches_skipped": [b for b, k in zip(batch_names, m["n"]) if k < 2]} if hvg_genes else None,
+             "block_cells": block_cells, "workers": workers}
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "genes.csv")
+    if hvg_genes:
+        (out / "hvg.txt").write_text("\n".join(hvg_genes) + "\n")
+    _library_plot(m, out / "library_size.png")
+    stats["seconds"] = round(time.perf_counter() - t0, 1)
+    stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    if stats["non_integer_values"]:
+        log(f"warning: {stats['non_integer_values']} non-integer values: seurat_v3 HVG and the ZINB model expect raw counts")
+    log(f"wrote {out}/stats.json, genes.csv{', hvg.txt (' + str(len(hvg_genes)) + ' genes)' if hvg_genes else ''}"
+        f" in {stats['seconds']}s, peak RSS {stats['peak_rss_mb']} MB")
+    return stats
+
+
+def _library_summary(m: dict, n: int) -> dict:
+    cdf = np.cumsum(m["lib_hist"]) / max(n, 1)
+    upper = np.append(LIB_BINS[1:], np.inf)
+    q = {f"q{int(p * 100):02d}": float(upper[np.searchsorted(cdf, p)]) for p in (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)}
+    return {"mean": float(m["lib_sum"] / max(n, 1)), "min": float(m["lib_min"]), "max": float(m["lib_max"]),
+            "quantiles_upper_bound": q, "zero_count_cells": int(m["lib_hist"][0])}
+
+
+def _library_plot(m: dict, png) -> None:
+    from .plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.stairs(m["lib_hist"][1:-1], LIB_BINS[1:])
+    ax.set_xscale("log")
+    ax.set_xlabel("counts per cell")
+    ax.set_ylabel("cells")
+    ax.set_title(f"library size ({int(m['lib_hist'].sum())} cells)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
