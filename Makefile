@@ -22,19 +22,28 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
+# The newcomer path: a Census-like SOMA slice → prepare (filter, convert to Zarr, HVGs) → 2-process
+# training without one study → embedding of every cell → evaluation report (the held-out study shows
+# how a new query maps).
 demo: install
-	$(BIN)/bigatlas synth $(DEMO)/atlas.zarr --cells 20000 --genes 1000 --format zarr --seed 0 --overwrite
+	$(BIN)/bigatlas synth $(DEMO)/census_slice --cells 20000 --genes 1000 --format soma --seed 0 --overwrite
+	$(BIN)/bigatlas prepare $(DEMO)/census_slice --obs-filter "is_primary_data == True" \
+		--convert $(DEMO)/atlas.zarr --overwrite --out $(DEMO)/prepare --batch-key dataset_id \
+		--label-keys cell_type cell_type_coarse --n-top-genes 600
 	$(BIN)/bigatlas stream $(DEMO)/atlas.zarr --batch-size 512 --epochs 1 --obs-keys cell_type donor_id
-	rm -rf $(DEMO)/run $(DEMO)/query_embedding.zarr
-	$(LAUNCH) scripts/train.py --data $(DEMO)/atlas.zarr --batch-key dataset_id --covariate-keys donor_id \
-		--label-keys cell_type cell_type_coarse --obs-filter "dataset_id != 'study_5'" \
+	rm -rf $(DEMO)/run $(DEMO)/embedding.zarr
+	$(LAUNCH) scripts/train.py --data $(DEMO)/atlas.zarr --genes $(DEMO)/prepare/hvg.txt --batch-key dataset_id \
+		--covariate-keys donor_id --label-keys cell_type cell_type_coarse --obs-filter "dataset_id != 'study_5'" \
 		--out $(DEMO)/run --max-epochs 15
-	@echo "loss curves: $(DEMO)/run/loss_curves.png   metrics: $(DEMO)/run/metrics.csv"
-	$(LAUNCH) scripts/embed.py --run $(DEMO)/run --data $(DEMO)/atlas.zarr --obs-filter "dataset_id == 'study_5'" \
-		--out $(DEMO)/query_embedding.zarr --chunk-size 1024
-	$(BIN)/python -c "import anndata as ad, numpy as np; q = ad.read_zarr('$(DEMO)/query_embedding.zarr'); \
-		t = ad.read_zarr('$(DEMO)/atlas.zarr'); t = t[t.obs.dataset_id == 'study_5']; print(q); \
-		print('held-out study: cell_type accuracy vs truth %.3f' % np.mean(q.obs.cell_type_pred.astype(str).values == t.obs.true_cell_type.astype(str).values))"
+	$(LAUNCH) scripts/embed.py --run $(DEMO)/run --data $(DEMO)/atlas.zarr --out $(DEMO)/embedding.zarr \
+		--chunk-size 2048
+	$(BIN)/bigatlas evaluate --emb $(DEMO)/embedding.zarr --label-key cell_type --batch-key dataset_id \
+		--truth-keys true_cell_type
+	@$(BIN)/python -c "import json; m = json.load(open('$(DEMO)/run/report/metrics.json')); \
+		s = m['scores']; p = m['predictions']['cell_type_pred vs true_cell_type']; \
+		print('scIB total: bigatlas %.3f, PCA of counts %.3f' % (s['bigatlas']['total'], s['pca_baseline']['total'])); \
+		print('cell_type accuracy vs truth: all %.3f, held-out study_5 %.3f' % (p['accuracy'], p['per_batch_accuracy']['study_5']))"
+	@echo "report: $(DEMO)/run/report/report.html  (also report.md; metrics.json, PNGs beside it)"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -1,7 +1,6 @@
 """`bigatlas prepare`: statistics equal numpy / scanpy on an in-memory copy, the same from SOMA and
 from a backed .h5ad, conversion round-trips (sharded too), memory stays flat as the store grows,
 bad input fails without leaving output."""
-import json
 import subprocess
 import sys
 
