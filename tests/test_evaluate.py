@@ -69,6 +69,23 @@ def test_scrambled_embedding_scores_at_chance(embedded, tmp_path):
     assert s["batch_mixing"] > 0.9, s  # random neighbours are as mixed as random
 
 
+def test_soma_embedding_scores_like_the_zarr_one(embedded, tmp_path):
+    """The same atlas as SOMA gets a SOMA embedding (keyed by soma_joinid): identical metrics."""
+    data, run, emb = embedded
+    soma_data = tmp_path / "atlas.soma"
+    synth(soma_data, N, 200, "soma", seed=5, n_studies=4, donors_per_study=2)
+    soma_emb = tmp_path / "emb.soma"
+    embed(run, soma_data, soma_emb, chunk_size=1000, progress=False)
+    kw = dict(label_key="cell_type", batch_key="dataset_id", n_cells=1500, umap_cells=300, baseline=False,
+              log=lambda *_: None)
+    a = evaluate(emb, out=tmp_path / "a", **kw)
+    b = evaluate(soma_emb, out=tmp_path / "b", **kw)
+    assert b["n_evaluated"] == a["n_evaluated"]
+    for name, value in a["scores"]["bigatlas"].items():
+        assert b["scores"]["bigatlas"][name] == pytest.approx(value, abs=1e-4), name
+    assert b["predictions"] == a["predictions"]
+
+
 def test_mismatched_or_incomplete_embedding_is_refused(embedded, tmp_path):
     data, run, emb = embedded
     with pytest.raises(EmbeddingError, match="has 4000 cells but"):
