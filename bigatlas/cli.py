@@ -12,6 +12,11 @@ def _add_organism(p) -> None:
                    help="Census organism for census:<version> data, e.g. 'Mus musculus' (default homo_sapiens)")
 
 
+def read_gene_list(path) -> tuple[str, ...] | None:
+    """A --genes file: one feature id (or name) per line, blank lines ignored; None without a file."""
+    return tuple(g.strip() for g in open(path) if g.strip()) if path else None
+
+
 def _add_synth(sub):
     from .synth import SynthSpec
 
@@ -152,9 +157,7 @@ def config_from_args(a):
     from .config import RunConfig
 
     cfg = RunConfig.load(a.config) if a.config else RunConfig()
-    genes = None
-    if a.genes:
-        genes = tuple(g.strip() for g in open(a.genes) if g.strip())
+    genes = read_gene_list(a.genes)
     from loaders import census_spec
 
     cfg = cfg.override("data", data=census_spec(a.data, a.organism), batch_key=a.batch_key,
@@ -269,11 +272,10 @@ def _add_prepare(sub):
 
         from .prepare import prepare
 
-        genes = [g.strip() for g in open(a.genes) if g.strip()] if a.genes else None
         prepare(census_spec(a.data, a.organism), a.out, batch_key=a.batch_key, label_keys=a.label_keys,
-                obs_filter=a.obs_filter, layer=a.layer, genes=genes, n_top_genes=a.n_top_genes, span=a.span,
-                convert_to=a.convert, shard_elems=a.shard_elems, block_cells=a.block_cells, workers=a.workers,
-                overwrite=a.overwrite)
+                obs_filter=a.obs_filter, layer=a.layer, genes=read_gene_list(a.genes), n_top_genes=a.n_top_genes,
+                span=a.span, convert_to=a.convert, shard_elems=a.shard_elems, block_cells=a.block_cells,
+                workers=a.workers, overwrite=a.overwrite)
 
     p.set_defaults(func=run)
 
