@@ -13,10 +13,10 @@ import torch
 K_SMALL, K_KBET, K_LISI = 15, 50, 90
 
 
-def knn(x: np.ndarray, k: int = 15, *, return_distances: bool = False, budget: int = 1 << 25):
+def knn(x: np.ndarray, k: int = 15, *, return_distances: bool = False, budget: int = 1 << 24):
     """Indices (and Euclidean distances) of the k nearest other points of every row, exact.
 
-    Rows are processed in chunks of budget // n so one chunk's distance matrix stays ~128 MB."""
+    Rows are processed in chunks of budget // n so one chunk's distance matrix stays ~64 MB."""
     t = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
     n = len(t)
     k = min(k, n - 1)
