@@ -42,7 +42,7 @@ demo: install
 	@$(BIN)/python -c "import json; m = json.load(open('$(DEMO)/run/report/metrics.json')); \
 		s = m['scores']; p = m['predictions']['cell_type_pred vs true_cell_type']; \
 		print('scIB total: bigatlas %.3f, PCA of counts %.3f' % (s['bigatlas']['total'], s['pca_baseline']['total'])); \
-		print('cell_type accuracy vs truth: all %.3f, held-out study_5 %.3f' % (p['accuracy'], p['per_batch_accuracy']['study_5']))"
+		print('cell_type accuracy vs truth: all %.3f, query study_5 (not trained on) %.3f' % (p['accuracy'], p['query_accuracy']))"
 	@echo "report: $(DEMO)/run/report/report.html  (also report.md; metrics.json, PNGs beside it)"
 
 test: install

@@ -97,8 +97,28 @@ def _umap(z: np.ndarray, seed: int) -> np.ndarray:
                      n_jobs=1).fit_transform(z)
 
 
-def _prediction_report(emb: Embedding, store, batch: pd.Categorical, label_key: str, truth_keys) -> dict:
-    """Per (predicted key, truth column): accuracy, macro-F1, per-batch accuracy and the confusion table.
+def _same_data(a: str, b: str) -> bool:
+    if str(a).startswith("census:") or str(b).startswith("census:"):
+        return str(a) == str(b)
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def reference_mask(run: Path | None, data: str, store) -> np.ndarray | None:
+    """Per position of `store`, whether the cell lies in the run's training slice (same data, the
+    run's obs_filter; its validation cells included); None when the run trained on other data."""
+    if run is None or not (run / "config.json").exists():
+        return None
+    cfg = json.loads((run / "config.json").read_text())["config"]["data"]
+    if not _same_data(cfg["data"], data):
+        return None
+    ref = open_store(cfg["data"], obs_filter=cfg.get("obs_filter"))
+    return np.isin(store.store_rows(np.arange(store.n_obs)), ref.store_rows(np.arange(ref.n_obs)))
+
+
+def _prediction_report(emb: Embedding, store, batch: pd.Categorical, label_key: str, truth_keys,
+                       reference: np.ndarray | None) -> dict:
+    """Per (predicted key, truth column): accuracy, macro-F1, per-batch accuracy and the confusion table;
+    with a reference mask also accuracy on reference and on query cells (outside the training slice).
     Every predicted key is scored against the same-named column; label_key's also against truth_keys."""
     out = {}
     row_ids = store.store_rows(np.arange(store.n_obs)) if emb.format == "soma" else None
@@ -122,6 +142,11 @@ def _prediction_report(emb: Embedding, store, batch: pd.Categorical, label_key: 
             scores["per_batch_accuracy"] = {str(b): round(float(v), 4)
                                             for b, v in per.groupby("batch", observed=True).correct.mean().items()}
             scores["unseen_classes"] = [str(c) for c, i in zip(truth.categories, lut) if i < 0]
+            if reference is not None:
+                for name, part in (("reference", reference), ("query", ~reference)):
+                    sel = part & known
+                    scores[f"{name}_accuracy"] = float(correct[sel].mean()) if sel.any() else None
+                    scores[f"{name}_cells"] = int(sel.sum())
             out[f"{key}_pred vs {col}"] = {"scores": scores, "confusion": conf}
     return out
 
@@ -165,14 +190,18 @@ def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=
     if baseline:
         base = pca_baseline(read_counts(store, sample), z.shape[1])
         result["scores"]["pca_baseline"] = scib_scores(base, lab_codes, bat_codes, seed)
-    preds = _prediction_report(emb, store, batch, label_key, truth_keys)
+    reference = reference_mask(run, data, store)
+    if reference is not None:
+        result["reference_query"] = {"reference_cells": int(reference.sum()), "query_cells": int((~reference).sum())}
+    preds = _prediction_report(emb, store, batch, label_key, truth_keys, reference)
     result["predictions"] = {k: v["scores"] for k, v in preds.items()}
 
     out = Path(out) if out else (run / "report" if run and run.exists() else emb.path.with_name(emb.path.name + ".report"))
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    figures = _figures(tmp, z, sample, lab, bat, emb, store, preds, run, label_key, batch_key, umap_cells, seed)
+    figures = _figures(tmp, z, sample, lab, bat, emb, store, preds, run, label_key, batch_key, umap_cells, seed,
+                       None if reference is None else reference[sample])
     result["figures"] = figures
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -186,7 +215,8 @@ def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=
     return result
 
 
-def _figures(folder, z, sample, lab, bat, emb, store, preds, run, label_key, batch_key, umap_cells, seed) -> dict:
+def _figures(folder, z, sample, lab, bat, emb, store, preds, run, label_key, batch_key, umap_cells, seed,
+             reference) -> dict:
     from .plots import confusion_matrix, loss_curves, umap_panels
 
     figs = {}
@@ -197,6 +227,9 @@ def _figures(folder, z, sample, lab, bat, emb, store, preds, run, label_key, bat
         row_ids = store.store_rows(sample[pick]) if emb.format == "soma" else None
         pred = emb.predictions(label_key, row_ids)
         panels[f"predicted {label_key}"] = pred if emb.format == "soma" else pred[sample[pick]]
+    if reference is not None and not reference.all():
+        panels["reference / query"] = pd.Categorical(np.where(reference[pick], "reference", "query"),
+                                                     categories=["reference", "query"])
     figs["umap"] = umap_panels(xy, panels, folder / "umap.png", f"UMAP of {len(pick)} cells").name
     for name, p in preds.items():
         file = f"confusion_{name.replace(' vs ', '_vs_')}.png"

@@ -45,6 +45,9 @@ def markdown(result: dict, run: Path | None) -> str:
         for name, s in result["predictions"].items():
             per = ", ".join(f"{b} {a:.3f}" for b, a in s["per_batch_accuracy"].items())
             lines += ["", f"Accuracy per batch, {name}: {per}"]
+            if s.get("query_cells"):
+                lines += ["", f"Query cells (outside the run's training slice), {name}: {s['query_cells']:,} cells, "
+                              f"accuracy {_fmt(s['query_accuracy'])} (reference cells: {_fmt(s['reference_accuracy'])})"]
     lines += ["", "## Figures", ""]
     for title, file in result["figures"].items():
         lines += [f"### {title}", "", f"![{title}]({file})", ""]

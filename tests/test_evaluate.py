@@ -83,7 +83,32 @@ def test_soma_embedding_scores_like_the_zarr_one(embedded, tmp_path):
     assert b["n_evaluated"] == a["n_evaluated"]
     for name, value in a["scores"]["bigatlas"].items():
         assert b["scores"]["bigatlas"][name] == pytest.approx(value, abs=1e-4), name
-    assert b["predictions"] == a["predictions"]
+    def common(preds):  # the run trained on the Zarr copy: only that embedding has a reference split
+        return {k: {f: v for f, v in p.items() if not f.startswith(("reference_", "query_"))} for k, p in preds.items()}
+
+    assert common(b["predictions"]) == common(a["predictions"])
+    assert "query_cells" not in b["predictions"]["cell_type_pred vs cell_type"]
+
+
+def test_cells_outside_the_training_slice_are_scored_as_query(embedded, tmp_path):
+    import anndata as ad
+
+    data, run, emb = embedded
+    other = tmp_path / "run"  # the same model, recorded as trained without study_3
+    shutil.copytree(run, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["config"]["data"]["obs_filter"] = "dataset_id != 'study_3'"
+    (other / "config.json").write_text(json.dumps(cfg))
+    r = evaluate(emb, label_key="cell_type", batch_key="dataset_id", run=other, out=tmp_path / "r",
+                 n_cells=1000, umap_cells=300, baseline=False, log=lambda *_: None)
+    obs = ad.read_zarr(data).obs
+    labelled = obs.cell_type.astype(str) != "undefined"
+    s = r["predictions"]["cell_type_pred vs cell_type"]
+    assert r["reference_query"] == {"reference_cells": int((obs.dataset_id != "study_3").sum()),
+                                    "query_cells": int((obs.dataset_id == "study_3").sum())}
+    assert s["query_cells"] == int(((obs.dataset_id == "study_3") & labelled).sum())
+    assert s["query_accuracy"] == pytest.approx(s["per_batch_accuracy"]["study_3"], abs=1e-4)
+    assert "Query cells" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_mismatched_or_incomplete_embedding_is_refused(embedded, tmp_path):
