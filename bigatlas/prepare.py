@@ -158,7 +158,9 @@ def _bag(n: int, block: int, workers: int):
     import dask.bag as db
 
     ranges = _blocks(n, block)
-    return db.from_sequence(ranges, npartitions=max(1, min(len(ranges), 4 * workers)))
+    # one partition per worker: each folds its blocks into ONE accumulator (batches × genes), which
+    # for the Census (hundreds of datasets × 60k genes) is the largest object in memory
+    return db.from_sequence(ranges, npartitions=max(1, min(len(ranges), workers)))
 
 
 def _add(a: dict, b: dict) -> dict:
@@ -229,17 +231,23 @@ def _mean_var(n: np.ndarray, s: np.ndarray, sq: np.ndarray) -> tuple[np.ndarray,
     return mean, np.maximum(var, 0)
 
 
-def seurat_v3_fit(mean: np.ndarray, var: np.ndarray, span: float = 0.3, batch: str = "") -> np.ndarray:
-    """Regularised standard deviation per gene of one batch: 10**(loess of log10 var on log10 mean)/2."""
+MIN_FIT_GENES = 10
+
+
+def seurat_v3_fit(mean: np.ndarray, var: np.ndarray, span: float = 0.3) -> np.ndarray | None:
+    """Regularised standard deviation per gene of one batch: 10**(loess of log10 var on log10 mean)/2;
+    None when the batch has too few variable genes for the fit (tiny batches)."""
     from skmisc.loess import loess
 
     fitted = np.zeros(len(mean))
     ok = var > 0
-    if ok.sum() < 10:  # loess needs points to fit (and crashes on none)
-        raise StoreError(f"batch {batch!r} has only {int(ok.sum())} genes with nonzero variance; "
-                         "too few cells or genes for the seurat_v3 fit (filter it out or choose another --batch-key)")
-    model = loess(np.log10(mean[ok]), np.log10(var[ok]), span=span, degree=2)
-    model.fit()
+    if ok.sum() < MIN_FIT_GENES:  # loess needs points to fit (and crashes on none)
+        return None
+    try:
+        model = loess(np.log10(mean[ok]), np.log10(var[ok]), span=span, degree=2)
+        model.fit()
+    except ValueError:  # skmisc refuses spans too small for the points it has
+        return None
     fitted[ok] = model.outputs.fitted_values
     return np.sqrt(10**fitted)
 
@@ -322,9 +330,15 @@ def prepare(data, out, *, batch_key: str | None = None, label_keys=(), obs_filte
     hvg_genes = []
     if n_top_genes:
         bmean, bvar = _mean_var(m["n"], m["sum"], m["sumsq"])
-        used = m["n"] >= 2  # batches with cells after filtering (a single cell has no variance)
         reg_std = np.ones((nb, g))
-        reg_std[used] = np.stack([seurat_v3_fit(bmean[i], bvar[i], span, batch_names[i]) for i in np.flatnonzero(used)])
+        used = np.zeros(nb, bool)  # batches that take part: cells after filtering and a mean-variance fit
+        for i in np.flatnonzero(m["n"] >= 2):  # a single cell has no variance
+            fit = seurat_v3_fit(bmean[i], bvar[i], span)
+            if fit is not None:
+                reg_std[i], used[i] = fit, True
+        if not used.any():
+            raise StoreError(f"{data}: no batch of {batch_key or 'cells'} has {MIN_FIT_GENES} genes with nonzero "
+                             "variance; too few cells for highly variable genes (--n-top-genes 0 skips them)")
         clip = reg_std * np.sqrt(m["n"])[:, None] + bmean
         c = _reduce(bag, partial(_clipped, source, batch, clip), workers)
         nn = m["n"][:, None]
@@ -348,7 +362,7 @@ def prepare(data, out, *, batch_key: str | None = None, label_keys=(), obs_filte
              "non_integer_values": int(m["non_integer"]),
              "library_size": _library_summary(m, n), "class_counts": class_counts,
              "hvg": {"flavor": "seurat_v3", "n_top_genes": len(hvg_genes), "span": span, "file": "hvg.txt",
-                     "batches_skipped": [b for b, k in zip(batch_names, m["n"]) if k < 2]} if hvg_genes else None,
+                     "batches_skipped": [b for b, u in zip(batch_names, used) if not u]} if hvg_genes else None,
              "block_cells": block_cells, "workers": workers}
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "genes.csv")

@@ -98,6 +98,19 @@ def test_soma_slice_converts_with_listed_genes_only(atlas, tmp_path):
     assert got.obs.soma_joinid.tolist() == want.obs.soma_joinid.tolist()
 
 
+def test_tiny_batches_are_left_out_of_the_hvg_ranking(atlas, tmp_path):
+    from bigatlas.prepare import seurat_v3_fit
+
+    root, adata = atlas
+    lone = int(adata.obs.soma_joinid[adata.obs.dataset_id == "study_2"].iloc[0])
+    st = prepare(root / "a.zarr", tmp_path, batch_key="dataset_id", n_top_genes=40,
+                 obs_filter=f"dataset_id == 'study_1' or soma_joinid == {lone}", **quiet)
+    assert st["cells_per_batch"]["study_2"] == 1
+    assert st["hvg"]["batches_skipped"] == ["study_0", "study_2", "study_3"]  # no cells / one cell
+    assert len((tmp_path / "hvg.txt").read_text().split()) == 40
+    assert seurat_v3_fit(np.ones(50), np.r_[np.ones(9), np.zeros(41)]) is None  # 9 variable genes: no fit
+
+
 def peak_rss(data, out):
     code = ("from bigatlas.prepare import prepare; import json, sys; "
             f"s = prepare({str(data)!r}, {str(out)!r}, batch_key='dataset_id', label_keys=['cell_type'], "
