@@ -7,9 +7,19 @@ import time
 import warnings
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except unset ones (None, False, []) and those the help text already states."""
+
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False or action.default == []
+        if unset or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_organism(p) -> None:
     p.add_argument("--organism", default=None,
-                   help="Census organism for census:<version> data, e.g. 'Mus musculus' (default homo_sapiens)")
+                   help="Census organism for census:<version> data, e.g. 'Mus musculus' (None: homo_sapiens)")
 
 
 def read_gene_list(path) -> tuple[str, ...] | None:
@@ -21,7 +31,7 @@ def _add_synth(sub):
     from .synth import SynthSpec
 
     p = sub.add_parser("synth", help="write a synthetic atlas (ZINB counts, batch effects, label hierarchy)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("out", help="output path (.zarr directory or SOMA experiment directory)")
     p.add_argument("--cells", type=int, required=True, help="number of cells")
     p.add_argument("--genes", type=int, default=2000, help="number of genes")
@@ -48,7 +58,7 @@ def _run_synth(a):
 
 def _add_stream(sub):
     p = sub.add_parser("stream", help="stream a store in shuffled minibatches and report throughput",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("data", help="AnnData-Zarr store, SOMA experiment or census:<version>")
     _add_organism(p)
     p.add_argument("--batch-size", type=int, default=512, help="cells per minibatch")
@@ -81,7 +91,7 @@ def _run_stream(a):
 
 def _add_bench_loader(sub):
     p = sub.add_parser("bench-loader", help="loader benchmark vs annbatch and tiledbsoma-ml (JSON)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     from .bench_loader import add_arguments
 
     add_arguments(p)
@@ -90,7 +100,7 @@ def _add_bench_loader(sub):
 
 def _add_bench_train(sub):
     p = sub.add_parser("bench-train", help="training benchmark: streaming vs in-memory, vs scatlasvae, memory",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     from .bench_train import add_arguments
 
     add_arguments(p)
@@ -99,7 +109,7 @@ def _add_bench_train(sub):
 
 def _add_bench_infer(sub):
     p = sub.add_parser("bench-infer", help="inference benchmark: embed-to-disk vs in-memory forward, RSS",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     from .bench_infer import add_arguments
 
     add_arguments(p)
@@ -218,7 +228,7 @@ def _run_embed(a):
 def _add_embed(sub):
     p = sub.add_parser("embed", help="write latents and label predictions of a store to disk, in chunks "
                                      "(scripts/embed.py under accelerate launch for several processes)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     add_embed_arguments(p)
     p.set_defaults(func=_run_embed)
 
@@ -226,7 +236,7 @@ def _add_embed(sub):
 def _add_map_query(sub):
     p = sub.add_parser("map-query", help="scArches-style surgery: extend batch embeddings with a query's new "
                                          "categories and fine-tune them (everything else frozen by default)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("--run", required=True, help="reference RUN_DIR")
     p.add_argument("--data", required=True, help="query store")
     p.add_argument("--out", required=True, help="new RUN_DIR")
@@ -247,7 +257,7 @@ def _add_map_query(sub):
 def _add_prepare(sub):
     p = sub.add_parser("prepare", help="out-of-core passes (dask): gene statistics, batch-aware seurat_v3 HVGs "
                                        "(hvg.txt for --genes), class counts; .h5ad / SOMA / Census → chunked Zarr",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("data", help=".h5ad file, AnnData-Zarr store, SOMA experiment or census:<version>")
     p.add_argument("--out", required=True, help="folder for stats.json, genes.csv, hvg.txt, library_size.png")
     _add_organism(p)
@@ -283,7 +293,7 @@ def _add_prepare(sub):
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="scIB metrics of an embedding (vs a PCA baseline), label-prediction "
                                         "accuracy / macro-F1, UMAP and confusion plots, report.html",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("--emb", required=True, help="output of `bigatlas embed`")
     p.add_argument("--label-key", required=True, help="obs column of cell-type labels")
     p.add_argument("--batch-key", required=True, help="obs column of batches")
