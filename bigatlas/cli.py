@@ -1,4 +1,5 @@
-"""`bigatlas` console entry point: synth | stream | prepare | train | embed | map-query | evaluate | bench-loader | bench-train | bench-infer."""
+"""`bigatlas` console entry point: synth | stream | prepare | train | embed | map-query | evaluate |
+bench-loader | bench-train | bench-infer | bench-prepare."""
 from __future__ import annotations
 
 import argparse
@@ -114,6 +115,15 @@ def _add_bench_infer(sub):
 
     add_arguments(p)
     p.set_defaults(func=lambda a: __import__("bigatlas.bench_infer", fromlist=["run"]).run(a))
+
+
+def _add_bench_prepare(sub):
+    p = sub.add_parser("bench-prepare", help="prepare benchmark: out-of-core passes vs scanpy in memory (JSON)",
+                       formatter_class=_Help)
+    from .bench_prepare import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=lambda a: __import__("bigatlas.bench_prepare", fromlist=["run"]).run(a))
 
 
 def add_train_arguments(p) -> None:
@@ -335,6 +345,7 @@ def main(argv=None) -> int:
     _add_bench_loader(sub)
     _add_bench_train(sub)
     _add_bench_infer(sub)
+    _add_bench_prepare(sub)
     a = parser.parse_args(argv)
     from loaders import StoreError
 
