@@ -82,6 +82,13 @@ class Embedding:
         import tiledbsoma as soma
 
         with soma.Experiment.open(str(self.path)) as exp:
-            t = exp.obs.read(column_names=["soma_joinid", f"{key}_pred"]).concat().to_pandas()
-        values = t.set_index("soma_joinid")[f"{key}_pred"]
-        return pd.Categorical(values.reindex(row_ids).to_numpy())
+            t = exp.obs.read(column_names=["soma_joinid", f"{key}_pred"]).concat()
+        # dictionary-encoded in Arrow: integer codes, never one Python string per cell
+        col = t[f"{key}_pred"].combine_chunks().dictionary_encode()
+        codes = col.indices.fill_null(-1).to_numpy().astype(np.int64)
+        joinids = t["soma_joinid"].to_numpy()
+        order = np.argsort(joinids)
+        at = np.searchsorted(joinids, row_ids, sorter=order)
+        found = order[np.minimum(at, len(order) - 1)]
+        codes = np.where(joinids[found] == row_ids, codes[found], -1)
+        return pd.Categorical.from_codes(codes, categories=pd.Index(col.dictionary.to_pylist()).astype(str))

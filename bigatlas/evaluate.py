@@ -138,9 +138,12 @@ def _prediction_report(emb: Embedding, store, batch: pd.Categorical, label_key: 
             pred_in_truth = pd.Index(truth.categories.astype(str)).get_indexer(pred.categories.astype(str))
             known = truth.codes >= 0
             correct = (pred.codes >= 0) & (pred_in_truth[np.maximum(pred.codes, 0)] == truth.codes) & known
-            per = pd.DataFrame({"batch": batch.astype(str)[known], "correct": correct[known]})
-            scores["per_batch_accuracy"] = {str(b): round(float(v), 4)
-                                            for b, v in per.groupby("batch", observed=True).correct.mean().items()}
+            has = known & (np.asarray(batch.codes) >= 0)
+            bcodes = np.asarray(batch.codes)[has]
+            total = np.bincount(bcodes, minlength=len(batch.categories))
+            right = np.bincount(bcodes, weights=correct[has], minlength=len(batch.categories))
+            scores["per_batch_accuracy"] = {str(b): round(float(r / t), 4)
+                                            for b, r, t in zip(batch.categories, right, total) if t}
             scores["unseen_classes"] = [str(c) for c, i in zip(truth.categories, lut) if i < 0]
             if reference is not None:
                 for name, part in (("reference", reference), ("query", ~reference)):
