@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bigatlas.prepare import convert, open_source, prepare
+from bigatlas.prepare import convert, prepare
+from bigatlas.sources import open_source
 from bigatlas.synth import synth
 from bigatlas.write_store import ZarrWriter
 from loaders import CellStream, StoreError, open_store
