@@ -90,40 +90,22 @@ def _run_stream(a):
               f"({cells / (time.perf_counter() - t):,.0f} cells/s)")
 
 
-def _add_bench_loader(sub):
-    p = sub.add_parser("bench-loader", help="loader benchmark vs annbatch and tiledbsoma-ml (JSON)",
-                       formatter_class=_Help)
-    from .bench_loader import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=lambda a: __import__("bigatlas.bench_loader", fromlist=["run"]).run(a))
-
-
-def _add_bench_train(sub):
-    p = sub.add_parser("bench-train", help="training benchmark: streaming vs in-memory, vs scatlasvae, memory",
-                       formatter_class=_Help)
-    from .bench_train import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=lambda a: __import__("bigatlas.bench_train", fromlist=["run"]).run(a))
+BENCHMARKS = {  # sub-command: (module, help); each module has add_arguments(parser) and run(args)
+    "bench-loader": ("bench_loader", "loader benchmark vs annbatch and tiledbsoma-ml (JSON)"),
+    "bench-train": ("bench_train", "training benchmark: streaming vs in-memory, vs scatlasvae, memory"),
+    "bench-infer": ("bench_infer", "inference benchmark: embed-to-disk vs in-memory forward, RSS"),
+    "bench-prepare": ("bench_prepare", "prepare benchmark: out-of-core passes vs scanpy in memory (JSON)"),
+}
 
 
-def _add_bench_infer(sub):
-    p = sub.add_parser("bench-infer", help="inference benchmark: embed-to-disk vs in-memory forward, RSS",
-                       formatter_class=_Help)
-    from .bench_infer import add_arguments
+def _add_benchmarks(sub):
+    import importlib
 
-    add_arguments(p)
-    p.set_defaults(func=lambda a: __import__("bigatlas.bench_infer", fromlist=["run"]).run(a))
-
-
-def _add_bench_prepare(sub):
-    p = sub.add_parser("bench-prepare", help="prepare benchmark: out-of-core passes vs scanpy in memory (JSON)",
-                       formatter_class=_Help)
-    from .bench_prepare import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=lambda a: __import__("bigatlas.bench_prepare", fromlist=["run"]).run(a))
+    for name, (module, help_) in BENCHMARKS.items():
+        mod = importlib.import_module(f".{module}", __package__)
+        p = sub.add_parser(name, help=help_, formatter_class=_Help)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
 
 
 def add_train_arguments(p) -> None:
@@ -342,10 +324,7 @@ def main(argv=None) -> int:
     _add_map_query(sub)
     _add_prepare(sub)
     _add_evaluate(sub)
-    _add_bench_loader(sub)
-    _add_bench_train(sub)
-    _add_bench_infer(sub)
-    _add_bench_prepare(sub)
+    _add_benchmarks(sub)
     a = parser.parse_args(argv)
     from loaders import StoreError
 
