@@ -171,7 +171,8 @@ def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=
     labels = defined_categorical(store, label_key)
     batch_codes, batch_cats = store.obs_codes(batch_key)
     batch = pd.Categorical.from_codes(batch_codes, categories=batch_cats)
-    sample = stratified_subsample(np.asarray(labels.codes), n_cells, seed)
+    # cells with a defined label and a batch: every metric uses both
+    sample = stratified_subsample(np.where(batch_codes >= 0, labels.codes, -1), n_cells, seed)
     if len(sample) < 20:
         raise EmbeddingError(f"only {len(sample)} cells of {data} have a defined {label_key!r} label; "
                              "evaluation needs labelled cells")
