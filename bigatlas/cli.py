@@ -98,14 +98,17 @@ BENCHMARKS = {  # sub-command: (module, help); each module has add_arguments(par
 }
 
 
-def _add_benchmarks(sub):
+def _add_benchmarks(sub, command: str | None):
+    """A benchmark module (torch, peer loaders) is imported only when its command runs: every other
+    command, `bigatlas synth` included, starts without it."""
     import importlib
 
     for name, (module, help_) in BENCHMARKS.items():
-        mod = importlib.import_module(f".{module}", __package__)
         p = sub.add_parser(name, help=help_, formatter_class=_Help)
-        mod.add_arguments(p)
-        p.set_defaults(func=mod.run)
+        if name == command:
+            mod = importlib.import_module(f".{module}", __package__)
+            mod.add_arguments(p)
+            p.set_defaults(func=mod.run)
 
 
 def add_train_arguments(p) -> None:
@@ -324,7 +327,8 @@ def main(argv=None) -> int:
     _add_map_query(sub)
     _add_prepare(sub)
     _add_evaluate(sub)
-    _add_benchmarks(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _add_benchmarks(sub, argv[0] if argv else None)
     a = parser.parse_args(argv)
     from loaders import StoreError
 

@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 
 from loaders import open_store
+from loaders.census import is_census
 from loaders.csr import concat
 
-from .config import DataConfig
 from .embedding import Embedding, EmbeddingError
 from .metrics import confusion, knn, prediction_scores, scib_scores
+from .vocab import apply_lut, defined_labels, label_lut
 
 BASELINE_GENES = 2000
 
@@ -40,16 +41,6 @@ def stratified_subsample(labels: np.ndarray, n: int, seed: int = 0, floor: int =
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     chosen = [rng.choice(order[s : s + c], t, replace=False) for s, c, t in zip(starts, counts, take) if t]
     return np.sort(np.concatenate(chosen))
-
-
-def defined_categorical(store, column: str, undefined=DataConfig().undefined_labels) -> pd.Categorical:
-    """The column for every cell, with undefined / missing labels as missing (code -1)."""
-    codes, cats = store.obs_codes(column)
-    bad = {u.lower() for u in undefined}
-    keep = np.array([str(c).lower() not in bad for c in cats], dtype=bool)
-    remap = np.cumsum(keep) - 1
-    new = np.where((codes >= 0) & keep[np.maximum(codes, 0)], remap[np.maximum(codes, 0)], -1)
-    return pd.Categorical.from_codes(new, categories=np.asarray(cats)[keep])
 
 
 def read_counts(store, positions: np.ndarray, piece: int = 8192):
@@ -98,7 +89,7 @@ def _umap(z: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _same_data(a: str, b: str) -> bool:
-    if str(a).startswith("census:") or str(b).startswith("census:"):
+    if is_census(a) or is_census(b):
         return str(a) == str(b)
     return Path(a).resolve() == Path(b).resolve()
 
@@ -115,36 +106,30 @@ def reference_mask(run: Path | None, data: str, store) -> np.ndarray | None:
     return np.isin(store.store_rows(np.arange(store.n_obs)), ref.store_rows(np.arange(ref.n_obs)))
 
 
-def _prediction_report(emb: Embedding, store, batch: pd.Categorical, label_key: str, truth_keys,
+def _prediction_report(predicted: dict, store, batch: pd.Categorical, label_key: str, truth_keys,
                        reference: np.ndarray | None) -> dict:
     """Per (predicted key, truth column): accuracy, macro-F1, per-batch accuracy and the confusion table;
     with a reference mask also accuracy on reference and on query cells (outside the training slice).
     Every predicted key is scored against the same-named column; label_key's also against truth_keys."""
+    missing = [c for c in truth_keys if c not in store.obs_columns] if label_key in predicted else []
+    if missing:
+        raise EmbeddingError(f"truth column {missing[0]!r} not in {store.uri} (have: {', '.join(store.obs_columns)})")
     out = {}
-    row_ids = store.store_rows(np.arange(store.n_obs)) if emb.format == "soma" else None
-    for key in emb.label_keys:
-        wanted = [key, *truth_keys] if key == label_key else [key]
-        missing = [c for c in wanted[1:] if c not in store.obs_columns]
-        if missing:
-            raise EmbeddingError(f"truth column {missing[0]!r} not in {store.uri} (have: {', '.join(store.obs_columns)})")
-        columns = [c for c in wanted if c in store.obs_columns]
-        pred = None
-        for col in dict.fromkeys(columns):
-            pred = emb.predictions(key, row_ids) if pred is None else pred
-            truth = defined_categorical(store, col)
+    for key, pred in predicted.items():
+        columns = [key, *truth_keys] if key == label_key else [key]
+        for col in dict.fromkeys(c for c in columns if c in store.obs_columns):
+            truth = _labels(store, col)
             conf = confusion(truth, pred)
             scores = prediction_scores(conf)
-            lut = pd.Index(pred.categories.astype(str)).get_indexer(truth.categories.astype(str))
-            pred_in_truth = pd.Index(truth.categories.astype(str)).get_indexer(pred.categories.astype(str))
             known = truth.codes >= 0
-            correct = (pred.codes >= 0) & (pred_in_truth[np.maximum(pred.codes, 0)] == truth.codes) & known
+            correct = (apply_lut(label_lut(pred.categories, truth.categories), pred.codes) == truth.codes) & known
             has = known & (np.asarray(batch.codes) >= 0)
             bcodes = np.asarray(batch.codes)[has]
             total = np.bincount(bcodes, minlength=len(batch.categories))
             right = np.bincount(bcodes, weights=correct[has], minlength=len(batch.categories))
             scores["per_batch_accuracy"] = {str(b): round(float(r / t), 4)
                                             for b, r, t in zip(batch.categories, right, total) if t}
-            scores["unseen_classes"] = [str(c) for c, i in zip(truth.categories, lut) if i < 0]
+            scores["unseen_classes"] = [c for c in truth.categories if c not in set(pred.categories.astype(str))]
             if reference is not None:
                 for name, part in (("reference", reference), ("query", ~reference)):
                     sel = part & known
@@ -152,6 +137,10 @@ def _prediction_report(emb: Embedding, store, batch: pd.Categorical, label_key: 
                     scores[f"{name}_cells"] = int(sel.sum())
             out[f"{key}_pred vs {col}"] = {"scores": scores, "confusion": conf}
     return out
+
+
+def _labels(store, column: str) -> pd.Categorical:
+    return defined_labels(*store.obs_codes(column))
 
 
 def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=None, run=None, out=None,
@@ -168,7 +157,7 @@ def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=
     if store.n_obs != emb.n_obs:
         raise EmbeddingError(f"embedding {emb.path} has {emb.n_obs} cells but {data} "
                              f"(obs_filter {obs_filter!r}) has {store.n_obs}; pass the data and filter it was made from")
-    labels = defined_categorical(store, label_key)
+    labels = _labels(store, label_key)
     batch_codes, batch_cats = store.obs_codes(batch_key)
     batch = pd.Categorical.from_codes(batch_codes, categories=batch_cats)
     # cells with a defined label and a batch: every metric uses both
@@ -197,15 +186,17 @@ def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=
     reference = reference_mask(run, data, store)
     if reference is not None:
         result["reference_query"] = {"reference_cells": int(reference.sum()), "query_cells": int((~reference).sum())}
-    preds = _prediction_report(emb, store, batch, label_key, truth_keys, reference)
+    row_ids = store.store_rows(np.arange(store.n_obs)) if emb.format == "soma" else None
+    predicted = {key: emb.predictions(key, row_ids) for key in emb.label_keys}  # position order, every cell
+    preds = _prediction_report(predicted, store, batch, label_key, truth_keys, reference)
     result["predictions"] = {k: v["scores"] for k, v in preds.items()}
 
     out = Path(out) if out else (run / "report" if run and run.exists() else emb.path.with_name(emb.path.name + ".report"))
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    figures = _figures(tmp, z, sample, lab, bat, emb, store, preds, run, label_key, batch_key, umap_cells, seed,
-                       None if reference is None else reference[sample])
+    figures = _figures(tmp, z, sample, lab, bat, predicted.get(label_key), preds, run, label_key, batch_key,
+                       umap_cells, seed, None if reference is None else reference[sample])
     result["figures"] = figures
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -219,7 +210,7 @@ def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=
     return result
 
 
-def _figures(folder, z, sample, lab, bat, emb, store, preds, run, label_key, batch_key, umap_cells, seed,
+def _figures(folder, z, sample, lab, bat, pred, preds, run, label_key, batch_key, umap_cells, seed,
              reference) -> dict:
     from .plots import confusion_matrix, loss_curves, umap_panels
 
@@ -227,10 +218,8 @@ def _figures(folder, z, sample, lab, bat, emb, store, preds, run, label_key, bat
     pick = np.sort(np.random.default_rng(seed).choice(len(sample), min(umap_cells, len(sample)), replace=False))
     xy = _umap(z[pick], seed)
     panels = {f"batch ({batch_key})": bat[pick], f"label ({label_key})": lab[pick]}
-    if label_key in emb.label_keys:
-        row_ids = store.store_rows(sample[pick]) if emb.format == "soma" else None
-        pred = emb.predictions(label_key, row_ids)
-        panels[f"predicted {label_key}"] = pred if emb.format == "soma" else pred[sample[pick]]
+    if pred is not None:
+        panels[f"predicted {label_key}"] = pred[sample[pick]]
     if reference is not None and not reference.all():
         panels["reference / query"] = pd.Categorical(np.where(reference[pick], "reference", "query"),
                                                      categories=["reference", "query"])

@@ -60,9 +60,13 @@ def log1p_normalized(counts: np.ndarray, target: float = 1e4) -> np.ndarray:
     return np.log1p(counts / np.maximum(lib, 1) * target)
 
 
+def neighbour_scores(neighbours: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> dict:
+    return {"knn_label_accuracy": knn_label_accuracy(neighbours, labels),
+            "batch_mixing": batch_mixing(neighbours, batches)}
+
+
 def embedding_scores(emb: np.ndarray, labels: np.ndarray, batches: np.ndarray, k: int = 15) -> dict:
-    nn_ = knn(emb, k)
-    return {"knn_label_accuracy": knn_label_accuracy(nn_, labels), "batch_mixing": batch_mixing(nn_, batches)}
+    return neighbour_scores(knn(emb, k), labels, batches)
 
 
 BIO = ("ari", "nmi", "silhouette_label", "clisi", "isolated_labels")
@@ -81,8 +85,7 @@ def scib_scores(emb: np.ndarray, labels: np.ndarray, batches: np.ndarray, seed: 
     self_col = np.arange(len(emb))[:, None]
     full = NeighborsResults(indices=np.hstack([self_col, idx]), distances=np.hstack([np.zeros_like(dist[:, :1]), dist]))
     small, kb = full.subset_neighbors(K_SMALL + 1), full.subset_neighbors(K_KBET + 1)
-    out = {"knn_label_accuracy": knn_label_accuracy(idx[:, :K_SMALL], labels),
-           "batch_mixing": batch_mixing(idx[:, :K_SMALL], batches)}
+    out = neighbour_scores(idx[:, :K_SMALL], labels, batches)
     np.random.seed(seed)  # scib-metrics' k-means draws from numpy's global state
     out.update(sm.nmi_ari_cluster_labels_kmeans(emb, labels))
     out["silhouette_label"] = float(sm.silhouette_label(emb, labels))

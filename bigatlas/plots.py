@@ -1,4 +1,4 @@
-"""Figures written into the run dir (matplotlib, headless): loss curves, UMAP panels, confusion matrix."""
+"""Figures (matplotlib, headless): loss curves, library sizes, UMAP panels, confusion matrix."""
 from __future__ import annotations
 
 import csv
@@ -36,6 +36,21 @@ def loss_curves(metrics_csv, out_png) -> Path | None:
         ax.set_title(term)
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def library_size(counts: np.ndarray, edges: np.ndarray, n_cells: int, out_png) -> Path:
+    """Histogram of counts per cell (cells per bin between consecutive `edges`), log x axis."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.stairs(counts, edges)
+    ax.set_xscale("log")
+    ax.set_xlabel("counts per cell")
+    ax.set_ylabel("cells")
+    ax.set_title(f"library size ({n_cells} cells)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

@@ -9,17 +9,17 @@
   with the number of batches as tie-break, as scanpy): `hvg.txt` is a gene list `--genes` accepts;
 - class counts per label key.
 
-The cells are cut into blocks of `block_cells`; a dask bag with a few partitions per worker reduces
-each partition's blocks into one small accumulator (batches × genes), then the partitions' results
-in a tree, so memory is a few blocks plus a few accumulators whatever the number of cells.
-Conversion computes windows of partitions in parallel and appends them in order.
+The cells are cut into blocks of `block_cells`; a dask bag with one partition per worker folds each
+partition's blocks into one accumulator (batches × genes), then the partitions' results are summed,
+so memory is a block and an accumulator per worker whatever the number of cells. Conversion reads
+windows of `workers` blocks in parallel and appends them in order.
 """
 from __future__ import annotations
 
 import json
 import resource
 import time
-from functools import partial
+from functools import partial, reduce
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,9 @@ import scipy.sparse as sp
 
 from loaders import StoreError
 
-from .config import DataConfig
+from .plots import library_size
 from .sources import Source, StoreSource, feature_ids, open_source
+from .vocab import defined_labels
 from .write_store import DEFAULT_CHUNK_ELEMS, ZarrWriter
 
 LIB_BINS = np.concatenate([[0.0], np.logspace(0, 7, 281)])  # library sizes 1 .. 1e7, 40 bins per decade
@@ -97,15 +98,8 @@ def _clipped(source: Source, batch: np.ndarray, clip: np.ndarray, ranges) -> dic
 
 
 def _reduce(bag, per_partition, workers: int) -> dict:
-    return bag.reduction(lambda part: per_partition(list(part)), lambda parts: _sum_parts(parts),
+    return bag.reduction(lambda part: per_partition(list(part)), lambda parts: reduce(_add, parts),
                          split_every=4).compute(scheduler="threads", num_workers=workers)
-
-
-def _sum_parts(parts) -> dict:
-    out = None
-    for p in parts:
-        out = p if out is None else _add(out, p)
-    return out
 
 
 # -- seurat_v3 -----------------------------------------------------------------------------------
@@ -234,15 +228,14 @@ def prepare(data, out, *, batch_key: str | None = None, label_keys=(), obs_filte
         for col in ranked:
             table[col] = ranked[col].to_numpy()
         hvg_genes = list(table[table.hvg_order >= 0].sort_values("hvg_order").index)  # most variable first
-    undefined = {u.lower() for u in DataConfig().undefined_labels}
     class_counts = {}
     for key in label_keys:
         cat = source.obs(key)
-        counts = pd.Series(np.bincount(cat.codes[cat.codes >= 0], minlength=len(cat.categories)),
-                           index=[str(c) for c in cat.categories])
-        class_counts[key] = {"classes": {k: int(v) for k, v in counts.items() if k.lower() not in undefined},
-                             "undefined": int(counts[[k for k in counts.index if k.lower() in undefined]].sum()
-                                              + (cat.codes < 0).sum())}
+        labels = defined_labels(cat.codes, cat.categories)
+        known = labels.codes[labels.codes >= 0]
+        counts = np.bincount(known, minlength=len(labels.categories))
+        class_counts[key] = {"classes": dict(zip(labels.categories, map(int, counts))),
+                             "undefined": int(len(labels) - len(known))}
     stats = {"data": str(data), "obs_filter": obs_filter, "converted_to": str(convert_to) if convert_to else None,
              "n_obs": int(n), "n_vars": int(g), "batch_key": batch_key,
              "cells_per_batch": dict(zip(batch_names, map(int, m["n"]))),
@@ -255,7 +248,7 @@ def prepare(data, out, *, batch_key: str | None = None, label_keys=(), obs_filte
     table.to_csv(out / "genes.csv")
     if hvg_genes:
         (out / "hvg.txt").write_text("\n".join(hvg_genes) + "\n")
-    _library_plot(m, out / "library_size.png")
+    library_size(m["lib_hist"][1:-1], LIB_BINS[1:], n, out / "library_size.png")
     stats["seconds"] = round(time.perf_counter() - t0, 1)
     stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -272,18 +265,3 @@ def _library_summary(m: dict, n: int) -> dict:
     q = {f"q{int(p * 100):02d}": float(upper[np.searchsorted(cdf, p)]) for p in (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)}
     return {"mean": float(m["lib_sum"] / max(n, 1)), "min": float(m["lib_min"]), "max": float(m["lib_max"]),
             "quantiles_upper_bound": q, "zero_count_cells": int(m["lib_hist"][0])}
-
-
-def _library_plot(m: dict, png) -> None:
-    from .plots import _plt
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.stairs(m["lib_hist"][1:-1], LIB_BINS[1:])
-    ax.set_xscale("log")
-    ax.set_xlabel("counts per cell")
-    ax.set_ylabel("cells")
-    ax.set_title(f"library size ({int(m['lib_hist'].sum())} cells)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)

@@ -7,6 +7,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from loaders import StoreError, open_store
+from loaders.csr import select_columns
+from loaders.store import eval_filter
 
 
 class Source:
@@ -38,8 +40,6 @@ class StoreSource(Source):
         self.n_obs = s.n_obs
 
     def read(self, lo, hi):
-        from loaders.csr import select_columns
-
         m = self.store.read(np.arange(lo, hi))
         if self._colmap is not None:
             m = select_columns(m, self._colmap, len(self.var))
@@ -79,14 +79,7 @@ class H5adSource(Source):
         self.var = read_elem(f["raw/var" if key == "raw/X" else "var"])
         self._rows = None
         if obs_filter:
-            from loaders.store import filter_columns
-
-            filter_columns(obs_filter, self._obs_all.columns)
-            try:
-                mask = np.asarray(self._obs_all.eval(obs_filter), dtype=bool)
-            except Exception as e:
-                raise StoreError(f"obs_filter {obs_filter!r} failed on {self.path}: {e}") from None
-            self._rows = np.flatnonzero(mask)
+            self._rows = eval_filter(obs_filter, self._obs_all.columns, lambda c: self._obs_all[c].array, self.path)
         self.n_obs = len(self._obs_all) if self._rows is None else len(self._rows)
         if self.n_obs == 0:
             raise StoreError(f"{self.path}: 0 cells{' match obs_filter ' + repr(obs_filter) if obs_filter else ''}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .config import DataConfig
 
@@ -46,14 +47,14 @@ class Vocab:
                                  "fill it (e.g. with 'unknown') or filter those cells out")
             batch[key] = [str(c) for c in cats]
         labels, counts = {}, {}
-        undefined = {u.lower() for u in data.undefined_labels}
         for key in data.label_keys:
             codes, cats = store.obs_codes(key)
-            classes = [str(c) for c in cats if str(c).lower() not in undefined]
+            defined = defined_labels(codes, cats, data.undefined_labels)
+            classes = list(defined.categories)
             if not classes:
                 raise ValueError(f"label key {key!r} has only undefined labels ({', '.join(map(str, cats))})")
             labels[key] = classes
-            model_codes = apply_lut(label_lut(cats, classes), codes)
+            model_codes = np.asarray(defined.codes, np.int64)
             if train_mask is not None:
                 model_codes = model_codes[train_mask]
             counts[key] = np.bincount(model_codes[model_codes >= 0], minlength=len(classes)).tolist()
@@ -67,6 +68,14 @@ class Vocab:
         """Store code → class index per label key (default: all); -1 for undefined or unknown labels."""
         keys = self.label_classes if keys is None else keys
         return {k: label_lut(store.obs_codes(k)[1], self.label_classes[k]) for k in keys}
+
+
+def defined_labels(codes: np.ndarray, categories, undefined=DataConfig().undefined_labels) -> pd.Categorical:
+    """Labels as a categorical of the real classes (as strings, store order): cells labelled
+    'undefined', 'unknown', … (case-insensitive) or missing get code -1."""
+    bad = {u.lower() for u in undefined}
+    classes = [str(c) for c in categories if str(c).lower() not in bad]
+    return pd.Categorical.from_codes(apply_lut(label_lut(categories, classes), np.asarray(codes)), categories=classes)
 
 
 def label_lut(store_categories, model_categories) -> np.ndarray:

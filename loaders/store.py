@@ -35,6 +35,17 @@ def filter_columns(expr: str, columns) -> list[str]:
     return sorted(words & set(columns))
 
 
+def eval_filter(expr: str, columns, read_column, uri: str) -> np.ndarray:
+    """Positions matching obs_filter `expr`, evaluated by pandas on the columns it names
+    (`read_column(name)` gives a column's values) — for stores without a query engine of their own."""
+    frame = pd.DataFrame({c: read_column(c) for c in filter_columns(expr, columns)})
+    try:
+        mask = np.asarray(frame.eval(expr), dtype=bool)
+    except Exception as e:
+        raise StoreError(f"obs_filter {expr!r} failed on {uri}: {e}") from None
+    return np.flatnonzero(mask).astype(np.int64)
+
+
 def codes_of(values) -> tuple[np.ndarray, np.ndarray]:
     """Integer category codes (missing → -1) and categories for any obs column."""
     if isinstance(values, pd.Categorical) or isinstance(getattr(values, "dtype", None), pd.CategoricalDtype):

@@ -13,7 +13,7 @@ import zarr
 from zarr.core.sync import sync
 
 from .csr import CSR
-from .store import Store, StoreError, filter_columns
+from .store import Store, StoreError, eval_filter
 
 
 def _read_elem(node):
@@ -55,15 +55,7 @@ class ZarrStore(Store):
         n_rows = len(self._indptr) - 1
         self._rows = None  # None = identity map from positions to store rows
         if obs_filter:
-            cols = filter_columns(obs_filter, self._obs_cols)
-            import pandas as pd
-
-            frame = pd.DataFrame({c: _read_elem(self._obs[c]) for c in cols})
-            try:
-                mask = np.asarray(frame.eval(obs_filter), dtype=bool)
-            except Exception as e:
-                raise StoreError(f"obs_filter {obs_filter!r} failed on {self.uri}: {e}") from None
-            self._rows = np.flatnonzero(mask).astype(np.int64)
+            self._rows = eval_filter(obs_filter, self._obs_cols, lambda c: _read_elem(self._obs[c]), self.uri)
             if len(self._rows) == 0:
                 raise StoreError(f"obs_filter {obs_filter!r} matches 0 of {n_rows} cells in {self.uri}")
         self.n_obs = n_rows if self._rows is None else len(self._rows)
