@@ -45,7 +45,10 @@ demo: install
 		print('cell_type accuracy vs truth: all %.3f, query study_5 (not trained on) %.3f' % (p['accuracy'], p['query_accuracy']))"
 	@echo "report: $(DEMO)/run/report/report.html  (also report.md; metrics.json, PNGs beside it)"
 
+# lint and format check first (seconds), then the suite
 test: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -3,6 +3,7 @@
 Inference streams the store in order (no shuffle) and returns arrays in store order; weights load
 from safetensors only (no pickle is ever unpickled).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,21 +22,40 @@ from .vocab import Vocab, align_genes, apply_lut
 
 
 class AtlasVAE:
-    def __init__(self, config: RunConfig, vocab: Vocab | None = None, module: ScAtlasVAE | None = None,
-                 run_dir=None):
+    def __init__(self, config: RunConfig, vocab: Vocab | None = None, module: ScAtlasVAE | None = None, run_dir=None):
         self.config, self.vocab, self.module, self.run_dir = config, vocab, module, run_dir
 
     @classmethod
-    def setup(cls, data: str, *, batch_key: str, label_keys=(), covariate_keys=(), obs_filter=None, layer=None,
-              genes=None, model: dict | None = None, train: dict | None = None) -> "AtlasVAE":
-        cfg = RunConfig(model=ModelConfig(**(model or {})), train=TrainConfig(**(train or {})),
-                        data=DataConfig(data=str(data), batch_key=batch_key, label_keys=tuple(label_keys),
-                                        covariate_keys=tuple(covariate_keys), obs_filter=obs_filter, layer=layer,
-                                        genes=None if genes is None else tuple(genes)))
+    def setup(
+        cls,
+        data: str,
+        *,
+        batch_key: str,
+        label_keys=(),
+        covariate_keys=(),
+        obs_filter=None,
+        layer=None,
+        genes=None,
+        model: dict | None = None,
+        train: dict | None = None,
+    ) -> AtlasVAE:
+        cfg = RunConfig(
+            model=ModelConfig(**(model or {})),
+            train=TrainConfig(**(train or {})),
+            data=DataConfig(
+                data=str(data),
+                batch_key=batch_key,
+                label_keys=tuple(label_keys),
+                covariate_keys=tuple(covariate_keys),
+                obs_filter=obs_filter,
+                layer=layer,
+                genes=None if genes is None else tuple(genes),
+            ),
+        )
         return cls(cfg)
 
     # -- training / persistence -------------------------------------------------------------------
-    def fit(self, run_dir, *, max_epochs: int | None = None, resume: bool = False) -> "AtlasVAE":
+    def fit(self, run_dir, *, max_epochs: int | None = None, resume: bool = False) -> AtlasVAE:
         """Train in this process (streaming) into run_dir, then hold the trained weights."""
         cfg = self.config.override("train", max_epochs=max_epochs)
         train(cfg, run_dir, resume=resume, accelerator=make_accelerator(cfg))
@@ -44,7 +64,7 @@ class AtlasVAE:
         return self
 
     @classmethod
-    def load(cls, run_dir) -> "AtlasVAE":
+    def load(cls, run_dir) -> AtlasVAE:
         from safetensors.torch import load_file
 
         run = Path(run_dir)
@@ -54,8 +74,10 @@ class AtlasVAE:
         saved = json.loads((run / "config.json").read_text())
         version = saved.get("format_version")
         if version != FORMAT_VERSION or "config" not in saved:
-            raise ValueError(f"{run}/config.json has format_version {version!r}; this bigatlas reads "
-                             f"version {FORMAT_VERSION} run dirs")
+            raise ValueError(
+                f"{run}/config.json has format_version {version!r}; this bigatlas reads "
+                f"version {FORMAT_VERSION} run dirs"
+            )
         cfg = RunConfig.from_dict(saved["config"])
         vocab = Vocab.load(run / "vocab.json")
         module = build_model(vocab, cfg)
@@ -70,11 +92,15 @@ class AtlasVAE:
         self._need_fit()
         run = Path(run_dir)
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(
-            {"format_version": FORMAT_VERSION, "config": self.config.to_dict()}, indent=2) + "\n")
+        (run / "config.json").write_text(
+            json.dumps({"format_version": FORMAT_VERSION, "config": self.config.to_dict()}, indent=2) + "\n"
+        )
         self.vocab.save(run / "vocab.json")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()},
-                  str(run / "model.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()},
+            str(run / "model.safetensors"),
+            metadata={"format_version": str(FORMAT_VERSION)},
+        )
         self.run_dir = run
         return run
 
@@ -88,12 +114,22 @@ class AtlasVAE:
         zero-filled (with a warning), as in `embed`."""
         self._need_fit()
         d = self.config.data
-        store = open_store(data or d.data, obs_filter=obs_filter if data else (obs_filter or d.obs_filter),
-                           layer=d.layer)
+        store = open_store(
+            data or d.data, obs_filter=obs_filter if data else (obs_filter or d.obs_filter), layer=d.layer
+        )
         keys = d.batch_keys if with_batch_codes else ()
         colmap, _ = align_genes(store, self.vocab.genes)
-        stream = CellStream(store, batch_size=batch_size, seed=0, shuffle=False, genes=self.vocab.genes,
-                            colmap=colmap, obs_keys=keys, prefetch_next_epoch=False, validate="counts")
+        stream = CellStream(
+            store,
+            batch_size=batch_size,
+            seed=0,
+            shuffle=False,
+            genes=self.vocab.genes,
+            colmap=colmap,
+            obs_keys=keys,
+            prefetch_next_epoch=False,
+            validate="counts",
+        )
         luts = self.vocab.batch_luts(store) if keys else {}
         device = next(self.module.parameters()).device
         for batch in stream:
@@ -103,8 +139,10 @@ class AtlasVAE:
                 unseen = (codes < 0).any(1)
                 if unseen.any():
                     k = keys[int(np.argmax((codes[unseen] < 0).any(0)))]
-                    raise ValueError(f"obs column {k!r} has categories the model was not trained on; "
-                                     "use map_query to extend the model")
+                    raise ValueError(
+                        f"obs column {k!r} has categories the model was not trained on; "
+                        "use map_query to extend the model"
+                    )
                 codes = torch.from_numpy(codes).to(device)
             yield batch.index.numpy(), Counts.from_sparse_csr(batch.x, device), codes
 
@@ -117,7 +155,7 @@ class AtlasVAE:
             raise RuntimeError("embed() streams from a saved run dir: fit(run_dir) or AtlasVAE.load(run_dir)")
         return embed(self.run_dir, data, out, **kwargs)
 
-    def map_query(self, query: str, out, **kwargs) -> "AtlasVAE":
+    def map_query(self, query: str, out, **kwargs) -> AtlasVAE:
         """Architecture surgery on `query` (see bigatlas.query.map_query); returns the new model."""
         from .query import map_query
 
@@ -155,8 +193,9 @@ class AtlasVAE:
         return out
 
     @torch.no_grad()
-    def get_reconstructed_expression(self, data: str | None = None, *, obs_filter=None, library_size=None,
-                                     batch_size: int = 1024) -> np.ndarray:
+    def get_reconstructed_expression(
+        self, data: str | None = None, *, obs_filter=None, library_size=None, batch_size: int = 1024
+    ) -> np.ndarray:
         """Decoded NB/ZINB means (cells × genes) from the posterior mean, each cell decoded with its own
         batch; library_size=None uses the observed total counts, a number rescales every cell to it."""
         self._need_fit()

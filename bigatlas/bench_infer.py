@@ -1,6 +1,7 @@
 """Inference benchmark: I1 = embed-to-disk cells/s ÷ pure forward-pass cells/s on tensors already in
 memory (same model, same batch size, side by side in one run), plus peak RSS and cells/s embedding a
 1,000,000-cell store in a fresh process. Writes bench/results/infer.json."""
+
 from __future__ import annotations
 
 import json
@@ -66,9 +67,11 @@ def embed_to_disk(run, data, out, batch_size) -> float:
 
 def embed_rss(run, data, out, batch_size) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    code = ("import resource, time; from bigatlas.infer import embed; t = time.perf_counter(); "
-            f"embed({str(run)!r}, {data!r}, {str(out)!r}, batch_size={batch_size}, progress=False); "
-            "print('RESULT', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)")
+    code = (
+        "import resource, time; from bigatlas.infer import embed; t = time.perf_counter(); "
+        f"embed({str(run)!r}, {data!r}, {str(out)!r}, batch_size={batch_size}, progress=False); "
+        "print('RESULT', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
@@ -77,9 +80,9 @@ def embed_rss(run, data, out, batch_size) -> dict:
 
 
 def run(a) -> dict:
-    from .bench_train import ensure_store
-
     from loaders import open_store
+
+    from .bench_train import ensure_store
 
     data = ensure_store(a.data_dir, a.cells, a.genes)
     run_dir = _run_dir(data, a.data_dir)
@@ -87,9 +90,14 @@ def run(a) -> dict:
     out = Path(a.data_dir) / "bench_infer_out.zarr"
     mem = forward_in_memory(run_dir, data, a.batch_size)
     disk = embed_to_disk(run_dir, data, out, a.batch_size)
-    res = {"cells": a.cells, "genes": a.genes, "batch_size": a.batch_size,
-           "forward_in_memory_cells_per_s": round(mem), "embed_to_disk_cells_per_s": round(disk),
-           "I1_disk_over_memory": round(disk / mem, 3)}
+    res = {
+        "cells": a.cells,
+        "genes": a.genes,
+        "batch_size": a.batch_size,
+        "forward_in_memory_cells_per_s": round(mem),
+        "embed_to_disk_cells_per_s": round(disk),
+        "I1_disk_over_memory": round(disk / mem, 3),
+    }
     print(json.dumps(res), flush=True)
     if a.large:
         large = ensure_store(a.data_dir, a.large, a.genes)

@@ -5,6 +5,7 @@ case for shuffling). Reports cells/s, mean per-minibatch cell-type entropy ÷ th
 permutation, and RSS growth; ratios L1 = b/c, L2 = b/a, L3 = d/e. Peer loaders are optional: a
 missing one is reported as skipped with the reason, never silently.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,16 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=512, help="cells per minibatch")
     p.add_argument("--workers", type=int, default=1, help="bigatlas reader threads")
     p.add_argument("--block-size", type=int, default=None, help="bigatlas block rows (default: store's)")
-    p.add_argument("--blocks-per-request", type=int, default=None,
-                   help="bigatlas blocks per read request (default: store's)")
+    p.add_argument(
+        "--blocks-per-request", type=int, default=None, help="bigatlas blocks per read request (default: store's)"
+    )
     p.add_argument("--epochs", type=int, default=3, help="epochs per loader; the median epoch is reported")
-    p.add_argument("--only", nargs="*", default=None,
-                   help="subset of loaders: sequential bigatlas_zarr annbatch bigatlas_soma tiledbsoma_ml")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="subset of loaders: sequential bigatlas_zarr annbatch bigatlas_soma tiledbsoma_ml",
+    )
     p.add_argument("--out", default="bench/results/loader.json", help="JSON result file")
 
 
@@ -86,10 +92,16 @@ def measure(make_iter, n_expected: int, epochs: int) -> dict:
             seconds.append(time.perf_counter() - t)
             complete &= cells == n_expected
     med = float(np.median(seconds))
-    return {"cells": n_expected, "epochs": epochs, "epoch_seconds": [round(x, 3) for x in seconds],
-            "cells_per_s": round(n_expected / med), "first_epoch_cells_per_s": round(n_expected / seconds[0]),
-            "mean_batch_entropy": round(float(np.mean(ents)), 4) if ents else None,
-            "rss_growth_mb": round(rss.growth_mb, 1), "complete_epochs": complete}
+    return {
+        "cells": n_expected,
+        "epochs": epochs,
+        "epoch_seconds": [round(x, 3) for x in seconds],
+        "cells_per_s": round(n_expected / med),
+        "first_epoch_cells_per_s": round(n_expected / seconds[0]),
+        "mean_batch_entropy": round(float(np.mean(ents)), 4) if ents else None,
+        "rss_growth_mb": round(rss.growth_mb, 1),
+        "complete_epochs": complete,
+    }
 
 
 def ensure_stores(a) -> tuple[str, str]:
@@ -119,6 +131,7 @@ def sequential(zarr_path, batch_size):
             m = store.read(np.arange(lo, min(lo + step, store.n_obs)))
             for b in range(0, m.n_rows, batch_size):
                 yield min(batch_size, m.n_rows - b), None
+
     return it
 
 
@@ -126,19 +139,26 @@ def bigatlas_stream(path, a, codes):
     from loaders import CellStream, open_store
 
     store = open_store(path)
-    s = CellStream(store, batch_size=a.batch_size, seed=0, num_workers=a.workers,
-                   block_size=a.block_size, blocks_per_request=a.blocks_per_request)
+    s = CellStream(
+        store,
+        batch_size=a.batch_size,
+        seed=0,
+        num_workers=a.workers,
+        block_size=a.block_size,
+        blocks_per_request=a.blocks_per_request,
+    )
 
     def it(epoch):
         s.set_epoch(epoch)
         for b in s:
             yield len(b), codes[b.index.numpy()]
+
     return it
 
 
 def annbatch_loader(zarr_path, a, codes_of_name):
-    import anndata as ad
     import annbatch
+    import anndata as ad
     import zarr
 
     coll_path = Path(a.data_dir) / f"annbatch_{Path(zarr_path).name}"
@@ -149,21 +169,20 @@ def annbatch_loader(zarr_path, a, codes_of_name):
         shutil.rmtree(coll_path)  # an interrupted earlier build
     if not coll_path.exists():
         t = time.perf_counter()
-        annbatch.DatasetCollection(str(coll_path)).add_adatas([zarr_path], shuffle=True,
-                                                              rng=np.random.default_rng(0))
+        annbatch.DatasetCollection(str(coll_path)).add_adatas([zarr_path], shuffle=True, rng=np.random.default_rng(0))
         info["collection_build_s"] = round(time.perf_counter() - t, 1)
 
     def load(g: zarr.Group):  # backed X and the label column only, like the other loaders
         return ad.AnnData(X=ad.io.sparse_dataset(g["X"]), obs=ad.io.read_elem(g["obs"])[[LABEL]])
 
-    loader = annbatch.Loader(batch_size=a.batch_size, shuffle=True, preload_to_gpu=False,
-                             rng=np.random.default_rng(0))
+    loader = annbatch.Loader(batch_size=a.batch_size, shuffle=True, preload_to_gpu=False, rng=np.random.default_rng(0))
     loader.use_collection(annbatch.DatasetCollection(str(coll_path), mode="r"), load_adata=load)
 
     def it(epoch):
         for out in loader:
             labels = codes_of_name(out["obs"][LABEL].astype(str).to_numpy())
             yield out["X"].shape[0], labels
+
     return it, info
 
 
@@ -173,10 +192,18 @@ def tiledbsoma_ml_loader(soma_path, a, codes_of_name):
 
     def it(epoch):
         with soma.Experiment.open(soma_path) as exp, exp.axis_query("RNA") as q:
-            ds = ExperimentDataset(q, layer_name="raw", obs_column_names=[LABEL], batch_size=a.batch_size,
-                                   shuffle=True, seed=0, return_sparse_X=True)
+            ds = ExperimentDataset(
+                q,
+                layer_name="raw",
+                obs_column_names=[LABEL],
+                batch_size=a.batch_size,
+                shuffle=True,
+                seed=0,
+                return_sparse_X=True,
+            )
             for x, obs in ds:
                 yield x.shape[0], codes_of_name(obs[LABEL].astype(str).to_numpy())
+
     return it
 
 
@@ -194,10 +221,17 @@ def run(a) -> dict:
     perm = np.random.default_rng(0).permutation(codes)
     random_entropy = float(np.mean([batch_entropy(perm[i : i + a.batch_size]) for i in range(0, n, a.batch_size)]))
     wanted = set(a.only or ["sequential", "bigatlas_zarr", "annbatch", "bigatlas_soma", "tiledbsoma_ml"])
-    res: dict = {"store": {"cells": n, "genes": a.genes, "order": "sorted by cell type",
-                           "nnz_per_cell": round(open_store(zarr_path)._indptr[-1] / n, 1)},
-                 "batch_size": a.batch_size, "random_permutation_entropy": round(random_entropy, 4),
-                 "cpu_count": os.cpu_count()}
+    res: dict = {
+        "store": {
+            "cells": n,
+            "genes": a.genes,
+            "order": "sorted by cell type",
+            "nnz_per_cell": round(open_store(zarr_path)._indptr[-1] / n, 1),
+        },
+        "batch_size": a.batch_size,
+        "random_permutation_entropy": round(random_entropy, 4),
+        "cpu_count": os.cpu_count(),
+    }
     runs = {
         "sequential": lambda: (sequential(zarr_path, a.batch_size), {}),
         "bigatlas_zarr": lambda: (bigatlas_stream(zarr_path, a, codes), {}),
@@ -225,9 +259,11 @@ def run(a) -> dict:
         except KeyError:
             return None
 
-    pairs = {"L1_bigatlas_over_annbatch": ("bigatlas_zarr", "annbatch"),
-             "L2_bigatlas_over_sequential": ("bigatlas_zarr", "sequential"),
-             "L3_bigatlas_soma_over_tiledbsoma_ml": ("bigatlas_soma", "tiledbsoma_ml")}
+    pairs = {
+        "L1_bigatlas_over_annbatch": ("bigatlas_zarr", "annbatch"),
+        "L2_bigatlas_over_sequential": ("bigatlas_zarr", "sequential"),
+        "L3_bigatlas_soma_over_tiledbsoma_ml": ("bigatlas_soma", "tiledbsoma_ml"),
+    }
     for name, (x, y) in pairs.items():
         res[name] = ratio(x, y)  # median epochs
         res[name + "_first_epoch"] = ratio(x, y, "first_epoch_cells_per_s")

@@ -1,6 +1,7 @@
 """Prepare benchmark: `bigatlas prepare` (out-of-core, dask) beside scanpy in memory (read the store,
 per-gene mean/variance, batch-aware seurat_v3 HVGs), each in a fresh process on the same store, at
 two store sizes: seconds, peak RSS, HVG overlap. Writes bench/results/prepare.json."""
+
 from __future__ import annotations
 
 import json
@@ -55,14 +56,24 @@ def run(a) -> dict:
             synth(data, n, a.genes, "zarr", seed=0)
         ours = _run(OURS, data, a.n_top_genes, Path(a.data_dir) / f"prepare_{n}_out")
         ref = _run(SCANPY, data, a.n_top_genes)
-        rows.append({"cells": n, "genes": a.genes,
-                     "bigatlas_seconds": round(ours["seconds"], 2), "scanpy_seconds": round(ref["seconds"], 2),
-                     "speedup": round(ref["seconds"] / ours["seconds"], 2),
-                     "bigatlas_peak_rss_mb": round(ours["peak_rss_mb"]), "scanpy_peak_rss_mb": round(ref["peak_rss_mb"]),
-                     "memory_ratio": round(ref["peak_rss_mb"] / ours["peak_rss_mb"], 2),
-                     "hvg_overlap": round(len(set(ours["hvg"]) & set(ref["hvg"])) / len(ref["hvg"]), 4)})
-    res = {"benchmark": "prepare: gene statistics + batch-aware seurat_v3 HVGs, fresh process each",
-           "command": " ".join(["python scripts/bench_prepare.py", *sys.argv[1:]]), "runs": rows,
-           "bigatlas_rss_growth_mb": rows[-1]["bigatlas_peak_rss_mb"] - rows[0]["bigatlas_peak_rss_mb"],
-           "scanpy_rss_growth_mb": rows[-1]["scanpy_peak_rss_mb"] - rows[0]["scanpy_peak_rss_mb"]}
+        rows.append(
+            {
+                "cells": n,
+                "genes": a.genes,
+                "bigatlas_seconds": round(ours["seconds"], 2),
+                "scanpy_seconds": round(ref["seconds"], 2),
+                "speedup": round(ref["seconds"] / ours["seconds"], 2),
+                "bigatlas_peak_rss_mb": round(ours["peak_rss_mb"]),
+                "scanpy_peak_rss_mb": round(ref["peak_rss_mb"]),
+                "memory_ratio": round(ref["peak_rss_mb"] / ours["peak_rss_mb"], 2),
+                "hvg_overlap": round(len(set(ours["hvg"]) & set(ref["hvg"])) / len(ref["hvg"]), 4),
+            }
+        )
+    res = {
+        "benchmark": "prepare: gene statistics + batch-aware seurat_v3 HVGs, fresh process each",
+        "command": " ".join(["python scripts/bench_prepare.py", *sys.argv[1:]]),
+        "runs": rows,
+        "bigatlas_rss_growth_mb": rows[-1]["bigatlas_peak_rss_mb"] - rows[0]["bigatlas_peak_rss_mb"],
+        "scanpy_rss_growth_mb": rows[-1]["scanpy_peak_rss_mb"] - rows[0]["scanpy_peak_rss_mb"],
+    }
     return write_results(res, a.out)

@@ -2,6 +2,7 @@
 
 A config file (TOML or JSON) has sections [model], [train], [data]; command-line flags override it.
 """
+
 from __future__ import annotations
 
 import json
@@ -105,21 +106,24 @@ class RunConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict) -> RunConfig:
         unknown = set(d) - {"model", "train", "data"}
         if unknown:
             raise ValueError(f"config has unknown section(s) {sorted(unknown)}; expected model, train, data")
-        return cls(model=_build(ModelConfig, d.get("model", {})), train=_build(TrainConfig, d.get("train", {})),
-                   data=_build(DataConfig, d.get("data", {})))
+        return cls(
+            model=_build(ModelConfig, d.get("model", {})),
+            train=_build(TrainConfig, d.get("train", {})),
+            data=_build(DataConfig, d.get("data", {})),
+        )
 
     @classmethod
-    def load(cls, path) -> "RunConfig":
+    def load(cls, path) -> RunConfig:
         path = Path(path)
         text = path.read_text()
         d = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         return cls.from_dict(d)
 
-    def override(self, section: str, **values) -> "RunConfig":
+    def override(self, section: str, **values) -> RunConfig:
         values = {k: v for k, v in values.items() if v is not None}
         if not values:
             return self

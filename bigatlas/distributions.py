@@ -11,6 +11,7 @@ its derivative digamma, the most expensive ops of a step, then run on the nonzer
 lgamma(x+1) (no gradient) likewise. This is the correct NB: the original scAtlasVAE used logits
 μ − log θ instead of log μ − log θ.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,12 +29,12 @@ class Counts:
         self.n_genes, self.csr, self._dense = n_genes, csr, dense
 
     @classmethod
-    def from_dense(cls, x: torch.Tensor) -> "Counts":
+    def from_dense(cls, x: torch.Tensor) -> Counts:
         rows, cols = torch.nonzero(x, as_tuple=True)
         return cls(rows, cols, x[rows, cols], x.sum(1), x.shape[1], dense=x)
 
     @classmethod
-    def from_sparse_csr(cls, x: torch.Tensor, device=None) -> "Counts":
+    def from_sparse_csr(cls, x: torch.Tensor, device=None) -> Counts:
         """From a torch.sparse_csr batch, moved to `device` as it is (never densified on the CPU)."""
         x = x.to(device) if device is not None else x
         rows, library = csr_rows_and_library(x)
@@ -59,8 +60,13 @@ def csr_rows_and_library(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def log_nb_dense(x, mu, theta, eps: float = EPS):
     """Elementwise log NB(x; mu, theta) — the plain formula, for reference and small inputs."""
     log_theta_mu = torch.log(theta + mu + eps)
-    return (theta * (torch.log(theta + eps) - log_theta_mu) + x * (torch.log(mu + eps) - log_theta_mu)
-            + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1))
+    return (
+        theta * (torch.log(theta + eps) - log_theta_mu)
+        + x * (torch.log(mu + eps) - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1)
+    )
 
 
 def log_zinb_dense(x, mu, theta, gate_logits, eps: float = EPS):
@@ -89,15 +95,16 @@ class _TakeUnique(torch.autograd.Function):
         return out.view(ctx.shape), None
 
 
-def _at(t: torch.Tensor, counts: "Counts") -> torch.Tensor:
+def _at(t: torch.Tensor, counts: Counts) -> torch.Tensor:
     """Values of a (cells, genes) or (genes,) tensor at the nonzero positions."""
     if t.dim() == 1:
         return t[counts.cols]
     return _TakeUnique.apply(t, counts.rows * t.shape[1] + counts.cols)
 
 
-def nll(counts: Counts, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor | None = None,
-        eps: float = EPS) -> torch.Tensor:
+def nll(
+    counts: Counts, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor | None = None, eps: float = EPS
+) -> torch.Tensor:
     """Per-cell negative log-likelihood summed over genes (NB if gate_logits is None, else ZINB).
 
     mu: (cells, genes); theta and gate_logits: (cells, genes) or (genes,). Only mu, theta and the gate
@@ -117,8 +124,13 @@ def nll(counts: Counts, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torc
     mu_nz, theta_nz = _at(mu, counts), _at(theta, counts)
     lt_mu_nz = torch.log(theta_nz + mu_nz + eps)
     nb0_nz = theta_nz * (torch.log(theta_nz + eps) - lt_mu_nz)
-    nonzero = nb0_nz + x * (torch.log(mu_nz + eps) - lt_mu_nz) \
-        + torch.lgamma(x + theta_nz) - torch.lgamma(theta_nz) - torch.lgamma(x + 1)
+    nonzero = (
+        nb0_nz
+        + x * (torch.log(mu_nz + eps) - lt_mu_nz)
+        + torch.lgamma(x + theta_nz)
+        - torch.lgamma(theta_nz)
+        - torch.lgamma(x + 1)
+    )
     if gate_logits is None:
         zero_nz = nb0_nz
     else:

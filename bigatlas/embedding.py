@@ -3,6 +3,7 @@
 Positions are those of the store the embedding was made from (0..n_obs-1 after its obs_filter);
 the embedding's own metadata names that store, filter and run, so readers need only the path.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ class Embedding:
         self.format = "zarr" if (self.path / "zarr.json").exists() else "soma"
         self.meta = self._read_meta()
         if not self.meta.get("complete"):
-            raise EmbeddingError(f"embedding {self.path} is incomplete (interrupted?); rerun `bigatlas embed` "
-                                 "with the same flags to finish it")
+            raise EmbeddingError(
+                f"embedding {self.path} is incomplete (interrupted?); rerun `bigatlas embed` "
+                "with the same flags to finish it"
+            )
         self.n_obs = int(self.meta["n_obs"])
 
     def _read_meta(self) -> dict:
@@ -70,8 +73,10 @@ class Embedding:
 
     def row_ids(self, positions: np.ndarray) -> np.ndarray:
         """The source store's row ids recorded for `positions` (Zarr outputs; checks alignment)."""
-        return np.asarray(zarr.open_group(str(self.path), mode="r")["obs/row"].get_orthogonal_selection(
-            np.asarray(positions)), np.int64)
+        return np.asarray(
+            zarr.open_group(str(self.path), mode="r")["obs/row"].get_orthogonal_selection(np.asarray(positions)),
+            np.int64,
+        )
 
     def predictions(self, key: str, row_ids: np.ndarray | None = None) -> pd.Categorical:
         """Predicted labels of every cell in position order (SOMA: ordered by `row_ids`)."""

@@ -6,6 +6,7 @@ say what the model added. Label predictions are scored on every cell (accuracy, 
 accuracy, confusion) against each known label column. Output: metrics.json, UMAP and confusion
 PNGs, the loss curves and report.md / report.html, written to a temporary folder and renamed.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,7 @@ def _umap(z: np.ndarray, seed: int) -> np.ndarray:
     n = len(z)
     idx = np.hstack([np.arange(n)[:, None], idx[:, :14]])  # umap's kNN lists each point first
     dist = np.hstack([np.zeros((n, 1), np.float32), dist[:, :14]])
-    return umap.UMAP(n_neighbors=15, precomputed_knn=(idx, dist, None), random_state=seed,
-                     n_jobs=1).fit_transform(z)
+    return umap.UMAP(n_neighbors=15, precomputed_knn=(idx, dist, None), random_state=seed, n_jobs=1).fit_transform(z)
 
 
 def _same_data(a: str, b: str) -> bool:
@@ -106,8 +106,9 @@ def reference_mask(run: Path | None, data: str, store) -> np.ndarray | None:
     return np.isin(store.store_rows(np.arange(store.n_obs)), ref.store_rows(np.arange(ref.n_obs)))
 
 
-def _prediction_report(predicted: dict, store, batch: pd.Categorical, label_key: str, truth_keys,
-                       reference: np.ndarray | None) -> dict:
+def _prediction_report(
+    predicted: dict, store, batch: pd.Categorical, label_key: str, truth_keys, reference: np.ndarray | None
+) -> dict:
     """Per (predicted key, truth column): accuracy, macro-F1, per-batch accuracy and the confusion table;
     with a reference mask also accuracy on reference and on query cells (outside the training slice).
     Every predicted key is scored against the same-named column; label_key's also against truth_keys."""
@@ -127,8 +128,9 @@ def _prediction_report(predicted: dict, store, batch: pd.Categorical, label_key:
             bcodes = np.asarray(batch.codes)[has]
             total = np.bincount(bcodes, minlength=len(batch.categories))
             right = np.bincount(bcodes, weights=correct[has], minlength=len(batch.categories))
-            scores["per_batch_accuracy"] = {str(b): round(float(r / t), 4)
-                                            for b, r, t in zip(batch.categories, right, total) if t}
+            scores["per_batch_accuracy"] = {
+                str(b): round(float(r / t), 4) for b, r, t in zip(batch.categories, right, total) if t
+            }
             scores["unseen_classes"] = [c for c in truth.categories if c not in set(pred.categories.astype(str))]
             if reference is not None:
                 for name, part in (("reference", reference), ("query", ~reference)):
@@ -143,9 +145,22 @@ def _labels(store, column: str) -> pd.Categorical:
     return defined_labels(*store.obs_codes(column))
 
 
-def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=None, run=None, out=None,
-             truth_keys=(), n_cells: int = 50_000, umap_cells: int = 20_000, seed: int = 0,
-             baseline: bool = True, log=print) -> dict:
+def evaluate(
+    emb_path,
+    *,
+    label_key: str,
+    batch_key: str,
+    data=None,
+    obs_filter=None,
+    run=None,
+    out=None,
+    truth_keys=(),
+    n_cells: int = 50_000,
+    umap_cells: int = 20_000,
+    seed: int = 0,
+    baseline: bool = True,
+    log=print,
+) -> dict:
     """Score an embedding from `bigatlas embed`; returns metrics.json's content. `data`, `obs_filter`
     and `run` default to those recorded in the embedding."""
     t0 = time.perf_counter()
@@ -155,31 +170,45 @@ def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=
     run = Path(run or emb.meta.get("run", "")) if (run or emb.meta.get("run")) else None
     store = open_store(data, obs_filter=obs_filter)
     if store.n_obs != emb.n_obs:
-        raise EmbeddingError(f"embedding {emb.path} has {emb.n_obs} cells but {data} "
-                             f"(obs_filter {obs_filter!r}) has {store.n_obs}; pass the data and filter it was made from")
+        raise EmbeddingError(
+            f"embedding {emb.path} has {emb.n_obs} cells but {data} "
+            f"(obs_filter {obs_filter!r}) has {store.n_obs}; pass the data and filter it was made from"
+        )
     labels = _labels(store, label_key)
     batch_codes, batch_cats = store.obs_codes(batch_key)
     batch = pd.Categorical.from_codes(batch_codes, categories=batch_cats)
     # cells with a defined label and a batch: every metric uses both
     sample = stratified_subsample(np.where(batch_codes >= 0, labels.codes, -1), n_cells, seed)
     if len(sample) < 20:
-        raise EmbeddingError(f"only {len(sample)} cells of {data} have a defined {label_key!r} label; "
-                             "evaluation needs labelled cells")
+        raise EmbeddingError(
+            f"only {len(sample)} cells of {data} have a defined {label_key!r} label; evaluation needs labelled cells"
+        )
     rows = store.store_rows(sample)
     if emb.format == "zarr" and not np.array_equal(emb.row_ids(sample), rows):
-        raise EmbeddingError(f"embedding {emb.path} rows do not match {data} (obs_filter {obs_filter!r}): "
-                             "it was made from other cells")
+        raise EmbeddingError(
+            f"embedding {emb.path} rows do not match {data} (obs_filter {obs_filter!r}): it was made from other cells"
+        )
     z = emb.latents(sample, rows)
     if not np.isfinite(z).all():
         raise EmbeddingError(f"embedding {emb.path} has missing or non-finite latents for the evaluated cells")
     lab = pd.Categorical(labels[sample]).remove_unused_categories()
     bat = pd.Categorical(batch[sample]).remove_unused_categories()
     lab_codes, bat_codes = np.asarray(lab.codes), np.asarray(bat.codes)
-    log(f"evaluating {len(sample)} of {store.n_obs} cells ({len(lab.categories)} {label_key} classes, "
-        f"{len(bat.categories)} {batch_key} batches)")
-    result = {"embedding": str(emb.path), "data": str(data), "obs_filter": obs_filter, "label_key": label_key,
-              "batch_key": batch_key, "n_obs": int(store.n_obs), "n_evaluated": int(len(sample)), "seed": seed,
-              "scores": {"bigatlas": scib_scores(z, lab_codes, bat_codes, seed)}}
+    log(
+        f"evaluating {len(sample)} of {store.n_obs} cells ({len(lab.categories)} {label_key} classes, "
+        f"{len(bat.categories)} {batch_key} batches)"
+    )
+    result = {
+        "embedding": str(emb.path),
+        "data": str(data),
+        "obs_filter": obs_filter,
+        "label_key": label_key,
+        "batch_key": batch_key,
+        "n_obs": int(store.n_obs),
+        "n_evaluated": int(len(sample)),
+        "seed": seed,
+        "scores": {"bigatlas": scib_scores(z, lab_codes, bat_codes, seed)},
+    }
     if baseline:
         base = pca_baseline(read_counts(store, sample), z.shape[1])
         result["scores"]["pca_baseline"] = scib_scores(base, lab_codes, bat_codes, seed)
@@ -191,12 +220,29 @@ def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=
     preds = _prediction_report(predicted, store, batch, label_key, truth_keys, reference)
     result["predictions"] = {k: v["scores"] for k, v in preds.items()}
 
-    out = Path(out) if out else (run / "report" if run and run.exists() else emb.path.with_name(emb.path.name + ".report"))
+    out = (
+        Path(out)
+        if out
+        else (run / "report" if run and run.exists() else emb.path.with_name(emb.path.name + ".report"))
+    )
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    figures = _figures(tmp, z, sample, lab, bat, predicted.get(label_key), preds, run, label_key, batch_key,
-                       umap_cells, seed, None if reference is None else reference[sample])
+    figures = _figures(
+        tmp,
+        z,
+        sample,
+        lab,
+        bat,
+        predicted.get(label_key),
+        preds,
+        run,
+        label_key,
+        batch_key,
+        umap_cells,
+        seed,
+        None if reference is None else reference[sample],
+    )
     result["figures"] = figures
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -210,8 +256,7 @@ def evaluate(emb_path, *, label_key: str, batch_key: str, data=None, obs_filter=
     return result
 
 
-def _figures(folder, z, sample, lab, bat, pred, preds, run, label_key, batch_key, umap_cells, seed,
-             reference) -> dict:
+def _figures(folder, z, sample, lab, bat, pred, preds, run, label_key, batch_key, umap_cells, seed, reference) -> dict:
     from .plots import confusion_matrix, loss_curves, umap_panels
 
     figs = {}
@@ -221,14 +266,16 @@ def _figures(folder, z, sample, lab, bat, pred, preds, run, label_key, batch_key
     if pred is not None:
         panels[f"predicted {label_key}"] = pred[sample[pick]]
     if reference is not None and not reference.all():
-        panels["reference / query"] = pd.Categorical(np.where(reference[pick], "reference", "query"),
-                                                     categories=["reference", "query"])
+        panels["reference / query"] = pd.Categorical(
+            np.where(reference[pick], "reference", "query"), categories=["reference", "query"]
+        )
     figs["umap"] = umap_panels(xy, panels, folder / "umap.png", f"UMAP of {len(pick)} cells").name
     for name, p in preds.items():
         file = f"confusion_{name.replace(' vs ', '_vs_')}.png"
         s = p["scores"]
-        confusion_matrix(p["confusion"], folder / file,
-                         f"{name}: accuracy {s['accuracy']:.3f}, macro-F1 {s['macro_f1']:.3f}")
+        confusion_matrix(
+            p["confusion"], folder / file, f"{name}: accuracy {s['accuracy']:.3f}, macro-F1 {s['macro_f1']:.3f}"
+        )
         figs[f"confusion {name}"] = file
     if run is not None and loss_curves(run / "metrics.csv", folder / "loss_curves.png"):
         figs["loss_curves"] = "loss_curves.png"

@@ -8,6 +8,7 @@ after the chunk is fully written; a rerun computes only chunks not done; the out
 complete (`bigatlas.complete`) only when every chunk is done. On object stores the same holds:
 each done flag is a separate key written after the chunk's data.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,15 @@ OUTPUT_VERSION = 1
 
 
 def _attrs(kind: str) -> dict:
-    versions = {"array": "0.2.0", "string-array": "0.2.0", "categorical": "0.2.0", "dataframe": "0.2.0",
-                "dict": "0.1.0", "anndata": "0.1.0", "null": "0.1.0"}
+    versions = {
+        "array": "0.2.0",
+        "string-array": "0.2.0",
+        "categorical": "0.2.0",
+        "dataframe": "0.2.0",
+        "dict": "0.1.0",
+        "anndata": "0.1.0",
+        "null": "0.1.0",
+    }
     return {"encoding-type": kind, "encoding-version": versions[kind]}
 
 
@@ -44,9 +52,16 @@ def _array(group, name, shape, chunks, dtype, kind="array", fill_value=None):
 
 
 def _meta(run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold) -> dict:
-    return {"version": OUTPUT_VERSION, "run": str(Path(run_dir).resolve()), "data": str(data),
-            "obs_filter": obs_filter, "n_obs": int(n_obs), "chunk_size": int(chunk_size),
-            "full_probabilities": bool(full_probs), "unknown_threshold": float(threshold)}
+    return {
+        "version": OUTPUT_VERSION,
+        "run": str(Path(run_dir).resolve()),
+        "data": str(data),
+        "obs_filter": obs_filter,
+        "n_obs": int(n_obs),
+        "chunk_size": int(chunk_size),
+        "full_probabilities": bool(full_probs),
+        "unknown_threshold": float(threshold),
+    }
 
 
 def _create(out: Path, meta: dict, model, n_chunks: int) -> None:
@@ -60,8 +75,9 @@ def _create(out: Path, meta: dict, model, n_chunks: int) -> None:
     for key, classes in model.vocab.label_classes.items():
         cat = obs.create_group(f"{key}_pred")
         cat.attrs.update({**_attrs("categorical"), "ordered": False})
-        _array(cat, "categories", (len(classes),), (max(len(classes), 1),), str, "string-array",
-               fill_value="")[:] = np.asarray(classes, dtype=object)
+        _array(cat, "categories", (len(classes),), (max(len(classes), 1),), str, "string-array", fill_value="")[:] = (
+            np.asarray(classes, dtype=object)
+        )
         _array(cat, "codes", (n,), (c,), np.int16, fill_value=-1)
         for suffix, dtype in (("prob", np.float32), ("entropy", np.float32), ("unknown", bool)):
             _array(obs, f"{key}_{suffix}", (n,), (c,), dtype)
@@ -98,7 +114,9 @@ class ZarrOutput:
             try:
                 saved = dict(zarr.open_group(str(self.path), mode="r").attrs.get("bigatlas", {}))
             except Exception as e:
-                raise ValueError(f"{self.path} exists and is not a bigatlas embedding ({e}); pass --overwrite") from None
+                raise ValueError(
+                    f"{self.path} exists and is not a bigatlas embedding ({e}); pass --overwrite"
+                ) from None
             return _check_meta(self.path, saved, meta)
         _atomically(self.path, lambda tmp: _create(tmp, meta, model, n_chunks))
         return True
@@ -149,7 +167,9 @@ class SomaOutput:
                 with soma.Experiment.open(str(self.path)) as exp:
                     saved = json.loads(exp.metadata["bigatlas"])
             except Exception as e:
-                raise ValueError(f"{self.path} exists and is not a bigatlas embedding ({e}); pass --overwrite") from None
+                raise ValueError(
+                    f"{self.path} exists and is not a bigatlas embedding ({e}); pass --overwrite"
+                ) from None
             return _check_meta(self.path, saved, meta)
         _atomically(self.path, lambda tmp: self._create(tmp, meta, model, n_chunks, n_rows))
         return True
@@ -161,15 +181,19 @@ class SomaOutput:
 
         fields = [pa.field("soma_joinid", pa.int64(), nullable=False)]
         for key in model.vocab.label_classes:
-            fields += [pa.field(f"{key}_pred", pa.large_string()), pa.field(f"{key}_prob", pa.float32()),
-                       pa.field(f"{key}_entropy", pa.float32()), pa.field(f"{key}_unknown", pa.bool_())]
+            fields += [
+                pa.field(f"{key}_pred", pa.large_string()),
+                pa.field(f"{key}_prob", pa.float32()),
+                pa.field(f"{key}_entropy", pa.float32()),
+                pa.field(f"{key}_unknown", pa.bool_()),
+            ]
         with soma.Experiment.create(str(path)) as exp:
             exp.metadata["bigatlas"] = json.dumps({**meta, "complete": False})
-            exp.add_new_dataframe("obs", schema=pa.schema(fields), index_column_names=["soma_joinid"],
-                                  domain=[(0, n_rows - 1)])
+            exp.add_new_dataframe(
+                "obs", schema=pa.schema(fields), index_column_names=["soma_joinid"], domain=[(0, n_rows - 1)]
+            )
             obsm = exp.add_new_collection("ms").add_new_collection("RNA", soma.Measurement).add_new_collection("obsm")
-            obsm.add_new_sparse_ndarray("X_bigatlas", type=pa.float32(),
-                                        shape=(n_rows, model.config.model.n_latent))
+            obsm.add_new_sparse_ndarray("X_bigatlas", type=pa.float32(), shape=(n_rows, model.config.model.n_latent))
             if meta["full_probabilities"]:
                 for key, classes in model.vocab.label_classes.items():
                     obsm.add_new_sparse_ndarray(f"{key}_probabilities", type=pa.float32(), shape=(n_rows, len(classes)))
@@ -200,13 +224,24 @@ class SomaOutput:
 
         def matrix(values):
             n, d = values.shape
-            return pa.table({"soma_dim_0": np.repeat(row_ids, d), "soma_dim_1": np.tile(np.arange(d), n),
-                             "soma_data": values.astype(np.float32).ravel()})
+            return pa.table(
+                {
+                    "soma_dim_0": np.repeat(row_ids, d),
+                    "soma_dim_1": np.tile(np.arange(d), n),
+                    "soma_data": values.astype(np.float32).ravel(),
+                }
+            )
 
         cols = {"soma_joinid": row_ids.astype(np.int64)}
         for key, r in results.items():
-            cols.update({f"{key}_pred": r["label"], f"{key}_prob": r["prob"], f"{key}_entropy": r["entropy"],
-                         f"{key}_unknown": r["unknown"]})
+            cols.update(
+                {
+                    f"{key}_pred": r["label"],
+                    f"{key}_prob": r["prob"],
+                    f"{key}_entropy": r["entropy"],
+                    f"{key}_unknown": r["unknown"],
+                }
+            )
         with self._exp("w") as exp:
             exp.obs.write(pa.table(cols))
             obsm = exp.ms["RNA"].obsm
@@ -214,8 +249,9 @@ class SomaOutput:
             for key, p in probs.items():
                 obsm[f"{key}_probabilities"].write(matrix(p))
         with self._exp("w") as exp:  # after the data, in its own write
-            exp["bigatlas_done"].write(pa.table({"soma_dim_0": np.array([k], np.int64),
-                                                 "soma_data": np.array([1], np.uint8)}))
+            exp["bigatlas_done"].write(
+                pa.table({"soma_dim_0": np.array([k], np.int64), "soma_data": np.array([1], np.uint8)})
+            )
 
     def mark_complete(self) -> None:
         with self._exp() as exp:
@@ -239,15 +275,29 @@ def _check_meta(path, saved: dict, meta: dict) -> bool:
     complete = saved.pop("complete", False)
     if saved != meta:
         diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
-        raise ValueError(f"{path} was started with other settings {json.dumps(diff)}; "
-                         "rerun with the same ones to resume, or pass --overwrite")
+        raise ValueError(
+            f"{path} was started with other settings {json.dumps(diff)}; "
+            "rerun with the same ones to resume, or pass --overwrite"
+        )
     return not complete
 
 
-def embed(run_dir, data, out, *, chunk_size: int = 16384, batch_size: int = 4096, obs_filter=None,
-          overwrite: bool = False, full_probabilities: bool = False, unknown_threshold: float = 0.5,
-          min_gene_overlap: float = 0.5, progress: bool = True, out_format: str | None = None,
-          allow_non_integer: bool = False) -> Path:
+def embed(
+    run_dir,
+    data,
+    out,
+    *,
+    chunk_size: int = 16384,
+    batch_size: int = 4096,
+    obs_filter=None,
+    overwrite: bool = False,
+    full_probabilities: bool = False,
+    unknown_threshold: float = 0.5,
+    min_gene_overlap: float = 0.5,
+    progress: bool = True,
+    out_format: str | None = None,
+    allow_non_integer: bool = False,
+) -> Path:
     """Embed `data` with the model in `run_dir` into `out`: AnnData-Zarr for Zarr input, a SOMA
     experiment for SOMA input (out_format overrides). See the module doc."""
     from accelerate import PartialState
@@ -306,8 +356,16 @@ def embed(run_dir, data, out, *, chunk_size: int = 16384, batch_size: int = 4096
             pending = pool.submit(read, mine[i + 1]) if i + 1 < len(mine) else None
             z, probs = _predict(module, m, list(classes), batch_size, device)
             positions = np.arange(lo, hi)
-            output.write(k, lo, hi, store.store_rows(positions), store.obs_names(positions), z,
-                         _summaries(probs, classes, unknown_threshold), probs if full_probabilities else {})
+            output.write(
+                k,
+                lo,
+                hi,
+                store.store_rows(positions),
+                store.obs_names(positions),
+                z,
+                _summaries(probs, classes, unknown_threshold),
+                probs if full_probabilities else {},
+            )
             fault_point("after_chunk", k)
             cells += hi - lo
             if bar is not None:
@@ -320,9 +378,11 @@ def embed(run_dir, data, out, *, chunk_size: int = 16384, batch_size: int = 4096
         if flags.all():
             output.mark_complete()
         dt = time.perf_counter() - t0
-        print(f"embedded {cells} cells on this process in {dt:.1f}s ({cells / max(dt, 1e-9):,.0f} cells/s); "
-              f"{int(flags.sum())}/{n_chunks} chunks done; {'complete' if flags.all() else 'INCOMPLETE'}: {out}",
-              flush=True)
+        print(
+            f"embedded {cells} cells on this process in {dt:.1f}s ({cells / max(dt, 1e-9):,.0f} cells/s); "
+            f"{int(flags.sum())}/{n_chunks} chunks done; {'complete' if flags.all() else 'INCOMPLETE'}: {out}",
+            flush=True,
+        )
     return out
 
 
@@ -343,7 +403,11 @@ def _summaries(probs: dict, classes: dict, threshold: float) -> dict:
     for k, p in probs.items():
         best = p.argmax(1)
         top = p[np.arange(len(p)), best].astype(np.float32)
-        out[k] = {"code": best, "label": np.asarray(classes[k], dtype=object)[best], "prob": top,
-                  "entropy": (-(p * np.log(np.clip(p, 1e-12, 1))).sum(1)).astype(np.float32),
-                  "unknown": top < threshold}
+        out[k] = {
+            "code": best,
+            "label": np.asarray(classes[k], dtype=object)[best],
+            "prob": top,
+            "entropy": (-(p * np.log(np.clip(p, 1e-12, 1))).sum(1)).astype(np.float32),
+            "unknown": top < threshold,
+        }
     return out

@@ -3,6 +3,7 @@ a PCA baseline, and label-prediction accuracy / macro-F1 from counts.
 
 Neighbours come from exact chunked distances (torch), so memory is chunk × n, never n × n.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,8 +62,10 @@ def log1p_normalized(counts: np.ndarray, target: float = 1e4) -> np.ndarray:
 
 
 def neighbour_scores(neighbours: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> dict:
-    return {"knn_label_accuracy": knn_label_accuracy(neighbours, labels),
-            "batch_mixing": batch_mixing(neighbours, batches)}
+    return {
+        "knn_label_accuracy": knn_label_accuracy(neighbours, labels),
+        "batch_mixing": batch_mixing(neighbours, batches),
+    }
 
 
 def embedding_scores(emb: np.ndarray, labels: np.ndarray, batches: np.ndarray, k: int = 15) -> dict:
@@ -124,5 +127,8 @@ def prediction_scores(conf: pd.DataFrame) -> dict:
     fp = conf.to_numpy(dtype=float).sum(0)[cols] - tp
     denom = 2 * tp + fp + fn
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {"n_cells": n, "accuracy": float(tp.sum() / n) if n else float("nan"),
-            "macro_f1": float(f1[m.sum(1) > 0].mean()) if n else float("nan")}
+    return {
+        "n_cells": n,
+        "accuracy": float(tp.sum() / n) if n else float("nan"),
+        "macro_f1": float(f1[m.sum(1) > 0].mean()) if n else float("nan"),
+    }

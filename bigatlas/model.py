@@ -6,6 +6,7 @@ Decoder: [z, one embedding per batch/covariate key] → [Linear → BatchNorm �
 observed library size = mean; dispersion per gene-cell, gene or gene-batch; ZI gate per gene or
 gene-cell. Label heads: one Linear(n_latent, n_classes) per label key on z.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,9 +51,16 @@ def class_weights(counts: torch.Tensor) -> torch.Tensor:
 
 
 class ScAtlasVAE(nn.Module):
-    def __init__(self, n_genes: int, n_batch_categories: list[int], n_label_classes: list[int],
-                 cfg: ModelConfig = ModelConfig(), class_counts: list | None = None):
+    def __init__(
+        self,
+        n_genes: int,
+        n_batch_categories: list[int],
+        n_label_classes: list[int],
+        cfg: ModelConfig | None = None,
+        class_counts: list | None = None,
+    ):
         super().__init__()
+        cfg = cfg or ModelConfig()
         self.cfg, self.n_genes = cfg, n_genes
         hidden = list(cfg.hidden)
         self.encoder = mlp([n_genes, *hidden], cfg.dropout)
@@ -138,10 +146,19 @@ class ScAtlasVAE(nn.Module):
         return [head(z) for head in self.heads]
 
     # -- loss -------------------------------------------------------------------------------------
-    def forward(self, counts: Counts, batch_codes: torch.Tensor, labels: torch.Tensor | None = None, *,
-                cell_mask: torch.Tensor | None = None, eval_mask: torch.Tensor | None = None,
-                kl_weight: float = 1.0, eval_kl_weight: float = 1.0, gate_weight: float = 1.0,
-                label_weight: float = 1.0) -> LossOutput:
+    def forward(
+        self,
+        counts: Counts,
+        batch_codes: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        cell_mask: torch.Tensor | None = None,
+        eval_mask: torch.Tensor | None = None,
+        kl_weight: float = 1.0,
+        eval_kl_weight: float = 1.0,
+        gate_weight: float = 1.0,
+        label_weight: float = 1.0,
+    ) -> LossOutput:
         """Loss as a per-cell mean over the cells in cell_mask (all if None), so a short last batch
         weighs each cell like a full one. labels: (cells, label keys), -1 = unlabelled/undefined.
         Cells in eval_mask are scored from the same forward pass into LossOutput.terms['val_*']
@@ -157,8 +174,9 @@ class ScAtlasVAE(nn.Module):
         total, terms = self._terms(recon, kl, gate_pen, z, labels, mask, kl_weight, gate_weight, label_weight)
         if eval_mask is not None and bool(eval_mask.any()):
             with torch.no_grad():
-                _, val = self._terms(recon, kl, gate_pen, z, labels, eval_mask, eval_kl_weight, gate_weight,
-                                     label_weight)
+                _, val = self._terms(
+                    recon, kl, gate_pen, z, labels, eval_mask, eval_kl_weight, gate_weight, label_weight
+                )
             terms.update({f"val_{k}": v for k, v in val.items()})
             terms["val_n"] = torch.tensor(float(eval_mask.sum()))
         return LossOutput(total, terms, int(mask.sum()))

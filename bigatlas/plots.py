@@ -1,4 +1,5 @@
 """Figures (matplotlib, headless): loss curves, library sizes, UMAP panels, confusion matrix."""
+
 from __future__ import annotations
 
 import csv
@@ -83,8 +84,9 @@ def umap_panels(xy: np.ndarray, panels: dict[str, pd.Categorical], out_png, titl
         ax.set_yticks([])
         if len(cat.categories) <= 30:
             handles = [plt.Line2D([], [], marker="o", ls="", color=c, ms=5) for c in cols]
-            ax.legend(handles, list(cat.categories), fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5),
-                      frameon=False)
+            ax.legend(
+                handles, list(cat.categories), fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False
+            )
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

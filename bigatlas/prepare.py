@@ -14,6 +14,7 @@ partition's blocks into one accumulator (batches × genes), then the partitions'
 so memory is a block and an accumulator per worker whatever the number of cells. Conversion reads
 windows of `workers` blocks in parallel and appends them in order.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ LIB_BINS = np.concatenate([[0.0], np.logspace(0, 7, 281)])  # library sizes 1 ..
 
 # -- dask passes ---------------------------------------------------------------------------------
 
+
 def _blocks(n: int, block: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + block, n)) for lo in range(0, n, block)]
 
@@ -52,17 +54,27 @@ def _bag(n: int, block: int, workers: int):
 
 
 def _add(a: dict, b: dict) -> dict:
-    return {k: (np.minimum(a[k], b[k]) if k == "lib_min" else np.maximum(a[k], b[k]) if k == "lib_max"
-                else a[k] + b[k]) for k in a}
+    return {
+        k: (np.minimum(a[k], b[k]) if k == "lib_min" else np.maximum(a[k], b[k]) if k == "lib_max" else a[k] + b[k])
+        for k in a
+    }
 
 
 def _moments(source: Source, batch: np.ndarray, n_batches: int, ranges) -> dict:
     """Per batch and gene sum and sum of squares, per gene nonzeros, library histogram, of `ranges`."""
     g = len(source.var)
-    acc = {"n": np.zeros(n_batches), "sum": np.zeros((n_batches, g)), "sumsq": np.zeros((n_batches, g)),
-           "nnz": np.zeros(g, np.int64), "lib_hist": np.zeros(len(LIB_BINS), np.int64),
-           "lib_min": np.array(np.inf), "lib_max": np.array(0.0), "lib_sum": np.array(0.0),
-           "non_integer": np.array(0), "negative": np.array(0)}
+    acc = {
+        "n": np.zeros(n_batches),
+        "sum": np.zeros((n_batches, g)),
+        "sumsq": np.zeros((n_batches, g)),
+        "nnz": np.zeros(g, np.int64),
+        "lib_hist": np.zeros(len(LIB_BINS), np.int64),
+        "lib_min": np.array(np.inf),
+        "lib_max": np.array(0.0),
+        "lib_sum": np.array(0.0),
+        "non_integer": np.array(0),
+        "negative": np.array(0),
+    }
     for lo, hi in ranges:
         x = source.read(lo, hi).astype(np.float64)
         b = batch[lo:hi]
@@ -98,11 +110,13 @@ def _clipped(source: Source, batch: np.ndarray, clip: np.ndarray, ranges) -> dic
 
 
 def _reduce(bag, per_partition, workers: int) -> dict:
-    return bag.reduction(lambda part: per_partition(list(part)), lambda parts: reduce(_add, parts),
-                         split_every=4).compute(scheduler="threads", num_workers=workers)
+    return bag.reduction(
+        lambda part: per_partition(list(part)), lambda parts: reduce(_add, parts), split_every=4
+    ).compute(scheduler="threads", num_workers=workers)
 
 
 # -- seurat_v3 -----------------------------------------------------------------------------------
+
 
 def _mean_var(n: np.ndarray, s: np.ndarray, sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and ddof-1 variance per row of (batches × genes) sums."""
@@ -150,19 +164,29 @@ def seurat_v3_rank(norm_var: np.ndarray, n_top: int) -> pd.DataFrame:
 
 # -- conversion ----------------------------------------------------------------------------------
 
-def convert(source: Source, out, *, block: int, workers: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-            shard_elems: int | None = None, overwrite: bool = False, log=print) -> Path:
+
+def convert(
+    source: Source,
+    out,
+    *,
+    block: int,
+    workers: int,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    shard_elems: int | None = None,
+    overwrite: bool = False,
+    log=print,
+) -> Path:
     """Write `source` as an AnnData-Zarr v3 store: windows of `workers` blocks read in parallel by
     dask, appended in order; the store appears under its name only when complete."""
     import dask
 
     ranges = _blocks(source.n_obs, block)
     read = dask.delayed(source.read, pure=True)
-    with ZarrWriter(out, len(source.var), chunk_elems=chunk_elems, shard_elems=shard_elems,
-                    overwrite=overwrite) as w:
+    with ZarrWriter(out, len(source.var), chunk_elems=chunk_elems, shard_elems=shard_elems, overwrite=overwrite) as w:
         for i in range(0, len(ranges), workers):
-            window = dask.compute(*[read(lo, hi) for lo, hi in ranges[i : i + workers]],
-                                  scheduler="threads", num_workers=workers)
+            window = dask.compute(
+                *[read(lo, hi) for lo, hi in ranges[i : i + workers]], scheduler="threads", num_workers=workers
+            )
             for m in window:
                 w.append(m.indptr, m.indices, m.data)
         obs = source.obs_frame()
@@ -177,9 +201,25 @@ def convert(source: Source, out, *, block: int, workers: int, chunk_elems: int =
 
 # -- the command ---------------------------------------------------------------------------------
 
-def prepare(data, out, *, batch_key: str | None = None, label_keys=(), obs_filter=None, layer=None, genes=None,
-            n_top_genes: int = 2000, span: float = 0.3, convert_to=None, shard_elems: int | None = None,
-            block_cells: int = 8192, workers: int = 2, overwrite: bool = False, log=print) -> dict:
+
+def prepare(
+    data,
+    out,
+    *,
+    batch_key: str | None = None,
+    label_keys=(),
+    obs_filter=None,
+    layer=None,
+    genes=None,
+    n_top_genes: int = 2000,
+    span: float = 0.3,
+    convert_to=None,
+    shard_elems: int | None = None,
+    block_cells: int = 8192,
+    workers: int = 2,
+    overwrite: bool = False,
+    log=print,
+) -> dict:
     """Statistics (and optionally a converted store) of `data`; writes OUT/{stats.json, genes.csv,
     hvg.txt, library_size.png} and returns stats.json's content."""
     t0 = time.perf_counter()
@@ -187,8 +227,15 @@ def prepare(data, out, *, batch_key: str | None = None, label_keys=(), obs_filte
     source = open_source(data, obs_filter, layer, genes)
     log(f"{data}: {source.n_obs} cells x {len(source.var)} genes{' after filtering' if obs_filter else ''}")
     if convert_to:
-        convert(source, convert_to, block=block_cells, workers=workers, shard_elems=shard_elems,
-                overwrite=overwrite, log=log)
+        convert(
+            source,
+            convert_to,
+            block=block_cells,
+            workers=workers,
+            shard_elems=shard_elems,
+            overwrite=overwrite,
+            log=log,
+        )
         source = StoreSource(str(convert_to))  # later passes read the fast copy (already filtered)
     n, g = source.n_obs, len(source.var)
     if batch_key:
@@ -204,8 +251,10 @@ def prepare(data, out, *, batch_key: str | None = None, label_keys=(), obs_filte
     if int(m["negative"]):
         raise StoreError(f"{data}: {int(m['negative'])} negative values; raw counts are required")
     mean, var = _mean_var(np.array([n], float), m["sum"].sum(0, keepdims=True), m["sumsq"].sum(0, keepdims=True))
-    table = pd.DataFrame({"mean": mean[0], "variance": var[0], "detection_rate": m["nnz"] / n},
-                         index=pd.Index(feature_ids(source.var), name="feature_id"))
+    table = pd.DataFrame(
+        {"mean": mean[0], "variance": var[0], "detection_rate": m["nnz"] / n},
+        index=pd.Index(feature_ids(source.var), name="feature_id"),
+    )
     if "feature_name" in source.var:
         table.insert(0, "feature_name", source.var["feature_name"].astype(str).to_numpy())
     hvg_genes = []
@@ -218,8 +267,10 @@ def prepare(data, out, *, batch_key: str | None = None, label_keys=(), obs_filte
             if fit is not None:
                 reg_std[i], used[i] = fit, True
         if not used.any():
-            raise StoreError(f"{data}: no batch of {batch_key or 'cells'} has {MIN_FIT_GENES} genes with nonzero "
-                             "variance; too few cells for highly variable genes (--n-top-genes 0 skips them)")
+            raise StoreError(
+                f"{data}: no batch of {batch_key or 'cells'} has {MIN_FIT_GENES} genes with nonzero "
+                "variance; too few cells for highly variable genes (--n-top-genes 0 skips them)"
+            )
         clip = reg_std * np.sqrt(m["n"])[:, None] + bmean
         c = _reduce(bag, partial(_clipped, source, batch, clip), workers)
         nn = m["n"][:, None]
@@ -234,16 +285,33 @@ def prepare(data, out, *, batch_key: str | None = None, label_keys=(), obs_filte
         labels = defined_labels(cat.codes, cat.categories)
         known = labels.codes[labels.codes >= 0]
         counts = np.bincount(known, minlength=len(labels.categories))
-        class_counts[key] = {"classes": dict(zip(labels.categories, map(int, counts))),
-                             "undefined": int(len(labels) - len(known))}
-    stats = {"data": str(data), "obs_filter": obs_filter, "converted_to": str(convert_to) if convert_to else None,
-             "n_obs": int(n), "n_vars": int(g), "batch_key": batch_key,
-             "cells_per_batch": dict(zip(batch_names, map(int, m["n"]))),
-             "non_integer_values": int(m["non_integer"]),
-             "library_size": _library_summary(m, n), "class_counts": class_counts,
-             "hvg": {"flavor": "seurat_v3", "n_top_genes": len(hvg_genes), "span": span, "file": "hvg.txt",
-                     "batches_skipped": [b for b, u in zip(batch_names, used) if not u]} if hvg_genes else None,
-             "block_cells": block_cells, "workers": workers}
+        class_counts[key] = {
+            "classes": dict(zip(labels.categories, map(int, counts))),
+            "undefined": int(len(labels) - len(known)),
+        }
+    stats = {
+        "data": str(data),
+        "obs_filter": obs_filter,
+        "converted_to": str(convert_to) if convert_to else None,
+        "n_obs": int(n),
+        "n_vars": int(g),
+        "batch_key": batch_key,
+        "cells_per_batch": dict(zip(batch_names, map(int, m["n"]))),
+        "non_integer_values": int(m["non_integer"]),
+        "library_size": _library_summary(m, n),
+        "class_counts": class_counts,
+        "hvg": {
+            "flavor": "seurat_v3",
+            "n_top_genes": len(hvg_genes),
+            "span": span,
+            "file": "hvg.txt",
+            "batches_skipped": [b for b, u in zip(batch_names, used) if not u],
+        }
+        if hvg_genes
+        else None,
+        "block_cells": block_cells,
+        "workers": workers,
+    }
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "genes.csv")
     if hvg_genes:
@@ -253,15 +321,27 @@ def prepare(data, out, *, batch_key: str | None = None, label_keys=(), obs_filte
     stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     if stats["non_integer_values"]:
-        log(f"warning: {stats['non_integer_values']} non-integer values: seurat_v3 HVG and the ZINB model expect raw counts")
-    log(f"wrote {out}/stats.json, genes.csv{', hvg.txt (' + str(len(hvg_genes)) + ' genes)' if hvg_genes else ''}"
-        f" in {stats['seconds']}s, peak RSS {stats['peak_rss_mb']} MB")
+        log(
+            f"warning: {stats['non_integer_values']} non-integer values: "
+            "seurat_v3 HVG and the ZINB model expect raw counts"
+        )
+    log(
+        f"wrote {out}/stats.json, genes.csv{', hvg.txt (' + str(len(hvg_genes)) + ' genes)' if hvg_genes else ''}"
+        f" in {stats['seconds']}s, peak RSS {stats['peak_rss_mb']} MB"
+    )
     return stats
 
 
 def _library_summary(m: dict, n: int) -> dict:
     cdf = np.cumsum(m["lib_hist"]) / max(n, 1)
     upper = np.append(LIB_BINS[1:], np.inf)
-    q = {f"q{int(p * 100):02d}": float(upper[np.searchsorted(cdf, p)]) for p in (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)}
-    return {"mean": float(m["lib_sum"] / max(n, 1)), "min": float(m["lib_min"]), "max": float(m["lib_max"]),
-            "quantiles_upper_bound": q, "zero_count_cells": int(m["lib_hist"][0])}
+    q = {
+        f"q{int(p * 100):02d}": float(upper[np.searchsorted(cdf, p)]) for p in (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+    }
+    return {
+        "mean": float(m["lib_sum"] / max(n, 1)),
+        "min": float(m["lib_min"]),
+        "max": float(m["lib_max"]),
+        "quantiles_upper_bound": q,
+        "zero_count_cells": int(m["lib_hist"][0]),
+    }

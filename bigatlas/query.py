@@ -7,6 +7,7 @@ and by default only those new rows train — encoder, decoder and label heads ar
 BatchNorm layers stay in eval mode, so reference embeddings do not move). Weight decay is 0 during
 surgery so that frozen rows receive exactly no update.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -21,7 +22,7 @@ DECODER = ("decoder", "px_scale", "px_r", "gate")
 
 @dataclass
 class Surgery:
-    reference: "object"  # AtlasVAE with a trained module
+    reference: object  # AtlasVAE with a trained module
     unfreeze_encoder: bool = False
     unfreeze_decoder: bool = False
 
@@ -69,21 +70,39 @@ def _zero_rows(n: int):
         grad = grad.clone()
         grad[:n] = 0
         return grad
+
     return hook
 
 
-def map_query(run_dir, query: str, out, *, epochs: int = 10, obs_filter: str | None = None,
-              unfreeze_encoder: bool = False, unfreeze_decoder: bool = False, batch_size: int | None = None,
-              lr: float | None = None, accelerator=None) -> Path:
+def map_query(
+    run_dir,
+    query: str,
+    out,
+    *,
+    epochs: int = 10,
+    obs_filter: str | None = None,
+    unfreeze_encoder: bool = False,
+    unfreeze_decoder: bool = False,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    accelerator=None,
+) -> Path:
     """Fine-tune the model in run_dir on `query` by surgery; writes a new RUN_DIR at `out`."""
     from .api import AtlasVAE
     from .train import make_accelerator, train
 
     reference = AtlasVAE.load(run_dir)
     ref = reference.config
-    cfg = RunConfig(model=ref.model,
-                    train=replace(ref.train, max_epochs=epochs, weight_decay=0.0,
-                                  batch_size=batch_size or ref.train.batch_size, lr=lr or ref.train.lr),
-                    data=replace(ref.data, data=str(query), obs_filter=obs_filter, label_keys=()))
+    cfg = RunConfig(
+        model=ref.model,
+        train=replace(
+            ref.train,
+            max_epochs=epochs,
+            weight_decay=0.0,
+            batch_size=batch_size or ref.train.batch_size,
+            lr=lr or ref.train.lr,
+        ),
+        data=replace(ref.data, data=str(query), obs_filter=obs_filter, label_keys=()),
+    )
     surgery = Surgery(reference, unfreeze_encoder, unfreeze_decoder)
     return train(cfg, out, accelerator=accelerator or make_accelerator(cfg), surgery=surgery)

@@ -1,4 +1,5 @@
 """One-page report of an evaluation: report.md and report.html (same content, figures beside them)."""
+
 from __future__ import annotations
 
 import html
@@ -6,12 +7,22 @@ from pathlib import Path
 
 from .metrics import BATCH, BIO
 
-NAMES = {"ari": "ARI (k-means vs labels)", "nmi": "NMI (k-means vs labels)", "silhouette_label": "label silhouette",
-         "clisi": "cLISI", "isolated_labels": "isolated labels", "knn_label_accuracy": "label kNN accuracy (k=15)",
-         "silhouette_batch": "batch silhouette", "ilisi": "iLISI", "kbet": "kBET acceptance",
-         "graph_connectivity": "graph connectivity", "batch_mixing": "batch mixing (k=15, 1 = random)",
-         "bio_conservation": "**bio conservation (mean)**", "batch_correction": "**batch correction (mean)**",
-         "total": "**total (0.6 bio + 0.4 batch)**"}
+NAMES = {
+    "ari": "ARI (k-means vs labels)",
+    "nmi": "NMI (k-means vs labels)",
+    "silhouette_label": "label silhouette",
+    "clisi": "cLISI",
+    "isolated_labels": "isolated labels",
+    "knn_label_accuracy": "label kNN accuracy (k=15)",
+    "silhouette_batch": "batch silhouette",
+    "ilisi": "iLISI",
+    "kbet": "kBET acceptance",
+    "graph_connectivity": "graph connectivity",
+    "batch_mixing": "batch mixing (k=15, 1 = random)",
+    "bio_conservation": "**bio conservation (mean)**",
+    "batch_correction": "**batch correction (mean)**",
+    "total": "**total (0.6 bio + 0.4 batch)**",
+}
 ROWS = [*BIO, "knn_label_accuracy", *BATCH, "batch_mixing", "bio_conservation", "batch_correction", "total"]
 
 
@@ -22,32 +33,50 @@ def _fmt(v) -> str:
 def markdown(result: dict, run: Path | None) -> str:
     scores = result["scores"]
     methods = list(scores)
-    lines = ["# bigatlas evaluation", "",
-             f"- embedding: `{result['embedding']}`", f"- data: `{result['data']}`"
-             + (f" (obs_filter `{result['obs_filter']}`)" if result["obs_filter"] else ""),
-             f"- run: `{run}`" if run else "- run: unknown",
-             f"- cells: {result['n_evaluated']:,} evaluated (stratified by `{result['label_key']}`) "
-             f"of {result['n_obs']:,}; batches = `{result['batch_key']}`", "",
-             "## Integration (scIB metrics, higher is better)", "",
-             "| metric | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines = [
+        "# bigatlas evaluation",
+        "",
+        f"- embedding: `{result['embedding']}`",
+        f"- data: `{result['data']}`" + (f" (obs_filter `{result['obs_filter']}`)" if result["obs_filter"] else ""),
+        f"- run: `{run}`" if run else "- run: unknown",
+        f"- cells: {result['n_evaluated']:,} evaluated (stratified by `{result['label_key']}`) "
+        f"of {result['n_obs']:,}; batches = `{result['batch_key']}`",
+        "",
+        "## Integration (scIB metrics, higher is better)",
+        "",
+        "| metric | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
     for row in ROWS:
         lines.append(f"| {NAMES[row]} | " + " | ".join(_fmt(scores[m].get(row)) for m in methods) + " |")
     if "pca_baseline" in scores:
-        lines += ["", "`pca_baseline`: PCA of log1p(counts per 10k) of the same cells, "
-                      "2,000 most variable genes, as many components as the latent space."]
+        lines += [
+            "",
+            "`pca_baseline`: PCA of log1p(counts per 10k) of the same cells, "
+            "2,000 most variable genes, as many components as the latent space.",
+        ]
     if result["predictions"]:
-        lines += ["", "## Label predictions (all cells with a known label)", "",
-                  "| prediction vs known | cells | accuracy | macro-F1 | classes unseen in training |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Label predictions (all cells with a known label)",
+            "",
+            "| prediction vs known | cells | accuracy | macro-F1 | classes unseen in training |",
+            "|---|---|---|---|---|",
+        ]
         for name, s in result["predictions"].items():
-            lines.append(f"| {name} | {s['n_cells']:,} | {_fmt(s['accuracy'])} | {_fmt(s['macro_f1'])} | "
-                         f"{', '.join(s['unseen_classes']) or '–'} |")
+            lines.append(
+                f"| {name} | {s['n_cells']:,} | {_fmt(s['accuracy'])} | {_fmt(s['macro_f1'])} | "
+                f"{', '.join(s['unseen_classes']) or '–'} |"
+            )
         for name, s in result["predictions"].items():
             per = ", ".join(f"{b} {a:.3f}" for b, a in s["per_batch_accuracy"].items())
             lines += ["", f"Accuracy per batch, {name}: {per}"]
             if s.get("query_cells"):
-                lines += ["", f"Query cells (outside the run's training slice), {name}: {s['query_cells']:,} cells, "
-                              f"accuracy {_fmt(s['query_accuracy'])} (reference cells: {_fmt(s['reference_accuracy'])})"]
+                lines += [
+                    "",
+                    f"Query cells (outside the run's training slice), {name}: {s['query_cells']:,} cells, "
+                    f"accuracy {_fmt(s['query_accuracy'])} (reference cells: {_fmt(s['reference_accuracy'])})",
+                ]
     lines += ["", "## Figures", ""]
     for title, file in result["figures"].items():
         lines += [f"### {title}", "", f"![{title}]({file})", ""]
@@ -71,9 +100,13 @@ def to_html(md: str) -> str:
     def flush():
         if table:
             head, *rest = table
-            body.append("<table><tr>" + "".join(f"<th>{_html_inline(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{_html_inline(c)}</td>" for c in r) + "</tr>" for r in rest)
-                        + "</table>")
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{_html_inline(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{_html_inline(c)}</td>" for c in r) + "</tr>" for r in rest)
+                + "</table>"
+            )
             table.clear()
 
     for line in md.splitlines():
@@ -94,15 +127,18 @@ def to_html(md: str) -> str:
         elif line.strip():
             body.append(f"<p>{_html_inline(line.strip('_'))}</p>")
     flush()
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>bigatlas evaluation</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>bigatlas evaluation</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_report(folder: Path, result: dict, run: Path | None) -> None:
     md = markdown(result, run)
     (folder / "report.md").write_text(md)
     (folder / "report.html").write_text(to_html(md))
-

@@ -1,5 +1,6 @@
 """Where `bigatlas prepare` reads cells from: a store (AnnData-Zarr, SOMA, Census slice) or an `.h5ad`
 opened through h5py, as scipy CSR row blocks by position after an obs_filter."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -73,8 +74,10 @@ class H5adSource(Source):
         enc = node.attrs.get("encoding-type", "array")
         self._x = sparse_dataset(node) if enc in ("csr_matrix", "csc_matrix") else node
         if enc == "csc_matrix":
-            raise StoreError(f"{self.path}:{key} is CSC; rows cannot be read in blocks without loading it "
-                             "(write it as CSR, e.g. adata.X = adata.X.tocsr())")
+            raise StoreError(
+                f"{self.path}:{key} is CSC; rows cannot be read in blocks without loading it "
+                "(write it as CSR, e.g. adata.X = adata.X.tocsr())"
+            )
         self._obs_all = read_elem(f["obs"])
         self.var = read_elem(f["raw/var" if key == "raw/X" else "var"])
         self._rows = None
@@ -96,8 +99,11 @@ class H5adSource(Source):
             raise StoreError(f"obs column {column!r} not in {self.path} (have: {', '.join(self._obs_all.columns)})")
         values = self._obs_all[column]
         values = values if self._rows is None else values.iloc[self._rows]
-        return pd.Categorical(values.astype(str).where(values.notna(), None)
-                              if not isinstance(values.dtype, pd.CategoricalDtype) else values)
+        return pd.Categorical(
+            values.astype(str).where(values.notna(), None)
+            if not isinstance(values.dtype, pd.CategoricalDtype)
+            else values
+        )
 
     def obs_frame(self):
         return self._obs_all if self._rows is None else self._obs_all.iloc[self._rows]

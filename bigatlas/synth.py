@@ -6,6 +6,7 @@ vary by study and cell. About 7% of cells carry the label 'undefined'; `true_cel
 truth. Cell metadata is drawn first (a few ints per cell), then counts are drawn and written chunk
 by chunk, so memory is bounded by one chunk whatever the number of cells.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -102,8 +103,12 @@ def generate(spec: SynthSpec, writer, chunk_cells: int = 8192) -> None:
 
 def _frames(spec: SynthSpec, study, donor, ctype, rng):
     n = spec.n_cells
-    fine_names = np.array([f"type_{c // spec.n_fine_per_coarse}.{c % spec.n_fine_per_coarse}"
-                           for c in range(spec.n_coarse * spec.n_fine_per_coarse)])
+    fine_names = np.array(
+        [
+            f"type_{c // spec.n_fine_per_coarse}.{c % spec.n_fine_per_coarse}"
+            for c in range(spec.n_coarse * spec.n_fine_per_coarse)
+        ]
+    )
     coarse_names = np.array([f"type_{c}" for c in range(spec.n_coarse)])
     undefined = rng.random(n) < spec.undefined_fraction
     cell_type = np.where(undefined, "undefined", fine_names[ctype])
@@ -114,28 +119,33 @@ def _frames(spec: SynthSpec, study, donor, ctype, rng):
     def cat(values):
         return pd.Categorical(values)
 
-    obs = pd.DataFrame({
-        "dataset_id": cat(np.char.add("study_", study.astype(str))),
-        "donor_id": cat(np.char.add("donor_", donor.astype(str))),
-        "assay": cat(np.asarray(ASSAYS)[study_assay[study]]),
-        "tissue_general": cat(np.asarray(TISSUES)[study_tissue[study]]),
-        "cell_type": cat(cell_type),
-        "cell_type_coarse": cat(coarse),
-        "true_cell_type": cat(fine_names[ctype]),
-        "is_primary_data": rng.random(n) < 0.9,
-        "soma_joinid": np.arange(n, dtype=np.int64),
-    }, index=pd.Index(np.char.add("cell_", np.arange(n).astype(str)), name="obs_id"))
+    obs = pd.DataFrame(
+        {
+            "dataset_id": cat(np.char.add("study_", study.astype(str))),
+            "donor_id": cat(np.char.add("donor_", donor.astype(str))),
+            "assay": cat(np.asarray(ASSAYS)[study_assay[study]]),
+            "tissue_general": cat(np.asarray(TISSUES)[study_tissue[study]]),
+            "cell_type": cat(cell_type),
+            "cell_type_coarse": cat(coarse),
+            "true_cell_type": cat(fine_names[ctype]),
+            "is_primary_data": rng.random(n) < 0.9,
+            "soma_joinid": np.arange(n, dtype=np.int64),
+        },
+        index=pd.Index(np.char.add("cell_", np.arange(n).astype(str)), name="obs_id"),
+    )
     g = np.arange(spec.n_genes)
-    var = pd.DataFrame({
-        "feature_id": np.char.add("ENSSYN", np.char.zfill(g.astype(str), 11)),
-        "feature_name": np.char.add("GENE", g.astype(str)),
-        "soma_joinid": g.astype(np.int64),
-    }, index=pd.Index(np.char.add("ENSSYN", np.char.zfill(g.astype(str), 11)), name="gene_id"))
+    var = pd.DataFrame(
+        {
+            "feature_id": np.char.add("ENSSYN", np.char.zfill(g.astype(str), 11)),
+            "feature_name": np.char.add("GENE", g.astype(str)),
+            "soma_joinid": g.astype(np.int64),
+        },
+        index=pd.Index(np.char.add("ENSSYN", np.char.zfill(g.astype(str), 11)), name="gene_id"),
+    )
     return obs, var
 
 
-def synth(out, n_cells: int, n_genes: int, fmt: str = "zarr", seed: int = 0, overwrite: bool = False,
-          **spec_kwargs):
+def synth(out, n_cells: int, n_genes: int, fmt: str = "zarr", seed: int = 0, overwrite: bool = False, **spec_kwargs):
     from .write_store import SomaWriter, ZarrWriter
 
     spec = SynthSpec(n_cells=n_cells, n_genes=n_genes, seed=seed, **spec_kwargs)

@@ -6,6 +6,7 @@ Run with `accelerate launch [--multi_gpu --num_processes N] scripts/train.py …
 held out by a hash of their store position and never enter the training loss; each minibatch's
 validation rows are scored in the same forward pass, so validation costs no extra read.
 """
+
 from __future__ import annotations
 
 import base64
@@ -116,19 +117,26 @@ def check_world(num_processes: int) -> None:
     """`accelerate launch --cpu --num_processes N` starts ONE process per launch: N silent copies."""
     world = os.environ.get("WORLD_SIZE")
     if world is not None and int(world) != num_processes:
-        raise RuntimeError(f"WORLD_SIZE={world} but Accelerate started {num_processes} process(es): every "
-                           "process would train its own copy. On CPU use `accelerate launch --multi_gpu "
-                           "--num_processes N` or `torchrun --nproc_per_node N` (not --cpu)")
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but Accelerate started {num_processes} process(es): every "
+            "process would train its own copy. On CPU use `accelerate launch --multi_gpu "
+            "--num_processes N` or `torchrun --nproc_per_node N` (not --cpu)"
+        )
 
 
 def build_model(vocab: Vocab, cfg: RunConfig) -> ScAtlasVAE:
-    return ScAtlasVAE(len(vocab.genes), [len(c) for c in vocab.batch_categories.values()],
-                      [len(c) for c in vocab.label_classes.values()], cfg.model,
-                      [vocab.class_counts[k] for k in vocab.label_classes])
+    return ScAtlasVAE(
+        len(vocab.genes),
+        [len(c) for c in vocab.batch_categories.values()],
+        [len(c) for c in vocab.label_classes.values()],
+        cfg.model,
+        [vocab.class_counts[k] for k in vocab.label_classes],
+    )
 
 
-def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, trace_cells: bool = False,
-          surgery=None) -> Path:
+def train(
+    cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, trace_cells: bool = False, surgery=None
+) -> Path:
     """Train and write RUN_DIR; returns the path of model.safetensors. `surgery` (query.Surgery)
     starts from a reference model with grown embedding tables instead of a fresh model."""
     from accelerate.utils import set_seed
@@ -143,27 +151,43 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
         print(f"{d_cfg.data}: {store.n_obs} cells x {store.n_vars} genes after filtering{genes}", flush=True)
     # in slices: the hash's uint64 temporaries for 50M cells at once would be gigabytes
     step = 1 << 20
-    val_all = np.concatenate([holdout_mask(np.arange(lo, min(lo + step, store.n_obs)), t_cfg.val_fraction,
-                                           t_cfg.seed) for lo in range(0, store.n_obs, step)])
+    val_all = np.concatenate(
+        [
+            holdout_mask(np.arange(lo, min(lo + step, store.n_obs)), t_cfg.val_fraction, t_cfg.seed)
+            for lo in range(0, store.n_obs, step)
+        ]
+    )
     vocab = _vocab(run, store, cfg, resume, ~val_all, surgery)
     colmap = align_genes(store, vocab.genes)[0] if surgery is not None else None
-    stream = CellStream(store, batch_size=t_cfg.batch_size, seed=t_cfg.seed, rank=acc.process_index,
-                        world_size=acc.num_processes, num_workers=t_cfg.num_workers, genes=vocab.genes,
-                        colmap=colmap, obs_keys=(*d_cfg.batch_keys, *d_cfg.label_keys),
-                        validate="finite" if d_cfg.allow_non_integer else "counts")
+    stream = CellStream(
+        store,
+        batch_size=t_cfg.batch_size,
+        seed=t_cfg.seed,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        num_workers=t_cfg.num_workers,
+        genes=vocab.genes,
+        colmap=colmap,
+        obs_keys=(*d_cfg.batch_keys, *d_cfg.label_keys),
+        validate="finite" if d_cfg.allow_non_integer else "counts",
+    )
     batch_luts, label_luts = vocab.batch_luts(store), vocab.label_luts(store, d_cfg.label_keys)
     model = build_model(vocab, cfg)
     if surgery is not None:
         surgery.apply(model, vocab)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t_cfg.lr,
-                                  weight_decay=t_cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=t_cfg.lr, weight_decay=t_cfg.weight_decay
+    )
     model, optimizer = acc.prepare(model, optimizer)
     progress = Progress()
     if resume and run.latest() is not None:
         _restore(acc, run.latest(), stream, progress)
         if acc.is_main_process:
-            print(f"resumed from {run.latest().name}: epoch {progress.epoch}, step {progress.step}, "
-                  f"{stream.consumed} minibatches into the epoch", flush=True)
+            print(
+                f"resumed from {run.latest().name}: epoch {progress.epoch}, step {progress.step}, "
+                f"{stream.consumed} minibatches into the epoch",
+                flush=True,
+            )
     max_epochs = t_cfg.epochs_for(int((~val_all).sum()))
     warmup = t_cfg.warmup_epochs(max_epochs)
     steps_per_epoch = len(stream)
@@ -183,18 +207,32 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
             counts = Counts.from_sparse_csr(batch.x, acc.device)
             positions = batch.index.numpy()
             val = holdout_mask(positions, t_cfg.val_fraction, t_cfg.seed)
-            codes = torch.stack([torch.from_numpy(apply_lut(batch_luts[k], batch.obs[k].numpy()))
-                                 for k in d_cfg.batch_keys], 1).to(acc.device)
-            labels = (torch.stack([torch.from_numpy(apply_lut(label_luts[k], batch.obs[k].numpy()))
-                                   for k in d_cfg.label_keys], 1).to(acc.device) if d_cfg.label_keys else None)
+            codes = torch.stack(
+                [torch.from_numpy(apply_lut(batch_luts[k], batch.obs[k].numpy())) for k in d_cfg.batch_keys], 1
+            ).to(acc.device)
+            labels = (
+                torch.stack(
+                    [torch.from_numpy(apply_lut(label_luts[k], batch.obs[k].numpy())) for k in d_cfg.label_keys], 1
+                ).to(acc.device)
+                if d_cfg.label_keys
+                else None
+            )
             frac_epoch = epoch + step_in_epoch / max(steps_per_epoch, 1)
             kl_weight = t_cfg.kl_weight * min(1.0, frac_epoch / warmup) if warmup > 0 else t_cfg.kl_weight
             label_weight = t_cfg.label_weight if epoch >= t_cfg.label_start_epoch else 0.0
             train_mask = torch.from_numpy(~val).to(acc.device)
             with acc.autocast():
-                out = model(counts, codes, labels, cell_mask=train_mask, eval_mask=~train_mask,
-                            kl_weight=kl_weight, eval_kl_weight=t_cfg.kl_weight, gate_weight=t_cfg.gate_weight,
-                            label_weight=label_weight)
+                out = model(
+                    counts,
+                    codes,
+                    labels,
+                    cell_mask=train_mask,
+                    eval_mask=~train_mask,
+                    kl_weight=kl_weight,
+                    eval_kl_weight=t_cfg.kl_weight,
+                    gate_weight=t_cfg.gate_weight,
+                    label_weight=label_weight,
+                )
             finite = bool(torch.isfinite(out.total)) and not _fault_matches("nan_loss", progress.step + 1)
             bad = torch.tensor([0.0 if finite else 1.0], device=acc.device)
             if acc.num_processes > 1:  # every rank stops together, none waits on a dead collective
@@ -204,7 +242,8 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
                 raise FloatingPointError(
                     f"non-finite loss at epoch {epoch}, step {progress.step + 1} "
                     f"(terms: { {k: round(float(v), 4) for k, v in out.terms.items()} }); the last good state "
-                    f"is saved as {run.latest()}")
+                    f"is saved as {run.latest()}"
+                )
             acc.backward(out.total)
             if t_cfg.grad_clip:
                 acc.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
@@ -220,8 +259,11 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
                 if progress.step % 25 == 0:
                     bar.set_postfix(loss=f"{float(out.terms['loss']):.4g}", kl_w=f"{kl_weight:.2f}", refresh=False)
             logger.step(progress.step, out.terms, kl_weight)
-            if t_cfg.checkpoint_every_steps and progress.step % t_cfg.checkpoint_every_steps == 0 \
-                    and stream.consumed < steps_per_epoch:
+            if (
+                t_cfg.checkpoint_every_steps
+                and progress.step % t_cfg.checkpoint_every_steps == 0
+                and stream.consumed < steps_per_epoch
+            ):
                 _checkpoint(acc, run, progress, stream, t_cfg.keep_checkpoints)
             fault_point("after_step", progress.step)
             if t_cfg.max_steps is not None and progress.step >= t_cfg.max_steps:
@@ -233,8 +275,10 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, tr
             break
         if trace is not None:
             (run.path / "trace").mkdir(parents=True, exist_ok=True)
-            np.save(run.path / "trace" / f"rank{acc.process_index}_epoch{epoch}.npy",
-                    np.concatenate(trace) if trace else np.zeros(0, np.int64))
+            np.save(
+                run.path / "trace" / f"rank{acc.process_index}_epoch{epoch}.npy",
+                np.concatenate(trace) if trace else np.zeros(0, np.int64),
+            )
         row = _epoch_row(acc, progress, epoch, kl_weight, optimizer)
         logger.epoch(row)
         if row.get("val_loss") is not None and t_cfg.early_stopping_patience:
@@ -259,8 +303,10 @@ def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask, surgery
                 c.get("train", {}).pop(key, None)
         if saved != now:
             diff = sorted(f"{sec}.{k}" for sec in now for k in now[sec] if saved.get(sec, {}).get(k) != now[sec][k])
-            raise ValueError(f"{run.path}/config.json differs from this run's settings ({', '.join(diff)}); resume "
-                             "with the same configuration or start a new RUN_DIR")
+            raise ValueError(
+                f"{run.path}/config.json differs from this run's settings ({', '.join(diff)}); resume "
+                "with the same configuration or start a new RUN_DIR"
+            )
         if _is_main():  # record the new length of the run
             _write_config(run, cfg)
         return Vocab.load(path)
@@ -279,8 +325,9 @@ def _is_main() -> bool:
 
 
 def _write_config(run: RunDir, cfg: RunConfig) -> None:
-    (run.path / "config.json").write_text(json.dumps(
-        {"format_version": FORMAT_VERSION, "config": cfg.to_dict()}, indent=2) + "\n")
+    (run.path / "config.json").write_text(
+        json.dumps({"format_version": FORMAT_VERSION, "config": cfg.to_dict()}, indent=2) + "\n"
+    )
 
 
 def _accumulate(sums: dict, terms: dict, n_train: int) -> None:
@@ -307,8 +354,13 @@ def _epoch_row(acc, progress: Progress, epoch: int, kl_weight: float, optimizer)
             if prefix + k in agg:
                 row[prefix + k] = agg[prefix + k] / n if n else None
     seconds = time.time() - s["t0"]
-    row.update(kl_weight=kl_weight, lr=optimizer.param_groups[0]["lr"], cells=int(agg["cells"]),
-               seconds=round(seconds, 2), cells_per_s=round(agg["cells"] / max(seconds, 1e-9)))
+    row.update(
+        kl_weight=kl_weight,
+        lr=optimizer.param_groups[0]["lr"],
+        cells=int(agg["cells"]),
+        seconds=round(seconds, 2),
+        cells_per_s=round(agg["cells"] / max(seconds, 1e-9)),
+    )
     return row
 
 
@@ -323,8 +375,11 @@ def _checkpoint(acc, run: RunDir, progress: Progress, stream, keep: int) -> None
             shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=True)
-    state = {"progress": progress.state_dict(), "stream": stream.state_dict(),
-             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    state = {
+        "progress": progress.state_dict(),
+        "stream": stream.state_dict(),
+        "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
     if torch.cuda.is_available():
         state["cuda_rng"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
     (tmp / f"bigatlas_rank{acc.process_index}.json").write_text(json.dumps(state))
@@ -340,14 +395,16 @@ def _restore(acc, path: Path, stream, progress: Progress) -> None:
         acc.load_state(str(path))  # weights_only loads: a checkpoint file carrying code is refused
         state = json.loads((path / f"bigatlas_rank{acc.process_index}.json").read_text())
     except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {e}); "
-                         "restore it or start a new RUN_DIR") from None
+        raise ValueError(
+            f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {e}); restore it or start a new RUN_DIR"
+        ) from None
     progress.load_state_dict(state["progress"])
     stream.load_state_dict(state["stream"])
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8))
     if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-                                      for s in state["cuda_rng"]])
+        torch.cuda.set_rng_state_all(
+            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda_rng"]]
+        )
 
 
 def _finish(acc, run: RunDir, model, stopped_early: bool, trace: bool) -> Path:
@@ -403,8 +460,25 @@ class _Logger:
     def epoch(self, row: dict) -> None:
         if not self.main:
             return
-        fields = ["epoch", "step", "loss", "recon", "kl", "gate", "label", "val_loss", "val_recon", "val_kl",
-                  "val_gate", "val_label", "kl_weight", "lr", "cells", "seconds", "cells_per_s"]
+        fields = [
+            "epoch",
+            "step",
+            "loss",
+            "recon",
+            "kl",
+            "gate",
+            "label",
+            "val_loss",
+            "val_recon",
+            "val_kl",
+            "val_gate",
+            "val_label",
+            "kl_weight",
+            "lr",
+            "cells",
+            "seconds",
+            "cells_per_s",
+        ]
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -415,8 +489,9 @@ class _Logger:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":
                     self.tb.add_scalar(f"epoch/{k}", v, row["epoch"])
-        msg = ", ".join(f"{k} {row[k]:.4g}" for k in ("loss", "val_loss", "recon", "kl", "label")
-                        if row.get(k) is not None)
+        msg = ", ".join(
+            f"{k} {row[k]:.4g}" for k in ("loss", "val_loss", "recon", "kl", "label") if row.get(k) is not None
+        )
         print(f"epoch {row['epoch']}: {msg}, {row['cells_per_s']} cells/s", flush=True)
 
     def close(self) -> None:

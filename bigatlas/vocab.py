@@ -3,6 +3,7 @@
 Saved as RUN_DIR/vocab.json. Translating a store's obs codes into model codes goes through lookup
 tables built by category name, so a query store with other category orders maps correctly.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,23 +29,27 @@ class Vocab:
         Path(path).write_text(json.dumps(self.__dict__, indent=1) + "\n")
 
     @classmethod
-    def load(cls, path) -> "Vocab":
+    def load(cls, path) -> Vocab:
         return cls(**json.loads(Path(path).read_text()))
 
     @classmethod
-    def from_store(cls, store, data: DataConfig, train_mask: np.ndarray | None = None) -> "Vocab":
+    def from_store(cls, store, data: DataConfig, train_mask: np.ndarray | None = None) -> Vocab:
         genes = list(data.genes) if data.genes is not None else list(store.var_ids)
         dup = sorted(g for g, n in Counter(genes).items() if n > 1)
         if dup:
-            raise ValueError(f"gene ids repeat in {store.uri if data.genes is None else 'the gene list'}: "
-                             f"{', '.join(dup[:8])}{' …' if len(dup) > 8 else ''}; pass a de-duplicated --genes file")
+            raise ValueError(
+                f"gene ids repeat in {store.uri if data.genes is None else 'the gene list'}: "
+                f"{', '.join(dup[:8])}{' …' if len(dup) > 8 else ''}; pass a de-duplicated --genes file"
+            )
         batch = {}
         for key in data.batch_keys:
             codes, cats = store.obs_codes(key)
             missing = int((codes < 0).sum())
             if missing:
-                raise ValueError(f"obs column {key!r} (a batch/covariate key) is missing for {missing} cells; "
-                                 "fill it (e.g. with 'unknown') or filter those cells out")
+                raise ValueError(
+                    f"obs column {key!r} (a batch/covariate key) is missing for {missing} cells; "
+                    "fill it (e.g. with 'unknown') or filter those cells out"
+                )
             batch[key] = [str(c) for c in cats]
         labels, counts = {}, {}
         for key in data.label_keys:
@@ -70,7 +75,7 @@ class Vocab:
         return {k: label_lut(store.obs_codes(k)[1], self.label_classes[k]) for k in keys}
 
 
-def defined_labels(codes: np.ndarray, categories, undefined=DataConfig().undefined_labels) -> pd.Categorical:
+def defined_labels(codes: np.ndarray, categories, undefined=DataConfig.undefined_labels) -> pd.Categorical:
     """Labels as a categorical of the real classes (as strings, store order): cells labelled
     'undefined', 'unknown', … (case-insensitive) or missing get code -1."""
     bad = {u.lower() for u in undefined}
@@ -108,9 +113,14 @@ def align_genes(store, genes, min_overlap: float = 0.5):
         colmap[loc] = out
     overlap = 1 - missing / max(len(genes), 1)
     if overlap < min_overlap:
-        raise ValueError(f"{store.uri} shares {len(genes) - missing} of the model's {len(genes)} genes "
-                         f"({overlap:.0%}); below the minimum overlap {min_overlap:.0%}")
+        raise ValueError(
+            f"{store.uri} shares {len(genes) - missing} of the model's {len(genes)} genes "
+            f"({overlap:.0%}); below the minimum overlap {min_overlap:.0%}"
+        )
     if missing:
-        warnings.warn(f"{missing} of the model's {len(genes)} genes ({missing / len(genes):.1%}) are missing "
-                      f"from {store.uri}; they are zero-filled", stacklevel=2)
+        warnings.warn(
+            f"{missing} of the model's {len(genes)} genes ({missing / len(genes):.1%}) are missing "
+            f"from {store.uri}; they are zero-filled",
+            stacklevel=2,
+        )
     return colmap, missing

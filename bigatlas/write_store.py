@@ -7,6 +7,7 @@ shuffle, narrow index dtype, element chunks sized to ~a few hundred cells. It is
 something that looks like a finished store (on object stores, where rename is a copy, the absence
 of `<path>/zarr.json` until the end plays that role).
 """
+
 from __future__ import annotations
 
 import os
@@ -98,8 +99,15 @@ class _Appender:
 class ZarrWriter(_PartialStore):
     """`with ZarrWriter(path, n_vars) as w: w.append(indptr, indices, data) …; w.finish(obs, var)`."""
 
-    def __init__(self, path, n_vars: int, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, shard_elems: int | None = None,
-                 overwrite: bool = False):
+    def __init__(
+        self,
+        path,
+        n_vars: int,
+        *,
+        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+        shard_elems: int | None = None,
+        overwrite: bool = False,
+    ):
         """shard_elems: group chunks into shards of this many elements (a multiple of chunk_elems):
         far fewer files on object stores and file systems with per-file costs, same partial reads."""
         super().__init__(path, overwrite)
@@ -112,10 +120,26 @@ class ZarrWriter(_PartialStore):
         x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
         self._x = x
         idx_dtype = index_dtype_for(n_vars)
-        self._data = _Appender(x.create_array("data", shape=(0,), chunks=(chunk_elems,), shards=shards,
-                                              dtype=np.float32, compressors=_compressor(np.float32)))
-        self._indices = _Appender(x.create_array("indices", shape=(0,), chunks=(chunk_elems,), shards=shards,
-                                                 dtype=idx_dtype, compressors=_compressor(idx_dtype)))
+        self._data = _Appender(
+            x.create_array(
+                "data",
+                shape=(0,),
+                chunks=(chunk_elems,),
+                shards=shards,
+                dtype=np.float32,
+                compressors=_compressor(np.float32),
+            )
+        )
+        self._indices = _Appender(
+            x.create_array(
+                "indices",
+                shape=(0,),
+                chunks=(chunk_elems,),
+                shards=shards,
+                dtype=idx_dtype,
+                compressors=_compressor(idx_dtype),
+            )
+        )
         self._indptr = [np.zeros(1, np.int64)]
         self.n_obs = 0
         self.nnz = 0
@@ -136,8 +160,9 @@ class ZarrWriter(_PartialStore):
         self._indices.close()
         indptr = np.concatenate(self._indptr)
         chunks = (min(max(len(indptr), 1), 1 << 20),)
-        self._x.create_array("indptr", shape=indptr.shape, chunks=chunks, dtype=np.int64,
-                             compressors=_compressor(np.int64))[:] = indptr
+        self._x.create_array(
+            "indptr", shape=indptr.shape, chunks=chunks, dtype=np.int64, compressors=_compressor(np.int64)
+        )[:] = indptr
         self._x.attrs["shape"] = [self.n_obs, self.n_vars]
         with warnings.catch_warnings():  # anndata announces a future sharding default on every write
             warnings.filterwarnings("ignore", message=".*autosharding.*")
@@ -146,7 +171,6 @@ class ZarrWriter(_PartialStore):
         self.root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         _commit(self.partial, self.path)
         return self.path
-
 
 
 # Data tiles of ~16k nonzeros (~25 cells) instead of TileDB-SOMA's 100k: a shuffled block of rows then
@@ -161,8 +185,18 @@ class SomaWriter(_PartialStore):
     of fragments, and TileDB-SOMA has no consolidation call of its own.
     """
 
-    def __init__(self, path, n_obs: int, n_vars: int, *, measurement: str = "RNA", layer: str = "raw",
-                 fragment_rows: int = 131072, overwrite: bool = False, x_create: dict | None = None):
+    def __init__(
+        self,
+        path,
+        n_obs: int,
+        n_vars: int,
+        *,
+        measurement: str = "RNA",
+        layer: str = "raw",
+        fragment_rows: int = 131072,
+        overwrite: bool = False,
+        x_create: dict | None = None,
+    ):
         import pyarrow as pa
         import tiledbsoma as soma
 
@@ -173,8 +207,9 @@ class SomaWriter(_PartialStore):
         self.rna = ms.add_new_collection(measurement, soma.Measurement)
         xcoll = self.rna.add_new_collection("X")
         create = SOMA_X_CREATE if x_create is None else x_create
-        self.X = xcoll.add_new_sparse_ndarray(layer, type=pa.float32(), shape=(n_obs, n_vars),
-                                              platform_config={"tiledb": {"create": create}})
+        self.X = xcoll.add_new_sparse_ndarray(
+            layer, type=pa.float32(), shape=(n_obs, n_vars), platform_config={"tiledb": {"create": create}}
+        )
         self.row = 0
         self.fragment_rows = fragment_rows
         self._pending: list = []
@@ -184,9 +219,15 @@ class SomaWriter(_PartialStore):
     def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
         n = len(indptr) - 1
         rows = np.repeat(np.arange(self.row, self.row + n, dtype=np.int64), np.diff(indptr))
-        self._pending.append(self._pa.table({"soma_dim_0": rows,
-                                             "soma_dim_1": np.asarray(indices, dtype=np.int64),
-                                             "soma_data": np.asarray(data, dtype=np.float32)}))
+        self._pending.append(
+            self._pa.table(
+                {
+                    "soma_dim_0": rows,
+                    "soma_dim_1": np.asarray(indices, dtype=np.int64),
+                    "soma_data": np.asarray(data, dtype=np.float32),
+                }
+            )
+        )
         self.row += n
         self._pending_rows += n
         if self._pending_rows >= self.fragment_rows:
@@ -211,11 +252,11 @@ class SomaWriter(_PartialStore):
                 if isinstance(frame[col].dtype, pd.CategoricalDtype):
                     frame[col] = frame[col].astype(str)
             table = pa.Table.from_pandas(frame, preserve_index=False)
-            df = parent.add_new_dataframe(name, schema=table.schema, index_column_names=["soma_joinid"],
-                                          domain=[(0, max(len(frame) - 1, 0))])
+            df = parent.add_new_dataframe(
+                name, schema=table.schema, index_column_names=["soma_joinid"], domain=[(0, max(len(frame) - 1, 0))]
+            )
             df.write(table)
         self.X.close()
         self.exp.close()
         _commit(self.partial, self.path)
         return self.path
-

@@ -1,4 +1,5 @@
 """Store-agnostic streaming of sparse counts from AnnData-Zarr stores and TileDB-SOMA experiments."""
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ def detect_format(uri: str) -> str:
         return "soma"
     if _is_remote(uri):
         return "soma" if uri.startswith("tiledb://") else "zarr"
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
     if not os.path.exists(path):
         raise StoreError(f"store {uri} does not exist")
     if os.path.exists(os.path.join(path, "zarr.json")) or os.path.exists(os.path.join(path, ".zgroup")):

@@ -4,6 +4,7 @@ The Census is a SOMA collection on S3 with one experiment per organism; a spec r
 experiment's URI plus the TileDB settings cellxgene_census opens it with (anonymous S3, region),
 and the ordinary SomaStore reads it. Offline, resolving fails with one line that says so.
 """
+
 from __future__ import annotations
 
 from .store import StoreError
@@ -23,7 +24,7 @@ def census_spec(data: str, organism: str | None) -> str:
         if organism:
             raise StoreError(f"--organism applies to census:<version> data, not to {data}")
         return data
-    version, _, org = data[len(PREFIX):].partition("/")
+    version, _, org = data[len(PREFIX) :].partition("/")
     org = organism or org or DEFAULT_ORGANISM
     return f"{PREFIX}{version or 'stable'}/{org.strip().lower().replace(' ', '_')}"
 
@@ -31,7 +32,7 @@ def census_spec(data: str, organism: str | None) -> str:
 def resolve(spec: str) -> tuple[str, dict]:
     """(experiment URI, TileDB config) of a Census spec; StoreError when it cannot be opened."""
     spec = census_spec(spec, None)
-    version, _, organism = spec[len(PREFIX):].partition("/")
+    version, _, organism = spec[len(PREFIX) :].partition("/")
     try:
         import cellxgene_census
     except ImportError:
@@ -40,8 +41,10 @@ def resolve(spec: str) -> tuple[str, dict]:
         census = cellxgene_census.open_soma(census_version=version)
     except Exception as e:
         first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise StoreError(f"cannot open CELLxGENE Census version {version!r} (offline or unknown version?): "
-                         f"{type(e).__name__}: {first}") from None
+        raise StoreError(
+            f"cannot open CELLxGENE Census version {version!r} (offline or unknown version?): "
+            f"{type(e).__name__}: {first}"
+        ) from None
     with census:
         data = census["census_data"]
         if organism not in data:

@@ -3,6 +3,7 @@
 scipy.sparse would copy and upcast on every slice; these helpers keep the store's narrow index
 dtype until the batch is handed to torch and touch each nonzero at most once per operation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ class CSR:
     def nnz(self) -> int:
         return int(self.indptr[-1])
 
-    def rows(self, start: int, stop: int) -> "CSR":
+    def rows(self, start: int, stop: int) -> CSR:
         """Rows start:stop as a view-based CSR (indptr rebased to 0)."""
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
         return CSR(self.indptr[start : stop + 1] - lo, self.indices[lo:hi], self.data[lo:hi], self.n_cols)
@@ -39,16 +40,20 @@ class CSR:
         """torch.sparse_csr float32 tensor with int32 indices (no copy when they already are int32)."""
         import torch
 
-        return torch.sparse_csr_tensor(torch.from_numpy(self.indptr.astype(np.int32, copy=False)),
-                                       torch.from_numpy(self.indices.astype(np.int32, copy=False)),
-                                       torch.from_numpy(self.data), size=(self.n_rows, self.n_cols),
-                                       check_invariants=False)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(self.indptr.astype(np.int32, copy=False)),
+            torch.from_numpy(self.indices.astype(np.int32, copy=False)),
+            torch.from_numpy(self.data),
+            size=(self.n_rows, self.n_cols),
+            check_invariants=False,
+        )
 
     def to_scipy(self):
         import scipy.sparse as sp
 
-        return sp.csr_matrix((self.data, self.indices.astype(np.int32, copy=False), self.indptr),
-                             shape=(self.n_rows, self.n_cols))
+        return sp.csr_matrix(
+            (self.data, self.indices.astype(np.int32, copy=False), self.indptr), shape=(self.n_rows, self.n_cols)
+        )
 
 
 def empty(n_cols: int, index_dtype=np.int32) -> CSR:
@@ -99,8 +104,12 @@ def concat(parts: list[CSR]) -> CSR:
     for p in parts:
         indptr.append(p.indptr[1:] + offset)
         offset += p.nnz
-    return CSR(np.concatenate(indptr), np.concatenate([p.indices for p in parts]),
-               np.concatenate([p.data for p in parts]), n_cols)
+    return CSR(
+        np.concatenate(indptr),
+        np.concatenate([p.indices for p in parts]),
+        np.concatenate([p.data for p in parts]),
+        n_cols,
+    )
 
 
 def select_columns(m: CSR, colmap: np.ndarray, n_out: int) -> CSR:
@@ -133,8 +142,10 @@ def check_counts(m: CSR, where: str, integer: bool = True, positions: np.ndarray
         i = int(np.flatnonzero(bad)[0])
         row = int(np.searchsorted(m.indptr, i, side="right") - 1)
         v = d[i]
-        kind = ("NaN/inf" if not np.isfinite(v) else "negative" if v < 0 else "non-integer")
+        kind = "NaN/inf" if not np.isfinite(v) else "negative" if v < 0 else "non-integer"
         hint = " (pass --allow-non-integer for normalized/ambient-corrected data)" if kind == "non-integer" else ""
         pos = int(positions[row]) if positions is not None else row
-        raise ValueError(f"{where}: {kind} value {float(v)!r} in the cell at position {pos} ({int(bad.sum())} "
-                         f"such values among these cells); the model needs raw counts{hint}")
+        raise ValueError(
+            f"{where}: {kind} value {float(v)!r} in the cell at position {pos} ({int(bad.sum())} "
+            f"such values among these cells); the model needs raw counts{hint}"
+        )

@@ -5,6 +5,7 @@ An epoch shuffles chunk-aligned blocks of rows, deals them round-robin to the co
 counts differ by at most one block), groups each consumer's blocks into read requests, and shuffles
 rows inside each request. Nothing here reads data, so a resumed stream can skip work for free.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,16 +53,25 @@ def block_lengths(blocks: np.ndarray, n_obs: int, block_size: int) -> np.ndarray
     return np.minimum(starts + block_size, n_obs) - starts
 
 
-def consumer_rows(n_obs: int, block_size: int, seed: int, epoch: int, n_consumers: int,
-                  shuffle: bool = True) -> np.ndarray:
+def consumer_rows(
+    n_obs: int, block_size: int, seed: int, epoch: int, n_consumers: int, shuffle: bool = True
+) -> np.ndarray:
     """Rows each consumer receives in this epoch (computed from the plan, no data read)."""
     order = block_order(n_obs, block_size, seed, epoch, shuffle)
     lengths = block_lengths(order, n_obs, block_size)
     return np.array([lengths[c::n_consumers].sum() for c in range(n_consumers)], dtype=np.int64)
 
 
-def requests(n_obs: int, block_size: int, blocks_per_request: int, seed: int, epoch: int,
-             consumer: int, n_consumers: int, shuffle: bool = True) -> list[Request]:
+def requests(
+    n_obs: int,
+    block_size: int,
+    blocks_per_request: int,
+    seed: int,
+    epoch: int,
+    consumer: int,
+    n_consumers: int,
+    shuffle: bool = True,
+) -> list[Request]:
     """The consumer's read requests for one epoch, in the order they are consumed."""
     mine = consumer_blocks(block_order(n_obs, block_size, seed, epoch, shuffle), consumer, n_consumers)
     out = []
@@ -96,7 +106,8 @@ def batch_sizes(rows_per_consumer: np.ndarray, batch_size: int, drop_last: bool)
         if n < n_batches:
             raise ValueError(
                 f"a consumer receives {n} cells but every consumer must emit {n_batches} minibatches; "
-                "use fewer processes/workers, a smaller block_size or drop_last=True")
+                "use fewer processes/workers, a smaller block_size or drop_last=True"
+            )
         # as many full batches as leave at least one row for each remaining slot
         full = min(n // batch_size, n_batches)
         if batch_size > 1:

@@ -5,6 +5,7 @@ the result arrives sorted by row, so indptr is built by counting rows, never by 
 Handles are opened lazily per reader thread: TileDB handles are not shared across threads, and a
 handle opened before a fork deadlocks the child.
 """
+
 from __future__ import annotations
 
 import threading
@@ -27,8 +28,15 @@ SUBREAD_THREADS = 2
 
 
 class SomaStore(Store):
-    def __init__(self, uri: str, *, obs_filter: str | None = None, layer: str | None = None,
-                 measurement: str = "RNA", tiledb_config: dict | None = None):
+    def __init__(
+        self,
+        uri: str,
+        *,
+        obs_filter: str | None = None,
+        layer: str | None = None,
+        measurement: str = "RNA",
+        tiledb_config: dict | None = None,
+    ):
         soma = _soma()
         self.uri = str(uri)
         self.layer = layer or "raw"
@@ -41,13 +49,13 @@ class SomaStore(Store):
             raise StoreError(f"{self.uri} is not a SOMA experiment ({type(e).__name__}: {e})") from None
         with exp:
             if measurement not in exp.ms:
-                raise StoreError(f"{self.uri} has no measurement {measurement!r} "
-                                 f"(have: {', '.join(exp.ms.keys())})")
+                raise StoreError(f"{self.uri} has no measurement {measurement!r} (have: {', '.join(exp.ms.keys())})")
             ms = exp.ms[measurement]
             if "X" not in ms or self.layer not in ms.X:
                 have = ", ".join(ms.X.keys()) if "X" in ms else "none"
-                raise StoreError(f"{self.uri}: measurement {measurement!r} has no X layer {self.layer!r} "
-                                 f"(have: {have})")
+                raise StoreError(
+                    f"{self.uri}: measurement {measurement!r} has no X layer {self.layer!r} (have: {have})"
+                )
             x = ms.X[self.layer]
             if x.soma_type != "SOMASparseNDArray":
                 raise StoreError(f"{self.uri}: X layer {self.layer!r} is {x.soma_type}, not sparse")

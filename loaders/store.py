@@ -3,6 +3,7 @@
 Positions are 0..n_obs-1 over the cells that pass `obs_filter`, in storage order; subclasses map them
 to their own row ids (Zarr row numbers, SOMA soma_joinids) and read CSR rows.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,8 +31,9 @@ def filter_columns(expr: str, columns) -> list[str]:
     keywords = {"and", "or", "not", "in", "True", "False", "None", "true", "false"}
     unknown = sorted(words - keywords - set(columns))
     if unknown:
-        raise StoreError(f"obs_filter {expr!r} names obs column {unknown[0]!r}, not in store "
-                         f"(have: {_names_list(columns)})")
+        raise StoreError(
+            f"obs_filter {expr!r} names obs column {unknown[0]!r}, not in store (have: {_names_list(columns)})"
+        )
     return sorted(words & set(columns))
 
 
@@ -84,8 +86,7 @@ class Store:
 
     def _check_column(self, column: str) -> None:
         if column not in self.obs_columns:
-            raise StoreError(f"obs column {column!r} not in store {self.uri} "
-                             f"(have: {_names_list(self.obs_columns)})")
+            raise StoreError(f"obs column {column!r} not in store {self.uri} (have: {_names_list(self.obs_columns)})")
 
     def obs_values(self, column: str):
         """The column's values (any dtype) for the filtered cells, in position order."""
@@ -115,8 +116,9 @@ class Store:
             elif g in by_name:
                 hits = np.flatnonzero(by_name == g)
                 if len(hits) > 1:
-                    raise StoreError(f"gene name {g!r} appears {len(hits)} times in {self.uri}; "
-                                     "select it by feature id")
+                    raise StoreError(
+                        f"gene name {g!r} appears {len(hits)} times in {self.uri}; select it by feature id"
+                    )
                 loc = hits[0]
             else:
                 missing.append(g)
@@ -143,6 +145,6 @@ class Store:
         """Cell names (obs index) of positions `rows`."""
         raise NotImplementedError
 
-    def reader(self) -> "Store":
+    def reader(self) -> Store:
         """A handle for one reader thread (stores with thread-affine handles return a fresh one)."""
         return self

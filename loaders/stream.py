@@ -8,6 +8,7 @@ The rank yields the consumers' batches round-robin; every rank yields the same c
 `validate="counts"` (what training uses) checks every decoded request for NaN/inf, negative and
 non-integer values (~20 ms per 20M values); the bare loader leaves it off.
 """
+
 from __future__ import annotations
 
 import queue
@@ -25,8 +26,17 @@ from .store import Store
 # torch's notice that sparse CSR is "beta" would print once per process for every user
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
-_STATE_KEYS = ("seed", "world_size", "num_workers", "batch_size", "block_size", "blocks_per_request",
-               "n_obs", "drop_last", "shuffle")
+_STATE_KEYS = (
+    "seed",
+    "world_size",
+    "num_workers",
+    "batch_size",
+    "block_size",
+    "blocks_per_request",
+    "n_obs",
+    "drop_last",
+    "shuffle",
+)
 
 
 @dataclass
@@ -44,8 +54,7 @@ class Batch:
 
 
 def _to_batch(m: CSR, index: np.ndarray, codes: dict[str, np.ndarray]) -> Batch:
-    return Batch(m.to_torch(), torch.from_numpy(index),
-                 {k: torch.from_numpy(v[index]) for k, v in codes.items()})
+    return Batch(m.to_torch(), torch.from_numpy(index), {k: torch.from_numpy(v[index]) for k, v in codes.items()})
 
 
 class _Stop(Exception):
@@ -69,11 +78,27 @@ class _Readers:
 
 
 class CellStream(torch.utils.data.IterableDataset):
-    def __init__(self, store: Store | str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 1, genes=None, obs_keys=(), drop_last: bool = False,
-                 block_size: int | None = None, blocks_per_request: int | None = None, prefetch: int = 1,
-                 shuffle: bool = True, epoch: int = 0, colmap: np.ndarray | None = None,
-                 validate: str | None = None, prefetch_next_epoch: bool = True):
+    def __init__(
+        self,
+        store: Store | str,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 1,
+        genes=None,
+        obs_keys=(),
+        drop_last: bool = False,
+        block_size: int | None = None,
+        blocks_per_request: int | None = None,
+        prefetch: int = 1,
+        shuffle: bool = True,
+        epoch: int = 0,
+        colmap: np.ndarray | None = None,
+        validate: str | None = None,
+        prefetch_next_epoch: bool = True,
+    ):
         if isinstance(store, str):
             from . import open_store
 
@@ -86,8 +111,9 @@ class CellStream(torch.utils.data.IterableDataset):
         self.store = store
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
-        self.block_size = int(block_size or sampling.default_block_size(
-            store.n_obs, store.block_rows, world_size * num_workers))
+        self.block_size = int(
+            block_size or sampling.default_block_size(store.n_obs, store.block_rows, world_size * num_workers)
+        )
         self.blocks_per_request, self.prefetch = int(blocks_per_request), int(prefetch)
         self.drop_last, self.shuffle = bool(drop_last), bool(shuffle)
         self.n_obs = store.n_obs
@@ -117,8 +143,7 @@ class CellStream(torch.utils.data.IterableDataset):
         return self.world_size * self.num_workers
 
     def _sizes(self, epoch: int) -> list[list[int]]:
-        rows = sampling.consumer_rows(self.n_obs, self.block_size, self.seed, epoch, self.n_consumers,
-                                      self.shuffle)
+        rows = sampling.consumer_rows(self.n_obs, self.block_size, self.seed, epoch, self.n_consumers, self.shuffle)
         return sampling.batch_sizes(rows, self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
@@ -142,15 +167,16 @@ class CellStream(torch.utils.data.IterableDataset):
     # -- iteration --------------------------------------------------------------------------------
     def __iter__(self):
         if torch.utils.data.get_worker_info() is not None:
-            raise RuntimeError("CellStream reads on its own threads (num_workers=…); use it with "
-                               "DataLoader(num_workers=0, batch_size=None) or iterate it directly")
+            raise RuntimeError(
+                "CellStream reads on its own threads (num_workers=…); use it with "
+                "DataLoader(num_workers=0, batch_size=None) or iterate it directly"
+            )
         epoch, start = self.epoch, self.consumed
         sizes = self._sizes(epoch)
         W = self.num_workers
         total = len(sizes[0]) * W
         readers = self._take_next(epoch, start) or self._start_readers(epoch, start, sizes)
-        cutters = [self._cut(readers.queues[w], sizes[self.rank * W + w][len(range(w, start, W)):])
-                   for w in range(W)]
+        cutters = [self._cut(readers.queues[w], sizes[self.rank * W + w][len(range(w, start, W)) :]) for w in range(W)]
         try:
             for j in range(start, total):
                 if j == total - 1 and self.prefetch_next_epoch:
@@ -173,14 +199,18 @@ class CellStream(torch.utils.data.IterableDataset):
         nxt[1].close()
         return None
 
-    def _start_readers(self, epoch: int, start: int, sizes) -> "_Readers":
+    def _start_readers(self, epoch: int, start: int, sizes) -> _Readers:
         W = self.num_workers
         readers = _Readers([queue.Queue(maxsize=self.prefetch) for _ in range(W)])
         for w in range(W):
             consumer = self.rank * W + w
             skip = len(range(w, start, W))  # batches of this worker among the first `start`
-            t = threading.Thread(target=self._read, daemon=True, name=f"cellstream-{consumer}",
-                                 args=(epoch, consumer, sizes[consumer], skip, readers.queues[w], readers.stop))
+            t = threading.Thread(
+                target=self._read,
+                daemon=True,
+                name=f"cellstream-{consumer}",
+                args=(epoch, consumer, sizes[consumer], skip, readers.queues[w], readers.stop),
+            )
             t.start()
             readers.threads.append(t)
         return readers
@@ -192,6 +222,7 @@ class CellStream(torch.utils.data.IterableDataset):
     def _read(self, epoch, consumer, sizes, skip, out: queue.Queue, stop: threading.Event):
         """Reader thread: decoded requests (GIL-free decode) → out; cutting happens on the consumer's
         thread, which keeps the two threads from trading the GIL once per minibatch."""
+
         def put(item):
             while not stop.is_set():
                 try:
@@ -202,8 +233,16 @@ class CellStream(torch.utils.data.IterableDataset):
             raise _Stop
 
         try:
-            reqs = sampling.requests(self.n_obs, self.block_size, self.blocks_per_request, self.seed, epoch,
-                                     consumer, self.n_consumers, self.shuffle)
+            reqs = sampling.requests(
+                self.n_obs,
+                self.block_size,
+                self.blocks_per_request,
+                self.seed,
+                epoch,
+                consumer,
+                self.n_consumers,
+                self.shuffle,
+            )
             offset = sum(sizes[:skip])  # rows already consumed: whole requests are skipped unread
             needed = sum(sizes[skip:])
             reader = self.store.reader()

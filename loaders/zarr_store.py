@@ -4,6 +4,7 @@ Rows are read as element ranges of X/data and X/indices. All ranges of one reque
 one asyncio gather, so the codec pipeline (zarrs when installed) decodes their chunks in parallel.
 Ranges closer than one storage chunk are merged: the chunk between them is decoded anyway.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,8 +40,10 @@ class ZarrStore(Store):
         x = root[x_path]
         enc = x.attrs.get("encoding-type") if isinstance(x, zarr.Group) else "dense array"
         if enc != "csr_matrix":
-            raise StoreError(f"{self.uri}:{x_path} is {enc}, not csr_matrix; rows cannot be streamed "
-                             "(rewrite it as CSR with `bigatlas prepare`)")
+            raise StoreError(
+                f"{self.uri}:{x_path} is {enc}, not csr_matrix; rows cannot be streamed "
+                "(rewrite it as CSR with `bigatlas prepare`)"
+            )
         self._data, self._indices = x["data"], x["indices"]
         self._indptr = np.asarray(x["indptr"][:], dtype=np.int64)
         self.n_vars = int(x.attrs["shape"][1])
@@ -108,9 +111,11 @@ class ZarrStore(Store):
     def _fetch(self, ranges: np.ndarray, data: np.ndarray, indices: np.ndarray) -> None:
         """Decode all element ranges of both arrays in ONE pipeline call each, straight into the
         output buffers: the codec pipeline then decodes every chunk of the request in parallel."""
+
         async def both():
-            await asyncio.gather(*(_read_ranges(arr, ranges, out)
-                                   for arr, out in ((self._data, data), (self._indices, indices))))
+            await asyncio.gather(
+                *(_read_ranges(arr, ranges, out) for arr, out in ((self._data, data), (self._indices, indices)))
+            )
 
         try:
             sync(both())
@@ -126,9 +131,13 @@ class ZarrStore(Store):
                 try:
                     arr[k * c : min((k + 1) * c, arr.shape[0])]
                 except Exception as e:
-                    return (f"{self.uri}:{self._x_path}/{name} chunk {k} (elements {k * c}:{(k + 1) * c}) "
-                            f"is corrupt or missing: {type(e).__name__}: {e}")
-        return f"{self.uri}:{self._x_path}: reading {len(ranges)} element ranges failed: {type(error).__name__}: {error}"
+                    return (
+                        f"{self.uri}:{self._x_path}/{name} chunk {k} (elements {k * c}:{(k + 1) * c}) "
+                        f"is corrupt or missing: {type(e).__name__}: {e}"
+                    )
+        return (
+            f"{self.uri}:{self._x_path}: reading {len(ranges)} element ranges failed: {type(error).__name__}: {error}"
+        )
 
 
 class _RangesIndexer:
@@ -157,5 +166,8 @@ async def _read_ranges(arr: zarr.Array, ranges: np.ndarray, out: np.ndarray) -> 
     proto = default_buffer_prototype()
     # the indexer walks the array's chunk grid: shards when sharded (the pipeline decodes only the
     # inner chunks a range touches)
-    await arr._async_array._get_selection(_RangesIndexer(ranges, (arr.shards or arr.chunks)[0]), prototype=proto,
-                                          out=proto.nd_buffer.from_numpy_array(out))
+    await arr._async_array._get_selection(
+        _RangesIndexer(ranges, (arr.shards or arr.chunks)[0]),
+        prototype=proto,
+        out=proto.nd_buffer.from_numpy_array(out),
+    )

@@ -1,4 +1,5 @@
 """Inference benchmark (thin wrapper): python scripts/bench_infer.py …; see bigatlas.bench_infer."""
+
 import sys
 
 from bigatlas.cli import main

@@ -1,4 +1,5 @@
 """Loader benchmark (thin wrapper): python scripts/bench_loader.py [--cells N] … ; see bigatlas.bench_loader."""
+
 import sys
 
 from bigatlas.cli import main

@@ -1,4 +1,5 @@
 """Prepare benchmark (thin wrapper): python scripts/bench_prepare.py …; see bigatlas.bench_prepare."""
+
 import sys
 
 from bigatlas.cli import main

@@ -1,4 +1,5 @@
 """Training benchmark (thin wrapper): python scripts/bench_train.py [--only T1 T2 M1] …; see bigatlas.bench_train."""
+
 import sys
 
 from bigatlas.cli import main

@@ -1,4 +1,5 @@
 """Embed (thin): accelerate launch [--multi_gpu --num_processes N] scripts/embed.py --run RUN --data URI --out OUT"""
+
 import sys
 
 from bigatlas.cli import main

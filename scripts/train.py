@@ -1,4 +1,5 @@
 """Train (thin): accelerate launch [--multi_gpu --num_processes N] scripts/train.py --data … --out RUN_DIR"""
+
 import sys
 
 from bigatlas.cli import main

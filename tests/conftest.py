@@ -1,4 +1,5 @@
 """Tiny real stores for property tests: rows whose values encode their own position."""
+
 from __future__ import annotations
 
 import os
@@ -40,16 +41,20 @@ def decode_positions(x_dense: np.ndarray) -> np.ndarray:
 
 def position_frames(n_obs: int = N_OBS, n_vars: int = N_VARS):
     i = np.arange(n_obs)
-    obs = pd.DataFrame({
-        # sorted by label: the hard case for shuffling
-        "cell_type": pd.Categorical([f"t{v}" for v in i * N_LABELS // n_obs]),
-        "donor_id": pd.Categorical([f"d{v % 5}" for v in i]),
-        "tissue_general": pd.Categorical(np.where(i % 3 == 0, "blood", "lung")),
-        "is_primary_data": i % 7 != 0,
-    }, index=[f"c{v}" for v in i])
-    var = pd.DataFrame({"feature_id": [f"ENSG{v:05d}" for v in range(n_vars)],
-                        "feature_name": [f"G{v}" for v in range(n_vars)]},
-                       index=[f"ENSG{v:05d}" for v in range(n_vars)])
+    obs = pd.DataFrame(
+        {
+            # sorted by label: the hard case for shuffling
+            "cell_type": pd.Categorical([f"t{v}" for v in i * N_LABELS // n_obs]),
+            "donor_id": pd.Categorical([f"d{v % 5}" for v in i]),
+            "tissue_general": pd.Categorical(np.where(i % 3 == 0, "blood", "lung")),
+            "is_primary_data": i % 7 != 0,
+        },
+        index=[f"c{v}" for v in i],
+    )
+    var = pd.DataFrame(
+        {"feature_id": [f"ENSG{v:05d}" for v in range(n_vars)], "feature_name": [f"G{v}" for v in range(n_vars)]},
+        index=[f"ENSG{v:05d}" for v in range(n_vars)],
+    )
     return obs, var
 
 
@@ -91,5 +96,17 @@ def run_script(script: str, args, env_extra=None, launcher=(), check=True, timeo
 
 
 def accelerate_launcher(processes: int) -> list:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]

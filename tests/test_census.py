@@ -1,6 +1,7 @@
 """Census slices: `census:<version>` specs resolve through cellxgene_census (here pointed at a local
 SOMA collection with the Census layout), offline fails in one line, and a filtered, gene-selected
 training run sees exactly the matching cells and only the listed genes, in file order."""
+
 import json
 
 import numpy as np
@@ -90,9 +91,33 @@ def test_filtered_training_sees_exactly_the_filtered_cells_and_listed_genes(cens
     genes = list(var.feature_id.sample(25, random_state=0))  # not in store order
     (tmp_path / "genes.txt").write_text("\n".join(genes) + "\n")
     run = tmp_path / "run"
-    assert main(["train", "--data", "census:2025-01-30", "--organism", "Homo sapiens", "--obs-filter", FILTER,
-                 "--genes", str(tmp_path / "genes.txt"), "--batch-key", "dataset_id", "--label-keys", "cell_type",
-                 "--out", str(run), "--max-epochs", "2", "--batch-size", "64", "--trace-cells"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "census:2025-01-30",
+                "--organism",
+                "Homo sapiens",
+                "--obs-filter",
+                FILTER,
+                "--genes",
+                str(tmp_path / "genes.txt"),
+                "--batch-key",
+                "dataset_id",
+                "--label-keys",
+                "cell_type",
+                "--out",
+                str(run),
+                "--max-epochs",
+                "2",
+                "--batch-size",
+                "64",
+                "--trace-cells",
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "vocab.json").read_text())["genes"] == genes
     assert json.loads((run / "config.json").read_text())["config"]["data"]["data"] == "census:2025-01-30/homo_sapiens"
     expected = np.sort(obs.soma_joinid[(obs.tissue_general == "blood") & obs.is_primary_data].to_numpy())

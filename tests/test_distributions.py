@@ -1,4 +1,5 @@
 """Likelihoods against scipy, sparse evaluation against the dense formula, finite gradients."""
+
 import numpy as np
 import pytest
 import torch
@@ -31,9 +32,12 @@ def test_nb_matches_scipy():
 def test_zinb_matches_scipy_mixture(gate):
     x, mu, theta = grid()
     pi = 1 / (1 + np.exp(-gate))
-    ref = np.where(x == 0, np.log(pi + (1 - pi) * np.exp(scipy_nb(x, mu, theta))), np.log1p(-pi) + scipy_nb(x, mu, theta))
-    got = log_zinb_dense(*(torch.tensor(a) for a in (x, mu, theta)), torch.full((len(x),), gate, dtype=torch.float64),
-                         eps=0.0).numpy()
+    ref = np.where(
+        x == 0, np.log(pi + (1 - pi) * np.exp(scipy_nb(x, mu, theta))), np.log1p(-pi) + scipy_nb(x, mu, theta)
+    )
+    got = log_zinb_dense(
+        *(torch.tensor(a) for a in (x, mu, theta)), torch.full((len(x),), gate, dtype=torch.float64), eps=0.0
+    ).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 

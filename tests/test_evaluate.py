@@ -1,5 +1,6 @@
 """`bigatlas evaluate`: integrated latents beat a PCA of the counts, a scrambled embedding scores at
 chance, prediction scores agree with sklearn, the report is written whole or not at all."""
+
 import json
 import shutil
 
@@ -25,8 +26,13 @@ def embedded(tmp_path_factory):
     data = root / "atlas.zarr"
     synth(data, N, 200, "zarr", seed=5, n_studies=4, donors_per_study=2)
     run = root / "run"
-    AtlasVAE.setup(str(data), batch_key="dataset_id", covariate_keys=["donor_id"],
-                   label_keys=["cell_type"], train={"max_epochs": 25}).fit(run)
+    AtlasVAE.setup(
+        str(data),
+        batch_key="dataset_id",
+        covariate_keys=["donor_id"],
+        label_keys=["cell_type"],
+        train={"max_epochs": 25},
+    ).fit(run)
     out = root / "emb.zarr"
     embed(run, data, out, chunk_size=1000, progress=False)
     return data, run, out
@@ -35,8 +41,16 @@ def embedded(tmp_path_factory):
 def test_integrated_beats_pca_and_report_is_complete(embedded, tmp_path):
     data, run, emb = embedded
     report = tmp_path / "report"
-    r = evaluate(emb, label_key="cell_type", batch_key="dataset_id", truth_keys=["true_cell_type"],
-                 out=report, n_cells=3000, umap_cells=1500, log=lambda *_: None)
+    r = evaluate(
+        emb,
+        label_key="cell_type",
+        batch_key="dataset_id",
+        truth_keys=["true_cell_type"],
+        out=report,
+        n_cells=3000,
+        umap_cells=1500,
+        log=lambda *_: None,
+    )
     ours, base = r["scores"]["bigatlas"], r["scores"]["pca_baseline"]
     assert ours["batch_mixing"] > base["batch_mixing"] + 0.2, (ours, base)
     assert ours["ilisi"] > base["ilisi"] and ours["batch_correction"] > base["batch_correction"]
@@ -47,8 +61,14 @@ def test_integrated_beats_pca_and_report_is_complete(embedded, tmp_path):
     assert truth["n_cells"] == N and truth["accuracy"] > 0.9
     assert set(truth["per_batch_accuracy"]) == {f"study_{i}" for i in range(4)}
     files = {p.name for p in report.iterdir()}
-    assert {"metrics.json", "report.md", "report.html", "umap.png", "loss_curves.png",
-            "confusion_cell_type_pred_vs_true_cell_type.png"} <= files
+    assert {
+        "metrics.json",
+        "report.md",
+        "report.html",
+        "umap.png",
+        "loss_curves.png",
+        "confusion_cell_type_pred_vs_true_cell_type.png",
+    } <= files
     assert json.loads((report / "metrics.json").read_text())["scores"] == r["scores"]
     html = (report / "report.html").read_text()
     assert "<table>" in html and 'src="umap.png"' in html
@@ -61,8 +81,17 @@ def test_scrambled_embedding_scores_at_chance(embedded, tmp_path):
     shutil.copytree(emb, scrambled)
     z = zarr.open_group(str(scrambled), mode="r+")["obsm/X_bigatlas"]
     z[:] = np.random.default_rng(0).permutation(z[:])
-    r = evaluate(scrambled, label_key="cell_type", batch_key="dataset_id", run=run, out=tmp_path / "r",
-                 n_cells=3000, umap_cells=500, baseline=False, log=lambda *_: None)
+    r = evaluate(
+        scrambled,
+        label_key="cell_type",
+        batch_key="dataset_id",
+        run=run,
+        out=tmp_path / "r",
+        n_cells=3000,
+        umap_cells=500,
+        baseline=False,
+        log=lambda *_: None,
+    )
     s = r["scores"]["bigatlas"]
     assert s["ari"] < 0.05 and s["nmi"] < 0.1, s
     assert s["knn_label_accuracy"] < 0.25, s  # 12 balanced-ish classes: chance ~ the largest class
@@ -76,13 +105,15 @@ def test_soma_embedding_scores_like_the_zarr_one(embedded, tmp_path):
     synth(soma_data, N, 200, "soma", seed=5, n_studies=4, donors_per_study=2)
     soma_emb = tmp_path / "emb.soma"
     embed(run, soma_data, soma_emb, chunk_size=1000, progress=False)
-    kw = dict(label_key="cell_type", batch_key="dataset_id", n_cells=1500, umap_cells=300, baseline=False,
-              log=lambda *_: None)
+    kw = dict(
+        label_key="cell_type", batch_key="dataset_id", n_cells=1500, umap_cells=300, baseline=False, log=lambda *_: None
+    )
     a = evaluate(emb, out=tmp_path / "a", **kw)
     b = evaluate(soma_emb, out=tmp_path / "b", **kw)
     assert b["n_evaluated"] == a["n_evaluated"]
     for name, value in a["scores"]["bigatlas"].items():
         assert b["scores"]["bigatlas"][name] == pytest.approx(value, abs=1e-4), name
+
     def common(preds):  # the run trained on the Zarr copy: only that embedding has a reference split
         return {k: {f: v for f, v in p.items() if not f.startswith(("reference_", "query_"))} for k, p in preds.items()}
 
@@ -99,13 +130,24 @@ def test_cells_outside_the_training_slice_are_scored_as_query(embedded, tmp_path
     cfg = json.loads((other / "config.json").read_text())
     cfg["config"]["data"]["obs_filter"] = "dataset_id != 'study_3'"
     (other / "config.json").write_text(json.dumps(cfg))
-    r = evaluate(emb, label_key="cell_type", batch_key="dataset_id", run=other, out=tmp_path / "r",
-                 n_cells=1000, umap_cells=300, baseline=False, log=lambda *_: None)
+    r = evaluate(
+        emb,
+        label_key="cell_type",
+        batch_key="dataset_id",
+        run=other,
+        out=tmp_path / "r",
+        n_cells=1000,
+        umap_cells=300,
+        baseline=False,
+        log=lambda *_: None,
+    )
     obs = ad.read_zarr(data).obs
     labelled = obs.cell_type.astype(str) != "undefined"
     s = r["predictions"]["cell_type_pred vs cell_type"]
-    assert r["reference_query"] == {"reference_cells": int((obs.dataset_id != "study_3").sum()),
-                                    "query_cells": int((obs.dataset_id == "study_3").sum())}
+    assert r["reference_query"] == {
+        "reference_cells": int((obs.dataset_id != "study_3").sum()),
+        "query_cells": int((obs.dataset_id == "study_3").sum()),
+    }
     assert s["query_cells"] == int(((obs.dataset_id == "study_3") & labelled).sum())
     assert s["query_accuracy"] == pytest.approx(s["per_batch_accuracy"]["study_3"], abs=1e-4)
     assert "Query cells" in (tmp_path / "r" / "report.md").read_text()
@@ -114,14 +156,34 @@ def test_cells_outside_the_training_slice_are_scored_as_query(embedded, tmp_path
 def test_mismatched_or_incomplete_embedding_is_refused(embedded, tmp_path):
     data, run, emb = embedded
     with pytest.raises(EmbeddingError, match="has 4000 cells but"):
-        evaluate(emb, label_key="cell_type", batch_key="dataset_id", obs_filter="dataset_id == 'study_0'",
-                 out=tmp_path / "r", log=lambda *_: None)
+        evaluate(
+            emb,
+            label_key="cell_type",
+            batch_key="dataset_id",
+            obs_filter="dataset_id == 'study_0'",
+            out=tmp_path / "r",
+            log=lambda *_: None,
+        )
     partial = tmp_path / "partial.zarr"
     shutil.copytree(emb, partial)
     g = zarr.open_group(str(partial), mode="r+")
     g.attrs["bigatlas"] = {**g.attrs["bigatlas"], "complete": False}
-    assert main(["evaluate", "--emb", str(partial), "--label-key", "cell_type", "--batch-key", "dataset_id",
-                 "--out", str(tmp_path / "r2")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--emb",
+                str(partial),
+                "--label-key",
+                "cell_type",
+                "--batch-key",
+                "dataset_id",
+                "--out",
+                str(tmp_path / "r2"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "r2").exists()
 
 

@@ -1,5 +1,6 @@
 """Embedding to disk: equals in-memory inference, same output for 1-3 processes, survives SIGKILL,
 aligns genes of a differently ordered or incomplete query."""
+
 import warnings
 from pathlib import Path
 
@@ -8,12 +9,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
+from conftest import accelerate_launcher, run_script
 
 from bigatlas import AtlasVAE
 from bigatlas.infer import embed
 from bigatlas.synth import synth
 from bigatlas.write_store import ZarrWriter
-from conftest import accelerate_launcher, run_script
+
 N = 1500
 
 
@@ -23,8 +25,9 @@ def trained(tmp_path_factory):
     data = root / "ref.zarr"
     synth(data, N, 100, "zarr", seed=4, n_studies=3, donors_per_study=2)
     run = root / "run"
-    AtlasVAE.setup(str(data), batch_key="dataset_id", label_keys=["cell_type", "cell_type_coarse"],
-                   train={"max_epochs": 3}).fit(run)
+    AtlasVAE.setup(
+        str(data), batch_key="dataset_id", label_keys=["cell_type", "cell_type_coarse"], train={"max_epochs": 3}
+    ).fit(run)
     return str(data), str(run)
 
 
@@ -34,8 +37,13 @@ def embed_cli(args, launcher=(), env_extra=None, check=True):
 
 def arrays(out):
     g = zarr.open_group(str(out), mode="r")
-    return {"z": g["obsm/X_bigatlas"][:], "row": g["obs/row"][:], "pred": g["obs/cell_type_pred/codes"][:],
-            "prob": g["obs/cell_type_prob"][:], "names": g["obs/_index"][:].astype(object)}
+    return {
+        "z": g["obsm/X_bigatlas"][:],
+        "row": g["obs/row"][:],
+        "pred": g["obs/cell_type_pred/codes"][:],
+        "prob": g["obs/cell_type_prob"][:],
+        "names": g["obs/_index"][:].astype(object),
+    }
 
 
 def test_output_equals_in_memory_inference(trained, tmp_path):
@@ -57,8 +65,9 @@ def test_processes_write_the_same_output_in_store_order(trained, tmp_path, procs
     data, run = trained
     single = embed(run, data, tmp_path / "one.zarr", chunk_size=200, progress=False)
     multi = tmp_path / "multi.zarr"
-    embed_cli(["--run", run, "--data", data, "--out", str(multi), "--chunk-size", "200"],
-              launcher=accelerate_launcher(procs))
+    embed_cli(
+        ["--run", run, "--data", data, "--out", str(multi), "--chunk-size", "200"], launcher=accelerate_launcher(procs)
+    )
     a, b = arrays(single), arrays(multi)
     for k in a:
         assert np.array_equal(a[k], b[k]), k
@@ -143,10 +152,15 @@ def test_surgery_extends_batches_and_keeps_the_reference_fixed(trained, tmp_path
     assert mapped.vocab.batch_categories["dataset_id"][:3] == reference.vocab.batch_categories["dataset_id"]
     assert mapped.vocab.batch_categories["dataset_id"][3:] == ["q_study_0", "q_study_1"]
     assert np.array_equal(mapped.get_latent(data), before)  # frozen encoder: reference latents identical
-    old, new = load_file(str(Path(run) / "model.safetensors")), load_file(str(tmp_path / "mapped" / "model.safetensors"))
+    old, new = (
+        load_file(str(Path(run) / "model.safetensors")),
+        load_file(str(tmp_path / "mapped" / "model.safetensors")),
+    )
     for k, v in old.items():
         if k.startswith("embeddings."):
-            assert np.array_equal(new[k][: len(v)], v) and not np.array_equal(new[k][len(v):], np.broadcast_to(v.mean(0), new[k][len(v):].shape))
+            assert np.array_equal(new[k][: len(v)], v) and not np.array_equal(
+                new[k][len(v) :], np.broadcast_to(v.mean(0), new[k][len(v) :].shape)
+            )
         else:
             assert np.array_equal(new[k], v), k
     assert np.isfinite(mapped.get_reconstructed_expression(str(qpath))).all()

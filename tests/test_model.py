@@ -1,4 +1,5 @@
 """Model loss properties: finite class weights, ignored undefined labels, per-cell means."""
+
 import torch
 
 from bigatlas.config import ModelConfig
@@ -44,7 +45,7 @@ def test_undefined_cells_never_contribute():
     other[:10] = -1  # unchanged
     b = loss(model(), counts, codes, other).terms["label"]
     assert torch.equal(a, b)
-    for value in range(4):  # whatever an undefined cell's class would be, nothing changes
+    for _value in range(4):  # whatever an undefined cell's class would be, nothing changes
         c = labels.clone()
         c[:10] = -1
         assert torch.equal(loss(model(), counts, codes, c).terms["label"], a)

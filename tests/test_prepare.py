@@ -1,6 +1,7 @@
 """`bigatlas prepare`: statistics equal numpy / scanpy on an in-memory copy, the same from SOMA and
 from a backed .h5ad, conversion round-trips (sharded too), memory stays flat as the store grows,
 bad input fails without leaving output."""
+
 import subprocess
 import sys
 
@@ -32,8 +33,16 @@ def test_statistics_equal_numpy_and_scanpy(atlas, tmp_path):
     import scanpy as sc
 
     root, adata = atlas
-    st = prepare(root / "a.zarr", tmp_path, batch_key="dataset_id", label_keys=["cell_type"], n_top_genes=100,
-                 block_cells=257, workers=2, **quiet)  # many blocks, several dask partitions
+    st = prepare(
+        root / "a.zarr",
+        tmp_path,
+        batch_key="dataset_id",
+        label_keys=["cell_type"],
+        n_top_genes=100,
+        block_cells=257,
+        workers=2,
+        **quiet,
+    )  # many blocks, several dask partitions
     table = pd.read_csv(tmp_path / "genes.csv", index_col="feature_id")
     x = adata.X.toarray().astype(np.float64)
     assert list(table.index) == list(adata.var.feature_id)
@@ -47,8 +56,7 @@ def test_statistics_equal_numpy_and_scanpy(atlas, tmp_path):
     truth = adata.obs.cell_type.astype(str).value_counts()
     assert st["class_counts"]["cell_type"]["classes"] == truth.drop("undefined").to_dict()
     assert st["class_counts"]["cell_type"]["undefined"] == truth["undefined"]
-    ref = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=100, batch_key="dataset_id",
-                                      inplace=False)
+    ref = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=100, batch_key="dataset_id", inplace=False)
     ours = (tmp_path / "hvg.txt").read_text().split()
     theirs = set(adata.var.feature_id[ref.highly_variable.to_numpy()])
     assert len(ours) == 100 and len(set(ours) & theirs) / 100 >= 0.95
@@ -70,8 +78,17 @@ def test_h5ad_conversion_round_trips_filtered_cells(atlas, tmp_path, shard):
     root, adata = atlas
     expr = "tissue_general == 'blood' and is_primary_data == True"
     out = tmp_path / "conv.zarr"
-    st = prepare(root / "a.h5ad", tmp_path / "p", obs_filter=expr, convert_to=out, shard_elems=shard,
-                 batch_key="dataset_id", n_top_genes=30, block_cells=333, **quiet)
+    st = prepare(
+        root / "a.h5ad",
+        tmp_path / "p",
+        obs_filter=expr,
+        convert_to=out,
+        shard_elems=shard,
+        batch_key="dataset_id",
+        n_top_genes=30,
+        block_cells=333,
+        **quiet,
+    )
     want = adata[(adata.obs.tissue_general == "blood") & adata.obs.is_primary_data]
     got = ad.read_zarr(out)
     assert st["n_obs"] == want.n_obs == got.n_obs
@@ -90,8 +107,15 @@ def test_soma_slice_converts_with_listed_genes_only(atlas, tmp_path):
     root, adata = atlas
     genes = list(adata.var.feature_id.to_numpy()[[17, 3, 250, 99]])
     out = tmp_path / "slice.zarr"
-    prepare(root / "a.soma", tmp_path / "p", genes=genes, obs_filter="dataset_id == 'study_2'",
-            convert_to=out, n_top_genes=0, **quiet)
+    prepare(
+        root / "a.soma",
+        tmp_path / "p",
+        genes=genes,
+        obs_filter="dataset_id == 'study_2'",
+        convert_to=out,
+        n_top_genes=0,
+        **quiet,
+    )
     got = ad.read_zarr(out)
     want = adata[adata.obs.dataset_id == "study_2"]
     assert list(got.var.feature_id) == genes
@@ -104,8 +128,14 @@ def test_tiny_batches_are_left_out_of_the_hvg_ranking(atlas, tmp_path):
 
     root, adata = atlas
     lone = int(adata.obs.soma_joinid[adata.obs.dataset_id == "study_2"].iloc[0])
-    st = prepare(root / "a.zarr", tmp_path, batch_key="dataset_id", n_top_genes=40,
-                 obs_filter=f"dataset_id == 'study_1' or soma_joinid == {lone}", **quiet)
+    st = prepare(
+        root / "a.zarr",
+        tmp_path,
+        batch_key="dataset_id",
+        n_top_genes=40,
+        obs_filter=f"dataset_id == 'study_1' or soma_joinid == {lone}",
+        **quiet,
+    )
     assert st["cells_per_batch"]["study_2"] == 1
     assert st["hvg"]["batches_skipped"] == ["study_0", "study_2", "study_3"]  # no cells / one cell
     assert len((tmp_path / "hvg.txt").read_text().split()) == 40
@@ -113,9 +143,11 @@ def test_tiny_batches_are_left_out_of_the_hvg_ranking(atlas, tmp_path):
 
 
 def peak_rss(data, out):
-    code = ("from bigatlas.prepare import prepare; import json, sys; "
-            f"s = prepare({str(data)!r}, {str(out)!r}, batch_key='dataset_id', label_keys=['cell_type'], "
-            "block_cells=2048, log=lambda *_: None); print(json.dumps(s['peak_rss_mb']))")
+    code = (
+        "from bigatlas.prepare import prepare; import json, sys; "
+        f"s = prepare({str(data)!r}, {str(out)!r}, batch_key='dataset_id', label_keys=['cell_type'], "
+        "block_cells=2048, log=lambda *_: None); print(json.dumps(s['peak_rss_mb']))"
+    )
     return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
 
 

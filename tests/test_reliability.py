@@ -1,5 +1,6 @@
 """Faults and bad input: every case ends in one clear error naming the problem (or a documented,
 tested handling), and nothing half-done is ever marked complete."""
+
 import json
 import os
 import pickle
@@ -14,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import accelerate_launcher
 from safetensors.numpy import load_file
 
 from bigatlas.synth import synth
 from bigatlas.write_store import ZarrWriter
-from conftest import accelerate_launcher
 from loaders import StoreError, open_store
 from loaders.soma_store import SomaStore
 from loaders.zarr_store import ZarrStore
@@ -52,8 +53,22 @@ def variant(src, out, transform_x=None, obs=None, var=None):
 
 
 def train_args(data, out, *extra):
-    return ["train", "--data", data, "--batch-key", "dataset_id", "--label-keys", "cell_type", "--out", str(out),
-            "--max-epochs", "1", "--batch-size", "64", *extra]
+    return [
+        "train",
+        "--data",
+        data,
+        "--batch-key",
+        "dataset_id",
+        "--label-keys",
+        "cell_type",
+        "--out",
+        str(out),
+        "--max-epochs",
+        "1",
+        "--batch-size",
+        "64",
+        *extra,
+    ]
 
 
 def set_value(value, row=7):
@@ -61,13 +76,19 @@ def set_value(value, row=7):
         x = x.tolil()
         x[row, 3] = value
         return x.tocsr()
+
     return f
 
 
-@pytest.mark.parametrize("value, message", [(2.5, "non-integer value 2.5 in the cell at position 7"),
-                                            (-3.0, "negative value -3.0 in the cell at position 7"),
-                                            (np.nan, "NaN/inf value nan in the cell at position 7"),
-                                            (np.inf, "NaN/inf value inf in the cell at position 7")])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (2.5, "non-integer value 2.5 in the cell at position 7"),
+        (-3.0, "negative value -3.0 in the cell at position 7"),
+        (np.nan, "NaN/inf value nan in the cell at position 7"),
+        (np.inf, "NaN/inf value inf in the cell at position 7"),
+    ],
+)
 def test_values_that_are_not_counts_are_refused(atlas, tmp_path, value, message):
     bad = variant(atlas, tmp_path / "bad.zarr", set_value(value))
     res = cli(train_args(bad, tmp_path / "run"))
@@ -88,6 +109,7 @@ def test_extreme_and_zero_library_sizes_train_finite(atlas, tmp_path):
         x[2] = x[2] * 2000.0  # library ~1e6
         x[3] = x[3] * 2000.0
         return x
+
     data = variant(atlas, tmp_path / "extreme.zarr", extremes)
     lib = ad.read_zarr(data).X.sum(1).A1
     assert lib.min() == 0 and lib[1] == 1 and lib.max() > 5e5
@@ -106,12 +128,15 @@ def test_nan_loss_stops_with_the_step_and_a_checkpoint_of_the_last_good_state(at
     assert latest == "step-000000005" and f"saved as {run / 'checkpoints' / latest}" in res.stderr
 
 
-@pytest.mark.parametrize("case, args_change, message", [
-    ("missing obs key", ["--batch-key", "donr_id"], "obs column 'donr_id' not in store"),
-    ("only undefined labels", ["--label-keys", "all_undefined"], "label key 'all_undefined' has only undefined"),
-    ("filter matching nothing", ["--obs-filter", "tissue_general == 'brain'"], "matches 0 of 1200 cells"),
-    ("unknown genes", ["--genes", "GENES"], "2 requested genes not in store"),
-])
+@pytest.mark.parametrize(
+    "case, args_change, message",
+    [
+        ("missing obs key", ["--batch-key", "donr_id"], "obs column 'donr_id' not in store"),
+        ("only undefined labels", ["--label-keys", "all_undefined"], "label key 'all_undefined' has only undefined"),
+        ("filter matching nothing", ["--obs-filter", "tissue_general == 'brain'"], "matches 0 of 1200 cells"),
+        ("unknown genes", ["--genes", "GENES"], "2 requested genes not in store"),
+    ],
+)
 def test_bad_training_input_gives_one_clear_error(atlas, tmp_path, case, args_change, message):
     obs = ad.read_zarr(atlas).obs.copy()
     obs["all_undefined"] = pd.Categorical(["undefined"] * len(obs))
@@ -218,8 +243,12 @@ def test_kill_at_a_random_moment_then_resume_equals_uninterrupted(atlas, tmp_pat
     run = tmp_path / "cut"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bigatlas.cli", *train_args(atlas, run, *args)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bigatlas.cli", *train_args(atlas, run, *args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (run / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -236,11 +265,13 @@ def test_kill_at_a_random_moment_then_resume_equals_uninterrupted(atlas, tmp_pat
 def test_one_rank_dying_stops_the_other_quickly(atlas, tmp_path):
     launcher = [*accelerate_launcher(2), str(ROOT / "scripts" / "train.py")]
     t = time.time()
-    res = cli(train_args(atlas, tmp_path / "run")[1:], {"BIGATLAS_FAULT": "after_step:3@1"}, launcher=launcher,
-              timeout=300)
+    res = cli(
+        train_args(atlas, tmp_path / "run")[1:], {"BIGATLAS_FAULT": "after_step:3@1"}, launcher=launcher, timeout=300
+    )
     assert res.returncode != 0 and time.time() - t < 120
-    assert "Signal 9 (SIGKILL)" in res.stderr or "SIGKILL" in res.stderr or "exitcode  : -9" in res.stderr, \
-        res.stderr[-3000:]
+    assert "Signal 9 (SIGKILL)" in res.stderr or "SIGKILL" in res.stderr or "exitcode  : -9" in res.stderr, res.stderr[
+        -3000:
+    ]
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
@@ -253,8 +284,12 @@ def test_embedding_killed_anywhere_completes_on_rerun(atlas, trained_run, tmp_pa
     assert cli([*args, "--out", str(ref)]).returncode == 0
     out = tmp_path / "cut.zarr"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "bigatlas.cli", *args, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bigatlas.cli", *args, "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while not out.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)

@@ -1,4 +1,5 @@
 """Epoch plans are pure functions: coverage, balance and epoch-to-epoch variation without data."""
+
 import numpy as np
 import pytest
 

@@ -1,10 +1,11 @@
 """Store opening: both AnnData-Zarr formats, SOMA, and one clear error per kind of bad input."""
+
 import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
-
 from conftest import N_OBS, N_VARS, position_frames, position_rows
+
 from loaders import StoreError, open_store
 
 
@@ -41,8 +42,9 @@ def test_our_soma_is_a_valid_experiment(position_stores):
     with tiledbsoma.Experiment.open(position_stores["soma"]) as exp:
         assert exp.obs.count == N_OBS
         x = exp.ms["RNA"].X["raw"].read().tables().concat()
-        m = sp.csr_matrix((x["soma_data"].to_numpy(), (x["soma_dim_0"].to_numpy(), x["soma_dim_1"].to_numpy())),
-                          shape=(N_OBS, N_VARS))
+        m = sp.csr_matrix(
+            (x["soma_data"].to_numpy(), (x["soma_dim_0"].to_numpy(), x["soma_dim_1"].to_numpy())), shape=(N_OBS, N_VARS)
+        )
         assert (m != reference()).nnz == 0
 
 
@@ -62,14 +64,17 @@ def test_filtered_read_with_gaps(position_stores, fmt):
     assert set(cats[np.unique(codes)]) == {"d1", "d3"}
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("missing", "does not exist"),
-    ("not_a_store", "neither an AnnData-Zarr store nor a TileDB-SOMA"),
-    ("bad_column", "obs column 'donr_id' not in store"),
-    ("bad_filter_column", "names obs column 'tisue'"),
-    ("empty_filter", "matches 0 of"),
-    ("dense_x", "not csr_matrix"),
-])
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("missing", "does not exist"),
+        ("not_a_store", "neither an AnnData-Zarr store nor a TileDB-SOMA"),
+        ("bad_column", "obs column 'donr_id' not in store"),
+        ("bad_filter_column", "names obs column 'tisue'"),
+        ("empty_filter", "matches 0 of"),
+        ("dense_x", "not csr_matrix"),
+    ],
+)
 def test_bad_input_gives_one_clear_error(tmp_path, position_stores, case, pattern):
     with pytest.raises(StoreError, match=pattern):
         if case == "missing":

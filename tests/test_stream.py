@@ -1,8 +1,9 @@
 """CellStream properties on real Zarr and SOMA stores whose values encode each row's position."""
+
 import numpy as np
 import pytest
-
 from conftest import N_LABELS, N_OBS, N_VARS, decode_positions, position_rows
+
 from loaders import CellStream, open_store
 
 BLOCK = 16
@@ -169,8 +170,15 @@ def test_minibatches_mix_labels_like_a_random_permutation(tmp_path):
 
     n = 30_000
     uri = write_position_store(tmp_path / "sorted.zarr", "zarr", n_obs=n, chunk_rows=5000)
-    s = CellStream(open_store(uri), batch_size=256, seed=0, block_size=64, blocks_per_request=64,
-                   obs_keys=["cell_type"], num_workers=2)
+    s = CellStream(
+        open_store(uri),
+        batch_size=256,
+        seed=0,
+        block_size=64,
+        blocks_per_request=64,
+        obs_keys=["cell_type"],
+        num_workers=2,
+    )
     got = entropy_per_batch([b.obs["cell_type"].numpy() for b in s], N_LABELS)
     labels = np.arange(n) * N_LABELS // n
     perm = np.random.default_rng(0).permutation(labels)

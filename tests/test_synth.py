@@ -1,4 +1,5 @@
 """The synthetic atlas: valid stores in both formats, the promised structure, bounded memory."""
+
 import json
 import subprocess
 import sys
@@ -24,8 +25,17 @@ def atlas(tmp_path_factory):
 def test_census_like_columns_and_labels(atlas):
     adata = ad.read_zarr(atlas[0])
     obs = adata.obs
-    for col in ["dataset_id", "donor_id", "assay", "cell_type", "cell_type_coarse", "tissue_general",
-                "is_primary_data", "soma_joinid", "true_cell_type"]:
+    for col in [
+        "dataset_id",
+        "donor_id",
+        "assay",
+        "cell_type",
+        "cell_type_coarse",
+        "tissue_general",
+        "is_primary_data",
+        "soma_joinid",
+        "true_cell_type",
+    ]:
         assert col in obs
     assert {"feature_id", "feature_name"} <= set(adata.var.columns)
     undefined = (obs.cell_type == "undefined").mean()
@@ -73,9 +83,11 @@ def test_cell_type_order_is_sorted(tmp_path):
 
 
 def _peak_rss_mb(out, cells):
-    code = ("import resource, sys; from bigatlas.cli import main; "
-            f"main(['synth', {str(out)!r}, '--cells', '{cells}', '--genes', '500']); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    code = (
+        "import resource, sys; from bigatlas.cli import main; "
+        f"main(['synth', {str(out)!r}, '--cells', '{cells}', '--genes', '500']); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(res.stdout.strip().splitlines()[-1])
 

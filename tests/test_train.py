@@ -1,15 +1,16 @@
 """Training: resume after SIGKILL equals an uninterrupted run, 2-process runs agree with the partition,
 the model learns an integrated latent space, and bad launches fail loudly."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import accelerate_launcher, run_script
 from safetensors.numpy import load_file
 
 from bigatlas.synth import synth
 from bigatlas.train import holdout_mask
-from conftest import accelerate_launcher, run_script
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,22 @@ def run_train(args, env_extra=None, launcher=(), check=True):
 
 
 def base_args(data, out, epochs=2):
-    return ["--data", data, "--batch-key", "donor_id", "--label-keys", "cell_type", "--out", str(out),
-            "--max-epochs", str(epochs), "--batch-size", "64", "--checkpoint-every-steps", "7"]
+    return [
+        "--data",
+        data,
+        "--batch-key",
+        "donor_id",
+        "--label-keys",
+        "cell_type",
+        "--out",
+        str(out),
+        "--max-epochs",
+        str(epochs),
+        "--batch-size",
+        "64",
+        "--checkpoint-every-steps",
+        "7",
+    ]
 
 
 def weights(run):
@@ -99,8 +114,13 @@ def test_learns_an_integrated_latent_space(tmp_path):
 
     data = tmp_path / "atlas.zarr"
     synth(data, 6000, 300, "zarr", seed=2)
-    model = AtlasVAE.setup(str(data), batch_key="dataset_id", covariate_keys=["donor_id"],
-                           label_keys=["cell_type"], train={"max_epochs": 40}).fit(tmp_path / "run")
+    model = AtlasVAE.setup(
+        str(data),
+        batch_key="dataset_id",
+        covariate_keys=["donor_id"],
+        label_keys=["cell_type"],
+        train={"max_epochs": 40},
+    ).fit(tmp_path / "run")
     adata = ad.read_zarr(data)
     truth = adata.obs.true_cell_type.cat.codes.to_numpy()
     z = model.get_latent()
