@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from accelerate import PartialState
 
-from loaders import open_store
+from loaders import detect_format, open_store
 from loaders.csr import check_counts, select_columns
 
-from .train import fault_point
-from .vocab import align_genes
+from .faults import Faults
+from .rundir import load_run
 
 OUTPUT_VERSION = 1
 
@@ -300,21 +301,16 @@ def embed(
 ) -> Path:
     """Embed `data` with the model in `run_dir` into `out`: AnnData-Zarr for Zarr input, a SOMA
     experiment for SOMA input (out_format overrides). See the module doc."""
-    from accelerate import PartialState
-
-    from loaders import detect_format
-
-    from .api import AtlasVAE
-
     state = PartialState(cpu=not torch.cuda.is_available())
-    model = AtlasVAE.load(run_dir)
+    faults = Faults()
+    model = load_run(run_dir)
     device = state.device if torch.cuda.is_available() else torch.device("cpu")
     module = model.module.to(device).eval()
     store = open_store(data, obs_filter=obs_filter, layer=model.config.data.layer)
     with warnings.catch_warnings():
         if not state.is_main_process:
             warnings.simplefilter("ignore")
-        colmap, _ = align_genes(store, model.vocab.genes, min_gene_overlap)
+        colmap = store.gene_map(model.vocab.genes, missing="zero-fill", min_overlap=min_gene_overlap, what="model's")
     identity = np.array_equal(colmap, np.arange(store.n_vars)) and store.n_vars == len(model.vocab.genes)
     out = Path(out)
     n, c = store.n_obs, int(chunk_size)
@@ -366,7 +362,7 @@ def embed(
                 _summaries(probs, classes, unknown_threshold),
                 probs if full_probabilities else {},
             )
-            fault_point("after_chunk", k)
+            faults.kill("after_chunk", k)
             cells += hi - lo
             if bar is not None:
                 bar.update(hi - lo)

@@ -1,16 +1,13 @@
 """What a model was trained on: genes, category lists per batch/covariate key, classes per label key.
 
-Saved as RUN_DIR/vocab.json. Translating a store's obs codes into model codes goes through lookup
+Saved as RUN_DIR/vocab.json (rundir.RunDir). Translating a store's obs codes into model codes goes through lookup
 tables built by category name, so a query store with other category orders maps correctly.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,13 +21,6 @@ class Vocab:
     batch_categories: dict[str, list[str]]  # per batch/covariate key, in embedding order
     label_classes: dict[str, list[str]]  # per label key, undefined labels excluded
     class_counts: dict[str, list[int]] = field(default_factory=dict)  # labelled training cells per class
-
-    def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.__dict__, indent=1) + "\n")
-
-    @classmethod
-    def load(cls, path) -> Vocab:
-        return cls(**json.loads(Path(path).read_text()))
 
     @classmethod
     def from_store(cls, store, data: DataConfig, train_mask: np.ndarray | None = None) -> Vocab:
@@ -94,33 +84,3 @@ def apply_lut(lut: np.ndarray, codes: np.ndarray) -> np.ndarray:
     ok = codes >= 0
     out[ok] = lut[codes[ok]]
     return out
-
-
-def align_genes(store, genes, min_overlap: float = 0.5):
-    """colmap[store column] = model gene index, matching by feature id then name; model genes
-    missing from the store stay zero. Returns (colmap, number of missing genes)."""
-    by_id = {g: i for i, g in enumerate(store.var_ids)}
-    by_name = {}
-    for i, g in enumerate(store.var_names):
-        by_name.setdefault(g, i)
-    colmap = np.full(store.n_vars, -1, dtype=np.int64)
-    missing = 0
-    for out, g in enumerate(genes):
-        loc = by_id.get(g, by_name.get(g))
-        if loc is None or colmap[loc] >= 0:
-            missing += 1
-            continue
-        colmap[loc] = out
-    overlap = 1 - missing / max(len(genes), 1)
-    if overlap < min_overlap:
-        raise ValueError(
-            f"{store.uri} shares {len(genes) - missing} of the model's {len(genes)} genes "
-            f"({overlap:.0%}); below the minimum overlap {min_overlap:.0%}"
-        )
-    if missing:
-        warnings.warn(
-            f"{missing} of the model's {len(genes)} genes ({missing / len(genes):.1%}) are missing "
-            f"from {store.uri}; they are zero-filled",
-            stacklevel=2,
-        )
-    return colmap, missing

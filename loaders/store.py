@@ -7,6 +7,7 @@ to their own row ids (Zarr row numbers, SOMA soma_joinids) and read CSR rows.
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,14 @@ def eval_filter(expr: str, columns, read_column, uri: str) -> np.ndarray:
     except Exception as e:
         raise StoreError(f"obs_filter {expr!r} failed on {uri}: {e}") from None
     return np.flatnonzero(mask).astype(np.int64)
+
+
+def _positions(names) -> dict[str, list[int]]:
+    """Each name's column positions (usually one)."""
+    out: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        out.setdefault(str(name), []).append(i)
+    return out
 
 
 def codes_of(values) -> tuple[np.ndarray, np.ndarray]:
@@ -100,32 +109,49 @@ class Store:
         return self._codes_cache[column]
 
     # -- genes ------------------------------------------------------------------------------------
-    def gene_map(self, genes) -> np.ndarray:
-        """colmap[store column] = output column for each requested gene (by feature id, else name)."""
+    def gene_map(
+        self, genes, *, missing: str = "error", min_overlap: float = 0.5, what: str = "requested"
+    ) -> np.ndarray:
+        """colmap[store column] = output column of each of `genes` (-1: a store column not asked for).
+
+        The one rule that resolves genes everywhere (training, embedding, prepare): a gene is found by
+        feature id, else by feature name; a name that appears more than once is ambiguous and refused
+        (select it by id). Genes the store lacks are an error (missing="error") or left out of colmap,
+        so that their output columns stay zero (missing="zero-fill", with a warning; refused below
+        `min_overlap` of the genes). `what` names the gene list in messages ("model's")."""
+        if missing not in ("error", "zero-fill"):
+            raise ValueError(f"missing must be 'error' or 'zero-fill', not {missing!r}")
         genes = [str(g) for g in genes]
         if len(set(genes)) != len(genes):
             dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
             raise StoreError(f"gene list repeats {_names_list(dup)}")
-        by_id = pd.Index(self.var_ids)
-        by_name = pd.Index(self.var_names)
+        by_id, by_name = _positions(self.var_ids), _positions(self.var_names)
         colmap = np.full(self.n_vars, -1, dtype=np.int64)
-        missing = []
+        absent = []
         for out, g in enumerate(genes):
-            if g in by_id:
-                loc = by_id.get_indexer([g])[0] if by_id.is_unique else np.flatnonzero(by_id == g)[0]
-            elif g in by_name:
-                hits = np.flatnonzero(by_name == g)
-                if len(hits) > 1:
-                    raise StoreError(
-                        f"gene name {g!r} appears {len(hits)} times in {self.uri}; select it by feature id"
-                    )
-                loc = hits[0]
-            else:
-                missing.append(g)
+            hits = by_id.get(g) or by_name.get(g) or []
+            if len(hits) > 1:
+                kind = "feature id" if g in by_id else "gene name"
+                hint = "; select it by feature id" if kind == "gene name" else ""
+                raise StoreError(f"{kind} {g!r} appears {len(hits)} times in {self.uri}{hint}")
+            if len(hits) == 0:
+                absent.append(g)
                 continue
-            colmap[loc] = out
-        if missing:
-            raise StoreError(f"{len(missing)} requested genes not in store {self.uri}: {_names_list(missing)}")
+            colmap[hits[0]] = out
+        if absent and missing == "error":
+            raise StoreError(f"{len(absent)} {what} genes not in store {self.uri}: {_names_list(absent)}")
+        if absent:
+            n, k = len(genes), len(absent)
+            overlap = 1 - k / max(n, 1)
+            if overlap < min_overlap:
+                raise StoreError(
+                    f"{self.uri} shares {n - k} of the {what} {n} genes ({overlap:.0%}); "
+                    f"below the minimum overlap {min_overlap:.0%}"
+                )
+            warnings.warn(
+                f"{k} of the {what} {n} genes ({k / n:.1%}) are missing from {self.uri}; they are zero-filled",
+                stacklevel=2,
+            )
         return colmap
 
     def restrict_columns(self, columns: np.ndarray) -> None:
