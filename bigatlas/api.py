@@ -1,12 +1,12 @@
 """Notebook API: AtlasVAE.setup(...).fit(...), get_latent, predict_labels, reconstruction, save/load.
 
+Top of the import graph: it sits on train, infer, query and rundir, and nothing imports it back.
 Inference streams the store in order (no shuffle) and returns arrays in store order; weights load
 from safetensors only (no pickle is ever unpickled).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +14,18 @@ import torch
 
 from loaders import CellStream, open_store
 
+from .batches import ToModelInput
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from .distributions import Counts
-from .model import ScAtlasVAE
-from .train import FORMAT_VERSION, build_model, make_accelerator, train
-from .vocab import Vocab, align_genes, apply_lut
+from .infer import embed
+from .model import VAEModule
+from .query import map_query
+from .rundir import load_run, save_run
+from .train import make_accelerator, train
+from .vocab import Vocab
 
 
 class AtlasVAE:
-    def __init__(self, config: RunConfig, vocab: Vocab | None = None, module: ScAtlasVAE | None = None, run_dir=None):
+    def __init__(self, config: RunConfig, vocab: Vocab | None = None, module: VAEModule | None = None, run_dir=None):
         self.config, self.vocab, self.module, self.run_dir = config, vocab, module, run_dir
 
     @classmethod
@@ -65,44 +68,13 @@ class AtlasVAE:
 
     @classmethod
     def load(cls, run_dir) -> AtlasVAE:
-        from safetensors.torch import load_file
-
-        run = Path(run_dir)
-        for name in ("config.json", "vocab.json", "model.safetensors"):
-            if not (run / name).exists():
-                raise FileNotFoundError(f"{run} is not a trained run dir: {name} is missing")
-        saved = json.loads((run / "config.json").read_text())
-        version = saved.get("format_version")
-        if version != FORMAT_VERSION or "config" not in saved:
-            raise ValueError(
-                f"{run}/config.json has format_version {version!r}; this bigatlas reads "
-                f"version {FORMAT_VERSION} run dirs"
-            )
-        cfg = RunConfig.from_dict(saved["config"])
-        vocab = Vocab.load(run / "vocab.json")
-        module = build_model(vocab, cfg)
-        state = load_file(str(run / "model.safetensors"))
-        module.load_state_dict(state, strict=True)
-        module.eval()
-        return cls(cfg, vocab, module, run)
+        run = load_run(run_dir)
+        return cls(run.config, run.vocab, run.module, run.path)
 
     def save(self, run_dir) -> Path:
-        from safetensors.torch import save_file
-
         self._need_fit()
-        run = Path(run_dir)
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(
-            json.dumps({"format_version": FORMAT_VERSION, "config": self.config.to_dict()}, indent=2) + "\n"
-        )
-        self.vocab.save(run / "vocab.json")
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()},
-            str(run / "model.safetensors"),
-            metadata={"format_version": str(FORMAT_VERSION)},
-        )
-        self.run_dir = run
-        return run
+        self.run_dir = save_run(run_dir, self.config, self.vocab, self.module)
+        return self.run_dir
 
     # -- inference --------------------------------------------------------------------------------
     def _need_fit(self):
@@ -110,15 +82,15 @@ class AtlasVAE:
             raise RuntimeError("model is not trained: call fit() or AtlasVAE.load(run_dir)")
 
     def _batches(self, data, obs_filter, batch_size, with_batch_codes=False):
-        """(positions, Counts, model batch codes or None) in store order; genes the store lacks are
-        zero-filled (with a warning), as in `embed`."""
+        """ModelInputs in store order; genes the store lacks are zero-filled (with a warning), as in
+        `embed`."""
         self._need_fit()
         d = self.config.data
         store = open_store(
             data or d.data, obs_filter=obs_filter if data else (obs_filter or d.obs_filter), layer=d.layer
         )
         keys = d.batch_keys if with_batch_codes else ()
-        colmap, _ = align_genes(store, self.vocab.genes)
+        colmap = store.gene_map(self.vocab.genes, missing="zero-fill", what="model's")
         stream = CellStream(
             store,
             batch_size=batch_size,
@@ -130,35 +102,18 @@ class AtlasVAE:
             prefetch_next_epoch=False,
             validate="counts",
         )
-        luts = self.vocab.batch_luts(store) if keys else {}
         device = next(self.module.parameters()).device
-        for batch in stream:
-            codes = None
-            if keys:
-                codes = np.stack([apply_lut(luts[k], batch.obs[k].numpy()) for k in keys], 1)
-                unseen = (codes < 0).any(1)
-                if unseen.any():
-                    k = keys[int(np.argmax((codes[unseen] < 0).any(0)))]
-                    raise ValueError(
-                        f"obs column {k!r} has categories the model was not trained on; "
-                        "use map_query to extend the model"
-                    )
-                codes = torch.from_numpy(codes).to(device)
-            yield batch.index.numpy(), Counts.from_sparse_csr(batch.x, device), codes
+        yield from map(ToModelInput(self.vocab, store, device, batch_keys=keys), stream)
 
     def embed(self, data: str, out, **kwargs):
         """Embed a (query) store to an AnnData-Zarr store on disk: see bigatlas.infer.embed. Needs a
         saved run dir (fit() or load())."""
-        from .infer import embed
-
         if self.run_dir is None:
             raise RuntimeError("embed() streams from a saved run dir: fit(run_dir) or AtlasVAE.load(run_dir)")
         return embed(self.run_dir, data, out, **kwargs)
 
     def map_query(self, query: str, out, **kwargs) -> AtlasVAE:
         """Architecture surgery on `query` (see bigatlas.query.map_query); returns the new model."""
-        from .query import map_query
-
         if self.run_dir is None:
             raise RuntimeError("map_query() starts from a saved run dir: fit(run_dir) or AtlasVAE.load(run_dir)")
         map_query(self.run_dir, query, out, **kwargs)
@@ -170,8 +125,8 @@ class AtlasVAE:
         self._need_fit()
         self.module.eval()
         out = []
-        for _, counts, _ in self._batches(data, obs_filter, batch_size):
-            out.append(self.module.latent(counts).cpu().numpy())
+        for inp in self._batches(data, obs_filter, batch_size):
+            out.append(self.module.latent(inp.counts).cpu().numpy())
         return np.concatenate(out)
 
     @torch.no_grad()
@@ -182,8 +137,8 @@ class AtlasVAE:
         self.module.eval()
         keys = list(self.vocab.label_classes)
         probs = {k: [] for k in keys}
-        for _, counts, _ in self._batches(data, obs_filter, batch_size):
-            for k, p in zip(keys, self.module.label_probs(self.module.latent(counts))):
+        for inp in self._batches(data, obs_filter, batch_size):
+            for k, p in zip(keys, self.module.label_probs(self.module.latent(inp.counts))):
                 probs[k].append(p.cpu().numpy())
         out = {}
         for k in keys:
@@ -201,8 +156,10 @@ class AtlasVAE:
         self._need_fit()
         self.module.eval()
         out = []
-        for _, counts, codes in self._batches(data, obs_filter, batch_size, with_batch_codes=True):
-            lib = counts.library if library_size is None else torch.full_like(counts.library, float(library_size))
-            mu, _, _ = self.module.decode(self.module.latent(counts), codes, lib)
+        for inp in self._batches(data, obs_filter, batch_size, with_batch_codes=True):
+            lib = inp.counts.library
+            if library_size is not None:
+                lib = torch.full_like(lib, float(library_size))
+            mu, _, _ = self.module.decode(self.module.latent(inp.counts), inp.codes, lib)
             out.append(mu.cpu().numpy())
         return np.concatenate(out)

@@ -24,6 +24,7 @@ from loaders.csr import concat
 
 from .embedding import Embedding, EmbeddingError
 from .metrics import confusion, knn, prediction_scores, scib_scores
+from .rundir import RunDir
 from .vocab import apply_lut, defined_labels, label_lut
 
 BASELINE_GENES = 2000
@@ -97,9 +98,9 @@ def _same_data(a: str, b: str) -> bool:
 def reference_mask(run: Path | None, data: str, store) -> np.ndarray | None:
     """Per position of `store`, whether the cell lies in the run's training slice (same data, the
     run's obs_filter; its validation cells included); None when the run trained on other data."""
-    if run is None or not (run / "config.json").exists():
+    cfg = RunDir(run).data_config() if run is not None else None
+    if cfg is None:
         return None
-    cfg = json.loads((run / "config.json").read_text())["config"]["data"]
     if not _same_data(cfg["data"], data):
         return None
     ref = open_store(cfg["data"], obs_filter=cfg.get("obs_filter"))

@@ -1,4 +1,5 @@
-"""scAtlasVAE: ZINB/NB variational autoencoder with batch embeddings in the decoder and label heads on z.
+"""The torch module of scAtlasVAE (VAEModule; the user-facing class is api.AtlasVAE): a ZINB/NB
+variational autoencoder with batch embeddings in the decoder and label heads on z.
 
 Encoder: log1p(counts) → [Linear → BatchNorm(momentum 0.01, eps 1e-3) → ReLU → Dropout] → q(z|x),
 var = exp(logvar) + 1e-4; the batch is not an encoder input, so a query embeds without retraining.
@@ -50,7 +51,7 @@ def class_weights(counts: torch.Tensor) -> torch.Tensor:
     return w.float()
 
 
-class ScAtlasVAE(nn.Module):
+class VAEModule(nn.Module):
     def __init__(
         self,
         n_genes: int,

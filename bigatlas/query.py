@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import RunConfig
+from .rundir import Run, load_run
+from .train import make_accelerator, train
 from .vocab import Vocab
 
 ENCODER = ("encoder", "z_mean", "z_logvar")
@@ -22,7 +24,7 @@ DECODER = ("decoder", "px_scale", "px_r", "gate")
 
 @dataclass
 class Surgery:
-    reference: object  # AtlasVAE with a trained module
+    reference: Run  # the trained reference model
     unfreeze_encoder: bool = False
     unfreeze_decoder: bool = False
 
@@ -88,10 +90,7 @@ def map_query(
     accelerator=None,
 ) -> Path:
     """Fine-tune the model in run_dir on `query` by surgery; writes a new RUN_DIR at `out`."""
-    from .api import AtlasVAE
-    from .train import make_accelerator, train
-
-    reference = AtlasVAE.load(run_dir)
+    reference = load_run(run_dir)
     ref = reference.config
     cfg = RunConfig(
         model=ref.model,

@@ -4,7 +4,7 @@ import torch
 
 from bigatlas.config import ModelConfig
 from bigatlas.distributions import Counts
-from bigatlas.model import ScAtlasVAE, class_weights
+from bigatlas.model import VAEModule, class_weights
 
 
 def batch(seed=0, cells=40, genes=30):
@@ -17,7 +17,7 @@ def batch(seed=0, cells=40, genes=30):
 
 def model(**kw):
     torch.manual_seed(0)
-    return ScAtlasVAE(30, [3], [4], ModelConfig(**kw), class_counts=[[10, 0, 5, 1]]).eval()
+    return VAEModule(30, [3], [4], ModelConfig(**kw), class_counts=[[10, 0, 5, 1]]).eval()
 
 
 def loss(m, counts, codes, labels, **kw):

@@ -1,0 +1,165 @@
+"""RUN_DIR, the one place that knows its layout:
+
+    config.json        {"format_version": 1, "config": RunConfig as a dict}
+    vocab.json         genes, batch categories, label classes, class counts (vocab.Vocab)
+    model.safetensors  final weights (written last, atomically)
+    checkpoints/       step-<n>/ Accelerate states + bigatlas_rank<r>.json, and `latest` naming one
+    metrics.csv, tb/, loss_curves.png, trace/ (tests), report/ (evaluate)
+
+`load_run(path)` gives a trained model back (config, vocab, torch module) from safetensors only: no
+pickle is ever unpickled. Writers here are main-process-only by contract (the caller decides).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RunConfig
+from .model import VAEModule
+from .vocab import Vocab
+
+FORMAT_VERSION = 1
+# how long to train may change on resume; nothing that shapes the run may
+RESUMABLE_CHANGES = ("max_epochs", "max_steps", "early_stopping_patience")
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.ckpt = self.path / "checkpoints"
+        self.config_file = self.path / "config.json"
+        self.vocab_file = self.path / "vocab.json"
+        self.weights_file = self.path / "model.safetensors"
+
+    # -- config and vocab -------------------------------------------------------------------------
+    def write_config(self, cfg: RunConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"format_version": FORMAT_VERSION, "config": cfg.to_dict()}, indent=2) + "\n"
+        _write_atomically(self.config_file, text)
+
+    def read_config(self) -> RunConfig:
+        saved = json.loads(self.config_file.read_text())
+        version = saved.get("format_version")
+        if version != FORMAT_VERSION or "config" not in saved:
+            raise ValueError(
+                f"{self.config_file} has format_version {version!r}; this bigatlas reads "
+                f"version {FORMAT_VERSION} run dirs"
+            )
+        return RunConfig.from_dict(saved["config"])
+
+    def data_config(self) -> dict | None:
+        """The saved [data] section as plain values, None without a config (any format version)."""
+        if not self.config_file.exists():
+            return None
+        return json.loads(self.config_file.read_text())["config"]["data"]
+
+    def check_resumable(self, cfg: RunConfig) -> None:
+        """Refuse to resume with settings that shape the run differently from the saved ones."""
+        saved = json.loads(self.config_file.read_text()).get("config", {})
+        now = json.loads(json.dumps(cfg.to_dict()))
+        for c in (saved, now):
+            for key in RESUMABLE_CHANGES:
+                c.get("train", {}).pop(key, None)
+        if saved != now:
+            diff = sorted(f"{sec}.{k}" for sec in now for k in now[sec] if saved.get(sec, {}).get(k) != now[sec][k])
+            raise ValueError(
+                f"{self.config_file} differs from this run's settings ({', '.join(diff)}); resume "
+                "with the same configuration or start a new RUN_DIR"
+            )
+
+    def write_vocab(self, vocab: Vocab) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.vocab_file, json.dumps(vocab.__dict__, indent=1) + "\n")
+
+    def read_vocab(self) -> Vocab:
+        return Vocab(**json.loads(self.vocab_file.read_text()))
+
+    # -- weights ----------------------------------------------------------------------------------
+    def write_weights(self, module) -> Path:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        tmp = self.weights_file.with_name(self.weights_file.name + ".tmp")
+        save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+        os.replace(tmp, self.weights_file)
+        return self.weights_file
+
+    def read_weights(self, module) -> None:
+        from safetensors.torch import load_file
+
+        module.load_state_dict(load_file(str(self.weights_file)), strict=True)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def latest(self) -> Path | None:
+        pointer = self.ckpt / "latest"
+        if not pointer.exists():
+            return None
+        target = self.ckpt / pointer.read_text().strip()
+        return target if target.is_dir() else None
+
+    def checkpoint_tmp(self, step: int) -> tuple[Path, str]:
+        name = f"step-{step:09d}"
+        return self.ckpt / f".tmp-{name}", name
+
+    def publish(self, tmp: Path, name: str, keep: int) -> None:
+        """Rename a fully written checkpoint into place, then point `latest` at it (atomically)."""
+        final = self.ckpt / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomically(self.ckpt / "latest", name + "\n")
+        done = sorted(p for p in self.ckpt.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_model(vocab: Vocab, cfg: RunConfig) -> VAEModule:
+    """A fresh torch module shaped by the vocab (genes, categories, classes) and the model config."""
+    return VAEModule(
+        len(vocab.genes),
+        [len(c) for c in vocab.batch_categories.values()],
+        [len(c) for c in vocab.label_classes.values()],
+        cfg.model,
+        [vocab.class_counts[k] for k in vocab.label_classes],
+    )
+
+
+@dataclass
+class Run:
+    """A trained model as saved in a RUN_DIR."""
+
+    path: Path
+    config: RunConfig
+    vocab: Vocab
+    module: VAEModule
+
+
+def load_run(path) -> Run:
+    run = RunDir(path)
+    for f in (run.config_file, run.vocab_file, run.weights_file):
+        if not f.exists():
+            raise FileNotFoundError(f"{run.path} is not a trained run dir: {f.name} is missing")
+    cfg = run.read_config()
+    vocab = run.read_vocab()
+    module = build_model(vocab, cfg)
+    run.read_weights(module)
+    module.eval()
+    return Run(run.path, cfg, vocab, module)
+
+
+def save_run(path, config: RunConfig, vocab: Vocab, module) -> Path:
+    run = RunDir(path)
+    run.write_config(config)
+    run.write_vocab(vocab)
+    run.write_weights(module)
+    return run.path
