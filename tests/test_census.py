@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bigatlas.batches import holdout_mask
 from bigatlas.cli import main
 from bigatlas.synth import synth
-from bigatlas.train import holdout_mask
 from loaders import StoreError, census_spec, open_store
 
 FILTER = "tissue_general == 'blood' and is_primary_data == True"

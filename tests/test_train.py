@@ -9,8 +9,8 @@ import pytest
 from conftest import accelerate_launcher, run_script
 from safetensors.numpy import load_file
 
+from bigatlas.batches import holdout_mask
 from bigatlas.synth import synth
-from bigatlas.train import holdout_mask
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,76 @@
+"""From a loader Batch to what the model takes: counts on the device, model codes of the batch keys,
+class indices of the label keys, and which cells are validation cells. One conversion for training,
+the notebook API and the benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .distributions import Counts
+from .vocab import Vocab, apply_lut
+
+
+def holdout_mask(positions: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """True for validation cells: splitmix64 of (position, seed) below `fraction` of 2**64."""
+    if fraction <= 0:
+        return np.zeros(len(positions), dtype=bool)
+    with np.errstate(over="ignore"):
+        z = np.asarray(positions, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+def holdout_all(n_obs: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """holdout_mask of positions 0..n_obs-1, in 1M-cell slices: the hash's uint64 temporaries for 50M
+    cells at once would be gigabytes."""
+    step = 1 << 20
+    parts = [holdout_mask(np.arange(lo, min(lo + step, n_obs)), fraction, seed) for lo in range(0, n_obs, step)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+
+@dataclass
+class ModelInput:
+    counts: Counts
+    codes: torch.Tensor | None  # (cells, batch keys) model codes; None when not asked for
+    labels: torch.Tensor | None  # (cells, label keys) class index, -1 = unlabelled
+    positions: np.ndarray  # each cell's position in the (filtered) store
+    val: np.ndarray  # validation cells (all False without a validation fraction)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+
+class ToModelInput:
+    """Translates a store's obs codes into the model's through lookup tables built by category name,
+    so a store with other category orders maps correctly; a batch category the model never saw is an
+    error that names the column."""
+
+    def __init__(self, vocab: Vocab, store, device, *, batch_keys=(), label_keys=(), val_fraction=0.0, seed=0):
+        self.batch_luts = {k: v for k, v in vocab.batch_luts(store).items() if k in batch_keys}
+        self.batch_keys, self.label_keys = tuple(batch_keys), tuple(label_keys)
+        self.label_luts = vocab.label_luts(store, self.label_keys)
+        self.device, self.val_fraction, self.seed = device, val_fraction, seed
+
+    def __call__(self, batch) -> ModelInput:
+        positions = batch.index.numpy()
+        codes = labels = None
+        if self.batch_keys:
+            model_codes = np.stack([apply_lut(self.batch_luts[k], batch.obs[k].numpy()) for k in self.batch_keys], 1)
+            unseen = (model_codes < 0).any(0)
+            if unseen.any():
+                key = self.batch_keys[int(np.argmax(unseen))]
+                raise ValueError(
+                    f"obs column {key!r} has categories the model was not trained on; use map_query to extend the model"
+                )
+            codes = torch.from_numpy(model_codes).to(self.device)
+        if self.label_keys:
+            labels = torch.stack(
+                [torch.from_numpy(apply_lut(self.label_luts[k], batch.obs[k].numpy())) for k in self.label_keys], 1
+            ).to(self.device)
+        val = holdout_mask(positions, self.val_fraction, self.seed)
+        return ModelInput(Counts.from_sparse_csr(batch.x, self.device), codes, labels, positions, val)

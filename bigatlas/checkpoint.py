@@ -1,0 +1,78 @@
+"""Mid-run state: loop position and running sums (Progress), saved with model and optimizer so that
+a resumed run continues exactly where the interrupted one stood."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .faults import Faults
+from .rundir import RunDir
+
+
+@dataclass
+class Progress:
+    """Loop position and running sums: checkpointed with the model so a resume continues exactly."""
+
+    epoch: int = 0
+    step: int = 0
+    best_val: float = math.inf
+    bad_epochs: int = 0
+    sums: dict | None = None
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.__dict__.update(d)
+
+
+def save_checkpoint(acc, run: RunDir, progress: Progress, stream, keep: int, faults: Faults) -> None:
+    """Model and optimizer through Accelerate (safetensors / tensors only); loop position, stream
+    position and this process's torch RNG in bigatlas_rank<r>.json — no pickle of ours to trust.
+    Written under a temporary name on every rank, then published by the main process."""
+    tmp, name = run.checkpoint_tmp(progress.step)
+    if acc.is_main_process:
+        run.ckpt.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=True)
+    state = {
+        "progress": progress.state_dict(),
+        "stream": stream.state_dict(),
+        "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    (tmp / f"bigatlas_rank{acc.process_index}.json").write_text(json.dumps(state))
+    faults.kill("checkpoint_written", progress.step)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        run.publish(tmp, name, keep)
+    acc.wait_for_everyone()
+
+
+def restore_checkpoint(acc, path: Path, stream, progress: Progress) -> None:
+    try:
+        acc.load_state(str(path))  # weights_only loads: a checkpoint file carrying code is refused
+        state = json.loads((path / f"bigatlas_rank{acc.process_index}.json").read_text())
+    except Exception as e:
+        raise ValueError(
+            f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {e}); restore it or start a new RUN_DIR"
+        ) from None
+    progress.load_state_dict(state["progress"])
+    stream.load_state_dict(state["stream"])
+    torch.set_rng_state(_bytes_tensor(state["torch_rng"]))
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_bytes_tensor(s) for s in state["cuda_rng"]])
+
+
+def _bytes_tensor(b64: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)

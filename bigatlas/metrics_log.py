@@ -1,0 +1,100 @@
+"""Training metrics: running per-epoch sums of the loss terms, the epoch row reduced over processes,
+and where it goes (metrics.csv, TensorBoard, one printed line), main process only."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import torch
+
+from .rundir import RunDir
+
+FIELDS = [
+    "epoch", "step", "loss", "recon", "kl", "gate", "label", "val_loss", "val_recon", "val_kl", "val_gate",
+    "val_label", "kl_weight", "lr", "cells", "seconds", "cells_per_s",
+]  # fmt: skip
+
+
+def new_sums() -> dict:
+    return {"t0": time.time(), "cells": 0}
+
+
+def accumulate(sums: dict, terms: dict, n_train: int, n_cells: int) -> None:
+    """Running sums of per-cell means × cells, for training and (val_*) validation terms."""
+    n_val = float(terms.get("val_n", 0.0))
+    for k, v in terms.items():
+        if k != "val_n":
+            sums[k] = sums.get(k, 0.0) + float(v) * (n_val if k.startswith("val_") else n_train)
+    sums["n"] = sums.get("n", 0) + n_train
+    sums["val_n"] = sums.get("val_n", 0.0) + n_val
+    sums["cells"] += n_cells
+
+
+def epoch_row(acc, sums: dict, epoch: int, step: int, kl_weight: float, lr: float) -> dict:
+    """Per-cell means over all processes' training and validation cells of this epoch."""
+    keys = sorted(k for k in sums if k not in ("t0", "cells"))
+    local = torch.tensor(
+        [float(sums[k]) for k in keys] + [float(sums["cells"])], dtype=torch.float64, device=acc.device
+    )
+    total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
+    agg = dict(zip(keys + ["cells"], total.tolist()))
+    row = {"epoch": epoch, "step": step}
+    for prefix in ("", "val_"):
+        n = agg.get(prefix + "n", 0.0)
+        for k in ("loss", "recon", "kl", "gate", "label"):
+            if prefix + k in agg:
+                row[prefix + k] = agg[prefix + k] / n if n else None
+    seconds = time.time() - sums["t0"]
+    row.update(
+        kl_weight=kl_weight,
+        lr=lr,
+        cells=int(agg["cells"]),
+        seconds=round(seconds, 2),
+        cells_per_s=round(agg["cells"] / max(seconds, 1e-9)),
+    )
+    return row
+
+
+class MetricsLog:
+    """metrics.csv (one row per epoch) and TensorBoard scalars, main process only."""
+
+    def __init__(self, run: RunDir, main: bool):
+        self.main = main
+        self.path = run.path / "metrics.csv"
+        self.tb = None
+        if self.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run.path / "tb"))
+            except ImportError:  # tensorboard is optional for users who only want metrics.csv
+                self.tb = None
+
+    def step(self, step: int, terms: dict, kl_weight: float) -> None:
+        if self.tb is not None and step % 50 == 0:
+            for k, v in terms.items():
+                self.tb.add_scalar(f"step/{k}", float(v), step)
+            self.tb.add_scalar("step/kl_weight", kl_weight, step)
+
+    def epoch(self, row: dict) -> None:
+        if not self.main:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: row.get(k) for k in FIELDS})
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(f"epoch/{k}", v, row["epoch"])
+        msg = ", ".join(
+            f"{k} {row[k]:.4g}" for k in ("loss", "val_loss", "recon", "kl", "label") if row.get(k) is not None
+        )
+        print(f"epoch {row['epoch']}: {msg}, {row['cells_per_s']} cells/s", flush=True)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
