@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.common import main, write_results
+from bigatlas.synth import synth
+
 SCANPY = """
 import json, resource, sys, time
 import anndata as ad, numpy as np, scanpy as sc
@@ -46,9 +49,6 @@ def _run(code: str, *args) -> dict:
 
 
 def run(a) -> dict:
-    from .bench_loader import write_results
-    from .synth import synth
-
     rows = []
     for n in a.cells:
         data = Path(a.data_dir) / f"prepare_{n}x{a.genes}.zarr"
@@ -71,9 +71,13 @@ def run(a) -> dict:
         )
     res = {
         "benchmark": "prepare: gene statistics + batch-aware seurat_v3 HVGs, fresh process each",
-        "command": " ".join(["python scripts/bench_prepare.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.prepare", *sys.argv[1:]]),
         "runs": rows,
         "bigatlas_rss_growth_mb": rows[-1]["bigatlas_peak_rss_mb"] - rows[0]["bigatlas_peak_rss_mb"],
         "scanpy_rss_growth_mb": rows[-1]["scanpy_peak_rss_mb"] - rows[0]["scanpy_peak_rss_mb"],
     }
     return write_results(res, a.out)
+
+
+if __name__ == "__main__":
+    main(__doc__, add_arguments, run)

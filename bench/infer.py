@@ -14,6 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import ensure_store, main, train_config, write_results
+from bigatlas.infer import embed
+from bigatlas.rundir import load_run
+from bigatlas.train import make_accelerator, train
+from loaders import open_store
+
 
 def add_arguments(p) -> None:
     p.add_argument("--cells", type=int, default=100_000, help="cells for I1")
@@ -26,23 +32,16 @@ def add_arguments(p) -> None:
 
 def _run_dir(data, data_dir) -> Path:
     """A small trained model (weights do not change the speed)."""
-    from .bench_train import config
-    from .train import make_accelerator, train
-
     run = Path(data_dir) / "bench_infer_run"
     if not (run / "model.safetensors").exists():
         shutil.rmtree(run, ignore_errors=True)
-        cfg = config(data, 1, 512).override("train", max_steps=50)
+        cfg = train_config(data, 1, 512).override("train", max_steps=50)
         train(cfg, run, accelerator=make_accelerator(cfg))
     return run
 
 
 def forward_in_memory(run, data, batch_size) -> float:
-    from loaders import open_store
-
-    from .api import AtlasVAE
-
-    model = AtlasVAE.load(run)
+    model = load_run(run)
     x = torch.from_numpy(open_store(data).read(np.arange(open_store(data).n_obs)).to_scipy().toarray())
     with torch.no_grad():
         t = time.perf_counter()
@@ -54,11 +53,7 @@ def forward_in_memory(run, data, batch_size) -> float:
 
 
 def embed_to_disk(run, data, out, batch_size) -> float:
-    from .infer import embed
-
     shutil.rmtree(out, ignore_errors=True)
-    from loaders import open_store
-
     n = open_store(data).n_obs
     t = time.perf_counter()
     embed(run, data, out, batch_size=batch_size, progress=False)
@@ -80,10 +75,6 @@ def embed_rss(run, data, out, batch_size) -> dict:
 
 
 def run(a) -> dict:
-    from loaders import open_store
-
-    from .bench_train import ensure_store
-
     data = ensure_store(a.data_dir, a.cells, a.genes)
     run_dir = _run_dir(data, a.data_dir)
     open_store(data).obs_codes("cell_type")  # one-time imports (anndata readers) outside the timings
@@ -105,6 +96,8 @@ def run(a) -> dict:
         big["cells_per_s"] = round(a.large / big["seconds"])
         res[f"embed_{a.large}"] = big
     shutil.rmtree(out, ignore_errors=True)
-    from .bench_loader import write_results
-
     return write_results(res, a.out)
+
+
+if __name__ == "__main__":
+    main(__doc__, add_arguments, run)

@@ -10,7 +10,9 @@ Writes bench/results/train.json.
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-KEYS = dict(batch_key="dataset_id", covariate_keys=("donor_id",), label_keys=("cell_type",))
+from bench.common import KEYS, ensure_store, main, train_config, write_results
+from bigatlas.batches import ModelInput, holdout_all
+from bigatlas.checkpoint import Progress
+from bigatlas.distributions import Counts
+from bigatlas.train import loss_weights, make_accelerator, set_up, train, train_step
+from bigatlas.vocab import apply_lut
+from loaders import open_store
 
 
 def add_arguments(p) -> None:
@@ -33,74 +41,37 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="bench/results/train.json", help="JSON result file")
 
 
-def ensure_store(data_dir, cells, genes) -> str:
-    from .synth import synth
-
-    path = Path(data_dir) / f"train_{cells}x{genes}.zarr"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        t = time.perf_counter()
-        synth(path, cells, genes, "zarr", seed=0)
-        print(f"built {path} in {time.perf_counter() - t:.0f}s", flush=True)
-    return str(path)
-
-
-def config(data, epochs, batch_size, **train):
-    from .config import DataConfig, RunConfig, TrainConfig
-
-    return RunConfig(
-        train=TrainConfig(max_epochs=epochs, batch_size=batch_size, checkpoint_every_steps=0, **train),
-        data=DataConfig(data=data, **KEYS),
-    )
-
-
 def streaming_epochs(data, a, run_dir) -> list[float]:
     """Epoch seconds of the real `bigatlas train` loop (metrics.csv)."""
-    import csv
-    import shutil
-
-    from .train import make_accelerator, train
-
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = config(data, a.epochs, a.batch_size)
+    cfg = train_config(data, a.epochs, a.batch_size)
     train(cfg, run_dir, accelerator=make_accelerator(cfg))
     return [float(r["seconds"]) for r in csv.DictReader(open(Path(run_dir) / "metrics.csv"))]
 
 
-def in_memory_epochs(data, a) -> list[float]:
-    """The same model and step on dense tensors preloaded in memory, shuffled per epoch."""
-    from loaders import open_store
-
-    from .distributions import Counts
-    from .train import build_model, holdout_mask
-    from .vocab import Vocab, apply_lut
-
-    cfg = config(data, a.epochs, a.batch_size)
+def in_memory_epochs(data, a, run_dir) -> list[float]:
+    """The trainer's own step (bigatlas.train.train_step) on dense tensors preloaded in memory,
+    shuffled per epoch: what streaming costs beside the same model, optimizer and step."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = train_config(data, a.epochs, a.batch_size)
+    s = set_up(cfg, run_dir, False, make_accelerator(cfg), None)
     store = open_store(data)
-    vocab = Vocab.from_store(store, cfg.data)
     x = torch.from_numpy(store.read(np.arange(store.n_obs)).to_scipy().toarray())
-    codes = torch.from_numpy(
-        np.stack([apply_lut(lut, store.obs_codes(k)[0]) for k, lut in vocab.batch_luts(store).items()], 1)
-    )
-    labels = torch.from_numpy(
-        np.stack([apply_lut(lut, store.obs_codes(k)[0]) for k, lut in vocab.label_luts(store).items()], 1)
-    )
-    val = torch.from_numpy(holdout_mask(np.arange(store.n_obs), cfg.train.val_fraction))
-    torch.manual_seed(0)
-    model = build_model(vocab, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    to = s.to_input
+    codes = torch.from_numpy(np.stack([apply_lut(to.batch_luts[k], store.obs_codes(k)[0]) for k in to.batch_keys], 1))
+    labels = torch.from_numpy(np.stack([apply_lut(to.label_luts[k], store.obs_codes(k)[0]) for k in to.label_keys], 1))
+    val = holdout_all(store.n_obs, cfg.train.val_fraction, cfg.train.seed)
+    progress = Progress()
+    s.model.train()
     seconds = []
-    for _epoch in range(a.epochs):
+    for epoch in range(a.epochs):
         perm = torch.randperm(store.n_obs)
         t = time.perf_counter()
         for lo in range(0, store.n_obs, a.batch_size):
             idx = perm[lo : lo + a.batch_size]
-            counts = Counts.from_dense(x[idx])
-            out = model(counts, codes[idx], labels[idx], cell_mask=~val[idx], eval_mask=val[idx])
-            out.total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            inp = ModelInput(Counts.from_dense(x[idx]), codes[idx], labels[idx], idx.numpy(), val[idx.numpy()])
+            kl, lw = loss_weights(cfg.train, epoch, epoch + lo / store.n_obs, s.max_epochs)
+            train_step(s, progress, inp, kl, lw)
         seconds.append(time.perf_counter() - t)
     return seconds
 
@@ -138,8 +109,6 @@ def peak_rss_training(data, steps, batch_size, run_dir) -> float:
 
 
 def run(a) -> dict:
-    import shutil
-
     wanted = set(a.only or ["T1", "T2", "M1"])
     data = ensure_store(a.data_dir, a.cells, a.genes)
     res: dict = {
@@ -155,7 +124,7 @@ def run(a) -> dict:
         res["bigatlas_stream"] = {"epoch_seconds": stream, "cells_per_s": round(a.cells / float(np.median(stream)))}
         print(json.dumps({"bigatlas_stream": res["bigatlas_stream"]}), flush=True)
     if "T1" in wanted:
-        mem = in_memory_epochs(data, a)
+        mem = in_memory_epochs(data, a, run_dir)
         res["in_memory_dense"] = {
             "epoch_seconds": [round(s, 2) for s in mem],
             "cells_per_s": round(a.cells / float(np.median(mem))),
@@ -179,6 +148,8 @@ def run(a) -> dict:
         res["M1_rss_1M_over_100k"] = round(rss["1M"] / rss["100k"], 3)
         print(json.dumps({"peak_rss_mb": res["peak_rss_mb"]}), flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)
-    from .bench_loader import write_results
-
     return write_results(res, a.out)
+
+
+if __name__ == "__main__":
+    main(__doc__, add_arguments, run)

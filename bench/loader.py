@@ -8,13 +8,17 @@ missing one is reported as skipped with the reason, never silently.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-import threading
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.common import PeakRSS, ensure_store, main, write_results
+from loaders import CellStream, open_store
 
 LABEL = "true_cell_type"
 
@@ -39,35 +43,6 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="bench/results/loader.json", help="JSON result file")
 
 
-class PeakRSS:
-    """Samples this process's RSS every 20 ms; .growth_mb = peak minus the RSS at start."""
-
-    def __init__(self):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.start = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *_):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def growth_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
 def batch_entropy(labels: np.ndarray) -> float:
     p = np.bincount(labels) / len(labels)
     p = p[p > 0]
@@ -77,8 +52,6 @@ def batch_entropy(labels: np.ndarray) -> float:
 def measure(make_iter, n_expected: int, epochs: int) -> dict:
     """Run `epochs` epochs of make_iter(epoch) → iterator of (n_cells, labels or None); report the
     median epoch's cells/s (this 2-core box is noisy), first-epoch entropy, peak RSS growth."""
-    import gc
-
     gc.collect()
     with PeakRSS() as rss:
         seconds, ents, complete = [], [], True
@@ -105,24 +78,12 @@ def measure(make_iter, n_expected: int, epochs: int) -> dict:
 
 
 def ensure_stores(a) -> tuple[str, str]:
-    from .synth import synth
-
-    root = Path(a.data_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in ("zarr", "soma"):
-        path = root / f"sorted_{a.cells}x{a.genes}.{fmt}"
-        if not path.exists():
-            t = time.perf_counter()
-            synth(path, a.cells, a.genes, fmt, seed=0, order="cell_type")
-            print(f"built {path} in {time.perf_counter() - t:.0f}s", flush=True)
-        paths.append(str(path))
-    return paths[0], paths[1]
+    return tuple(
+        ensure_store(a.data_dir, a.cells, a.genes, fmt, order="cell_type", prefix="sorted") for fmt in ("zarr", "soma")
+    )
 
 
 def sequential(zarr_path, batch_size):
-    from loaders import open_store
-
     store = open_store(zarr_path)
     step = 65536
 
@@ -136,8 +97,6 @@ def sequential(zarr_path, batch_size):
 
 
 def bigatlas_stream(path, a, codes):
-    from loaders import CellStream, open_store
-
     store = open_store(path)
     s = CellStream(
         store,
@@ -157,15 +116,13 @@ def bigatlas_stream(path, a, codes):
 
 
 def annbatch_loader(zarr_path, a, codes_of_name):
-    import annbatch
+    import annbatch  # optional peers: a missing one is reported as skipped
     import anndata as ad
     import zarr
 
     coll_path = Path(a.data_dir) / f"annbatch_{Path(zarr_path).name}"
     info = {}
     if coll_path.exists() and annbatch.DatasetCollection(str(coll_path), mode="r").is_empty:
-        import shutil
-
         shutil.rmtree(coll_path)  # an interrupted earlier build
     if not coll_path.exists():
         t = time.perf_counter()
@@ -208,8 +165,6 @@ def tiledbsoma_ml_loader(soma_path, a, codes_of_name):
 
 
 def run(a) -> dict:
-    from loaders import open_store
-
     zarr_path, soma_path = ensure_stores(a)
     codes, cats = open_store(zarr_path).obs_codes(LABEL)
     lookup = {c: i for i, c in enumerate(cats)}
@@ -270,10 +225,5 @@ def run(a) -> dict:
     return write_results(res, a.out)
 
 
-def write_results(res: dict, out) -> dict:
-    """Print the benchmark's JSON and write it to `out` (bench/results/*.json)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2))
-    return res
+if __name__ == "__main__":
+    main(__doc__, add_arguments, run)
