@@ -15,20 +15,25 @@ DISPERSIONS = ("gene-cell", "gene", "gene-batch")
 GATES = ("gene", "gene-cell")
 
 
+def opt(default, help: str, **cli):
+    """A config field with its command-line help (and flag, choices, … for the generated flag)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    n_latent: int = 10
-    hidden: tuple[int, ...] = (128,)
-    embedding_dim: int = 8  # per batch/covariate key, concatenated to z in the decoder
-    dropout: float = 0.1  # encoder only, as in scAtlasVAE
-    likelihood: str = "zinb"  # zinb | nb
-    dispersion: str = "gene-cell"  # gene-cell | gene | gene-batch
+    n_latent: int = opt(10, "latent dimensions")
+    hidden: tuple[int, ...] = opt((128,), "hidden layer widths of the encoder (the decoder mirrors them)")
+    embedding_dim: int = opt(8, "embedding size per batch/covariate key, concatenated to z in the decoder")
+    dropout: float = opt(0.1, "encoder dropout (as in scAtlasVAE; the decoder has none)")
+    likelihood: str = opt("zinb", "count likelihood", choices=LIKELIHOODS)
+    dispersion: str = opt("gene-cell", "inverse dispersion per gene-cell, gene or gene-batch", choices=DISPERSIONS)
     # ZI gate: gene-cell (predicted from the decoder per cell and gene, like the released 1.0.5.9 code)
     # fit the synthetic atlas better than per-gene logits: held-out NLL 618.2 vs 626.2 per cell
     # (6k cells, 25 epochs; NB: 621.9)
-    zi_gate: str = "gene-cell"
-    normalize_total: float | None = None  # scale counts to this total before log1p (None: log1p(raw))
-    var_eps: float = 1e-4
+    zi_gate: str = opt("gene-cell", "zero-inflation gate per gene or per gene-cell", choices=GATES)
+    normalize_total: float | None = opt(None, "scale counts to this total before log1p (unset: log1p of raw counts)")
+    var_eps: float = opt(1e-4, "added to the posterior variance")
 
     def __post_init__(self):
         _check("likelihood", self.likelihood, LIKELIHOODS)
@@ -41,24 +46,24 @@ class ModelConfig:
 class TrainConfig:
     # lr 2e-3 / batch 128: on the synthetic atlas (6k cells, 25 epochs) held-out label accuracy 0.90,
     # study mixing 0.76; the original's 5e-5 reached 0.35 and 0.07 in the same epochs
-    lr: float = 2e-3
-    weight_decay: float = 1e-6
-    batch_size: int = 128
-    max_epochs: int | None = None  # None: min(round(20000 / n_cells * 400), 400), at least 10
-    max_steps: int | None = None  # stop after this many optimizer steps (benchmarks, smoke runs)
-    kl_weight: float = 1.0
-    kl_warmup_epochs: float = 10.0  # linear 0 → kl_weight, over at most half of the run
-    gate_weight: float = 1.0  # × mean over cells of the summed ZI gate probabilities (original's penalty)
-    label_weight: float = 1.0
-    label_start_epoch: int = 0  # label loss from this epoch on (original: last 10 epochs only)
-    val_fraction: float = 0.05  # cells held out by a hash of their position
-    early_stopping_patience: int | None = None  # epochs without val improvement; None = off
-    grad_clip: float | None = 10.0
-    mixed_precision: str = "no"  # no | bf16 (GPUs)
-    checkpoint_every_steps: int = 500
-    keep_checkpoints: int = 2
-    seed: int = 0
-    num_workers: int = 1  # reader threads per process
+    lr: float = opt(2e-3, "AdamW learning rate")
+    weight_decay: float = opt(1e-6, "AdamW weight decay")
+    batch_size: int = opt(128, "cells per minibatch per process")
+    max_epochs: int | None = opt(None, "epochs (unset: min(round(20000 / n_cells * 400), 400), at least 10)")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (benchmarks, smoke runs)")
+    kl_weight: float = opt(1.0, "weight of the KL term after warm-up")
+    kl_warmup_epochs: float = opt(10.0, "epochs of linear KL warm-up from 0 (at most half of the run)")
+    gate_weight: float = opt(1.0, "weight of the ZI gate penalty (mean summed gate probability per cell)")
+    label_weight: float = opt(1.0, "weight of the label loss")
+    label_start_epoch: int = opt(0, "epoch from which the label loss applies (original: the last 10 only)")
+    val_fraction: float = opt(0.05, "fraction of cells held out for validation, by a hash of their position")
+    early_stopping_patience: int | None = opt(None, "stop after this many epochs without validation improvement")
+    grad_clip: float | None = opt(10.0, "gradient norm clipping (unset: off)")
+    mixed_precision: str = opt("no", "bf16 on GPUs", choices=("no", "bf16"))
+    checkpoint_every_steps: int = opt(500, "mid-epoch checkpoint interval (0: epoch ends only)")
+    keep_checkpoints: int = opt(2, "checkpoints kept on disk")
+    seed: int = opt(0, "seed of shuffling, hold-out and initialisation")
+    num_workers: int = opt(1, "reader threads per process", flag="--workers")
 
     def warmup_epochs(self, max_epochs: int) -> float:
         return min(self.kl_warmup_epochs, 0.5 * max_epochs)
@@ -71,15 +76,19 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    data: str = ""
-    batch_key: str = ""
-    covariate_keys: tuple[str, ...] = ()
-    label_keys: tuple[str, ...] = ()
-    obs_filter: str | None = None
-    layer: str | None = None
-    genes: tuple[str, ...] | None = None
-    undefined_labels: tuple[str, ...] = ("undefined", "unknown", "nan", "")
-    allow_non_integer: bool = False  # accept non-integer values (still finite and >= 0)
+    data: str = opt("", "AnnData-Zarr store, SOMA experiment or census:<version> (e.g. census:2025-01-30)",
+                    required=True)  # fmt: skip
+    batch_key: str = opt("", "obs column of the batch (embedded in the decoder)", required=True)
+    covariate_keys: tuple[str, ...] = opt((), "further categorical obs columns to embed")
+    label_keys: tuple[str, ...] = opt((), "obs columns with cell-type labels to predict")
+    obs_filter: str | None = opt(None, "SOMA value_filter selecting the cells, e.g. \"tissue_general == 'blood'\"")
+    layer: str | None = opt(None, "Zarr layer / SOMA X layer of raw counts (unset: X / raw)")
+    genes: tuple[str, ...] | None = opt(None, "file with one feature id (or name) per line, in model order",
+                                        metavar="FILE", from_file=True)  # fmt: skip
+    undefined_labels: tuple[str, ...] = opt(
+        ("undefined", "unknown", "nan", ""), "labels meaning 'unlabelled' (case-insensitive)"
+    )
+    allow_non_integer: bool = opt(False, "accept non-integer values (still finite and >= 0)")
 
     def __post_init__(self):
         for name in ("covariate_keys", "label_keys", "undefined_labels"):
@@ -102,9 +111,6 @@ class RunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
         unknown = set(d) - {"model", "train", "data"}
@@ -117,7 +123,8 @@ class RunConfig:
         )
 
     @classmethod
-    def load(cls, path) -> RunConfig:
+    def from_file(cls, path) -> RunConfig:
+        """A user's config file: TOML (by suffix) or JSON, with [model], [train], [data] sections."""
         path = Path(path)
         text = path.read_text()
         d = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
