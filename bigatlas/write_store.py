@@ -1,7 +1,7 @@
 """Streamed writers for the two store formats bigatlas produces (synth, prepare).
 
 Both take CSR row chunks in order and never hold more than one chunk plus one storage chunk.
-Zarr output is an AnnData store (format v3) with the fast layout of DESIGN §4: blosc-lz4 + byte
+Zarr output is an AnnData store (format v3) with the fast layout of docs/design.md ("Storage layout"): blosc-lz4 + byte
 shuffle, narrow index dtype, element chunks sized to ~a few hundred cells. It is written under
 `<path>.partial` and renamed into place only when complete, so a killed writer never leaves
 something that looks like a finished store (on object stores, where rename is a copy, the absence

@@ -21,6 +21,7 @@ import torch
 
 from . import sampling
 from .csr import CSR, check_counts, compact, concat, select_columns, take_rows
+from .formats import open_store
 from .store import Store
 
 # torch's notice that sparse CSR is "beta" would print once per process for every user
@@ -100,8 +101,6 @@ class CellStream(torch.utils.data.IterableDataset):
         prefetch_next_epoch: bool = True,
     ):
         if isinstance(store, str):
-            from . import open_store
-
             store = open_store(store)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
