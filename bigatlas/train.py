@@ -114,6 +114,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery) -> Session:
         colmap=colmap,
         obs_keys=(*d.batch_keys, *d.label_keys),
         validate="finite" if d.allow_non_integer else "counts",
+        min_batch=2,  # BatchNorm cannot normalise a minibatch of one cell
     )
     to_input = ToModelInput(
         vocab, store, acc.device, batch_keys=d.batch_keys, label_keys=d.label_keys, val_fraction=t.val_fraction,

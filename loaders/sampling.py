@@ -89,29 +89,52 @@ def requests(
     return out
 
 
-def batch_sizes(rows_per_consumer: np.ndarray, batch_size: int, drop_last: bool) -> list[list[int]]:
-    """Minibatch sizes for each consumer, with the same count for every consumer.
+def fewest_rows(n_obs: int, block_size: int, n_consumers: int) -> int:
+    """The fewest rows any consumer can receive in any epoch: blocks are dealt round-robin, so a
+    consumer holds floor or ceil(n_blocks / n_consumers) of them, and the one short block (the store's
+    tail) may land on a consumer with the floor."""
+    nb = n_blocks(n_obs, block_size)
+    per = nb // n_consumers
+    if per == 0:
+        return 0
+    short = block_size - (n_obs - (nb - 1) * block_size)
+    return per * block_size - short
+
+
+def batch_sizes(rows_per_consumer: np.ndarray, batch_size: int, drop_last: bool, min_batch: int = 1) -> list[list[int]]:
+    """Minibatch sizes for each consumer, with the same count for every consumer, none below min_batch
+    (training passes 2: BatchNorm cannot normalise one cell).
 
     drop_last: full batches only; each consumer drops its tail (random rows, since rows are shuffled).
-    Otherwise every row is emitted exactly once: L = the largest consumer's ceil(n / batch_size),
-    and a consumer with fewer rows splits its remainder over its last slots, so no padding is needed.
+    Otherwise every row is emitted exactly once: L = the largest consumer's ceil(n / batch_size), and a
+    consumer with fewer rows spreads its remainder over its last slots, so no padding is needed and a
+    tail is never cut into a batch below min_batch (129 rows in batches of 128 → 65 + 64). Where a
+    consumer holds fewer than min_batch × L rows (tiny stores only), L shrinks to what it can fill and
+    the other consumers' batches grow past batch_size instead.
     """
     rows_per_consumer = np.asarray(rows_per_consumer, dtype=np.int64)
+    if batch_size < min_batch:
+        raise ValueError(f"batch_size {batch_size} is below the smallest minibatch allowed here ({min_batch})")
     if drop_last:
         n_batches = int(rows_per_consumer.min()) // batch_size
         return [[batch_size] * n_batches for _ in rows_per_consumer]
-    n_batches = int(-(-rows_per_consumer.max() // batch_size))
+    if rows_per_consumer.max(initial=0) == 0:
+        return [[] for _ in rows_per_consumer]
+    fewest = int(rows_per_consumer.min())
+    if fewest < min_batch:
+        raise ValueError(
+            f"a consumer receives {fewest} cells, fewer than the smallest of its minibatches ({min_batch}); "
+            "use fewer processes/workers or a smaller block_size"
+        )
+    n_batches = min(int(-(-rows_per_consumer.max() // batch_size)), fewest // min_batch)
     out = []
     for n in rows_per_consumer.tolist():
-        if n < n_batches:
-            raise ValueError(
-                f"a consumer receives {n} cells but every consumer must emit {n_batches} minibatches; "
-                "use fewer processes/workers, a smaller block_size or drop_last=True"
-            )
-        # as many full batches as leave at least one row for each remaining slot
-        full = min(n // batch_size, n_batches)
-        if batch_size > 1:
-            full = min(full, (n - n_batches) // (batch_size - 1))
+        if n > batch_size * n_batches:  # the count shrank below this consumer's need: spread evenly
+            full = 0
+        else:  # as many full batches as leave at least min_batch rows for each remaining slot
+            full = min(n // batch_size, n_batches)
+            if batch_size > min_batch:
+                full = min(full, (n - min_batch * n_batches) // (batch_size - min_batch))
         rest, slots = n - full * batch_size, n_batches - full
         sizes = [batch_size] * full
         if slots:

@@ -37,6 +37,7 @@ _STATE_KEYS = (
     "n_obs",
     "drop_last",
     "shuffle",
+    "min_batch",
 )
 
 
@@ -99,6 +100,7 @@ class CellStream(torch.utils.data.IterableDataset):
         colmap: np.ndarray | None = None,
         validate: str | None = None,
         prefetch_next_epoch: bool = True,
+        min_batch: int = 1,
     ):
         if isinstance(store, str):
             store = open_store(store)
@@ -108,11 +110,9 @@ class CellStream(torch.utils.data.IterableDataset):
         if batch_size < 1 or num_workers < 1 or blocks_per_request < 1:
             raise ValueError("batch_size, num_workers and blocks_per_request must be >= 1")
         self.store = store
-        self.batch_size, self.seed = int(batch_size), int(seed)
-        self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
-        self.block_size = int(
-            block_size or sampling.default_block_size(store.n_obs, store.block_rows, world_size * num_workers)
-        )
+        self.batch_size, self.seed, self.min_batch = int(batch_size), int(seed), int(min_batch)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.num_workers, self.block_size = self._fit_plan(store, int(num_workers), block_size)
         self.blocks_per_request, self.prefetch = int(blocks_per_request), int(prefetch)
         self.drop_last, self.shuffle = bool(drop_last), bool(shuffle)
         self.n_obs = store.n_obs
@@ -137,13 +137,31 @@ class CellStream(torch.utils.data.IterableDataset):
         self.validate = validate
 
     # -- plan -------------------------------------------------------------------------------------
+    def _fit_plan(self, store: Store, workers: int, block_size: int | None) -> tuple[int, int]:
+        """(reader threads, block size) such that no consumer of any epoch holds fewer than min_batch
+        cells: on a tiny store the threads per process shrink (a pure function of the store size, so
+        resume and every rank agree); a store too small for the processes is one clear error."""
+        n, world = store.n_obs, self.world_size
+
+        def block(w):
+            return int(block_size or sampling.default_block_size(n, store.block_rows, world * w))
+
+        while workers > 1 and n and sampling.fewest_rows(n, block(workers), world * workers) < self.min_batch:
+            workers -= 1
+        if n and self.min_batch > 1 and sampling.fewest_rows(n, block(workers), world * workers) < self.min_batch:
+            raise ValueError(
+                f"{store.uri} has {n} cells: too few to train on {world} process(es), which needs at least "
+                f"{self.min_batch} cells in every minibatch of every process; use fewer processes or more cells"
+            )
+        return workers, block(workers)
+
     @property
     def n_consumers(self) -> int:
         return self.world_size * self.num_workers
 
     def _sizes(self, epoch: int) -> list[list[int]]:
         rows = sampling.consumer_rows(self.n_obs, self.block_size, self.seed, epoch, self.n_consumers, self.shuffle)
-        return sampling.batch_sizes(rows, self.batch_size, self.drop_last)
+        return sampling.batch_sizes(rows, self.batch_size, self.drop_last, self.min_batch)
 
     def __len__(self) -> int:
         return len(self._sizes(self.epoch)[0]) * self.num_workers
