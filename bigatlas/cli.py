@@ -14,6 +14,8 @@ import typing
 import warnings
 from dataclasses import fields
 
+from .config import UNLABELED
+
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except unset ones (None, False, [], SUPPRESS) and those the help text states."""
@@ -54,7 +56,7 @@ def add_config_flags(p, cls, title: str) -> None:
         meta = dict(f.metadata)
         flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
         shown = None if meta.pop("required", False) else f.default
-        if meta.pop("from_file", False):
+        if meta.pop("from_file", False) or "action" in meta:
             kwargs = {"type": str}
         else:
             kwargs = _flag_kwargs(hints[f.name], f.default)
@@ -63,7 +65,7 @@ def add_config_flags(p, cls, title: str) -> None:
         help_ = meta.pop("help")
         if shown not in (None, "", ()):
             help_ += f" (default: {shown})"
-        if "action" not in kwargs and "choices" not in meta:
+        if "action" not in kwargs and "choices" not in meta and "metavar" not in meta:
             meta.setdefault("metavar", f.name.upper())
         g.add_argument(flag, dest=f"{cls.__name__}.{f.name}", default=None, help=help_, **kwargs, **meta)
 
@@ -142,6 +144,16 @@ def _add_organism(p) -> None:
     p.add_argument(
         "--organism", default=None, help="Census organism for census:<version> data, e.g. 'Mus musculus' "
         "(unset: homo_sapiens)"
+    )  # fmt: skip
+
+
+UNLABELED_DEFAULT = f"(default: {', '.join(UNLABELED)}; missing values always are)"
+
+
+def _add_unlabeled(p, default=UNLABELED_DEFAULT) -> None:
+    p.add_argument(
+        "--unlabeled-category", action="append", dest="unlabeled", metavar="VALUE",
+        help=f"a label value that means 'unlabelled' (repeat for several) {default}",
     )  # fmt: skip
 
 
@@ -276,11 +288,13 @@ def _prepare(p):
         "workers": "dask threads",
         "overwrite": "replace an existing --convert output",
     }
+    _add_unlabeled(p)
     add_signature_flags(p, prepare, helps)
 
     def run(a):
         prepare(
-            _data(a), a.out, genes=read_gene_list(a.genes), convert_to=a.convert, **signature_values(a, helps)
+            _data(a), a.out, genes=read_gene_list(a.genes), convert_to=a.convert,
+            unlabeled_categories=tuple(a.unlabeled or UNLABELED), **signature_values(a, helps)
         )  # fmt: skip
 
     return run
@@ -305,11 +319,13 @@ def _evaluate(p):
         "seed": "subsample / UMAP seed",
     }
     add_signature_flags(p, evaluate, helps)
+    _add_unlabeled(p, "(default: the run's)")
 
     def run(a):
         evaluate(
             a.emb, label_key=a.label_key, batch_key=a.batch_key, data=_data(a), truth_keys=a.truth_keys,
-            n_cells=a.n_cells, baseline=a.baseline, **signature_values(a, helps),
+            n_cells=a.n_cells, baseline=a.baseline, unlabeled_categories=a.unlabeled and tuple(a.unlabeled),
+            **signature_values(a, helps),
         )  # fmt: skip
 
     return run

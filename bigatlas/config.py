@@ -13,6 +13,7 @@ from pathlib import Path
 LIKELIHOODS = ("zinb", "nb")
 DISPERSIONS = ("gene-cell", "gene", "gene-batch")
 GATES = ("gene", "gene-cell")
+UNLABELED = ("undefined",)  # label values that mean "no label" unless the user names others
 
 
 def opt(default, help: str, **cli):
@@ -85,13 +86,15 @@ class DataConfig:
     layer: str | None = opt(None, "Zarr layer / SOMA X layer of raw counts (unset: X / raw)")
     genes: tuple[str, ...] | None = opt(None, "file with one feature id (or name) per line, in model order",
                                         metavar="FILE", from_file=True)  # fmt: skip
-    undefined_labels: tuple[str, ...] = opt(
-        ("undefined", "unknown", "nan", ""), "labels meaning 'unlabelled' (case-insensitive)"
-    )
+    unlabeled_categories: tuple[str, ...] = opt(
+        UNLABELED, "a label value that means 'unlabelled' (repeat the flag for several; missing values always "
+        "are; matched exactly, so a real class named like one is a class)", flag="--unlabeled-category",
+        action="append", metavar="VALUE",
+    )  # fmt: skip
     allow_non_integer: bool = opt(False, "accept non-integer values (still finite and >= 0)")
 
     def __post_init__(self):
-        for name in ("covariate_keys", "label_keys", "undefined_labels"):
+        for name in ("covariate_keys", "label_keys", "unlabeled_categories"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.genes is not None:
             object.__setattr__(self, "genes", tuple(self.genes))

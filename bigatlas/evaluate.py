@@ -22,6 +22,7 @@ from loaders import open_store
 from loaders.census import is_census
 from loaders.csr import concat
 
+from .config import UNLABELED
 from .embedding import Embedding, EmbeddingError
 from .metrics import confusion, knn, prediction_scores, scib_scores
 from .rundir import RunDir
@@ -108,7 +109,7 @@ def reference_mask(run: Path | None, data: str, store) -> np.ndarray | None:
 
 
 def _prediction_report(
-    predicted: dict, store, batch: pd.Categorical, label_key: str, truth_keys, reference: np.ndarray | None
+    predicted: dict, store, batch: pd.Categorical, label_key: str, truth_keys, reference: np.ndarray | None, unlabeled
 ) -> dict:
     """Per (predicted key, truth column): accuracy, macro-F1, per-batch accuracy and the confusion table;
     with a reference mask also accuracy on reference and on query cells (outside the training slice).
@@ -120,7 +121,7 @@ def _prediction_report(
     for key, pred in predicted.items():
         columns = [key, *truth_keys] if key == label_key else [key]
         for col in dict.fromkeys(c for c in columns if c in store.obs_columns):
-            truth = _labels(store, col)
+            truth = _labels(store, col, unlabeled)
             conf = confusion(truth, pred)
             scores = prediction_scores(conf)
             known = truth.codes >= 0
@@ -142,8 +143,8 @@ def _prediction_report(
     return out
 
 
-def _labels(store, column: str) -> pd.Categorical:
-    return defined_labels(*store.obs_codes(column))
+def _labels(store, column: str, unlabeled) -> pd.Categorical:
+    return defined_labels(*store.obs_codes(column), unlabeled)
 
 
 def evaluate(
@@ -160,10 +161,11 @@ def evaluate(
     umap_cells: int = 20_000,
     seed: int = 0,
     baseline: bool = True,
+    unlabeled_categories=None,
     log=print,
 ) -> dict:
     """Score an embedding from `bigatlas embed`; returns metrics.json's content. `data`, `obs_filter`
-    and `run` default to those recorded in the embedding."""
+    and `run` default to those recorded in the embedding; unlabeled_categories to the run's."""
     t0 = time.perf_counter()
     emb = Embedding(emb_path)
     data = data or emb.meta["data"]
@@ -175,7 +177,10 @@ def evaluate(
             f"embedding {emb.path} has {emb.n_obs} cells but {data} "
             f"(obs_filter {obs_filter!r}) has {store.n_obs}; pass the data and filter it was made from"
         )
-    labels = _labels(store, label_key)
+    if unlabeled_categories is None:
+        saved = RunDir(run).data_config() if run is not None else None
+        unlabeled_categories = (saved or {}).get("unlabeled_categories", UNLABELED)
+    labels = _labels(store, label_key, unlabeled_categories)
     batch_codes, batch_cats = store.obs_codes(batch_key)
     batch = pd.Categorical.from_codes(batch_codes, categories=batch_cats)
     # cells with a defined label and a batch: every metric uses both
@@ -218,7 +223,7 @@ def evaluate(
         result["reference_query"] = {"reference_cells": int(reference.sum()), "query_cells": int((~reference).sum())}
     row_ids = store.store_rows(np.arange(store.n_obs)) if emb.format == "soma" else None
     predicted = {key: emb.predictions(key, row_ids) for key in emb.label_keys}  # position order, every cell
-    preds = _prediction_report(predicted, store, batch, label_key, truth_keys, reference)
+    preds = _prediction_report(predicted, store, batch, label_key, truth_keys, reference, unlabeled_categories)
     result["predictions"] = {k: v["scores"] for k, v in preds.items()}
 
     out = (

@@ -29,6 +29,7 @@ import scipy.sparse as sp
 
 from loaders import StoreError
 
+from .config import UNLABELED
 from .plots import library_size
 from .sources import Source, StoreSource, feature_ids, open_source
 from .vocab import defined_labels
@@ -218,6 +219,7 @@ def prepare(
     block_cells: int = 8192,
     workers: int = 2,
     overwrite: bool = False,
+    unlabeled_categories=UNLABELED,
     log=print,
 ) -> dict:
     """Statistics (and optionally a converted store) of `data`; writes OUT/{stats.json, genes.csv,
@@ -282,12 +284,12 @@ def prepare(
     class_counts = {}
     for key in label_keys:
         cat = source.obs(key)
-        labels = defined_labels(cat.codes, cat.categories)
+        labels = defined_labels(cat.codes, cat.categories, unlabeled_categories)
         known = labels.codes[labels.codes >= 0]
         counts = np.bincount(known, minlength=len(labels.categories))
         class_counts[key] = {
             "classes": dict(zip(labels.categories, map(int, counts))),
-            "undefined": int(len(labels) - len(known)),
+            "unlabelled": int(len(labels) - len(known)),
         }
     stats = {
         "data": str(data),

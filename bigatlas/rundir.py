@@ -49,6 +49,9 @@ class RunDir:
                 f"{self.config_file} has format_version {version!r}; this bigatlas reads "
                 f"version {FORMAT_VERSION} run dirs"
             )
+        data = saved["config"].get("data", {})
+        if "undefined_labels" in data:  # run dirs written before --unlabeled-category kept the old name
+            data["unlabeled_categories"] = data.pop("undefined_labels")
         return RunConfig.from_dict(saved["config"])
 
     def data_config(self) -> dict | None:

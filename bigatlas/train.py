@@ -27,7 +27,7 @@ from .config import RunConfig, TrainConfig
 from .faults import Faults
 from .metrics_log import MetricsLog, accumulate, epoch_row, new_sums
 from .rundir import RunDir, build_model
-from .vocab import Vocab
+from .vocab import Vocab, unlabeled_report
 
 
 def make_accelerator(cfg: RunConfig):
@@ -101,6 +101,9 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery) -> Session:
         print(f"{d.data}: {store.n_obs} cells x {store.n_vars} genes after filtering{genes}", flush=True)
     val_all = holdout_all(store.n_obs, t.val_fraction, t.seed)
     vocab = _vocab(run, store, cfg, resume, ~val_all, surgery, acc.is_main_process)
+    if acc.is_main_process:
+        for line in unlabeled_report(store, d):
+            print(line, flush=True)
     # surgery may zero-fill genes the query lacks; a fresh model requires all of them
     colmap = store.gene_map(vocab.genes, missing="zero-fill", what="model's") if surgery is not None else None
     stream = CellStream(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .config import DataConfig
+from .config import UNLABELED, DataConfig
 
 
 @dataclass
@@ -44,10 +44,13 @@ class Vocab:
         labels, counts = {}, {}
         for key in data.label_keys:
             codes, cats = store.obs_codes(key)
-            defined = defined_labels(codes, cats, data.undefined_labels)
+            defined = defined_labels(codes, cats, data.unlabeled_categories)
             classes = list(defined.categories)
             if not classes:
-                raise ValueError(f"label key {key!r} has only undefined labels ({', '.join(map(str, cats))})")
+                raise ValueError(
+                    f"label key {key!r} has only unlabelled values ({', '.join(map(str, cats))}); "
+                    "name the unlabelled categories with --unlabeled-category"
+                )
             labels[key] = classes
             model_codes = np.asarray(defined.codes, np.int64)
             if train_mask is not None:
@@ -65,12 +68,26 @@ class Vocab:
         return {k: label_lut(store.obs_codes(k)[1], self.label_classes[k]) for k in keys}
 
 
-def defined_labels(codes: np.ndarray, categories, undefined=DataConfig.undefined_labels) -> pd.Categorical:
-    """Labels as a categorical of the real classes (as strings, store order): cells labelled
-    'undefined', 'unknown', … (case-insensitive) or missing get code -1."""
-    bad = {u.lower() for u in undefined}
-    classes = [str(c) for c in categories if str(c).lower() not in bad]
+def defined_labels(codes: np.ndarray, categories, unlabeled=UNLABELED) -> pd.Categorical:
+    """Labels as a categorical of the real classes (as strings, store order): cells whose label is one
+    of `unlabeled` (exact match) or missing get code -1."""
+    bad = set(unlabeled)
+    classes = [str(c) for c in categories if str(c) not in bad]
     return pd.Categorical.from_codes(apply_lut(label_lut(categories, classes), np.asarray(codes)), categories=classes)
+
+
+def unlabeled_report(store, data: DataConfig) -> list[str]:
+    """One line per label key: classes, and how many cells count as unlabelled (said at start)."""
+    lines = []
+    for key in data.label_keys:
+        labels = defined_labels(*store.obs_codes(key), data.unlabeled_categories)
+        n = int((labels.codes < 0).sum())
+        names = ", ".join(repr(u) for u in data.unlabeled_categories)
+        lines.append(
+            f"label key {key!r}: {len(labels.categories)} classes; {n:,} of {len(labels):,} cells unlabelled "
+            f"({names} or missing)"
+        )
+    return lines
 
 
 def label_lut(store_categories, model_categories) -> np.ndarray:

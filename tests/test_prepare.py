@@ -55,7 +55,7 @@ def test_statistics_equal_numpy_and_scanpy(atlas, tmp_path):
     assert st["cells_per_batch"] == adata.obs.dataset_id.value_counts().astype(int).to_dict()
     truth = adata.obs.cell_type.astype(str).value_counts()
     assert st["class_counts"]["cell_type"]["classes"] == truth.drop("undefined").to_dict()
-    assert st["class_counts"]["cell_type"]["undefined"] == truth["undefined"]
+    assert st["class_counts"]["cell_type"]["unlabelled"] == truth["undefined"]
     ref = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=100, batch_key="dataset_id", inplace=False)
     ours = (tmp_path / "hvg.txt").read_text().split()
     theirs = set(adata.var.feature_id[ref.highly_variable.to_numpy()])
