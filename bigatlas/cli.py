@@ -15,6 +15,7 @@ import warnings
 from dataclasses import fields
 
 from .config import UNLABELED
+from .errors import LaunchError
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -368,14 +369,20 @@ def main(argv=None) -> int:
         if argv and argv[0] == name:
             p.set_defaults(func=build(p))
     a = parser.parse_args(argv)
-    from loaders import StoreError  # imports torch: after parsing, so that --help stays fast
-
     try:
         a.func(a)
-    except (StoreError, FileExistsError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except USER_ERRORS as e:  # what the user can fix: one line, no traceback (bugs keep theirs)
         print(f"bigatlas {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"bigatlas {a.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+# StoreError and EmbeddingError are ValueErrors; OSError covers a full disk, an I/O error or a missing
+# permission, each naming its path
+USER_ERRORS = (ValueError, OSError, FloatingPointError, LaunchError)
 
 
 if __name__ == "__main__":

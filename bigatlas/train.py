@@ -24,6 +24,7 @@ from loaders import CellStream, open_store
 from .batches import ModelInput, ToModelInput, holdout_all
 from .checkpoint import Progress, restore_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
+from .errors import LaunchError
 from .faults import Faults
 from .metrics_log import MetricsLog, accumulate, epoch_row, new_sums
 from .rundir import RunDir, build_model
@@ -39,14 +40,33 @@ def make_accelerator(cfg: RunConfig):
 
 
 def check_world(num_processes: int) -> None:
-    """`accelerate launch --cpu --num_processes N` starts ONE process per launch: N silent copies."""
+    """`accelerate launch --cpu --num_processes N` starts ONE process: N asked for, one silent copy.
+    Caught from WORLD_SIZE when the launcher sets it, else from the launcher's own command line."""
     world = os.environ.get("WORLD_SIZE")
-    if world is not None and int(world) != num_processes:
-        raise RuntimeError(
-            f"WORLD_SIZE={world} but Accelerate started {num_processes} process(es): every "
+    asked = int(world) if world is not None else _launcher_processes()
+    if asked is not None and asked != num_processes:
+        raise LaunchError(
+            f"{asked} processes were asked for but Accelerate started {num_processes} process(es): every "
             "process would train its own copy. On CPU use `accelerate launch --multi_gpu "
             "--num_processes N` or `torchrun --nproc_per_node N` (not --cpu)"
         )
+
+
+def _launcher_processes() -> int | None:
+    """--num_processes of an `accelerate launch` that started this process (None when it did not)."""
+    import psutil
+
+    try:
+        cmd = psutil.Process(os.getppid()).cmdline()
+    except (psutil.Error, OSError):
+        return None
+    head = cmd[:4]
+    if not any("accelerate" in c for c in head) or not any(c == "launch" or c.endswith(".launch") for c in head):
+        return None
+    for flag in ("--num_processes", "--num-processes"):
+        if flag in cmd[:-1]:
+            return int(cmd[cmd.index(flag) + 1])
+    return None
 
 
 def loss_weights(t: TrainConfig, epoch: int, frac_epoch: float, max_epochs: int) -> tuple[float, float]:

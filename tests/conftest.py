@@ -95,6 +95,14 @@ def run_script(script: str, args, env_extra=None, launcher=(), check=True, timeo
     return res
 
 
+def cli(args, env_extra=None, timeout=600, launcher=None):
+    """`python -m bigatlas.cli ARGS` (or under `launcher`) in a fresh process."""
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    env.update({"PYTHONPATH": str(ROOT), **(env_extra or {})})
+    cmd = launcher or [sys.executable, "-m", "bigatlas.cli"]
+    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def accelerate_launcher(processes: int) -> list:
     return [
         sys.executable,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import accelerate_launcher
+from conftest import accelerate_launcher, cli
 from safetensors.numpy import load_file
 
 from bigatlas.synth import synth
@@ -25,13 +25,6 @@ from loaders.soma_store import SomaStore
 from loaders.zarr_store import ZarrStore
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(args, env_extra=None, timeout=600, launcher=None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    env.pop("WORLD_SIZE", None)
-    cmd = launcher or [sys.executable, "-m", "bigatlas.cli"]
-    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
