@@ -43,7 +43,6 @@ def save_checkpoint(acc, run: RunDir, progress: Progress, stream, keep: int, fau
         if tmp.exists():
             shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=True)
     state = {
         "progress": progress.state_dict(),
         "stream": stream.state_dict(),
@@ -51,7 +50,16 @@ def save_checkpoint(acc, run: RunDir, progress: Progress, stream, keep: int, fau
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
-    (tmp / f"bigatlas_rank{acc.process_index}.json").write_text(json.dumps(state))
+    try:
+        faults.io("checkpoint_write", progress.step, tmp)
+        acc.save_state(str(tmp), safe_serialization=True)
+        (tmp / f"bigatlas_rank{acc.process_index}.json").write_text(json.dumps(state))
+    except OSError as e:  # a full disk or an I/O error: `latest` still names the last good checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(
+            e.errno, f"writing checkpoint {tmp} failed ({e.strerror or e}); the last good checkpoint stays "
+            f"{run.latest() or 'none'}"
+        ) from None  # fmt: skip
     faults.kill("checkpoint_written", progress.step)
     acc.wait_for_everyone()
     if acc.is_main_process:

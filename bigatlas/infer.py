@@ -17,6 +17,7 @@ import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from loaders import detect_format, open_store
 from loaders.csr import check_counts, select_columns
 
 from .faults import Faults
+from .lock import OutputLock
 from .rundir import load_run
 
 OUTPUT_VERSION = 1
@@ -318,68 +320,81 @@ def embed(
     meta = _meta(run_dir, data, obs_filter, n, c, full_probabilities, unknown_threshold)
     fmt = out_format or detect_format(str(data))
     output = SomaOutput(out) if fmt == "soma" else ZarrOutput(out)
-    if state.is_main_process:
-        extra = {"n_rows": int(store.store_rows(np.array([n - 1]))[0]) + 1} if fmt == "soma" else {}
-        output.prepare(meta, model, n_chunks, overwrite, **extra)
-    state.wait_for_everyone()
-    output.open()
-    if output.complete():
+    lock = OutputLock(out.with_name(out.name + ".lock"), f"output {out}") if state.is_main_process else nullcontext()
+    with lock:  # one writer per output; released when this returns or the process dies
         if state.is_main_process:
-            print(f"{out} is complete; nothing to do (pass --overwrite to recompute)", flush=True)
-        return out
-    done = output.done()
-    mine = [k for k in range(state.process_index, n_chunks, state.num_processes) if not done[k]]
-    classes = model.vocab.label_classes
+            extra = {"n_rows": int(store.store_rows(np.array([n - 1]))[0]) + 1} if fmt == "soma" else {}
+            output.prepare(meta, model, n_chunks, overwrite, **extra)
+        state.wait_for_everyone()
+        output.open()
+        if output.complete():
+            if state.is_main_process:
+                print(f"{out} is complete; nothing to do (pass --overwrite to recompute)", flush=True)
+            return out
+        done = output.done()
+        mine = [k for k in range(state.process_index, n_chunks, state.num_processes) if not done[k]]
+        classes = model.vocab.label_classes
 
-    def read(k):
-        lo, hi = k * c, min(n, (k + 1) * c)
-        m = store.read(np.arange(lo, hi))
-        check_counts(m, str(data), integer=not allow_non_integer, positions=np.arange(lo, hi))
-        if not identity:
-            m = select_columns(m, colmap, len(model.vocab.genes))
-        return k, lo, hi, m
+        def read(k):
+            lo, hi = k * c, min(n, (k + 1) * c)
+            m = store.read(np.arange(lo, hi))
+            check_counts(m, str(data), integer=not allow_non_integer, positions=np.arange(lo, hi))
+            if not identity:
+                m = select_columns(m, colmap, len(model.vocab.genes))
+            return k, lo, hi, m
 
-    bar = None
-    if progress and state.is_main_process:
-        from tqdm import tqdm
+        bar = None
+        if progress and state.is_main_process:
+            from tqdm import tqdm
 
-        bar = tqdm(total=len(mine) * c, unit="cell", unit_scale=True, desc="embed", mininterval=1.0)
-    t0, cells = time.perf_counter(), 0
-    with ThreadPoolExecutor(1) as pool:  # reads the next chunk while this one is embedded
-        pending = pool.submit(read, mine[0]) if mine else None
-        for i in range(len(mine)):
-            k, lo, hi, m = pending.result()
-            pending = pool.submit(read, mine[i + 1]) if i + 1 < len(mine) else None
-            z, probs = _predict(module, m, list(classes), batch_size, device)
-            positions = np.arange(lo, hi)
-            output.write(
-                k,
-                lo,
-                hi,
-                store.store_rows(positions),
-                store.obs_names(positions),
-                z,
-                _summaries(probs, classes, unknown_threshold),
-                probs if full_probabilities else {},
+            bar = tqdm(total=sum(min(n, (k + 1) * c) - k * c for k in mine), unit="cell", unit_scale=True,
+                       desc="embed", mininterval=1.0)  # fmt: skip
+        t0, cells = time.perf_counter(), 0
+        with ThreadPoolExecutor(1) as pool:  # reads the next chunk while this one is embedded
+            pending = pool.submit(read, mine[0]) if mine else None
+            for i in range(len(mine)):
+                k, lo, hi, m = pending.result()
+                pending = pool.submit(read, mine[i + 1]) if i + 1 < len(mine) else None
+                z, probs = _predict(module, m, list(classes), batch_size, device)
+                positions = np.arange(lo, hi)
+                try:
+                    faults.io("chunk_write", k, out)
+                    output.write(
+                        k,
+                        lo,
+                        hi,
+                        store.store_rows(positions),
+                        store.obs_names(positions),
+                        z,
+                        _summaries(probs, classes, unknown_threshold),
+                        probs if full_probabilities else {},
+                    )
+                except OSError as e:  # the chunk's done flag is never set: a rerun writes it again
+                    if bar is not None:
+                        bar.close()  # the message gets a line of its own
+                    raise OSError(
+                        e.errno,
+                        f"writing chunk {k} (cells {lo}-{hi}) of {out} failed ({e.strerror or e}); "
+                        "the output is not complete: rerun the same command to finish it",
+                    ) from None
+                faults.kill("after_chunk", k)
+                cells += hi - lo
+                if bar is not None:
+                    bar.update(hi - lo)
+        if bar is not None:
+            bar.close()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            flags = output.done()
+            if flags.all():
+                output.mark_complete()
+            dt = time.perf_counter() - t0
+            print(
+                f"embedded {cells} cells on this process in {dt:.1f}s ({cells / max(dt, 1e-9):,.0f} cells/s); "
+                f"{int(flags.sum())}/{n_chunks} chunks done; {'complete' if flags.all() else 'INCOMPLETE'}: {out}",
+                flush=True,
             )
-            faults.kill("after_chunk", k)
-            cells += hi - lo
-            if bar is not None:
-                bar.update(hi - lo)
-    if bar is not None:
-        bar.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        flags = output.done()
-        if flags.all():
-            output.mark_complete()
-        dt = time.perf_counter() - t0
-        print(
-            f"embedded {cells} cells on this process in {dt:.1f}s ({cells / max(dt, 1e-9):,.0f} cells/s); "
-            f"{int(flags.sum())}/{n_chunks} chunks done; {'complete' if flags.all() else 'INCOMPLETE'}: {out}",
-            flush=True,
-        )
-    return out
+        return out
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from .checkpoint import Progress, restore_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
 from .errors import LaunchError
 from .faults import Faults
+from .lock import OutputLock
 from .metrics_log import MetricsLog, accumulate, epoch_row, new_sums
 from .rundir import RunDir, build_model
 from .vocab import Vocab, unlabeled_report
@@ -97,7 +98,16 @@ def train(
 ) -> Path:
     """Train and write RUN_DIR; returns the path of model.safetensors. `surgery` (query.Surgery)
     starts from a reference model with grown embedding tables instead of a fresh model."""
-    s = set_up(cfg, run_dir, resume, accelerator or make_accelerator(cfg), surgery)
+    acc = accelerator or make_accelerator(cfg)
+    lock = OutputLock(Path(run_dir) / ".lock", f"RUN_DIR {run_dir}") if acc.is_main_process else None
+    try:
+        return _train(set_up(cfg, run_dir, resume, acc, surgery), resume, trace_cells)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(s: Session, resume: bool, trace_cells: bool) -> Path:
     progress = Progress()
     if resume and s.run.latest() is not None:
         _resume(s, progress)
@@ -189,31 +199,31 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
     s.model.train()
     steps_per_epoch = len(stream)
     trace = [] if trace_cells else None
-    bar = _bar(acc, steps_per_epoch, stream.consumed, epoch)
     kl_weight = 0.0
-    for batch in stream:
-        inp = s.to_input(batch)
-        kl_weight, label_weight = loss_weights(t, epoch, epoch + stream.consumed / max(steps_per_epoch, 1),
-                                               s.max_epochs)  # fmt: skip
-        out = train_step(s, progress, inp, kl_weight, label_weight)
-        accumulate(progress.sums, out.terms, out.n_cells, len(inp))
-        if trace is not None:
-            trace.append(inp.positions[~inp.val])
-        if bar is not None:
-            bar.update(1)
-            if progress.step % 25 == 0:
-                bar.set_postfix(loss=f"{float(out.terms['loss']):.4g}", kl_w=f"{kl_weight:.2f}", refresh=False)
-        log.step(progress.step, out.terms, kl_weight)
-        if t.checkpoint_every_steps and progress.step % t.checkpoint_every_steps == 0:
-            if stream.consumed < steps_per_epoch:  # the epoch's end writes its own
-                save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults)
-        s.faults.kill("after_step", progress.step)
-        if t.max_steps is not None and progress.step >= t.max_steps:
+    bar = _bar(acc, steps_per_epoch, stream.consumed, epoch)
+    try:
+        for batch in stream:
+            inp = s.to_input(batch)
+            kl_weight, label_weight = loss_weights(t, epoch, epoch + stream.consumed / max(steps_per_epoch, 1),
+                                                   s.max_epochs)  # fmt: skip
+            out = train_step(s, progress, inp, kl_weight, label_weight)
+            accumulate(progress.sums, out.terms, out.n_cells, len(inp))
+            if trace is not None:
+                trace.append(inp.positions[~inp.val])
             if bar is not None:
-                bar.close()
-            return True  # mid-epoch: no epoch row, no end-of-epoch checkpoint
-    if bar is not None:
-        bar.close()
+                bar.update(1)
+                if progress.step % 25 == 0:
+                    bar.set_postfix(loss=f"{float(out.terms['loss']):.4g}", kl_w=f"{kl_weight:.2f}", refresh=False)
+            log.step(progress.step, out.terms, kl_weight)
+            if t.checkpoint_every_steps and progress.step % t.checkpoint_every_steps == 0:
+                if stream.consumed < steps_per_epoch:  # the epoch's end writes its own
+                    save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults)
+            s.faults.kill("after_step", progress.step)
+            if t.max_steps is not None and progress.step >= t.max_steps:
+                return True  # mid-epoch: no epoch row, no end-of-epoch checkpoint
+    finally:  # also on an error: the bar's line is cleared before the message
+        if bar is not None:
+            bar.close()
     if trace is not None:
         (s.run.path / "trace").mkdir(parents=True, exist_ok=True)
         np.save(

@@ -20,6 +20,8 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from .faults import Faults
+
 # 2**15 elements ≈ 50 cells at 650 nonzeros; blocks of a few chunks waste < one chunk of decode.
 DEFAULT_CHUNK_ELEMS = 1 << 15
 
@@ -55,14 +57,22 @@ class _PartialStore:
     def __init__(self, path, overwrite: bool):
         self.path = Path(path)
         self.partial = _prepare_target(self.path, overwrite)
+        self._faults, self._appends = Faults(), 0
 
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, *_):
+    def __exit__(self, exc_type, exc, _tb):
         if exc_type is not None and self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):  # a full disk, an I/O error
+            raise OSError(exc.errno, f"writing {self.path} failed ({exc.strerror or exc}); nothing was kept") from None
         return False
+
+    def _count_append(self) -> None:
+        """Each append is a step for injected write faults (tests)."""
+        self._appends += 1
+        self._faults.io("store_write", self._appends, self.partial)
 
 
 class _Appender:
@@ -145,6 +155,7 @@ class ZarrWriter(_PartialStore):
         self.nnz = 0
 
     def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        self._count_append()
         self._data.push(np.asarray(data, dtype=np.float32))
         self._indices.push(np.asarray(indices).astype(self._indices.arr.dtype, copy=False))
         self._indptr.append(np.asarray(indptr[1:], dtype=np.int64) + self.nnz)
@@ -217,6 +228,7 @@ class SomaWriter(_PartialStore):
         self._pa = pa
 
     def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        self._count_append()
         n = len(indptr) - 1
         rows = np.repeat(np.arange(self.row, self.row + n, dtype=np.int64), np.diff(indptr))
         self._pending.append(
