@@ -1,0 +1,101 @@
+"""GPU check: one 1,000,000-cell training epoch of the model's own forward/backward/AdamW step on one
+GPU, fp32 vs bf16 autocast, with the trainer's per-step host syncs (the NaN check's bool/.item() and
+float() of every logged term) vs none (terms summed on the device, one sync per epoch). Counts are
+synthetic CSR minibatches already on the GPU (a pool reused round-robin), so this measures the step
+and its syncs, not the loader. `python -m bench.gpu_epoch --out bench/results/gpu_epoch.json`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+
+from bigatlas.config import ModelConfig
+from bigatlas.distributions import Counts
+from bigatlas.model import VAEModule
+
+
+def batches(n_pool: int, batch: int, genes: int, nnz_per_cell: int, n_batch_cats: int, n_classes: int, dev):
+    g = torch.Generator(device=dev).manual_seed(0)
+    out = []
+    for _ in range(n_pool):
+        crow = torch.arange(0, (batch + 1) * nnz_per_cell, nnz_per_cell, device=dev)
+        cols = torch.sort(torch.randint(0, genes, (batch, nnz_per_cell), device=dev, generator=g), 1).values
+        cols = cols.reshape(-1)  # repeats inside a row are rare and harmless for timing
+        vals = torch.randint(1, 20, (batch * nnz_per_cell,), device=dev, generator=g).float()
+        x = torch.sparse_csr_tensor(crow, cols, vals, (batch, genes))
+        codes = torch.randint(0, n_batch_cats, (batch, 2), device=dev, generator=g)
+        labels = torch.randint(-1, n_classes, (batch, 1), device=dev, generator=g)
+        out.append((Counts.from_sparse_csr(x), codes, labels))
+    return out
+
+
+def epoch(model, opt, pool, n_cells: int, batch: int, bf16: bool, sync_per_step: bool) -> dict:
+    steps = -(-n_cells // batch)
+    sums = torch.zeros(8, device="cuda")
+    syncs = 0
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn" if sync_per_step else 0)
+        for i in range(steps):
+            counts, codes, labels = pool[i % len(pool)]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                out = model(counts, codes, labels, kl_weight=1.0)
+            if sync_per_step:  # what bigatlas.train.train_step + metrics_log.accumulate do today
+                finite = bool(torch.isfinite(out.total))
+                if not finite or torch.tensor([0.0], device="cuda").item() > 0:
+                    raise FloatingPointError("non-finite loss")
+                for v in out.terms.values():
+                    float(v)
+            else:  # device-side: a skipped update on NaN would be torch.where; sums stay on the GPU
+                sums[: len(out.terms)] += torch.stack([v.float().reshape(()) for v in out.terms.values()])
+            out.total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.set_sync_debug_mode(0)
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+    sums.sum().item()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    return {"seconds": round(dt, 2), "cells_per_s": round(steps * batch / dt), "steps": steps,
+            "host_syncs_per_step_seen": round(syncs / steps, 2)}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--cells", type=int, default=1_000_000)
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--nnz-per-cell", type=int, default=650)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024, 4096])
+    p.add_argument("--out", default="bench/results/gpu_epoch.json")
+    a = p.parse_args()
+    dev = torch.device("cuda")
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cells": a.cells, "genes": a.genes,
+           "nnz_per_cell": a.nnz_per_cell, "runs": []}  # fmt: skip
+    for batch in a.batch_sizes:
+        pool = batches(32, batch, a.genes, a.nnz_per_cell, 6, 12, dev)
+        for bf16 in (False, True):
+            for sync in (True, False):
+                torch.manual_seed(0)
+                model = VAEModule(a.genes, [6, 6], [12], ModelConfig(), [[10] * 12]).to(dev)
+                opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-6, fused=True)
+                row = {"batch_size": batch, "bf16": bf16, "host_syncs_per_step": sync}
+                try:
+                    epoch(model, opt, pool, 20 * batch, batch, bf16, sync)  # warm-up (kernels, allocator)
+                    row.update(epoch(model, opt, pool, a.cells, batch, bf16, sync))
+                except Exception as e:  # recorded, the other configurations still run
+                    row["error"] = f"{type(e).__name__}: {e}"[:500]
+                print(json.dumps(row), flush=True)
+                res["runs"].append(row)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
