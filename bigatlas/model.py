@@ -124,7 +124,9 @@ class VAEModule(nn.Module):
             values = values / lib.clamp_min(1.0)[rows] * self.cfg.normalize_total
         logx = torch.sparse_csr_tensor(crow, col, torch.log1p(values), x.shape, check_invariants=False)
         first = self.encoder[0]
-        return torch.sparse.mm(logx, first.weight.t()) + first.bias
+        # in float32 even under bf16 autocast: cuSPARSE has no fp32-sparse × bf16-dense SpMM (it fails)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.sparse.mm(logx, first.weight.float().t()) + first.bias.float()
 
     def decode(self, z: torch.Tensor, batch_codes: torch.Tensor, library: torch.Tensor):
         """Mean, inverse dispersion and gate logits (None for NB) for each cell and gene."""
