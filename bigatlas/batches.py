@@ -51,8 +51,8 @@ class ToModelInput:
     error that names the column."""
 
     def __init__(self, vocab: Vocab, store, device, *, batch_keys=(), label_keys=(), val_fraction=0.0, seed=0):
-        self.batch_luts = {k: v for k, v in vocab.batch_luts(store).items() if k in batch_keys}
         self.batch_keys, self.label_keys = tuple(batch_keys), tuple(label_keys)
+        self.batch_luts = vocab.batch_luts(store, self.batch_keys)
         self.label_luts = vocab.label_luts(store, self.label_keys)
         self.device, self.val_fraction, self.seed = device, val_fraction, seed
 

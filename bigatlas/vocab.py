@@ -58,9 +58,10 @@ class Vocab:
             counts[key] = np.bincount(model_codes[model_codes >= 0], minlength=len(classes)).tolist()
         return cls(genes, batch, labels, counts)
 
-    def batch_luts(self, store) -> dict[str, np.ndarray]:
-        """Store code → model code per batch key; -1 where the store has a category the model lacks."""
-        return {k: label_lut(store.obs_codes(k)[1], cats) for k, cats in self.batch_categories.items()}
+    def batch_luts(self, store, keys) -> dict[str, np.ndarray]:
+        """Store code → model code per batch key in `keys` (only those columns are read); -1 where the
+        store has a category the model lacks."""
+        return {k: label_lut(store.obs_codes(k)[1], self.batch_categories[k]) for k in keys}
 
     def label_luts(self, store, keys=None) -> dict[str, np.ndarray]:
         """Store code → class index per label key (default: all); -1 for undefined or unknown labels."""

@@ -317,5 +317,7 @@ def test_duplicated_gene_names_need_ids_and_unseen_batches_are_handled(atlas, tr
     query = variant(atlas, tmp_path / "newstudy.zarr", obs=obs)
     model = AtlasVAE.load(trained_run)
     assert np.isfinite(model.get_latent(query)).all()  # embedding never needs the batch (zero-shot)
+    no_batch = variant(atlas, tmp_path / "nobatch.zarr", obs=ad.read_zarr(atlas).obs.drop(columns=["dataset_id"]))
+    assert np.isfinite(model.get_latent(no_batch)).all()  # not even the batch column
     with pytest.raises(ValueError, match="'dataset_id' has categories the model was not trained on; use map_query"):
         model.get_reconstructed_expression(query)
