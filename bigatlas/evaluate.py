@@ -96,13 +96,11 @@ def _same_data(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def reference_mask(run: Path | None, data: str, store) -> np.ndarray | None:
-    """Per position of `store`, whether the cell lies in the run's training slice (same data, the
-    run's obs_filter; its validation cells included); None when the run trained on other data."""
-    cfg = RunDir(run).data_config() if run is not None else None
-    if cfg is None:
-        return None
-    if not _same_data(cfg["data"], data):
+def reference_mask(cfg: dict | None, data: str, store) -> np.ndarray | None:
+    """Per position of `store`, whether the cell lies in the training slice of the run whose saved
+    [data] section is `cfg` (same data, its obs_filter; validation cells included); None when the run
+    trained on other data or is unknown."""
+    if cfg is None or not _same_data(cfg["data"], data):
         return None
     ref = open_store(cfg["data"], obs_filter=cfg.get("obs_filter"))
     return np.isin(store.store_rows(np.arange(store.n_obs)), ref.store_rows(np.arange(ref.n_obs)))
@@ -177,9 +175,9 @@ def evaluate(
             f"embedding {emb.path} has {emb.n_obs} cells but {data} "
             f"(obs_filter {obs_filter!r}) has {store.n_obs}; pass the data and filter it was made from"
         )
+    run_data = RunDir(run).data_config() if run is not None else None  # the run's [data] section
     if unlabeled_categories is None:
-        saved = RunDir(run).data_config() if run is not None else None
-        unlabeled_categories = (saved or {}).get("unlabeled_categories", UNLABELED)
+        unlabeled_categories = (run_data or {}).get("unlabeled_categories", UNLABELED)
     labels = _labels(store, label_key, unlabeled_categories)
     batch_codes, batch_cats = store.obs_codes(batch_key)
     batch = pd.Categorical.from_codes(batch_codes, categories=batch_cats)
@@ -218,7 +216,7 @@ def evaluate(
     if baseline:
         base = pca_baseline(read_counts(store, sample), z.shape[1])
         result["scores"]["pca_baseline"] = scib_scores(base, lab_codes, bat_codes, seed)
-    reference = reference_mask(run, data, store)
+    reference = reference_mask(run_data, data, store)
     if reference is not None:
         result["reference_query"] = {"reference_cells": int(reference.sum()), "query_cells": int((~reference).sum())}
     row_ids = store.store_rows(np.arange(store.n_obs)) if emb.format == "soma" else None

@@ -41,28 +41,33 @@ class RunDir:
         text = json.dumps({"format_version": FORMAT_VERSION, "config": cfg.to_dict()}, indent=2) + "\n"
         _write_atomically(self.config_file, text)
 
-    def read_config(self) -> RunConfig:
+    def _saved(self) -> dict:
+        """config.json as written, with keys of older versions under their current names."""
         saved = json.loads(self.config_file.read_text())
+        data = saved.get("config", {}).get("data", {})
+        if "undefined_labels" in data:  # run dirs written before --unlabeled-category kept the old name
+            data["unlabeled_categories"] = data.pop("undefined_labels")
+        return saved
+
+    def read_config(self) -> RunConfig:
+        saved = self._saved()
         version = saved.get("format_version")
         if version != FORMAT_VERSION or "config" not in saved:
             raise ValueError(
                 f"{self.config_file} has format_version {version!r}; this bigatlas reads "
                 f"version {FORMAT_VERSION} run dirs"
             )
-        data = saved["config"].get("data", {})
-        if "undefined_labels" in data:  # run dirs written before --unlabeled-category kept the old name
-            data["unlabeled_categories"] = data.pop("undefined_labels")
         return RunConfig.from_dict(saved["config"])
 
     def data_config(self) -> dict | None:
         """The saved [data] section as plain values, None without a config (any format version)."""
         if not self.config_file.exists():
             return None
-        return json.loads(self.config_file.read_text())["config"]["data"]
+        return self._saved()["config"]["data"]
 
     def check_resumable(self, cfg: RunConfig) -> None:
         """Refuse to resume with settings that shape the run differently from the saved ones."""
-        saved = json.loads(self.config_file.read_text()).get("config", {})
+        saved = self._saved().get("config", {})
         now = json.loads(json.dumps(cfg.to_dict()))
         for c in (saved, now):
             for key in RESUMABLE_CHANGES:
