@@ -10,6 +10,7 @@ of `<path>/zarr.json` until the end plays that role).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import warnings
@@ -50,6 +51,20 @@ def _commit(partial: Path, path: Path) -> None:
     os.replace(partial, path)
 
 
+def _writes(method):
+    """A write of the store failing with an OSError (a full disk, an I/O error) becomes one error naming
+    the store; errors of whatever feeds the writer (a source's reads) pass through unchanged."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            raise OSError(e.errno, f"writing {self.path} failed ({e.strerror or e}); nothing was kept") from None
+
+    return wrapper
+
+
 class _PartialStore:
     """A store written under `<path>.partial`; finish() renames it into place, an exception inside
     the `with` block removes it."""
@@ -62,11 +77,9 @@ class _PartialStore:
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, exc, _tb):
+    def __exit__(self, exc_type, *_):
         if exc_type is not None and self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
-        if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):  # a full disk, an I/O error
-            raise OSError(exc.errno, f"writing {self.path} failed ({exc.strerror or exc}); nothing was kept") from None
         return False
 
     def _count_append(self) -> None:
@@ -154,6 +167,7 @@ class ZarrWriter(_PartialStore):
         self.n_obs = 0
         self.nnz = 0
 
+    @_writes
     def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
         self._count_append()
         self._data.push(np.asarray(data, dtype=np.float32))
@@ -162,6 +176,7 @@ class ZarrWriter(_PartialStore):
         self.nnz += int(indptr[-1])
         self.n_obs += len(indptr) - 1
 
+    @_writes
     def finish(self, obs: pd.DataFrame, var: pd.DataFrame) -> Path:
         from anndata.io import write_elem
 
@@ -227,6 +242,7 @@ class SomaWriter(_PartialStore):
         self._pending_rows = 0
         self._pa = pa
 
+    @_writes
     def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
         self._count_append()
         n = len(indptr) - 1
@@ -250,6 +266,7 @@ class SomaWriter(_PartialStore):
             self.X.write(self._pa.concat_tables(self._pending))
         self._pending, self._pending_rows = [], 0
 
+    @_writes
     def finish(self, obs: pd.DataFrame, var: pd.DataFrame) -> Path:
         if self.row != self.n_obs:
             raise ValueError(f"wrote {self.row} rows, expected {self.n_obs}")
