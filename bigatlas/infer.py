@@ -350,39 +350,25 @@ def embed(
             bar = tqdm(total=sum(min(n, (k + 1) * c) - k * c for k in mine), unit="cell", unit_scale=True,
                        desc="embed", mininterval=1.0)  # fmt: skip
         t0, cells = time.perf_counter(), 0
-        with ThreadPoolExecutor(1) as pool:  # reads the next chunk while this one is embedded
-            pending = pool.submit(read, mine[0]) if mine else None
-            for i in range(len(mine)):
-                k, lo, hi, m = pending.result()
-                pending = pool.submit(read, mine[i + 1]) if i + 1 < len(mine) else None
-                z, probs = _predict(module, m, list(classes), batch_size, device)
-                positions = np.arange(lo, hi)
-                try:
-                    faults.io("chunk_write", k, out)
-                    output.write(
-                        k,
-                        lo,
-                        hi,
-                        store.store_rows(positions),
-                        store.obs_names(positions),
-                        z,
-                        _summaries(probs, classes, unknown_threshold),
-                        probs if full_probabilities else {},
-                    )
-                except OSError as e:  # the chunk's done flag is never set: a rerun writes it again
+        try:
+            with ThreadPoolExecutor(1) as pool:  # reads the next chunk while this one is embedded
+                pending = pool.submit(read, mine[0]) if mine else None
+                for i in range(len(mine)):
+                    k, lo, hi, m = pending.result()
+                    pending = pool.submit(read, mine[i + 1]) if i + 1 < len(mine) else None
+                    z, probs = _predict(module, m, list(classes), batch_size, device)
+                    positions = np.arange(lo, hi)
+                    _write_chunk(
+                        output, faults, k, lo, hi, store.store_rows(positions), store.obs_names(positions), z,
+                        _summaries(probs, classes, unknown_threshold), probs if full_probabilities else {},
+                    )  # fmt: skip
+                    faults.kill("after_chunk", k)
+                    cells += hi - lo
                     if bar is not None:
-                        bar.close()  # the message gets a line of its own
-                    raise OSError(
-                        e.errno,
-                        f"writing chunk {k} (cells {lo}-{hi}) of {out} failed ({e.strerror or e}); "
-                        "the output is not complete: rerun the same command to finish it",
-                    ) from None
-                faults.kill("after_chunk", k)
-                cells += hi - lo
-                if bar is not None:
-                    bar.update(hi - lo)
-        if bar is not None:
-            bar.close()
+                        bar.update(hi - lo)
+        finally:  # also on an error: the bar's line ends before the message
+            if bar is not None:
+                bar.close()
         state.wait_for_everyone()
         if state.is_main_process:
             flags = output.done()
@@ -395,6 +381,20 @@ def embed(
                 flush=True,
             )
         return out
+
+
+def _write_chunk(output, faults: Faults, k: int, lo: int, hi: int, *columns) -> None:
+    """output.write(k, lo, hi, …), where a failing write (a full disk, an I/O error) is one error naming
+    the chunk; its done flag is never set, so a rerun writes it again."""
+    try:
+        faults.io("chunk_write", k, output.path)
+        output.write(k, lo, hi, *columns)
+    except OSError as e:
+        raise OSError(
+            e.errno,
+            f"writing chunk {k} (cells {lo}-{hi}) of {output.path} failed ({e.strerror or e}); "
+            "the output is not complete: rerun the same command to finish it",
+        ) from None
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ validation rows are scored in the same forward pass, so validation costs no extr
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,24 +100,18 @@ def train(
     """Train and write RUN_DIR; returns the path of model.safetensors. `surgery` (query.Surgery)
     starts from a reference model with grown embedding tables instead of a fresh model."""
     acc = accelerator or make_accelerator(cfg)
-    lock = OutputLock(Path(run_dir) / ".lock", f"RUN_DIR {run_dir}") if acc.is_main_process else None
-    try:
-        return _train(set_up(cfg, run_dir, resume, acc, surgery), resume, trace_cells)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _train(s: Session, resume: bool, trace_cells: bool) -> Path:
-    progress = Progress()
-    if resume and s.run.latest() is not None:
-        _resume(s, progress)
-    log = MetricsLog(s.run, s.acc.is_main_process)
-    stopped_early = False
-    while progress.epoch < s.max_epochs and not stopped_early:
-        stopped_early = _epoch(s, progress, log, trace_cells)
-    log.close()
-    return _finish(s, stopped_early, trace_cells)
+    lock = OutputLock(Path(run_dir) / ".lock", f"RUN_DIR {run_dir}") if acc.is_main_process else nullcontext()
+    with lock:  # one writer per RUN_DIR; released when this returns or the process dies
+        s = set_up(cfg, run_dir, resume, acc, surgery)
+        progress = Progress()
+        if resume and s.run.latest() is not None:
+            _resume(s, progress)
+        log = MetricsLog(s.run, acc.is_main_process)
+        stopped_early = False
+        while progress.epoch < s.max_epochs and not stopped_early:
+            stopped_early = _epoch(s, progress, log, trace_cells)
+        log.close()
+        return _finish(s, stopped_early, trace_cells)
 
 
 def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery) -> Session:
