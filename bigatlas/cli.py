@@ -14,7 +14,7 @@ import typing
 import warnings
 from dataclasses import fields
 
-from .config import UNLABELED
+from .config import UNLABELED, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import LaunchError
 
 
@@ -83,8 +83,6 @@ def config_values(a, cls) -> dict:
 
 def add_train_arguments(p) -> None:
     """Flags of `bigatlas train` and scripts/train.py."""
-    from .config import DataConfig, ModelConfig, TrainConfig
-
     p.add_argument("--out", required=True, help="RUN_DIR to write")
     p.add_argument("--config", default=None, help="TOML/JSON with [model], [train], [data] sections")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/latest")
@@ -96,8 +94,6 @@ def add_train_arguments(p) -> None:
 
 
 def config_from_args(a):
-    from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
-
     cfg = RunConfig.from_file(a.config) if a.config else RunConfig()
     data = config_values(a, DataConfig)
     if "data" in data:
@@ -148,14 +144,19 @@ def _add_organism(p) -> None:
     )  # fmt: skip
 
 
-UNLABELED_DEFAULT = f"(default: {', '.join(UNLABELED)}; missing values always are)"
-
-
-def _add_unlabeled(p, default=UNLABELED_DEFAULT) -> None:
+def _add_unlabeled(p, default: str) -> None:
+    """train's --unlabeled-category (DataConfig.unlabeled_categories: one flag, one help), for the
+    commands whose other flags come from a signature."""
+    meta = {f.name: f.metadata for f in fields(DataConfig)}["unlabeled_categories"]
     p.add_argument(
-        "--unlabeled-category", action="append", dest="unlabeled", metavar="VALUE",
-        help=f"a label value that means 'unlabelled' (repeat for several) {default}",
+        meta["flag"], action=meta["action"], dest="unlabeled_categories", metavar=meta["metavar"],
+        help=f"{meta['help']} (default: {default})",
     )  # fmt: skip
+
+
+def _unlabeled(a) -> tuple[str, ...] | None:
+    """The --unlabeled-category values given, None for the library's default."""
+    return tuple(a.unlabeled_categories) if a.unlabeled_categories else None
 
 
 def census_spec(data: str, organism: str | None) -> str:
@@ -218,33 +219,25 @@ def _stream(p):
     return lambda a: stream_report(_data(a), **signature_values(a, helps))
 
 
-EMBED_HELP = {
-    "chunk_size": "cells per output chunk (resume unit)",
-    "batch_size": "cells per forward pass",
-    "obs_filter": ("SOMA value_filter on the query cells", str),
-    "full_probabilities": "also write obsm/<key>_probabilities",
-    "unknown_threshold": "flag <key>_unknown when the top probability is below this",
-    "min_gene_overlap": "refuse a query sharing fewer of the model's genes than this fraction",
-    "overwrite": "recompute a complete or different output",
-    "allow_non_integer": "accept non-integer values",
-}
-
-
-def add_embed_arguments(p) -> None:
+def _embed(p):
     from .infer import embed
 
     p.add_argument("--run", required=True, help="trained RUN_DIR")
     p.add_argument("--data", required=True, help="query store (AnnData-Zarr, SOMA or census:<version>)")
     _add_organism(p)
     p.add_argument("--out", required=True, help="output AnnData-Zarr store (obsm/X_bigatlas, obs/<key>_pred …)")
-    add_signature_flags(p, embed, EMBED_HELP)
-
-
-def _embed(p):
-    from .infer import embed
-
-    add_embed_arguments(p)
-    return lambda a: embed(a.run, _data(a), a.out, **signature_values(a, EMBED_HELP))
+    helps = {
+        "chunk_size": "cells per output chunk (resume unit)",
+        "batch_size": "cells per forward pass",
+        "obs_filter": ("SOMA value_filter on the query cells", str),
+        "full_probabilities": "also write obsm/<key>_probabilities",
+        "unknown_threshold": "flag <key>_unknown when the top probability is below this",
+        "min_gene_overlap": "refuse a query sharing fewer of the model's genes than this fraction",
+        "overwrite": "recompute a complete or different output",
+        "allow_non_integer": "accept non-integer values",
+    }
+    add_signature_flags(p, embed, helps)
+    return lambda a: embed(a.run, _data(a), a.out, **signature_values(a, helps))
 
 
 def _map_query(p):
@@ -289,13 +282,13 @@ def _prepare(p):
         "workers": "dask threads",
         "overwrite": "replace an existing --convert output",
     }
-    _add_unlabeled(p)
+    _add_unlabeled(p, ", ".join(UNLABELED))
     add_signature_flags(p, prepare, helps)
 
     def run(a):
         prepare(
             _data(a), a.out, genes=read_gene_list(a.genes), convert_to=a.convert,
-            unlabeled_categories=tuple(a.unlabeled or UNLABELED), **signature_values(a, helps)
+            unlabeled_categories=_unlabeled(a), **signature_values(a, helps)
         )  # fmt: skip
 
     return run
@@ -320,12 +313,12 @@ def _evaluate(p):
         "seed": "subsample / UMAP seed",
     }
     add_signature_flags(p, evaluate, helps)
-    _add_unlabeled(p, "(default: the run's)")
+    _add_unlabeled(p, "the run's")
 
     def run(a):
         evaluate(
             a.emb, label_key=a.label_key, batch_key=a.batch_key, data=_data(a), truth_keys=a.truth_keys,
-            n_cells=a.n_cells, baseline=a.baseline, unlabeled_categories=a.unlabeled and tuple(a.unlabeled),
+            n_cells=a.n_cells, baseline=a.baseline, unlabeled_categories=_unlabeled(a),
             **signature_values(a, helps),
         )  # fmt: skip
 

@@ -219,7 +219,7 @@ def prepare(
     block_cells: int = 8192,
     workers: int = 2,
     overwrite: bool = False,
-    unlabeled_categories=UNLABELED,
+    unlabeled_categories=None,
     log=print,
 ) -> dict:
     """Statistics (and optionally a converted store) of `data`; writes OUT/{stats.json, genes.csv,
@@ -284,7 +284,7 @@ def prepare(
     class_counts = {}
     for key in label_keys:
         cat = source.obs(key)
-        labels = defined_labels(cat.codes, cat.categories, unlabeled_categories)
+        labels = defined_labels(cat.codes, cat.categories, unlabeled_categories or UNLABELED)
         known = labels.codes[labels.codes >= 0]
         counts = np.bincount(known, minlength=len(labels.categories))
         class_counts[key] = {
