@@ -1,4 +1,6 @@
-"""Loader benchmark: bigatlas CellStream vs the sequential decode limit, annbatch and tiledbsoma-ml.
+"""Loader benchmark: bigatlas CellStream vs the sequential decode limit, annbatch and tiledbsoma-ml;
+and the same stream over an .h5ad as anndata writes it (H1 = its cells/s ÷ the converted Zarr store's)
+and over the AnnData in memory.
 
 Full epochs (median of --epochs) each, minibatches of 512, on a store whose rows are SORTED by cell type (the hard
 case for shuffling). Reports cells/s, mean per-minibatch cell-type entropy ÷ that of a random
@@ -38,7 +40,8 @@ def add_arguments(p) -> None:
         "--only",
         nargs="*",
         default=None,
-        help="subset of loaders: sequential bigatlas_zarr annbatch bigatlas_soma tiledbsoma_ml",
+        help="subset of loaders: sequential bigatlas_zarr annbatch bigatlas_soma tiledbsoma_ml bigatlas_h5ad "
+        "bigatlas_h5ad_gzip bigatlas_memory",
     )
     p.add_argument("--out", default="bench/results/loader.json", help="JSON result file")
 
@@ -83,6 +86,23 @@ def ensure_stores(a) -> tuple[str, str]:
     )
 
 
+def h5ad_copy(zarr_path, data_dir, compression=None) -> str:
+    """The Zarr store's cells as an .h5ad written by anndata (defaults, or gzip: what users bring)."""
+    import anndata as ad
+
+    path = Path(data_dir) / (Path(zarr_path).stem + (f"_{compression}" if compression else "") + ".h5ad")
+    if not path.exists():
+        ad.read_zarr(zarr_path).write_h5ad(path.with_suffix(".tmp.h5ad"), compression=compression)
+        os.replace(path.with_suffix(".tmp.h5ad"), path)
+    return str(path)
+
+
+def in_memory(zarr_path):
+    import anndata as ad
+
+    return ad.read_zarr(zarr_path)
+
+
 def sequential(zarr_path, batch_size):
     store = open_store(zarr_path)
     step = 65536
@@ -97,7 +117,11 @@ def sequential(zarr_path, batch_size):
 
 
 def bigatlas_stream(path, a, codes):
-    store = open_store(path)
+    import warnings
+
+    with warnings.catch_warnings():  # the .h5ad's slow-layout notice: measured here
+        warnings.simplefilter("ignore")
+        store = open_store(path)
     s = CellStream(
         store,
         batch_size=a.batch_size,
@@ -175,7 +199,8 @@ def run(a) -> dict:
     n = len(codes)
     perm = np.random.default_rng(0).permutation(codes)
     random_entropy = float(np.mean([batch_entropy(perm[i : i + a.batch_size]) for i in range(0, n, a.batch_size)]))
-    wanted = set(a.only or ["sequential", "bigatlas_zarr", "annbatch", "bigatlas_soma", "tiledbsoma_ml"])
+    everything = ["sequential", "bigatlas_zarr", "annbatch", "bigatlas_soma", "tiledbsoma_ml", "bigatlas_h5ad"]
+    wanted = set(a.only or everything + ["bigatlas_h5ad_gzip", "bigatlas_memory"])
     res: dict = {
         "store": {
             "cells": n,
@@ -193,6 +218,9 @@ def run(a) -> dict:
         "annbatch": lambda: annbatch_loader(zarr_path, a, codes_of_name),
         "bigatlas_soma": lambda: (bigatlas_stream(soma_path, a, codes), {}),
         "tiledbsoma_ml": lambda: (tiledbsoma_ml_loader(soma_path, a, codes_of_name), {}),
+        "bigatlas_h5ad": lambda: (bigatlas_stream(h5ad_copy(zarr_path, a.data_dir), a, codes), {}),
+        "bigatlas_h5ad_gzip": lambda: (bigatlas_stream(h5ad_copy(zarr_path, a.data_dir, "gzip"), a, codes), {}),
+        "bigatlas_memory": lambda: (bigatlas_stream(in_memory(zarr_path), a, codes), {}),
     }
     for name, make in runs.items():
         if name not in wanted:
@@ -218,6 +246,9 @@ def run(a) -> dict:
         "L1_bigatlas_over_annbatch": ("bigatlas_zarr", "annbatch"),
         "L2_bigatlas_over_sequential": ("bigatlas_zarr", "sequential"),
         "L3_bigatlas_soma_over_tiledbsoma_ml": ("bigatlas_soma", "tiledbsoma_ml"),
+        "H1_h5ad_over_converted_zarr": ("bigatlas_h5ad", "bigatlas_zarr"),
+        "H2_converted_zarr_over_h5ad_gzip": ("bigatlas_zarr", "bigatlas_h5ad_gzip"),
+        "M1_memory_over_zarr": ("bigatlas_memory", "bigatlas_zarr"),
     }
     for name, (x, y) in pairs.items():
         res[name] = ratio(x, y)  # median epochs

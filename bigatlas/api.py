@@ -1,18 +1,26 @@
-"""Notebook API: AtlasVAE.setup(...).fit(...), get_latent, predict_labels, reconstruction, save/load.
+"""Notebook API, scvi-tools style: AnnData in, arrays and DataFrames in AnnData order out.
+
+    model = AtlasVAE(adata, batch_key="sample", label_keys=["cell_type"])   # or a store path / .h5ad
+    model.fit("run/")                                                       # streams; RUN_DIR on disk
+    adata.obsm["X_bigatlas"] = model.get_latent_representation()
+    adata.obs = adata.obs.join(model.predict())
 
 Top of the import graph: it sits on train, infer, query and rundir, and nothing imports it back.
-Inference streams the store in order (no shuffle) and returns arrays in store order; weights load
-from safetensors only (no pickle is ever unpickled).
+Training streams through the same CellStream as the command line (an AnnData in memory or backed is a
+Store like any other), so exactly-once, resume and multi-process hold. Weights load from safetensors
+only (no pickle is ever unpickled).
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from loaders import CellStream, open_store
+from loaders import CellStream, data_name, is_anndata, open_store
 
 from .batches import ToModelInput
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -25,15 +33,15 @@ from .vocab import Vocab
 
 
 class AtlasVAE:
-    def __init__(self, config: RunConfig, vocab: Vocab | None = None, module: VAEModule | None = None, run_dir=None):
-        self.config, self.vocab, self.module, self.run_dir = config, vocab, module, run_dir
+    """scAtlasVAE on `data`: an AnnData (in memory, or backed with read_h5ad(..., backed="r")), an
+    .h5ad path, an AnnData-Zarr store, a SOMA experiment or census:<version>. `model` and `train`
+    are dicts of ModelConfig / TrainConfig fields (e.g. model={"n_latent": 20})."""
 
-    @classmethod
-    def setup(
-        cls,
-        data: str,
+    def __init__(
+        self,
+        data=None,
         *,
-        batch_key: str,
+        batch_key: str | None = None,
         label_keys=(),
         covariate_keys=(),
         obs_filter=None,
@@ -41,35 +49,60 @@ class AtlasVAE:
         genes=None,
         model: dict | None = None,
         train: dict | None = None,
-    ) -> AtlasVAE:
-        cfg = RunConfig(
+    ):
+        self.data = data
+        self.vocab: Vocab | None = None
+        self.module: VAEModule | None = None
+        self.run_dir: Path | None = None
+        if data is not None and not batch_key:
+            raise ValueError("batch_key is required: the obs column of the batch (e.g. 'sample')")
+        self.config = RunConfig(
             model=ModelConfig(**(model or {})),
             train=TrainConfig(**(train or {})),
             data=DataConfig(
-                data=str(data),
-                batch_key=batch_key,
-                label_keys=tuple(label_keys),
-                covariate_keys=tuple(covariate_keys),
+                data="" if data is None else data_name(data),
+                batch_key=batch_key or "",
+                label_keys=tuple([label_keys] if isinstance(label_keys, str) else label_keys),
+                covariate_keys=tuple([covariate_keys] if isinstance(covariate_keys, str) else covariate_keys),
                 obs_filter=obs_filter,
                 layer=layer,
                 genes=None if genes is None else tuple(genes),
             ),
         )
-        return cls(cfg)
+
+    @classmethod
+    def setup(cls, data, **kwargs) -> AtlasVAE:
+        """Same as AtlasVAE(data, **kwargs) (the name the first API had)."""
+        return cls(data, **kwargs)
+
+    @classmethod
+    def _from_run(cls, run) -> AtlasVAE:
+        model = cls()
+        model.config, model.vocab, model.module, model.run_dir = run.config, run.vocab, run.module, run.path
+        return model
 
     # -- training / persistence -------------------------------------------------------------------
-    def fit(self, run_dir, *, max_epochs: int | None = None, resume: bool = False) -> AtlasVAE:
-        """Train in this process (streaming) into run_dir, then hold the trained weights."""
+    def fit(self, run_dir=None, *, max_epochs: int | None = None, resume: bool = False) -> AtlasVAE:
+        """Train (streaming, in this process or on every process of an `accelerate launch`) into
+        run_dir (default: a new temporary folder; `save()` copies the model elsewhere), then hold the
+        trained weights."""
+        if not self.config.data.data:
+            raise ValueError("no data to fit: AtlasVAE(adata_or_path, batch_key=...)")
+        run_dir = run_dir or tempfile.mkdtemp(prefix="bigatlas-run-")
         cfg = self.config.override("train", max_epochs=max_epochs)
-        train(cfg, run_dir, resume=resume, accelerator=make_accelerator(cfg))
-        fitted = AtlasVAE.load(run_dir)
-        self.config, self.vocab, self.module, self.run_dir = fitted.config, fitted.vocab, fitted.module, run_dir
+        in_memory = self.data if is_anndata(self.data) else None
+        train(cfg, run_dir, resume=resume, accelerator=make_accelerator(cfg), data=in_memory)
+        run = load_run(run_dir)
+        self.config, self.vocab, self.module, self.run_dir = run.config, run.vocab, run.module, run.path
         return self
+
+    def train(self, max_epochs: int | None = None, run_dir=None, **kwargs) -> AtlasVAE:
+        """scvi-tools' name for fit()."""
+        return self.fit(run_dir, max_epochs=max_epochs, **kwargs)
 
     @classmethod
     def load(cls, run_dir) -> AtlasVAE:
-        run = load_run(run_dir)
-        return cls(run.config, run.vocab, run.module, run.path)
+        return cls._from_run(load_run(run_dir))
 
     def save(self, run_dir) -> Path:
         self._need_fit()
@@ -81,14 +114,22 @@ class AtlasVAE:
         if self.module is None:
             raise RuntimeError("model is not trained: call fit() or AtlasVAE.load(run_dir)")
 
+    def _source(self, data, obs_filter):
+        """(what to open, its obs_filter): `data` as given, else the data the model was set up with."""
+        if data is not None:
+            return data, obs_filter
+        d = self.config.data
+        if self.data is None and d.data.startswith("AnnData ("):
+            raise ValueError(f"the model was trained on an {d.data}; pass that AnnData (adata=...)")
+        return (d.data if self.data is None else self.data), (obs_filter or d.obs_filter)
+
     def _batches(self, data, obs_filter, batch_size, with_batch_codes=False):
-        """ModelInputs in store order; genes the store lacks are zero-filled (with a warning), as in
-        `embed`."""
+        """(store, ModelInputs in store order); genes the data lacks are zero-filled (with a warning),
+        as in `embed`."""
         self._need_fit()
         d = self.config.data
-        store = open_store(
-            data or d.data, obs_filter=obs_filter if data else (obs_filter or d.obs_filter), layer=d.layer
-        )
+        source, obs_filter = self._source(data, obs_filter)
+        store = open_store(source, obs_filter=obs_filter, layer=d.layer)
         keys = d.batch_keys if with_batch_codes else ()
         colmap = store.gene_map(self.vocab.genes, missing="zero-fill", what="model's")
         stream = CellStream(
@@ -103,16 +144,16 @@ class AtlasVAE:
             validate="counts",
         )
         device = next(self.module.parameters()).device
-        yield from map(ToModelInput(self.vocab, store, device, batch_keys=keys), stream)
+        return store, map(ToModelInput(self.vocab, store, device, batch_keys=keys), stream)
 
-    def embed(self, data: str, out, **kwargs):
-        """Embed a (query) store to an AnnData-Zarr store on disk: see bigatlas.infer.embed. Needs a
-        saved run dir (fit() or load())."""
+    def embed(self, data, out, **kwargs):
+        """Embed `data` (a store, an .h5ad or an AnnData) to disk in chunks: see bigatlas.infer.embed.
+        Needs a saved run dir (fit() or load())."""
         if self.run_dir is None:
             raise RuntimeError("embed() streams from a saved run dir: fit(run_dir) or AtlasVAE.load(run_dir)")
         return embed(self.run_dir, data, out, **kwargs)
 
-    def map_query(self, query: str, out, **kwargs) -> AtlasVAE:
+    def map_query(self, query, out, **kwargs) -> AtlasVAE:
         """Architecture surgery on `query` (see bigatlas.query.map_query); returns the new model."""
         if self.run_dir is None:
             raise RuntimeError("map_query() starts from a saved run dir: fit(run_dir) or AtlasVAE.load(run_dir)")
@@ -120,46 +161,83 @@ class AtlasVAE:
         return AtlasVAE.load(out)
 
     @torch.no_grad()
-    def get_latent(self, data: str | None = None, *, obs_filter=None, batch_size: int = 4096) -> np.ndarray:
-        """Posterior means (cells × n_latent), in store order."""
+    def get_latent_representation(self, adata=None, *, obs_filter=None, batch_size: int = 4096) -> np.ndarray:
+        """Posterior means (cells × n_latent) of `adata` (an AnnData or a store path; default: the data
+        the model was set up with), in its cell order: `adata.obsm["X_bigatlas"] = ...`."""
         self._need_fit()
         self.module.eval()
-        out = []
-        for inp in self._batches(data, obs_filter, batch_size):
-            out.append(self.module.latent(inp.counts).cpu().numpy())
-        return np.concatenate(out)
+        _, batches = self._batches(adata, obs_filter, batch_size)
+        return np.concatenate([self.module.latent(inp.counts).cpu().numpy() for inp in batches])
+
+    def get_latent(self, data=None, *, obs_filter=None, batch_size: int = 4096) -> np.ndarray:
+        """The first API's name for get_latent_representation()."""
+        return self.get_latent_representation(data, obs_filter=obs_filter, batch_size=batch_size)
 
     @torch.no_grad()
-    def predict_labels(self, data: str | None = None, *, obs_filter=None, batch_size: int = 4096) -> dict:
-        """Per label key: {'label': predicted class names, 'probability': max probability,
-        'probabilities': cells × classes}, in store order."""
+    def _label_probs(self, data, obs_filter, batch_size):
+        """(store, {label key: cells × classes probabilities})."""
         self._need_fit()
         self.module.eval()
         keys = list(self.vocab.label_classes)
         probs = {k: [] for k in keys}
-        for inp in self._batches(data, obs_filter, batch_size):
+        store, batches = self._batches(data, obs_filter, batch_size)
+        for inp in batches:
             for k, p in zip(keys, self.module.label_probs(self.module.latent(inp.counts))):
                 probs[k].append(p.cpu().numpy())
+        return store, {k: np.concatenate(v) for k, v in probs.items()}
+
+    def predict_labels(self, data=None, *, obs_filter=None, batch_size: int = 4096) -> dict:
+        """Per label key: {'label': predicted class names, 'probability': max probability,
+        'probabilities': cells × classes}, in the data's cell order."""
+        _, probs = self._label_probs(data, obs_filter, batch_size)
         out = {}
-        for k in keys:
-            p = np.concatenate(probs[k])
+        for k, p in probs.items():
             classes = np.asarray(self.vocab.label_classes[k])
             out[k] = {"label": classes[p.argmax(1)], "probability": p.max(1), "probabilities": p}
         return out
 
+    def predict(self, adata=None, *, obs_filter=None, unknown_threshold: float = 0.5, batch_size: int = 4096):
+        """A DataFrame indexed by cell name with `<key>_pred` (categorical over the trained classes),
+        `<key>_prob` and `<key>_unknown` (top probability below unknown_threshold) per label key, in
+        the data's cell order: `adata.obs = adata.obs.join(model.predict())`."""
+        store, probs = self._label_probs(adata, obs_filter, batch_size)
+        columns = {}
+        for k, p in probs.items():
+            columns[f"{k}_pred"] = pd.Categorical.from_codes(p.argmax(1), categories=self.vocab.label_classes[k])
+            columns[f"{k}_prob"] = p.max(1).astype(np.float32)
+            columns[f"{k}_unknown"] = columns[f"{k}_prob"] < unknown_threshold
+        return pd.DataFrame(columns, index=_cell_names(store))
+
     @torch.no_grad()
-    def get_reconstructed_expression(
-        self, data: str | None = None, *, obs_filter=None, library_size=None, batch_size: int = 1024
-    ) -> np.ndarray:
-        """Decoded NB/ZINB means (cells × genes) from the posterior mean, each cell decoded with its own
-        batch; library_size=None uses the observed total counts, a number rescales every cell to it."""
+    def _decoded(self, data, obs_filter, library_size, batch_size):
+        """(store, decoded means cells × genes)."""
         self._need_fit()
         self.module.eval()
         out = []
-        for inp in self._batches(data, obs_filter, batch_size, with_batch_codes=True):
+        store, batches = self._batches(data, obs_filter, batch_size, with_batch_codes=True)
+        for inp in batches:
             lib = inp.counts.library
             if library_size is not None:
                 lib = torch.full_like(lib, float(library_size))
             mu, _, _ = self.module.decode(self.module.latent(inp.counts), inp.codes, lib)
             out.append(mu.cpu().numpy())
-        return np.concatenate(out)
+        return store, np.concatenate(out)
+
+    def get_reconstructed_expression(
+        self, data=None, *, obs_filter=None, library_size=None, batch_size: int = 1024
+    ) -> np.ndarray:
+        """Decoded NB/ZINB means (cells × genes) from the posterior mean, each cell decoded with its own
+        batch; library_size=None uses the observed total counts, a number rescales every cell to it."""
+        return self._decoded(data, obs_filter, library_size, batch_size)[1]
+
+    def get_normalized_expression(
+        self, adata=None, *, obs_filter=None, library_size: float = 1.0, batch_size: int = 1024
+    ) -> pd.DataFrame:
+        """Denoised expression (cells × the model's genes) at a common library size (1.0: fractions;
+        1e4 for counts per 10k), as a DataFrame indexed by cell name in the data's cell order."""
+        store, mu = self._decoded(adata, obs_filter, library_size, batch_size)
+        return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(self.vocab.genes))
+
+
+def _cell_names(store) -> pd.Index:
+    return pd.Index(store.obs_names(np.arange(store.n_obs)).astype(str))

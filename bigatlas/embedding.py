@@ -73,10 +73,9 @@ class Embedding:
 
     def row_ids(self, positions: np.ndarray) -> np.ndarray:
         """The source store's row ids recorded for `positions` (Zarr outputs; checks alignment)."""
-        return np.asarray(
-            zarr.open_group(str(self.path), mode="r")["obs/row"].get_orthogonal_selection(np.asarray(positions)),
-            np.int64,
-        )
+        obs = zarr.open_group(str(self.path), mode="r")["obs"]
+        ids = obs["bigatlas_row"] if "bigatlas_row" in obs else obs["row"]  # "row" in outputs of version 1
+        return np.asarray(ids.get_orthogonal_selection(np.asarray(positions)), np.int64)
 
     def predictions(self, key: str, row_ids: np.ndarray | None = None) -> pd.Categorical:
         """Predicted labels of every cell in position order (SOMA: ordered by `row_ids`)."""

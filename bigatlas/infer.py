@@ -25,14 +25,15 @@ import torch
 import zarr
 from accelerate import PartialState
 
-from loaders import detect_format, open_store
+from loaders import data_name, detect_format, open_store
 from loaders.csr import check_counts, select_columns
 
 from .faults import Faults
 from .lock import OutputLock
 from .rundir import load_run
 
-OUTPUT_VERSION = 1
+OUTPUT_VERSION = 2  # 2: obs/row renamed obs/bigatlas_row (a user's obs may have a "row")
+ROW_COLUMN = "bigatlas_row"  # each cell's row id in the source store
 
 
 def _attrs(kind: str) -> dict:
@@ -72,9 +73,9 @@ def _create(out: Path, meta: dict, model, n_chunks: int) -> None:
     root = zarr.open_group(str(out), mode="w", zarr_format=3)
     root.attrs.update({**_attrs("anndata"), "bigatlas": {**meta, "complete": False}})
     obs = root.create_group("obs")
-    columns = ["row"]
+    columns = [ROW_COLUMN]
     _array(obs, "_index", (n,), (c,), str, "string-array", fill_value="")
-    _array(obs, "row", (n,), (c,), np.int64)
+    _array(obs, ROW_COLUMN, (n,), (c,), np.int64)
     for key, classes in model.vocab.label_classes.items():
         cat = obs.create_group(f"{key}_pred")
         cat.attrs.update({**_attrs("categorical"), "ordered": False})
@@ -136,7 +137,7 @@ class ZarrOutput:
     def write(self, k, lo, hi, row_ids, names, z, results, probs) -> None:
         root = self.root
         root["obsm/X_bigatlas"][lo:hi] = z
-        root["obs/row"][lo:hi] = row_ids
+        root[f"obs/{ROW_COLUMN}"][lo:hi] = row_ids
         root["obs/_index"][lo:hi] = np.asarray(names, dtype=object)
         for key, r in results.items():
             root[f"obs/{key}_pred/codes"][lo:hi] = r["code"].astype(np.int16)
@@ -301,8 +302,8 @@ def embed(
     out_format: str | None = None,
     allow_non_integer: bool = False,
 ) -> Path:
-    """Embed `data` with the model in `run_dir` into `out`: AnnData-Zarr for Zarr input, a SOMA
-    experiment for SOMA input (out_format overrides). See the module doc."""
+    """Embed `data` (a store path, an .h5ad or an AnnData object) with the model in `run_dir` into `out`:
+    a SOMA experiment for SOMA input, AnnData-Zarr otherwise (out_format overrides). See the module doc."""
     state = PartialState(cpu=not torch.cuda.is_available())
     faults = Faults()
     model = load_run(run_dir)
@@ -317,8 +318,8 @@ def embed(
     out = Path(out)
     n, c = store.n_obs, int(chunk_size)
     n_chunks = -(-n // c)
-    meta = _meta(run_dir, data, obs_filter, n, c, full_probabilities, unknown_threshold)
-    fmt = out_format or detect_format(str(data))
+    meta = _meta(run_dir, data_name(data), obs_filter, n, c, full_probabilities, unknown_threshold)
+    fmt = out_format or ("soma" if detect_format(data) == "soma" else "zarr")
     output = SomaOutput(out) if fmt == "soma" else ZarrOutput(out)
     lock = OutputLock(out.with_name(out.name + ".lock"), f"output {out}") if state.is_main_process else nullcontext()
     with lock:  # one writer per output; released when this returns or the process dies
@@ -338,7 +339,7 @@ def embed(
         def read(k):
             lo, hi = k * c, min(n, (k + 1) * c)
             m = store.read(np.arange(lo, hi))
-            check_counts(m, str(data), integer=not allow_non_integer, positions=np.arange(lo, hi))
+            check_counts(m, store.uri, integer=not allow_non_integer, positions=np.arange(lo, hi))
             if not identity:
                 m = select_columns(m, colmap, len(model.vocab.genes))
             return k, lo, hi, m

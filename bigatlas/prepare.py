@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+import warnings
 from functools import partial, reduce
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from loaders import StoreError
+from loaders import StoreError, data_name
 
 from .config import UNLABELED
 from .plots import library_size
@@ -226,8 +227,11 @@ def prepare(
     hvg.txt, library_size.png} and returns stats.json's content."""
     t0 = time.perf_counter()
     out = Path(out)
-    source = open_source(data, obs_filter, layer, genes)
-    log(f"{data}: {source.n_obs} cells x {len(source.var)} genes{' after filtering' if obs_filter else ''}")
+    with warnings.catch_warnings():
+        if convert_to:  # the notice that a slow .h5ad layout should be converted: being done
+            warnings.filterwarnings("ignore", message=".*writes the fast layout")
+        source = open_source(data, obs_filter, layer, genes)
+    log(f"{data_name(data)}: {source.n_obs} cells x {len(source.var)} genes{' after filtering' if obs_filter else ''}")
     if convert_to:
         convert(
             source,

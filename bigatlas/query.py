@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from loaders import data_name, is_anndata
+
 from .config import RunConfig
 from .rundir import Run, load_run
 from .train import make_accelerator, train
@@ -78,7 +80,7 @@ def _zero_rows(n: int):
 
 def map_query(
     run_dir,
-    query: str,
+    query,
     out,
     *,
     epochs: int = 10,
@@ -89,7 +91,8 @@ def map_query(
     lr: float | None = None,
     accelerator=None,
 ) -> Path:
-    """Fine-tune the model in run_dir on `query` by surgery; writes a new RUN_DIR at `out`."""
+    """Fine-tune the model in run_dir on `query` (a store path, an .h5ad or an AnnData object) by
+    surgery; writes a new RUN_DIR at `out`."""
     reference = load_run(run_dir)
     ref = reference.config
     cfg = RunConfig(
@@ -101,7 +104,8 @@ def map_query(
             batch_size=batch_size or ref.train.batch_size,
             lr=lr or ref.train.lr,
         ),
-        data=replace(ref.data, data=str(query), obs_filter=obs_filter, label_keys=()),
+        data=replace(ref.data, data=data_name(query), obs_filter=obs_filter, label_keys=()),
     )
     surgery = Surgery(reference, unfreeze_encoder, unfreeze_decoder)
-    return train(cfg, out, accelerator=accelerator or make_accelerator(cfg), surgery=surgery)
+    in_memory = query if is_anndata(query) else None
+    return train(cfg, out, accelerator=accelerator or make_accelerator(cfg), surgery=surgery, data=in_memory)

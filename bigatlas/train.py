@@ -95,14 +95,22 @@ class Session:
 
 
 def train(
-    cfg: RunConfig, run_dir, *, resume: bool = False, accelerator=None, trace_cells: bool = False, surgery=None
+    cfg: RunConfig,
+    run_dir,
+    *,
+    resume: bool = False,
+    accelerator=None,
+    trace_cells: bool = False,
+    surgery=None,
+    data=None,
 ) -> Path:
     """Train and write RUN_DIR; returns the path of model.safetensors. `surgery` (query.Surgery)
-    starts from a reference model with grown embedding tables instead of a fresh model."""
+    starts from a reference model with grown embedding tables instead of a fresh model. `data` (an
+    AnnData object, in memory or backed) is read in place of cfg.data.data, which then only names it."""
     acc = accelerator or make_accelerator(cfg)
     lock = OutputLock(Path(run_dir) / ".lock", f"RUN_DIR {run_dir}") if acc.is_main_process else nullcontext()
     with lock:  # one writer per RUN_DIR; released when this returns or the process dies
-        s = set_up(cfg, run_dir, resume, acc, surgery)
+        s = set_up(cfg, run_dir, resume, acc, surgery, data)
         progress = Progress()
         if resume and s.run.latest() is not None:
             _resume(s, progress)
@@ -114,13 +122,13 @@ def train(
         return _finish(s, stopped_early, trace_cells)
 
 
-def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery) -> Session:
+def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None) -> Session:
     from accelerate.utils import set_seed
 
     t, d = cfg.train, cfg.data
     set_seed(t.seed)
     run = RunDir(run_dir)
-    store = open_store(d.data, obs_filter=d.obs_filter, layer=d.layer)
+    store = open_store(d.data if data is None else data, obs_filter=d.obs_filter, layer=d.layer)
     if acc.is_main_process:
         genes = f", training on {len(d.genes)} listed genes" if d.genes else ""
         print(f"{d.data}: {store.n_obs} cells x {store.n_vars} genes after filtering{genes}", flush=True)

@@ -6,7 +6,7 @@ import zarr
 
 from .census import census_spec
 from .csr import CSR
-from .formats import detect_format, open_store
+from .formats import data_name, detect_format, is_anndata, open_store
 from .store import Store, StoreError
 
 try:  # Rust codec pipeline: decodes a request's chunks in parallel, 2-4x zarr-python's own
@@ -19,4 +19,15 @@ except ImportError:  # still correct with zarr's default pipeline, only slower
 
 from .stream import Batch, CellStream
 
-__all__ = ["open_store", "detect_format", "census_spec", "CellStream", "Batch", "Store", "StoreError", "CSR"]
+__all__ = [
+    "open_store",
+    "detect_format",
+    "data_name",
+    "is_anndata",
+    "census_spec",
+    "CellStream",
+    "Batch",
+    "Store",
+    "StoreError",
+    "CSR",
+]

@@ -73,6 +73,29 @@ def element_index(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.
     return offsets, new_indptr
 
 
+def row_ranges(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ascending `rows` of a CSR with `indptr`: the new indptr of those rows, and the element
+    ranges [start, end) to read, one per run of rows whose elements continue each other."""
+    starts, ends = indptr[rows], indptr[rows + 1]
+    new_indptr = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(ends - starts, out=new_indptr[1:])
+    if not len(rows):
+        return new_indptr, np.zeros((0, 2), np.int64)
+    first = np.flatnonzero(np.concatenate([[True], starts[1:] != ends[:-1]]))
+    last = np.concatenate([first[1:] - 1, [len(rows) - 1]])
+    return new_indptr, np.stack([starts[first], ends[last]], axis=1).astype(np.int64)
+
+
+def merge_ranges(ranges: np.ndarray, gap: int) -> np.ndarray:
+    """Ranges closer than `gap` elements joined into one (what lies between is read and dropped)."""
+    if len(ranges) < 2:
+        return ranges
+    split = np.flatnonzero(ranges[1:, 0] - ranges[:-1, 1] >= gap) + 1
+    starts = ranges[np.concatenate([[0], split]), 0]
+    ends = ranges[np.concatenate([split - 1, [len(ranges) - 1]]), 1]
+    return np.stack([starts, ends], axis=1)
+
+
 def compact(m: CSR) -> CSR:
     """int32 indptr and indices (when nnz allows): the layout take_rows gathers fastest and torch takes."""
     if m.nnz >= np.iinfo(np.int32).max:

@@ -11,6 +11,7 @@ non-integer values (~20 ms per 20M values); the bare loader leaves it off.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import warnings
@@ -21,7 +22,7 @@ import torch
 
 from . import sampling
 from .csr import CSR, check_counts, compact, concat, select_columns, take_rows
-from .formats import open_store
+from .formats import is_anndata, open_store
 from .store import Store
 
 # torch's notice that sparse CSR is "beta" would print once per process for every user
@@ -82,7 +83,7 @@ class _Readers:
 class CellStream(torch.utils.data.IterableDataset):
     def __init__(
         self,
-        store: Store | str,
+        store,
         *,
         batch_size: int,
         seed: int,
@@ -102,7 +103,7 @@ class CellStream(torch.utils.data.IterableDataset):
         prefetch_next_epoch: bool = True,
         min_batch: int = 1,
     ):
-        if isinstance(store, str):
+        if isinstance(store, str | os.PathLike) or is_anndata(store):
             store = open_store(store)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")

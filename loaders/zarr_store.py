@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .csr import CSR
+from .csr import CSR, row_ranges
 from .store import Store, StoreError, eval_filter
 
 
@@ -92,13 +92,7 @@ class ZarrStore(Store):
 
     def read(self, rows: np.ndarray) -> CSR:
         rows = self.store_rows(np.asarray(rows, dtype=np.int64))
-        starts, ends = self._indptr[rows], self._indptr[rows + 1]
-        indptr = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(ends - starts, out=indptr[1:])
-        # rows that continue each other's elements form one range
-        first = np.flatnonzero(np.concatenate([[True], starts[1:] != ends[:-1]])) if len(rows) else rows
-        last = np.concatenate([first[1:] - 1, [len(rows) - 1]]) if len(rows) else rows
-        ranges = np.stack([starts[first], ends[last]], axis=1)
+        indptr, ranges = row_ranges(self._indptr, rows)
         nnz = int(indptr[-1])
         data = np.empty(nnz, self._data.dtype)
         indices = np.empty(nnz, self._indices.dtype)

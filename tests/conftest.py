@@ -72,11 +72,27 @@ def write_position_store(path, fmt: str, n_obs: int = N_OBS, n_vars: int = N_VAR
 
 @pytest.fixture(scope="session")
 def position_stores(tmp_path_factory):
+    """The same cells as an AnnData-Zarr store, a SOMA experiment, an .h5ad as anndata writes it
+    (sparse; and gzip-compressed, dense), an AnnData in memory and a backed one."""
+    import anndata as ad
+
     root = tmp_path_factory.mktemp("stores")
-    return {fmt: write_position_store(root / f"pos.{fmt}", fmt) for fmt in ("zarr", "soma")}
+    stores = {fmt: write_position_store(root / f"pos.{fmt}", fmt) for fmt in ("zarr", "soma")}
+    adata = ad.read_zarr(stores["zarr"])
+    stores["memory"] = adata
+    adata.write_h5ad(root / "pos.h5ad")
+    stores["h5ad"] = str(root / "pos.h5ad")
+    dense = adata.copy()
+    dense.X = dense.X.toarray()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense.write_h5ad(root / "pos_dense.h5ad", compression="gzip")
+    stores["h5ad_dense"] = str(root / "pos_dense.h5ad")
+    stores["backed"] = ad.read_h5ad(root / "pos.h5ad", backed="r")
+    return stores
 
 
-@pytest.fixture(params=["zarr", "soma"])
+@pytest.fixture(params=["zarr", "soma", "h5ad", "memory"])
 def fmt(request):
     return request.param
 

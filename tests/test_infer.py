@@ -39,7 +39,7 @@ def arrays(out):
     g = zarr.open_group(str(out), mode="r")
     return {
         "z": g["obsm/X_bigatlas"][:],
-        "row": g["obs/row"][:],
+        "row": g["obs/bigatlas_row"][:],
         "pred": g["obs/cell_type_pred/codes"][:],
         "prob": g["obs/cell_type_prob"][:],
         "names": g["obs/_index"][:].astype(object),

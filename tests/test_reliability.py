@@ -300,7 +300,7 @@ def test_embedding_killed_anywhere_completes_on_rerun(atlas, trained_run, tmp_pa
     assert cli([*args, "--out", str(out)]).returncode == 0
     a, b = zarr.open_group(str(ref), mode="r"), zarr.open_group(str(out), mode="r")
     assert b.attrs["bigatlas"]["complete"] is True
-    for name in ("obsm/X_bigatlas", "obs/row", "obs/cell_type_pred/codes", "obs/cell_type_prob"):
+    for name in ("obsm/X_bigatlas", "obs/bigatlas_row", "obs/cell_type_pred/codes", "obs/cell_type_prob"):
         assert np.array_equal(a[name][:], b[name][:]), name
 
 

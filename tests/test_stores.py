@@ -1,5 +1,7 @@
 """Store opening: both AnnData-Zarr formats, SOMA, and one clear error per kind of bad input."""
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -50,8 +52,58 @@ def test_our_soma_is_a_valid_experiment(position_stores):
 
 def test_unfiltered_reads_agree(position_stores):
     rows = np.array([1, 2, 3, 64, 65, 900])
-    for fmt in ("zarr", "soma"):
-        assert (open_store(position_stores[fmt]).read(rows).to_scipy() != reference()[rows]).nnz == 0
+    spread = np.sort(np.random.default_rng(0).choice(N_OBS, 300, replace=False))  # many ranges in one read
+    for fmt in ("zarr", "soma", "h5ad", "h5ad_dense", "memory", "backed"):
+        store = open_store(position_stores[fmt])
+        for r in (rows, spread, np.arange(N_OBS), rows[:0]):
+            assert (store.read(r).to_scipy() != reference()[r]).nnz == 0, fmt
+        if fmt != "soma":  # SOMA names cells by soma_joinid
+            assert list(store.obs_names(rows)) == [f"c{i}" for i in rows], fmt
+        assert list(store.var_ids[:2]) == ["ENSG00000", "ENSG00001"], fmt
+
+
+def test_anndata_in_memory_layers_and_formats():
+    obs, var = position_frames()
+    x = reference()
+    adata = ad.AnnData(sp.csr_matrix(x.shape, dtype=np.float32), obs=obs, var=var, layers={"counts": x.tocsc()})
+    adata.raw = ad.AnnData(x.astype(np.int32), obs=obs, var=var)
+    rows = np.array([0, 3, 700, N_OBS - 1])
+    with pytest.warns(UserWarning, match="CSC matrix converted to CSR"):
+        assert (open_store(adata, layer="counts").read(rows).to_scipy() != x[rows]).nnz == 0
+    assert (open_store(adata, layer="raw").read(rows).to_scipy() != x[rows]).nnz == 0
+    assert open_store(adata).read(rows).nnz == 0
+    with pytest.raises(StoreError, match=r"no layer 'spliced' \(have: X, counts\)"):
+        open_store(adata, layer="spliced")
+    view = adata[adata.obs.donor_id == "d2"]  # a view in memory reads as its own cells
+    store = open_store(view, layer="raw")
+    assert store.n_obs == view.n_obs and (store.read(np.arange(3)).to_scipy() != x[[2, 7, 12]]).nnz == 0
+
+
+def test_h5ad_layouts_that_cannot_stream_are_named(tmp_path, position_stores):
+    obs, var = position_frames()
+    ad.AnnData(reference().tocsc(), obs=obs, var=var).write_h5ad(tmp_path / "csc.h5ad")
+    with pytest.raises(StoreError, match="csc.h5ad:X is CSC"):
+        open_store(tmp_path / "csc.h5ad")
+    (tmp_path / "text.h5ad").write_text("not hdf5")
+    with pytest.raises(StoreError, match="text.h5ad is neither"):
+        open_store(tmp_path / "text.h5ad")
+    with pytest.raises(StoreError, match=r"pos.h5ad has no layers/counts \(have: X\)"):
+        open_store(position_stores["h5ad"], layer="counts")
+    backed = position_stores["backed"]
+    with pytest.raises(StoreError, match="view of a backed AnnData"):
+        open_store(backed[:10])
+
+
+def test_slow_h5ad_layout_is_said_once_with_the_fix(position_stores):
+    from loaders import anndata_store
+
+    anndata_store._WARNED.discard(position_stores["h5ad_dense"])
+    with pytest.warns(UserWarning, match=r"X is stored dense.*prepare .*pos_dense.h5ad --convert OUT.zarr"):
+        open_store(position_stores["h5ad_dense"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_store(position_stores["h5ad_dense"])  # said once per file and process
+        open_store(position_stores["h5ad"])  # the layout anndata writes by default streams fast: no notice
 
 
 def test_filtered_read_with_gaps(position_stores, fmt):
@@ -68,7 +120,7 @@ def test_filtered_read_with_gaps(position_stores, fmt):
     "case, pattern",
     [
         ("missing", "does not exist"),
-        ("not_a_store", "neither an AnnData-Zarr store nor a TileDB-SOMA"),
+        ("not_a_store", "neither an AnnData-Zarr store, an .h5ad file nor a TileDB-SOMA"),
         ("bad_column", "obs column 'donr_id' not in store"),
         ("bad_filter_column", "names obs column 'tisue'"),
         ("empty_filter", "matches 0 of"),
