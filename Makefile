@@ -26,18 +26,18 @@ $(BIN)/.installed: pyproject.toml Makefile
 # training without one study → embedding of every cell → evaluation report (the held-out study shows
 # how a new query maps).
 demo: install
-	$(BIN)/bigatlas synth $(DEMO)/census_slice --cells 20000 --genes 1000 --format soma --seed 0 --overwrite
-	$(BIN)/bigatlas prepare $(DEMO)/census_slice --obs-filter "is_primary_data == True" \
+	$(BIN)/bigatlas synth --out $(DEMO)/census_slice --cells 20000 --genes 1000 --format soma --seed 0 --overwrite
+	$(BIN)/bigatlas prepare --data $(DEMO)/census_slice --obs-filter "is_primary_data == True" \
 		--convert $(DEMO)/atlas.zarr --overwrite --out $(DEMO)/prepare --batch-key dataset_id \
 		--label-keys cell_type cell_type_coarse --n-top-genes 600
-	$(BIN)/bigatlas stream $(DEMO)/atlas.zarr --batch-size 512 --epochs 1 --obs-keys cell_type donor_id
+	$(BIN)/bigatlas stream --data $(DEMO)/atlas.zarr --batch-size 512 --epochs 1 --obs-keys cell_type donor_id
 	rm -rf $(DEMO)/run $(DEMO)/embedding.zarr
-	$(LAUNCH) scripts/train.py --data $(DEMO)/atlas.zarr --genes $(DEMO)/prepare/hvg.txt --batch-key dataset_id \
+	$(LAUNCH) -m bigatlas.train --data $(DEMO)/atlas.zarr --genes $(DEMO)/prepare/hvg.txt --batch-key dataset_id \
 		--covariate-keys donor_id --label-keys cell_type cell_type_coarse --obs-filter "dataset_id != 'study_5'" \
 		--out $(DEMO)/run --max-epochs 15
-	$(LAUNCH) scripts/embed.py --run $(DEMO)/run --data $(DEMO)/atlas.zarr --out $(DEMO)/embedding.zarr \
+	$(LAUNCH) -m bigatlas embed --run $(DEMO)/run --data $(DEMO)/atlas.zarr --out $(DEMO)/embedding.zarr \
 		--chunk-size 2048
-	$(BIN)/bigatlas evaluate --emb $(DEMO)/embedding.zarr --label-key cell_type --batch-key dataset_id \
+	$(BIN)/bigatlas evaluate --emb $(DEMO)/embedding.zarr --label-keys cell_type --batch-key dataset_id \
 		--truth-keys true_cell_type
 	@$(BIN)/python -c "import json; m = json.load(open('$(DEMO)/run/report/metrics.json')); \
 		s = m['scores']; p = m['predictions']['cell_type_pred vs true_cell_type']; \

@@ -1,7 +1,8 @@
 """Accelerate training loop: streaming, multi-process, checkpointed, resumable mid-epoch.
 
-Run with `accelerate launch [--multi_gpu --num_processes N] scripts/train.py …` or
-`torchrun --standalone --nproc_per_node N scripts/train.py …`. Model and optimizer go through
+Run with `accelerate launch [--multi_gpu --num_processes N] -m bigatlas.train …` or
+`torchrun --standalone --nproc_per_node N -m bigatlas.train …` (scripts/train.py is the same entry
+point as a file; `bigatlas train` runs one process). Model and optimizer go through
 `accelerator.prepare`; the stream does not (it partitions by rank itself). Validation cells are
 held out by a hash of their store position and never enter the training loss; each minibatch's
 validation rows are scored in the same forward pass, so validation costs no extra read.
@@ -25,7 +26,7 @@ from loaders import CellStream, open_store
 from .batches import ModelInput, ToModelInput, holdout_all
 from .checkpoint import Progress, restore_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
-from .errors import LaunchError
+from .errors import LaunchError, reported
 from .faults import Faults
 from .lock import OutputLock
 from .metrics_log import MetricsLog, accumulate, epoch_row, new_sums
@@ -303,3 +304,29 @@ def _bar(acc, total: int, start: int, epoch: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc=f"epoch {epoch}", unit="batch", leave=False, mininterval=2.0)
+
+
+def train_from_args(a) -> Path:
+    """train() as the command line asks for it (flags of flags.add_train_arguments)."""
+    from .flags import config_from_args
+
+    return train(config_from_args(a), a.out, resume=a.resume, trace_cells=a.trace_cells)
+
+
+def main(argv=None) -> int:
+    """`python -m bigatlas.train` (under accelerate launch or torchrun): `bigatlas train`'s flags."""
+    import argparse
+    import sys
+
+    from .flags import HelpFormatter, add_train_arguments
+
+    p = argparse.ArgumentParser(
+        prog="bigatlas.train", description="train scAtlasVAE on a store", formatter_class=HelpFormatter
+    )
+    add_train_arguments(p)
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return reported("train", lambda: train_from_args(a))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,8 +1,7 @@
-"""Train (thin): accelerate launch [--multi_gpu --num_processes N] scripts/train.py --data … --out RUN_DIR"""
+"""Train (thin): accelerate launch [--multi_gpu --num_processes N] scripts/train.py --data … --out RUN_DIR
+(the same as `-m bigatlas.train`, which needs no checkout)."""
 
-import sys
-
-from bigatlas.cli import main
+from bigatlas.train import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    raise SystemExit(main())

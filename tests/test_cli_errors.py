@@ -41,13 +41,15 @@ CASES = {  # name: (args with {root}, extra env, fragment of the one error line)
                   "is not a trained run dir: config.json is missing"),
     "embed data": (["embed", "--run", "{root}", "--data", "{root}/nope.zarr", "--out", "{out}"], {},
                    "is not a trained run dir"),
-    "evaluate": (["evaluate", "--emb", "{root}/nope.zarr", "--label-key", "c", "--batch-key", "b"], {},
+    "evaluate": (["evaluate", "--emb", "{root}/nope.zarr", "--label-keys", "c", "--batch-key", "b"], {},
                  "does not exist"),
-    "prepare": (["prepare", "{root}/nope.zarr", "--out", "{out}"], {}, "does not exist"),
-    "stream": (["stream", "{root}/nope.zarr"], {}, "store {root}/nope.zarr does not exist"),
+    "prepare": (["prepare", "--data", "{root}/nope.zarr", "--out", "{out}"], {}, "does not exist"),
+    "stream": (["stream", "--data", "{root}/nope.zarr"], {}, "store {root}/nope.zarr does not exist"),
     "map-query": (["map-query", "--run", "{root}", "--data", "{root}/a.zarr", "--out", "{out}"], {},
                   "is not a trained run dir"),
-    "synth exists": (["synth", "{root}/a.zarr", "--cells", "10"], {}, "exists"),
+    "synth exists": (["synth", "--out", "{root}/a.zarr", "--cells", "10"], {}, "exists"),
+    "stream without data": (["stream", "--batch-size", "8"], {}, "--data is required"),
+    "two data": (["prepare", "{root}/a.zarr", "--data", "{root}/b.zarr", "--out", "{out}"], {}, "two data given"),
 }  # fmt: skip
 
 

@@ -45,7 +45,7 @@ def test_vocab_and_start_message_follow_the_named_categories(store):
 def test_the_flag_reaches_the_config():
     import argparse
 
-    from bigatlas.cli import add_train_arguments, config_from_args
+    from bigatlas.flags import add_train_arguments, config_from_args
 
     p = argparse.ArgumentParser()
     add_train_arguments(p)

@@ -1,0 +1,115 @@
+"""AnnData-native use: an AnnData in memory, a backed one and an .h5ad train and embed exactly as their
+Zarr copy does (same seed, same results); `-m bigatlas.train` runs from outside the checkout on two
+processes and covers every cell once; the README's notebook example runs."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import zarr
+from conftest import ROOT
+
+from bigatlas import AtlasVAE
+from bigatlas.batches import holdout_mask
+from bigatlas.synth import synth
+
+N = 1100  # small enough that every store's default block is the same (so is the epoch plan)
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("anndata")
+    synth(root / "a.zarr", N, 80, "zarr", seed=3, n_studies=3, donors_per_study=2)
+    adata = ad.read_zarr(root / "a.zarr")
+    adata.write_h5ad(root / "a.h5ad")
+    return {
+        "zarr": str(root / "a.zarr"),
+        "memory": adata,
+        "h5ad": str(root / "a.h5ad"),
+        "backed": ad.read_h5ad(root / "a.h5ad", backed="r"),
+    }
+
+
+def fit(data, run):
+    return AtlasVAE(
+        data, batch_key="dataset_id", covariate_keys=["donor_id"], label_keys=["cell_type"],
+        train={"max_epochs": 2, "batch_size": 64, "seed": 5},
+    ).fit(run)  # fmt: skip
+
+
+def test_anndata_trains_and_embeds_like_its_zarr_copy(copies, tmp_path):
+    ref = fit(copies["zarr"], tmp_path / "zarr")
+    z_ref = ref.get_latent_representation()
+    emb_ref = zarr.open_group(str(ref.embed(copies["zarr"], tmp_path / "zarr.emb", progress=False)))
+    for name in ("memory", "h5ad", "backed"):
+        model = fit(copies[name], tmp_path / name)
+        z = model.get_latent_representation()
+        assert np.array_equal(z, z_ref), name  # same cells, same plan, same seed: the same model
+        assert np.array_equal(model.get_latent_representation(copies["zarr"]), z_ref), name
+        emb = zarr.open_group(str(model.embed(copies[name], tmp_path / f"{name}.emb", progress=False)))
+        assert np.array_equal(emb["obsm/X_bigatlas"][:], emb_ref["obsm/X_bigatlas"][:]), name
+        assert np.array_equal(emb["obs/_index"][:], emb_ref["obs/_index"][:]), name
+    assert "in memory" in AtlasVAE.load(tmp_path / "memory").config.data.data
+
+
+def test_results_come_back_in_the_anndatas_order(copies, tmp_path):
+    adata = copies["memory"]
+    model = fit(adata, tmp_path / "run")
+    shuffled = adata[np.random.default_rng(0).permutation(N)].copy()  # another order of the same cells
+    z = model.get_latent_representation()
+    assert np.allclose(model.get_latent_representation(shuffled), z[shuffled.obs_names.map(adata.obs_names.get_loc)])
+    pred = model.predict(shuffled)
+    assert list(pred.index) == list(shuffled.obs_names)
+    assert list(pred.columns) == ["cell_type_pred", "cell_type_prob", "cell_type_unknown"]
+    assert list(pred.cell_type_pred.cat.categories) == list(model.vocab.label_classes["cell_type"])
+    assert np.array_equal(pred.cell_type_unknown, pred.cell_type_prob < 0.5)
+    expr = model.get_normalized_expression(shuffled, obs_filter="dataset_id == 'study_1'", library_size=1.0)
+    in_study = shuffled.obs_names[shuffled.obs.dataset_id == "study_1"]
+    assert list(expr.index) == list(in_study) and list(expr.columns) == list(model.vocab.genes)
+    assert np.allclose(expr.sum(1), 1.0, atol=1e-4)  # fractions of a common library size
+    old = AtlasVAE.load(tmp_path / "run")
+    with pytest.raises(ValueError, match="trained on an AnnData .* pass that AnnData"):
+        old.get_latent_representation()
+    assert np.array_equal(old.get_latent_representation(adata), z)
+
+
+def test_module_entry_point_trains_on_two_processes_from_outside_the_checkout(copies, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "PYTHONPATH")}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2"]  # fmt: skip
+    args = ["--data", copies["h5ad"], "--batch-key", "dataset_id", "--out", "run", "--max-epochs", "2",
+            "--batch-size", "64", "--trace-cells"]  # fmt: skip
+    res = subprocess.run([*launch, "-m", "bigatlas.train", *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    train_cells = np.flatnonzero(~holdout_mask(np.arange(N), 0.05, 0))
+    for epoch in range(2):
+        parts = [np.load(tmp_path / "run" / "trace" / f"rank{r}_epoch{epoch}.npy") for r in range(2)]
+        assert len(np.intersect1d(*parts)) == 0
+        assert np.array_equal(np.sort(np.concatenate(parts)), train_cells)
+    res = subprocess.run([*launch, "-m", "bigatlas", "embed", "--run", "run", "--data", copies["h5ad"], "--out",
+                          "e.zarr", "--chunk-size", "300"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert zarr.open_group(str(tmp_path / "e.zarr")).attrs["bigatlas"]["complete"]
+
+
+def test_readme_notebook_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"<!-- notebook-example -->\n```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    adata = ns["adata"]
+    assert adata.obsm["X_bigatlas"].shape == (3000, 10)
+    labelled = adata.obs.cell_type.astype(str) != "undefined"
+    acc = (adata.obs.cell_type_pred.astype(str) == adata.obs.cell_type.astype(str))[labelled].mean()
+    assert acc > 0.8, acc
+    assert ns["expr"].shape == (3000, 300) and np.allclose(ns["expr"].sum(1), 1e4, rtol=1e-3)
+    assert ns["query_latent"].shape == ((adata.obs.dataset_id == "study_1").sum(), 10)
+    assert Path("run/model.safetensors").exists()
