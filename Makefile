@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[all,bench,test]"
 	touch $@
 
 # The newcomer path: a Census-like SOMA slice → prepare (filter, convert to Zarr, HVGs) → 2-process

@@ -10,9 +10,29 @@ class LaunchError(RuntimeError):
     """The processes started are not the processes asked for."""
 
 
+class MissingExtra(RuntimeError):
+    """A command needs packages of an optional extra that is not installed."""
+
+
+def require_extra(extra: str, modules: dict[str, str], what: str) -> None:
+    """MissingExtra naming the pip command unless every module (import name → package) is importable;
+    checked without importing them (jax and scanpy take seconds)."""
+    from importlib.util import find_spec
+
+    def present(name):
+        try:
+            return find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    missing = [pkg for name, pkg in modules.items() if not present(name)]
+    if missing:
+        raise MissingExtra(f"{what} needs {', '.join(missing)}: pip install 'bigatlas[{extra}]'")
+
+
 # StoreError and EmbeddingError are ValueErrors; OSError covers a full disk, an I/O error or a missing
 # permission, each naming its path
-USER_ERRORS = (ValueError, OSError, FloatingPointError, LaunchError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, LaunchError, MissingExtra)
 
 
 def reported(command: str, run) -> int:

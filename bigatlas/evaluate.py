@@ -24,6 +24,7 @@ from loaders.csr import concat
 
 from .config import UNLABELED
 from .embedding import Embedding, EmbeddingError
+from .errors import require_extra
 from .metrics import confusion, knn, prediction_scores, scib_scores
 from .rundir import RunDir
 from .vocab import apply_lut, defined_labels, label_lut
@@ -164,6 +165,11 @@ def evaluate(
 ) -> dict:
     """Score an embedding from `bigatlas embed`; returns metrics.json's content. `data`, `obs_filter`
     and `run` default to those recorded in the embedding; unlabeled_categories to the run's."""
+    require_extra(
+        "evaluate",
+        {"scib_metrics": "scib-metrics", "umap": "umap-learn", "sklearn": "scikit-learn"},
+        "bigatlas evaluate",
+    )
     t0 = time.perf_counter()
     emb = Embedding(emb_path)
     data = data or emb.meta["data"]

@@ -69,7 +69,7 @@ class MetricsLog:
 
                 self.tb = SummaryWriter(str(run.path / "tb"))
             except ImportError:  # tensorboard is optional for users who only want metrics.csv
-                self.tb = None
+                print("TensorBoard events skipped (pip install 'bigatlas[tensorboard]'); metrics.csv has them")
 
     def step(self, step: int, terms: dict, kl_weight: float) -> None:
         if self.tb is not None and step % 50 == 0:

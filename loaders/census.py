@@ -36,7 +36,7 @@ def resolve(spec: str) -> tuple[str, dict]:
     try:
         import cellxgene_census
     except ImportError:
-        raise StoreError(f"{spec} needs the cellxgene-census package (pip install cellxgene-census)") from None
+        raise StoreError(f"{spec} needs the cellxgene-census package: pip install 'bigatlas[census]'") from None
     try:
         census = cellxgene_census.open_soma(census_version=version)
     except Exception as e:
