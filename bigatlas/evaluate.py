@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loaders import open_store
+from loaders import data_name, open_store
 from loaders.census import is_census
 from loaders.csr import concat
 
@@ -173,6 +173,8 @@ def evaluate(
     t0 = time.perf_counter()
     emb = Embedding(emb_path)
     data = data or emb.meta["data"]
+    if str(data).startswith("AnnData ("):  # embedded from an object in memory: nothing to reopen
+        raise EmbeddingError(f"{emb.path} was embedded from an {data}; pass its file with --data")
     obs_filter = obs_filter if obs_filter is not None else emb.meta.get("obs_filter")
     run = Path(run or emb.meta.get("run", "")) if (run or emb.meta.get("run")) else None
     store = open_store(data, obs_filter=obs_filter)
@@ -210,7 +212,7 @@ def evaluate(
     )
     result = {
         "embedding": str(emb.path),
-        "data": str(data),
+        "data": data_name(data),
         "obs_filter": obs_filter,
         "label_key": label_key,
         "batch_key": batch_key,
