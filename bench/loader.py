@@ -1,6 +1,7 @@
 """Loader benchmark: bigatlas CellStream vs the sequential decode limit, annbatch and tiledbsoma-ml;
 and the same stream over an .h5ad as anndata writes it (H1 = its cells/s ÷ the converted Zarr store's)
-and over the AnnData in memory.
+over the AnnData in memory, and over the same cells cut into a collection of 3 stores (C1 = its
+cells/s ÷ the single store's).
 
 Full epochs (median of --epochs) each, minibatches of 512, on a store whose rows are SORTED by cell type (the hard
 case for shuffling). Reports cells/s, mean per-minibatch cell-type entropy ÷ that of a random
@@ -41,7 +42,7 @@ def add_arguments(p) -> None:
         nargs="*",
         default=None,
         help="subset of loaders: sequential bigatlas_zarr annbatch bigatlas_soma tiledbsoma_ml bigatlas_h5ad "
-        "bigatlas_h5ad_gzip bigatlas_memory",
+        "bigatlas_h5ad_gzip bigatlas_memory bigatlas_collection",
     )
     p.add_argument("--out", default="bench/results/loader.json", help="JSON result file")
 
@@ -95,6 +96,28 @@ def h5ad_copy(zarr_path, data_dir, compression=None) -> str:
         ad.read_zarr(zarr_path).write_h5ad(path.with_suffix(".tmp.h5ad"), compression=compression)
         os.replace(path.with_suffix(".tmp.h5ad"), path)
     return str(path)
+
+
+def split_copy(zarr_path, data_dir, parts: int = 3) -> list[str]:
+    """The Zarr store's cells cut into `parts` stores in the same fast layout (a collection's members)."""
+    import anndata as ad
+
+    from bigatlas.write_store import ZarrWriter
+
+    store = open_store(zarr_path)
+    obs = ad.read_zarr(zarr_path).obs
+    cuts = np.linspace(0, store.n_obs, parts + 1).astype(int)
+    paths = []
+    for k in range(parts):
+        path = Path(data_dir) / f"{Path(zarr_path).stem}_part{k}of{parts}.zarr"
+        if not path.exists():
+            with ZarrWriter(path, store.n_vars) as w:
+                for lo in range(cuts[k], cuts[k + 1], 65536):
+                    m = store.read(np.arange(lo, min(lo + 65536, cuts[k + 1])))
+                    w.append(m.indptr, m.indices, m.data)
+                w.finish(obs.iloc[cuts[k] : cuts[k + 1]], store.var)
+        paths.append(str(path))
+    return paths
 
 
 def in_memory(zarr_path):
@@ -200,7 +223,7 @@ def run(a) -> dict:
     perm = np.random.default_rng(0).permutation(codes)
     random_entropy = float(np.mean([batch_entropy(perm[i : i + a.batch_size]) for i in range(0, n, a.batch_size)]))
     everything = ["sequential", "bigatlas_zarr", "annbatch", "bigatlas_soma", "tiledbsoma_ml", "bigatlas_h5ad"]
-    wanted = set(a.only or everything + ["bigatlas_h5ad_gzip", "bigatlas_memory"])
+    wanted = set(a.only or everything + ["bigatlas_h5ad_gzip", "bigatlas_memory", "bigatlas_collection"])
     res: dict = {
         "store": {
             "cells": n,
@@ -220,6 +243,7 @@ def run(a) -> dict:
         "tiledbsoma_ml": lambda: (tiledbsoma_ml_loader(soma_path, a, codes_of_name), {}),
         "bigatlas_h5ad": lambda: (bigatlas_stream(h5ad_copy(zarr_path, a.data_dir), a, codes), {}),
         "bigatlas_h5ad_gzip": lambda: (bigatlas_stream(h5ad_copy(zarr_path, a.data_dir, "gzip"), a, codes), {}),
+        "bigatlas_collection": lambda: (bigatlas_stream(split_copy(zarr_path, a.data_dir), a, codes), {}),
         "bigatlas_memory": lambda: (bigatlas_stream(in_memory(zarr_path), a, codes), {}),
     }
     for name, make in runs.items():
@@ -249,6 +273,7 @@ def run(a) -> dict:
         "H1_h5ad_over_converted_zarr": ("bigatlas_h5ad", "bigatlas_zarr"),
         "H2_converted_zarr_over_h5ad_gzip": ("bigatlas_zarr", "bigatlas_h5ad_gzip"),
         "M1_memory_over_zarr": ("bigatlas_memory", "bigatlas_zarr"),
+        "C1_collection_of_3_over_merged_zarr": ("bigatlas_collection", "bigatlas_zarr"),
     }
     for name, (x, y) in pairs.items():
         res[name] = ratio(x, y)  # median epochs

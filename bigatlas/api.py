@@ -129,7 +129,7 @@ class AtlasVAE:
         self._need_fit()
         d = self.config.data
         source, obs_filter = self._source(data, obs_filter)
-        store = open_store(source, obs_filter=obs_filter, layer=d.layer)
+        store = open_store(source, obs_filter=obs_filter, layer=d.layer, genes=self.vocab.genes, gene_join="outer")
         keys = d.batch_keys if with_batch_codes else ()
         colmap = store.gene_map(self.vocab.genes, missing="zero-fill", what="model's")
         stream = CellStream(

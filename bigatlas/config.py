@@ -13,6 +13,7 @@ from pathlib import Path
 LIKELIHOODS = ("zinb", "nb")
 DISPERSIONS = ("gene-cell", "gene", "gene-batch")
 GATES = ("gene", "gene-cell")
+GENE_JOINS = ("inner", "outer")
 UNLABELED = ("undefined",)  # label values that mean "no label" unless the user names others
 
 
@@ -77,8 +78,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    data: str = opt("", "AnnData-Zarr store, SOMA experiment or census:<version> (e.g. census:2025-01-30)",
-                    required=True)  # fmt: skip
+    data: str | tuple[str, ...] = opt(
+        "", "AnnData-Zarr store, .h5ad, SOMA experiment or census:<version> (e.g. census:2025-01-30); several "
+        "(or a collection manifest, .toml/.json) are trained on as one data set", required=True, nargs="+",
+    )  # fmt: skip
     batch_key: str = opt("", "obs column of the batch (embedded in the decoder)", required=True)
     covariate_keys: tuple[str, ...] = opt((), "further categorical obs columns to embed")
     label_keys: tuple[str, ...] = opt((), "obs columns with cell-type labels to predict")
@@ -92,8 +95,14 @@ class DataConfig:
         action="append", metavar="VALUE",
     )  # fmt: skip
     allow_non_integer: bool = opt(False, "accept non-integer values (still finite and >= 0)")
+    gene_join: str = opt("inner", "genes of several stores: their intersection (inner), or their union (outer, "
+                         "zero-filled where a store lacks one)", choices=GENE_JOINS)  # fmt: skip
 
     def __post_init__(self):
+        if not isinstance(self.data, str):  # several stores: a tuple; one: its string
+            data = tuple(map(str, self.data))
+            object.__setattr__(self, "data", data[0] if len(data) == 1 else data)
+        _check("gene_join", self.gene_join, GENE_JOINS)
         for name in ("covariate_keys", "label_keys", "unlabeled_categories"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.genes is not None:

@@ -91,7 +91,10 @@ def _umap(z: np.ndarray, seed: int) -> np.ndarray:
     return umap.UMAP(n_neighbors=15, precomputed_knn=(idx, dist, None), random_state=seed, n_jobs=1).fit_transform(z)
 
 
-def _same_data(a: str, b: str) -> bool:
+def _same_data(a, b) -> bool:
+    if isinstance(a, list | tuple) or isinstance(b, list | tuple):  # collections: the same stores in order
+        a, b = list(a) if isinstance(a, list | tuple) else [a], list(b) if isinstance(b, list | tuple) else [b]
+        return len(a) == len(b) and all(_same_data(x, y) for x, y in zip(a, b))
     if is_census(a) or is_census(b):
         return str(a) == str(b)
     return Path(a).resolve() == Path(b).resolve()
@@ -104,7 +107,14 @@ def reference_mask(cfg: dict | None, data: str, store) -> np.ndarray | None:
     if cfg is None or not _same_data(cfg["data"], data):
         return None
     ref = open_store(cfg["data"], obs_filter=cfg.get("obs_filter"))
-    return np.isin(store.store_rows(np.arange(store.n_obs)), ref.store_rows(np.arange(ref.n_obs)))
+    return np.isin(_cell_ids(store), _cell_ids(ref))
+
+
+def _cell_ids(store) -> np.ndarray:
+    """One id per cell: its store row, and for a collection its store's index above bit 40."""
+    everything = np.arange(store.n_obs)
+    rows = store.store_rows(everything)
+    return rows if store.segments is None else rows + (store.source_codes(everything).astype(np.int64) << 40)
 
 
 def _prediction_report(
@@ -139,6 +149,26 @@ def _prediction_report(
                     scores[f"{name}_accuracy"] = float(correct[sel].mean()) if sel.any() else None
                     scores[f"{name}_cells"] = int(sel.sum())
             out[f"{key}_pred vs {col}"] = {"scores": scores, "confusion": conf}
+    return out
+
+
+def _per_source(store, z, sample, lab_codes, bat_codes, labels, pred, seed) -> dict:
+    """Per store of a collection: its cells, scIB scores of its evaluated cells (when they hold two
+    classes and two batches), and the label accuracy of its labelled cells."""
+    from loaders.collection import SOURCE
+
+    codes, names = store.obs_codes(SOURCE)
+    out = {}
+    for i, name in enumerate(names):
+        sel = codes[sample] == i
+        entry = {"cells": int((codes == i).sum()), "evaluated": int(sel.sum())}
+        if sel.sum() >= 20 and len(np.unique(lab_codes[sel])) > 1 and len(np.unique(bat_codes[sel])) > 1:
+            entry["scores"] = scib_scores(z[sel], lab_codes[sel], bat_codes[sel], seed)
+        if pred is not None:
+            mine = (codes == i) & (labels.codes >= 0)
+            right = np.asarray(pred.astype(str))[mine] == np.asarray(labels.astype(str))[mine]
+            entry["label_accuracy"] = round(float(right.mean()), 4) if mine.any() else None
+        out[str(name)] = entry
     return out
 
 
@@ -231,6 +261,10 @@ def evaluate(
     predicted = {key: emb.predictions(key, row_ids) for key in emb.label_keys}  # position order, every cell
     preds = _prediction_report(predicted, store, batch, label_key, truth_keys, reference, unlabeled_categories)
     result["predictions"] = {k: v["scores"] for k, v in preds.items()}
+    if store.segments is not None:  # a collection: the same scores within each store
+        result["per_source"] = _per_source(
+            store, z, sample, lab_codes, bat_codes, labels, predicted.get(label_key), seed
+        )
 
     out = (
         Path(out)

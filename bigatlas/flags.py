@@ -134,7 +134,10 @@ def add_organism(p) -> None:
 def add_data(p, help: str, required: bool = True) -> None:
     """--data (and --organism), the one way every command is given its data; a bare first argument is
     still taken for commands that used to take one (stream, prepare)."""
-    p.add_argument("--data", default=None, help=help + ("" if required else " (optional)"))
+    p.add_argument(
+        "--data", nargs="+", default=None, metavar="DATA",
+        help=help + "; several (or a collection manifest) are one data set" + ("" if required else " (optional)"),
+    )  # fmt: skip
     p.add_argument("data_positional", nargs="?", default=None, help=argparse.SUPPRESS)
     p.set_defaults(data_required=required)
     add_organism(p)
@@ -155,17 +158,23 @@ def unlabeled_given(a) -> tuple[str, ...] | None:
     return tuple(a.unlabeled_categories) if a.unlabeled_categories else None
 
 
-def census_spec(data: str, organism: str | None) -> str:
-    from loaders.census import census_spec  # `loaders` imports torch: not for `bigatlas --help`
+def census_spec(data, organism: str | None):
+    """`data` (one uri or several) with --organism applied to census:<version> uris; one uri as a
+    string, several as a tuple (a collection)."""
+    from loaders.census import census_spec, is_census  # `loaders` imports torch: not for `bigatlas --help`
 
-    return census_spec(data, organism)
+    uris = [data] if isinstance(data, str) else list(data)
+    if len(uris) > 1:  # --organism names the Census member's organism; plain paths ignore it
+        out = tuple(census_spec(u, organism) if is_census(u) else u for u in uris)
+        return out
+    return census_spec(uris[0], organism)
 
 
 def data_arg(a) -> str | None:
     """The data given (--data or the bare argument), as a Census uri with --organism applied."""
-    given = [d for d in (a.data, getattr(a, "data_positional", None)) if d]
+    given = [tuple(d) if isinstance(d, list) else (d,) for d in (a.data, getattr(a, "data_positional", None)) if d]
     if len(set(given)) > 1:
-        raise ValueError(f"two data given ({given[0]} and {given[1]}); pass one with --data")
+        raise ValueError(f"two data given ({' '.join(given[0])} and {' '.join(given[1])}); pass them with --data")
     if not given and getattr(a, "data_required", False):
         raise ValueError("--data is required")
     return census_spec(given[0], a.organism) if given else None

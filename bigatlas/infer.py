@@ -34,6 +34,7 @@ from .rundir import load_run
 
 OUTPUT_VERSION = 2  # 2: obs/row renamed obs/bigatlas_row (a user's obs may have a "row")
 ROW_COLUMN = "bigatlas_row"  # each cell's row id in the source store
+SOURCE_COLUMN = "bigatlas_source"  # a collection's store of each cell
 
 
 def _attrs(kind: str) -> dict:
@@ -55,8 +56,10 @@ def _array(group, name, shape, chunks, dtype, kind="array", fill_value=None):
     return arr
 
 
-def _meta(run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold) -> dict:
+def _meta(run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold, sources=None) -> dict:
+    extra = {"sources": list(sources)} if sources is not None else {}  # a collection's store names
     return {
+        **extra,
         "version": OUTPUT_VERSION,
         "run": str(Path(run_dir).resolve()),
         "data": str(data),
@@ -68,6 +71,16 @@ def _meta(run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold) -
     }
 
 
+def _categorical(obs, name: str, categories, n: int, c: int) -> None:
+    cat = obs.create_group(name)
+    cat.attrs.update({**_attrs("categorical"), "ordered": False})
+    k = len(categories)
+    _array(cat, "categories", (k,), (max(k, 1),), str, "string-array", fill_value="")[:] = np.asarray(
+        categories, dtype=object
+    )
+    _array(cat, "codes", (n,), (c,), np.int16, fill_value=-1)
+
+
 def _create(out: Path, meta: dict, model, n_chunks: int) -> None:
     n, c = meta["n_obs"], meta["chunk_size"]
     root = zarr.open_group(str(out), mode="w", zarr_format=3)
@@ -76,13 +89,11 @@ def _create(out: Path, meta: dict, model, n_chunks: int) -> None:
     columns = [ROW_COLUMN]
     _array(obs, "_index", (n,), (c,), str, "string-array", fill_value="")
     _array(obs, ROW_COLUMN, (n,), (c,), np.int64)
+    if meta.get("sources"):  # a collection: each cell's store, beside its row id in that store
+        _categorical(obs, SOURCE_COLUMN, meta["sources"], n, c)
+        columns.append(SOURCE_COLUMN)
     for key, classes in model.vocab.label_classes.items():
-        cat = obs.create_group(f"{key}_pred")
-        cat.attrs.update({**_attrs("categorical"), "ordered": False})
-        _array(cat, "categories", (len(classes),), (max(len(classes), 1),), str, "string-array", fill_value="")[:] = (
-            np.asarray(classes, dtype=object)
-        )
-        _array(cat, "codes", (n,), (c,), np.int16, fill_value=-1)
+        _categorical(obs, f"{key}_pred", classes, n, c)
         for suffix, dtype in (("prob", np.float32), ("entropy", np.float32), ("unknown", bool)):
             _array(obs, f"{key}_{suffix}", (n,), (c,), dtype)
         columns += [f"{key}_pred", f"{key}_prob", f"{key}_entropy", f"{key}_unknown"]
@@ -134,10 +145,12 @@ class ZarrOutput:
     def done(self) -> np.ndarray:
         return self.root["uns/bigatlas_done"][:]
 
-    def write(self, k, lo, hi, row_ids, names, z, results, probs) -> None:
+    def write(self, k, lo, hi, row_ids, names, z, results, probs, sources=None) -> None:
         root = self.root
         root["obsm/X_bigatlas"][lo:hi] = z
         root[f"obs/{ROW_COLUMN}"][lo:hi] = row_ids
+        if sources is not None:
+            root[f"obs/{SOURCE_COLUMN}/codes"][lo:hi] = sources.astype(np.int16)
         root["obs/_index"][lo:hi] = np.asarray(names, dtype=object)
         for key, r in results.items():
             root[f"obs/{key}_pred/codes"][lo:hi] = r["code"].astype(np.int16)
@@ -309,7 +322,11 @@ def embed(
     model = load_run(run_dir)
     device = state.device if torch.cuda.is_available() else torch.device("cpu")
     module = model.module.to(device).eval()
-    store = open_store(data, obs_filter=obs_filter, layer=model.config.data.layer)
+    genes = model.vocab.genes  # a collection aligns each store to the model's genes (zero-filling)
+    store = open_store(
+        data, obs_filter=obs_filter, layer=model.config.data.layer, genes=genes, gene_join="outer",
+        min_gene_overlap=min_gene_overlap,
+    )  # fmt: skip
     with warnings.catch_warnings():
         if not state.is_main_process:
             warnings.simplefilter("ignore")
@@ -318,8 +335,11 @@ def embed(
     out = Path(out)
     n, c = store.n_obs, int(chunk_size)
     n_chunks = -(-n // c)
-    meta = _meta(run_dir, data_name(data), obs_filter, n, c, full_probabilities, unknown_threshold)
+    sources = [m.name for m in store.members] if store.segments is not None else None
+    meta = _meta(run_dir, data_name(data), obs_filter, n, c, full_probabilities, unknown_threshold, sources)
     fmt = out_format or ("soma" if detect_format(data) == "soma" else "zarr")
+    if fmt == "soma" and sources is not None:
+        raise ValueError("a collection embeds to AnnData-Zarr (its cells have no common soma_joinid); drop out_format")
     output = SomaOutput(out) if fmt == "soma" else ZarrOutput(out)
     lock = OutputLock(out.with_name(out.name + ".lock"), f"output {out}") if state.is_main_process else nullcontext()
     with lock:  # one writer per output; released when this returns or the process dies
@@ -362,6 +382,7 @@ def embed(
                     _write_chunk(
                         output, faults, k, lo, hi, store.store_rows(positions), store.obs_names(positions), z,
                         _summaries(probs, classes, unknown_threshold), probs if full_probabilities else {},
+                        **({"sources": store.source_codes(positions)} if sources is not None else {}),
                     )  # fmt: skip
                     faults.kill("after_chunk", k)
                     cells += hi - lo
@@ -384,12 +405,12 @@ def embed(
         return out
 
 
-def _write_chunk(output, faults: Faults, k: int, lo: int, hi: int, *columns) -> None:
+def _write_chunk(output, faults: Faults, k: int, lo: int, hi: int, *columns, **named) -> None:
     """output.write(k, lo, hi, …), where a failing write (a full disk, an I/O error) is one error naming
     the chunk; its done flag is never set, so a rerun writes it again."""
     try:
         faults.io("chunk_write", k, output.path)
-        output.write(k, lo, hi, *columns)
+        output.write(k, lo, hi, *columns, **named)
     except OSError as e:
         raise OSError(
             e.errno,

@@ -129,10 +129,14 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None) -> Se
     t, d = cfg.train, cfg.data
     set_seed(t.seed)
     run = RunDir(run_dir)
-    store = open_store(d.data if data is None else data, obs_filter=d.obs_filter, layer=d.layer)
+    store = open_store(
+        d.data if data is None else data, obs_filter=d.obs_filter, layer=d.layer, genes=d.genes, gene_join=d.gene_join
+    )
     if acc.is_main_process:
         genes = f", training on {len(d.genes)} listed genes" if d.genes else ""
-        print(f"{d.data}: {store.n_obs} cells x {store.n_vars} genes after filtering{genes}", flush=True)
+        for line in getattr(store, "summary", list)():  # a collection: cells and genes per store
+            print(line, flush=True)
+        print(f"{store.uri}: {store.n_obs} cells x {store.n_vars} genes after filtering{genes}", flush=True)
     val_all = holdout_all(store.n_obs, t.val_fraction, t.seed)
     vocab = _vocab(run, store, cfg, resume, ~val_all, surgery, acc.is_main_process)
     if acc.is_main_process:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from .census import is_census
+from .collection import CollectionStore, is_manifest, member_filter, members_of, read_manifest
 from .store import Store, StoreError
 
 
@@ -33,6 +34,8 @@ def detect_format(uri) -> str:
     StoreError when it is none of them."""
     if is_anndata(uri):
         return "anndata"
+    if _several(uri) or is_manifest(uri):
+        return "collection"
     uri = str(uri)
     if is_census(uri):
         return "soma"
@@ -50,7 +53,20 @@ def detect_format(uri) -> str:
     raise StoreError(f"{uri} is neither an AnnData-Zarr store, an .h5ad file nor a TileDB-SOMA experiment")
 
 
-def open_store(uri, *, obs_filter: str | None = None, layer: str | None = None, **kwargs) -> Store:
+def _several(data) -> bool:
+    return isinstance(data, list | tuple) and len(data) > 1
+
+
+def open_store(
+    uri,
+    *,
+    obs_filter: str | None = None,
+    layer: str | None = None,
+    genes=None,
+    gene_join: str | None = None,
+    min_gene_overlap: float | None = None,
+    **kwargs,
+) -> Store:
     """Open an AnnData `.zarr` store, an `.h5ad` file, an AnnData object (in memory or backed) or a SOMA
     experiment (detected), keeping cells matching obs_filter.
 
@@ -58,7 +74,14 @@ def open_store(uri, *, obs_filter: str | None = None, layer: str | None = None, 
     evaluated by TileDB for SOMA and by pandas for Zarr; layer is the Zarr layer (default X) or the
     SOMA X layer (default 'raw'). kwargs: `measurement` for SOMA (default 'RNA'). A
     `census:<version>[/<organism>]` uri opens that CELLxGENE Census release (see loaders.census).
+    Several uris, or a manifest (.toml/.json), open as one CollectionStore (see loaders.collection),
+    whose genes are `genes` or, by `gene_join`, the stores' intersection or union (a store sharing
+    less than `min_gene_overlap` of them is refused); single stores ignore those three.
     """
+    if isinstance(uri, list | tuple) and len(uri) == 1:
+        uri = uri[0]
+    if _several(uri) or is_manifest(uri):
+        return _collection(uri, obs_filter, layer, genes, gene_join, min_gene_overlap, kwargs)
     # each backend is imported when its format is opened: tiledbsoma alone takes ~1 s to import
     if is_anndata(uri):
         from .anndata_store import AnnDataStore, H5adStore
@@ -89,9 +112,30 @@ def open_store(uri, *, obs_filter: str | None = None, layer: str | None = None, 
     return SomaStore(uri, obs_filter=obs_filter, layer=layer, **kwargs)
 
 
-def data_name(data) -> str:
-    """What a run or an output records as its data: the path given, a backed AnnData's file, or a
-    description of an AnnData in memory (which has no path to reopen)."""
+def _collection(data, obs_filter, layer, genes, gene_join, min_gene_overlap, kwargs) -> CollectionStore:
+    options = {}
+    if is_manifest(data):
+        members, options = read_manifest(data)
+    elif any(is_anndata(d) or _several(d) or is_manifest(d) for d in data):
+        raise StoreError("a collection is a list of store paths (or one manifest), not of objects or manifests")
+    else:
+        members = members_of(data)
+    stores = [
+        open_store(m.data, obs_filter=member_filter(m, obs_filter), layer=m.layer or layer, **kwargs) for m in members
+    ]
+    return CollectionStore(
+        members, stores, uri=str(data) if is_manifest(data) else None,
+        genes=genes if genes is not None else options.get("genes"),
+        gene_join=gene_join or options.get("gene_join", "inner"),
+        min_gene_overlap=min_gene_overlap or options.get("min_gene_overlap", 0.5),
+    )  # fmt: skip
+
+
+def data_name(data):
+    """What a run or an output records as its data: the path given (a list of them for a collection),
+    a backed AnnData's file, or a description of an AnnData in memory (which has no path to reopen)."""
+    if isinstance(data, list | tuple):
+        return [str(d) for d in data] if len(data) > 1 else data_name(data[0])
     if not is_anndata(data):
         return str(data)
     from .anndata_store import memory_name

@@ -1,5 +1,9 @@
 """Epoch plans: pure numpy functions of (n_obs, block_size, seed, epoch) and the consumer's place.
 
+`segments` (the row counts of the stores of a collection, in order) cut the blocks at store
+boundaries, so no block straddles two stores; without it the rows are one segment and the plan is
+what it always was.
+
 An epoch shuffles chunk-aligned blocks of rows, deals them round-robin to the consumers
 (rank × worker; shuffle first, then partition, so every consumer gets an unbiased sample and row
 counts differ by at most one block), groups each consumer's blocks into read requests, and shuffles
@@ -33,12 +37,28 @@ def default_block_size(n_obs: int, block_rows: int, n_consumers: int) -> int:
     return max(1, min(block_rows, n_obs // (4 * n_consumers)))
 
 
-def n_blocks(n_obs: int, block_size: int) -> int:
-    return -(-n_obs // block_size)
+def blocks(n_obs: int, block_size: int, segments=None) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of every block: block_size rows each, the last of each segment shorter."""
+    sizes = [n_obs] if segments is None else [int(x) for x in segments]
+    if sum(sizes) != n_obs:
+        raise ValueError(f"segments {sizes} do not add up to n_obs {n_obs}")
+    starts, offset = [], 0
+    for size in sizes:
+        starts.append(np.arange(offset, offset + size, block_size, dtype=np.int64))
+        offset += size
+    start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    ends = np.minimum(start + block_size, np.repeat(np.cumsum(sizes), [len(x) for x in starts]))
+    return start, ends - start
 
 
-def block_order(n_obs: int, block_size: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    nb = n_blocks(n_obs, block_size)
+def n_blocks(n_obs: int, block_size: int, segments=None) -> int:
+    if segments is None:
+        return -(-n_obs // block_size)
+    return sum(-(-int(x) // block_size) for x in segments)
+
+
+def block_order(n_obs: int, block_size: int, seed: int, epoch: int, shuffle: bool = True, segments=None) -> np.ndarray:
+    nb = n_blocks(n_obs, block_size, segments)
     if not shuffle:
         return np.arange(nb, dtype=np.int64)
     return np.random.default_rng([seed, epoch, _BLOCKS]).permutation(nb).astype(np.int64)
@@ -48,17 +68,12 @@ def consumer_blocks(order: np.ndarray, consumer: int, n_consumers: int) -> np.nd
     return order[consumer::n_consumers]
 
 
-def block_lengths(blocks: np.ndarray, n_obs: int, block_size: int) -> np.ndarray:
-    starts = blocks * block_size
-    return np.minimum(starts + block_size, n_obs) - starts
-
-
 def consumer_rows(
-    n_obs: int, block_size: int, seed: int, epoch: int, n_consumers: int, shuffle: bool = True
+    n_obs: int, block_size: int, seed: int, epoch: int, n_consumers: int, shuffle: bool = True, segments=None
 ) -> np.ndarray:
     """Rows each consumer receives in this epoch (computed from the plan, no data read)."""
-    order = block_order(n_obs, block_size, seed, epoch, shuffle)
-    lengths = block_lengths(order, n_obs, block_size)
+    order = block_order(n_obs, block_size, seed, epoch, shuffle, segments)
+    lengths = blocks(n_obs, block_size, segments)[1][order]
     return np.array([lengths[c::n_consumers].sum() for c in range(n_consumers)], dtype=np.int64)
 
 
@@ -71,14 +86,16 @@ def requests(
     consumer: int,
     n_consumers: int,
     shuffle: bool = True,
+    segments=None,
 ) -> list[Request]:
     """The consumer's read requests for one epoch, in the order they are consumed."""
-    mine = consumer_blocks(block_order(n_obs, block_size, seed, epoch, shuffle), consumer, n_consumers)
+    mine = consumer_blocks(block_order(n_obs, block_size, seed, epoch, shuffle, segments), consumer, n_consumers)
+    start, length = blocks(n_obs, block_size, segments)
     out = []
     for i in range(0, len(mine), blocks_per_request):
         group = np.sort(mine[i : i + blocks_per_request])
-        lengths = block_lengths(group, n_obs, block_size)
-        rows = np.repeat(group * block_size - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        lengths = length[group]
+        rows = np.repeat(start[group] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
         rows += np.arange(len(rows), dtype=np.int64)
         if shuffle:
             rng = np.random.default_rng([seed, epoch, _ROWS, consumer, n_consumers, i])
@@ -89,16 +106,18 @@ def requests(
     return out
 
 
-def fewest_rows(n_obs: int, block_size: int, n_consumers: int) -> int:
+def fewest_rows(n_obs: int, block_size: int, n_consumers: int, segments=None) -> int:
     """The fewest rows any consumer can receive in any epoch: blocks are dealt round-robin, so a
-    consumer holds floor or ceil(n_blocks / n_consumers) of them, and the one short block (the store's
-    tail) may land on a consumer with the floor."""
-    nb = n_blocks(n_obs, block_size)
+    consumer holds floor or ceil(n_blocks / n_consumers) of them, at worst the shortest ones (the
+    tail of each segment)."""
+    nb = n_blocks(n_obs, block_size, segments)
     per = nb // n_consumers
     if per == 0:
         return 0
-    short = block_size - (n_obs - (nb - 1) * block_size)
-    return per * block_size - short
+    if segments is None:  # one short block at most: no need to list them all
+        short = block_size - (n_obs - (nb - 1) * block_size)
+        return per * block_size - short
+    return int(np.sort(blocks(n_obs, block_size, segments)[1])[:per].sum())
 
 
 def batch_sizes(rows_per_consumer: np.ndarray, batch_size: int, drop_last: bool, min_batch: int = 1) -> list[list[int]]:

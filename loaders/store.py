@@ -74,6 +74,7 @@ class Store:
     n_vars: int
     block_rows: int  # preferred rows per shuffled block, from the storage layout
     blocks_per_request: int  # preferred blocks per pooled read
+    segments: list[int] | None = None  # a collection's row count per store (blocks never straddle two)
 
     def __init__(self, var: pd.DataFrame):
         self.var = var  # the var frame, one row per store column

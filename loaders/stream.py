@@ -39,6 +39,7 @@ _STATE_KEYS = (
     "drop_last",
     "shuffle",
     "min_batch",
+    "segments",
 )
 
 
@@ -143,13 +144,19 @@ class CellStream(torch.utils.data.IterableDataset):
         cells: on a tiny store the threads per process shrink (a pure function of the store size, so
         resume and every rank agree); a store too small for the processes is one clear error."""
         n, world = store.n_obs, self.world_size
+        self.segments = getattr(store, "segments", None)  # a collection's store sizes: blocks never straddle two stores
 
         def block(w):
             return int(block_size or sampling.default_block_size(n, store.block_rows, world * w))
 
-        while workers > 1 and n and sampling.fewest_rows(n, block(workers), world * workers) < self.min_batch:
+        while (
+            workers > 1
+            and n
+            and sampling.fewest_rows(n, block(workers), world * workers, self.segments) < self.min_batch
+        ):
             workers -= 1
-        if n and self.min_batch > 1 and sampling.fewest_rows(n, block(workers), world * workers) < self.min_batch:
+        fewest = sampling.fewest_rows(n, block(workers), world * workers, self.segments) if n else 0
+        if n and self.min_batch > 1 and fewest < self.min_batch:
             raise ValueError(
                 f"{store.uri} has {n} cells: too few to train on {world} process(es), which needs at least "
                 f"{self.min_batch} cells in every minibatch of every process; use fewer processes or more cells"
@@ -161,7 +168,9 @@ class CellStream(torch.utils.data.IterableDataset):
         return self.world_size * self.num_workers
 
     def _sizes(self, epoch: int) -> list[list[int]]:
-        rows = sampling.consumer_rows(self.n_obs, self.block_size, self.seed, epoch, self.n_consumers, self.shuffle)
+        rows = sampling.consumer_rows(
+            self.n_obs, self.block_size, self.seed, epoch, self.n_consumers, self.shuffle, self.segments
+        )
         return sampling.batch_sizes(rows, self.batch_size, self.drop_last, self.min_batch)
 
     def __len__(self) -> int:
@@ -260,6 +269,7 @@ class CellStream(torch.utils.data.IterableDataset):
                 consumer,
                 self.n_consumers,
                 self.shuffle,
+                self.segments,
             )
             offset = sum(sizes[:skip])  # rows already consumed: whole requests are skipped unread
             needed = sum(sizes[skip:])

@@ -1,0 +1,176 @@
+"""Several stores as one data set: exactly once and resume over a Zarr + SOMA collection, blocks that
+never straddle two stores, genes aligned (intersection / union), obs columns mapped or filled per store,
+training equal to training on a merged copy, embedding that records each cell's store and row."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from conftest import N_OBS, decode_positions
+
+from bigatlas import AtlasVAE
+from bigatlas.synth import synth
+from loaders import CellStream, StoreError, open_store, sampling
+
+BLOCK = 16
+
+
+def collection(position_stores):
+    return open_store([position_stores["zarr"], position_stores["soma"]])
+
+
+def stream(store, **kw):
+    kw.setdefault("batch_size", 32)
+    kw.setdefault("seed", 5)
+    kw.setdefault("block_size", BLOCK)
+    kw.setdefault("blocks_per_request", 4)
+    return CellStream(store, **kw)
+
+
+def test_blocks_are_cut_at_store_boundaries():
+    start, length = sampling.blocks(100, 16, segments=[30, 45, 25])
+    ends = start + length
+    for lo, hi in zip([0, 30, 75], [30, 75, 100]):  # every block lies inside one store
+        inside = (start >= lo) & (start < hi)
+        assert (ends[inside] <= hi).all()
+    assert length.sum() == 100 and np.array_equal(np.sort(start), start)
+    assert np.array_equal(sampling.blocks(100, 16)[0], sampling.blocks(100, 16, [100])[0])  # one store: as before
+    assert sampling.fewest_rows(100, 16, 3, [30, 45, 25]) == int(np.sort(length)[: len(length) // 3].sum())
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_exactly_once_over_a_zarr_and_a_soma_store(position_stores, world, workers):
+    store = collection(position_stores)
+    assert store.n_obs == 2 * N_OBS and store.segments == [N_OBS, N_OBS]
+    seen, lengths = [], []
+    for rank in range(world):
+        s = stream(store, rank=rank, world_size=world, num_workers=workers, obs_keys=["source"])
+        batches = list(s)
+        lengths.append(len(batches))
+        for b in batches:
+            index = b.index.numpy()
+            # each row holds the values of its own store's row: position within the store decodes back
+            assert np.array_equal(decode_positions(b.x.to_dense().numpy()), index % N_OBS)
+            assert np.array_equal(b.obs["source"].numpy(), index // N_OBS)
+            seen.append(index)
+        for req in sampling.requests(store.n_obs, s.block_size, s.blocks_per_request, 5, 0, rank, world * workers,
+                                     segments=store.segments):  # fmt: skip
+            runs = np.split(req.rows, np.flatnonzero(np.diff(req.rows) != 1) + 1)
+            assert all((r[0] < N_OBS) == (r[-1] < N_OBS) for r in runs if len(r) <= BLOCK)
+    assert len(set(lengths)) == 1
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(2 * N_OBS))
+
+
+@pytest.mark.parametrize("k", [0, 5, 40])
+def test_resume_over_a_collection_equals_uninterrupted(position_stores, k):
+    store = collection(position_stores)
+    full = [(b.index.numpy(), b.x.to_dense().numpy()) for b in stream(store, num_workers=2, epoch=2)]
+    first = stream(store, num_workers=2, epoch=2)
+    it = iter(first)
+    for _ in range(k):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    it.close()
+    resumed = stream(collection(position_stores), num_workers=2)
+    resumed.load_state_dict(state)
+    rest = [(b.index.numpy(), b.x.to_dense().numpy()) for b in resumed]
+    assert len(rest) == len(full) - k
+    for (i1, x1), (i2, x2) in zip(full[k:], rest, strict=True):
+        assert np.array_equal(i1, i2) and np.array_equal(x1, x2)
+    single = stream(open_store(position_stores["zarr"]), num_workers=2)
+    with pytest.raises(ValueError, match="segments"):
+        single.load_state_dict(state)
+
+
+@pytest.fixture(scope="module")
+def atlases(tmp_path_factory):
+    """Two atlases with different gene panels and column names, and their merged copy."""
+    root = tmp_path_factory.mktemp("coll")
+    synth(root / "a.zarr", 640, 70, "zarr", seed=11, n_studies=2, donors_per_study=2)
+    synth(root / "full_b.zarr", 640, 70, "zarr", seed=12, n_studies=3, donors_per_study=2)
+    b = ad.read_zarr(root / "full_b.zarr")[:, 5:].copy()  # 65 of the 70 genes
+    b.obs = b.obs.rename(columns={"dataset_id": "study", "cell_type": "annotation"})
+    b.write_zarr(root / "b.zarr")
+    manifest = root / "atlases.toml"
+    manifest.write_text(
+        '[[store]]\ndata = "a.zarr"\n\n[[store]]\ndata = "b.zarr"\nname = "second"\n'
+        'columns = { dataset_id = "study", cell_type = "annotation" }\nconstants = { lab = "L2" }\n'
+    )
+    return root
+
+
+def test_genes_intersection_union_and_mapped_columns(atlases):
+    store = open_store(atlases / "atlases.toml")
+    a = open_store(atlases / "a.zarr")
+    assert store.n_vars == 65 and list(store.var_ids) == list(a.var_ids[5:])  # first store's order
+    outer = open_store(atlases / "atlases.toml", gene_join="outer")
+    assert outer.n_vars == 70
+    x = outer.read(np.arange(640, 650)).to_scipy().toarray()
+    assert x[:, :5].sum() == 0  # genes the second store lacks are zero-filled
+    assert np.array_equal(x[:, 5:], open_store(atlases / "b.zarr").read(np.arange(10)).to_scipy().toarray())
+    codes, cats = store.obs_codes("dataset_id")  # study_0..1 from a, study_0..2 from b: the union
+    assert list(cats) == ["study_0", "study_1", "study_2"] and (codes >= 0).all()
+    assert store.obs_codes("cell_type")[1].tolist() == sorted(
+        set(a.obs_codes("cell_type")[1]) | set(open_store(atlases / "b.zarr").obs_codes("annotation")[1])
+    )
+    with pytest.raises(StoreError, match="obs column 'lab' not in store a"):
+        store.obs_codes("lab")
+    src = pd.Categorical.from_codes(*store.obs_codes("source"))
+    assert src.value_counts().to_dict() == {"a": 640, "second": 640}
+
+
+def test_mismatched_stores_give_one_clear_error(atlases, tmp_path):
+    with pytest.raises(StoreError, match=r"obs column 'dataset_id' not in store b \(.*b.zarr; have: study"):
+        open_store([str(atlases / "a.zarr"), str(atlases / "b.zarr")]).obs_codes("dataset_id")
+    few = ad.read_zarr(atlases / "a.zarr")[:, :20].copy()
+    few.write_zarr(tmp_path / "few.zarr")
+    with pytest.raises(StoreError, match="store few .* shares 20 genes with a .*below the minimum overlap"):
+        open_store([str(atlases / "a.zarr"), str(tmp_path / "few.zarr")])
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[store]]\ndata = "x.zarr"\ncolums = { a = "b" }\n')
+    with pytest.raises(StoreError, match="unknown setting.*colums"):
+        open_store(bad)
+    bad.write_text(f'[[store]]\ndata = "{atlases / "b.zarr"}"\ncolumns = {{ dataset_id = "studdy" }}\n')
+    with pytest.raises(StoreError, match="column 'studdy' \\(mapped to 'dataset_id'\\) not in"):
+        open_store(bad)
+
+
+def test_training_on_a_collection_equals_training_on_the_merged_copy(atlases, tmp_path):
+    keys = {"batch_key": "dataset_id", "label_keys": ["cell_type"], "train": {"max_epochs": 2, "seed": 3}}
+    merged = ad.concat([ad.read_zarr(atlases / "a.zarr")[:, 5:], ad.read_zarr(atlases / "full_b.zarr")[:, 5:]])
+    merged.obs_names_make_unique()
+    merged.write_zarr(tmp_path / "merged.zarr")
+    a = open_store(atlases / "a.zarr")
+    genes = list(a.var_ids[5:])
+    twin = tmp_path / "twin.toml"  # the same cells as the merged copy, kept in two stores
+    twin.write_text(f'[[store]]\ndata = "{atlases / "a.zarr"}"\n\n[[store]]\ndata = "{atlases / "full_b.zarr"}"\n')
+    z_merged = AtlasVAE(str(tmp_path / "merged.zarr"), genes=genes, **keys).fit(tmp_path / "m").get_latent()
+    model = AtlasVAE(str(twin), genes=genes, **keys).fit(tmp_path / "c")
+    assert np.array_equal(model.get_latent(), z_merged)
+    out = model.embed(str(twin), tmp_path / "c.emb", progress=False, chunk_size=500)
+    emb = ad.read_zarr(out)
+    assert np.allclose(emb.obsm["X_bigatlas"], z_merged, atol=1e-6)
+    assert emb.obs.bigatlas_source.tolist() == ["a"] * 640 + ["full_b"] * 640
+    assert np.array_equal(emb.obs.bigatlas_row, np.concatenate([np.arange(640), np.arange(640)]))
+    assert zarr.open_group(str(out)).attrs["bigatlas"]["sources"] == ["a", "full_b"]
+
+
+def test_two_atlases_with_other_panels_and_columns_train_embed_and_evaluate(atlases, tmp_path):
+    from bigatlas.cli import main
+
+    manifest = str(atlases / "atlases.toml")
+    args = ["--data", manifest, "--batch-key", "dataset_id", "--covariate-keys", "lab", "--label-keys", "cell_type"]
+    assert main(["train", *args[:4], "--label-keys", "cell_type", "--out", str(tmp_path / "r"),
+                 "--max-epochs", "3", "--gene-join", "outer"]) == 0  # fmt: skip
+    assert main(["train", *args, "--out", str(tmp_path / "r2"), "--max-epochs", "1"]) == 2  # 'lab' only in one
+    assert main(["embed", "--run", str(tmp_path / "r"), "--data", manifest, "--out", str(tmp_path / "e.zarr")]) == 0
+    assert main(["evaluate", "--emb", str(tmp_path / "e.zarr"), "--label-keys", "cell_type", "--batch-key",
+                 "dataset_id", "--cells", "1000", "--no-baseline"]) == 0  # fmt: skip
+    m = json.loads((tmp_path / "r" / "report" / "metrics.json").read_text())
+    assert set(m["per_source"]) == {"a", "second"}
+    assert all(v["cells"] == 640 and 0 <= v["label_accuracy"] <= 1 for v in m["per_source"].values())
+    assert len(json.loads((tmp_path / "r" / "vocab.json").read_text())["genes"]) == 70  # the union
