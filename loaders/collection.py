@@ -274,8 +274,15 @@ class CollectionStore(Store):
         return np.searchsorted(self._offsets, np.asarray(rows, dtype=np.int64), side="right") - 1
 
     def read(self, rows: np.ndarray) -> CSR:
+        touched = list(self._split(rows))
+        if len(touched) > 1 and all(self._identity[i] for i, _, _ in touched):
+            first = self.stores[touched[0][0]]
+            if all(getattr(first, "same_layout", lambda _: False)(self.stores[i]) for i, _, _ in touched):
+                from .zarr_store import read_many  # one decode call for every store the request touches
+
+                return read_many([(self.stores[i], local) for i, local, _ in touched])
         parts = []
-        for i, local, _ in self._split(rows):
+        for i, local, _ in touched:
             m = self.stores[i].read(local)
             parts.append(m if self._identity[i] else select_columns(m, self._colmaps[i], self.n_vars))
         if not parts:
