@@ -38,8 +38,13 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, LaunchError, MissingExtr
 def reported(command: str, run) -> int:
     """Exit code of run(): what the user can fix is one line on stderr, no traceback (exit 2; bugs
     keep theirs); Ctrl-C is 130."""
+    from .preempt import PREEMPTED_EXIT, Preempted
+
     try:
         run()
+    except Preempted as e:  # a checkpoint is written: the scheduler may requeue with --resume
+        print(f"bigatlas {command}: preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except USER_ERRORS as e:
         print(f"bigatlas {command}: error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from .errors import LaunchError, reported
 from .faults import Faults
 from .lock import OutputLock
 from .metrics_log import MetricsLog, accumulate, epoch_row, new_sums
+from .preempt import Preempted, Preemption
 from .rundir import RunDir, build_model
 from .vocab import Vocab, unlabeled_report
 
@@ -93,6 +94,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     max_epochs: int
     faults: Faults
+    preempt: Preemption
 
 
 def train(
@@ -110,20 +112,22 @@ def train(
     AnnData object, in memory or backed) is read in place of cfg.data.data, which then only names it."""
     acc = accelerator or make_accelerator(cfg)
     lock = OutputLock(Path(run_dir) / ".lock", f"RUN_DIR {run_dir}") if acc.is_main_process else nullcontext()
-    with lock:  # one writer per RUN_DIR; released when this returns or the process dies
-        s = set_up(cfg, run_dir, resume, acc, surgery, data)
+    with lock, Preemption() as preempt:  # one writer per RUN_DIR; SIGTERM recorded, acted on per step
+        s = set_up(cfg, run_dir, resume, acc, surgery, data, preempt)
         progress = Progress()
         if resume and s.run.latest() is not None:
             _resume(s, progress)
         log = MetricsLog(s.run, acc.is_main_process)
         stopped_early = False
-        while progress.epoch < s.max_epochs and not stopped_early:
-            stopped_early = _epoch(s, progress, log, trace_cells)
-        log.close()
+        try:
+            while progress.epoch < s.max_epochs and not stopped_early:
+                stopped_early = _epoch(s, progress, log, trace_cells)
+        finally:  # also when preempted or stopped by an error
+            log.close()
         return _finish(s, stopped_early, trace_cells)
 
 
-def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None) -> Session:
+def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preempt=None) -> Session:
     from accelerate.utils import set_seed
 
     t, d = cfg.train, cfg.data
@@ -169,7 +173,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None) -> Se
     )
     model, optimizer = acc.prepare(model, optimizer)
     max_epochs = t.epochs_for(int((~val_all).sum()))
-    return Session(cfg, acc, run, stream, to_input, model, optimizer, max_epochs, Faults())
+    return Session(cfg, acc, run, stream, to_input, model, optimizer, max_epochs, Faults(), preempt or Preemption())
 
 
 def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask, surgery, main: bool) -> Vocab:
@@ -223,6 +227,9 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
                 if progress.step % 25 == 0:
                     bar.set_postfix(loss=f"{float(out.terms['loss']):.4g}", kl_w=f"{kl_weight:.2f}", refresh=False)
             log.step(progress.step, out.terms, kl_weight)
+            if s.preempt.agreed and stream.consumed < steps_per_epoch:  # the epoch's end writes its own
+                save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults)
+                _preempted(s, progress)
             if t.checkpoint_every_steps and progress.step % t.checkpoint_every_steps == 0:
                 if stream.consumed < steps_per_epoch:  # the epoch's end writes its own
                     save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults)
@@ -243,7 +250,16 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
     stop = _early_stop(t, progress, row.get("val_loss"))
     progress.epoch, progress.sums = epoch + 1, None
     save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults)
+    if s.preempt.agreed:
+        _preempted(s, progress)
     return stop
+
+
+def _preempted(s: Session, progress: Progress):
+    raise Preempted(
+        f"stopped on SIGTERM after step {progress.step} (epoch {progress.epoch}); checkpoint "
+        f"{s.run.latest()} written: rerun with --resume to continue"
+    )
 
 
 def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float, label_weight: float):
@@ -256,10 +272,13 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
             eval_kl_weight=t.kl_weight, gate_weight=t.gate_weight, label_weight=label_weight,
         )  # fmt: skip
     finite = bool(torch.isfinite(out.total)) and not s.faults.at("nan_loss", progress.step + 1)
-    bad = torch.tensor([0.0 if finite else 1.0], device=acc.device)
+    # one all-ranks check per step: a non-finite loss anywhere, and SIGTERM anywhere (SLURM/k8s preemption)
+    flags = torch.tensor([0.0 if finite else 1.0, float(s.preempt.requested)], device=acc.device)
     if acc.num_processes > 1:  # every rank stops together, none waits on a dead collective
-        bad = acc.reduce(bad, reduction="sum")
-    if bad.item() > 0:
+        flags = acc.reduce(flags, reduction="sum")
+    bad, term = flags.tolist()
+    s.preempt.agreed = term > 0  # this step completes; the loop then checkpoints and stops
+    if bad > 0:
         save_checkpoint(acc, s.run, progress, s.stream, t.keep_checkpoints, s.faults)  # weights not yet updated
         terms = {k: round(float(v), 4) for k, v in out.terms.items()}
         raise FloatingPointError(

@@ -18,8 +18,9 @@ from loaders import CellStream, StoreError, open_store, sampling
 BLOCK = 16
 
 
-def collection(position_stores):
-    return open_store([position_stores["zarr"], position_stores["soma"]])
+def collection(position_stores, second="soma"):
+    """The position store twice: Zarr + SOMA (read store by store), or Zarr + Zarr (one decode call)."""
+    return open_store([position_stores["zarr"], position_stores[second]])
 
 
 def stream(store, **kw):
@@ -43,8 +44,9 @@ def test_blocks_are_cut_at_store_boundaries():
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_exactly_once_over_a_zarr_and_a_soma_store(position_stores, world, workers):
-    store = collection(position_stores)
+@pytest.mark.parametrize("second", ["soma", "zarr"])
+def test_exactly_once_over_a_zarr_and_a_soma_store(position_stores, world, workers, second):
+    store = collection(position_stores, second)
     assert store.n_obs == 2 * N_OBS and store.segments == [N_OBS, N_OBS]
     seen, lengths = [], []
     for rank in range(world):
