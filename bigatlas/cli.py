@@ -92,7 +92,13 @@ def _stream(p):
 def _embed(p):
     from .infer import embed
 
-    p.add_argument("--run", required=True, help="trained RUN_DIR")
+    p.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="trained RUN_DIR (--run-dir under torchrun, whose own --run-path swallows --run)",
+    )
     add_data(p, "query: " + DATA_HELP)
     p.add_argument("--out", required=True, help="output AnnData-Zarr store (obsm/X_bigatlas, obs/<key>_pred …)")
     helps = {
@@ -112,7 +118,7 @@ def _embed(p):
 def _map_query(p):
     from .query import map_query
 
-    p.add_argument("--run", required=True, help="reference RUN_DIR")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="reference RUN_DIR (--run-dir under torchrun)")
     add_data(p, "query: " + DATA_HELP)
     p.add_argument("--out", required=True, help="new RUN_DIR")
     helps = {
