@@ -67,19 +67,28 @@ def save_checkpoint(acc, run: RunDir, progress: Progress, stream, keep: int, fau
     acc.wait_for_everyone()
 
 
-def restore_checkpoint(acc, path: Path, stream, progress: Progress) -> None:
+def restore_checkpoint(acc, path: Path, stream, progress: Progress) -> int:
+    """Load the checkpoint; returns the number of processes that wrote it. On another number (an
+    elastic resume) a rank without a file of its own takes rank 0's loop and stream position (the
+    same on every rank) and RNG, the stream deals the rest of the epoch to the new ranks, and the
+    interrupted epoch's running sums restart (its logged row covers the cells after the resume)."""
     try:
         acc.load_state(str(path))  # weights_only loads: a checkpoint file carrying code is refused
-        state = json.loads((path / f"bigatlas_rank{acc.process_index}.json").read_text())
+        saved_world = len(list(path.glob("bigatlas_rank*.json")))
+        own = path / f"bigatlas_rank{acc.process_index}.json"
+        state = json.loads((own if own.exists() else path / "bigatlas_rank0.json").read_text())
     except Exception as e:
         raise ValueError(
             f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {e}); restore it or start a new RUN_DIR"
         ) from None
+    if saved_world != acc.num_processes:
+        state["progress"]["sums"] = None
     progress.load_state_dict(state["progress"])
     stream.load_state_dict(state["stream"])
     torch.set_rng_state(_bytes_tensor(state["torch_rng"]))
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_bytes_tensor(s) for s in state["cuda_rng"]])
+    return saved_world
 
 
 def _bytes_tensor(b64: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .vocab import Vocab
 
 FORMAT_VERSION = 1
 # how long to train may change on resume; nothing that shapes the run may
-RESUMABLE_CHANGES = ("max_epochs", "max_steps", "early_stopping_patience")
+RESUMABLE_CHANGES = ("max_epochs", "max_steps", "early_stopping_patience", "num_workers")  # num_workers: elastic
 
 
 class RunDir:

@@ -192,13 +192,21 @@ def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask, surgery
 
 def _resume(s: Session, progress: Progress) -> None:
     latest = s.run.latest()
-    restore_checkpoint(s.acc, latest, s.stream, progress)
+    saved_world = restore_checkpoint(s.acc, latest, s.stream, progress)
     if s.acc.is_main_process:
         print(
             f"resumed from {latest.name}: epoch {progress.epoch}, step {progress.step}, "
             f"{s.stream.consumed} minibatches into the epoch",
             flush=True,
         )
+        if saved_world != s.acc.num_processes:
+            left = s.stream.elastic_cells
+            rest = (
+                f"; the {left:,} cells of epoch {progress.epoch} not yet seen go to the new processes" if left else ""
+            )
+            print(
+                f"elastic resume: {s.acc.num_processes} process(es), the checkpoint had {saved_world}{rest}", flush=True
+            )
 
 
 def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -> bool:

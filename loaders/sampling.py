@@ -57,11 +57,13 @@ def n_blocks(n_obs: int, block_size: int, segments=None) -> int:
     return sum(-(-int(x) // block_size) for x in segments)
 
 
-def block_order(n_obs: int, block_size: int, seed: int, epoch: int, shuffle: bool = True, segments=None) -> np.ndarray:
+def block_order(
+    n_obs: int, block_size: int, seed: int, epoch: int, shuffle: bool = True, segments=None, salt: int = 0
+) -> np.ndarray:
     nb = n_blocks(n_obs, block_size, segments)
     if not shuffle:
         return np.arange(nb, dtype=np.int64)
-    return np.random.default_rng([seed, epoch, _BLOCKS]).permutation(nb).astype(np.int64)
+    return np.random.default_rng([seed, epoch, _BLOCKS, *([salt] if salt else [])]).permutation(nb).astype(np.int64)
 
 
 def consumer_blocks(order: np.ndarray, consumer: int, n_consumers: int) -> np.ndarray:
@@ -69,10 +71,17 @@ def consumer_blocks(order: np.ndarray, consumer: int, n_consumers: int) -> np.nd
 
 
 def consumer_rows(
-    n_obs: int, block_size: int, seed: int, epoch: int, n_consumers: int, shuffle: bool = True, segments=None
+    n_obs: int,
+    block_size: int,
+    seed: int,
+    epoch: int,
+    n_consumers: int,
+    shuffle: bool = True,
+    segments=None,
+    salt: int = 0,
 ) -> np.ndarray:
     """Rows each consumer receives in this epoch (computed from the plan, no data read)."""
-    order = block_order(n_obs, block_size, seed, epoch, shuffle, segments)
+    order = block_order(n_obs, block_size, seed, epoch, shuffle, segments, salt)
     lengths = blocks(n_obs, block_size, segments)[1][order]
     return np.array([lengths[c::n_consumers].sum() for c in range(n_consumers)], dtype=np.int64)
 
@@ -87,9 +96,12 @@ def requests(
     n_consumers: int,
     shuffle: bool = True,
     segments=None,
+    salt: int = 0,
 ) -> list[Request]:
-    """The consumer's read requests for one epoch, in the order they are consumed."""
-    mine = consumer_blocks(block_order(n_obs, block_size, seed, epoch, shuffle, segments), consumer, n_consumers)
+    """The consumer's read requests for one epoch, in the order they are consumed. `salt` (the depth
+    of an elastic resume) gives a remainder plan its own shuffle."""
+    order = block_order(n_obs, block_size, seed, epoch, shuffle, segments, salt)
+    mine = consumer_blocks(order, consumer, n_consumers)
     start, length = blocks(n_obs, block_size, segments)
     out = []
     for i in range(0, len(mine), blocks_per_request):
@@ -98,7 +110,7 @@ def requests(
         rows = np.repeat(start[group] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
         rows += np.arange(len(rows), dtype=np.int64)
         if shuffle:
-            rng = np.random.default_rng([seed, epoch, _ROWS, consumer, n_consumers, i])
+            rng = np.random.default_rng([seed, epoch, _ROWS, consumer, n_consumers, i, *([salt] if salt else [])])
             order = rng.permutation(len(rows))
         else:
             order = np.arange(len(rows))
@@ -161,3 +173,46 @@ def batch_sizes(rows_per_consumer: np.ndarray, batch_size: int, drop_last: bool,
             sizes += [q + 1] * r + [q] * (slots - r)
         out.append(sizes)
     return out
+
+
+# -- elastic resume: the rest of an epoch on another number of consumers -------------------------------
+def depth(state: dict) -> int:
+    """How many elastic resumes the state's epoch went through (0: its plan is the normal one)."""
+    return 0 if not state.get("elastic") else 1 + depth(state["elastic"])
+
+
+def segment_counts(positions: np.ndarray, segments) -> list[int] | None:
+    """How many of the sorted `positions` fall in each segment (None without segments)."""
+    if segments is None:
+        return None
+    edges = np.concatenate([[0], np.cumsum(segments)])
+    return np.diff(np.searchsorted(positions, edges)).astype(int).tolist()
+
+
+def plan_positions(state: dict) -> np.ndarray | None:
+    """The positions the plan of the state's epoch runs over: None for all of them (the normal plan),
+    else the rest of the epoch left by the resume the state records (sorted)."""
+    return remaining_positions(state["elastic"]) if state.get("elastic") else None
+
+
+def remaining_positions(state: dict) -> np.ndarray:
+    """Positions of the state's epoch not yet emitted by its consumers (sorted): what an elastic resume
+    deals to the new ones. Pure: recomputes the plan of the state (a CellStream.state_dict())."""
+    base = plan_positions(state)
+    n_obs, segments = int(state["n_obs"]), state.get("segments")
+    n = n_obs if base is None else len(base)
+    segs = segments if base is None else segment_counts(base, segments)
+    W, C = int(state["num_workers"]), int(state["world_size"]) * int(state["num_workers"])
+    bs, seed, epoch, salt = int(state["block_size"]), int(state["seed"]), int(state["epoch"]), depth(state)
+    rows = consumer_rows(n, bs, seed, epoch, C, state["shuffle"], segs, salt)
+    sizes = batch_sizes(rows, int(state["batch_size"]), state["drop_last"], int(state.get("min_batch", 1)))
+    k = int(state["consumed"])
+    taken = []
+    for c in range(C):
+        emitted = sum(sizes[c][: len(range(c % W, k, W))])  # this worker's share of the first k batches
+        if emitted:
+            reqs = requests(n, bs, int(state["blocks_per_request"]), seed, epoch, c, C, state["shuffle"], segs, salt)
+            taken.append(np.concatenate([r.rows[r.order] for r in reqs])[:emitted])
+    done = np.concatenate(taken) if taken else np.zeros(0, np.int64)
+    left = np.setdiff1d(np.arange(n, dtype=np.int64), done, assume_unique=True)
+    return left if base is None else base[left]

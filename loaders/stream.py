@@ -28,6 +28,7 @@ from .store import Store
 # torch's notice that sparse CSR is "beta" would print once per process for every user
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
+_ELASTIC_KEYS = {"world_size", "num_workers", "block_size"}  # may differ on resume (see load_state_dict)
 _STATE_KEYS = (
     "seed",
     "world_size",
@@ -132,6 +133,7 @@ class CellStream(torch.utils.data.IterableDataset):
                 self._colmap, self.n_genes = np.asarray(colmap), n_out  # identity needs no pass over nonzeros
                 store.restrict_columns(np.flatnonzero(self._colmap >= 0))
         self.epoch, self.consumed = int(epoch), 0
+        self._elastic, self._elastic_rows = None, None  # an elastic resume's interrupted plan (its epoch only)
         self._next = None  # (epoch, _Readers) started ahead at the end of the previous epoch
         self.prefetch_next_epoch = prefetch_next_epoch
         if validate not in ("counts", "finite", None):
@@ -167,9 +169,24 @@ class CellStream(torch.utils.data.IterableDataset):
     def n_consumers(self) -> int:
         return self.world_size * self.num_workers
 
+    def _plan(self, epoch: int) -> tuple[int, list | None, np.ndarray | None, int]:
+        """(rows, segments, positions, salt) the epoch's plan runs over: every position (positions None),
+        or, in the epoch of an elastic resume, the positions the interrupted run had not emitted."""
+        if self._elastic is not None and int(self._elastic["epoch"]) == epoch:
+            rows = self._elastic_rows
+            return len(rows), sampling.segment_counts(rows, self.segments), rows, 1 + sampling.depth(self._elastic)
+        return self.n_obs, self.segments, None, 0
+
+    @property
+    def elastic_cells(self) -> int | None:
+        """Cells of this epoch an elastic resume deals to this run's consumers (None: the normal plan)."""
+        n, _, positions, _ = self._plan(self.epoch)
+        return None if positions is None else n
+
     def _sizes(self, epoch: int) -> list[list[int]]:
+        n, segments, _, salt = self._plan(epoch)
         rows = sampling.consumer_rows(
-            self.n_obs, self.block_size, self.seed, epoch, self.n_consumers, self.shuffle, self.segments
+            n, self.block_size, self.seed, epoch, self.n_consumers, self.shuffle, segments, salt
         )
         return sampling.batch_sizes(rows, self.batch_size, self.drop_last, self.min_batch)
 
@@ -182,14 +199,27 @@ class CellStream(torch.utils.data.IterableDataset):
     def state_dict(self) -> dict:
         state = {k: getattr(self, k) for k in _STATE_KEYS}
         state.update(epoch=self.epoch, consumed=self.consumed)
+        if self._elastic is not None and int(self._elastic["epoch"]) == self.epoch:
+            state["elastic"] = self._elastic  # the interrupted plan this epoch's plan continues
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` stood. With another number of processes or reader threads (an elastic
+        resume) mid-epoch, the positions the interrupted run had not emitted are dealt anew to this
+        run's consumers: each once, none of the epoch's emitted ones again; later epochs follow the
+        normal plan. The same world continues the same plan exactly."""
         mismatch = {k: (state.get(k), getattr(self, k)) for k in _STATE_KEYS if state.get(k) != getattr(self, k)}
-        if mismatch:
+        if set(mismatch) - _ELASTIC_KEYS:
             detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in mismatch.items())
             raise ValueError(f"stream state does not match this stream ({detail})")
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.epoch = int(state["epoch"])
+        if not mismatch:
+            self._elastic, self.consumed = state.get("elastic"), int(state["consumed"])
+        elif int(state["consumed"]) == 0 and not state.get("elastic"):
+            self._elastic, self.consumed = None, 0  # at an epoch boundary the new plan simply starts
+        else:
+            self._elastic, self.consumed = state, 0
+        self._elastic_rows = sampling.remaining_positions(self._elastic) if self._elastic is not None else None
 
     # -- iteration --------------------------------------------------------------------------------
     def __iter__(self):
@@ -213,6 +243,8 @@ class CellStream(torch.utils.data.IterableDataset):
                 self.consumed = j + 1
                 yield batch
             self.epoch, self.consumed = epoch + 1, 0
+            if self._elastic is not None and int(self._elastic["epoch"]) == epoch:
+                self._elastic, self._elastic_rows = None, None  # the next epochs follow the normal plan
         finally:
             readers.close()
 
@@ -260,17 +292,13 @@ class CellStream(torch.utils.data.IterableDataset):
             raise _Stop
 
         try:
+            n, segments, positions, salt = self._plan(epoch)
             reqs = sampling.requests(
-                self.n_obs,
-                self.block_size,
-                self.blocks_per_request,
-                self.seed,
-                epoch,
-                consumer,
-                self.n_consumers,
-                self.shuffle,
-                self.segments,
-            )
+                n, self.block_size, self.blocks_per_request, self.seed, epoch, consumer, self.n_consumers,
+                self.shuffle, segments, salt,
+            )  # fmt: skip
+            if positions is not None:  # the plan numbers the remaining positions 0..n-1
+                reqs = [sampling.Request(positions[r.rows], r.order) for r in reqs]
             offset = sum(sizes[:skip])  # rows already consumed: whole requests are skipped unread
             needed = sum(sizes[skip:])
             reader = self.store.reader()
