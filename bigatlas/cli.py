@@ -152,7 +152,12 @@ def _prepare(p):
         "span": "loess span of the seurat_v3 mean-variance fit",
         "shard_elems": ("shard the converted X arrays (elements per shard, a multiple of 32768)", int),
         "block_cells": "cells per dask task",
-        "workers": "dask threads",
+        "workers": "dask threads (and the fewest partitions with --scheduler)",
+        "scheduler": (
+            "dask.distributed scheduler address, e.g. tcp://head:8786, to run the passes on a "
+            "cluster (every worker must see the data at the same path); unset: local threads",
+            str,
+        ),
         "overwrite": "replace an existing --convert output",
     }
     add_unlabeled(p, ", ".join(UNLABELED))

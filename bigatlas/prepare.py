@@ -31,6 +31,7 @@ import scipy.sparse as sp
 from loaders import StoreError, data_name
 
 from .config import UNLABELED
+from .errors import MissingExtra
 from .plots import library_size
 from .sources import Source, StoreSource, feature_ids, open_source
 from .vocab import defined_labels
@@ -62,9 +63,9 @@ def _add(a: dict, b: dict) -> dict:
     }
 
 
-def _moments(source: Source, batch: np.ndarray, n_batches: int, ranges) -> dict:
+def _moments(source: Source, batch_key: str | None, n_batches: int, ranges) -> dict:
     """Per batch and gene sum and sum of squares, per gene nonzeros, library histogram, of `ranges`."""
-    g = len(source.var)
+    g, batch = len(source.var), source.batch_codes(batch_key)
     acc = {
         "n": np.zeros(n_batches),
         "sum": np.zeros((n_batches, g)),
@@ -98,9 +99,9 @@ def _moments(source: Source, batch: np.ndarray, n_batches: int, ranges) -> dict:
     return acc
 
 
-def _clipped(source: Source, batch: np.ndarray, clip: np.ndarray, ranges) -> dict:
+def _clipped(source: Source, batch_key: str | None, clip: np.ndarray, ranges) -> dict:
     """Per batch and gene sum and sum of squares of min(count, clip[batch, gene]) (zeros stay zero)."""
-    acc = {"sum": np.zeros(clip.shape), "sumsq": np.zeros(clip.shape)}
+    acc, batch = {"sum": np.zeros(clip.shape), "sumsq": np.zeros(clip.shape)}, source.batch_codes(batch_key)
     for lo, hi in ranges:
         x = source.read(lo, hi)
         rows = np.repeat(batch[lo:hi], np.diff(x.indptr))
@@ -111,10 +112,27 @@ def _clipped(source: Source, batch: np.ndarray, clip: np.ndarray, ranges) -> dic
     return acc
 
 
-def _reduce(bag, per_partition, workers: int) -> dict:
+def _reduce(bag, per_partition, run: dict) -> dict:
     return bag.reduction(
         lambda part: per_partition(list(part)), lambda parts: reduce(_add, parts), split_every=4
-    ).compute(scheduler="threads", num_workers=workers)
+    ).compute(**run)
+
+
+def _n_workers(client) -> int:
+    return max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
+
+
+def _scheduler(scheduler, workers: int):
+    """dask compute() arguments and the client to close: local threads, or a dask.distributed
+    scheduler (an address such as tcp://host:8786, or a Client/LocalCluster object)."""
+    if scheduler is None:
+        return {"scheduler": "threads", "num_workers": workers}, None
+    try:
+        from distributed import Client
+    except ImportError:
+        raise MissingExtra("prepare --scheduler needs dask.distributed: pip install 'bigatlas[distributed]'") from None
+    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    return {"scheduler": client}, (None if client is scheduler else client)
 
 
 # -- seurat_v3 -----------------------------------------------------------------------------------
@@ -177,6 +195,7 @@ def convert(
     shard_elems: int | None = None,
     overwrite: bool = False,
     log=print,
+    run: dict | None = None,
 ) -> Path:
     """Write `source` as an AnnData-Zarr v3 store: windows of `workers` blocks read in parallel by
     dask, appended in order; the store appears under its name only when complete."""
@@ -187,7 +206,8 @@ def convert(
     with ZarrWriter(out, len(source.var), chunk_elems=chunk_elems, shard_elems=shard_elems, overwrite=overwrite) as w:
         for i in range(0, len(ranges), workers):
             window = dask.compute(
-                *[read(lo, hi) for lo, hi in ranges[i : i + workers]], scheduler="threads", num_workers=workers
+                *[read(lo, hi) for lo, hi in ranges[i : i + workers]],
+                **(run or {"scheduler": "threads", "num_workers": workers}),
             )
             for m in window:
                 w.append(m.indptr, m.indices, m.data)
@@ -221,10 +241,23 @@ def prepare(
     workers: int = 2,
     overwrite: bool = False,
     unlabeled_categories=None,
+    scheduler=None,
     log=print,
 ) -> dict:
     """Statistics (and optionally a converted store) of `data`; writes OUT/{stats.json, genes.csv,
-    hvg.txt, library_size.png} and returns stats.json's content."""
+    hvg.txt, library_size.png} and returns stats.json's content. `scheduler`: a dask.distributed
+    scheduler address (or Client / LocalCluster) to run the passes on; unset: `workers` local threads."""
+    run, client = _scheduler(scheduler, workers)
+    try:
+        return _prepare(data, out, batch_key, label_keys, obs_filter, layer, genes, n_top_genes, span, convert_to,
+                        shard_elems, block_cells, workers, overwrite, unlabeled_categories, run, log)  # fmt: skip
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _prepare(data, out, batch_key, label_keys, obs_filter, layer, genes, n_top_genes, span, convert_to, shard_elems,
+             block_cells, workers, overwrite, unlabeled_categories, run, log) -> dict:  # fmt: skip
     t0 = time.perf_counter()
     out = Path(out)
     with warnings.catch_warnings():
@@ -241,6 +274,7 @@ def prepare(
             shard_elems=shard_elems,
             overwrite=overwrite,
             log=log,
+            run=run,
         )
         source = StoreSource(str(convert_to))  # later passes read the fast copy (already filtered)
     n, g = source.n_obs, len(source.var)
@@ -248,12 +282,12 @@ def prepare(
         bcat = source.obs(batch_key)
         if (bcat.codes < 0).any():
             raise StoreError(f"obs column {batch_key!r} (batch key) is missing for {(bcat.codes < 0).sum()} cells")
-        batch, batch_names = np.asarray(bcat.codes, np.int64), [str(c) for c in bcat.categories]
+        batch_names = [str(c) for c in bcat.categories]  # the passes read the codes where they run
     else:
-        batch, batch_names = np.zeros(n, np.int64), ["all"]
+        batch_names = ["all"]
     nb = len(batch_names)
-    bag = _bag(n, block_cells, workers)
-    m = _reduce(bag, partial(_moments, source, batch, nb), workers)
+    bag = _bag(n, block_cells, workers if "num_workers" in run else max(workers, _n_workers(run["scheduler"])))
+    m = _reduce(bag, partial(_moments, source, batch_key, nb), run)
     if int(m["negative"]):
         raise StoreError(f"{data}: {int(m['negative'])} negative values; raw counts are required")
     mean, var = _mean_var(np.array([n], float), m["sum"].sum(0, keepdims=True), m["sumsq"].sum(0, keepdims=True))
@@ -278,7 +312,7 @@ def prepare(
                 "variance; too few cells for highly variable genes (--n-top-genes 0 skips them)"
             )
         clip = reg_std * np.sqrt(m["n"])[:, None] + bmean
-        c = _reduce(bag, partial(_clipped, source, batch, clip), workers)
+        c = _reduce(bag, partial(_clipped, source, batch_key, clip), run)
         nn = m["n"][:, None]
         norm_var = (nn * bmean**2 + c["sumsq"] - 2 * c["sum"] * bmean) / (np.maximum(nn - 1, 1) * reg_std**2)
         ranked = seurat_v3_rank(norm_var[used], min(n_top_genes, g))

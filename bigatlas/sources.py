@@ -27,8 +27,34 @@ class Source:
         raise NotImplementedError
 
 
+# stores opened in this process by their recipe: a source shipped to a dask.distributed worker (as
+# its recipe, see StoreSource.__getstate__) opens its store once per worker process, not per task
+_OPENED: dict = {}
+
+
 class StoreSource(Source):
+    """A store's rows as scipy blocks. Pickles as its recipe (uri, filter, layer, genes), so a dask
+    worker process reopens it (once) instead of receiving open handles."""
+
     def __init__(self, uri, obs_filter=None, layer=None, genes=None):
+        self._recipe = (uri, obs_filter, layer, None if genes is None else tuple(genes))
+        self._open()
+
+    def __getstate__(self) -> dict:
+        return {"recipe": self._recipe}
+
+    def __setstate__(self, state: dict) -> None:
+        self._recipe = state["recipe"]
+        key = self._recipe if isinstance(self._recipe[0], str | tuple) else None
+        if key is not None and key in _OPENED:
+            self.__dict__.update(_OPENED[key].__dict__)
+            return
+        self._open()
+        if key is not None:
+            _OPENED[key] = self
+
+    def _open(self) -> None:
+        uri, obs_filter, layer, genes = self._recipe
         self.store = s = open_store(uri, obs_filter=obs_filter, layer=layer)
         self._colmap = None
         self.var = s.var
@@ -48,6 +74,10 @@ class StoreSource(Source):
     def obs(self, column):
         codes, cats = self.store.obs_codes(column)
         return pd.Categorical.from_codes(codes, categories=cats)
+
+    def batch_codes(self, column: str | None) -> np.ndarray:
+        """Codes of the batch column (all 0 without one), read where the task runs (cached by the store)."""
+        return np.zeros(self.n_obs, np.int64) if column is None else self.store.obs_codes(column)[0]
 
     def obs_frame(self):
         s = self.store

@@ -185,3 +185,25 @@ def test_bad_input_fails_clearly_and_leaves_no_output(atlas, tmp_path):
     with pytest.raises(OSError, match="disk went away"):
         convert(source, tmp_path / "half.zarr", block=500, workers=1, **quiet)
     assert not (tmp_path / "half.zarr").exists() and not (tmp_path / "half.zarr.partial").exists()
+
+
+def test_distributed_scheduler_gives_the_threaded_results(atlas, tmp_path):
+    """prepare --scheduler on a LocalCluster of 2 worker processes: the sources travel as recipes and
+    reopen on the workers; statistics, HVGs and the converted store equal the threaded run's."""
+    import zarr
+    from distributed import LocalCluster
+
+    root, _ = atlas
+    kw = dict(batch_key="dataset_id", label_keys=["cell_type"], n_top_genes=100, block_cells=500, **quiet)
+    local = prepare(root / "a.h5ad", tmp_path / "t", convert_to=tmp_path / "t.zarr", **kw)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = prepare(root / "a.h5ad", tmp_path / "d", convert_to=tmp_path / "d.zarr",
+                         scheduler=cluster.scheduler_address, **kw)  # fmt: skip
+    for key in ("n_obs", "cells_per_batch", "library_size", "class_counts"):
+        assert remote[key] == local[key], key
+    assert (tmp_path / "t" / "hvg.txt").read_text() == (tmp_path / "d" / "hvg.txt").read_text()
+    a, b = pd.read_csv(tmp_path / "t" / "genes.csv"), pd.read_csv(tmp_path / "d" / "genes.csv")
+    pd.testing.assert_frame_equal(a, b, rtol=1e-12)
+    za, zb = zarr.open_group(str(tmp_path / "t.zarr")), zarr.open_group(str(tmp_path / "d.zarr"))
+    for name in ("X/data", "X/indices", "X/indptr"):
+        assert np.array_equal(za[name][:], zb[name][:]), name
