@@ -77,7 +77,7 @@ class StoreSource(Source):
 
     def batch_codes(self, column: str | None) -> np.ndarray:
         """Codes of the batch column (all 0 without one), read where the task runs (cached by the store)."""
-        return np.zeros(self.n_obs, np.int64) if column is None else self.store.obs_codes(column)[0]
+        return np.zeros(self.n_obs, np.int64) if column is None else self.store.obs_codes(column)[0].astype(np.int64)
 
     def obs_frame(self):
         s = self.store

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .csr import CSR, concat, select_columns
-from .store import Store, StoreError, _names_list
+from .store import Store, StoreError, _names_list, compact_codes
 
 SOURCE = "source"
 JOINS = ("inner", "outer")
@@ -228,7 +228,7 @@ class CollectionStore(Store):
     def _member_codes(self, i: int, column: str) -> tuple[np.ndarray, np.ndarray]:
         m, s = self.members[i], self.stores[i]
         if column in m.constants:
-            return np.zeros(s.n_obs, np.int64), np.asarray([str(m.constants[column])])
+            return np.zeros(s.n_obs, np.int8), np.asarray([str(m.constants[column])])
         return s.obs_codes(m.columns.get(column, column))
 
     def obs_codes(self, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -237,13 +237,16 @@ class CollectionStore(Store):
         if column not in self._codes_cache:
             if column == SOURCE:
                 cats = np.asarray([m.name for m in self.members])
-                codes = np.repeat(np.arange(len(cats), dtype=np.int64), self.segments)
+                codes = compact_codes(np.repeat(np.arange(len(cats)), self.segments), len(cats))
             else:
                 parts = [self._member_codes(i, column) for i in range(len(self.stores))]
                 cats = np.unique(np.concatenate([c.astype(str) for _, c in parts]))
-                codes = np.concatenate(
-                    [np.where(c >= 0, np.searchsorted(cats, k.astype(str))[np.maximum(c, 0)], -1) for c, k in parts]
-                ).astype(np.int64)
+                codes = compact_codes(
+                    np.concatenate(
+                        [np.where(c >= 0, np.searchsorted(cats, k.astype(str))[np.maximum(c, 0)], -1) for c, k in parts]
+                    ),
+                    len(cats),
+                )
             self._codes_cache[column] = (codes, cats)
         return self._codes_cache[column]
 

@@ -78,6 +78,10 @@ def open_store(
     whose genes are `genes` or, by `gene_join`, the stores' intersection or union (a store sharing
     less than `min_gene_overlap` of them is refused); single stores ignore those three.
     """
+    if isinstance(uri, Store):  # already open (a store of one's own making); its filter is its own
+        if obs_filter or layer:
+            raise StoreError(f"{uri.uri} is already open: obs_filter and layer apply when a store is opened")
+        return uri
     if isinstance(uri, list | tuple) and len(uri) == 1:
         uri = uri[0]
     if _several(uri) or is_manifest(uri):

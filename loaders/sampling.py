@@ -12,6 +12,7 @@ rows inside each request. Nothing here reads data, so a resumed stream can skip 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,13 +98,12 @@ def requests(
     shuffle: bool = True,
     segments=None,
     salt: int = 0,
-) -> list[Request]:
-    """The consumer's read requests for one epoch, in the order they are consumed. `salt` (the depth
+) -> Iterator[Request]:
+    """The consumer's read requests for one epoch, in the order they are consumed (made lazily). `salt` (the depth
     of an elastic resume) gives a remainder plan its own shuffle."""
     order = block_order(n_obs, block_size, seed, epoch, shuffle, segments, salt)
     mine = consumer_blocks(order, consumer, n_consumers)
     start, length = blocks(n_obs, block_size, segments)
-    out = []
     for i in range(0, len(mine), blocks_per_request):
         group = np.sort(mine[i : i + blocks_per_request])
         lengths = length[group]
@@ -114,8 +114,7 @@ def requests(
             order = rng.permutation(len(rows))
         else:
             order = np.arange(len(rows))
-        out.append(Request(rows, order))
-    return out
+        yield Request(rows, order)  # one at a time: an epoch's requests hold every row of the consumer
 
 
 def fewest_rows(n_obs: int, block_size: int, n_consumers: int, segments=None) -> int:
@@ -210,9 +209,13 @@ def remaining_positions(state: dict) -> np.ndarray:
     taken = []
     for c in range(C):
         emitted = sum(sizes[c][: len(range(c % W, k, W))])  # this worker's share of the first k batches
-        if emitted:
-            reqs = requests(n, bs, int(state["blocks_per_request"]), seed, epoch, c, C, state["shuffle"], segs, salt)
-            taken.append(np.concatenate([r.rows[r.order] for r in reqs])[:emitted])
+        parts = []
+        for r in requests(n, bs, int(state["blocks_per_request"]), seed, epoch, c, C, state["shuffle"], segs, salt):
+            if emitted <= 0:
+                break
+            parts.append(r.rows[r.order][:emitted])
+            emitted -= len(r)
+        taken += parts
     done = np.concatenate(taken) if taken else np.zeros(0, np.int64)
     left = np.setdiff1d(np.arange(n, dtype=np.int64), done, assume_unique=True)
     return left if base is None else base[left]

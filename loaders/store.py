@@ -57,13 +57,22 @@ def _positions(names) -> dict[str, list[int]]:
     return out
 
 
+def compact_codes(codes: np.ndarray, n_categories: int) -> np.ndarray:
+    """Codes in the smallest signed integer type that holds them and -1: a column of 50M cells is
+    50-100 MB, not 400 (cast to int64 before arithmetic that can exceed it)."""
+    for dtype in (np.int8, np.int16, np.int32):
+        if n_categories < np.iinfo(dtype).max:
+            return np.asarray(codes).astype(dtype, copy=False)
+    return np.asarray(codes).astype(np.int64, copy=False)
+
+
 def codes_of(values) -> tuple[np.ndarray, np.ndarray]:
-    """Integer category codes (missing → -1) and categories for any obs column."""
+    """Integer category codes (missing → -1; a compact integer type) and categories for any obs column."""
     if isinstance(values, pd.Categorical) or isinstance(getattr(values, "dtype", None), pd.CategoricalDtype):
         cat = pd.Categorical(values)
-        return np.asarray(cat.codes, dtype=np.int64), np.asarray(cat.categories.astype(str))
+        return compact_codes(cat.codes, len(cat.categories)), np.asarray(cat.categories.astype(str))
     codes, cats = pd.factorize(pd.Series(values), sort=True)
-    return codes.astype(np.int64), np.asarray(pd.Index(cats).astype(str))
+    return compact_codes(codes, len(cats)), np.asarray(pd.Index(cats).astype(str))
 
 
 class Store:

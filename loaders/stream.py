@@ -59,7 +59,8 @@ class Batch:
 
 
 def _to_batch(m: CSR, index: np.ndarray, codes: dict[str, np.ndarray]) -> Batch:
-    return Batch(m.to_torch(), torch.from_numpy(index), {k: torch.from_numpy(v[index]) for k, v in codes.items()})
+    obs = {k: torch.from_numpy(v[index].astype(np.int64)) for k, v in codes.items()}  # stored compact
+    return Batch(m.to_torch(), torch.from_numpy(index), obs)
 
 
 class _Stop(Exception):
@@ -298,7 +299,7 @@ class CellStream(torch.utils.data.IterableDataset):
                 self.shuffle, segments, salt,
             )  # fmt: skip
             if positions is not None:  # the plan numbers the remaining positions 0..n-1
-                reqs = [sampling.Request(positions[r.rows], r.order) for r in reqs]
+                reqs = (sampling.Request(positions[r.rows], r.order) for r in reqs)
             offset = sum(sizes[:skip])  # rows already consumed: whole requests are skipped unread
             needed = sum(sizes[skip:])
             reader = self.store.reader()

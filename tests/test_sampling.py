@@ -112,7 +112,9 @@ def test_training_never_gets_a_minibatch_below_two_cells(world, workers):
                         continue
                     seen = []
                     for c in range(s.n_consumers):
-                        reqs = sampling.requests(n, s.block_size, s.blocks_per_request, n, epoch, c, s.n_consumers)
+                        reqs = list(
+                            sampling.requests(n, s.block_size, s.blocks_per_request, n, epoch, c, s.n_consumers)
+                        )
                         rows = np.concatenate([q.rows for q in reqs]) if reqs else np.zeros(0, np.int64)
                         assert len(rows) == sum(sizes[c])
                         seen.append(rows)
