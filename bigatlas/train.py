@@ -141,8 +141,10 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
         for line in getattr(store, "summary", list)():  # a collection: cells and genes per store
             print(line, flush=True)
         print(f"{store.uri}: {store.n_obs} cells x {store.n_vars} genes after filtering{genes}", flush=True)
-    val_all = holdout_all(store.n_obs, t.val_fraction, t.seed)
-    vocab = _vocab(run, store, cfg, resume, ~val_all, surgery, acc.is_main_process)
+    train_mask = np.logical_not(holdout_all(store.n_obs, t.val_fraction, t.seed))  # one byte per cell
+    n_train = int(np.count_nonzero(train_mask))
+    vocab = _vocab(run, store, cfg, resume, train_mask, surgery, acc.is_main_process)
+    del train_mask
     if acc.is_main_process:
         for line in unlabeled_report(store, d):
             print(line, flush=True)
@@ -172,7 +174,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
         [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
     )
     model, optimizer = acc.prepare(model, optimizer)
-    max_epochs = t.epochs_for(int((~val_all).sum()))
+    max_epochs = t.epochs_for(n_train)
     return Session(cfg, acc, run, stream, to_input, model, optimizer, max_epochs, Faults(), preempt or Preemption())
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from loaders.store import code_dtype
+
 from .config import UNLABELED, DataConfig
 
 
@@ -52,10 +54,7 @@ class Vocab:
                     "name the unlabelled categories with --unlabeled-category"
                 )
             labels[key] = classes
-            model_codes = np.asarray(defined.codes, np.int64)
-            if train_mask is not None:
-                model_codes = model_codes[train_mask]
-            counts[key] = np.bincount(model_codes[model_codes >= 0], minlength=len(classes)).tolist()
+            counts[key] = class_counts(np.asarray(defined.codes), train_mask, len(classes)).tolist()
         return cls(genes, batch, labels, counts)
 
     def batch_luts(self, store, keys) -> dict[str, np.ndarray]:
@@ -69,12 +68,24 @@ class Vocab:
         return {k: label_lut(store.obs_codes(k)[1], self.label_classes[k]) for k in keys}
 
 
+def class_counts(codes: np.ndarray, mask: np.ndarray | None, n_classes: int) -> np.ndarray:
+    """Cells per class (code >= 0) where mask, counted in slices (bincount makes an int64 copy)."""
+    out = np.zeros(n_classes, np.int64)
+    for lo in range(0, len(codes), 1 << 20):
+        c = codes[lo : lo + (1 << 20)]
+        keep = c >= 0 if mask is None else (c >= 0) & mask[lo : lo + (1 << 20)]
+        out += np.bincount(c[keep], minlength=n_classes)
+    return out
+
+
 def defined_labels(codes: np.ndarray, categories, unlabeled=UNLABELED) -> pd.Categorical:
     """Labels as a categorical of the real classes (as strings, store order): cells whose label is one
     of `unlabeled` (exact match) or missing get code -1."""
     bad = set(unlabeled)
     classes = [str(c) for c in categories if str(c) not in bad]
-    return pd.Categorical.from_codes(apply_lut(label_lut(categories, classes), np.asarray(codes)), categories=classes)
+    lut = label_lut(categories, classes)
+    codes = apply_lut(lut, np.asarray(codes), dtype=code_dtype(len(classes)))
+    return pd.Categorical.from_codes(codes, categories=classes)
 
 
 def unlabeled_report(store, data: DataConfig) -> list[str]:
@@ -96,9 +107,8 @@ def label_lut(store_categories, model_categories) -> np.ndarray:
     return np.array([index.get(str(c), -1) for c in store_categories], dtype=np.int64)
 
 
-def apply_lut(lut: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Model codes for store codes (store code -1, i.e. missing, stays -1)."""
-    out = np.full(codes.shape, -1, dtype=np.int64)
-    ok = codes >= 0
-    out[ok] = lut[codes[ok]]
-    return out
+def apply_lut(lut: np.ndarray, codes: np.ndarray, dtype=np.int64) -> np.ndarray:
+    """Model codes for store codes (store code -1, i.e. missing, stays -1). For a whole column pass a
+    compact `dtype`: at 10M cells every byte per cell is 10 MB, and no cells-sized temporary is made."""
+    padded = np.append(np.asarray(lut, dtype=np.int64), -1).astype(dtype)  # code -1 indexes the appended -1
+    return padded[np.asarray(codes)]

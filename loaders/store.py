@@ -57,13 +57,18 @@ def _positions(names) -> dict[str, list[int]]:
     return out
 
 
-def compact_codes(codes: np.ndarray, n_categories: int) -> np.ndarray:
-    """Codes in the smallest signed integer type that holds them and -1: a column of 50M cells is
-    50-100 MB, not 400 (cast to int64 before arithmetic that can exceed it)."""
+def code_dtype(n_categories: int):
+    """The smallest signed integer type that holds codes 0..n_categories-1 and -1."""
     for dtype in (np.int8, np.int16, np.int32):
         if n_categories < np.iinfo(dtype).max:
-            return np.asarray(codes).astype(dtype, copy=False)
-    return np.asarray(codes).astype(np.int64, copy=False)
+            return dtype
+    return np.int64
+
+
+def compact_codes(codes: np.ndarray, n_categories: int) -> np.ndarray:
+    """Codes in code_dtype: a column of 50M cells is 50-100 MB, not 400 (cast to int64 before
+    arithmetic that can exceed it)."""
+    return np.asarray(codes).astype(code_dtype(n_categories), copy=False)
 
 
 def codes_of(values) -> tuple[np.ndarray, np.ndarray]:
