@@ -202,7 +202,8 @@ def remaining_positions(state: dict) -> np.ndarray:
     n = n_obs if base is None else len(base)
     segs = segments if base is None else segment_counts(base, segments)
     W, C = int(state["num_workers"]), int(state["world_size"]) * int(state["num_workers"])
-    bs, seed, epoch, salt = int(state["block_size"]), int(state["seed"]), int(state["epoch"]), depth(state)
+    bs = int(state.get("plan_block_size", state["block_size"]))  # a remainder plan's own (smaller) blocks
+    seed, epoch, salt = int(state["seed"]), int(state["epoch"]), depth(state)
     rows = consumer_rows(n, bs, seed, epoch, C, state["shuffle"], segs, salt)
     sizes = batch_sizes(rows, int(state["batch_size"]), state["drop_last"], int(state.get("min_batch", 1)))
     k = int(state["consumed"])

@@ -170,25 +170,31 @@ class CellStream(torch.utils.data.IterableDataset):
     def n_consumers(self) -> int:
         return self.world_size * self.num_workers
 
-    def _plan(self, epoch: int) -> tuple[int, list | None, np.ndarray | None, int]:
-        """(rows, segments, positions, salt) the epoch's plan runs over: every position (positions None),
-        or, in the epoch of an elastic resume, the positions the interrupted run had not emitted."""
+    def _plan(self, epoch: int) -> tuple[int, list | None, np.ndarray | None, int, int]:
+        """(rows, segments, positions, salt, block size) the epoch's plan runs over: every position
+        (positions None), or, in the epoch of an elastic resume, the positions the interrupted run had
+        not emitted, in blocks shrunk so that a small remainder still reaches every consumer."""
         if self._elastic is not None and int(self._elastic["epoch"]) == epoch:
             rows = self._elastic_rows
-            return len(rows), sampling.segment_counts(rows, self.segments), rows, 1 + sampling.depth(self._elastic)
-        return self.n_obs, self.segments, None, 0
+            segments, salt = sampling.segment_counts(rows, self.segments), 1 + sampling.depth(self._elastic)
+            return (
+                len(rows),
+                segments,
+                rows,
+                salt,
+                sampling.default_block_size(len(rows), self.block_size, self.n_consumers),
+            )
+        return self.n_obs, self.segments, None, 0, self.block_size
 
     @property
     def elastic_cells(self) -> int | None:
         """Cells of this epoch an elastic resume deals to this run's consumers (None: the normal plan)."""
-        n, _, positions, _ = self._plan(self.epoch)
+        n, _, positions, _, _ = self._plan(self.epoch)
         return None if positions is None else n
 
     def _sizes(self, epoch: int) -> list[list[int]]:
-        n, segments, _, salt = self._plan(epoch)
-        rows = sampling.consumer_rows(
-            n, self.block_size, self.seed, epoch, self.n_consumers, self.shuffle, segments, salt
-        )
+        n, segments, _, salt, block = self._plan(epoch)
+        rows = sampling.consumer_rows(n, block, self.seed, epoch, self.n_consumers, self.shuffle, segments, salt)
         return sampling.batch_sizes(rows, self.batch_size, self.drop_last, self.min_batch)
 
     def __len__(self) -> int:
@@ -202,6 +208,7 @@ class CellStream(torch.utils.data.IterableDataset):
         state.update(epoch=self.epoch, consumed=self.consumed)
         if self._elastic is not None and int(self._elastic["epoch"]) == self.epoch:
             state["elastic"] = self._elastic  # the interrupted plan this epoch's plan continues
+            state["plan_block_size"] = self._plan(self.epoch)[4]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -293,10 +300,10 @@ class CellStream(torch.utils.data.IterableDataset):
             raise _Stop
 
         try:
-            n, segments, positions, salt = self._plan(epoch)
+            n, segments, positions, salt, block = self._plan(epoch)
             reqs = sampling.requests(
-                n, self.block_size, self.blocks_per_request, self.seed, epoch, consumer, self.n_consumers,
-                self.shuffle, segments, salt,
+                n, block, self.blocks_per_request, self.seed, epoch, consumer, self.n_consumers, self.shuffle,
+                segments, salt,
             )  # fmt: skip
             if positions is not None:  # the plan numbers the remaining positions 0..n-1
                 reqs = (sampling.Request(positions[r.rows], r.order) for r in reqs)

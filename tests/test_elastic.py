@@ -130,3 +130,17 @@ def test_training_killed_on_two_processes_resumes_on_another_number(atlas, tmp_p
     )
     assert np.array_equal(np.sort(nxt), train_cells)  # then full epochs on the new world
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_small_remainder_reaches_every_new_rank(position_stores):
+    """Near the end of an epoch a few cells remain; big blocks would leave new ranks without any, so the
+    remainder plan shrinks its blocks (each rank still needs two cells per minibatch in training)."""
+    store = open_store(position_stores["zarr"])
+    old = streams(store, 1, 1, block_size=256, min_batch=2)
+    before, state = run_until(old, len(old[0]) - 2)
+    new = streams(store, 3, 1, block_size=256, min_batch=2)
+    for s in new:
+        s.load_state_dict(state)
+    assert 0 < new[0].elastic_cells < 64 and len({len(s) for s in new}) == 1 and len(new[0]) >= 1
+    after, _ = run_until(new, None)
+    assert np.array_equal(np.sort(np.concatenate([before, after])), np.arange(N_OBS))
