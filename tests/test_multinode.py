@@ -114,15 +114,31 @@ def test_resume_after_one_node_is_killed(atlas, tmp_path):
     while not any(p.name.startswith("step-") and int(p.name[5:]) >= 10 for p in _checkpoints(run)):
         assert time.time() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.05)
-    os.killpg(procs[1].pid, signal.SIGKILL)  # node 1 dies without warning (node 0 then waits on it)
+    kill_tree(procs[1])  # node 1 dies without warning (node 0 then waits on it)
     time.sleep(0.5)
-    os.killpg(procs[0].pid, signal.SIGKILL)  # the scheduler then ends the job
-    for p in procs:
-        p.wait(timeout=60)
+    kill_tree(procs[0])  # the scheduler then ends the job
+
     assert not (run / "model.safetensors").exists()
     finish(start(kind, free_port(), train_args(atlas, run, *args, "--resume", epochs=25), tmp_path))
     a, b = load_file(str(run / "model.safetensors")), load_file(str(full / "model.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL a launcher and every process under it (workers may sit in sessions of their own), and
+    wait until all are gone: a worker left alive would still hold RUN_DIR's lock."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    everyone = [root, *root.children(recursive=True)]
+    for p in everyone:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(everyone, timeout=60)
+    assert not alive, alive
+    proc.wait(timeout=60)
 
 
 def _checkpoints(run: Path):
