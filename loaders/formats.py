@@ -1,4 +1,5 @@
-"""What lies at a uri (AnnData-Zarr store, SOMA experiment, Census release) and opening it as a Store."""
+"""What lies at a uri (AnnData-Zarr store, .h5ad file, SOMA experiment, Census release, several of them or
+a collection manifest) or what an object is (an AnnData in memory or backed), and opening it as a Store."""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ def _is_hdf5(path: str) -> bool:
 
 
 def detect_format(uri) -> str:
-    """'zarr', 'soma', 'h5ad' or 'anndata' (an object in memory) from what lies at `uri`;
-    StoreError when it is none of them."""
+    """'zarr', 'soma', 'h5ad', 'anndata' (an object) or 'collection' (several uris, or a manifest) from
+    what lies at `uri`; StoreError when it is none of them."""
+    if isinstance(uri, list | tuple) and len(uri) == 1:
+        uri = uri[0]
     if is_anndata(uri):
         return "anndata"
     if _several(uri) or is_manifest(uri):
