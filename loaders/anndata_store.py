@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .csr import CSR, merge_ranges, row_ranges, take_rows
-from .store import Store, StoreError, eval_filter
+from .store import Store, StoreError, filtered_positions, read_elem
 
 # An .h5ad whose X is compressed (write_h5ad(compression="gzip")) or dense decodes shuffled blocks
 # several times slower than the layout `bigatlas prepare --convert` writes; an uncompressed sparse
@@ -43,15 +43,6 @@ def _dense_rows(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _as_csr(indptr, indices, data, n_cols) -> CSR:
     return CSR(indptr, indices, data if data.dtype == np.float32 else data.astype(np.float32), n_cols)
-
-
-def _filtered(obs_filter, columns, read_column, uri, n_rows) -> np.ndarray | None:
-    if not obs_filter:
-        return None
-    rows = eval_filter(obs_filter, columns, read_column, uri)
-    if len(rows) == 0:
-        raise StoreError(f"obs_filter {obs_filter!r} matches 0 of {n_rows} cells in {uri}")
-    return rows
 
 
 class H5adStore(Store):
@@ -99,10 +90,10 @@ class H5adStore(Store):
         self._obs_cols = [
             str(c) for c in (order.tolist() if hasattr(order, "tolist") else order) if str(c) in self._obs
         ]
-        super().__init__(self._elem(f["raw/var" if key == "raw/X" else "var"]))
+        super().__init__(read_elem(f["raw/var" if key == "raw/X" else "var"]))
         if len(self.var_names) != self.n_vars:
             raise StoreError(f"{self.uri}: var has {len(self.var_names)} rows but {key} has {self.n_vars} columns")
-        self._rows = _filtered(obs_filter, self._obs_cols, lambda c: self._elem(self._obs[c]), self.uri, n_rows)
+        self._rows = filtered_positions(obs_filter, self._obs_cols, lambda c: read_elem(self._obs[c]), self.uri, n_rows)
         self.n_obs = n_rows if self._rows is None else len(self._rows)
         if self.n_obs == 0:
             raise StoreError(f"store {self.uri} has 0 cells")
@@ -122,18 +113,12 @@ class H5adStore(Store):
                 stacklevel=3,
             )
 
-    @staticmethod
-    def _elem(node):
-        from anndata.io import read_elem
-
-        return read_elem(node)
-
     @property
     def obs_columns(self) -> list[str]:
         return list(self._obs_cols)
 
     def _read_obs(self, column):
-        values = self._elem(self._obs[column])
+        values = read_elem(self._obs[column])
         return values if self._rows is None else values[self._rows]
 
     def store_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -213,7 +198,7 @@ class AnnDataStore(Store):
         self._obs_frame = adata.obs
         self._index = np.asarray(adata.obs_names, dtype=object)
         super().__init__(var)
-        self._rows = _filtered(obs_filter, list(self._obs_frame.columns), self._column, self.uri, n)
+        self._rows = filtered_positions(obs_filter, list(self._obs_frame.columns), self._column, self.uri, n)
         self.n_obs = n if self._rows is None else len(self._rows)
         if self.n_obs == 0:
             raise StoreError(f"store {self.uri} has 0 cells")

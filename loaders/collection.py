@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .csr import CSR, concat, select_columns
+from .csr import CSR, concat, empty, select_columns
 from .store import Store, StoreError, _names_list, compact_codes
 
 SOURCE = "source"
@@ -289,7 +289,7 @@ class CollectionStore(Store):
             m = self.stores[i].read(local)
             parts.append(m if self._identity[i] else select_columns(m, self._colmaps[i], self.n_vars))
         if not parts:
-            return CSR(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), self.n_vars)
+            return empty(self.n_vars)
         return concat(parts) if len(parts) > 1 else parts[0]
 
     def store_rows(self, rows: np.ndarray) -> np.ndarray:

@@ -49,6 +49,24 @@ def eval_filter(expr: str, columns, read_column, uri: str) -> np.ndarray:
     return np.flatnonzero(mask).astype(np.int64)
 
 
+def filtered_positions(obs_filter, columns, read_column, uri: str, n_rows: int) -> np.ndarray | None:
+    """eval_filter for a store without a query engine: None without a filter (every row), else the
+    matching rows; a filter matching no cell is an error naming it."""
+    if not obs_filter:
+        return None
+    rows = eval_filter(obs_filter, columns, read_column, uri)
+    if len(rows) == 0:
+        raise StoreError(f"obs_filter {obs_filter!r} matches 0 of {n_rows} cells in {uri}")
+    return rows
+
+
+def read_elem(node):
+    """An AnnData element (obs column, var frame) of a Zarr or HDF5 group, read by anndata."""
+    from anndata.io import read_elem as read
+
+    return read(node)
+
+
 def _positions(names) -> dict[str, list[int]]:
     """Each name's column positions (usually one)."""
     out: dict[str, list[int]] = {}

@@ -14,13 +14,7 @@ import zarr
 from zarr.core.sync import sync
 
 from .csr import CSR, row_ranges
-from .store import Store, StoreError, eval_filter
-
-
-def _read_elem(node):
-    from anndata.io import read_elem
-
-    return read_elem(node)
+from .store import Store, StoreError, filtered_positions, read_elem
 
 
 class ZarrStore(Store):
@@ -52,15 +46,12 @@ class ZarrStore(Store):
         self._x_path = x_path
         self._obs = root["obs"]
         self._obs_cols = [c for c in self._obs.attrs.get("column-order", []) if c in self._obs]
-        super().__init__(_read_elem(root["var"]))
+        super().__init__(read_elem(root["var"]))
         if len(self.var_names) != self.n_vars:
             raise StoreError(f"{self.uri}: var has {len(self.var_names)} rows but X has {self.n_vars} columns")
         n_rows = len(self._indptr) - 1
-        self._rows = None  # None = identity map from positions to store rows
-        if obs_filter:
-            self._rows = eval_filter(obs_filter, self._obs_cols, lambda c: _read_elem(self._obs[c]), self.uri)
-            if len(self._rows) == 0:
-                raise StoreError(f"obs_filter {obs_filter!r} matches 0 of {n_rows} cells in {self.uri}")
+        # None = identity map from positions to store rows
+        self._rows = filtered_positions(obs_filter, self._obs_cols, lambda c: read_elem(self._obs[c]), self.uri, n_rows)
         self.n_obs = n_rows if self._rows is None else len(self._rows)
         if self.n_obs == 0:
             raise StoreError(f"store {self.uri} has 0 cells")
@@ -77,7 +68,7 @@ class ZarrStore(Store):
         return list(self._obs_cols)
 
     def _read_obs(self, column):
-        values = _read_elem(self._obs[column])
+        values = read_elem(self._obs[column])
         return values if self._rows is None else values[self._rows]
 
     def store_rows(self, rows: np.ndarray) -> np.ndarray:
