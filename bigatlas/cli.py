@@ -38,7 +38,7 @@ def _train(p):
 
 
 def _synth(p):
-    from .synth import SynthSpec, synth
+    from .synth import PRESETS, SynthSpec, synth
 
     p.add_argument("--out", default=None, help="output path (.zarr directory or SOMA experiment directory)")
     p.add_argument("out_positional", nargs="?", default=None, help=argparse.SUPPRESS)
@@ -53,6 +53,12 @@ def _synth(p):
     p.add_argument("--studies", type=int, default=SynthSpec.n_studies, help="number of studies (dataset_id)")
     p.add_argument("--donors-per-study", type=int, default=SynthSpec.donors_per_study, help="donors per study")
     p.add_argument("--mean-library", type=float, default=SynthSpec.mean_library, help="mean counts per cell")
+    p.add_argument(
+        "--preset", choices=list(PRESETS), default="default",
+        help="difficulty: subtle (subtypes differing in a few genes, wide libraries, overdispersion), rare "
+        "(types under 1%% of cells), condition (a treatment changing some types only; type-specific batch "
+        "effects), hard (all of them)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     def run(a):
@@ -63,7 +69,7 @@ def _synth(p):
             raise ValueError("give the output path once, with --out")
         t = time.perf_counter()
         spec = synth(
-            out, a.cells, a.genes, a.format, seed=a.seed, overwrite=a.overwrite, order=a.order,
+            out, a.cells, a.genes, a.format, seed=a.seed, overwrite=a.overwrite, order=a.order, preset_name=a.preset,
             n_studies=a.studies, donors_per_study=a.donors_per_study, mean_library=a.mean_library,
         )  # fmt: skip
         print(

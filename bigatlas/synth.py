@@ -5,6 +5,14 @@ multiplies gene means by its own log-normal effect (strong, as between real stud
 vary by study and cell. About 7% of cells carry the label 'undefined'; `true_cell_type` keeps the
 truth. Cell metadata is drawn first (a few ints per cell), then counts are drawn and written chunk
 by chunk, so memory is bounded by one chunk whatever the number of cells.
+
+Presets (`PRESETS`, `bigatlas synth --preset`) make it hard where real atlases are: `subtle` subtypes
+that differ in a handful of genes, with wide library sizes and strong overdispersion; `rare` types
+under 1% of cells; `condition` — a treatment that changes the programs of some coarse types only,
+given to some donors of every study, and batch effects that hit each coarse type differently; `hard`
+all of these at once. `truth(spec)` returns what each preset claims (marker genes per fine type, the
+condition's response genes and types), drawn from the same seed. The default atlas is unchanged by
+the new options: they draw from a random stream of their own.
 """
 
 from __future__ import annotations
@@ -33,6 +41,84 @@ class SynthSpec:
     zero_inflation: float = 0.05  # mean per-gene structural-zero probability
     order: str = "study"  # storage order: study (concatenated datasets), cell_type (sorted), random
     seed: int = 0
+    subtype_genes: int | None = None  # genes in each fine type's own program (unset: n_genes // 40)
+    subtype_lfc: float = 1.5  # mean log-fold change of those genes
+    library_sd: float = 0.35  # sd of log library size between cells of a study
+    log_theta_mean: float = 1.0  # mean log NB inverse dispersion (lower: more overdispersed)
+    rare_types: int = 0  # fine types made rare: rare_fraction of every study's cells each
+    rare_fraction: float = 0.005
+    condition_types: int = 0  # coarse types whose programs a treatment changes (treated: odd donors)
+    condition_genes: int = 30
+    condition_lfc: float = 1.0  # mean |log-fold change| of the response genes
+    type_batch_effect: float = 0.0  # sd of per (study, coarse type) gene log-fold changes
+
+    def __post_init__(self):
+        n_fine = self.n_coarse * self.n_fine_per_coarse
+        if self.rare_types > min(self.n_coarse, n_fine - 1) or self.rare_types * self.rare_fraction >= 0.5:
+            raise ValueError(f"rare_types={self.rare_types} x {self.rare_fraction}: at most one per coarse type")
+        if self.condition_types > self.n_coarse:
+            raise ValueError(f"condition_types={self.condition_types} exceeds n_coarse={self.n_coarse}")
+
+    @property
+    def n_fine(self) -> int:
+        return self.n_coarse * self.n_fine_per_coarse
+
+
+# Realistic difficulties (see the module docstring); a preset is a set of SynthSpec fields.
+_SUBTLE = dict(subtype_genes=6, subtype_lfc=1.3, library_sd=0.6, log_theta_mean=0.3, zero_inflation=0.1)
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "subtle": _SUBTLE,
+    "rare": dict(subtype_genes=15, rare_types=3, rare_fraction=0.005, library_sd=0.5),
+    "condition": dict(
+        subtype_genes=15, condition_types=2, condition_genes=40, condition_lfc=1.2, type_batch_effect=0.3,
+        donor_effect=0.35,
+    ),
+    "hard": dict(
+        _SUBTLE, subtype_genes=8, rare_types=2, rare_fraction=0.006, condition_types=2, condition_genes=40,
+        condition_lfc=1.2, type_batch_effect=0.3, donor_effect=0.35,
+    ),
+}  # fmt: skip
+
+
+def preset(name: str, n_cells: int, n_genes: int = 2000, **overrides) -> SynthSpec:
+    if name not in PRESETS:
+        raise ValueError(f"unknown synth preset {name!r} (have: {', '.join(PRESETS)})")
+    return SynthSpec(n_cells=n_cells, n_genes=n_genes, **{**PRESETS[name], **overrides})
+
+
+@dataclass(frozen=True)
+class Truth:
+    markers: list[np.ndarray]  # per fine type: genes of its own program (not its coarse type's)
+    rare: np.ndarray  # fine type indices made rare
+    affected: np.ndarray  # coarse types the condition changes
+    response: np.ndarray  # genes the condition changes
+    response_lfc: np.ndarray  # their log-fold changes
+
+
+def _extra_rng(spec: SynthSpec) -> np.random.Generator:
+    return np.random.default_rng([spec.seed, 0x5EED])
+
+
+def _rare_types(spec: SynthSpec) -> np.ndarray:
+    """The last subtype of the first `rare_types` coarse types: rare *and* beside a common sibling."""
+    return np.arange(spec.rare_types) * spec.n_fine_per_coarse + spec.n_fine_per_coarse - 1
+
+
+def truth(spec: SynthSpec) -> Truth:
+    """What the atlas of `spec` holds by construction (the same draws as `generate`)."""
+    rng = np.random.default_rng(spec.seed)
+    _, _, _, markers = _programs(spec, rng)
+    genes, lfc = _condition(spec, _extra_rng(spec))
+    return Truth(markers, _rare_types(spec), np.arange(spec.condition_types), genes, lfc)
+
+
+def _condition(spec: SynthSpec, rng: np.random.Generator):
+    if not spec.condition_types:
+        return np.zeros(0, np.int64), np.zeros(0)
+    genes = np.sort(rng.choice(spec.n_genes, min(spec.condition_genes, spec.n_genes), replace=False))
+    lfc = rng.normal(spec.condition_lfc, 0.25 * spec.condition_lfc, len(genes)) * rng.choice([-1.0, 1.0], len(genes))
+    return genes, lfc
 
 
 def _programs(spec: SynthSpec, rng: np.random.Generator):
@@ -43,23 +129,31 @@ def _programs(spec: SynthSpec, rng: np.random.Generator):
     for c in range(spec.n_coarse):
         genes = rng.choice(G, max(G // 12, 1), replace=False)
         coarse[c, genes] = rng.normal(2.0, 0.6, len(genes))
-    n_fine = spec.n_coarse * spec.n_fine_per_coarse
+    n_fine = spec.n_fine
     fine = np.zeros((n_fine, G))
+    n_markers = spec.subtype_genes if spec.subtype_genes is not None else G // 40
+    markers = []
     for f in range(n_fine):
-        genes = rng.choice(G, max(G // 40, 1), replace=False)
-        fine[f, genes] = rng.normal(1.5, 0.5, len(genes))
+        genes = rng.choice(G, max(min(n_markers, G), 1), replace=False)
+        fine[f, genes] = rng.normal(spec.subtype_lfc, spec.subtype_lfc / 3, len(genes))
+        markers.append(np.sort(genes))
     fine += coarse[np.arange(n_fine) // spec.n_fine_per_coarse]
-    theta = np.exp(rng.normal(1.0, 0.8, G))  # NB inverse dispersion
+    theta = np.exp(rng.normal(spec.log_theta_mean, 0.8, G))  # NB inverse dispersion
     gate = np.clip(rng.beta(1.0, 1.0 / max(spec.zero_inflation, 1e-6) - 1.0, G), 0, 0.9)
-    return base + fine, theta, gate
+    return base + fine, theta, gate, markers
 
 
 def _cells(spec: SynthSpec, rng: np.random.Generator):
-    n_fine = spec.n_coarse * spec.n_fine_per_coarse
+    n_fine = spec.n_fine
     study = np.sort(rng.integers(0, spec.n_studies, spec.n_cells))
     donor = study * spec.donors_per_study + rng.integers(0, spec.donors_per_study, spec.n_cells)
     # each study has its own cell-type composition, some types nearly absent
     comp = rng.dirichlet(np.full(n_fine, 0.8), spec.n_studies)
+    rare = _rare_types(spec)
+    if len(rare):
+        common = np.setdiff1d(np.arange(n_fine), rare)
+        comp[:, common] *= (1.0 - len(rare) * spec.rare_fraction) / comp[:, common].sum(1, keepdims=True)
+        comp[:, rare] = spec.rare_fraction
     u = rng.random(spec.n_cells)
     ctype = np.minimum((u[:, None] > np.cumsum(comp[study], axis=1)).sum(1), n_fine - 1)
     if spec.order == "cell_type":
@@ -76,21 +170,34 @@ def _cells(spec: SynthSpec, rng: np.random.Generator):
 def generate(spec: SynthSpec, writer, chunk_cells: int = 8192) -> None:
     """Draw the atlas and stream it into `writer` (write_store.ZarrWriter or SomaWriter)."""
     rng = np.random.default_rng(spec.seed)
-    logits, theta, gate = _programs(spec, rng)
+    logits, theta, gate, _ = _programs(spec, rng)
     G, n_donors = spec.n_genes, spec.n_studies * spec.donors_per_study
     study_fx = rng.normal(0, spec.study_effect, (spec.n_studies, G))
     donor_fx = rng.normal(0, spec.donor_effect, (n_donors, G))
     study_lib = np.log(spec.mean_library) + rng.normal(0, 0.4, spec.n_studies)
     study, donor, ctype = _cells(spec, rng)
+    extra = _extra_rng(spec)
+    response, response_lfc = _condition(spec, extra)
+    condition_fx = np.zeros((spec.n_coarse, G), np.float32)  # treated cells of affected coarse types
+    condition_fx[np.ix_(np.arange(spec.condition_types), response)] = response_lfc
+    type_fx = None
+    if spec.type_batch_effect > 0:
+        type_fx = extra.normal(0, spec.type_batch_effect, (spec.n_studies, spec.n_coarse, G)).astype(np.float32)
+    treated = _treated(spec, donor)
     for lo in range(0, spec.n_cells, chunk_cells):
         hi = min(lo + chunk_cells, spec.n_cells)
         crng = np.random.default_rng([spec.seed, lo])  # chunk-local stream: output independent of chunking order
         s, d, t = study[lo:hi], donor[lo:hi], ctype[lo:hi]
         eta = (logits[t] + study_fx[s] + donor_fx[d]).astype(np.float32)
+        coarse = t // spec.n_fine_per_coarse
+        if spec.condition_types:
+            eta += condition_fx[coarse] * treated[lo:hi, None]
+        if type_fx is not None:
+            eta += type_fx[s, coarse]
         eta -= eta.max(axis=1, keepdims=True)
         p = np.exp(eta)
         p /= p.sum(axis=1, keepdims=True)
-        lib = np.exp(study_lib[s] + crng.normal(0, 0.35, hi - lo)).astype(np.float32)
+        lib = np.exp(study_lib[s] + crng.normal(0, spec.library_sd, hi - lo)).astype(np.float32)
         mu = p * lib[:, None]
         counts = crng.negative_binomial(theta, theta / (theta + mu)).astype(np.float32)
         counts[crng.random(counts.shape, dtype=np.float32) < gate] = 0
@@ -98,10 +205,15 @@ def generate(spec: SynthSpec, writer, chunk_cells: int = 8192) -> None:
         indptr = np.zeros(hi - lo + 1, np.int64)
         np.cumsum(np.bincount(rows, minlength=hi - lo), out=indptr[1:])
         writer.append(indptr, cols, counts[rows, cols])
-    writer.finish(*_frames(spec, study, donor, ctype, rng))
+    writer.finish(*_frames(spec, study, donor, ctype, rng, treated))
 
 
-def _frames(spec: SynthSpec, study, donor, ctype, rng):
+def _treated(spec: SynthSpec, donor: np.ndarray) -> np.ndarray:
+    """Odd donors of every study are treated (so every study has both arms when it has 2+ donors)."""
+    return (donor % spec.donors_per_study) % 2 == 1
+
+
+def _frames(spec: SynthSpec, study, donor, ctype, rng, treated):
     n = spec.n_cells
     fine_names = np.array(
         [
@@ -133,6 +245,9 @@ def _frames(spec: SynthSpec, study, donor, ctype, rng):
         },
         index=pd.Index(np.char.add("cell_", np.arange(n).astype(str)), name="obs_id"),
     )
+    if spec.condition_types:
+        obs["condition"] = cat(np.where(treated, "treated", "control"))
+        obs["condition_affected"] = treated & (ctype // spec.n_fine_per_coarse < spec.condition_types)
     g = np.arange(spec.n_genes)
     var = pd.DataFrame(
         {
@@ -145,10 +260,20 @@ def _frames(spec: SynthSpec, study, donor, ctype, rng):
     return obs, var
 
 
-def synth(out, n_cells: int, n_genes: int, fmt: str = "zarr", seed: int = 0, overwrite: bool = False, **spec_kwargs):
+def synth(
+    out,
+    n_cells: int,
+    n_genes: int,
+    fmt: str = "zarr",
+    seed: int = 0,
+    overwrite: bool = False,
+    preset_name: str = "default",
+    **spec_kwargs,
+):
+    """Write the atlas of `preset_name` (PRESETS), with SynthSpec fields in spec_kwargs overriding it."""
     from .write_store import SomaWriter, ZarrWriter
 
-    spec = SynthSpec(n_cells=n_cells, n_genes=n_genes, seed=seed, **spec_kwargs)
+    spec = preset(preset_name, n_cells, n_genes, seed=seed, **spec_kwargs)
     if fmt == "zarr":
         writer = ZarrWriter(out, n_genes, overwrite=overwrite)
     elif fmt == "soma":

@@ -6,6 +6,7 @@ import sys
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 from bigatlas.cli import main
@@ -107,3 +108,104 @@ def test_cli_synth_refuses_to_overwrite_and_reports(tmp_path, capsys):
     assert "epoch 0: 500 cells" in capsys.readouterr().out
     assert main(["stream", str(tmp_path / "missing.zarr")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# -- the harder presets hold what they claim ---------------------------------------------------------
+
+
+def _lognorm(adata):
+    x = adata.X.toarray()
+    return np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
+
+
+def _within_study_difference(x, obs, a, b):
+    """Mean profile of mask a minus mask b inside the study holding most of both (no study effect)."""
+    both = obs[a | b].dataset_id.astype(str)
+    counts = [(min((a & (obs.dataset_id == s)).sum(), (b & (obs.dataset_id == s)).sum()), s) for s in both.unique()]
+    n, study = max(counts)
+    assert n >= 20, (n, study)
+    in_s = (obs.dataset_id == study).to_numpy()
+    return x[a.to_numpy() & in_s].mean(0) - x[b.to_numpy() & in_s].mean(0)
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory):
+    from bigatlas.synth import preset, truth
+
+    path = tmp_path_factory.mktemp("hard") / "h.zarr"
+    spec = synth(path, 12000, 400, "zarr", seed=7, preset_name="hard")
+    obs = ad.read_zarr(path).obs.reset_index(drop=True)
+    assert spec == preset("hard", 12000, 400, seed=7)
+    return ad.read_zarr(path), obs, spec, truth(spec)
+
+
+def test_subtle_subtypes_differ_in_their_few_marker_genes(hard):
+    adata, obs, spec, tr = hard
+    x = _lognorm(adata)
+    assert all(len(m) == spec.subtype_genes for m in tr.markers) and spec.subtype_genes <= 10
+    truth_type = obs.true_cell_type.astype(str)
+    names = [f"type_{f // spec.n_fine_per_coarse}.{f % spec.n_fine_per_coarse}" for f in range(spec.n_fine)]
+    checked = 0
+    for f in range(spec.n_fine):
+        if f in tr.rare:
+            continue
+        sibs = [g for g in range(spec.n_fine) if g // spec.n_fine_per_coarse == f // spec.n_fine_per_coarse and g != f]
+        mine, theirs = truth_type == names[f], truth_type.isin([names[g] for g in sibs])
+        if min(mine.sum(), theirs.sum()) < 200:
+            continue
+        d = _within_study_difference(x, obs, mine, theirs)
+        others = np.setdiff1d(np.arange(spec.n_genes), np.concatenate([tr.markers[g] for g in [f, *sibs]]))
+        marker_shift = d[tr.markers[f]].mean()
+        assert marker_shift > 0.3, (names[f], marker_shift)
+        assert marker_shift > 4 * np.abs(d[others]).mean(), (names[f], marker_shift, np.abs(d[others]).mean())
+        checked += 1
+    assert checked >= 4
+
+
+def test_rare_types_are_under_one_percent_in_every_study(hard):
+    _, obs, spec, tr = hard
+    frac = obs.true_cell_type.astype(str).value_counts(normalize=True)
+    names = [f"type_{f // spec.n_fine_per_coarse}.{f % spec.n_fine_per_coarse}" for f in tr.rare]
+    assert len(names) == spec.rare_types >= 2
+    per_study = pd.crosstab(obs.dataset_id, obs.true_cell_type, normalize="index")
+    for name in names:
+        assert 0.002 < frac[name] < 0.01, (name, frac[name])
+        assert (per_study[name] < 0.02).all()
+    assert (frac.drop(names) > 0.01).all()
+
+
+def test_condition_changes_only_the_stated_types(hard):
+    adata, obs, spec, tr = hard
+    x = _lognorm(adata)
+    coarse = obs.true_cell_type.astype(str).str.split(".").str[0].str[5:].astype(int)
+    treated = obs.condition == "treated"
+    assert (obs.condition_affected == (treated & coarse.isin(tr.affected))).all()
+    assert set(obs.groupby("dataset_id", observed=True).condition.nunique()) == {2}
+    rest = np.setdiff1d(np.arange(spec.n_genes), tr.response)
+    for c in range(spec.n_coarse):
+        d = _within_study_difference(x, obs, treated & (coarse == c), ~treated & (coarse == c))
+        response, background = np.abs(d[tr.response]).mean(), np.abs(d[rest]).mean()
+        if c in tr.affected:
+            assert np.corrcoef(d[tr.response], tr.response_lfc)[0, 1] > 0.7, c
+            assert response > 2.5 * background, (c, response, background)
+        else:
+            assert response < 1.6 * background, (c, response, background)
+
+
+def test_cli_preset_writes_the_preset_and_options_keep_the_cells(tmp_path):
+    """`--preset` is the library's preset; options that add effects (condition, type-specific batch
+    effects) draw from a stream of their own, so the same seed keeps the same cells and donors."""
+    from bigatlas.synth import SynthSpec, preset
+
+    assert preset("default", 100, 10) == SynthSpec(100, 10)
+    a, b, c = tmp_path / "a.zarr", tmp_path / "b.zarr", tmp_path / "c.zarr"
+    synth(a, 1500, 60, "zarr", seed=2, preset_name="subtle")
+    assert main(["synth", str(b), "--cells", "1500", "--genes", "60", "--seed", "2", "--preset", "subtle"]) == 0
+    xa, xb = ad.read_zarr(a), ad.read_zarr(b)
+    assert (xa.X != xb.X).nnz == 0 and xa.obs.equals(xb.obs)
+    synth(c, 1500, 60, "zarr", seed=2, preset_name="subtle", condition_types=1, type_batch_effect=0.3)
+    xc = ad.read_zarr(c)
+    assert xc.obs.true_cell_type.equals(xa.obs.true_cell_type) and xc.obs.donor_id.equals(xa.obs.donor_id)
+    assert (xa.X != xc.X).nnz > 0
+    with pytest.raises(ValueError, match="unknown synth preset 'nope'"):
+        preset("nope", 10)
