@@ -14,6 +14,7 @@ LIKELIHOODS = ("zinb", "nb")
 DISPERSIONS = ("gene-cell", "gene", "gene-batch")
 GATES = ("gene", "gene-cell")
 GENE_JOINS = ("inner", "outer")
+CLASS_WEIGHTINGS = ("inverse", "sqrt-inverse", "none")
 UNLABELED = ("undefined",)  # label values that mean "no label" unless the user names others
 
 
@@ -36,11 +37,16 @@ class ModelConfig:
     zi_gate: str = opt("gene-cell", "zero-inflation gate per gene or per gene-cell", choices=GATES)
     normalize_total: float | None = opt(None, "scale counts to this total before log1p (unset: log1p of raw counts)")
     var_eps: float = opt(1e-4, "added to the posterior variance")
+    class_weighting: str = opt(
+        "inverse", "label loss weight per class: inverse frequency (the original), its square root, or none",
+        choices=CLASS_WEIGHTINGS,
+    )  # fmt: skip
 
     def __post_init__(self):
         _check("likelihood", self.likelihood, LIKELIHOODS)
         _check("dispersion", self.dispersion, DISPERSIONS)
         _check("zi_gate", self.zi_gate, GATES)
+        _check("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
 

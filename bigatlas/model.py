@@ -40,14 +40,17 @@ def mlp(sizes, dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def class_weights(counts: torch.Tensor) -> torch.Tensor:
-    """w_c = N / (K · n_c) over the K non-empty classes; 0 for empty ones (the original gave inf)."""
+def class_weights(counts: torch.Tensor, weighting: str = "inverse") -> torch.Tensor:
+    """inverse: w_c = N / (K · n_c) over the K non-empty classes (the original); sqrt-inverse: its
+    square root; none: 1. Scaled to a count-weighted mean of 1; 0 for empty classes (the original gave
+    inf)."""
     counts = counts.double()
     present = counts > 0
-    k = int(present.sum())
     w = torch.zeros_like(counts)
-    if k:
-        w[present] = counts.sum() / (k * counts[present])
+    if bool(present.any()):
+        power = {"inverse": 1.0, "sqrt-inverse": 0.5, "none": 0.0}[weighting]
+        w[present] = counts[present] ** -power
+        w *= counts.sum() / (w * counts).sum()
     return w.float()
 
 
@@ -86,7 +89,7 @@ class VAEModule(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(cfg.n_latent, n) for n in n_label_classes)
         for i, n in enumerate(n_label_classes):
             counts = torch.as_tensor(class_counts[i]) if class_counts is not None else torch.ones(n)
-            self.register_buffer(f"class_weight_{i}", class_weights(counts))
+            self.register_buffer(f"class_weight_{i}", class_weights(counts, cfg.class_weighting))
 
     frozen_modules: tuple[str, ...] = ()  # kept in eval mode (BatchNorm statistics fixed) by train()
 

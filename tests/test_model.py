@@ -31,6 +31,15 @@ def test_class_weights_finite_with_an_empty_class():
     assert torch.allclose(w[[0, 2, 3]], torch.tensor([16 / 30, 16 / 15, 16 / 3]))
 
 
+def test_class_weightings_keep_the_mean_weight_per_cell():
+    counts = torch.tensor([400.0, 100.0, 0.0, 4.0])
+    for weighting, power in (("inverse", 1.0), ("sqrt-inverse", 0.5), ("none", 0.0)):
+        w = class_weights(counts, weighting).double()
+        assert w[2] == 0 and torch.isclose((w * counts).sum() / counts.sum(), torch.tensor(1.0, dtype=w.dtype))
+        ratio = w[3] / w[0]  # a class 100x rarer weighs 100**power times more
+        assert torch.isclose(ratio, torch.tensor(100.0**power, dtype=w.dtype), rtol=1e-5), weighting
+
+
 def test_no_labelled_cells_gives_zero_label_loss():
     counts, codes, labels = batch()
     out = loss(model(), counts, codes, torch.full_like(labels, -1))

@@ -1,0 +1,177 @@
+"""Quality benchmark beside scvi-tools, on the hard synthetic atlases (`bigatlas synth --preset`).
+
+For every preset × seed, on the same cells: bigatlas without labels and scVI; bigatlas with 80% of the
+labels and scANVI (from that scVI, its default schedule), the other 20% hidden and predicted. Every
+embedding is scored by `bigatlas evaluate`'s scib-metrics against the *true* cell types and the study
+(bio, batch, total, kNN label accuracy); label transfer by accuracy and macro-F1 on the hidden cells.
+Writes bench/results/quality.json: one row per (atlas, seed, method), and the mean per method and atlas.
+
+    python -m bench.quality                              # the table the defaults are chosen from
+    python -m bench.quality --only bigatlas bigatlas_labels --tag sqrt --train label_weight=10
+        # a variant of bigatlas beside the peers' rows already in the result file
+
+scvi-tools is optional (`pip install scvi-tools`); without it only bigatlas rows are made. Epochs: the
+same number on both sides (--epochs; scANVI adds its default fine-tuning after scVI).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.common import main, write_results
+
+BATCH_KEY = "dataset_id"
+TRUTH = "true_cell_type"
+LABELS = "bench_label"  # cell_type with 20% of the labelled cells hidden ('undefined')
+METHODS = ("bigatlas", "bigatlas_labels", "scvi", "scanvi")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--presets", nargs="+", default=["subtle", "rare", "condition"], help="synth presets")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="atlas and training seeds")
+    p.add_argument("--cells", type=int, default=8000, help="cells per atlas")
+    p.add_argument("--genes", type=int, default=1000, help="genes per atlas")
+    p.add_argument("--epochs", type=int, default=60, help="training epochs, the same for every method")
+    p.add_argument("--hidden-fraction", type=float, default=0.2, help="labelled cells whose label is hidden")
+    p.add_argument("--only", nargs="*", default=None, help=f"subset of {' '.join(METHODS)}")
+    p.add_argument("--tag", default="default", help="name of this bigatlas variant in the results")
+    p.add_argument("--model", nargs="*", default=[], help="ModelConfig overrides, key=value")
+    p.add_argument("--train", nargs="*", default=[], help="TrainConfig overrides, key=value")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--data-dir", default="bench/data", help="where atlases are built or reused")
+    p.add_argument("--out", default="bench/results/quality.json", help="JSON result file (rows are merged)")
+
+
+def overrides(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def atlas(a, preset: str, seed: int):
+    """The preset's atlas (built once under --data-dir) in memory, with the hidden-label column."""
+    import anndata as ad
+
+    from bigatlas.synth import synth
+
+    path = Path(a.data_dir) / f"quality_{preset}_{seed}_{a.cells}x{a.genes}.zarr"
+    if not path.exists():
+        synth(path, a.cells, a.genes, "zarr", seed=seed, preset_name=preset)
+    adata = ad.read_zarr(path)
+    rng = np.random.default_rng(seed)
+    labelled = (adata.obs.cell_type != "undefined").to_numpy()
+    hidden = labelled & (rng.random(adata.n_obs) < a.hidden_fraction)
+    lab = adata.obs.cell_type.astype(str).to_numpy().copy()
+    lab[hidden] = "undefined"
+    adata.obs[LABELS] = pd.Categorical(lab)
+    adata.obs["bench_hidden"] = hidden
+    return adata
+
+
+def run_bigatlas(adata, a, seed: int, labels: bool):
+    from bigatlas.api import AtlasVAE
+
+    train = {"seed": seed, "checkpoint_every_steps": 0, **overrides(a.train)}
+    model = AtlasVAE(
+        adata, batch_key=BATCH_KEY, label_keys=[LABELS] if labels else [], model=overrides(a.model), train=train
+    )
+    model.fit(max_epochs=a.epochs)
+    z = model.get_latent_representation()
+    pred = model.predict()[f"{LABELS}_pred"].astype(str).to_numpy() if labels else None
+    return z, pred
+
+
+def run_scvi(adata, a, seed: int, labels: bool, cache: dict):
+    import scvi
+
+    scvi.settings.seed = seed
+    scvi.settings.num_threads = a.threads
+    if "scvi" not in cache:
+        data = adata.copy()
+        scvi.model.SCVI.setup_anndata(data, batch_key=BATCH_KEY, labels_key=LABELS)
+        model = scvi.model.SCVI(data)
+        model.train(max_epochs=a.epochs, accelerator="cpu", enable_progress_bar=False)
+        cache["scvi"] = model
+    if not labels:
+        return cache["scvi"].get_latent_representation(), None
+    model = scvi.model.SCANVI.from_scvi_model(cache["scvi"], unlabeled_category="undefined")
+    model.train(accelerator="cpu", enable_progress_bar=False)
+    return model.get_latent_representation(), np.asarray(model.predict()).astype(str)
+
+
+def score(adata, z, pred) -> dict:
+    from bigatlas.metrics import confusion, prediction_scores, scib_scores
+
+    truth = adata.obs[TRUTH]
+    batch = adata.obs[BATCH_KEY]
+    s = scib_scores(z, truth.cat.codes.to_numpy(), batch.cat.codes.to_numpy())
+    row = {k: round(s[k], 4) for k in ("bio_conservation", "batch_correction", "total", "knn_label_accuracy")}
+    row.update({k: round(s[k], 4) for k in ("ari", "nmi", "silhouette_label", "isolated_labels", "ilisi", "kbet")})
+    if pred is not None:
+        hidden = adata.obs["bench_hidden"].to_numpy()
+        t = pd.Categorical(truth.astype(str).to_numpy()[hidden])
+        scores = prediction_scores(confusion(t, pd.Categorical(pred[hidden])))
+        row["heldout_accuracy"] = round(scores["accuracy"], 4)
+        row["heldout_macro_f1"] = round(scores["macro_f1"], 4)
+        rare = t.categories[np.bincount(t.codes, minlength=len(t.categories)) < 0.01 * len(t)]
+        is_rare = np.isin(np.asarray(t), rare)
+        if is_rare.any():
+            row["heldout_rare_recall"] = round(float((pred[hidden][is_rare] == np.asarray(t)[is_rare]).mean()), 4)
+    return row
+
+
+def summary(rows: list[dict]) -> dict:
+    df = pd.DataFrame(rows)
+    metrics = [c for c in df.columns if c not in ("preset", "seed", "method", "tag")]
+    mean = df.groupby(["tag", "method", "preset"])[metrics].mean().round(4)
+    overall = df.groupby(["tag", "method"])[metrics].mean().round(4)
+    return {
+        "by_atlas": {" / ".join(k): v for k, v in mean.to_dict(orient="index").items()},
+        "overall": {" / ".join(k): v for k, v in overall.to_dict(orient="index").items()},
+    }
+
+
+def run(a) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    methods = a.only or list(METHODS)
+    out = Path(a.out)
+    old = json.loads(out.read_text())["rows"] if out.exists() else []
+    new = []
+    for preset in a.presets:
+        for seed in a.seeds:
+            adata = atlas(a, preset, seed)
+            cache: dict = {}
+            for method in methods:
+                t = time.perf_counter()
+                labels = method in ("bigatlas_labels", "scanvi")
+                if method.startswith("bigatlas"):
+                    z, pred = run_bigatlas(adata, a, seed, labels)
+                else:
+                    z, pred = run_scvi(adata, a, seed, labels, cache)
+                seconds = time.perf_counter() - t
+                tag = a.tag if method.startswith("bigatlas") else "peer"
+                row = {"preset": preset, "seed": seed, "method": method, "tag": tag, **score(adata, z, pred)}
+                row["train_seconds"] = round(seconds, 1)
+                print(json.dumps(row), flush=True)
+                new.append(row)
+    done = {(r["preset"], r["seed"], r["method"], r["tag"]) for r in new}
+    rows = [r for r in old if (r["preset"], r["seed"], r["method"], r["tag"]) not in done] + new
+    setup = {k: getattr(a, k) for k in ("cells", "genes", "epochs", "hidden_fraction", "threads")}
+    return write_results({"setup": setup, "rows": rows, **summary(rows)}, out)
+
+
+if __name__ == "__main__":
+    main(__doc__, add_arguments, run)
