@@ -46,6 +46,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--data-dir", default="bench/data", help="where atlases are built or reused")
     p.add_argument("--out", default="bench/results/quality.json", help="JSON result file (rows are merged)")
+    p.add_argument("--table", action="store_true", help="print the result file's table (markdown) and exit")
+    p.add_argument("--tags", nargs="*", default=["before", "default"], help="bigatlas variants in --table")
 
 
 def overrides(pairs) -> dict:
@@ -98,11 +100,12 @@ def run_scvi(adata, a, seed: int, labels: bool, cache: dict):
     scvi.settings.seed = seed
     scvi.settings.num_threads = a.threads
     if "scvi" not in cache:
+        t = time.perf_counter()
         data = adata.copy()
         scvi.model.SCVI.setup_anndata(data, batch_key=BATCH_KEY, labels_key=LABELS)
         model = scvi.model.SCVI(data)
         model.train(max_epochs=a.epochs, accelerator="cpu", enable_progress_bar=False)
-        cache["scvi"] = model
+        cache["scvi"], cache["scvi_seconds"] = model, time.perf_counter() - t
     if not labels:
         return cache["scvi"].get_latent_representation(), None
     model = scvi.model.SCANVI.from_scvi_model(cache["scvi"], unlabeled_category="undefined")
@@ -142,8 +145,41 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
+TABLE = (
+    ("bio_conservation", "bio"),
+    ("batch_correction", "batch"),
+    ("total", "total"),
+    ("knn_label_accuracy", "kNN acc."),
+    ("heldout_accuracy", "held-out acc."),
+    ("heldout_macro_f1", "held-out F1"),
+    ("train_seconds", "seconds"),
+)
+
+
+def table(rows: list[dict], tags) -> str:
+    """Markdown: per atlas, the mean over seeds of every method (bigatlas variants in `tags`)."""
+    df = pd.DataFrame(rows)
+    df = df[(df.tag == "peer") | df.tag.isin(tags)]
+    df["name"] = np.where(df.tag == "peer", df.method, df.method + " (" + df.tag + ")")
+    order = {m: i for i, m in enumerate(METHODS)}
+    lines = ["| atlas | method | seeds | " + " | ".join(h for _, h in TABLE) + " |", "|" + "---|" * (len(TABLE) + 3)]
+    for preset in dict.fromkeys(df.preset):
+        sub = df[df.preset == preset]
+        names = sorted(dict.fromkeys(sub.name), key=lambda n: (order[n.split(" ")[0]] // 2, n.split(" ")[0], n))
+        for name in names:
+            g = sub[sub.name == name]
+            cells = [f"{g[k].mean():.3f}" if k in g and g[k].notna().any() else "–" for k, _ in TABLE[:-1]]
+            cells.append(f"{g.train_seconds.mean():.0f}")
+            lines.append(f"| {preset} | {name} | {len(g)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run(a) -> dict:
     import torch
+
+    if a.table:
+        print(table(json.loads(Path(a.out).read_text())["rows"], a.tags))
+        return {}
 
     torch.set_num_threads(a.threads)
     methods = a.only or list(METHODS)
@@ -155,13 +191,15 @@ def run(a) -> dict:
             adata = atlas(a, preset, seed)
             cache: dict = {}
             for method in methods:
-                t = time.perf_counter()
+                t, pretrained = time.perf_counter(), "scvi" in cache
                 labels = method in ("bigatlas_labels", "scanvi")
                 if method.startswith("bigatlas"):
                     z, pred = run_bigatlas(adata, a, seed, labels)
                 else:
                     z, pred = run_scvi(adata, a, seed, labels, cache)
                 seconds = time.perf_counter() - t
+                if method == "scanvi" and pretrained:  # scANVI's time includes the scVI it starts from
+                    seconds += cache["scvi_seconds"]
                 tag = a.tag if method.startswith("bigatlas") else "peer"
                 row = {"preset": preset, "seed": seed, "method": method, "tag": tag, **score(adata, z, pred)}
                 row["train_seconds"] = round(seconds, 1)
