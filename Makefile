@@ -44,6 +44,8 @@ demo: install
 		print('scIB total: bigatlas %.3f, PCA of counts %.3f' % (s['bigatlas']['total'], s['pca_baseline']['total'])); \
 		print('cell_type accuracy vs truth: all %.3f, query study_5 (not trained on) %.3f' % (p['accuracy'], p['query_accuracy']))"
 	@echo "report: $(DEMO)/run/report/report.html  (also report.md; metrics.json, PNGs beside it)"
+	@echo "The demo atlas is easy. On the hard ones, beside scVI/scANVI (python -m bench.quality):"
+	@$(BIN)/python -m bench.quality --table --tags default
 
 # lint and format check first (seconds), then the suite
 test: install
