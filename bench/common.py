@@ -33,9 +33,12 @@ def ensure_store(data_dir, cells: int, genes: int, fmt: str = "zarr", order: str
 
 
 def train_config(data, epochs, batch_size, **train):
-    from bigatlas.config import DataConfig, RunConfig, TrainConfig
+    """The benchmarks' run: scAtlasVAE's architecture (gene-cell dispersion and gate, as scatlasvae has
+    them, so T2 compares the same model), not the quality defaults."""
+    from bigatlas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
     return RunConfig(
+        model=ModelConfig(dispersion="gene-cell", zi_gate="gene-cell"),
         train=TrainConfig(max_epochs=epochs, batch_size=batch_size, checkpoint_every_steps=0, **train),
         data=DataConfig(data=data, **KEYS),
     )

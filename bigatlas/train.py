@@ -170,9 +170,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
     model = build_model(vocab, cfg)
     if surgery is not None:
         surgery.apply(model, vocab)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
-    )
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
     model, optimizer = acc.prepare(model, optimizer)
     max_epochs = t.epochs_for(n_train)
     return Session(cfg, acc, run, stream, to_input, model, optimizer, max_epochs, Faults(), preempt or Preemption())
@@ -272,6 +270,15 @@ def _preempted(s: Session, progress: Progress):
     )
 
 
+def make_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all parameters, on CPU too) where this torch has it, else foreach:
+    the per-parameter loop took 4.4 ms of a ~20 ms CPU step with clipping (fused + foreach clip: 0.7)."""
+    try:
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+
+
 def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float, label_weight: float):
     """Forward, the all-ranks NaN check (before any update), backward, clip, optimizer step."""
     t, acc = s.cfg.train, s.acc
@@ -297,7 +304,8 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
         )
     acc.backward(out.total)
     if t.grad_clip:
-        acc.clip_grad_norm_(s.model.parameters(), t.grad_clip)
+        acc.unscale_gradients()  # what acc.clip_grad_norm_ does first; then one foreach norm (CPU too)
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), t.grad_clip, foreach=True)
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     progress.step += 1
