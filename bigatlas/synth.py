@@ -53,8 +53,7 @@ class SynthSpec:
     type_batch_effect: float = 0.0  # sd of per (study, coarse type) gene log-fold changes
 
     def __post_init__(self):
-        n_fine = self.n_coarse * self.n_fine_per_coarse
-        if self.rare_types > min(self.n_coarse, n_fine - 1) or self.rare_types * self.rare_fraction >= 0.5:
+        if self.rare_types > min(self.n_coarse, self.n_fine - 1) or self.rare_types * self.rare_fraction >= 0.5:
             raise ValueError(f"rare_types={self.rare_types} x {self.rare_fraction}: at most one per coarse type")
         if self.condition_types > self.n_coarse:
             raise ValueError(f"condition_types={self.condition_types} exceeds n_coarse={self.n_coarse}")
@@ -62,6 +61,11 @@ class SynthSpec:
     @property
     def n_fine(self) -> int:
         return self.n_coarse * self.n_fine_per_coarse
+
+    @property
+    def fine_names(self) -> list[str]:
+        """The fine types' labels, by index: type_<coarse>.<subtype>."""
+        return [f"type_{f // self.n_fine_per_coarse}.{f % self.n_fine_per_coarse}" for f in range(self.n_fine)]
 
 
 # Realistic difficulties (see the module docstring); a preset is a set of SynthSpec fields.
@@ -215,12 +219,7 @@ def _treated(spec: SynthSpec, donor: np.ndarray) -> np.ndarray:
 
 def _frames(spec: SynthSpec, study, donor, ctype, rng, treated):
     n = spec.n_cells
-    fine_names = np.array(
-        [
-            f"type_{c // spec.n_fine_per_coarse}.{c % spec.n_fine_per_coarse}"
-            for c in range(spec.n_coarse * spec.n_fine_per_coarse)
-        ]
-    )
+    fine_names = np.array(spec.fine_names)
     coarse_names = np.array([f"type_{c}" for c in range(spec.n_coarse)])
     undefined = rng.random(n) < spec.undefined_fraction
     cell_type = np.where(undefined, "undefined", fine_names[ctype])

@@ -144,7 +144,7 @@ def test_subtle_subtypes_differ_in_their_few_marker_genes(hard):
     x = _lognorm(adata)
     assert all(len(m) == spec.subtype_genes for m in tr.markers) and spec.subtype_genes <= 10
     truth_type = obs.true_cell_type.astype(str)
-    names = [f"type_{f // spec.n_fine_per_coarse}.{f % spec.n_fine_per_coarse}" for f in range(spec.n_fine)]
+    names = spec.fine_names
     checked = 0
     for f in range(spec.n_fine):
         if f in tr.rare:
@@ -165,7 +165,7 @@ def test_subtle_subtypes_differ_in_their_few_marker_genes(hard):
 def test_rare_types_are_under_one_percent_in_every_study(hard):
     _, obs, spec, tr = hard
     frac = obs.true_cell_type.astype(str).value_counts(normalize=True)
-    names = [f"type_{f // spec.n_fine_per_coarse}.{f % spec.n_fine_per_coarse}" for f in tr.rare]
+    names = [spec.fine_names[f] for f in tr.rare]
     assert len(names) == spec.rare_types >= 2
     per_study = pd.crosstab(obs.dataset_id, obs.true_cell_type, normalize="index")
     for name in names:
