@@ -79,6 +79,11 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "checkpoints kept on disk")
     seed: int = opt(0, "seed of shuffling, hold-out and initialisation")
     num_workers: int = opt(1, "reader threads per process", flag="--workers")
+    reference_cells: int = opt(
+        200_000, "training cells (label-stratified) in the reference index written at the end (0: none); "
+        "kNN label transfer, uncertainty and the reference UMAP read it",
+    )  # fmt: skip
+    reference_umap: bool = opt(True, "lay the reference index out with UMAP (queries are placed on it)")
 
     def warmup_epochs(self, max_epochs: int) -> float:
         return min(self.kl_warmup_epochs, 0.5 * max_epochs)

@@ -30,9 +30,15 @@ from loaders.csr import check_counts, select_columns
 
 from .faults import Faults
 from .lock import OutputLock
+from .reference import read_reference
 from .rundir import load_run
+from .transfer import DEFAULT_UNKNOWN, LabelTransfer
 
-OUTPUT_VERSION = 2  # 2: obs/row renamed obs/bigatlas_row (a user's obs may have a "row")
+OUTPUT_VERSION = 3  # 2: obs/row renamed obs/bigatlas_row; 3: uncertainty, filtered, per-predictor columns
+UNKNOWN = "Unknown"  # the category of <key>_pred_filtered for uncertain cells
+# per label key: (column suffix, dtype) of the numeric columns and the categorical ones
+NUMERIC = (("prob", np.float32), ("uncertainty", np.float32), ("entropy", np.float32), ("unknown", bool))
+CATEGORICAL = ("pred", "pred_filtered", "pred_head", "pred_knn")
 ROW_COLUMN = "bigatlas_row"  # each cell's row id in the source store
 SOURCE_COLUMN = "bigatlas_source"  # a collection's store of each cell
 
@@ -56,7 +62,7 @@ def _array(group, name, shape, chunks, dtype, kind="array", fill_value=None):
     return arr
 
 
-def _meta(run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold, sources=None) -> dict:
+def _meta(run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold, transfer, sources=None) -> dict:
     extra = {"sources": list(sources)} if sources is not None else {}  # a collection's store names
     return {
         **extra,
@@ -68,6 +74,9 @@ def _meta(run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold, s
         "chunk_size": int(chunk_size),
         "full_probabilities": bool(full_probs),
         "unknown_threshold": float(threshold),
+        "predictor": transfer.predictor,
+        "k": transfer.k if transfer.index is not None else None,
+        "reference": transfer.reference.id if transfer.reference is not None else None,
     }
 
 
@@ -81,6 +90,18 @@ def _categorical(obs, name: str, categories, n: int, c: int) -> None:
     _array(cat, "codes", (n,), (c,), np.int16, fill_value=-1)
 
 
+def _label_columns(classes: dict, has_knn: bool):
+    """(key, column suffix, categories or dtype) of every per-key obs column, in column order."""
+    for key, cats in classes.items():
+        yield key, "pred", list(cats)
+        yield key, "pred_filtered", [*cats, UNKNOWN] if UNKNOWN not in cats else list(cats)
+        for suffix, dtype in NUMERIC:
+            yield key, suffix, dtype
+        yield key, "pred_head", list(cats)
+        if has_knn:
+            yield key, "pred_knn", list(cats)
+
+
 def _create(out: Path, meta: dict, model, n_chunks: int) -> None:
     n, c = meta["n_obs"], meta["chunk_size"]
     root = zarr.open_group(str(out), mode="w", zarr_format=3)
@@ -92,15 +113,18 @@ def _create(out: Path, meta: dict, model, n_chunks: int) -> None:
     if meta.get("sources"):  # a collection: each cell's store, beside its row id in that store
         _categorical(obs, SOURCE_COLUMN, meta["sources"], n, c)
         columns.append(SOURCE_COLUMN)
-    for key, classes in model.vocab.label_classes.items():
-        _categorical(obs, f"{key}_pred", classes, n, c)
-        for suffix, dtype in (("prob", np.float32), ("entropy", np.float32), ("unknown", bool)):
-            _array(obs, f"{key}_{suffix}", (n,), (c,), dtype)
-        columns += [f"{key}_pred", f"{key}_prob", f"{key}_entropy", f"{key}_unknown"]
+    for key, suffix, kind in _label_columns(model.vocab.label_classes, meta["k"] is not None):
+        if isinstance(kind, list):
+            _categorical(obs, f"{key}_{suffix}", kind, n, c)
+        else:
+            _array(obs, f"{key}_{suffix}", (n,), (c,), kind)
+        columns.append(f"{key}_{suffix}")
     obs.attrs.update({**_attrs("dataframe"), "_index": "_index", "column-order": columns})
     obsm = root.create_group("obsm")
     obsm.attrs.update(_attrs("dict"))
     _array(obsm, "X_bigatlas", (n, model.config.model.n_latent), (c, model.config.model.n_latent), np.float32)
+    if meta.get("umap"):
+        _array(obsm, "X_umap_ref", (n, 2), (c, 2), np.float32)
     if meta["full_probabilities"]:
         for key, classes in model.vocab.label_classes.items():
             _array(obsm, f"{key}_probabilities", (n, len(classes)), (c, len(classes)), np.float32)
@@ -145,17 +169,21 @@ class ZarrOutput:
     def done(self) -> np.ndarray:
         return self.root["uns/bigatlas_done"][:]
 
-    def write(self, k, lo, hi, row_ids, names, z, results, probs, sources=None) -> None:
+    def write(self, k, lo, hi, row_ids, names, z, results, probs, umap=None, sources=None) -> None:
         root = self.root
         root["obsm/X_bigatlas"][lo:hi] = z
+        if umap is not None:
+            root["obsm/X_umap_ref"][lo:hi] = umap
         root[f"obs/{ROW_COLUMN}"][lo:hi] = row_ids
         if sources is not None:
             root[f"obs/{SOURCE_COLUMN}/codes"][lo:hi] = sources.astype(np.int16)
         root["obs/_index"][lo:hi] = np.asarray(names, dtype=object)
         for key, r in results.items():
-            root[f"obs/{key}_pred/codes"][lo:hi] = r["code"].astype(np.int16)
-            for field in ("prob", "entropy", "unknown"):
-                root[f"obs/{key}_{field}"][lo:hi] = r[field]
+            for field, values in r.items():
+                if field in CATEGORICAL:
+                    root[f"obs/{key}_{field}/codes"][lo:hi] = values.astype(np.int16)
+                elif field != "label":
+                    root[f"obs/{key}_{field}"][lo:hi] = values
             if key in probs:
                 root[f"obsm/{key}_probabilities"][lo:hi] = probs[key]
         root["uns/bigatlas_done"][k] = 1  # after the data: a killed write leaves the chunk not done
@@ -197,13 +225,9 @@ class SomaOutput:
         import tiledbsoma as soma
 
         fields = [pa.field("soma_joinid", pa.int64(), nullable=False)]
-        for key in model.vocab.label_classes:
-            fields += [
-                pa.field(f"{key}_pred", pa.large_string()),
-                pa.field(f"{key}_prob", pa.float32()),
-                pa.field(f"{key}_entropy", pa.float32()),
-                pa.field(f"{key}_unknown", pa.bool_()),
-            ]
+        arrow = {np.float32: pa.float32(), bool: pa.bool_()}
+        for key, suffix, kind in _label_columns(model.vocab.label_classes, meta["k"] is not None):
+            fields.append(pa.field(f"{key}_{suffix}", pa.large_string() if isinstance(kind, list) else arrow[kind]))
         with soma.Experiment.create(str(path)) as exp:
             exp.metadata["bigatlas"] = json.dumps({**meta, "complete": False})
             exp.add_new_dataframe(
@@ -211,6 +235,8 @@ class SomaOutput:
             )
             obsm = exp.add_new_collection("ms").add_new_collection("RNA", soma.Measurement).add_new_collection("obsm")
             obsm.add_new_sparse_ndarray("X_bigatlas", type=pa.float32(), shape=(n_rows, model.config.model.n_latent))
+            if meta.get("umap"):
+                obsm.add_new_sparse_ndarray("X_umap_ref", type=pa.float32(), shape=(n_rows, 2))
             if meta["full_probabilities"]:
                 for key, classes in model.vocab.label_classes.items():
                     obsm.add_new_sparse_ndarray(f"{key}_probabilities", type=pa.float32(), shape=(n_rows, len(classes)))
@@ -236,7 +262,7 @@ class SomaOutput:
             flags[t["soma_dim_0"].to_numpy()] = t["soma_data"].to_numpy()
         return flags
 
-    def write(self, k, lo, hi, row_ids, names, z, results, probs) -> None:
+    def write(self, k, lo, hi, row_ids, names, z, results, probs, umap=None) -> None:
         import pyarrow as pa
 
         def matrix(values):
@@ -251,18 +277,17 @@ class SomaOutput:
 
         cols = {"soma_joinid": row_ids.astype(np.int64)}
         for key, r in results.items():
-            cols.update(
-                {
-                    f"{key}_pred": r["label"],
-                    f"{key}_prob": r["prob"],
-                    f"{key}_entropy": r["entropy"],
-                    f"{key}_unknown": r["unknown"],
-                }
-            )
+            for field, values in r.items():
+                if field in CATEGORICAL:
+                    values = r["label"][field]
+                if field != "label":
+                    cols[f"{key}_{field}"] = values
         with self._exp("w") as exp:
             exp.obs.write(pa.table(cols))
             obsm = exp.ms["RNA"].obsm
             obsm["X_bigatlas"].write(matrix(z))
+            if umap is not None:
+                obsm["X_umap_ref"].write(matrix(umap))
             for key, p in probs.items():
                 obsm[f"{key}_probabilities"].write(matrix(p))
         with self._exp("w") as exp:  # after the data, in its own write
@@ -309,7 +334,9 @@ def embed(
     obs_filter=None,
     overwrite: bool = False,
     full_probabilities: bool = False,
-    unknown_threshold: float = 0.5,
+    unknown_threshold: float = DEFAULT_UNKNOWN,
+    predictor: str | None = None,
+    k: int | None = None,
     min_gene_overlap: float = 0.5,
     progress: bool = True,
     out_format: str | None = None,
@@ -322,6 +349,9 @@ def embed(
     model = load_run(run_dir)
     device = state.device if torch.cuda.is_available() else torch.device("cpu")
     module = model.module.to(device).eval()
+    transfer = LabelTransfer(module, model.vocab, read_reference(run_dir), predictor=predictor, k=k)
+    if transfer.index is not None:
+        transfer.index.to(device)
     genes = model.vocab.genes  # a collection aligns each store to the model's genes (zero-filling)
     store = open_store(
         data, obs_filter=obs_filter, layer=model.config.data.layer, genes=genes, gene_join="outer",
@@ -336,7 +366,8 @@ def embed(
     n, c = store.n_obs, int(chunk_size)
     n_chunks = -(-n // c)
     sources = [m.name for m in store.members] if store.segments is not None else None
-    meta = _meta(run_dir, data_name(data), obs_filter, n, c, full_probabilities, unknown_threshold, sources)
+    meta = _meta(run_dir, data_name(data), obs_filter, n, c, full_probabilities, unknown_threshold, transfer, sources)
+    meta["umap"] = transfer.has_umap
     fmt = out_format or ("soma" if detect_format(data) == "soma" else "zarr")
     if fmt == "soma" and sources is not None:
         raise ValueError("a collection embeds to AnnData-Zarr (its cells have no common soma_joinid); drop out_format")
@@ -377,11 +408,13 @@ def embed(
                 for i in range(len(mine)):
                     k, lo, hi, m = pending.result()
                     pending = pool.submit(read, mine[i + 1]) if i + 1 < len(mine) else None
-                    z, probs = _predict(module, m, list(classes), batch_size, device)
+                    z = _latent(module, m, batch_size, device)
+                    results, umap = transfer(z)
                     positions = np.arange(lo, hi)
                     _write_chunk(
-                        output, faults, k, lo, hi, store.store_rows(positions), store.obs_names(positions), z,
-                        _summaries(probs, classes, unknown_threshold), probs if full_probabilities else {},
+                        output, faults, k, lo, hi, store.store_rows(positions), store.obs_names(positions),
+                        z.cpu().numpy(), _columns(results, classes, unknown_threshold),
+                        {key: r.probs for key, r in results.items()} if full_probabilities else {}, umap,
                         **({"sources": store.source_codes(positions)} if sources is not None else {}),
                     )  # fmt: skip
                     faults.kill("after_chunk", k)
@@ -420,27 +453,35 @@ def _write_chunk(output, faults: Faults, k: int, lo: int, hi: int, *columns, **n
 
 
 @torch.no_grad()
-def _predict(module, m, keys, batch_size, device):
-    """Posterior means and label probabilities of a chunk, from sparse CSR sub-batches."""
-    z_parts, prob_parts = [], {k: [] for k in keys}
-    for b in range(0, m.n_rows, batch_size):
-        z = module.latent(m.rows(b, min(b + batch_size, m.n_rows)).to_torch().to(device))
-        z_parts.append(z.cpu().numpy())
-        for k, p in zip(keys, module.label_probs(z)):
-            prob_parts[k].append(p.cpu().numpy())
-    return np.concatenate(z_parts), {k: np.concatenate(v) for k, v in prob_parts.items()}
+def _latent(module, m, batch_size, device) -> torch.Tensor:
+    """Posterior means of a chunk, from sparse CSR sub-batches."""
+    parts = [module.latent(m.rows(b, min(b + batch_size, m.n_rows)).to_torch().to(device))
+             for b in range(0, m.n_rows, batch_size)]  # fmt: skip
+    return torch.cat(parts) if parts else torch.zeros(0, module.cfg.n_latent, device=device)
 
 
-def _summaries(probs: dict, classes: dict, threshold: float) -> dict:
+def _columns(results: dict, classes: dict, threshold: float) -> dict:
+    """Per label key the output columns (transfer.KeyResult → arrays; categorical ones as class codes,
+    with their names under 'label' for SOMA)."""
     out = {}
-    for k, p in probs.items():
-        best = p.argmax(1)
-        top = p[np.arange(len(p)), best].astype(np.float32)
-        out[k] = {
-            "code": best,
-            "label": np.asarray(classes[k], dtype=object)[best],
-            "prob": top,
-            "entropy": (-(p * np.log(np.clip(p, 1e-12, 1))).sum(1)).astype(np.float32),
-            "unknown": top < threshold,
+    for key, r in results.items():
+        cats = list(classes[key])
+        unknown_code = cats.index(UNKNOWN) if UNKNOWN in cats else len(cats)
+        names = np.asarray(cats + [UNKNOWN], dtype=object)
+        uncertainty = r.uncertainty
+        unknown = uncertainty > threshold
+        code = r.code
+        cols = {
+            "pred": code,
+            "pred_filtered": np.where(unknown, unknown_code, code),
+            "prob": r.prob,
+            "uncertainty": uncertainty,
+            "entropy": r.entropy,
+            "unknown": unknown,
+            "pred_head": r.head,
         }
+        if r.knn is not None:
+            cols["pred_knn"] = r.knn
+        cols["label"] = {f: names[cols[f]] for f in CATEGORICAL if f in cols}
+        out[key] = cols
     return out

@@ -4,6 +4,8 @@
     vocab.json         genes, batch categories, label classes, class counts (vocab.Vocab)
     model.safetensors  final weights (written last, atomically)
     checkpoints/       step-<n>/ Accelerate states + bigatlas_rank<r>.json, and `latest` naming one
+    reference/         the reference index: latents, labels, UMAP of a sample of training cells
+                       and the label heads' calibration (reference.py)
     metrics.csv, tb/, loss_curves.png, trace/ (tests), report/ (evaluate)
 
 `load_run(path)` gives a trained model back (config, vocab, torch module) from safetensors only: no
@@ -24,7 +26,9 @@ from .vocab import Vocab
 
 FORMAT_VERSION = 1
 # how long to train may change on resume; nothing that shapes the run may
-RESUMABLE_CHANGES = ("max_epochs", "max_steps", "early_stopping_patience", "num_workers")  # num_workers: elastic
+RESUMABLE_CHANGES = (
+    "max_epochs", "max_steps", "early_stopping_patience", "num_workers", "reference_cells", "reference_umap"
+)  # num_workers: elastic; the reference is built after training  # fmt: skip
 
 
 class RunDir:

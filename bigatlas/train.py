@@ -95,6 +95,8 @@ class Session:
     max_epochs: int
     faults: Faults
     preempt: Preemption
+    data: object = None  # the AnnData trained on in memory (None: cfg.data.data is opened)
+    surgery: object = None
 
 
 def train(
@@ -173,7 +175,9 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
     model, optimizer = acc.prepare(model, optimizer)
     max_epochs = t.epochs_for(n_train)
-    return Session(cfg, acc, run, stream, to_input, model, optimizer, max_epochs, Faults(), preempt or Preemption())
+    return Session(
+        cfg, acc, run, stream, to_input, model, optimizer, max_epochs, Faults(), preempt or Preemption(), data, surgery
+    )
 
 
 def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask, surgery, main: bool) -> Vocab:
@@ -335,8 +339,22 @@ def _finish(s: Session, stopped_early: bool, trace: bool) -> Path:
 
         loss_curves(run.path / "metrics.csv", run.path / "loss_curves.png")
         print(f"wrote {out}{' (stopped early)' if stopped_early else ''}", flush=True)
+        _reference(s)
     acc.wait_for_everyone()
     return run.weights_file
+
+
+def _reference(s: Session) -> None:
+    """RUN_DIR/reference/ from the final weights (main process; see reference_build)."""
+    t = s.cfg.train
+    if s.surgery is not None:
+        from .reference_build import extend_reference
+
+        extend_reference(s.surgery.reference.path, s.run.path, s.data, umap=t.reference_umap)
+    elif t.reference_cells > 0:
+        from .reference_build import build_reference
+
+        build_reference(s.run.path, s.data, max_cells=t.reference_cells, umap=t.reference_umap)
 
 
 def _bar(acc, total: int, start: int, epoch: int):

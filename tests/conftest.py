@@ -15,6 +15,9 @@ import pytest
 from bigatlas.write_store import SomaWriter, ZarrWriter
 
 warnings.filterwarnings("ignore", message=".*autosharding.*")
+# numba compiles UMAP for ~16 s in every process that trains: the reference UMAP is tested on its own
+# (tests/test_transfer.py clears this); every other training here skips the layout
+os.environ.setdefault("BIGATLAS_REFERENCE_UMAP", "0")
 
 N_OBS = 1009  # prime: no block or batch size divides it
 N_VARS = 40
