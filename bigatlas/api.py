@@ -24,11 +24,13 @@ from loaders import CellStream, data_name, is_anndata, open_store
 
 from .batches import ToModelInput
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from .infer import embed
+from .infer import UNKNOWN, embed
 from .model import VAEModule
 from .query import map_query
+from .reference import read_reference
 from .rundir import load_run, save_run
 from .train import make_accelerator, train
+from .transfer import DEFAULT_UNKNOWN, LabelTransfer
 from .vocab import Vocab
 
 
@@ -174,39 +176,57 @@ class AtlasVAE:
         return self.get_latent_representation(data, obs_filter=obs_filter, batch_size=batch_size)
 
     @torch.no_grad()
-    def _label_probs(self, data, obs_filter, batch_size):
-        """(store, {label key: cells × classes probabilities})."""
+    def _transfer(self, data, obs_filter, batch_size, predictor=None):
+        """(store, {label key: transfer.KeyResult}, reference-UMAP coordinates or None)."""
         self._need_fit()
         self.module.eval()
-        keys = list(self.vocab.label_classes)
-        probs = {k: [] for k in keys}
+        reference = read_reference(self.run_dir) if self.run_dir is not None else None
+        transfer = LabelTransfer(self.module, self.vocab, reference, predictor=predictor)
         store, batches = self._batches(data, obs_filter, batch_size)
-        for inp in batches:
-            for k, p in zip(keys, self.module.label_probs(self.module.latent(inp.counts))):
-                probs[k].append(p.cpu().numpy())
-        return store, {k: np.concatenate(v) for k, v in probs.items()}
+        z = torch.cat([self.module.latent(inp.counts) for inp in batches])
+        results, umap = transfer(z)
+        return store, results, umap
 
-    def predict_labels(self, data=None, *, obs_filter=None, batch_size: int = 4096) -> dict:
-        """Per label key: {'label': predicted class names, 'probability': max probability,
-        'probabilities': cells × classes}, in the data's cell order."""
-        _, probs = self._label_probs(data, obs_filter, batch_size)
+    def predict_labels(self, data=None, *, obs_filter=None, batch_size: int = 4096, predictor=None) -> dict:
+        """Per label key: {'label': predicted class names, 'probability': its probability,
+        'probabilities': cells × classes, 'uncertainty'}, in the data's cell order."""
+        _, results, _ = self._transfer(data, obs_filter, batch_size, predictor)
         out = {}
-        for k, p in probs.items():
+        for k, r in results.items():
             classes = np.asarray(self.vocab.label_classes[k])
-            out[k] = {"label": classes[p.argmax(1)], "probability": p.max(1), "probabilities": p}
+            out[k] = {"label": classes[r.code], "probability": r.prob, "probabilities": r.probs,
+                      "uncertainty": r.uncertainty}  # fmt: skip
         return out
 
-    def predict(self, adata=None, *, obs_filter=None, unknown_threshold: float = 0.5, batch_size: int = 4096):
-        """A DataFrame indexed by cell name with `<key>_pred` (categorical over the trained classes),
-        `<key>_prob` and `<key>_unknown` (top probability below unknown_threshold) per label key, in
-        the data's cell order: `adata.obs = adata.obs.join(model.predict())`."""
-        store, probs = self._label_probs(adata, obs_filter, batch_size)
+    def predict(
+        self, adata=None, *, obs_filter=None, unknown_threshold: float = DEFAULT_UNKNOWN, batch_size: int = 4096,
+        predictor: str | None = None,
+    ):  # fmt: skip
+        """A DataFrame indexed by cell name, in the data's cell order, with the columns `embed` writes per
+        label key: `<key>_pred`, `_prob`, `_uncertainty`, `_unknown` (uncertainty above unknown_threshold)
+        and `_pred_filtered` ('Unknown' there): `adata.obs = adata.obs.join(model.predict())`. Labels come
+        from the run's reference (calibrated head + kNN vote) when it has one, else the calibrated head."""
+        store, results, _ = self._transfer(adata, obs_filter, batch_size, predictor)
         columns = {}
-        for k, p in probs.items():
-            columns[f"{k}_pred"] = pd.Categorical.from_codes(p.argmax(1), categories=self.vocab.label_classes[k])
-            columns[f"{k}_prob"] = p.max(1).astype(np.float32)
-            columns[f"{k}_unknown"] = columns[f"{k}_prob"] < unknown_threshold
+        for k, r in results.items():
+            classes = list(self.vocab.label_classes[k])
+            columns[f"{k}_pred"] = pd.Categorical.from_codes(r.code, categories=classes)
+            columns[f"{k}_prob"] = r.prob
+            columns[f"{k}_uncertainty"] = r.uncertainty
+            columns[f"{k}_unknown"] = r.uncertainty > unknown_threshold
+            filtered = pd.Series(columns[f"{k}_pred"]).cat.add_categories([UNKNOWN]) if UNKNOWN not in classes else (
+                pd.Series(columns[f"{k}_pred"]))  # fmt: skip
+            filtered[columns[f"{k}_unknown"]] = UNKNOWN
+            columns[f"{k}_pred_filtered"] = filtered.values
         return pd.DataFrame(columns, index=_cell_names(store))
+
+    def get_reference_umap(self, adata=None, *, obs_filter=None, batch_size: int = 4096) -> np.ndarray:
+        """Each cell placed on the reference's UMAP by its reference neighbours (cells × 2), as embed's
+        `obsm/X_umap_ref`; needs a reference with a UMAP layout."""
+        _, _, umap = self._transfer(adata, obs_filter, batch_size)
+        if umap is None:
+            raise ValueError(f"{self.run_dir} has no reference UMAP: `bigatlas reference --run {self.run_dir}`")
+        return umap
 
     @torch.no_grad()
     def _decoded(self, data, obs_filter, library_size, batch_size):

@@ -1,4 +1,4 @@
-"""`bigatlas` console entry point: synth | stream | prepare | train | embed | map-query | evaluate.
+"""`bigatlas` console entry point: synth | stream | prepare | train | reference | embed | map-query | evaluate.
 
 Flags come from where their defaults live (flags.py). Only the chosen command's parser is built, so
 its modules (torch, scanpy, …) are imported only when it runs.
@@ -112,13 +112,40 @@ def _embed(p):
         "batch_size": "cells per forward pass",
         "obs_filter": ("SOMA value_filter on the query cells", str),
         "full_probabilities": "also write obsm/<key>_probabilities",
-        "unknown_threshold": "flag <key>_unknown when the top probability is below this",
+        "unknown_threshold": "flag <key>_unknown (and 'Unknown' in <key>_pred_filtered) when <key>_uncertainty "
+        "is above this",
+        "predictor": (
+            "labels from: both (calibrated head + kNN vote), head or knn (unset: the reference's "
+            "choice; head without a reference)",
+            str,
+        ),
+        "k": ("reference neighbours per kNN vote (unset: the reference's)", int),
         "min_gene_overlap": "refuse a query sharing fewer of the model's genes than this fraction",
         "overwrite": "recompute a complete or different output",
         "allow_non_integer": "accept non-integer values",
     }
     add_signature_flags(p, embed, helps)
     return lambda a: embed(a.run, data_arg(a), a.out, **signature_values(a, helps))
+
+
+def _reference(p):
+    from .reference_build import build_reference
+
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="trained RUN_DIR")
+    p.add_argument("--data", nargs="+", default=None, help="the data the run was trained on (default: its own)")
+    helps = {
+        "max_cells": "training cells in the index (label-stratified)",
+        "umap": "lay the index out with UMAP (for X_umap_ref)",
+        "k": "neighbours per kNN vote",
+        "predictor": "default predictor of embed: both (head + kNN), head or knn",
+    }
+    add_signature_flags(p, build_reference, helps)
+
+    def run(a):
+        data = a.data if a.data is None or len(a.data) > 1 else a.data[0]
+        build_reference(a.run, data, **signature_values(a, helps))
+
+    return run
 
 
 def _map_query(p):
@@ -219,6 +246,11 @@ COMMANDS = {  # name: (help, builder(parser) -> run(args))
         "write latents and label predictions of a store to disk, in chunks "
         "(scripts/embed.py under accelerate launch for several processes)",
         _embed,
+    ),
+    "reference": (
+        "(re)build RUN_DIR/reference: the kNN index, label calibration and UMAP that embed's label transfer "
+        "reads (training writes it; this is for older runs or other settings)",
+        _reference,
     ),
     "map-query": (
         "scArches-style surgery: extend batch embeddings with a query's new categories and fine-tune them "

@@ -6,6 +6,12 @@ embedding table grows by the query's new categories (initialised at the mean of 
 and by default only those new rows train — encoder, decoder and label heads are frozen (their
 BatchNorm layers stay in eval mode, so reference embeddings do not move). Weight decay is 0 during
 surgery so that frozen rows receive exactly no update.
+
+A query that has the reference's label keys is mapped with its labels (cells labelled with an
+unlabelled category excluded): each label head grows by the query's new classes the same way, and only
+the new rows train, on the label loss of the query's labelled cells; the reference's classes keep
+their weights. The new run's reference index is the old one plus the query's cells
+(reference_build.extend_reference).
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loaders import data_name, is_anndata
+import numpy as np
+import pandas as pd
+
+from loaders import data_name, is_anndata, open_store
 
 from .config import RunConfig
 from .rundir import Run, load_run
 from .train import make_accelerator, train
-from .vocab import Vocab
+from .vocab import Vocab, class_counts, defined_labels
 
 ENCODER = ("encoder", "z_mean", "z_logvar")
 DECODER = ("decoder", "px_scale", "px_r", "gate")
@@ -29,16 +38,28 @@ class Surgery:
     reference: Run  # the trained reference model
     unfreeze_encoder: bool = False
     unfreeze_decoder: bool = False
+    labelled: bool = False  # the query has every label key: its new classes grow the heads
 
     def vocab(self, store) -> Vocab:
-        """Reference vocab with each batch key's categories extended by the query's new ones."""
+        """Reference vocab with each batch key's categories, and (labelled) each label key's classes,
+        extended by the query's new ones; a new class counts the query's cells, the reference's keep theirs."""
         ref: Vocab = self.reference.vocab
         batch = {}
         for key, cats in ref.batch_categories.items():
             query_cats = [str(c) for c in store.obs_codes(key)[1]]
             known = set(cats)
             batch[key] = list(cats) + [c for c in query_cats if c not in known]
-        return Vocab(list(ref.genes), batch, dict(ref.label_classes), dict(ref.class_counts))
+        classes, counts = dict(ref.label_classes), dict(ref.class_counts)
+        if self.labelled:
+            unlabeled = self.reference.config.data.unlabeled_categories
+            for key, cats in ref.label_classes.items():
+                query = defined_labels(*store.obs_codes(key), unlabeled)
+                known = set(cats)
+                classes[key] = list(cats) + [str(c) for c in query.categories if str(c) not in known]
+                n = class_counts(np.asarray(pd.Categorical(query, categories=classes[key]).codes), None,
+                                 len(classes[key]))  # fmt: skip
+                counts[key] = list(ref.class_counts.get(key, [0] * len(cats))) + [int(c) for c in n[len(cats) :]]
+        return Vocab(list(ref.genes), batch, classes, counts)
 
     def apply(self, model, vocab: Vocab) -> None:
         """Copy reference weights into the grown model and freeze what stays fixed."""
@@ -46,8 +67,10 @@ class Surgery:
         own = model.state_dict()
         old_rows = {}
         for name, value in ref_state.items():
-            if name.startswith("embeddings.") and own[name].shape[0] > value.shape[0]:
-                grown = value.mean(0, keepdim=True).expand(own[name].shape[0], -1).clone()
+            if name.startswith("class_weight_") and own[name].shape != value.shape:
+                continue  # a grown head: recomputed from the grown vocab's class counts
+            if name.startswith(("embeddings.", "heads.")) and own[name].shape[0] > value.shape[0]:
+                grown = value.mean(0, keepdim=True).expand(own[name].shape).clone()
                 grown[: value.shape[0]] = value
                 own[name] = grown
                 old_rows[name] = value.shape[0]
@@ -55,12 +78,16 @@ class Surgery:
                 own[name] = value
         model.load_state_dict(own, strict=True)
         trainable = {"embeddings"}
+        if any(name.startswith("heads.") for name in old_rows):
+            trainable.add("heads")  # their old rows are held by the hooks below
         if self.unfreeze_encoder:
             trainable.update(ENCODER)
         if self.unfreeze_decoder:
             trainable.update(DECODER)
         for name, p in model.named_parameters():
             p.requires_grad_(name.split(".")[0] in trainable)
+        if name.startswith("heads.") and name not in old_rows:
+            p.requires_grad_(False)  # a head without new classes stays as it was
         for name, n_old in old_rows.items():
             weight = dict(model.named_parameters())[name]
             weight.register_hook(_zero_rows(n_old))
@@ -95,6 +122,15 @@ def map_query(
     surgery; writes a new RUN_DIR at `out`."""
     reference = load_run(run_dir)
     ref = reference.config
+    keys = list(reference.vocab.label_classes)
+    have = set(open_store(query, obs_filter=obs_filter, layer=ref.data.layer).obs_columns) if keys else set()
+    labelled = bool(keys) and all(k in have for k in keys)
+    if keys and not labelled and have & set(keys):
+        print(
+            f"the query has label key(s) {sorted(have & set(keys))} but not {sorted(set(keys) - have)}: "
+            "mapping without labels",
+            flush=True,
+        )
     cfg = RunConfig(
         model=ref.model,
         train=replace(
@@ -104,8 +140,10 @@ def map_query(
             batch_size=batch_size or ref.train.batch_size,
             lr=lr or ref.train.lr,
         ),
-        data=replace(ref.data, data=data_name(query), obs_filter=obs_filter, label_keys=()),
+        data=replace(
+            ref.data, data=data_name(query), obs_filter=obs_filter, label_keys=tuple(keys) if labelled else ()
+        ),
     )
-    surgery = Surgery(reference, unfreeze_encoder, unfreeze_decoder)
+    surgery = Surgery(reference, unfreeze_encoder, unfreeze_decoder, labelled)
     in_memory = query if is_anndata(query) else None
     return train(cfg, out, accelerator=accelerator or make_accelerator(cfg), surgery=surgery, data=in_memory)

@@ -22,15 +22,67 @@ from loaders.csr import select_columns
 from .batches import holdout_all
 from .calibration import ece, fit_calibration
 from .knn import EXACT_MAX, LatentIndex
-from .reference import Reference, stratified_sample, write_reference
+from .reference import Reference, read_reference, stratified_sample, write_reference
 from .rundir import load_run
-from .transfer import DEFAULT_K, DEFAULT_PREDICTOR, LabelTransfer
+from .transfer import DEFAULT_K, DEFAULT_PREDICTOR, LabelTransfer, fit_novelty
 from .vocab import apply_lut
 
 MAX_VAL_CELLS = 20_000  # validation cells used for calibration and the novelty threshold
 READ_BLOCK = 16_384
 # "0" skips the UMAP layout (numba compiles it for ~16 s per process: the test suite sets this)
 UMAP_ENV = "BIGATLAS_REFERENCE_UMAP"
+
+
+class _Cells:
+    """One store seen through a run's model: label classes per cell (all of the model's keys; -1 where
+    unlabelled or the store lacks the key), batch codes, latents of chosen positions."""
+
+    def __init__(self, source, data_cfg, vocab, module):
+        d = data_cfg
+        if isinstance(source, str) and source.startswith("AnnData ("):
+            raise ValueError(f"the run was trained on an {source}; build its reference from that AnnData (data=...)")
+        self.store = open_store(source, obs_filter=d.obs_filter, layer=d.layer, genes=d.genes, gene_join=d.gene_join)
+        self.vocab, self.module, self.batch_keys = vocab, module, d.batch_keys
+        self.colmap = self.store.gene_map(vocab.genes, missing="zero-fill", what="model's")
+        self.identity = np.array_equal(self.colmap, np.arange(self.store.n_vars)) and self.store.n_vars == len(
+            vocab.genes
+        )
+        have = set(self.store.obs_columns)
+        self.labels = np.full((self.store.n_obs, len(vocab.label_classes)), -1, np.int32)
+        for i, key in enumerate(vocab.label_classes):
+            if key in have:
+                lut = vocab.label_luts(self.store, [key])[key]
+                self.labels[:, i] = apply_lut(lut, self.store.obs_codes(key)[0], dtype=np.int32)
+
+    @torch.no_grad()
+    def encode(self, pos: np.ndarray) -> torch.Tensor:
+        parts = []
+        for lo in range(0, len(pos), READ_BLOCK):
+            m = self.store.read(pos[lo : lo + READ_BLOCK])
+            if not self.identity:
+                m = select_columns(m, self.colmap, len(self.vocab.genes))
+            parts.append(self.module.latent(m.to_torch()))
+        return torch.cat(parts) if parts else torch.zeros(0, self.module.cfg.n_latent)
+
+    def batch(self, pos: np.ndarray) -> np.ndarray:
+        luts = self.vocab.batch_luts(self.store, self.batch_keys)
+        return np.stack([apply_lut(lut, self.store.obs_codes(k)[0][pos]) for k, lut in luts.items()], 1).astype(
+            np.int32
+        )
+
+    def sample(self, val: np.ndarray, max_cells: int, seed: int) -> dict:
+        """Arrays of a label-stratified sample of the non-validation cells."""
+        first = self.labels[:, 0] if self.labels.shape[1] else np.zeros(self.store.n_obs, np.int8)
+        positions, weight = stratified_sample(first, ~val, max_cells, seed)
+        if len(positions) == 0:
+            raise ValueError(f"{self.store.uri}: no training cells to build a reference from")
+        return {
+            "latent": self.encode(positions).numpy().astype(np.float32),
+            "position": positions.astype(np.int64),
+            "weight": weight,
+            "labels": self.labels[positions],
+            "batch": self.batch(positions),
+        }
 
 
 def build_reference(
@@ -47,72 +99,85 @@ def build_reference(
     was trained in memory; else the run's own data is opened)."""
     t0 = time.perf_counter()
     run = load_run(run_dir)
-    cfg, vocab, module = run.config, run.vocab, run.module.cpu().eval()
-    d, t = cfg.data, cfg.train
-    source = d.data if data is None else data
-    if data is None and isinstance(source, str) and source.startswith("AnnData ("):
-        raise ValueError(f"{run_dir} was trained on an {source}; build its reference from that AnnData (data=...)")
-    store = open_store(source, obs_filter=d.obs_filter, layer=d.layer, genes=d.genes, gene_join=d.gene_join)
-    colmap = store.gene_map(vocab.genes, missing="zero-fill", what="model's")
-    identity = np.array_equal(colmap, np.arange(store.n_vars)) and store.n_vars == len(vocab.genes)
-    val = holdout_all(store.n_obs, t.val_fraction, t.seed)
-    keys = list(vocab.label_classes)
-    labels = np.stack([_codes(store, vocab.label_luts(store, [key])[key], key) for key in keys], 1) if keys else None
-    first = labels[:, 0] if keys else np.zeros(store.n_obs, np.int8)
-    positions, weight = stratified_sample(first, ~val, max_cells, t.seed)
-    if len(positions) == 0:
-        raise ValueError(f"{store.uri}: no training cells to build a reference from")
+    t = run.config.train
+    cells = _Cells(run.config.data.data if data is None else data, run.config.data, run.vocab, run.module.eval())
+    val = holdout_all(cells.store.n_obs, t.val_fraction, t.seed)
+    arrays = cells.sample(val, max_cells, t.seed)
+    info = {"label_keys": list(run.vocab.label_classes), "k": int(k), "predictor": predictor,
+            "n_cells": len(arrays["latent"]), "n_represented": int((~val).sum())}  # fmt: skip
+    ref = Reference(arrays, info)
+    _index(ref, t.seed)
+    val_pos = _validation_sample(val, cells.labels, t.seed)
+    _calibrate(ref, run.module, run.vocab, cells.encode(val_pos), cells.labels[val_pos], log)
+    if _want_umap(umap, log):
+        arrays["umap"] = _umap(arrays["latent"], t.seed)
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    out = write_reference(run_dir, ref)
+    log(f"wrote {out}: {info['n_cells']:,} reference cells ({info['seconds']:.1f}s)")
+    return out
 
-    def encode(pos):
-        parts = []
-        for lo in range(0, len(pos), READ_BLOCK):
-            m = store.read(pos[lo : lo + READ_BLOCK])
-            if not identity:
-                m = select_columns(m, colmap, len(vocab.genes))
-            parts.append(module.latent(m.to_torch()))
-        return torch.cat(parts) if parts else torch.zeros(0, module.cfg.n_latent)
 
-    with torch.no_grad():
-        z = encode(positions)
-    arrays = {
-        "latent": z.numpy().astype(np.float32),
-        "position": positions.astype(np.int64),
-        "weight": weight,
-        "labels": (labels[positions] if keys else np.zeros((len(positions), 0))).astype(np.int32),
-        "batch": np.stack(
-            [apply_lut(lut, store.obs_codes(key)[0][positions]) for key, lut in vocab.batch_luts(store, d.batch_keys).items()],
-            1,
-        ).astype(np.int32),
-    }  # fmt: skip
+def extend_reference(reference_run, run_dir, data=None, *, max_cells: int = 200_000, umap: bool = True, log=print):
+    """RUN_DIR/reference/ of a query-mapped run: the reference run's index (its latents still hold: the
+    encoder was frozen) plus a sample of the query's cells, labelled with the query's labels where it
+    has them; query cells are placed on the reference UMAP by their reference neighbours (no refit).
+    The reference's calibration and novelty tail are kept, so reference cells keep their head
+    predictions. Without a reference index the query's cells alone make one."""
+    old = read_reference(reference_run)
+    if old is None:
+        return build_reference(run_dir, data, max_cells=max_cells, umap=umap, log=log)
+    t0 = time.perf_counter()
+    run = load_run(run_dir)
+    t = run.config.train
+    cells = _Cells(run.config.data.data if data is None else data, run.config.data, run.vocab, run.module.eval())
+    val = holdout_all(cells.store.n_obs, t.val_fraction, t.seed)
+    new = cells.sample(val, max_cells, t.seed)
+    n_old, n_new = len(old.arrays["latent"]), len(new["latent"])
+    scale_old = old.info.get("n_represented", n_old) / n_old
+    new["weight"] = new["weight"] * (int((~val).sum()) / n_new)
+    old_w = old.arrays["weight"] * scale_old
+    arrays = {key: np.concatenate([old.arrays[key], new[key]]) for key in ("latent", "position", "labels", "batch")}
+    arrays["weight"] = np.concatenate([old_w, new["weight"]]).astype(np.float32)
+    arrays["weight"] /= arrays["weight"].mean()
+    arrays["source"] = np.repeat(np.array([0, 1], np.int8), [n_old, n_new])  # 0: reference data, 1: query
+    info = {**{k: old.info[k] for k in ("k", "predictor")}, "label_keys": list(run.vocab.label_classes),
+            "n_cells": n_old + n_new, "n_represented": old.info.get("n_represented", n_old) + int((~val).sum()),
+            "extends": old.id}  # fmt: skip
+    old_transfer = LabelTransfer(run.module, run.vocab, old, predictor="head")
+    ref = Reference(arrays, info)
+    _index(ref, t.seed)
+    info.update({k: old.info[k] for k in ("calibration", "novelty", "validation") if k in old.info})
+    if old_transfer.has_umap:
+        _, placed = old_transfer(torch.from_numpy(new["latent"]))
+        arrays["umap"] = np.concatenate([old.arrays["umap"], placed])
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    out = write_reference(run_dir, ref)
+    log(f"wrote {out}: {n_old:,} reference + {n_new:,} query cells ({info['seconds']:.1f}s)")
+    return out
+
+
+def _index(ref: Reference, seed: int) -> None:
+    """The kNN partition (large references) and each cell's neighbourhood radius, into ref.arrays."""
+    arrays, k = ref.arrays, ref.info["k"]
+    z = torch.from_numpy(arrays["latent"])
     if len(z) > EXACT_MAX:
-        cluster, centroids = LatentIndex.partition(z, seed=t.seed)
+        cluster, centroids = LatentIndex.partition(z, seed=seed)
         arrays["cluster"], arrays["centroids"] = cluster.numpy().astype(np.int32), centroids.numpy()
     index = LatentIndex(arrays["latent"], arrays.get("cluster"), arrays.get("centroids"))
     dist, _ = index.search(z, k + 1)  # the first neighbour is the cell itself
     arrays["radius"] = dist[:, 1:].nan_to_num(posinf=0).mean(1).numpy().astype(np.float32)
-    info = {"label_keys": keys, "k": int(k), "predictor": predictor, "n_cells": len(positions)}
-    ref = Reference(arrays, info)
-    val_pos = _validation_sample(val, labels, t.seed)
-    with torch.no_grad():
-        z_val = encode(val_pos)
-    _calibrate(ref, module, vocab, z_val, labels[val_pos] if keys else None, log)
+
+
+def _want_umap(umap: bool, log) -> bool:
     if umap and os.environ.get(UMAP_ENV) == "0":
         log(f"{UMAP_ENV}=0: the reference has no UMAP layout (queries get no X_umap_ref)")
-    elif umap and len(z) > 2:
-        arrays["umap"] = _umap(arrays["latent"], t.seed)
-    info["seconds"] = round(time.perf_counter() - t0, 2)
-    out = write_reference(run_dir, ref)
-    log(f"wrote {out}: {len(positions):,} reference cells ({info['seconds']:.1f}s)")
-    return out
+        return False
+    return umap
 
 
-def _codes(store, lut, key) -> np.ndarray:
-    return apply_lut(lut, store.obs_codes(key)[0], dtype=np.int32)
-
-
-def _validation_sample(val: np.ndarray, labels, seed: int) -> np.ndarray:
-    """Validation cells (labelled in the first key when there are labels), at most MAX_VAL_CELLS."""
-    keep = val if labels is None else val & (labels[:, 0] >= 0)
+def _validation_sample(val: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """Validation cells (labelled in the first key when there are label keys), at most MAX_VAL_CELLS."""
+    keep = val & (labels[:, 0] >= 0) if labels.shape[1] else val
     pos = np.flatnonzero(keep)
     if len(pos) > MAX_VAL_CELLS:
         pos = np.sort(np.random.default_rng([seed, 0xCA1]).choice(pos, MAX_VAL_CELLS, replace=False))
@@ -123,13 +188,12 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
     """Calibration per key, the novelty threshold and validation scores of each predictor, into ref.info."""
     info = ref.info
     transfer = LabelTransfer(module, vocab, ref, predictor="head")
-    info["novelty_ratio"] = float("inf")
     info["n_validation_cells"] = len(z_val)
     if len(z_val) < 20:
         return
     dist, idx, _ = transfer.neighbours(z_val)
-    info["novelty_ratio"] = float(np.quantile(transfer.outlier_ratio(dist, idx), 0.99))
-    if y_val is None:
+    info["novelty"] = fit_novelty(transfer.outlier_ratio(dist, idx))
+    if y_val.shape[1] == 0:
         return
     info["calibration"], info["validation"] = {}, {}
     with torch.no_grad():
@@ -140,7 +204,6 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
         if keep.sum() < 20 or len(np.unique(y[keep])) < 2:
             continue
         yt = torch.as_tensor(y[keep], dtype=torch.long)
-        raw = torch.softmax(logits[i][keep], 1).numpy()
         info["calibration"][key] = fit_calibration(logits[i][keep], yt, transfer.log_counts[key])
     transfer.calibration = info["calibration"]
     head = transfer.head_probs(z_val)

@@ -347,11 +347,14 @@ def _finish(s: Session, stopped_early: bool, trace: bool) -> Path:
 def _reference(s: Session) -> None:
     """RUN_DIR/reference/ from the final weights (main process; see reference_build)."""
     t = s.cfg.train
+    if t.reference_cells <= 0:
+        return
     if s.surgery is not None:
         from .reference_build import extend_reference
 
-        extend_reference(s.surgery.reference.path, s.run.path, s.data, umap=t.reference_umap)
-    elif t.reference_cells > 0:
+        extend_reference(s.surgery.reference.path, s.run.path, s.data, max_cells=t.reference_cells,
+                         umap=t.reference_umap)  # fmt: skip
+    else:
         from .reference_build import build_reference
 
         build_reference(s.run.path, s.data, max_cells=t.reference_cells, umap=t.reference_umap)

@@ -7,11 +7,15 @@ Two predictors per label key:
   its distance (bandwidth: the query's mean neighbour distance) times its sampling weight.
 
 `predictor` picks the answer: "head", "knn" or "both" (the mean of the two probability vectors).
-Uncertainty = 1 − (probability of the winner) × in-distribution factor, where the factor is
-min(1, ρ* / ρ): ρ is the query's mean neighbour distance over its neighbours' own (their `radius`),
-a local outlier ratio, and ρ* its 99th percentile over the validation cells. A cell of a type the
-reference never saw lands among cells of other types with mixed votes or far from every reference
-cell; either raises its uncertainty. `unknown` = uncertainty > threshold.
+Uncertainty = 1 − (probability of the winner) × in-distribution factor. ρ is the query's mean
+neighbour distance over its neighbours' own (their `radius`): a local outlier ratio, ~1 inside the
+reference. Its upper tail over the validation cells (cells the reference never saw, of known types)
+is modelled as exponential beyond their 95th percentile q (scale β = mean excess over q, the maximum
+likelihood fit), which gives every ρ a tail probability P(ρ) = 0.05 · exp(−(ρ − q) / β); the factor
+is min(1, P(ρ) / 0.01): 1 for the 99% of known cells, falling as fast as known cells become rare.
+A cell of a type the reference never saw lands among cells of other types (mixed votes) or farther
+from reference cells than known cells are; either raises its uncertainty. `unknown` = uncertainty >
+threshold.
 """
 
 from __future__ import annotations
@@ -56,10 +60,30 @@ class KeyResult:
         return (-(p * np.log(np.clip(p, 1e-12, 1))).sum(1)).astype(np.float32)
 
 
+TAIL, ALPHA = 0.05, 0.01  # the tail modelled beyond the 95th percentile; known cells kept at 1: 99%
+
+
+def fit_novelty(rho: np.ndarray) -> dict:
+    """The exponential tail of the outlier ratio over known (validation) cells: q95 and scale."""
+    q = float(np.quantile(rho, 1 - TAIL))
+    excess = rho[rho > q] - q
+    return {"q95": q, "scale": float(max(excess.mean() if len(excess) else 0.0, 1e-3 * max(q, 1e-6)))}
+
+
+def in_distribution(rho: np.ndarray, novelty: dict | None) -> np.ndarray:
+    """min(1, P(ρ) / ALPHA) with P the fitted tail probability (1 everywhere without a fit)."""
+    if not novelty:
+        return np.ones(len(rho), np.float32)
+    log_p = np.log(TAIL / ALPHA) - (rho - novelty["q95"]) / novelty["scale"]
+    return np.exp(np.minimum(log_p, 0.0)).astype(np.float32)
+
+
 class LabelTransfer:
     """Predictions for latents of any cells, from a loaded run and its reference (or none)."""
 
-    def __init__(self, module, vocab, reference: Reference | None, *, predictor: str | None = None, k: int | None = None):
+    def __init__(
+        self, module, vocab, reference: Reference | None, *, predictor: str | None = None, k: int | None = None
+    ):
         self.module, self.keys = module, list(vocab.label_classes)
         self.classes = vocab.label_classes
         self.reference = reference
@@ -83,7 +107,7 @@ class LabelTransfer:
             self.ref_weight = torch.as_tensor(a["weight"], dtype=torch.float32)
             self.ref_radius = torch.as_tensor(a["radius"], dtype=torch.float32)
             self.ref_umap = torch.as_tensor(a["umap"]) if "umap" in a else None
-            self.rho_max = float(info.get("novelty_ratio", np.inf))
+            self.novelty = info.get("novelty")
 
     @property
     def has_umap(self) -> bool:
@@ -134,8 +158,7 @@ class LabelTransfer:
             return {k: KeyResult(p, p.argmax(1), None, ones) for k, p in head.items()}, None
         dist, idx, w = self.neighbours(z)
         knn = self.knn_probs(idx, w)
-        rho = self.outlier_ratio(dist, idx)
-        in_dist = np.minimum(1.0, self.rho_max / np.maximum(rho, 1e-12)).astype(np.float32)
+        in_dist = in_distribution(self.outlier_ratio(dist, idx), self.novelty)
         out = {}
         for key in self.keys:
             probs = {"head": head[key], "knn": knn[key], "both": 0.5 * (head[key] + knn[key])}[self.predictor]

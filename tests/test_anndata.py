@@ -65,9 +65,12 @@ def test_results_come_back_in_the_anndatas_order(copies, tmp_path):
     assert np.allclose(model.get_latent_representation(shuffled), z[shuffled.obs_names.map(adata.obs_names.get_loc)])
     pred = model.predict(shuffled)
     assert list(pred.index) == list(shuffled.obs_names)
-    assert list(pred.columns) == ["cell_type_pred", "cell_type_prob", "cell_type_unknown"]
+    cols = ["pred", "prob", "uncertainty", "unknown", "pred_filtered"]
+    assert list(pred.columns) == [f"cell_type_{c}" for c in cols]
     assert list(pred.cell_type_pred.cat.categories) == list(model.vocab.label_classes["cell_type"])
-    assert np.array_equal(pred.cell_type_unknown, pred.cell_type_prob < 0.5)
+    assert np.array_equal(pred.cell_type_unknown, pred.cell_type_uncertainty > 0.5)
+    z_pred = model.predict(adata).loc[shuffled.obs_names]  # kNN votes of a cell do not depend on the others
+    assert z_pred.astype(str).equals(pred.astype(str))
     expr = model.get_normalized_expression(shuffled, obs_filter="dataset_id == 'study_1'", library_size=1.0)
     in_study = shuffled.obs_names[shuffled.obs.dataset_id == "study_1"]
     assert list(expr.index) == list(in_study) and list(expr.columns) == list(model.vocab.genes)

@@ -55,7 +55,11 @@ def test_output_equals_in_memory_inference(trained, tmp_path):
     for key, pred in model.predict_labels().items():
         assert np.array_equal(adata.obs[f"{key}_pred"].astype(str).to_numpy(), pred["label"])
         assert np.array_equal(adata.obs[f"{key}_prob"].to_numpy(), pred["probability"].astype(np.float32))
-        assert np.array_equal(adata.obs[f"{key}_unknown"].to_numpy(), pred["probability"] < 0.5)
+        assert np.array_equal(adata.obs[f"{key}_uncertainty"].to_numpy(), pred["uncertainty"])
+        assert np.array_equal(adata.obs[f"{key}_unknown"].to_numpy(), pred["uncertainty"] > 0.5)
+        filtered = adata.obs[f"{key}_pred_filtered"].astype(str).to_numpy()
+        assert np.array_equal(filtered == "Unknown", pred["uncertainty"] > 0.5)
+        assert np.array_equal(filtered[filtered != "Unknown"], pred["label"][filtered != "Unknown"])
     assert list(adata.obs_names[:3]) == ["cell_0", "cell_1", "cell_2"]
     assert zarr.open_group(str(out)).attrs["bigatlas"]["complete"] is True
 
