@@ -6,10 +6,10 @@ an estimate under flattened class priors: ambiguous cells drift into small class
 two numbers per label key on the run's validation cells (never trained on), by the negative log
 likelihood of their true labels:
 
-    calibrated logits = (logits + prior_shift · log(class count)) / temperature
+    calibrated logits = logits / temperature + prior_shift · log(class count)
 
-prior_shift = class_weighting's exponent would undo the weighting exactly; fitting it lets the
-validation cells say how much to undo.
+prior_shift = class_weighting's exponent (1 for inverse frequency) undoes the weighting exactly;
+fitting it lets the validation cells say how much to undo.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def fit_calibration(logits: torch.Tensor, y: torch.Tensor, log_counts: torch.Ten
 
 def calibrate(logits, log_counts, temperature, prior_shift):
     """Calibrated logits (see the module doc)."""
-    return (logits + prior_shift * log_counts) / temperature
+    return logits / temperature + prior_shift * log_counts
 
 
 def ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:

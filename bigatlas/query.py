@@ -21,13 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from loaders import data_name, is_anndata, open_store
+from loaders.csr import select_columns
 
+from .batches import holdout_all
 from .config import RunConfig
 from .rundir import Run, load_run
 from .train import make_accelerator, train
-from .vocab import Vocab, class_counts, defined_labels
+from .vocab import Vocab, apply_lut, class_counts, defined_labels
 
 ENCODER = ("encoder", "z_mean", "z_logvar")
 DECODER = ("decoder", "px_scale", "px_r", "gate")
@@ -61,8 +64,9 @@ class Surgery:
                 counts[key] = list(ref.class_counts.get(key, [0] * len(cats))) + [int(c) for c in n[len(cats) :]]
         return Vocab(list(ref.genes), batch, classes, counts)
 
-    def apply(self, model, vocab: Vocab) -> None:
-        """Copy reference weights into the grown model and freeze what stays fixed."""
+    def apply(self, model, vocab: Vocab, store=None) -> None:
+        """Copy reference weights into the grown model and freeze what stays fixed; with a labelled
+        query (`store`), fit the new classes' head rows first (fit_new_classes)."""
         ref_state = self.reference.module.state_dict()
         own = model.state_dict()
         old_rows = {}
@@ -77,6 +81,9 @@ class Surgery:
             else:
                 own[name] = value
         model.load_state_dict(own, strict=True)
+        grown = {int(n.split(".")[1]): rows for n, rows in old_rows.items() if n.startswith("heads.") and "weight" in n}
+        if grown and store is not None:
+            fit_new_classes(model, store, vocab, grown, self.reference.config.train)
         trainable = {"embeddings"}
         if any(name.startswith("heads.") for name in old_rows):
             trainable.add("heads")  # their old rows are held by the hooks below
@@ -86,14 +93,75 @@ class Surgery:
             trainable.update(DECODER)
         for name, p in model.named_parameters():
             p.requires_grad_(name.split(".")[0] in trainable)
-        if name.startswith("heads.") and name not in old_rows:
-            p.requires_grad_(False)  # a head without new classes stays as it was
+            if name.startswith("heads.") and name not in old_rows:
+                p.requires_grad_(False)  # a head without new classes stays as it was
         for name, n_old in old_rows.items():
             weight = dict(model.named_parameters())[name]
             weight.register_hook(_zero_rows(n_old))
         modules = dict(model.named_children())  # the per-gene gate may be a bare Parameter: skipped here
         model.frozen_modules = tuple(m for m in (*ENCODER, *DECODER, "heads") if m in modules and m not in trainable)
         model.train(model.training)
+
+
+MAX_FIT_CELLS = 50_000
+
+
+@torch.no_grad()
+def _latents(model, store, vocab, positions) -> torch.Tensor:
+    colmap = store.gene_map(vocab.genes, missing="zero-fill", what="model's")
+    was = model.training
+    model.eval()
+    parts = []
+    for lo in range(0, len(positions), 16384):
+        m = store.read(positions[lo : lo + 16384])
+        parts.append(model.latent(select_columns(m, colmap, len(vocab.genes)).to_torch()))
+    model.train(was)
+    return torch.cat(parts)
+
+
+def fit_new_classes(model, store, vocab: Vocab, grown: dict[int, int], train_cfg) -> None:
+    """The new rows of each grown label head, fitted by class-weighted maximum likelihood on the
+    query's labelled training cells (at most MAX_FIT_CELLS) with the reference rows fixed. With the
+    encoder frozen this is a convex problem on fixed latents (solved by L-BFGS); a few epochs of SGD
+    from the mean of the old rows moved them too little (~lr per step) to ever win a cell."""
+    keys = list(vocab.label_classes)
+    luts = vocab.label_luts(store, keys)
+    labels = np.stack([apply_lut(luts[k], store.obs_codes(k)[0]) for k in keys], 1)
+    train = ~holdout_all(store.n_obs, train_cfg.val_fraction, train_cfg.seed)
+    positions = np.flatnonzero(train & (labels >= 0).any(1))
+    if len(positions) > MAX_FIT_CELLS:
+        positions = np.sort(np.random.default_rng([train_cfg.seed, 0x9E7]).choice(positions, MAX_FIT_CELLS, False))
+    if len(positions) == 0:
+        return
+    z = _latents(model, store, vocab, positions).double()
+    for i, n_old in grown.items():
+        y = torch.as_tensor(labels[positions, i])
+        keep = y >= 0
+        if not bool((y[keep] >= n_old).any()):
+            continue
+        head = model.heads[i]
+        w, b = _fit_rows(z[keep], y[keep], head.weight.detach().double(), head.bias.detach().double(), n_old,
+                         getattr(model, f"class_weight_{i}").double())  # fmt: skip
+        with torch.no_grad():
+            head.weight[n_old:] = w.float()
+            head.bias[n_old:] = b.float()
+
+
+def _fit_rows(z, y, weight, bias, n_old, class_weight):
+    """Rows n_old: of a linear softmax head by weighted cross-entropy (+ a little L2), rows :n_old fixed."""
+    w_new = weight[n_old:].clone().requires_grad_(True)
+    b_new = bias[n_old:].clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w_new, b_new], lr=1.0, max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = torch.cat([z @ weight[:n_old].T + bias[:n_old], z @ w_new.T + b_new], 1)
+        loss = torch.nn.functional.cross_entropy(logits, y, weight=class_weight) + 1e-4 * (w_new**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w_new.detach(), b_new.detach()
 
 
 def _zero_rows(n: int):

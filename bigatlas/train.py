@@ -171,7 +171,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
     )  # fmt: skip
     model = build_model(vocab, cfg)
     if surgery is not None:
-        surgery.apply(model, vocab)
+        surgery.apply(model, vocab, store)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
     model, optimizer = acc.prepare(model, optimizer)
     max_epochs = t.epochs_for(n_train)

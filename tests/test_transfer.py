@@ -1,0 +1,173 @@
+"""Label transfer: the kNN search, the stratified reference sample, calibration, novel-type detection,
+the reference index (rebuild, UMAP placement) and labelled query mapping."""
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from conftest import cli
+from scipy.stats import mannwhitneyu
+
+from bigatlas import AtlasVAE
+from bigatlas.calibration import calibrate, ece, fit_calibration
+from bigatlas.infer import embed
+from bigatlas.knn import EXACT_MAX, LatentIndex
+from bigatlas.reference import read_reference, stratified_sample
+from bigatlas.synth import synth
+
+NOVEL = "type_2"  # coarse type left out of the reference
+
+
+def auroc(positive: np.ndarray, score: np.ndarray) -> float:
+    u = mannwhitneyu(score[positive], score[~positive]).statistic
+    return float(u / (positive.sum() * (~positive).sum()))
+
+
+def test_knn_exact_is_brute_force_and_inverted_file_recall(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(30, 10, generator=g) * 4
+    n = EXACT_MAX + 10_000
+    low_dim = torch.randn(n, 3, generator=g) @ torch.randn(3, 10, generator=g)  # latents are not isotropic
+    z = centres[torch.randint(0, 30, (n,), generator=g)] + low_dim + 0.1 * torch.randn(n, 10, generator=g)
+    q = z[:300] + 0.05 * torch.randn(300, 10, generator=g)
+    brute = torch.cdist(q.double(), z.double())
+    want_d, want_i = brute.topk(15, largest=False)
+    d, i = LatentIndex(z, exact=True).search(q, 15)
+    assert torch.equal(i, want_i) and torch.allclose(d.double(), want_d, atol=1e-3)
+    ivf = LatentIndex(z, *LatentIndex.partition(z, seed=0))
+    assert not ivf.exact
+    d2, i2 = ivf.search(q, 15)
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 15 for a, b in zip(i2, want_i)])
+    assert recall >= 0.9, recall
+    assert (d2[:, 1:] >= d2[:, :-1]).all()  # nearest first
+    assert torch.allclose(d2.double(), brute.gather(1, i2), atol=1e-3)  # distances are those of the indices
+
+
+def test_stratified_sample_keeps_rare_classes_and_weights_restore_proportions():
+    rng = np.random.default_rng(0)
+    codes = rng.choice([0, 1, 2, -1], size=50_000, p=[0.897, 0.08, 0.003, 0.02])
+    eligible = rng.random(50_000) > 0.05
+    pos, w = stratified_sample(codes, eligible, 2_000, seed=3)
+    assert len(pos) <= 2_000 and np.all(np.diff(pos) > 0) and eligible[pos].all()
+    rare = (codes[eligible] == 2).sum()
+    assert (codes[pos] == 2).sum() == min(rare, 2_000 // 8)  # every class keeps its floor
+    for c in (0, 1, 2, -1):  # the weighted sample has the eligible cells' class shares
+        assert np.isclose(w[codes[pos] == c].sum() / w.sum(), (codes[eligible] == c).mean(), atol=2e-3)
+    again, _ = stratified_sample(codes, eligible, 2_000, seed=3)
+    assert np.array_equal(pos, again)
+    small, ws = stratified_sample(codes[:1000], eligible[:1000], 2_000)
+    assert np.array_equal(small, np.flatnonzero(eligible[:1000])) and (ws == 1).all()
+
+
+def test_calibration_recovers_temperature_and_prior_shift():
+    rng = np.random.default_rng(1)
+    n, k = 20_000, 5
+    counts = np.array([5000, 2000, 500, 100, 20], float)
+    true = rng.normal(0, 2, (n, k)) + np.log(counts)  # logits of the true posterior
+    p = np.exp(true - true.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = torch.as_tensor((p.cumsum(1) > rng.random((n, 1))).argmax(1))
+    seen = torch.as_tensor(3.0 * (true - np.log(counts)))  # overconfident, class prior flattened
+    fit = fit_calibration(seen, y, torch.as_tensor(np.log(counts)))
+    assert fit["temperature"] == pytest.approx(3.0, rel=0.1)
+    assert fit["prior_shift"] == pytest.approx(1.0, abs=0.1)  # what inverse-frequency weighting took away
+    before = torch.softmax(seen, 1).numpy()
+    after = torch.softmax(calibrate(seen, torch.as_tensor(np.log(counts)), fit["temperature"], fit["prior_shift"]), 1)
+    assert ece(after.numpy(), y.numpy()) < 0.02 < ece(before, y.numpy())
+
+
+@pytest.fixture(scope="module")
+def novel(tmp_path_factory):
+    """A model trained on an atlas without one coarse type; every cell embedded."""
+    root = tmp_path_factory.mktemp("novel")
+    synth(root / "atlas.zarr", 5000, 400, seed=2)
+    atlas = ad.read_zarr(root / "atlas.zarr")
+    truth = atlas.obs["true_cell_type"].astype(str).to_numpy()
+    held = np.char.startswith(truth.astype(str), NOVEL + ".")
+    model = AtlasVAE(atlas[~held].copy(), batch_key="dataset_id", label_keys=["cell_type"], train={"max_epochs": 20})
+    model.fit(root / "run")
+    out = embed(root / "run", atlas, root / "emb.zarr", progress=False)
+    return root, atlas, truth, held, ad.read_zarr(out).obs
+
+
+def test_novel_type_is_flagged_not_mislabelled(novel):
+    _, _, truth, held, obs = novel
+    u = obs["cell_type_uncertainty"].to_numpy()
+    assert auroc(held, u) >= 0.9
+    assert obs["cell_type_unknown"].to_numpy()[held].mean() >= 0.8
+    assert (obs["cell_type_pred_filtered"].astype(str).to_numpy()[held] == "Unknown").mean() >= 0.8
+    known = ~held
+    assert (obs["cell_type_pred"].astype(str).to_numpy()[known] == truth[known]).mean() >= 0.95
+    assert obs["cell_type_unknown"].to_numpy()[known].mean() <= 0.05
+
+
+def test_reference_rebuilds_identically_and_reports_calibration(novel):
+    root, _, _, _, _ = novel
+    first = read_reference(root / "run")
+    info = first.info
+    assert info["n_cells"] == len(first.arrays["latent"]) and first.arrays["labels"].shape[1] == 1
+    v = info["validation"]["cell_type"]
+    assert v["head"]["ece"] <= v["head_uncalibrated"]["ece"] + 1e-9  # fitted on these cells: never worse
+    assert info["novelty"]["scale"] > 0
+    positions = first.arrays["position"]
+    assert np.all(np.diff(positions) > 0)  # sorted, unique store positions of training cells
+    # the run was trained in memory: rebuilding needs that AnnData; a store path rebuilds from the CLI
+    atlas = ad.read_zarr(root / "atlas.zarr")
+    held = atlas.obs["true_cell_type"].astype(str).str.startswith(NOVEL + ".").to_numpy()
+    from bigatlas.reference_build import build_reference
+
+    build_reference(root / "run", atlas[~held].copy(), umap=False, log=lambda *_: None)
+    second = read_reference(root / "run")
+    assert second.id == first.id
+    assert all(np.array_equal(first.arrays[k], second.arrays[k]) for k in first.arrays)
+
+
+def test_reference_cli_umap_and_query_placement(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGATLAS_REFERENCE_UMAP", "1")
+    synth(tmp_path / "a.zarr", 2500, 200, seed=5)
+    args = ["--data", str(tmp_path / "a.zarr"), "--batch-key", "dataset_id", "--label-keys", "cell_type"]
+    cli(["train", *args, "--out", str(tmp_path / "run"), "--max-epochs", "8", "--reference-cells", "0"])
+    assert read_reference(tmp_path / "run") is None
+    emb = embed(tmp_path / "run", tmp_path / "a.zarr", tmp_path / "head.zarr", progress=False)
+    assert "cell_type_pred_knn" not in ad.read_zarr(emb).obs  # no reference: the head alone
+    cli(["reference", "--run", str(tmp_path / "run"), "--max-cells", "1500"])
+    ref = read_reference(tmp_path / "run")
+    assert 1400 <= ref.n_cells <= 1500 and ref.arrays["umap"].shape == (ref.n_cells, 2)
+    out = ad.read_zarr(embed(tmp_path / "run", tmp_path / "a.zarr", tmp_path / "emb.zarr", progress=False))
+    placed = out.obsm["X_umap_ref"]
+    pred = out.obs["cell_type_pred"].astype(str).to_numpy()
+    classes = np.asarray(AtlasVAE.load(tmp_path / "run").vocab.label_classes["cell_type"])
+    ref_labels = classes[ref.arrays["labels"][:, 0]]
+    names = [c for c in np.unique(pred) if (ref_labels == c).sum() >= 20]
+    centres = np.stack([np.median(ref.arrays["umap"][ref_labels == c], 0) for c in names])
+    nearest = np.asarray(names)[np.linalg.norm(placed[:, None] - centres[None], axis=2).argmin(1)]
+    ok = np.isin(pred, names)
+    assert (nearest[ok] == pred[ok]).mean() >= 0.9  # each cell lands among reference cells of its type
+
+
+def test_labelled_query_mapping_learns_a_new_class(novel, tmp_path):
+    root, atlas, truth, held, _ = novel
+    study = atlas.obs["dataset_id"].astype(str).to_numpy()
+    query_study = study == "study_5"
+    rng = np.random.default_rng(0)
+    half = rng.random(len(atlas)) < 0.5
+    query = atlas[query_study & half].copy()  # labelled, with the novel type; the other half is for scoring
+    query.obs["dataset_id"] = ("q_" + query.obs["dataset_id"].astype(str)).astype("category")
+    labels = query.obs["cell_type"].astype(str)
+    query.obs["cell_type"] = labels.where(~labels.str.startswith(NOVEL + "."), NOVEL).astype("category")
+    scoring = atlas[query_study & ~half].copy()
+    scoring.obs["dataset_id"] = ("q_" + scoring.obs["dataset_id"].astype(str)).astype("category")
+    reference = AtlasVAE.load(root / "run")
+    mapped = reference.map_query(query, tmp_path / "mapped", epochs=15)
+    classes = mapped.vocab.label_classes["cell_type"]
+    old = reference.vocab.label_classes["cell_type"]
+    assert classes[: len(old)] == old and classes[len(old) :] == [NOVEL]  # one new class
+    new = np.char.startswith(scoring.obs["true_cell_type"].astype(str).to_numpy().astype(str), NOVEL + ".")
+    assert new.sum() >= 20
+    pred = mapped.predict(scoring)["cell_type_pred"].astype(str).to_numpy()
+    assert (pred[new] == NOVEL).mean() >= 0.9
+    ref_cells = atlas[~held].copy()
+    before = reference.predict(ref_cells)["cell_type_pred"].astype(str).to_numpy()
+    after = mapped.predict(ref_cells)["cell_type_pred"].astype(str).to_numpy()
+    assert (before == after).mean() >= 0.99
+    assert np.array_equal(mapped.get_latent_representation(ref_cells), reference.get_latent_representation(ref_cells))
