@@ -43,6 +43,14 @@ class Embedding:
         except Exception as e:
             raise EmbeddingError(f"{self.path} is not a bigatlas embedding ({type(e).__name__}: {e})") from None
 
+    def has_obsm(self, name: str) -> bool:
+        if self.format == "zarr":
+            return name in zarr.open_group(str(self.path), mode="r")["obsm"]
+        import tiledbsoma as soma
+
+        with soma.Experiment.open(str(self.path)) as exp:
+            return name in exp.ms["RNA"].obsm
+
     @property
     def label_keys(self) -> list[str]:
         """Label keys with predictions (`<key>_pred` columns)."""
@@ -55,15 +63,16 @@ class Embedding:
                 cols = [f.name for f in exp.obs.schema]
         return [c[: -len("_pred")] for c in cols if c.endswith("_pred")]
 
-    def latents(self, positions: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
-        """Latent vectors of ascending `positions` (Zarr) / store row ids `row_ids` (SOMA)."""
+    def latents(self, positions: np.ndarray, row_ids: np.ndarray, name: str = "X_bigatlas") -> np.ndarray:
+        """Rows of obsm `name` (latent vectors by default) of ascending `positions` (Zarr) / store row ids
+        `row_ids` (SOMA)."""
         if self.format == "zarr":
-            arr = zarr.open_group(str(self.path), mode="r")["obsm/X_bigatlas"]
+            arr = zarr.open_group(str(self.path), mode="r")[f"obsm/{name}"]
             return np.asarray(arr.get_orthogonal_selection((np.asarray(positions), slice(None))), np.float32)
         import tiledbsoma as soma
 
         with soma.Experiment.open(str(self.path)) as exp:
-            x = exp.ms["RNA"].obsm["X_bigatlas"]
+            x = exp.ms["RNA"].obsm[name]
             t = x.read(coords=(np.asarray(row_ids, np.int64),)).tables().concat()
             d = int(x.shape[1])
         out = np.full((len(row_ids), d), np.nan, np.float32)
@@ -79,20 +88,40 @@ class Embedding:
 
     def predictions(self, key: str, row_ids: np.ndarray | None = None) -> pd.Categorical:
         """Predicted labels of every cell in position order (SOMA: ordered by `row_ids`)."""
-        if self.format == "zarr":
-            from anndata.io import read_elem
+        return self.column(f"{key}_pred", row_ids)
 
-            return pd.Categorical(read_elem(zarr.open_group(str(self.path), mode="r")[f"obs/{key}_pred"]))
+    def has_column(self, name: str) -> bool:
+        if self.format == "zarr":
+            return name in zarr.open_group(str(self.path), mode="r")["obs"].attrs["column-order"]
         import tiledbsoma as soma
 
         with soma.Experiment.open(str(self.path)) as exp:
-            t = exp.obs.read(column_names=["soma_joinid", f"{key}_pred"]).concat()
-        # dictionary-encoded in Arrow: integer codes, never one Python string per cell
-        col = t[f"{key}_pred"].combine_chunks().dictionary_encode()
-        codes = col.indices.fill_null(-1).to_numpy().astype(np.int64)
+            return name in [f.name for f in exp.obs.schema]
+
+    def column(self, name: str, row_ids: np.ndarray | None = None):
+        """An obs column of every cell in position order (SOMA: ordered by `row_ids`): a Categorical for
+        labels, a numpy array for numbers and flags."""
+        if self.format == "zarr":
+            from anndata.io import read_elem
+
+            value = read_elem(zarr.open_group(str(self.path), mode="r")[f"obs/{name}"])
+            return pd.Categorical(value) if isinstance(value, pd.Categorical) else np.asarray(value)
+        import pyarrow as pa
+        import tiledbsoma as soma
+
+        with soma.Experiment.open(str(self.path)) as exp:
+            t = exp.obs.read(column_names=["soma_joinid", name]).concat()
         joinids = t["soma_joinid"].to_numpy()
         order = np.argsort(joinids)
         at = np.searchsorted(joinids, row_ids, sorter=order)
         found = order[np.minimum(at, len(order) - 1)]
-        codes = np.where(joinids[found] == row_ids, codes[found], -1)
-        return pd.Categorical.from_codes(codes, categories=pd.Index(col.dictionary.to_pylist()).astype(str))
+        hit = joinids[found] == row_ids
+        col = t[name].combine_chunks()
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            # dictionary-encoded in Arrow: integer codes, never one Python string per cell
+            col = col.dictionary_encode()
+            codes = col.indices.fill_null(-1).to_numpy().astype(np.int64)
+            codes = np.where(hit, codes[found], -1)
+            return pd.Categorical.from_codes(codes, categories=pd.Index(col.dictionary.to_pylist()).astype(str))
+        values = col.to_numpy(zero_copy_only=False)
+        return np.where(hit, values[found], np.zeros(1, values.dtype))

@@ -261,6 +261,9 @@ def evaluate(
     predicted = {key: emb.predictions(key, row_ids) for key in emb.label_keys}  # position order, every cell
     preds = _prediction_report(predicted, store, batch, label_key, truth_keys, reference, unlabeled_categories)
     result["predictions"] = {k: v["scores"] for k, v in preds.items()}
+    transfer = _transfer_section(emb, store, predicted, label_key, truth_keys, row_ids, unlabeled_categories)
+    if transfer:
+        result["label_transfer"] = {name: scores for name, (scores, _) in transfer.items()}
     if store.segments is not None:  # a collection: the same scores within each store
         result["per_source"] = _per_source(
             store, z, sample, lab_codes, bat_codes, labels, predicted.get(label_key), seed
@@ -289,6 +292,7 @@ def evaluate(
         seed,
         None if reference is None else reference[sample],
     )
+    figures.update(_transfer_figures(tmp, emb, store, transfer, label_key, run, row_ids, umap_cells, seed))
     result["figures"] = figures
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -300,6 +304,52 @@ def evaluate(
     log(f"metrics: {out / 'metrics.json'}")
     log(f"report: {out / 'report.html'}")
     return result
+
+
+def _transfer_section(emb, store, predicted, label_key, truth_keys, row_ids, unlabeled) -> dict:
+    """{"<key>_pred vs <truth column>": (transfer_report scores, reliability table)} for every predicted key
+    written with the transfer columns (uncertainty), against the truth columns _prediction_report uses."""
+    from .transfer_report import PREDICTORS, transfer_scores
+
+    out = {}
+    for key, pred in predicted.items():
+        if not emb.has_column(f"{key}_uncertainty"):
+            continue  # an embedding of an older version: accuracy only (predictions section)
+        columns = {"pred": pred}
+        for suffix in [*PREDICTORS, "prob", "uncertainty", "unknown"]:
+            if suffix != "pred" and emb.has_column(f"{key}_{suffix}"):
+                columns[suffix] = emb.column(f"{key}_{suffix}", row_ids)
+        truth_cols = [key, *truth_keys] if key == label_key else [key]
+        for col in dict.fromkeys(c for c in truth_cols if c in store.obs_columns):
+            truth = _labels(store, col, unlabeled)
+            out[f"{key}_pred vs {col}"] = transfer_scores(columns, truth, list(pred.categories.astype(str)))
+    return out
+
+
+def _transfer_figures(folder, emb, store, transfer, label_key, run, row_ids, umap_cells, seed) -> dict:
+    """Reliability diagrams, and the query on the reference UMAP when both have one."""
+    from .plots import reference_map, reliability_diagram
+    from .reference import read_reference
+
+    figs = {}
+    for name, (scores, table) in transfer.items():
+        if table:
+            file = f"reliability_{name.replace(' vs ', '_vs_')}.png"
+            reliability_diagram(table, folder / file, f"{name}: ECE {scores['ece']:.3f}")
+            figs[f"reliability {name}"] = file
+    ref = read_reference(run) if run is not None and run.exists() else None
+    if ref is None or "umap" not in ref.arrays or not emb.has_obsm("X_umap_ref") or label_key not in emb.label_keys:
+        return figs
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(store.n_obs, min(umap_cells, store.n_obs), replace=False))
+    rows = store.store_rows(pick)
+    xy = emb.latents(pick, rows, name="X_umap_ref")
+    pred = emb.predictions(label_key, row_ids)[pick]
+    uncertainty = np.asarray(emb.column(f"{label_key}_uncertainty", row_ids))[pick]
+    reference_map(ref.arrays["umap"], xy, pred, uncertainty, folder / "reference_umap.png",
+                  f"{len(pick)} query cells on the reference UMAP ({ref.n_cells} reference cells)")  # fmt: skip
+    figs["reference umap"] = "reference_umap.png"
+    return figs
 
 
 def _figures(folder, z, sample, lab, bat, pred, preds, run, label_key, batch_key, umap_cells, seed, reference) -> dict:

@@ -115,3 +115,57 @@ def confusion_matrix(conf: pd.DataFrame, out_png, title: str = "") -> Path:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return Path(out_png)
+
+
+def reliability_diagram(table: list[tuple[float, float, int]], out_png, title: str = "") -> Path:
+    """Accuracy against mean confidence per confidence bin (calibration.reliability), bar width ∝ cells."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.4, 4.2))
+    if table:
+        conf, acc, n = (np.asarray(v, float) for v in zip(*table))
+        ax.scatter(conf, acc, s=20 + 200 * n / n.max(), alpha=0.7, label="bins (area: cells)")
+        ax.plot(conf, acc, lw=1)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def reference_map(ref_xy, query_xy, pred: pd.Categorical, uncertainty: np.ndarray, out_png, title: str = "") -> Path:
+    """Query cells on the reference UMAP: reference in grey, query on top coloured by prediction and by
+    uncertainty."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    size = float(np.clip(6e4 / max(len(query_xy), 1), 0.5, 12))
+    ref_size = float(np.clip(6e4 / max(len(ref_xy), 1), 0.3, 8))
+    for ax in axes:
+        ax.scatter(ref_xy[:, 0], ref_xy[:, 1], c="#d9d9d9", s=ref_size, linewidths=0, rasterized=True)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    pred = pd.Categorical(pred)
+    cols = _colours(len(pred.categories))
+    codes = np.asarray(pred.codes)
+    rgba = np.where(codes[:, None] >= 0, cols[np.maximum(codes, 0)], (0.2, 0.2, 0.2, 1.0))
+    axes[0].scatter(query_xy[:, 0], query_xy[:, 1], c=rgba, s=size, linewidths=0, rasterized=True)
+    axes[0].set_title("query: prediction")
+    if len(pred.categories) <= 30:
+        handles = [plt.Line2D([], [], marker="o", ls="", color=c, ms=5) for c in cols]
+        axes[0].legend(handles, list(pred.categories), fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5),
+                       frameon=False)  # fmt: skip
+    im = axes[1].scatter(query_xy[:, 0], query_xy[:, 1], c=uncertainty, cmap="magma_r", vmin=0, vmax=1, s=size,
+                         linewidths=0, rasterized=True)  # fmt: skip
+    axes[1].set_title("query: uncertainty")
+    fig.colorbar(im, ax=axes[1], fraction=0.04)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)

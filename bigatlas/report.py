@@ -77,11 +77,42 @@ def markdown(result: dict, run: Path | None) -> str:
                     f"Query cells (outside the run's training slice), {name}: {s['query_cells']:,} cells, "
                     f"accuracy {_fmt(s['query_accuracy'])} (reference cells: {_fmt(s['reference_accuracy'])})",
                 ]
+    lines += _transfer_lines(result.get("label_transfer") or {})
     lines += ["", "## Figures", ""]
     for title, file in result["figures"].items():
         lines += [f"### {title}", "", f"![{title}]({file})", ""]
     lines.append(f"_{result['seconds']} s; all numbers in metrics.json._")
     return "\n".join(lines) + "\n"
+
+
+def _transfer_lines(transfer: dict) -> list[str]:
+    """The label-transfer section: per predictor accuracy / macro-F1 on cells of classes the run knows,
+    calibration, Unknown calls and unseen-class detection."""
+    if not transfer:
+        return []
+    lines = [
+        "",
+        "## Label transfer (cells of classes the run was trained on)",
+        "",
+        "| prediction vs known | chosen acc / F1 | head acc / F1 | kNN acc / F1 | ECE | Unknown | unseen classes: "
+        "AUROC, Unknown |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in transfer.items():
+        pair = [
+            f"{_fmt(s[p]['accuracy'])} / {_fmt(s[p]['macro_f1'])}" if p in s else "–" for p in ("chosen", "head", "knn")
+        ]
+        unseen = "–"
+        if s.get("unseen_classes"):
+            names = ", ".join(s["unseen_classes"])
+            unseen = f"{_fmt(s.get('unseen_auroc'))}, {_fmt(s.get('unknown_fraction_unseen'))} ({names})"
+        lines.append(
+            f"| {name} | {' | '.join(pair)} | {_fmt(s.get('ece'))} | {_fmt(s.get('unknown_fraction'))} | {unseen} |"
+        )
+    for name, s in transfer.items():
+        recall = ", ".join(f"{c} {r:.3f}" for c, r in s["recall_per_class"].items())
+        lines += ["", f"Recall per class, {name}: {recall}"]
+    return lines
 
 
 def _html_inline(text: str) -> str:

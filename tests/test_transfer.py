@@ -86,7 +86,7 @@ def novel(tmp_path_factory):
     held = np.char.startswith(truth.astype(str), NOVEL + ".")
     model = AtlasVAE(atlas[~held].copy(), batch_key="dataset_id", label_keys=["cell_type"], train={"max_epochs": 20})
     model.fit(root / "run")
-    out = embed(root / "run", atlas, root / "emb.zarr", progress=False)
+    out = embed(root / "run", root / "atlas.zarr", root / "emb.zarr", progress=False)
     return root, atlas, truth, held, ad.read_zarr(out).obs
 
 
@@ -99,6 +99,24 @@ def test_novel_type_is_flagged_not_mislabelled(novel):
     known = ~held
     assert (obs["cell_type_pred"].astype(str).to_numpy()[known] == truth[known]).mean() >= 0.95
     assert obs["cell_type_unknown"].to_numpy()[known].mean() <= 0.05
+
+
+def test_evaluate_reports_transfer_and_unseen_class_detection(novel, tmp_path):
+    from bigatlas.evaluate import evaluate
+
+    root, _, _, _, _ = novel
+    keys = {"label_key": "cell_type", "batch_key": "dataset_id", "truth_keys": ["true_cell_type"]}
+    r = evaluate(root / "emb.zarr", **keys, out=tmp_path / "report", n_cells=2000, umap_cells=1000, baseline=False,
+                 log=lambda *_: None)  # fmt: skip
+    t = r["label_transfer"]["cell_type_pred vs true_cell_type"]
+    assert t["unseen_classes"] == [f"{NOVEL}.{i}" for i in range(3)]
+    assert t["unseen_auroc"] >= 0.9 and t["unknown_fraction_unseen"] >= 0.8 and t["unknown_fraction_seen"] <= 0.05
+    for p in ("chosen", "head", "knn"):
+        assert t[p]["accuracy"] >= 0.95  # on cells of classes the run knows
+    assert 0 <= t["ece"] <= 0.1 and min(t["recall_per_class"].values()) >= 0.8
+    files = {p.name for p in (tmp_path / "report").iterdir()}
+    assert "reliability_cell_type_pred_vs_true_cell_type.png" in files
+    assert "Label transfer" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_reference_rebuilds_identically_and_reports_calibration(novel):

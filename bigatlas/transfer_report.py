@@ -1,0 +1,73 @@
+"""`evaluate`'s label-transfer section: how far each predictor's labels and the uncertainty can be trusted.
+
+For a predicted key against a truth column: accuracy and macro-F1 of the chosen answer (`_pred`), the
+calibrated head (`_pred_head`) and the kNN vote (`_pred_knn`); ECE of `_prob` with a reliability
+diagram; recall per class; the share of cells called Unknown; and when the truth has classes the run
+never saw, how well `_uncertainty` separates their cells from the rest (AUROC) and how many of them are
+called Unknown. With a reference UMAP the query is drawn on it (reference in grey).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .calibration import reliability
+from .metrics import confusion, prediction_scores
+
+PREDICTORS = {"pred": "chosen", "pred_head": "head", "pred_knn": "knn"}
+
+
+def auroc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """Area under the ROC curve of `score` for `positive` (rank formula, ties averaged)."""
+    from scipy.stats import rankdata
+
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def transfer_scores(columns: dict, truth: pd.Categorical, run_classes) -> tuple[dict, list]:
+    """(scores, reliability table) for one key; `columns` maps suffix (pred, pred_head, pred_knn, prob,
+    uncertainty, unknown) to that column of every cell; truth: defined labels (code -1 = none)."""
+    t = np.asarray(truth.astype(str))
+    defined = np.asarray(truth.codes) >= 0
+    known_class = defined & np.isin(t, list(run_classes))
+    novel = defined & ~known_class
+    out = {"cells_with_truth": int(defined.sum()), "cells_of_unseen_classes": int(novel.sum())}
+    for suffix, name in PREDICTORS.items():
+        if suffix not in columns:
+            continue
+        pred = pd.Categorical(columns[suffix])
+        scores = prediction_scores(confusion(_subset(truth, known_class), pred))
+        out[name] = {"accuracy": round(scores["accuracy"], 4), "macro_f1": round(scores["macro_f1"], 4)}
+    pred = np.asarray(pd.Categorical(columns["pred"]).astype(str))
+    correct = pred == t
+    table = []
+    if "prob" in columns and known_class.any():
+        prob = np.asarray(columns["prob"], float)
+        table = reliability(prob[known_class], correct[known_class])
+        out["ece"] = round(sum(abs(a - c) * n for c, a, n in table) / int(known_class.sum()), 4)
+    out["recall_per_class"] = {
+        c: round(float(correct[known_class & (t == c)].mean()), 4)
+        for c in run_classes
+        if (known_class & (t == c)).any()
+    }
+    if "unknown" in columns:
+        unknown = np.asarray(columns["unknown"], bool)
+        out["unknown_fraction"] = round(float(unknown[defined].mean()), 4) if defined.any() else None
+        if novel.any():
+            out["unseen_classes"] = sorted(set(t[novel]))
+            out["unknown_fraction_unseen"] = round(float(unknown[novel].mean()), 4)
+            out["unknown_fraction_seen"] = round(float(unknown[known_class].mean()), 4) if known_class.any() else None
+            if "uncertainty" in columns:
+                a = auroc(novel[defined], np.asarray(columns["uncertainty"], float)[defined])
+                out["unseen_auroc"] = None if a is None else round(a, 4)
+    return out, table
+
+
+def _subset(truth: pd.Categorical, keep: np.ndarray) -> pd.Categorical:
+    codes = np.where(keep, np.asarray(truth.codes), -1)
+    return pd.Categorical.from_codes(codes, categories=truth.categories)
