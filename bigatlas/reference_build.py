@@ -110,7 +110,9 @@ def build_reference(
     val_pos = _validation_sample(val, cells.labels, t.seed)
     _calibrate(ref, run.module, run.vocab, cells.encode(val_pos), cells.labels[val_pos], log)
     if _want_umap(umap, log):
+        t_umap = time.perf_counter()
         arrays["umap"] = _umap(arrays["latent"], t.seed)
+        info["seconds_umap"] = round(time.perf_counter() - t_umap, 2)
     info["seconds"] = round(time.perf_counter() - t0, 2)
     out = write_reference(run_dir, ref)
     log(f"wrote {out}: {info['n_cells']:,} reference cells ({info['seconds']:.1f}s)")

@@ -1,0 +1,206 @@
+"""Label-transfer benchmark: which predictor, which Unknown threshold, and what kNN labels cost.
+
+Quality (bench.quality's atlases and hidden labels: 80% of the labels seen, 20% hidden and scored), per
+preset × seed, one bigatlas run with labels, and each predictor on the hidden cells: accuracy, macro-F1,
+ECE and rare-class recall of the uncalibrated head (what embed wrote before), the calibrated head, the
+kNN vote and both. Novel types: the same atlas trained without one coarse type; AUROC of the
+uncertainty for that type's cells against the hidden known cells, and the share of each called Unknown
+at several thresholds.
+
+Speed: the reference index of 200,000 cells of a 1,000,000-cell store (build seconds, UMAP included),
+then that store embedded to disk twice in one run: without a reference (the head alone: embed before
+this index existed) and with kNN labels; K1 = kNN cells/s ÷ head-only cells/s. Also the kNN search
+alone (cells/s) and its recall against the exact search.
+
+    python -m bench.transfer                 # everything; bench/results/transfer.json
+    python -m bench.transfer --skip-speed    # quality only
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.common import ensure_store, main, write_results
+from bench.quality import BATCH_KEY, LABELS, TRUTH, atlas
+from bench.transfer_novel import THRESHOLDS, novel_row
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--presets", nargs="+", default=["rare", "subtle", "condition"], help="synth presets")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="atlas and training seeds")
+    p.add_argument("--cells", type=int, default=8000, help="cells per atlas")
+    p.add_argument("--genes", type=int, default=1000, help="genes per atlas")
+    p.add_argument("--epochs", type=int, default=60, help="training epochs")
+    p.add_argument("--hidden-fraction", type=float, default=0.2, help="labelled cells whose label is hidden")
+    p.add_argument("--skip-quality", action="store_true", help="speed only")
+    p.add_argument("--skip-speed", action="store_true", help="quality only")
+    p.add_argument("--query-cells", type=int, default=1_000_000, help="cells embedded for K1")
+    p.add_argument("--reference-cells", type=int, default=200_000, help="cells in the speed run's reference")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--data-dir", default="bench/data", help="where atlases and stores are built or reused")
+    p.add_argument("--out", default="bench/results/transfer.json", help="JSON result file")
+
+
+def _fit(adata, a, seed, run_dir):
+    from bigatlas.api import AtlasVAE
+
+    model = AtlasVAE(adata, batch_key=BATCH_KEY, label_keys=[LABELS], train={"seed": seed, "checkpoint_every_steps": 0})
+    return model.fit(run_dir, max_epochs=a.epochs)
+
+
+def _predictors(model, z):
+    """{name: probabilities} for every predictor, and the default's uncertainty."""
+    import torch
+
+    from bigatlas.reference import read_reference
+    from bigatlas.transfer import LabelTransfer
+
+    transfer = LabelTransfer(model.module, model.vocab, read_reference(model.run_dir))
+    zt = torch.from_numpy(z)
+    with torch.no_grad():
+        raw = torch.softmax(model.module.label_logits(zt)[0].float(), 1).numpy()
+    head = transfer.head_probs(zt)[LABELS]
+    _, idx, w = transfer.neighbours(zt)
+    knn = transfer.knn_probs(idx, w)[LABELS]
+    results, _ = transfer(zt)
+    probs = {"head_uncalibrated": raw, "head": head, "knn": knn, "both": 0.5 * (head + knn)}
+    return probs, results[LABELS].uncertainty, transfer.predictor
+
+
+def _scores(probs, truth, classes, rare) -> dict:
+    from bigatlas.calibration import ece
+    from bigatlas.metrics import confusion, prediction_scores
+
+    pred = np.asarray(classes)[probs.argmax(1)]
+    s = prediction_scores(confusion(pd.Categorical(truth), pd.Categorical(pred)))
+    y = pd.Categorical(truth, categories=classes).codes
+    ok = y >= 0
+    row = {"accuracy": round(s["accuracy"], 4), "macro_f1": round(s["macro_f1"], 4),
+           "ece": round(ece(probs[ok], y[ok]), 4)}  # fmt: skip
+    is_rare = np.isin(truth, rare)
+    if is_rare.any():
+        row["rare_recall"] = round(float((pred[is_rare] == truth[is_rare]).mean()), 4)
+    return row
+
+
+def quality(a) -> list[dict]:
+    rows = []
+    for preset in a.presets:
+        for seed in a.seeds:
+            adata = atlas(a, preset, seed)
+            with tempfile.TemporaryDirectory() as tmp:
+                t = time.perf_counter()
+                model = _fit(adata, a, seed, Path(tmp) / "run")
+                z = model.get_latent_representation()
+                probs, _, default = _predictors(model, z)
+                hidden = adata.obs["bench_hidden"].to_numpy()
+                truth = adata.obs[TRUTH].astype(str).to_numpy()[hidden]
+                counts = pd.Series(truth).value_counts()
+                rare = list(counts.index[counts < 0.01 * len(truth)])
+                classes = model.vocab.label_classes[LABELS]
+                row = {"preset": preset, "seed": seed, "default": default, "seconds": round(time.perf_counter() - t, 1)}
+                row.update({name: _scores(p[hidden], truth, classes, rare) for name, p in probs.items()})
+            row["novel"] = novel_row(adata, a, seed, _fit, _predictors)
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    out = {}
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        mine = [r for r in rows if r["preset"] == preset]
+        entry = {}
+        for name in ("head_uncalibrated", "head", "knn", "both"):
+            entry[name] = {m: round(float(np.mean([r[name][m] for r in mine if m in r[name]])), 4)
+                           for m in ("accuracy", "macro_f1", "ece", "rare_recall") if m in mine[0][name]}  # fmt: skip
+        novel = [r["novel"] for r in mine if r.get("novel")]
+        if novel:
+            entry["novel_auroc"] = round(float(np.mean([n["auroc"] for n in novel])), 4)
+            for key in ("unknown_novel", "unknown_known", "accuracy_known_not_unknown"):
+                entry[key] = {str(t): round(float(np.mean([n[key][str(t)] for n in novel])), 4) for t in THRESHOLDS}
+        out[preset] = entry
+    return out
+
+
+def speed(a) -> dict:
+    import torch
+
+    from bench.infer import _run_dir
+    from bigatlas.infer import embed
+    from bigatlas.knn import LatentIndex
+    from bigatlas.reference import read_reference
+    from bigatlas.reference_build import build_reference
+
+    data = ensure_store(a.data_dir, a.query_cells, 2000)
+    run = _run_dir(ensure_store(a.data_dir, 100_000, 2000), a.data_dir)
+    work = Path(tempfile.mkdtemp(prefix="bench-transfer-"))
+    try:
+        head_run = work / "head_run"  # the same model without a reference: embed as it was
+        shutil.copytree(run, head_run, ignore=shutil.ignore_patterns("reference", "checkpoints"))
+        knn_run = work / "knn_run"
+        shutil.copytree(head_run, knn_run)
+        t = time.perf_counter()
+        build_reference(knn_run, data, max_cells=a.reference_cells)
+        build_s = time.perf_counter() - t
+        ref = read_reference(knn_run)
+        out = {
+            "query_cells": a.query_cells,
+            "reference_cells": ref.n_cells,
+            "reference_build_seconds": round(build_s, 1),
+        }
+        out["reference_umap_seconds"] = ref.info.get("seconds_umap")
+        for name, r in (("head_only", head_run), ("knn", knn_run)):
+            t = time.perf_counter()
+            embed(r, data, work / f"{name}.zarr", progress=False)
+            out[f"embed_{name}_cells_per_s"] = round(a.query_cells / (time.perf_counter() - t))
+        out["K1_knn_over_head_only"] = round(out["embed_knn_cells_per_s"] / out["embed_head_only_cells_per_s"], 3)
+        import zarr
+
+        z = torch.from_numpy(zarr.open_group(str(work / "knn.zarr"))["obsm/X_bigatlas"][: min(a.query_cells, 200_000)])
+        a_ = ref.arrays
+        index = LatentIndex(a_["latent"], a_.get("cluster"), a_.get("centroids"))
+        t = time.perf_counter()
+        for lo in range(0, len(z), 16384):
+            index.search(z[lo : lo + 16384], 15)
+        out["knn_search_cells_per_s"] = round(len(z) / (time.perf_counter() - t))
+        exact = LatentIndex(a_["latent"], exact=True)
+        q = z[:: max(1, len(z) // 2000)][:2000]
+        _, want = exact.search(q, 15)
+        _, got = index.search(q, 15)
+        out["knn_recall_vs_exact"] = round(
+            float(np.mean([len(set(x.tolist()) & set(y.tolist())) / 15 for x, y in zip(got, want)])), 4
+        )
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(a) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    result = {"setup": {k: getattr(a, k) for k in ("cells", "genes", "epochs", "hidden_fraction", "threads")}}
+    if not a.skip_quality:
+        rows = quality(a)
+        result.update({"rows": rows, "summary": summary(rows)})
+    if not a.skip_speed:
+        result["speed"] = speed(a)
+        print(result["speed"], flush=True)
+    out = Path(a.out)
+    if out.exists():  # keep the part not rerun
+        import json
+
+        old = json.loads(out.read_text())
+        result = {**old, **result}
+    return write_results(result, out)
+
+
+if __name__ == "__main__":
+    main(__doc__, add_arguments, run)

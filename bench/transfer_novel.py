@@ -1,0 +1,36 @@
+"""bench.transfer's novel-type part: one coarse type left out of training, every cell predicted."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench.quality import LABELS, TRUTH
+
+NOVEL = "type_1"
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def novel_row(adata, a, seed, fit, predictors) -> dict:
+    """AUROC of the uncertainty (novel cells vs hidden known cells) and Unknown shares per threshold."""
+    from bigatlas.transfer_report import auroc
+
+    truth = adata.obs[TRUTH].astype(str).to_numpy()
+    novel = np.char.startswith(truth.astype(str), NOVEL + ".")
+    known = adata.obs["bench_hidden"].to_numpy() & ~novel
+    with tempfile.TemporaryDirectory() as tmp:
+        model = fit(adata[~novel].copy(), a, seed, Path(tmp) / "run")
+        z = model.get_latent_representation(adata)
+        probs, uncertainty, default = predictors(model, z)
+    classes = np.asarray(model.vocab.label_classes[LABELS])
+    pred = classes[probs[default].argmax(1)]
+    sel = novel | known
+    row = {"novel_type": NOVEL, "novel_cells": int(novel.sum()), "auroc": round(auroc(novel[sel], uncertainty[sel]), 4)}
+    row["unknown_novel"] = {str(t): round(float((uncertainty[novel] > t).mean()), 4) for t in THRESHOLDS}
+    row["unknown_known"] = {str(t): round(float((uncertainty[known] > t).mean()), 4) for t in THRESHOLDS}
+    row["accuracy_known_not_unknown"] = {
+        str(t): round(float((pred[known] == truth[known])[uncertainty[known] <= t].mean()), 4) for t in THRESHOLDS
+    }
+    return row
