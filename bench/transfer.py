@@ -69,7 +69,8 @@ def _predictors(model, z):
     _, idx, w = transfer.neighbours(zt)
     knn = transfer.knn_probs(idx, w)[LABELS]
     results, _ = transfer(zt)
-    probs = {"head_uncalibrated": raw, "head": head, "knn": knn, "both": 0.5 * (head + knn)}
+    probs = {"head_uncalibrated": raw}
+    probs.update({name: transfer.combine(LABELS, head, knn, name) for name in ("head", "knn", "both")})
     return probs, results[LABELS].uncertainty, transfer.predictor
 
 

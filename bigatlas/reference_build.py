@@ -211,14 +211,31 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
     head = transfer.head_probs(z_val)
     _, idx, w = transfer.neighbours(z_val)
     knn = transfer.knn_probs(idx, w)
+    info["vote_temperature"] = {}
+    for i, key in enumerate(transfer.keys):
+        if key not in info["calibration"]:
+            continue
+        y = y_val[:, i]
+        keep = y >= 0
+        yt = torch.as_tensor(y[keep], dtype=torch.long)
+        temps = {}
+        for name in ("knn", "both"):
+            logp = torch.log(
+                torch.as_tensor(transfer.combine(key, head[key], knn[key], name)[keep]).double().clamp_min(1e-6)
+            )
+            temps[name] = fit_calibration(logp, yt, torch.zeros(logp.shape[1], dtype=torch.float64))["temperature"]
+        info["vote_temperature"][key] = temps
+    transfer.vote_temperature = info["vote_temperature"]
     for i, key in enumerate(transfer.keys):
         if key not in info["calibration"]:
             continue
         y = y_val[:, i]
         keep = y >= 0
         raw = torch.softmax(logits[i][keep], 1).numpy()
-        scores = {"head_uncalibrated": raw, "head": head[key][keep], "knn": knn[key][keep],
-                  "both": 0.5 * (head[key][keep] + knn[key][keep])}  # fmt: skip
+        scores = {"head_uncalibrated": raw}
+        scores.update(
+            {name: transfer.combine(key, head[key], knn[key], name)[keep] for name in ("head", "knn", "both")}
+        )
         info["validation"][key] = {
             name: {"accuracy": round(float((p.argmax(1) == y[keep]).mean()), 4), "ece": round(ece(p, y[keep]), 4)}
             for name, p in scores.items()

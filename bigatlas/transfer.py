@@ -6,7 +6,9 @@ Two predictors per label key:
 - kNN: a vote of the k nearest reference cells (reference.py), each weighted by a Gaussian kernel of
   its distance (bandwidth: the query's mean neighbour distance) times its sampling weight.
 
-`predictor` picks the answer: "head", "knn" or "both" (the mean of the two probability vectors).
+`predictor` picks the answer: "head", "knn" or "both" (the mean of the two probability vectors). The
+kNN vote and the mean get a temperature of their own, fitted on the validation cells like the head's
+(softmax(log p / T): the winner never changes, only how sure it says it is).
 Uncertainty = 1 − (probability of the winner) × in-distribution factor. ρ is the query's mean
 neighbour distance over its neighbours' own (their `radius`): a local outlier ratio, ~1 inside the
 reference. Its upper tail over the validation cells (cells the reference never saw, of known types)
@@ -95,6 +97,7 @@ class LabelTransfer:
             self.predictor = "head"  # nothing to vote with: the calibrated head alone
         self.k = int(k or info.get("k", DEFAULT_K))
         self.calibration = info.get("calibration", {})
+        self.vote_temperature = info.get("vote_temperature", {})
         self.log_counts = {
             key: torch.log(torch.as_tensor(vocab.class_counts.get(key, [1] * len(c)), dtype=torch.float64))
             for key, c in vocab.label_classes.items()
@@ -143,6 +146,20 @@ class LabelTransfer:
             out[key] = torch.where(total > 0, votes / total.clamp_min(1e-12), uniform).numpy()
         return out
 
+    def combine(self, key: str, head: np.ndarray, knn: np.ndarray, name: str | None = None) -> np.ndarray:
+        """Probabilities of predictor `name` (default: this transfer's) for one key, calibrated."""
+        name = name or self.predictor
+        if name == "head":
+            return head
+        p = knn if name == "knn" else 0.5 * (head + knn)
+        t = self.vote_temperature.get(key, {}).get(name)
+        if t is None or t == 1.0:
+            return p
+        logp = np.log(np.clip(p, 1e-6, 1.0)) / t
+        logp -= logp.max(1, keepdims=True)
+        q = np.exp(logp)
+        return (q / q.sum(1, keepdims=True)).astype(np.float32)
+
     def outlier_ratio(self, dist, idx) -> np.ndarray:
         """ρ: mean neighbour distance ÷ the neighbours' own mean neighbour distance."""
         finite = torch.isfinite(dist)
@@ -161,7 +178,7 @@ class LabelTransfer:
         in_dist = in_distribution(self.outlier_ratio(dist, idx), self.novelty)
         out = {}
         for key in self.keys:
-            probs = {"head": head[key], "knn": knn[key], "both": 0.5 * (head[key] + knn[key])}[self.predictor]
+            probs = self.combine(key, head[key], knn[key])
             out[key] = KeyResult(probs, head[key].argmax(1), knn[key].argmax(1), in_dist)
         umap = None
         if self.ref_umap is not None:
