@@ -10,6 +10,8 @@ from conftest import accelerate_launcher, run_script
 from safetensors.numpy import load_file
 
 from bigatlas.batches import holdout_mask
+from bigatlas.reference import read_reference
+from bigatlas.reference_build import build_reference
 from bigatlas.synth import synth
 
 
@@ -67,6 +69,7 @@ def test_resume_after_sigkill_is_bit_identical(small_atlas, tmp_path, fault):
     assert a.keys() == b.keys()
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+    assert read_reference(ref).id == read_reference(cut).id  # the resumed run's reference index is the same
     rows_ref = (ref / "metrics.csv").read_text().splitlines()
     rows_cut = (cut / "metrics.csv").read_text().splitlines()
     assert len(rows_ref) == len(rows_cut) == 3
@@ -91,6 +94,9 @@ def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
         assert np.array_equal(np.sort(np.concatenate(parts)), train_cells)
     p0, p1 = (np.load(run / "trace" / f"rank{r}_params.npy") for r in range(2))
     assert np.array_equal(p0, p1)
+    written = read_reference(run)  # built once, on the main process, from the final weights
+    build_reference(run, umap=False, log=lambda *_: None)
+    assert written is not None and read_reference(run).id == written.id
     one = tmp_path / "one"
     run_train([*base_args(small_atlas, one), "--trace-cells"])
     single = np.load(one / "trace" / "rank0_epoch0.npy")
