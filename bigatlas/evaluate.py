@@ -197,7 +197,7 @@ def evaluate(
     and `run` default to those recorded in the embedding; unlabeled_categories to the run's."""
     require_extra(
         "evaluate",
-        {"scib_metrics": "scib-metrics", "umap": "umap-learn", "sklearn": "scikit-learn"},
+        {"scib_metrics": "scib-metrics"},
         "bigatlas evaluate",
     )
     t0 = time.perf_counter()

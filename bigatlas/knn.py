@@ -11,6 +11,7 @@ bench/transfer.py and tested in tests/test_knn.py.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 EXACT_MAX = 20_000  # references up to this size are searched exactly on CPU as well
@@ -92,6 +93,19 @@ class LatentIndex:
 
     def _inverted_file(self, q, k):
         """Squared distances minus |q|² (enough to rank) of the k nearest among the probed cells."""
+        from .knn_scan import scan  # numba: compiled on first use, cached on disk
+
+        probe = min(self.probe, len(self.centroids))
+        probes = torch.cdist(q, self.centroids).topk(probe, dim=1, largest=False).indices
+        if not hasattr(self, "_np"):
+            self._np = (self.zs.numpy(), self.sqs.numpy(), np.asarray(self.offsets, np.int64))
+        zs, sqs, offsets = self._np
+        d2, rows = scan(q.contiguous().numpy(), zs, sqs, offsets, probes.numpy(), k)
+        d2, rows = torch.from_numpy(d2), torch.from_numpy(rows)
+        return d2, torch.where(torch.isfinite(d2), self.order[rows], 0)
+
+    def _inverted_file_torch(self, q, k):
+        """The same search in torch (one top-k per partition cell): the reference the scan is tested against."""
         n, probe = len(q), min(self.probe, len(self.centroids))
         probes = torch.cdist(q, self.centroids).topk(probe, dim=1, largest=False).indices
         cell = probes.reshape(-1)

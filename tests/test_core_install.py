@@ -7,7 +7,8 @@ import sys
 
 from conftest import ROOT
 
-EXTRAS = ("scib_metrics", "umap", "sklearn", "scanpy", "cellxgene_census", "jax", "tensorboard", "pynndescent")
+# umap-learn (with numba, pynndescent, scikit-learn) is core: the reference UMAP of label transfer
+EXTRAS = ("scib_metrics", "scanpy", "cellxgene_census", "jax", "tensorboard")
 
 SCRIPT = """
 import sys
@@ -40,10 +41,10 @@ def test_core_trains_and_embeds_and_names_the_missing_extra(tmp_path):
     assert "LOADED []" in res.stdout
     errors = [line for line in res.stderr.splitlines() if "error:" in line]
     assert errors == [
-        "bigatlas evaluate: error: bigatlas evaluate needs scib-metrics, umap-learn, scikit-learn: "
-        "pip install 'bigatlas[evaluate]'",
+        "bigatlas evaluate: error: bigatlas evaluate needs scib-metrics: pip install 'bigatlas[evaluate]'",
         "bigatlas stream: error: census:2025-01-30/homo_sapiens needs the cellxgene-census package: "
         "pip install 'bigatlas[census]'",
     ], res.stderr[-3000:]
     assert "pip install 'bigatlas[tensorboard]'" in res.stdout
     assert (tmp_path / "run" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "reference" / "index.safetensors").exists()  # with its UMAP: core too

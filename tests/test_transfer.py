@@ -41,6 +41,9 @@ def test_knn_exact_is_brute_force_and_inverted_file_recall(tmp_path):
     assert recall >= 0.9, recall
     assert (d2[:, 1:] >= d2[:, :-1]).all()  # nearest first
     assert torch.allclose(d2.double(), brute.gather(1, i2), atol=1e-3)  # distances are those of the indices
+    d3, i3 = ivf._inverted_file_torch(q, 15)  # the compiled scan finds what the torch formulation finds
+    _, i4 = ivf._inverted_file(q, 15)
+    assert (i4 == i3).float().mean() >= 0.999
 
 
 def test_stratified_sample_keeps_rare_classes_and_weights_restore_proportions():
