@@ -71,7 +71,7 @@ def _predictors(model, z):
     results, _ = transfer(zt)
     probs = {"head_uncalibrated": raw}
     probs.update({name: transfer.combine(LABELS, head, knn, name) for name in ("head", "knn", "both")})
-    return probs, results[LABELS].uncertainty, transfer.predictor
+    return probs, results[LABELS].uncertainty, transfer.predictors[LABELS]
 
 
 def _scores(probs, truth, classes, rare) -> dict:
@@ -107,6 +107,7 @@ def quality(a) -> list[dict]:
                 classes = model.vocab.label_classes[LABELS]
                 row = {"preset": preset, "seed": seed, "default": default, "seconds": round(time.perf_counter() - t, 1)}
                 row.update({name: _scores(p[hidden], truth, classes, rare) for name, p in probs.items()})
+                row["default_scores"] = row[default]
             row["novel"] = novel_row(adata, a, seed, _fit, _predictors)
             print(row, flush=True)
             rows.append(row)
@@ -118,7 +119,7 @@ def summary(rows: list[dict]) -> dict:
     for preset in dict.fromkeys(r["preset"] for r in rows):
         mine = [r for r in rows if r["preset"] == preset]
         entry = {}
-        for name in ("head_uncalibrated", "head", "knn", "both"):
+        for name in ("head_uncalibrated", "head", "knn", "both", "default_scores"):
             entry[name] = {m: round(float(np.mean([r[name][m] for r in mine if m in r[name]])), 4)
                            for m in ("accuracy", "macro_f1", "ece", "rare_recall") if m in mine[0][name]}  # fmt: skip
         novel = [r["novel"] for r in mine if r.get("novel")]

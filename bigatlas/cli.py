@@ -116,7 +116,7 @@ def _embed(p):
         "is above this",
         "predictor": (
             "labels from: both (calibrated head + kNN vote), head or knn (unset: the reference's "
-            "choice; head without a reference)",
+            "choice per label key; head without a reference)",
             str,
         ),
         "k": ("reference neighbours per kNN vote (unset: the reference's)", int),
@@ -137,7 +137,8 @@ def _reference(p):
         "max_cells": "training cells in the index (label-stratified)",
         "umap": "lay the index out with UMAP (for X_umap_ref)",
         "k": "neighbours per kNN vote",
-        "predictor": "default predictor of embed: both (head + kNN), head or knn",
+        "predictor": "embed's default predictor: auto (per label key the lowest validation NLL of both, head and "
+        "knn), both (head + kNN mean), head or knn",
     }
     add_signature_flags(p, build_reference, helps)
 

@@ -74,7 +74,7 @@ def _meta(run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold, t
         "chunk_size": int(chunk_size),
         "full_probabilities": bool(full_probs),
         "unknown_threshold": float(threshold),
-        "predictor": transfer.predictor,
+        "predictor": transfer.predictors,
         "k": transfer.k if transfer.index is not None else None,
         "reference": transfer.reference.id if transfer.reference is not None else None,
     }

@@ -24,7 +24,7 @@ from .calibration import ece, fit_calibration
 from .knn import EXACT_MAX, LatentIndex
 from .reference import Reference, read_reference, stratified_sample, write_reference
 from .rundir import load_run
-from .transfer import DEFAULT_K, DEFAULT_PREDICTOR, LabelTransfer, fit_novelty
+from .transfer import DEFAULT_K, DEFAULT_PREDICTOR, PREDICTORS, LabelTransfer, fit_novelty
 from .vocab import apply_lut
 
 MAX_VAL_CELLS = 20_000  # validation cells used for calibration and the novelty threshold
@@ -92,11 +92,14 @@ def build_reference(
     max_cells: int = 200_000,
     umap: bool = True,
     k: int = DEFAULT_K,
-    predictor: str = DEFAULT_PREDICTOR,
+    predictor: str = "auto",
     log=print,
 ) -> Path:
     """Write RUN_DIR/reference/ for the run in run_dir (data: the AnnData it was trained on, when it
-    was trained in memory; else the run's own data is opened)."""
+    was trained in memory; else the run's own data is opened). predictor: the default of embed for
+    every label key, or "auto": per key the one with the lowest validation NLL."""
+    if predictor not in ("auto", *PREDICTORS):
+        raise ValueError(f"predictor must be auto or one of {', '.join(PREDICTORS)}, not {predictor!r}")
     t0 = time.perf_counter()
     run = load_run(run_dir)
     t = run.config.train
@@ -142,13 +145,14 @@ def extend_reference(reference_run, run_dir, data=None, *, max_cells: int = 200_
     arrays["weight"] = np.concatenate([old_w, new["weight"]]).astype(np.float32)
     arrays["weight"] /= arrays["weight"].mean()
     arrays["source"] = np.repeat(np.array([0, 1], np.int8), [n_old, n_new])  # 0: reference data, 1: query
-    info = {**{k: old.info[k] for k in ("k", "predictor")}, "label_keys": list(run.vocab.label_classes),
-            "n_cells": n_old + n_new, "n_represented": old.info.get("n_represented", n_old) + int((~val).sum()),
-            "extends": old.id}  # fmt: skip
+    info = {k: old.info[k] for k in ("k", "predictor") if k in old.info}
+    info["label_keys"], info["n_cells"], info["extends"] = list(run.vocab.label_classes), n_old + n_new, old.id
+    info["n_represented"] = old.info.get("n_represented", n_old) + int((~val).sum())
     old_transfer = LabelTransfer(run.module, run.vocab, old, predictor="head")
     ref = Reference(arrays, info)
     _index(ref, t.seed)
-    info.update({k: old.info[k] for k in ("calibration", "novelty", "validation") if k in old.info})
+    keep = ("calibration", "vote_temperature", "predictors", "novelty", "validation")
+    info.update({k: old.info[k] for k in keep if k in old.info})
     if old_transfer.has_umap:
         _, placed = old_transfer(torch.from_numpy(new["latent"]))
         arrays["umap"] = np.concatenate([old.arrays["umap"], placed])
@@ -211,7 +215,7 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
     head = transfer.head_probs(z_val)
     _, idx, w = transfer.neighbours(z_val)
     knn = transfer.knn_probs(idx, w)
-    info["vote_temperature"] = {}
+    info["vote_temperature"], info["predictors"] = {}, {}
     for i, key in enumerate(transfer.keys):
         if key not in info["calibration"]:
             continue
@@ -241,12 +245,21 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
             for name, p in scores.items()
         }
         v = info["validation"][key]
+        nll = {name: _nll(scores[name], y[keep]) for name in PREDICTORS}
+        for name in PREDICTORS:
+            v[name]["nll"] = round(nll[name], 4)
+        best = min(PREDICTORS, key=lambda n: (nll[n], n != DEFAULT_PREDICTOR))
+        info["predictors"][key] = best if info["predictor"] == "auto" else info["predictor"]
         log(
             f"label key {key!r} on {int(keep.sum()):,} validation cells: ECE {v['head_uncalibrated']['ece']:.3f} -> "
             f"{v['head']['ece']:.3f} (temperature {info['calibration'][key]['temperature']:.2f}, prior shift "
             f"{info['calibration'][key]['prior_shift']:.2f}); accuracy head {v['head']['accuracy']:.3f}, "
-            f"kNN {v['knn']['accuracy']:.3f}, both {v['both']['accuracy']:.3f}"
+            f"kNN {v['knn']['accuracy']:.3f}, both {v['both']['accuracy']:.3f}; predictor {info['predictors'][key]}"
         )
+
+
+def _nll(p: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)).mean())
 
 
 def _umap(latent: np.ndarray, seed: int) -> np.ndarray:

@@ -6,7 +6,9 @@ Two predictors per label key:
 - kNN: a vote of the k nearest reference cells (reference.py), each weighted by a Gaussian kernel of
   its distance (bandwidth: the query's mean neighbour distance) times its sampling weight.
 
-`predictor` picks the answer: "head", "knn" or "both" (the mean of the two probability vectors). The
+`predictor` picks the answer: "head", "knn" or "both" (the mean of the two probability vectors); by
+default each label key takes the one its reference chose on the validation cells (lowest negative log
+likelihood of their labels, `reference_build`), "both" where it could not choose. The
 kNN vote and the mean get a temperature of their own, fitted on the validation cells like the head's
 (softmax(log p / T): the winner never changes, only how sure it says it is).
 Uncertainty = 1 − (probability of the winner) × in-distribution factor. ρ is the query's mean
@@ -90,11 +92,12 @@ class LabelTransfer:
         self.classes = vocab.label_classes
         self.reference = reference
         info = reference.info if reference is not None else {}
-        self.predictor = predictor or info.get("predictor", DEFAULT_PREDICTOR)
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, not {self.predictor!r}")
-        if self.predictor != "head" and reference is None:
-            self.predictor = "head"  # nothing to vote with: the calibrated head alone
+        if predictor is not None and predictor not in PREDICTORS:
+            raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, not {predictor!r}")
+        chosen = info.get("predictors", {})
+        self.predictors = {key: predictor or chosen.get(key, DEFAULT_PREDICTOR) for key in self.keys}
+        if reference is None:  # nothing to vote with: the head alone
+            self.predictors = dict.fromkeys(self.keys, "head")
         self.k = int(k or info.get("k", DEFAULT_K))
         self.calibration = info.get("calibration", {})
         self.vote_temperature = info.get("vote_temperature", {})
@@ -147,8 +150,8 @@ class LabelTransfer:
         return out
 
     def combine(self, key: str, head: np.ndarray, knn: np.ndarray, name: str | None = None) -> np.ndarray:
-        """Probabilities of predictor `name` (default: this transfer's) for one key, calibrated."""
-        name = name or self.predictor
+        """Probabilities of predictor `name` (default: this transfer's for the key) for one key, calibrated."""
+        name = name or self.predictors[key]
         if name == "head":
             return head
         p = knn if name == "knn" else 0.5 * (head + knn)
