@@ -45,6 +45,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--data-dir", default="bench/data", help="where atlases and stores are built or reused")
     p.add_argument("--out", default="bench/results/transfer.json", help="JSON result file")
+    p.add_argument("--table", action="store_true", help="print the result file's tables (markdown) and exit")
 
 
 def _fit(adata, a, seed, run_dir):
@@ -184,8 +185,41 @@ def speed(a) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+NAMES = {"head_uncalibrated": "head, uncalibrated (before)", "head": "head, calibrated", "knn": "kNN vote",
+         "both": "both (mean)", "default_scores": "**default** (chosen per run)"}  # fmt: skip
+
+
+def table(result: dict) -> str:
+    lines = ["| atlas | predictor | accuracy | macro-F1 | ECE | rare recall |", "|---|---|---|---|---|---|"]
+    for preset, e in result["summary"].items():
+        for name, label in NAMES.items():
+            if name in e:
+                m = e[name]
+                rare = f"{m['rare_recall']:.3f}" if "rare_recall" in m else "–"
+                lines.append(
+                    f"| {preset} | {label} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['ece']:.3f} | {rare} |"
+                )
+    lines += [
+        "",
+        "| atlas | novel type: AUROC | Unknown at 0.4 / 0.5 / 0.6: novel cells | known cells |",
+        "|---|---|---|---|",
+    ]
+    for preset, e in result["summary"].items():
+        if "novel_auroc" in e:
+            nov = " / ".join(f"{e['unknown_novel'][t]:.2f}" for t in ("0.4", "0.5", "0.6"))
+            kno = " / ".join(f"{e['unknown_known'][t]:.3f}" for t in ("0.4", "0.5", "0.6"))
+            lines.append(f"| {preset} | {e['novel_auroc']:.3f} | {nov} | {kno} |")
+    return "\n".join(lines)
+
+
 def run(a) -> dict:
+    import json
+
     import torch
+
+    if a.table:
+        print(table(json.loads(Path(a.out).read_text())))
+        return {}
 
     torch.set_num_threads(a.threads)
     result = {"setup": {k: getattr(a, k) for k in ("cells", "genes", "epochs", "hidden_fraction", "threads")}}
@@ -197,8 +231,6 @@ def run(a) -> dict:
         print(result["speed"], flush=True)
     out = Path(a.out)
     if out.exists():  # keep the part not rerun
-        import json
-
         old = json.loads(out.read_text())
         result = {**old, **result}
     return write_results(result, out)

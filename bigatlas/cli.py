@@ -137,8 +137,8 @@ def _reference(p):
         "max_cells": "training cells in the index (label-stratified)",
         "umap": "lay the index out with UMAP (for X_umap_ref)",
         "k": "neighbours per kNN vote",
-        "predictor": "embed's default predictor: auto (per label key the lowest validation NLL of both, head and "
-        "knn), both (head + kNN mean), head or knn",
+        "predictor": "embed's default predictor: both (head + kNN mean), head, knn, or auto (per label key the "
+        "lowest validation NLL)",
     }
     add_signature_flags(p, build_reference, helps)
 

@@ -92,12 +92,13 @@ def build_reference(
     max_cells: int = 200_000,
     umap: bool = True,
     k: int = DEFAULT_K,
-    predictor: str = "auto",
+    predictor: str = DEFAULT_PREDICTOR,
     log=print,
 ) -> Path:
     """Write RUN_DIR/reference/ for the run in run_dir (data: the AnnData it was trained on, when it
     was trained in memory; else the run's own data is opened). predictor: the default of embed for
-    every label key, or "auto": per key the one with the lowest validation NLL."""
+    every label key ("both": the most accurate on bench.transfer's atlases), or "auto": per key the
+    one with the lowest validation NLL (on those atlases it chose the head where "both" was better)."""
     if predictor not in ("auto", *PREDICTORS):
         raise ValueError(f"predictor must be auto or one of {', '.join(PREDICTORS)}, not {predictor!r}")
     t0 = time.perf_counter()

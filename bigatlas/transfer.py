@@ -6,9 +6,10 @@ Two predictors per label key:
 - kNN: a vote of the k nearest reference cells (reference.py), each weighted by a Gaussian kernel of
   its distance (bandwidth: the query's mean neighbour distance) times its sampling weight.
 
-`predictor` picks the answer: "head", "knn" or "both" (the mean of the two probability vectors); by
-default each label key takes the one its reference chose on the validation cells (lowest negative log
-likelihood of their labels, `reference_build`), "both" where it could not choose. The
+`predictor` picks the answer: "head", "knn" or "both" (the mean of the two probability vectors), by
+default the one recorded in the reference per label key: "both" unless it was built with another, or
+with "auto" (the lowest validation NLL per key). "both" is the default because it was the most
+accurate, or tied, on every hard atlas of bench.transfer (macro-F1 likewise, within 0.001). The
 kNN vote and the mean get a temperature of their own, fitted on the validation cells like the head's
 (softmax(log p / T): the winner never changes, only how sure it says it is).
 Uncertainty = 1 − (probability of the winner) × in-distribution factor. ρ is the query's mean
