@@ -67,6 +67,13 @@ def _colours(n: int) -> np.ndarray:
     return plt.get_cmap("gist_ncar")(np.linspace(0.02, 0.95, n))
 
 
+def _legend(ax, categories, colours) -> None:
+    """A marker legend right of the panel, up to 30 categories."""
+    if len(categories) <= 30:
+        handles = [_plt().Line2D([], [], marker="o", ls="", color=c, ms=5) for c in colours]
+        ax.legend(handles, list(categories), fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
+
+
 def umap_panels(xy: np.ndarray, panels: dict[str, pd.Categorical], out_png, title: str = "") -> Path:
     """One scatter per categorical colouring of the same 2-D layout; legends up to 30 categories."""
     plt = _plt()
@@ -82,11 +89,7 @@ def umap_panels(xy: np.ndarray, panels: dict[str, pd.Categorical], out_png, titl
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
-        if len(cat.categories) <= 30:
-            handles = [plt.Line2D([], [], marker="o", ls="", color=c, ms=5) for c in cols]
-            ax.legend(
-                handles, list(cat.categories), fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False
-            )
+        _legend(ax, cat.categories, cols)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -155,10 +158,7 @@ def reference_map(ref_xy, query_xy, pred: pd.Categorical, uncertainty: np.ndarra
     rgba = np.where(codes[:, None] >= 0, cols[np.maximum(codes, 0)], (0.2, 0.2, 0.2, 1.0))
     axes[0].scatter(query_xy[:, 0], query_xy[:, 1], c=rgba, s=size, linewidths=0, rasterized=True)
     axes[0].set_title("query: prediction")
-    if len(pred.categories) <= 30:
-        handles = [plt.Line2D([], [], marker="o", ls="", color=c, ms=5) for c in cols]
-        axes[0].legend(handles, list(pred.categories), fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5),
-                       frameon=False)  # fmt: skip
+    _legend(axes[0], pred.categories, cols)
     im = axes[1].scatter(query_xy[:, 0], query_xy[:, 1], c=uncertainty, cmap="magma_r", vmin=0, vmax=1, s=size,
                          linewidths=0, rasterized=True)  # fmt: skip
     axes[1].set_title("query: uncertainty")

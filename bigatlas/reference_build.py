@@ -102,10 +102,7 @@ def build_reference(
     if predictor not in ("auto", *PREDICTORS):
         raise ValueError(f"predictor must be auto or one of {', '.join(PREDICTORS)}, not {predictor!r}")
     t0 = time.perf_counter()
-    run = load_run(run_dir)
-    t = run.config.train
-    cells = _Cells(run.config.data.data if data is None else data, run.config.data, run.vocab, run.module.eval())
-    val = holdout_all(cells.store.n_obs, t.val_fraction, t.seed)
+    run, t, cells, val = _open(run_dir, data)
     arrays = cells.sample(val, max_cells, t.seed)
     info = {"label_keys": list(run.vocab.label_classes), "k": int(k), "predictor": predictor,
             "n_cells": len(arrays["latent"]), "n_represented": int((~val).sum())}  # fmt: skip
@@ -133,10 +130,7 @@ def extend_reference(reference_run, run_dir, data=None, *, max_cells: int = 200_
     if old is None:
         return build_reference(run_dir, data, max_cells=max_cells, umap=umap, log=log)
     t0 = time.perf_counter()
-    run = load_run(run_dir)
-    t = run.config.train
-    cells = _Cells(run.config.data.data if data is None else data, run.config.data, run.vocab, run.module.eval())
-    val = holdout_all(cells.store.n_obs, t.val_fraction, t.seed)
+    run, t, cells, val = _open(run_dir, data)
     new = cells.sample(val, max_cells, t.seed)
     n_old, n_new = len(old.arrays["latent"]), len(new["latent"])
     scale_old = old.info.get("n_represented", n_old) / n_old
@@ -161,6 +155,14 @@ def extend_reference(reference_run, run_dir, data=None, *, max_cells: int = 200_
     out = write_reference(run_dir, ref)
     log(f"wrote {out}: {n_old:,} reference + {n_new:,} query cells ({info['seconds']:.1f}s)")
     return out
+
+
+def _open(run_dir, data):
+    """(run, its train config, its data seen through its model, the validation mask)."""
+    run = load_run(run_dir)
+    t = run.config.train
+    cells = _Cells(run.config.data.data if data is None else data, run.config.data, run.vocab, run.module.eval())
+    return run, t, cells, holdout_all(cells.store.n_obs, t.val_fraction, t.seed)
 
 
 def _index(ref: Reference, seed: int) -> None:
