@@ -60,6 +60,7 @@ class LatentIndex:
             self.zs, self.sqs = self.z[self.order], self.sqnorm[self.order]
             counts = torch.bincount(clusters, minlength=len(self.centroids))
             self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).tolist()
+            self.scan_arrays = (self.zs.numpy(), self.sqs.numpy(), np.asarray(self.offsets, np.int64))
 
     @staticmethod
     def partition(z, cell_size: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +99,7 @@ class LatentIndex:
 
         probe = min(self.probe, len(self.centroids))
         probes = torch.cdist(q, self.centroids).topk(probe, dim=1, largest=False).indices
-        if not hasattr(self, "_np"):
-            self._np = (self.zs.numpy(), self.sqs.numpy(), np.asarray(self.offsets, np.int64))
-        zs, sqs, offsets = self._np
+        zs, sqs, offsets = self.scan_arrays
         d2, rows = scan(q.contiguous().numpy(), zs, sqs, offsets, probes.numpy(), k)
         d2, rows = torch.from_numpy(d2), torch.from_numpy(rows)
         return d2, torch.where(torch.isfinite(d2), self.order[rows], 0)

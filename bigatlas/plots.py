@@ -67,6 +67,16 @@ def _colours(n: int) -> np.ndarray:
     return plt.get_cmap("gist_ncar")(np.linspace(0.02, 0.95, n))
 
 
+def _save(fig, out_png, title: str = "") -> Path:
+    """Suptitle (if any), tight layout, PNG at 110 dpi, figure closed."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    _plt().close(fig)
+    return Path(out_png)
+
+
 def _legend(ax, categories, colours) -> None:
     """A marker legend right of the panel, up to 30 categories."""
     if len(categories) <= 30:
@@ -90,12 +100,7 @@ def umap_panels(xy: np.ndarray, panels: dict[str, pd.Categorical], out_png, titl
         ax.set_xticks([])
         ax.set_yticks([])
         _legend(ax, cat.categories, cols)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png, title)
 
 
 def confusion_matrix(conf: pd.DataFrame, out_png, title: str = "") -> Path:
@@ -163,9 +168,4 @@ def reference_map(ref_xy, query_xy, pred: pd.Categorical, uncertainty: np.ndarra
                          linewidths=0, rasterized=True)  # fmt: skip
     axes[1].set_title("query: uncertainty")
     fig.colorbar(im, ax=axes[1], fraction=0.04)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png, title)

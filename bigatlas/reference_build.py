@@ -200,7 +200,7 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
     info["n_validation_cells"] = len(z_val)
     if len(z_val) < 20:
         return
-    dist, idx, _ = transfer.neighbours(z_val)
+    dist, idx, w = transfer.neighbours(z_val)  # the kernel weights do not depend on the calibration
     info["novelty"] = fit_novelty(transfer.outlier_ratio(dist, idx))
     if y_val.shape[1] == 0:
         return
@@ -216,7 +216,6 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
         info["calibration"][key] = fit_calibration(logits[i][keep], yt, transfer.log_counts[key])
     transfer.calibration = info["calibration"]
     head = transfer.head_probs(z_val)
-    _, idx, w = transfer.neighbours(z_val)
     knn = transfer.knn_probs(idx, w)
     info["vote_temperature"], info["predictors"] = {}, {}
     for i, key in enumerate(transfer.keys):
