@@ -8,7 +8,11 @@ ZINB with gate logit g (π = sigmoid(g), the structural-zero probability):
 The counts are sparse (~5-30% nonzero), so `nll` evaluates the x = 0 expression densely — it needs no
 lgamma — and adds, only at the nonzero entries, the difference to the x > 0 expression. lgamma and
 its derivative digamma, the most expensive ops of a step, then run on the nonzeros alone, and
-lgamma(x+1) (no gradient) likewise. This is the correct NB: the original scAtlasVAE used logits
+lgamma(x+1) (no gradient) likewise. `nll` computes the gradient in the same forward pass from the
+quantities the value needs anyway (digamma by a vectorised series: torch's runs scalar on CPU), so
+autograd keeps no tape of cells × genes temporaries: fwd + bwd 6.0 vs 8.1 ms for 128 cells × 2,000
+genes on 2 threads; `nll_reference` is the op-by-op version the tests hold it to.
+This is the correct NB: the original scAtlasVAE used logits
 μ − log θ instead of log μ − log θ.
 """
 
@@ -102,10 +106,10 @@ def _at(t: torch.Tensor, counts: Counts) -> torch.Tensor:
     return _TakeUnique.apply(t, counts.rows * t.shape[1] + counts.cols)
 
 
-def nll(
+def nll_reference(
     counts: Counts, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor | None = None, eps: float = EPS
 ) -> torch.Tensor:
-    """Per-cell negative log-likelihood summed over genes (NB if gate_logits is None, else ZINB).
+    """nll through autograd, op by op: the reference that tests hold the analytic gradients of nll to.
 
     mu: (cells, genes); theta and gate_logits: (cells, genes) or (genes,). Only mu, theta and the gate
     are gathered at the nonzeros; every nonzero-only term is recomputed from those gathered values.
@@ -138,3 +142,110 @@ def nll(
         zero_nz = F.softplus(nb0_nz - g_nz) - F.softplus(-g_nz)
         nonzero = nonzero - F.softplus(g_nz)
     return -per_cell.index_add(0, counts.rows, nonzero - zero_nz)
+
+
+def digamma(y: torch.Tensor) -> torch.Tensor:
+    """ψ(y) for y > 0 in ~20 vectorised passes: ψ(y) = ψ(y+6) − Σ_{k<6} 1/(y+k), then the asymptotic
+    series at y+6 (relative error < 1e-6 in float32, like torch.digamma, which runs scalar on CPU
+    and took 1 ms per 94k nonzeros against 0.33 here)."""
+    acc = y.reciprocal()
+    w = y + 1.0
+    for _ in range(5):
+        acc += w.reciprocal()
+        w += 1.0
+    f = (w * w).reciprocal_()
+    poly = f * (1 / 12 - f * (1 / 120 - f * (1 / 252 - f * (1 / 240 - f / 132))))
+    return torch.log(w) - 0.5 / w - poly - acc
+
+
+class _NLL(torch.autograd.Function):
+    """nll with its gradient computed in the forward pass from the quantities the value needs anyway
+    (no autograd tape of ~25 cells × genes temporaries); the backward pass only scales it."""
+
+    @staticmethod
+    def forward(ctx, mu, theta, gate_logits, counts, eps, grad):
+        value, grads = _nll_and_grads(counts, mu, theta, gate_logits, eps, grad)
+        ctx.shapes = (theta.shape, None if gate_logits is None else gate_logits.shape)
+        ctx.save_for_backward(*grads)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        d_mu, d_theta, d_gate = ctx.saved_tensors
+        theta_shape, gate_shape = ctx.shapes
+        w = grad_out.to(d_mu.dtype)
+        g_mu = d_mu * w.unsqueeze(1) if ctx.needs_input_grad[0] else None
+        g_theta = _scale_rows(d_theta, w, theta_shape) if ctx.needs_input_grad[1] else None
+        g_gate = _scale_rows(d_gate, w, gate_shape) if gate_shape is not None and ctx.needs_input_grad[2] else None
+        return g_mu, g_theta, g_gate, None, None, None
+
+
+def _scale_rows(d: torch.Tensor, w: torch.Tensor, shape) -> torch.Tensor:
+    """Per-cell gradient rows × w; summed over cells for a per-gene parameter."""
+    return w @ d if len(shape) == 1 else d * w.unsqueeze(1)
+
+
+def _nll_and_grads(counts: Counts, mu, theta, gate, eps: float, grad: bool):
+    """Per-cell NLL and, with grad, its derivatives in mu, theta, gate per cell and gene (else empty)."""
+    x, flat = counts.values.to(mu.dtype), counts.rows * mu.shape[1] + counts.cols
+    log_theta = torch.log(theta + eps)
+    t_mu = theta + mu
+    t_mu += eps
+    diff = log_theta - torch.log(t_mu)  # log(θ/(θ+μ)), every entry
+    nb0 = theta * diff
+    if gate is None:
+        zero = nb0
+    else:
+        a = nb0 - gate
+        zero = F.softplus(a)
+        zero -= F.softplus(-gate)
+    per_cell = zero.sum(1)
+    # nonzeros: the x > 0 term in place of the x = 0 one, from gathered values
+    mu_nz, theta_nz, diff_nz = mu.reshape(-1).take(flat), _at(theta, counts).detach(), diff.reshape(-1).take(flat)
+    nb0_nz, inv_nz = theta_nz * diff_nz, t_mu.reshape(-1).take(flat).reciprocal()
+    log_mu_nz = torch.log(mu_nz + eps)
+    nonzero = nb0_nz + x * (log_mu_nz - torch.log(theta_nz + eps) + diff_nz)  # log μ − log(θ+μ)
+    nonzero += torch.lgamma(x + theta_nz) - torch.lgamma(theta_nz) - torch.lgamma(x + 1)
+    if gate is None:
+        zero_nz = nb0_nz
+    else:
+        g_nz = _at(gate, counts).detach()
+        a_nz = a.reshape(-1).take(flat)
+        zero_nz = F.softplus(a_nz) - F.softplus(-g_nz)
+        nonzero -= F.softplus(g_nz)
+    value = -per_cell.index_add_(0, counts.rows, nonzero - zero_nz)
+    if not grad:
+        return value, ()
+    # d log p / d(mu, theta, gate) at x = 0 (ZINB: through nb0 with weight sigmoid(nb0 − g))
+    inv = t_mu.reciprocal_()
+    d_mu = theta * inv
+    d_theta = diff
+    d_theta += theta / (theta + eps)
+    d_theta -= d_mu
+    d_mu.neg_()
+    d_gate = torch.empty(0)
+    if gate is not None:
+        s_a = torch.sigmoid(a)
+        d_mu *= s_a
+        d_theta *= s_a
+        d_gate = torch.sigmoid(-gate) - s_a
+    # at the nonzeros: d/dμ = x/(μ+ε) − (θ+x)/(θ+μ+ε); d/dθ = ∂nb0/∂θ − x/(θ+μ+ε) + ψ(x+θ) − ψ(θ)
+    d_mu_nz = x / (mu_nz + eps) - (theta_nz + x) * inv_nz
+    d_theta_nz = diff_nz + theta_nz / (theta_nz + eps) - (theta_nz + x) * inv_nz
+    d_theta_nz += digamma(x + theta_nz) - digamma(theta_nz)
+    d_mu.reshape(-1).index_copy_(0, flat, d_mu_nz)
+    d_theta.reshape(-1).index_copy_(0, flat, d_theta_nz)
+    if gate is not None:
+        d_gate.reshape(-1).index_copy_(0, flat, -torch.sigmoid(g_nz))
+    return value, (d_mu.neg_(), d_theta.neg_(), d_gate.neg_())
+
+
+def nll(
+    counts: Counts, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor | None = None, eps: float = EPS
+) -> torch.Tensor:
+    """Per-cell negative log-likelihood summed over genes (NB if gate_logits is None, else ZINB).
+
+    mu: (cells, genes); theta and gate_logits: (cells, genes) or (genes,). The value equals
+    nll_reference's; the gradient is computed with it in one forward pass (see _NLL)."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (mu, theta, gate_logits))
+    return _NLL.apply(mu, theta, gate_logits, counts, eps, grad)

@@ -40,6 +40,17 @@ def mlp(sizes, dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _dense_is_faster(x: torch.Tensor) -> bool:
+    """On CPU, a dense GEMM beats torch's sparse CSR matmul (forward and weight gradient) unless the
+    batch is large and sparse: measured at 2,000 genes × 128 hidden, 2 threads, fwd + bwd (ms), dense
+    incl. to_dense: 128 cells: 1.0 vs 1.1 (3% nonzero), 1.1 vs 2.3 (10%), 2.6 vs 6.6 (37%); 1,024
+    cells: 7.2 vs 2.7 (3%), 10.6 vs 8.3 (10%), 28 vs 59 (37%). GPUs keep the sparse path."""
+    if x.device.type != "cpu":
+        return False
+    n, genes = x.shape
+    return n * genes <= (1 << 19) or x.values().numel() > 0.15 * n * genes
+
+
 def class_weights(counts: torch.Tensor, weighting: str = "inverse") -> torch.Tensor:
     """inverse: w_c = N / (K · n_c) over the K non-empty classes (the original); sqrt-inverse: its
     square root; none: 1. Scaled to a count-weighted mean of 1; 0 for empty classes (the original gave
@@ -129,6 +140,8 @@ class VAEModule(nn.Module):
         first = self.encoder[0]
         # in float32 even under bf16 autocast: cuSPARSE has no fp32-sparse × bf16-dense SpMM (it fails)
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if _dense_is_faster(logx):
+                return torch.addmm(first.bias.float(), logx.to_dense(), first.weight.float().t())
             return torch.sparse.mm(logx, first.weight.float().t()) + first.bias.float()
 
     def decode(self, z: torch.Tensor, batch_codes: torch.Tensor, library: torch.Tensor):

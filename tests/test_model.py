@@ -82,3 +82,21 @@ def test_eval_mask_scores_without_gradient_and_matches_a_masked_forward():
     only_val = loss(m, counts, codes, labels, cell_mask=~mask)
     for k in ("recon", "kl", "label"):
         torch.testing.assert_close(both.terms[f"val_{k}"], only_val.terms[k])
+
+
+def test_csr_first_layer_equals_the_dense_encoder_on_both_paths(monkeypatch):
+    """A CSR batch reaches the first layer as a sparse matmul or densified (whichever is faster on
+    the device); either way q(z|x) equals the encoder applied to the dense matrix."""
+    import bigatlas.model as model_module
+
+    x = batch(seed=5)[0].dense
+    x[3] = 0  # an empty cell
+    for normalize_total in (None, 1e4):
+        m = model(normalize_total=normalize_total)
+        with torch.no_grad():
+            ref = m.encode(x)
+            for dense in (True, False):
+                monkeypatch.setattr(model_module, "_dense_is_faster", lambda _x, d=dense: d)
+                got = m.encode(Counts.from_sparse_csr(x.to_sparse_csr()))
+                for a, b in zip(got, ref):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
