@@ -57,7 +57,10 @@ class Counts:
 def csr_rows_and_library(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row index of every stored value of a sparse CSR tensor, and each row's total."""
     crow, values = x.crow_indices().long(), x.values()
-    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=crow.device), crow[1:] - crow[:-1])
+    # output_size: without it a GPU waits for the device to learn how many values there are
+    rows = torch.repeat_interleave(
+        torch.arange(x.shape[0], device=crow.device), crow[1:] - crow[:-1], output_size=values.numel()
+    )
     return rows, torch.zeros(x.shape[0], device=values.device, dtype=values.dtype).index_add_(0, rows, values)
 
 

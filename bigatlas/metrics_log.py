@@ -20,15 +20,30 @@ def new_sums() -> dict:
     return {"t0": time.time(), "cells": 0}
 
 
-def accumulate(sums: dict, terms: dict, n_train: int, n_cells: int) -> None:
-    """Running sums of per-cell means × cells, for training and (val_*) validation terms."""
-    n_val = float(terms.get("val_n", 0.0))
-    for k, v in terms.items():
-        if k != "val_n":
-            sums[k] = sums.get(k, 0.0) + float(v) * (n_val if k.startswith("val_") else n_train)
-    sums["n"] = sums.get("n", 0) + n_train
-    sums["val_n"] = sums.get("val_n", 0.0) + n_val
-    sums["cells"] += n_cells
+class DeviceSums:
+    """The epoch's running sums of a step's loss terms × cells, kept on the device (no host sync per
+    step) and folded into the host dict of sums at sync points. Steps after a non-finite loss (the
+    NaN guard's flag) add nothing."""
+
+    def __init__(self):
+        self.keys: list[str] | None = None
+        self.vec: torch.Tensor | None = None
+
+    def add(self, terms: dict, skip: torch.Tensor) -> None:
+        if self.keys is None:
+            self.keys = list(terms)
+        n, val_n = terms["n"], terms.get("val_n")
+        weight = {k: (val_n if k.startswith("val_") else n) for k in self.keys if k not in ("n", "val_n")}
+        v = torch.stack([(terms[k] * weight[k] if k in weight else terms[k]).double() for k in self.keys])
+        v = torch.where(skip > 0, torch.zeros_like(v), v)
+        self.vec = v if self.vec is None else self.vec + v
+
+    def fold(self, sums: dict) -> None:
+        """Add to `sums` (one host sync) and start again from zero."""
+        if self.vec is not None:
+            for k, x in zip(self.keys, self.vec.tolist()):
+                sums[k] = sums.get(k, 0.0) + x
+            self.vec = None
 
 
 def epoch_row(acc, sums: dict, epoch: int, step: int, kl_weight: float, lr: float) -> dict:

@@ -27,8 +27,8 @@ LOG_THETA_RANGE = (-12.0, 12.0)
 @dataclass
 class LossOutput:
     total: torch.Tensor  # scalar to backpropagate
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached per-cell means
-    n_cells: int = 0
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached per-cell means; n, val_n: cells
+    n_cells: torch.Tensor | int = 0  # cells in the loss (a device tensor: reading it would sync)
 
 
 def mlp(sizes, dropout: float) -> nn.Sequential:
@@ -191,14 +191,15 @@ class VAEModule(nn.Module):
         gate_pen = torch.sigmoid(gate).sum(-1) if gate is not None else None
         mask = torch.ones(len(counts), dtype=torch.bool, device=q_mu.device) if cell_mask is None else cell_mask
         total, terms = self._terms(recon, kl, gate_pen, z, labels, mask, kl_weight, gate_weight, label_weight)
-        if eval_mask is not None and bool(eval_mask.any()):
+        terms["n"] = mask.sum().float()
+        if eval_mask is not None:  # no host sync on whether it has cells: the sums are 0 when it has none
             with torch.no_grad():
                 _, val = self._terms(
                     recon, kl, gate_pen, z, labels, eval_mask, eval_kl_weight, gate_weight, label_weight
                 )
             terms.update({f"val_{k}": v for k, v in val.items()})
-            terms["val_n"] = torch.tensor(float(eval_mask.sum()))
-        return LossOutput(total, terms, int(mask.sum()))
+            terms["val_n"] = eval_mask.sum().float()
+        return LossOutput(total, terms, terms["n"])
 
     def _terms(self, recon, kl, gate_pen, z, labels, mask, kl_weight, gate_weight, label_weight):
         denom = mask.sum().clamp_min(1)
@@ -218,17 +219,15 @@ class VAEModule(nn.Module):
         return total, terms
 
     def _label_loss(self, z, labels, mask) -> torch.Tensor:
-        """Mean over label keys of class-weighted cross-entropy over labelled cells in mask.
-        A batch without labelled cells contributes exactly 0 (the original gave NaN)."""
+        """Mean over label keys of class-weighted cross-entropy over labelled cells in mask. A batch
+        without labelled cells contributes exactly 0 (the original gave NaN), with every head still in
+        the graph (DDP) and no host sync to find out."""
         losses = []
         for i, logits in enumerate(self.label_logits(z)):
             y = labels[:, i]
             keep = mask & (y >= 0)
-            if not bool(keep.any()):
-                losses.append(logits.sum() * 0.0)  # keeps every parameter in the graph (DDP)
-                continue
-            w = getattr(self, f"class_weight_{i}")[y[keep]]
-            ce = F.cross_entropy(logits[keep].float(), y[keep], reduction="none")
+            w = getattr(self, f"class_weight_{i}")[y.clamp_min(0)] * keep
+            ce = F.cross_entropy(logits.float(), y.clamp_min(0), reduction="none")
             losses.append((w * ce).sum() / w.sum().clamp_min(1e-12))
         return torch.stack(losses).mean()
 

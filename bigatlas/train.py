@@ -28,8 +28,9 @@ from .checkpoint import Progress, restore_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
 from .errors import LaunchError, reported
 from .faults import Faults
+from .guard import SYNC_EVERY, NanGuard
 from .lock import OutputLock
-from .metrics_log import MetricsLog, accumulate, epoch_row, new_sums
+from .metrics_log import DeviceSums, MetricsLog, epoch_row, new_sums
 from .preempt import Preempted, Preemption
 from .rundir import RunDir, build_model
 from .vocab import Vocab, unlabeled_report
@@ -95,6 +96,7 @@ class Session:
     max_epochs: int
     faults: Faults
     preempt: Preemption
+    guard: NanGuard
     data: object = None  # the AnnData trained on in memory (None: cfg.data.data is opened)
     surgery: object = None
 
@@ -175,8 +177,21 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
     model, optimizer = acc.prepare(model, optimizer)
     max_epochs = t.epochs_for(n_train)
+    guard = NanGuard(model, optimizer, acc.device)
     return Session(
-        cfg, acc, run, stream, to_input, model, optimizer, max_epochs, Faults(), preempt or Preemption(), data, surgery
+        cfg,
+        acc,
+        run,
+        stream,
+        to_input,
+        model,
+        optimizer,
+        max_epochs,
+        Faults(),
+        preempt or Preemption(),
+        guard,
+        data,
+        surgery,
     )
 
 
@@ -214,7 +229,9 @@ def _resume(s: Session, progress: Progress) -> None:
 
 
 def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -> bool:
-    """One epoch (or the rest of one, after a resume); True when the run should stop."""
+    """One epoch (or the rest of one, after a resume); True when the run should stop. Steps do not
+    wait on the device: loss terms add up there, and the NaN/SIGTERM flags are read every SYNC_EVERY
+    steps, before any checkpoint and at the epoch's end (_sync)."""
     t, acc, stream, epoch = s.cfg.train, s.acc, s.stream, progress.epoch
     if stream.epoch != epoch or stream.consumed == 0:
         stream.set_epoch(epoch)
@@ -224,6 +241,7 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
     steps_per_epoch = len(stream)
     trace = [] if trace_cells else None
     kl_weight = 0.0
+    sums = DeviceSums()
     bar = _bar(acc, steps_per_epoch, stream.consumed, epoch)
     try:
         for batch in stream:
@@ -231,26 +249,28 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
             kl_weight, label_weight = loss_weights(t, epoch, epoch + stream.consumed / max(steps_per_epoch, 1),
                                                    s.max_epochs)  # fmt: skip
             out = train_step(s, progress, inp, kl_weight, label_weight)
-            accumulate(progress.sums, out.terms, out.n_cells, len(inp))
+            sums.add(out.terms, s.guard.stop)
+            progress.sums["cells"] += len(inp)
             if trace is not None:
                 trace.append(inp.positions[~inp.val])
             if bar is not None:
                 bar.update(1)
-                if progress.step % 25 == 0:
-                    bar.set_postfix(loss=f"{float(out.terms['loss']):.4g}", kl_w=f"{kl_weight:.2f}", refresh=False)
-            log.step(progress.step, out.terms, kl_weight)
-            if s.preempt.agreed and stream.consumed < steps_per_epoch:  # the epoch's end writes its own
-                save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults)
-                _preempted(s, progress)
-            if t.checkpoint_every_steps and progress.step % t.checkpoint_every_steps == 0:
-                if stream.consumed < steps_per_epoch:  # the epoch's end writes its own
+            last = stream.consumed >= steps_per_epoch  # the epoch's end writes its own checkpoint
+            ckpt = bool(t.checkpoint_every_steps) and progress.step % t.checkpoint_every_steps == 0 and not last
+            done = t.max_steps is not None and progress.step >= t.max_steps
+            if ckpt or done or last or progress.step % SYNC_EVERY == 0:
+                _sync(s, progress, sums, out.terms, kl_weight, bar, log)
+                if ckpt or (s.preempt.agreed and not last):
                     save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults)
+                if s.preempt.agreed and not last:
+                    _preempted(s, progress)
             s.faults.kill("after_step", progress.step)
-            if t.max_steps is not None and progress.step >= t.max_steps:
+            if done:
                 return True  # mid-epoch: no epoch row, no end-of-epoch checkpoint
     finally:  # also on an error: the bar's line is cleared before the message
         if bar is not None:
             bar.close()
+    sums.fold(progress.sums)
     if trace is not None:
         (s.run.path / "trace").mkdir(parents=True, exist_ok=True)
         np.save(
@@ -265,6 +285,37 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
     if s.preempt.agreed:
         _preempted(s, progress)
     return stop
+
+
+def _sync(s: Session, progress: Progress, sums: DeviceSums, terms: dict, kl_weight: float, bar, log) -> None:
+    """The loop's host sync: the running sums come over, and all ranks agree on whether a loss went
+    non-finite (then the state after the last good step is saved and the run stops) and on SIGTERM."""
+    acc = s.acc
+    sums.fold(progress.sums)
+    flags = torch.stack([s.guard.stop, torch.tensor(float(s.preempt.requested), device=acc.device)])
+    if acc.num_processes > 1:  # every rank stops together, none waits on a dead collective
+        flags = acc.reduce(flags, reduction="sum")
+    bad, term = flags.tolist()
+    if bad > 0:
+        _non_finite(s, progress, terms)
+    s.preempt.agreed = term > 0  # the loop then checkpoints and stops
+    if bar is not None:
+        bar.set_postfix(loss=f"{float(terms['loss']):.4g}", kl_w=f"{kl_weight:.2f}", refresh=False)
+    log.step(progress.step, terms, kl_weight)
+
+
+def _non_finite(s: Session, progress: Progress, terms: dict):
+    """Save the state after the last good step (the guard kept it: no update since) and stop. The
+    stream's position is the bad step's, so a resume continues after the batch that went bad."""
+    first, now = s.guard.first_bad_step(), progress.step
+    s.stream.consumed -= now - first
+    progress.step = first - 1
+    save_checkpoint(s.acc, s.run, progress, s.stream, s.cfg.train.keep_checkpoints, s.faults)
+    detail = {k: round(float(v), 4) for k, v in terms.items()}
+    raise FloatingPointError(
+        f"non-finite loss at epoch {progress.epoch}, step {first} (loss terms at step {now}: {detail}); the last "
+        f"good state is saved as {s.run.latest()}"
+    )
 
 
 def _preempted(s: Session, progress: Progress):
@@ -284,33 +335,22 @@ def make_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float, label_weight: float):
-    """Forward, the all-ranks NaN check (before any update), backward, clip, optimizer step."""
+    """Forward, the on-device all-ranks NaN check (guard.py), backward, clip, optimizer step (skipped
+    on the device once a loss went non-finite). No host sync."""
     t, acc = s.cfg.train, s.acc
-    train_mask = torch.from_numpy(~inp.val).to(acc.device)
+    train_mask = torch.from_numpy(~inp.val).to(acc.device, non_blocking=True)
     with acc.autocast():
         out = s.model(
             inp.counts, inp.codes, inp.labels, cell_mask=train_mask, eval_mask=~train_mask, kl_weight=kl_weight,
             eval_kl_weight=t.kl_weight, gate_weight=t.gate_weight, label_weight=label_weight,
         )  # fmt: skip
-    finite = bool(torch.isfinite(out.total)) and not s.faults.at("nan_loss", progress.step + 1)
-    # one all-ranks check per step: a non-finite loss anywhere, and SIGTERM anywhere (SLURM/k8s preemption)
-    flags = torch.tensor([0.0 if finite else 1.0, float(s.preempt.requested)], device=acc.device)
-    if acc.num_processes > 1:  # every rank stops together, none waits on a dead collective
-        flags = acc.reduce(flags, reduction="sum")
-    bad, term = flags.tolist()
-    s.preempt.agreed = term > 0  # this step completes; the loop then checkpoints and stops
-    if bad > 0:
-        save_checkpoint(acc, s.run, progress, s.stream, t.keep_checkpoints, s.faults)  # weights not yet updated
-        terms = {k: round(float(v), 4) for k, v in out.terms.items()}
-        raise FloatingPointError(
-            f"non-finite loss at epoch {progress.epoch}, step {progress.step + 1} (terms: {terms}); "
-            f"the last good state is saved as {s.run.latest()}"
-        )
+    reduce = (lambda x: acc.reduce(x, reduction="sum")) if acc.num_processes > 1 else None
+    s.guard.check(out.total, progress.step + 1, s.faults.at("nan_loss", progress.step + 1), reduce)
     acc.backward(out.total)
     if t.grad_clip:
         acc.unscale_gradients()  # what acc.clip_grad_norm_ does first; then one foreach norm (CPU too)
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), t.grad_clip, foreach=True)
-    s.optimizer.step()
+    s.guard.step()
     s.optimizer.zero_grad(set_to_none=True)
     progress.step += 1
     return out

@@ -119,6 +119,16 @@ def test_nan_loss_stops_with_the_step_and_a_checkpoint_of_the_last_good_state(at
     assert res.returncode == 2 and "non-finite loss at epoch 0, step 6" in res.stderr
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest == "step-000000005" and f"saved as {run / 'checkpoints' / latest}" in res.stderr
+    # the loop only reads the flag at its next sync (guard.py); the saved state must still be the one
+    # after step 5: weights, AdamW moments and BatchNorm statistics of a run that simply stops there
+    five = tmp_path / "five"
+    ok = cli(train_args(atlas, five, "--max-epochs", "2", "--max-steps", "5", "--no-reference-umap"))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    saved = load_file(str(run / "checkpoints" / latest / "model.safetensors"))
+    clean = load_file(str(five / "model.safetensors"))
+    assert saved.keys() == clean.keys() and any("running_mean" in k for k in saved)
+    for k in saved:
+        np.testing.assert_array_equal(saved[k], clean[k], err_msg=k)
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,77 @@ def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
     assert np.array_equal(np.sort(single), train_cells)
 
 
+def test_training_steps_never_wait_on_the_device(small_atlas, tmp_path, monkeypatch):
+    """No host sync inside a step: a tensor read to Python (bool, float, int, item, tolist, numpy)
+    would stall a GPU every step. The loop reads its flags every SYNC_EVERY steps instead (_sync)."""
+    import torch
+
+    from bigatlas.checkpoint import Progress
+    from bigatlas.config import DataConfig, RunConfig, TrainConfig
+    from bigatlas.metrics_log import DeviceSums
+    from bigatlas.train import make_accelerator, set_up, train_step
+
+    cfg = RunConfig(
+        train=TrainConfig(max_epochs=1, batch_size=64),
+        data=DataConfig(data=small_atlas, batch_key="donor_id", label_keys=("cell_type",)),
+    )
+    s = set_up(cfg, tmp_path / "run", False, make_accelerator(cfg), None)
+    inputs = [s.to_input(b) for _, b in zip(range(6), s.stream)]
+    progress, sums = Progress(), DeviceSums()
+    train_step(s, progress, inputs[0], 0.5, 1.0)  # first step: optimizer state is created
+    reads = []
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            reads.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for inp in inputs[1:]:
+        out = train_step(s, progress, inp, 0.5, 1.0)
+        sums.add(out.terms, s.guard.stop)
+    monkeypatch.undo()
+    assert reads == []
+    assert progress.step == 6 and s.guard.first_bad_step() == 0
+
+
+def test_nan_guard_freezes_the_model_on_the_device():
+    """After a flagged step the fused optimizer skips its update and BatchNorm statistics return to
+    their last good values, with no host check in between."""
+    import torch
+
+    from bigatlas.config import ModelConfig
+    from bigatlas.distributions import Counts
+    from bigatlas.guard import NanGuard
+    from bigatlas.model import VAEModule
+
+    torch.manual_seed(0)
+    m = VAEModule(30, [3], [4], ModelConfig()).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+    guard = NanGuard(m, opt, "cpu")
+    x = torch.poisson(torch.rand(32, 30) * 3)
+    codes, labels = torch.randint(0, 3, (32, 1)), torch.randint(0, 4, (32, 1))
+
+    def step(i, forced=False):
+        out = m(Counts.from_dense(x * (1 + i % 3)), codes, labels)
+        guard.check(out.total, i, forced)
+        out.total.backward()
+        guard.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(1, 4):
+        step(i)
+    good = {k: v.clone() for k, v in m.state_dict().items()}
+    step(4, forced=True)
+    step(5)
+    step(6)
+    assert guard.first_bad_step() == 4 and float(guard.stop) == 1.0
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, good[k]), k
+    assert all(int(s["step"]) == 3 for s in opt.state.values())
+
+
 def test_world_size_mismatch_is_an_error(monkeypatch):
     from bigatlas.train import check_world
 
