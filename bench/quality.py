@@ -37,7 +37,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="atlas and training seeds")
     p.add_argument("--cells", type=int, default=8000, help="cells per atlas")
     p.add_argument("--genes", type=int, default=1000, help="genes per atlas")
-    p.add_argument("--epochs", type=int, default=60, help="training epochs, the same for every method")
+    p.add_argument(
+        "--epochs", type=int, default=60, help="training epochs, the same for every method (0: bigatlas's own rule)"
+    )
     p.add_argument("--hidden-fraction", type=float, default=0.2, help="labelled cells whose label is hidden")
     p.add_argument("--only", nargs="*", default=None, help=f"subset of {' '.join(METHODS)}")
     p.add_argument("--tag", default="default", help="name of this bigatlas variant in the results")
@@ -88,10 +90,26 @@ def run_bigatlas(adata, a, seed: int, labels: bool):
     model = AtlasVAE(
         adata, batch_key=BATCH_KEY, label_keys=[LABELS] if labels else [], model=overrides(a.model), train=train
     )
-    model.fit(max_epochs=a.epochs)
+    model.fit(max_epochs=a.epochs or None)
     z = model.get_latent_representation()
     pred = model.predict()[f"{LABELS}_pred"].astype(str).to_numpy() if labels else None
-    return z, pred
+    return z, pred, curve(model.run_dir / "metrics.csv")
+
+
+def curve(metrics_csv) -> dict:
+    """Epochs trained, the validation loss per epoch and Q1: the first epoch (and the training seconds
+    up to it) whose validation loss is within 0.5% of the run's best."""
+    m = pd.read_csv(metrics_csv)
+    val, seconds = m.val_loss.to_numpy(), m.seconds.cumsum().to_numpy()
+    best = np.nanmin(val)
+    q1 = int(np.argmax(val <= best + 0.005 * abs(best)))
+    return {
+        "epochs": len(m),
+        "q1_epoch": q1 + 1,
+        "q1_seconds": round(float(seconds[q1]), 1),
+        "loop_seconds": round(float(seconds[-1]), 1),
+        "val_loss_curve": [round(float(v), 3) for v in val],
+    }
 
 
 def run_scvi(adata, a, seed: int, labels: bool, cache: dict):
@@ -136,7 +154,7 @@ def score(adata, z, pred) -> dict:
 
 def summary(rows: list[dict]) -> dict:
     df = pd.DataFrame(rows)
-    metrics = [c for c in df.columns if c not in ("preset", "seed", "method", "tag")]
+    metrics = [c for c in df.columns if c not in ("preset", "seed", "method", "tag", "val_loss_curve")]
     mean = df.groupby(["tag", "method", "preset"])[metrics].mean().round(4)
     overall = df.groupby(["tag", "method"])[metrics].mean().round(4)
     return {
@@ -193,8 +211,9 @@ def run(a) -> dict:
             for method in methods:
                 t, pretrained = time.perf_counter(), "scvi" in cache
                 labels = method in ("bigatlas_labels", "scanvi")
+                extra = {}
                 if method.startswith("bigatlas"):
-                    z, pred = run_bigatlas(adata, a, seed, labels)
+                    z, pred, extra = run_bigatlas(adata, a, seed, labels)
                 else:
                     z, pred = run_scvi(adata, a, seed, labels, cache)
                 seconds = time.perf_counter() - t
@@ -203,6 +222,7 @@ def run(a) -> dict:
                 tag = a.tag if method.startswith("bigatlas") else "peer"
                 row = {"preset": preset, "seed": seed, "method": method, "tag": tag, **score(adata, z, pred)}
                 row["train_seconds"] = round(seconds, 1)
+                row.update(extra)
                 print(json.dumps(row), flush=True)
                 new.append(row)
     done = {(r["preset"], r["seed"], r["method"], r["tag"]) for r in new}

@@ -1,10 +1,14 @@
 """Training benchmark, side by side in one run on the same synthetic data and architecture.
 
-T1 = streaming epoch time (bigatlas train loop on the store) ÷ in-memory epoch time (dense tensors
-     preloaded, same model and step);
+T1 = streaming epoch time (bigatlas train loop on the store) ÷ in-memory epoch time (the store as one
+     scipy CSR matrix in memory, minibatches sliced from it; same model and step);
 T2 = bigatlas training cells/s ÷ scatlasvae 1.0.5.9 `fit` cells/s (skipped with the reason if
      scatlasvae is not installed);
-M1 = peak RSS training a fixed number of steps on a 1,000,000-cell store ÷ on a 100,000-cell store.
+M1 = peak RSS training a fixed number of steps on a 1,000,000-cell store ÷ on a 100,000-cell store;
+O1 = framework overhead per step (ms): the trainer's own epoch loop (bigatlas.train._epoch: input
+     conversion, NaN guard, running sums, syncs, progress bar, epoch-end row and checkpoint) over
+     batches read beforehand, minus the bare forward + backward + clip + AdamW of the same batches,
+     on a tiny model (16 hidden, 4 latent) where the overhead is visible.
 Writes bench/results/train.json.
 """
 
@@ -36,7 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=2, help="epochs timed per side (median reported)")
     p.add_argument("--batch-size", type=int, default=128, help="minibatch size on both sides")
     p.add_argument("--m1-steps", type=int, default=300, help="steps per M1 run")
-    p.add_argument("--only", nargs="*", default=None, help="subset of: T1 T2 M1")
+    p.add_argument("--o1-steps", type=int, default=300, help="steps per O1 loop")
+    p.add_argument("--only", nargs="*", default=None, help="subset of: T1 T2 M1 O1")
     p.add_argument("--data-dir", default="bench/data", help="where stores are built or reused")
     p.add_argument("--out", default="bench/results/train.json", help="JSON result file")
 
@@ -50,13 +55,14 @@ def streaming_epochs(data, a, run_dir) -> list[float]:
 
 
 def in_memory_epochs(data, a, run_dir) -> list[float]:
-    """The trainer's own step (bigatlas.train.train_step) on dense tensors preloaded in memory,
-    shuffled per epoch: what streaming costs beside the same model, optimizer and step."""
+    """The trainer's own step (bigatlas.train.train_step) on the store held in memory as one scipy CSR
+    matrix, minibatches sliced from it in a fresh random order per epoch (what an in-memory AnnData
+    trainer does): what streaming costs beside the same model, optimizer and step."""
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = train_config(data, a.epochs, a.batch_size)
     s = set_up(cfg, run_dir, False, make_accelerator(cfg), None)
     store = open_store(data)
-    x = torch.from_numpy(store.read(np.arange(store.n_obs)).to_scipy().toarray())
+    x = store.read(np.arange(store.n_obs)).to_scipy().astype(np.float32).tocsr()
     to = s.to_input
     codes = torch.from_numpy(np.stack([apply_lut(to.batch_luts[k], store.obs_codes(k)[0]) for k in to.batch_keys], 1))
     labels = torch.from_numpy(np.stack([apply_lut(to.label_luts[k], store.obs_codes(k)[0]) for k in to.label_keys], 1))
@@ -69,11 +75,77 @@ def in_memory_epochs(data, a, run_dir) -> list[float]:
         t = time.perf_counter()
         for lo in range(0, store.n_obs, a.batch_size):
             idx = perm[lo : lo + a.batch_size]
-            inp = ModelInput(Counts.from_dense(x[idx]), codes[idx], labels[idx], idx.numpy(), val[idx.numpy()])
+            rows = x[idx.numpy()]
+            csr = torch.sparse_csr_tensor(
+                torch.from_numpy(rows.indptr).long(), torch.from_numpy(rows.indices).long(),
+                torch.from_numpy(rows.data), rows.shape,
+            )  # fmt: skip
+            inp = ModelInput(Counts.from_sparse_csr(csr), codes[idx], labels[idx], idx.numpy(), val[idx.numpy()])
             kl, lw = loss_weights(cfg.train, epoch, epoch + lo / store.n_obs, s.max_epochs)
             train_step(s, progress, inp, kl, lw)
         seconds.append(time.perf_counter() - t)
     return seconds
+
+
+class Replay:
+    """One epoch of the stream's batches, read beforehand and replayed: the loop without the reader."""
+
+    def __init__(self, batches):
+        self.batches, self.epoch, self.consumed = batches, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.consumed = epoch, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for j in range(self.consumed, len(self.batches)):
+            self.consumed = j + 1
+            yield self.batches[j]
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+
+def loop_overhead(data, a, run_dir) -> dict:
+    """O1: ms per step of the real epoch loop minus the bare model step, same batches, tiny model."""
+    from bigatlas.config import ModelConfig
+    from bigatlas.metrics_log import MetricsLog
+    from bigatlas.train import _epoch
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = train_config(data, 100, a.batch_size)
+    cfg = type(cfg)(model=ModelConfig(hidden=(16,), n_latent=4), train=cfg.train, data=cfg.data)
+    s = set_up(cfg, run_dir, False, make_accelerator(cfg), None)
+    s.stream.set_epoch(0)
+    s.stream = Replay([inp for _, inp in zip(range(a.o1_steps), s.stream)])  # ModelInputs (to_input ran)
+    inputs = s.stream.batches
+    model, opt, t = s.model, s.optimizer, cfg.train
+    loop, bare = [], []
+    for rep in range(3):
+        progress, log = Progress(epoch=rep), MetricsLog(s.run, True)
+        start = time.perf_counter()
+        _epoch(s, progress, log, False)
+        loop.append(time.perf_counter() - start)
+        log.close()
+        start = time.perf_counter()
+        for inp in inputs:
+            mask = torch.from_numpy(~inp.val)
+            out = model(inp.counts, inp.codes, inp.labels, cell_mask=mask, eval_mask=~mask, kl_weight=t.kl_weight)
+            out.total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        bare.append(time.perf_counter() - start)
+    steps = len(inputs)
+    return {
+        "steps": steps,
+        "loop_ms_per_step": round(1e3 * float(np.median(loop)) / steps, 3),
+        "bare_ms_per_step": round(1e3 * float(np.median(bare)) / steps, 3),
+        "O1_overhead_ms_per_step": round(1e3 * (float(np.median(loop)) - float(np.median(bare))) / steps, 3),
+    }
 
 
 def scatlasvae_epochs(data, a) -> dict:
@@ -109,7 +181,7 @@ def peak_rss_training(data, steps, batch_size, run_dir) -> float:
 
 
 def run(a) -> dict:
-    wanted = set(a.only or ["T1", "T2", "M1"])
+    wanted = set(a.only or ["T1", "T2", "M1", "O1"])
     data = ensure_store(a.data_dir, a.cells, a.genes)
     res: dict = {
         "cells": a.cells,
@@ -125,12 +197,12 @@ def run(a) -> dict:
         print(json.dumps({"bigatlas_stream": res["bigatlas_stream"]}), flush=True)
     if "T1" in wanted:
         mem = in_memory_epochs(data, a, run_dir)
-        res["in_memory_dense"] = {
+        res["in_memory_csr"] = {
             "epoch_seconds": [round(s, 2) for s in mem],
             "cells_per_s": round(a.cells / float(np.median(mem))),
         }
         res["T1_stream_over_memory_epoch_time"] = round(float(np.median(stream) / np.median(mem)), 3)
-        print(json.dumps({"in_memory_dense": res["in_memory_dense"]}), flush=True)
+        print(json.dumps({"in_memory_csr": res["in_memory_csr"]}), flush=True)
     if "T2" in wanted:
         try:
             res["scatlasvae"] = scatlasvae_epochs(data, a)
@@ -140,6 +212,9 @@ def run(a) -> dict:
         except ImportError as e:
             res["scatlasvae"] = {"skipped": f"not installed: {e} (see README, Benchmarks)"}
         print(json.dumps({"scatlasvae": res["scatlasvae"]}), flush=True)
+    if "O1" in wanted:
+        res["loop_overhead"] = loop_overhead(data, a, run_dir)
+        print(json.dumps({"loop_overhead": res["loop_overhead"]}), flush=True)
     if "M1" in wanted:
         small = ensure_store(a.data_dir, 100_000, a.genes)
         large = ensure_store(a.data_dir, 1_000_000, a.genes)

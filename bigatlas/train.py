@@ -154,6 +154,10 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
             print(line, flush=True)
     # surgery may zero-fill genes the query lacks; a fresh model requires all of them
     colmap = store.gene_map(vocab.genes, missing="zero-fill", what="model's") if surgery is not None else None
+    to_input = ToModelInput(
+        vocab, store, acc.device, batch_keys=d.batch_keys, label_keys=d.label_keys, val_fraction=t.val_fraction,
+        seed=t.seed,
+    )  # fmt: skip
     stream = CellStream(
         store,
         batch_size=t.batch_size,
@@ -166,11 +170,8 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
         obs_keys=(*d.batch_keys, *d.label_keys),
         validate="finite" if d.allow_non_integer else "counts",
         min_batch=2,  # BatchNorm cannot normalise a minibatch of one cell
+        transform=to_input,  # codes, labels, hold-out mask and counts made ready on the reader threads
     )
-    to_input = ToModelInput(
-        vocab, store, acc.device, batch_keys=d.batch_keys, label_keys=d.label_keys, val_fraction=t.val_fraction,
-        seed=t.seed,
-    )  # fmt: skip
     model = build_model(vocab, cfg)
     if surgery is not None:
         surgery.apply(model, vocab, store)
@@ -244,8 +245,7 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
     sums = DeviceSums()
     bar = _bar(acc, steps_per_epoch, stream.consumed, epoch)
     try:
-        for batch in stream:
-            inp = s.to_input(batch)
+        for inp in stream:  # ModelInput, made by the reader thread (to_input)
             kl_weight, label_weight = loss_weights(t, epoch, epoch + stream.consumed / max(steps_per_epoch, 1),
                                                    s.max_epochs)  # fmt: skip
             out = train_step(s, progress, inp, kl_weight, label_weight)
