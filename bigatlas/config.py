@@ -73,6 +73,7 @@ class TrainConfig:
     label_start_epoch: int = opt(0, "epoch from which the label loss applies (original: the last 10 only)")
     val_fraction: float = opt(0.05, "fraction of cells held out for validation, by a hash of their position")
     early_stopping_patience: int | None = opt(None, "stop after this many epochs without validation improvement")
+    early_stopping_min_delta: float = opt(0.0, "improvement (relative to the best validation loss) that counts")
     grad_clip: float | None = opt(10.0, "gradient norm clipping (unset: off)")
     mixed_precision: str = opt("no", "bf16 on GPUs", choices=("no", "bf16"))
     checkpoint_every_steps: int = opt(500, "mid-epoch checkpoint interval (0: epoch ends only)")

@@ -27,7 +27,8 @@ from .vocab import Vocab
 FORMAT_VERSION = 1
 # how long to train may change on resume; nothing that shapes the run may
 RESUMABLE_CHANGES = (
-    "max_epochs", "max_steps", "early_stopping_patience", "num_workers", "reference_cells", "reference_umap"
+    "max_epochs", "max_steps", "early_stopping_patience", "early_stopping_min_delta", "num_workers",
+    "reference_cells", "reference_umap",
 )  # num_workers: elastic; the reference is built after training  # fmt: skip
 
 

@@ -279,7 +279,7 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
         )
     row = epoch_row(acc, progress.sums, epoch, progress.step, kl_weight, s.optimizer.param_groups[0]["lr"])
     log.epoch(row)
-    stop = _early_stop(t, progress, row.get("val_loss"))
+    stop = _early_stop(t, progress, row.get("val_loss"), s.max_epochs)
     progress.epoch, progress.sums = epoch + 1, None
     save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults)
     if s.preempt.agreed:
@@ -356,13 +356,18 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
     return out
 
 
-def _early_stop(t: TrainConfig, progress: Progress, val_loss: float | None) -> bool:
+def _early_stop(t: TrainConfig, progress: Progress, val_loss: float | None, max_epochs: int) -> bool:
+    """True after `early_stopping_patience` epochs in a row without a validation loss below the best
+    so far by more than early_stopping_min_delta (relative). Epochs of the KL warm-up do not count:
+    the loss is still falling there for a reason that ends."""
     if val_loss is None or not t.early_stopping_patience:
         return False
-    if val_loss < progress.best_val - 1e-6:
+    best = progress.best_val
+    if not np.isfinite(best) or val_loss < best - max(t.early_stopping_min_delta * abs(best), 1e-6):
         progress.best_val, progress.bad_epochs = val_loss, 0
         return False
-    progress.bad_epochs += 1
+    if progress.epoch + 1 > t.warmup_epochs(max_epochs):
+        progress.bad_epochs += 1
     return progress.bad_epochs >= t.early_stopping_patience
 
 

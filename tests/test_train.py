@@ -221,3 +221,25 @@ def test_learns_an_integrated_latent_space(tmp_path):
     assert json.loads((tmp_path / "run" / "vocab.json").read_text())["genes"][0].startswith("ENSSYN")
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 41 and "val_loss" in rows[0]
+
+
+def test_early_stopping_counts_epochs_without_improvement_after_the_warm_up():
+    from bigatlas.checkpoint import Progress
+    from bigatlas.config import TrainConfig
+    from bigatlas.train import _early_stop
+
+    def stop_epoch(losses, **kw):
+        t, progress = TrainConfig(kl_warmup_epochs=3, **kw), Progress()
+        for epoch, loss in enumerate(losses):
+            progress.epoch = epoch
+            if _early_stop(t, progress, loss, max_epochs=100):
+                return epoch
+        return None
+
+    flat_from_1 = [10.0, 9.0] + [9.5] * 20
+    # epochs 1-2 are inside the warm-up (3 epochs): they do not count towards the patience of 4
+    assert stop_epoch(flat_from_1, early_stopping_patience=4) == 6
+    assert stop_epoch(flat_from_1, early_stopping_patience=None) is None
+    creeping = [10.0 - 0.001 * i for i in range(30)]  # 0.01% per epoch: below a 0.1% min delta
+    assert stop_epoch(creeping, early_stopping_patience=5) is None
+    assert stop_epoch(creeping, early_stopping_patience=5, early_stopping_min_delta=1e-3) == 7
