@@ -162,6 +162,14 @@ class ZarrOutput:
 
     def open(self) -> None:
         self.root = zarr.open_group(str(self.path), mode="r+")
+        self.arrays = {}
+
+    def _array(self, name: str):
+        """An array of the output, opened once (indexing the group reads its metadata from disk each
+        time: ~20 arrays per chunk)."""
+        if name not in self.arrays:
+            self.arrays[name] = self.root[name]
+        return self.arrays[name]
 
     def complete(self) -> bool:
         return bool(self.root.attrs["bigatlas"].get("complete", False))
@@ -170,23 +178,23 @@ class ZarrOutput:
         return self.root["uns/bigatlas_done"][:]
 
     def write(self, k, lo, hi, row_ids, names, z, results, probs, umap=None, sources=None) -> None:
-        root = self.root
-        root["obsm/X_bigatlas"][lo:hi] = z
+        a = self._array
+        a("obsm/X_bigatlas")[lo:hi] = z
         if umap is not None:
-            root["obsm/X_umap_ref"][lo:hi] = umap
-        root[f"obs/{ROW_COLUMN}"][lo:hi] = row_ids
+            a("obsm/X_umap_ref")[lo:hi] = umap
+        a(f"obs/{ROW_COLUMN}")[lo:hi] = row_ids
         if sources is not None:
-            root[f"obs/{SOURCE_COLUMN}/codes"][lo:hi] = sources.astype(np.int16)
-        root["obs/_index"][lo:hi] = np.asarray(names, dtype=object)
+            a(f"obs/{SOURCE_COLUMN}/codes")[lo:hi] = sources.astype(np.int16)
+        a("obs/_index")[lo:hi] = np.asarray(names, dtype=object)
         for key, r in results.items():
             for field, values in r.items():
                 if field in CATEGORICAL:
-                    root[f"obs/{key}_{field}/codes"][lo:hi] = values.astype(np.int16)
+                    a(f"obs/{key}_{field}/codes")[lo:hi] = values.astype(np.int16)
                 elif field != "label":
-                    root[f"obs/{key}_{field}"][lo:hi] = values
+                    a(f"obs/{key}_{field}")[lo:hi] = values
             if key in probs:
-                root[f"obsm/{key}_probabilities"][lo:hi] = probs[key]
-        root["uns/bigatlas_done"][k] = 1  # after the data: a killed write leaves the chunk not done
+                a(f"obsm/{key}_probabilities")[lo:hi] = probs[key]
+        a("uns/bigatlas_done")[k] = 1  # after the data: a killed write leaves the chunk not done
 
     def mark_complete(self) -> None:
         meta = dict(self.root.attrs["bigatlas"])
@@ -402,25 +410,35 @@ def embed(
             bar = tqdm(total=sum(min(n, (k + 1) * c) - k * c for k in mine), unit="cell", unit_scale=True,
                        desc="embed", mininterval=1.0)  # fmt: skip
         t0, cells = time.perf_counter(), 0
+
+        def write(k, lo, hi, *columns, **named) -> int:
+            _write_chunk(output, faults, k, lo, hi, *columns, **named)
+            faults.kill("after_chunk", k)
+            if bar is not None:
+                bar.update(hi - lo)
+            return hi - lo
+
         try:
-            with ThreadPoolExecutor(1) as pool:  # reads the next chunk while this one is embedded
+            # one thread reads the next chunk and one writes the last while this one is embedded; at
+            # most one chunk waits to be written, and its error surfaces before the next is handed over
+            with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as writer:
                 pending = pool.submit(read, mine[0]) if mine else None
+                written = None
                 for i in range(len(mine)):
                     k, lo, hi, m = pending.result()
                     pending = pool.submit(read, mine[i + 1]) if i + 1 < len(mine) else None
                     z = _latent(module, m, batch_size, device)
                     results, umap = transfer(z)
                     positions = np.arange(lo, hi)
-                    _write_chunk(
-                        output, faults, k, lo, hi, store.store_rows(positions), store.obs_names(positions),
-                        z.cpu().numpy(), _columns(results, classes, unknown_threshold),
+                    columns = (
+                        store.store_rows(positions), store.obs_names(positions), z.cpu().numpy(),
+                        _columns(results, classes, unknown_threshold),
                         {key: r.probs for key, r in results.items()} if full_probabilities else {}, umap,
-                        **({"sources": store.source_codes(positions)} if sources is not None else {}),
                     )  # fmt: skip
-                    faults.kill("after_chunk", k)
-                    cells += hi - lo
-                    if bar is not None:
-                        bar.update(hi - lo)
+                    named = {"sources": store.source_codes(positions)} if sources is not None else {}
+                    cells += written.result() if written is not None else 0
+                    written = writer.submit(write, k, lo, hi, *columns, **named)
+                cells += written.result() if written is not None else 0
         finally:  # also on an error: the bar's line ends before the message
             if bar is not None:
                 bar.close()
