@@ -170,6 +170,7 @@ TABLE = (
     ("knn_label_accuracy", "kNN acc."),
     ("heldout_accuracy", "held-out acc."),
     ("heldout_macro_f1", "held-out F1"),
+    ("epochs", "epochs"),
     ("train_seconds", "seconds"),
 )
 
@@ -186,8 +187,12 @@ def table(rows: list[dict], tags) -> str:
         names = sorted(dict.fromkeys(sub.name), key=lambda n: (order[n.split(" ")[0]] // 2, n.split(" ")[0], n))
         for name in names:
             g = sub[sub.name == name]
-            cells = [f"{g[k].mean():.3f}" if k in g and g[k].notna().any() else "–" for k, _ in TABLE[:-1]]
-            cells.append(f"{g.train_seconds.mean():.0f}")
+            cells = [
+                f"{g[k].mean():.{0 if k in ('epochs', 'train_seconds') else 3}f}"
+                if k in g and g[k].notna().any()
+                else "–"
+                for k, _ in TABLE
+            ]
             lines.append(f"| {preset} | {name} | {len(g)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -72,7 +72,13 @@ class TrainConfig:
     label_weight: float = opt(50.0, "weight of the label loss (a per-cell mean cross-entropy)")
     label_start_epoch: int = opt(0, "epoch from which the label loss applies (original: the last 10 only)")
     val_fraction: float = opt(0.05, "fraction of cells held out for validation, by a hash of their position")
-    early_stopping_patience: int | None = opt(None, "stop after this many epochs without validation improvement")
+    # 10, not off: on the hard atlases (bench/results/epochs.json) the 400-epoch rule overfitted
+    # (validation loss 2% above its best, lower bio and held-out accuracy) where stopping 10 epochs
+    # after the best (25-70 epochs) matched or beat a fixed 60 on every atlas (two seeds) and beat a
+    # patience of 20; 0 turns it off
+    early_stopping_patience: int | None = opt(
+        10, "stop after this many epochs (after the KL warm-up) without validation improvement (0: off)"
+    )
     early_stopping_min_delta: float = opt(0.0, "improvement (relative to the best validation loss) that counts")
     grad_clip: float | None = opt(10.0, "gradient norm clipping (unset: off)")
     mixed_precision: str = opt("no", "bf16 on GPUs", choices=("no", "bf16"))

@@ -220,7 +220,7 @@ def test_learns_an_integrated_latent_space(tmp_path):
     assert (tmp_path / "run" / "loss_curves.png").exists()
     assert json.loads((tmp_path / "run" / "vocab.json").read_text())["genes"][0].startswith("ENSSYN")
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 41 and "val_loss" in rows[0]
+    assert 10 < len(rows) <= 41 and "val_loss" in rows[0]  # one row per epoch; early stopping may end it
 
 
 def test_early_stopping_counts_epochs_without_improvement_after_the_warm_up():
