@@ -170,7 +170,6 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
         obs_keys=(*d.batch_keys, *d.label_keys),
         validate="finite" if d.allow_non_integer else "counts",
         min_batch=2,  # BatchNorm cannot normalise a minibatch of one cell
-        transform=to_input,  # codes, labels, hold-out mask and counts made ready on the reader threads
     )
     model = build_model(vocab, cfg)
     if surgery is not None:
@@ -245,7 +244,8 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
     sums = DeviceSums()
     bar = _bar(acc, steps_per_epoch, stream.consumed, epoch)
     try:
-        for inp in stream:  # ModelInput, made by the reader thread (to_input)
+        for batch in stream:
+            inp = s.to_input(batch)  # on this thread: a second thread's Python work took the GIL from the step
             kl_weight, label_weight = loss_weights(t, epoch, epoch + stream.consumed / max(steps_per_epoch, 1),
                                                    s.max_epochs)  # fmt: skip
             out = train_step(s, progress, inp, kl_weight, label_weight)

@@ -1,11 +1,10 @@
 """CellStream: epoch plan → pooled reads on threads → shuffled minibatches, exactly once per epoch.
 
 Each rank runs `num_workers` reader threads; each thread is one consumer of the plan (consumer id
-rank * num_workers + worker): it decodes its read requests and cuts them into minibatches, carrying
-leftover rows into the next request, so only the per-consumer sizes from `sampling.batch_sizes`
-decide where minibatches end; a `transform` (a trainer's per-batch bookkeeping) runs there too. Each
-request's minibatches go to the iterating thread as one list, up to `prefetch` requests ahead. The
-rank yields the consumers' batches round-robin; every rank yields the same count.
+rank * num_workers + worker) and decodes its read requests up to `prefetch` ahead. The iterating
+thread cuts each consumer's requests into minibatches, carrying leftover rows into the next
+request, so only the per-consumer sizes from `sampling.batch_sizes` decide where minibatches end.
+The rank yields the consumers' batches round-robin; every rank yields the same count.
 `validate="counts"` (what training uses) checks every decoded request for NaN/inf, negative and
 non-integer values (~20 ms per 20M values); the bare loader leaves it off.
 """
@@ -106,7 +105,6 @@ class CellStream(torch.utils.data.IterableDataset):
         validate: str | None = None,
         prefetch_next_epoch: bool = True,
         min_batch: int = 1,
-        transform=None,
     ):
         if isinstance(store, str | os.PathLike) or is_anndata(store):
             store = open_store(store)
@@ -139,7 +137,6 @@ class CellStream(torch.utils.data.IterableDataset):
         self._elastic, self._elastic_rows = None, None  # an elastic resume's interrupted plan (its epoch only)
         self._next = None  # (epoch, _Readers) started ahead at the end of the previous epoch
         self.prefetch_next_epoch = prefetch_next_epoch
-        self.transform = transform  # Batch → what iterating yields, applied on the reader thread
         if validate not in ("counts", "finite", None):
             raise ValueError(f"validate must be 'counts', 'finite' or None, not {validate!r}")
         self.validate = validate
@@ -244,7 +241,7 @@ class CellStream(torch.utils.data.IterableDataset):
         W = self.num_workers
         total = len(sizes[0]) * W
         readers = self._take_next(epoch, start) or self._start_readers(epoch, start, sizes)
-        cutters = [self._received(readers.queues[w]) for w in range(W)]
+        cutters = [self._cut(readers.queues[w], sizes[self.rank * W + w][len(range(w, start, W)) :]) for w in range(W)]
         try:
             for j in range(start, total):
                 if j == total - 1 and self.prefetch_next_epoch:
@@ -290,8 +287,8 @@ class CellStream(torch.utils.data.IterableDataset):
             self._next[1].close(join=False)
 
     def _read(self, epoch, consumer, sizes, skip, out: queue.Queue, stop: threading.Event):
-        """Reader thread: decoded requests (GIL-free decode) cut into minibatches, transformed, and handed
-        over one list per request, so the threads meet once per request, not once per minibatch."""
+        """Reader thread: decoded requests (GIL-free decode) → out; cutting happens on the consumer's
+        thread, which keeps the two threads from trading the GIL once per minibatch."""
 
         def put(item):
             while not stop.is_set():
@@ -303,9 +300,30 @@ class CellStream(torch.utils.data.IterableDataset):
             raise _Stop
 
         try:
-            for done in self._cut(self._decoded(epoch, consumer, sizes, skip), sizes[skip:]):
-                if done:
-                    put([self.transform(b) for b in done] if self.transform is not None else done)
+            n, segments, positions, salt, block = self._plan(epoch)
+            reqs = sampling.requests(
+                n, block, self.blocks_per_request, self.seed, epoch, consumer, self.n_consumers, self.shuffle,
+                segments, salt,
+            )  # fmt: skip
+            if positions is not None:  # the plan numbers the remaining positions 0..n-1
+                reqs = (sampling.Request(positions[r.rows], r.order) for r in reqs)
+            offset = sum(sizes[:skip])  # rows already consumed: whole requests are skipped unread
+            needed = sum(sizes[skip:])
+            reader = self.store.reader()
+            for req in reqs:
+                if needed <= 0:
+                    break
+                if offset >= len(req):
+                    offset -= len(req)
+                    continue
+                m = reader.read(req.rows)
+                if self.validate:
+                    check_counts(m, str(self.store.uri), integer=self.validate == "counts", positions=req.rows)
+                if self._colmap is not None:
+                    m = select_columns(m, self._colmap, self.n_genes)
+                put((req, compact(m), offset))
+                needed -= len(req) - offset
+                offset = 0
         except _Stop:
             return
         except BaseException as e:  # handed to the consuming thread, which re-raises it
@@ -314,50 +332,15 @@ class CellStream(torch.utils.data.IterableDataset):
             except _Stop:
                 return
 
-    def _decoded(self, epoch, consumer, sizes, skip):
-        """This consumer's requests, decoded (and checked), from the first one with rows not yet
-        consumed: (request, matrix, rows of it already consumed)."""
-        n, segments, positions, salt, block = self._plan(epoch)
-        reqs = sampling.requests(
-            n, block, self.blocks_per_request, self.seed, epoch, consumer, self.n_consumers, self.shuffle,
-            segments, salt,
-        )  # fmt: skip
-        if positions is not None:  # the plan numbers the remaining positions 0..n-1
-            reqs = (sampling.Request(positions[r.rows], r.order) for r in reqs)
-        offset = sum(sizes[:skip])  # rows already consumed: whole requests are skipped unread
-        needed = sum(sizes[skip:])
-        reader = self.store.reader()
-        for req in reqs:
-            if needed <= 0:
-                break
-            if offset >= len(req):
-                offset -= len(req)
-                continue
-            m = reader.read(req.rows)
-            if self.validate:
-                check_counts(m, str(self.store.uri), integer=self.validate == "counts", positions=req.rows)
-            if self._colmap is not None:
-                m = select_columns(m, self._colmap, self.n_genes)
-            yield req, compact(m), offset
-            needed -= len(req) - offset
-            offset = 0
-
-    @staticmethod
-    def _received(requests: queue.Queue):
-        """The iterating thread's side: minibatches from the reader's lists, errors re-raised."""
-        while True:
+    def _cut(self, requests: queue.Queue, sizes: list[int]):
+        """Minibatches of the given sizes from the decoded requests, in each request's row order;
+        rows left at the end of a request start the next minibatch."""
+        b, parts, have = 0, [], 0
+        while b < len(sizes):
             item = requests.get()
             if isinstance(item, BaseException):
                 raise item
-            yield from item
-
-    def _cut(self, items, sizes: list[int]):
-        """Minibatches of the given sizes from decoded requests, in each request's row order; rows left
-        at the end of a request start the next minibatch. Yields, per request, the minibatches it
-        completed (a list, maybe empty), and stops pulling requests once every size is filled."""
-        b, parts, have = 0, [], 0
-        for req, m, offset in items:
-            done = []
+            req, m, offset = item
             order = req.order[offset:]
             pos = 0
             while pos < len(order) and b < len(sizes):
@@ -368,8 +351,5 @@ class CellStream(torch.utils.data.IterableDataset):
                 if have == sizes[b]:
                     x = concat([p[0] for p in parts])
                     index = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-                    done.append(_to_batch(x, index, self._codes))
+                    yield _to_batch(x, index, self._codes)
                     b, parts, have = b + 1, [], 0
-            yield done
-            if b >= len(sizes):
-                return

@@ -118,7 +118,7 @@ def test_training_steps_never_wait_on_the_device(small_atlas, tmp_path, monkeypa
         data=DataConfig(data=small_atlas, batch_key="donor_id", label_keys=("cell_type",)),
     )
     s = set_up(cfg, tmp_path / "run", False, make_accelerator(cfg), None)
-    inputs = [inp for _, inp in zip(range(6), s.stream)]  # the stream hands over ModelInputs
+    inputs = [s.to_input(b) for _, b in zip(range(6), s.stream)]
     progress, sums = Progress(), DeviceSums()
     train_step(s, progress, inputs[0], 0.5, 1.0)  # first step: optimizer state is created
     reads = []
