@@ -81,11 +81,11 @@ def forward_alone(run, matrices, batch_size) -> float:
     return sum(m.n_rows for m in matrices) / (time.perf_counter() - t)
 
 
-def embed_to_disk(run, data, out, batch_size) -> float:
+def embed_to_disk(run, data, out, batch_size, chunk_size) -> float:
     shutil.rmtree(out, ignore_errors=True)
     n = open_store(data).n_obs
     t = time.perf_counter()
-    embed(run, data, out, batch_size=batch_size, progress=False)
+    embed(run, data, out, batch_size=batch_size, chunk_size=chunk_size, progress=False)
     return n / (time.perf_counter() - t)
 
 
@@ -108,11 +108,11 @@ def run(a) -> dict:
     run_dir = _run_dir(data, a.data_dir)
     open_store(data).obs_codes("cell_type")  # one-time imports (anndata readers) outside the timings
     out = Path(a.data_dir) / "bench_infer_out.zarr"
-    chunk = 16384  # embed's default chunk
+    chunk = 16384  # embed's default chunk, passed to it explicitly below
     decode, matrices = decode_alone(data, chunk)
     forward = forward_alone(run_dir, matrices, a.batch_size)
     del matrices
-    disk = embed_to_disk(run_dir, data, out, a.batch_size)
+    disk = embed_to_disk(run_dir, data, out, a.batch_size, chunk)
     bound = 1 / (1 / decode + 1 / forward)
     res = {
         "cells": a.cells,

@@ -18,7 +18,6 @@ This is the correct NB: the original scAtlasVAE used logits
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,22 +39,10 @@ class Counts:
 
     @classmethod
     def from_sparse_csr(cls, x: torch.Tensor, device=None) -> Counts:
-        """From a torch.sparse_csr batch, moved to `device` as it is (never densified on the CPU).
-        A CPU batch's row indices and totals come from numpy: this runs on the loader's threads, where
-        torch's parallel kernels would start a second OpenMP team that spins beside the training
-        step's (measured: every later step 40% slower)."""
-        if x.device.type != "cpu":
-            rows, library = csr_rows_and_library(x)
-            return cls(rows, x.col_indices().long(), x.values(), library, x.shape[1], csr=x)
-        n, values = x.shape[0], x.values()
-        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(x.crow_indices().numpy()))
-        library = np.bincount(rows, weights=values.numpy(), minlength=n).astype(values.numpy().dtype)
-        parts = (torch.from_numpy(rows), torch.from_numpy(x.col_indices().numpy().astype(np.int64)),
-                 torch.from_numpy(library))  # fmt: skip
-        if device is not None and torch.device(device).type != "cpu":
-            x, parts = x.to(device), tuple(p.to(device) for p in parts)
-        rows, cols, library = parts
-        return cls(rows, cols, x.values(), library, x.shape[1], csr=x)
+        """From a torch.sparse_csr batch, moved to `device` as it is (never densified on the CPU)."""
+        x = x.to(device) if device is not None else x
+        rows, library = csr_rows_and_library(x)
+        return cls(rows, x.col_indices().long(), x.values(), library, x.shape[1], csr=x)
 
     @property
     def dense(self) -> torch.Tensor:
