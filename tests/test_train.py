@@ -243,3 +243,19 @@ def test_early_stopping_counts_epochs_without_improvement_after_the_warm_up():
     creeping = [10.0 - 0.001 * i for i in range(30)]  # 0.01% per epoch: below a 0.1% min delta
     assert stop_epoch(creeping, early_stopping_patience=5) is None
     assert stop_epoch(creeping, early_stopping_patience=5, early_stopping_min_delta=1e-3) == 7
+
+
+def test_optimizer_steps_with_the_configured_epsilon():
+    """The first AdamW step moves a parameter by lr · g / (|g| + eps): eps is the config's, not torch's."""
+    import torch
+
+    from bigatlas.config import TrainConfig
+    from bigatlas.train import make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = make_optimizer([p], TrainConfig(lr=0.3, weight_decay=0.0, adam_eps=0.05))
+    p.grad = torch.tensor([0.01, -0.02, 0.0])
+    opt.step()
+    expected = -0.3 * p.grad / (p.grad.abs() + 0.05)
+    assert torch.allclose(p.detach(), expected, atol=1e-7)
+    assert abs(float(p[0]) + 0.05) < 1e-6  # with torch's 1e-8 it would be -0.3
