@@ -58,8 +58,8 @@ class TrainConfig:
     # study mixing 0.76; the original's 5e-5 reached 0.35 and 0.07 in the same epochs
     lr: float = opt(2e-3, "AdamW learning rate")
     weight_decay: float = opt(1e-6, "AdamW weight decay")
-    # 0.01 (scVI's) instead of torch's 1e-8: bio conservation without labels +0.002 to +0.007 on every
-    # hard atlas, 4 seeds (bench/results/defaults.json); parameters with tiny gradients move less
+    # 0.01 (scVI's) instead of torch's 1e-8: bio conservation without labels +0.002 to +0.006 on each
+    # hard atlas (means of 4 seeds, 9 of 12 paired runs up; bench/results/defaults.json)
     adam_eps: float = opt(0.01, "AdamW epsilon (added to the root of the second moment)")
     batch_size: int = opt(128, "cells per minibatch per process")
     max_epochs: int | None = opt(None, "epochs (unset: min(round(20000 / n_cells * 400), 400), at least 10)")
