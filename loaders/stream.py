@@ -241,7 +241,10 @@ class CellStream(torch.utils.data.IterableDataset):
         W = self.num_workers
         total = len(sizes[0]) * W
         readers = self._take_next(epoch, start) or self._start_readers(epoch, start, sizes)
-        cutters = [self._cut(readers.queues[w], sizes[self.rank * W + w][len(range(w, start, W)) :]) for w in range(W)]
+        cutters = []
+        for w in range(W):
+            consumer, skip = self._consumer_and_skip(w, start)
+            cutters.append(self._cut(readers.queues[w], sizes[consumer][skip:]))
         try:
             for j in range(start, total):
                 if j == total - 1 and self.prefetch_next_epoch:
@@ -255,6 +258,12 @@ class CellStream(torch.utils.data.IterableDataset):
                 self._elastic, self._elastic_rows = None, None  # the next epochs follow the normal plan
         finally:
             readers.close()
+
+    def _consumer_and_skip(self, w: int, start: int) -> tuple[int, int]:
+        """Worker w's consumer id, and how many of its minibatches are among the rank's first `start`
+        (the rank yields its workers' batches round-robin)."""
+        W = self.num_workers
+        return self.rank * W + w, len(range(w, start, W))
 
     def _take_next(self, epoch: int, start: int):
         """The readers started ahead for this epoch, if they still fit; otherwise drop them."""
@@ -270,8 +279,7 @@ class CellStream(torch.utils.data.IterableDataset):
         W = self.num_workers
         readers = _Readers([queue.Queue(maxsize=self.prefetch) for _ in range(W)])
         for w in range(W):
-            consumer = self.rank * W + w
-            skip = len(range(w, start, W))  # batches of this worker among the first `start`
+            consumer, skip = self._consumer_and_skip(w, start)
             t = threading.Thread(
                 target=self._read,
                 daemon=True,
