@@ -33,10 +33,11 @@ class Progress:
         self.__dict__.update(d)
 
 
-def save_checkpoint(acc, run: RunDir, progress: Progress, stream, keep: int, faults: Faults) -> None:
+def save_checkpoint(acc, run: RunDir, progress: Progress, stream, keep: int, faults: Faults, average=None) -> None:
     """Model and optimizer through Accelerate (safetensors / tensors only); loop position, stream
-    position and this process's torch RNG in bigatlas_rank<r>.json — no pickle of ours to trust.
-    Written under a temporary name on every rank, then published by the main process."""
+    position and this process's torch RNG in bigatlas_rank<r>.json; the weight average (ema.py, the
+    same on every rank) by the main process in safetensors — no pickle of ours to trust. Written
+    under a temporary name on every rank, then published by the main process."""
     tmp, name = run.checkpoint_tmp(progress.step)
     if acc.is_main_process:
         run.ckpt.mkdir(parents=True, exist_ok=True)
@@ -54,6 +55,8 @@ def save_checkpoint(acc, run: RunDir, progress: Progress, stream, keep: int, fau
         faults.io("checkpoint_write", progress.step, tmp)
         acc.save_state(str(tmp), safe_serialization=True)
         (tmp / f"bigatlas_rank{acc.process_index}.json").write_text(json.dumps(state))
+        if average is not None and acc.is_main_process:
+            average.save(tmp)
     except OSError as e:  # a full disk or an I/O error: `latest` still names the last good checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(
@@ -67,7 +70,7 @@ def save_checkpoint(acc, run: RunDir, progress: Progress, stream, keep: int, fau
     acc.wait_for_everyone()
 
 
-def restore_checkpoint(acc, path: Path, stream, progress: Progress) -> int:
+def restore_checkpoint(acc, path: Path, stream, progress: Progress, average=None) -> int:
     """Load the checkpoint; returns the number of processes that wrote it. On another number (an
     elastic resume) a rank without a file of its own takes rank 0's loop and stream position (the
     same on every rank) and RNG, the stream deals the rest of the epoch to the new ranks, and the
@@ -77,6 +80,8 @@ def restore_checkpoint(acc, path: Path, stream, progress: Progress) -> int:
         saved_world = len(list(path.glob("bigatlas_rank*.json")))
         own = path / f"bigatlas_rank{acc.process_index}.json"
         state = json.loads((own if own.exists() else path / "bigatlas_rank0.json").read_text())
+        if average is not None:
+            average.load(path)
     except Exception as e:
         raise ValueError(
             f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {e}); restore it or start a new RUN_DIR"

@@ -26,6 +26,7 @@ from loaders import CellStream, open_store
 from .batches import ModelInput, ToModelInput, holdout_all
 from .checkpoint import Progress, restore_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
+from .ema import WeightAverage
 from .errors import LaunchError, reported
 from .faults import Faults
 from .guard import SYNC_EVERY, NanGuard
@@ -99,6 +100,7 @@ class Session:
     guard: NanGuard
     data: object = None  # the AnnData trained on in memory (None: cfg.data.data is opened)
     surgery: object = None
+    average: WeightAverage | None = None  # of the weights, written at the end (ema_decay > 0)
 
 
 def train(
@@ -178,6 +180,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
     model, optimizer = acc.prepare(model, optimizer)
     max_epochs = t.epochs_for(n_train)
     guard = NanGuard(model, optimizer, acc.device)
+    average = WeightAverage(acc.unwrap_model(model), t.ema_decay) if t.ema_decay > 0 else None
     return Session(
         cfg,
         acc,
@@ -192,6 +195,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
         guard,
         data,
         surgery,
+        average,
     )
 
 
@@ -211,7 +215,7 @@ def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask, surgery
 
 def _resume(s: Session, progress: Progress) -> None:
     latest = s.run.latest()
-    saved_world = restore_checkpoint(s.acc, latest, s.stream, progress)
+    saved_world = restore_checkpoint(s.acc, latest, s.stream, progress, s.average)
     if s.acc.is_main_process:
         print(
             f"resumed from {latest.name}: epoch {progress.epoch}, step {progress.step}, "
@@ -261,7 +265,7 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
             if ckpt or done or last or progress.step % SYNC_EVERY == 0:
                 _sync(s, progress, sums, out.terms, kl_weight, bar, log)
                 if ckpt or (s.preempt.agreed and not last):
-                    save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults)
+                    save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults, s.average)
                 if s.preempt.agreed and not last:
                     _preempted(s, progress)
             s.faults.kill("after_step", progress.step)
@@ -281,7 +285,7 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
     log.epoch(row)
     stop = _early_stop(t, progress, row.get("val_loss"), s.max_epochs)
     progress.epoch, progress.sums = epoch + 1, None
-    save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults)
+    save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults, s.average)
     if s.preempt.agreed:
         _preempted(s, progress)
     return stop
@@ -310,7 +314,7 @@ def _non_finite(s: Session, progress: Progress, terms: dict):
     first, now = s.guard.first_bad_step(), progress.step
     s.stream.consumed -= now - first
     progress.step = first - 1
-    save_checkpoint(s.acc, s.run, progress, s.stream, s.cfg.train.keep_checkpoints, s.faults)
+    save_checkpoint(s.acc, s.run, progress, s.stream, s.cfg.train.keep_checkpoints, s.faults, s.average)
     detail = {k: round(float(v), 4) for k, v in terms.items()}
     raise FloatingPointError(
         f"non-finite loss at epoch {progress.epoch}, step {first} (loss terms at step {now}: {detail}); the last "
@@ -354,6 +358,8 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
     s.guard.step()
     s.optimizer.zero_grad(set_to_none=True)
     progress.step += 1
+    if s.average is not None:
+        s.average.update(progress.step, s.guard.stop)
     return out
 
 
@@ -376,6 +382,8 @@ def _finish(s: Session, stopped_early: bool, trace: bool) -> Path:
     acc, run = s.acc, s.run
     acc.wait_for_everyone()
     module = acc.unwrap_model(s.model)
+    if s.average is not None:  # the last checkpoint keeps the last step's weights and the average apart
+        s.average.copy_to_model()
     if trace:  # each rank's own weights, to check that data-parallel ranks stayed identical
         params = torch.cat([p.detach().cpu().double().ravel() for p in module.parameters()])
         np.save(run.path / "trace" / f"rank{acc.process_index}_params.npy", params.numpy())

@@ -259,3 +259,59 @@ def test_optimizer_steps_with_the_configured_epsilon():
     expected = -0.3 * p.grad / (p.grad.abs() + 0.05)
     assert torch.allclose(p.detach(), expected, atol=1e-7)
     assert abs(float(p.detach()[0]) + 0.05) < 1e-6  # with torch's 1e-8 it would be -0.3
+
+
+def test_weight_average_follows_its_recurrence_and_skips_guarded_steps(tmp_path):
+    """s_t = d_t s_(t-1) + (1 - d_t) p_t with d_t = min(decay, (1 + t) / (10 + t)); a step the NaN guard
+    flagged leaves it; a checkpoint round trip restores it exactly."""
+    import torch
+
+    from bigatlas.ema import WeightAverage
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3)
+    avg = WeightAverage(m, 0.9)
+    expect = [p.detach().clone().double() for p in m.parameters()]
+    for t in range(1, 40):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+        skipped = t == 17
+        avg.update(t, torch.tensor(1.0 if skipped else 0.0))
+        if not skipped:
+            d = min(0.9, (1 + t) / (10 + t))
+            expect = [d * e + (1 - d) * p.detach().double() for e, p in zip(expect, m.parameters())]
+    for s, e in zip(avg.shadow, expect):
+        assert torch.allclose(s.double(), e, atol=1e-5)
+    assert not torch.allclose(avg.shadow[0], m.weight.detach())  # an average, not the last weights
+    avg.save(tmp_path)
+    other = WeightAverage(m, 0.9)
+    other.load(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(avg.shadow, other.shadow))
+    other.copy_to_model()
+    assert torch.equal(m.weight.detach(), avg.shadow[0])
+
+
+@pytest.mark.parametrize("decay", ["0.99", "0"])
+def test_the_run_writes_the_weight_average(small_atlas, tmp_path, decay):
+    """model.safetensors holds the average the last checkpoint carries (the last step's weights stay in
+    the checkpoint); with --ema-decay 0 it holds the last step's weights."""
+    from bigatlas.ema import FILE
+
+    run = tmp_path / "r"
+    run_train([*base_args(small_atlas, run), "--ema-decay", decay])
+    final = weights(run)
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    last = load_file(str(ckpt / "model.safetensors"))
+    stats = ("running_mean", "running_var", "num_batches_tracked", "class_weight_0")
+    params = [k for k in final if not k.endswith(stats)]
+    assert all(np.array_equal(final[k], last[k]) for k in final if k.endswith(stats))
+    if decay == "0":
+        assert not (ckpt / FILE).exists()
+        assert all(np.array_equal(final[k], last[k]) for k in params)
+        return
+    average = load_file(str(ckpt / FILE))
+    assert sorted(average) == sorted(params)
+    for k in params:
+        assert np.array_equal(final[k], average[k]), k
+    assert not np.array_equal(final["z_mean.weight"], last["z_mean.weight"])
