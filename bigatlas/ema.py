@@ -3,7 +3,7 @@ its final weights.
 
 The last iterate of a stochastic optimizer sits wherever the last few hundred minibatches pushed it;
 the average over those steps is a steadier point of the same basin. On the hard synthetic atlases it
-kept more cell-type structure in the latent (bench/results/defaults.json). The decay warms up as
+kept a little more cell-type structure in the latent (bench/results/defaults.json). The decay warms up as
 min(decay, (1 + t) / (10 + t)) at step t, so a short run averages its own last ~10% rather than its
 random initialisation. Updates run on the device with no host sync; a step the NaN guard skipped
 leaves the average where it was. Every rank holds the same parameters (data parallel), so every
@@ -34,10 +34,8 @@ class WeightAverage:
     def update(self, step: int, skipped: torch.Tensor) -> None:
         """Move the average towards the weights after optimizer step `step`; `skipped` is the NaN
         guard's device flag (1.0: that step's update did not happen, the average stays)."""
-        weight = (1.0 - skipped) * (1.0 - self.decay_at(step))
-        diff = torch._foreach_sub([p.detach() for p in self.params], self.shadow)
-        torch._foreach_mul_(diff, weight)
-        torch._foreach_add_(self.shadow, diff)
+        weight = (1.0 - skipped) * (1.0 - self.decay_at(step))  # a device scalar: no sync
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], weight)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
