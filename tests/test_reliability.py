@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from conftest import accelerate_launcher, cli
 from safetensors.numpy import load_file
 
+from bigatlas.ema import FILE
 from bigatlas.synth import synth
 from bigatlas.write_store import ZarrWriter
 from loaders import StoreError, open_store
@@ -121,14 +122,22 @@ def test_nan_loss_stops_with_the_step_and_a_checkpoint_of_the_last_good_state(at
     assert latest == "step-000000005" and f"saved as {run / 'checkpoints' / latest}" in res.stderr
     # the loop only reads the flag at its next sync (guard.py); the saved state must still be the one
     # after step 5: weights, AdamW moments and BatchNorm statistics of a run that simply stops there
-    five = tmp_path / "five"
-    ok = cli(train_args(atlas, five, "--max-epochs", "2", "--max-steps", "5", "--no-reference-umap"))
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    # (model.safetensors of a finished run holds the weight average: --ema-decay 0 writes the last step's)
+    five, averaged = tmp_path / "five", tmp_path / "five_averaged"
+    for out, extra in ((five, ["--ema-decay", "0"]), (averaged, [])):
+        ok = cli(train_args(atlas, out, "--max-epochs", "2", "--max-steps", "5", "--no-reference-umap", *extra))
+        assert ok.returncode == 0, ok.stderr[-2000:]
     saved = load_file(str(run / "checkpoints" / latest / "model.safetensors"))
     clean = load_file(str(five / "model.safetensors"))
     assert saved.keys() == clean.keys() and any("running_mean" in k for k in saved)
     for k in saved:
         np.testing.assert_array_equal(saved[k], clean[k], err_msg=k)
+    # the weight average too: the skipped steps after step 5 left it where step 5 put it
+    average = load_file(str(run / "checkpoints" / latest / FILE))
+    clean = load_file(str(averaged / "model.safetensors"))
+    assert average and not np.array_equal(average["z_mean.weight"], saved["z_mean.weight"])
+    for k in average:
+        np.testing.assert_array_equal(average[k], clean[k], err_msg=k)
 
 
 @pytest.mark.parametrize(
