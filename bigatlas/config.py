@@ -84,9 +84,9 @@ class TrainConfig:
     )
     early_stopping_min_delta: float = opt(0.0, "improvement (relative to the best validation loss) that counts")
     grad_clip: float | None = opt(10.0, "gradient norm clipping (unset: off)")
-    # 0.999, not off: the final weights average the last ~10% of a run's steps (at most ~1,000); bio
-    # +0.002 / +0.005 / -0.001 without labels, +0.003 / +0.006 / +0.007 with, held-out accuracy -0.001
-    # to +0.007 (hard atlases, 4 seeds each; bench/results/defaults.json)
+    # 0.999, not off: the final weights average the run's last ~1,000 steps (all of a shorter run's);
+    # bio +0.002 / +0.021 / -0.002 without labels, +0.015 / +0.014 / +0.011 with, at the same held-out
+    # accuracy and batch correction -0.003 to -0.029 (hard atlases, 4 seeds; bench/results/defaults.json)
     ema_decay: float = opt(0.999, "decay of the moving average of the weights written at the end (0: last step's)")
     mixed_precision: str = opt("no", "bf16 on GPUs", choices=("no", "bf16"))
     checkpoint_every_steps: int = opt(500, "mid-epoch checkpoint interval (0: epoch ends only)")

@@ -262,7 +262,7 @@ def test_optimizer_steps_with_the_configured_epsilon():
 
 
 def test_weight_average_follows_its_recurrence_and_skips_guarded_steps(tmp_path):
-    """s_t = d_t s_(t-1) + (1 - d_t) p_t with d_t = min(decay, (1 + t) / (10 + t)); a step the NaN guard
+    """s_t = d_t s_(t-1) + (1 - d_t) p_t with d_t = min(decay, (1 + t) / (2 + t)); a step the NaN guard
     flagged leaves it; a checkpoint round trip restores it exactly."""
     import torch
 
@@ -279,7 +279,7 @@ def test_weight_average_follows_its_recurrence_and_skips_guarded_steps(tmp_path)
         skipped = t == 17
         avg.update(t, torch.tensor(1.0 if skipped else 0.0))
         if not skipped:
-            d = min(0.9, (1 + t) / (10 + t))
+            d = min(0.9, (1 + t) / (2 + t))
             expect = [d * e + (1 - d) * p.detach().double() for e, p in zip(expect, m.parameters())]
     for s, e in zip(avg.shadow, expect):
         assert torch.allclose(s.double(), e, atol=1e-5)
