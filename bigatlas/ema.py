@@ -25,8 +25,10 @@ FILE = "bigatlas_weight_average.safetensors"
 class WeightAverage:
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
-        self.names, self.params = zip(*module.named_parameters())
-        self.shadow = [p.detach().clone() for p in self.params]
+        names, params = zip(*module.named_parameters())
+        # detached views of the parameters (the optimizer updates them in place): made once, not per step
+        self.names, self.params = names, [p.detach() for p in params]
+        self.shadow = [p.clone() for p in self.params]
 
     def decay_at(self, step: int) -> float:
         """The decay applied by the update after optimizer step `step` (1-based)."""
@@ -37,7 +39,7 @@ class WeightAverage:
         """Move the average towards the weights after optimizer step `step`; `skipped` is the NaN
         guard's device flag (1.0: that step's update did not happen, the average stays)."""
         weight = (1.0 - skipped) * (1.0 - self.decay_at(step))  # a device scalar: no sync
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], weight)
+        torch._foreach_lerp_(self.shadow, self.params, weight)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
@@ -47,7 +49,7 @@ class WeightAverage:
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({n: s.detach().cpu().contiguous() for n, s in zip(self.names, self.shadow)}, str(directory / FILE))
+        save_file({n: s.cpu().contiguous() for n, s in zip(self.names, self.shadow)}, str(directory / FILE))
 
     @torch.no_grad()
     def load(self, directory: Path) -> None:
