@@ -166,8 +166,8 @@ class _NLL(torch.autograd.Function):
     (no autograd tape of ~25 cells × genes temporaries); the backward pass only scales it."""
 
     @staticmethod
-    def forward(ctx, mu, theta, gate_logits, counts, eps, grad):
-        value, grads = _nll_and_grads(counts, mu, theta, gate_logits, eps, grad)
+    def forward(ctx, mu, theta, gate_logits, counts, eps, grad, compiled):
+        value, grads = _nll_and_grads(counts, mu, theta, gate_logits, eps, grad, compiled)
         ctx.shapes = (theta.shape, None if gate_logits is None else gate_logits.shape)
         ctx.save_for_backward(*grads)
         return value
@@ -180,7 +180,7 @@ class _NLL(torch.autograd.Function):
         g_mu = d_mu * w.unsqueeze(1) if ctx.needs_input_grad[0] else None
         g_theta = _scale_rows(d_theta, w, theta_shape) if ctx.needs_input_grad[1] else None
         g_gate = _scale_rows(d_gate, w, gate_shape) if gate_shape is not None and ctx.needs_input_grad[2] else None
-        return g_mu, g_theta, g_gate, None, None, None
+        return g_mu, g_theta, g_gate, None, None, None, None
 
 
 def _scale_rows(d: torch.Tensor, w: torch.Tensor, shape) -> torch.Tensor:
@@ -188,67 +188,121 @@ def _scale_rows(d: torch.Tensor, w: torch.Tensor, shape) -> torch.Tensor:
     return w @ d if len(shape) == 1 else d * w.unsqueeze(1)
 
 
-def _nll_and_grads(counts: Counts, mu, theta, gate, eps: float, grad: bool):
-    """Per-cell NLL and, with grad, its derivatives in mu, theta, gate per cell and gene (else empty)."""
-    x, flat = counts.values.to(mu.dtype), counts.rows * mu.shape[1] + counts.cols
-    log_theta = torch.log(theta + eps)
-    t_mu = theta + mu
-    t_mu += eps
-    diff = log_theta - torch.log(t_mu)  # log(θ/(θ+μ)), every entry
+def zero_terms(mu, theta, gate, eps: float, grad: bool):
+    """The x = 0 NLL term of every cell and gene, summed per cell, and with grad its derivatives in
+    mu, theta and the gate (the ZINB's through nb0 with weight sigmoid(nb0 − g)). Only elementwise
+    ops and one row sum over cells × genes — the step's costliest memory traffic, which
+    torch.compile fuses into one pass (see fused)."""
+    t_mu = theta + mu + eps
+    diff = torch.log(theta + eps) - torch.log(t_mu)  # log(θ/(θ+μ))
     nb0 = theta * diff
     if gate is None:
-        zero = nb0
+        per_cell = -nb0.sum(1)
     else:
         a = nb0 - gate
-        zero = F.softplus(a)
-        zero -= F.softplus(-gate)
-    per_cell = zero.sum(1)
-    # nonzeros: the x > 0 term in place of the x = 0 one, from gathered values
-    mu_nz, theta_nz, diff_nz = mu.reshape(-1).take(flat), _at(theta, counts).detach(), diff.reshape(-1).take(flat)
-    nb0_nz, inv_nz = theta_nz * diff_nz, t_mu.reshape(-1).take(flat).reciprocal()
-    log_mu_nz = torch.log(mu_nz + eps)
-    nonzero = nb0_nz + x * (log_mu_nz - torch.log(theta_nz + eps) + diff_nz)  # log μ − log(θ+μ)
-    nonzero += torch.lgamma(x + theta_nz) - torch.lgamma(theta_nz) - torch.lgamma(x + 1)
+        per_cell = (F.softplus(-gate) - F.softplus(a)).sum(1)
+    if not grad:
+        return per_cell, None, None, None
+    d_mu = theta / t_mu
+    d_theta = d_mu - diff - theta / (theta + eps)
     if gate is None:
-        zero_nz = nb0_nz
+        return per_cell, d_mu, d_theta, None
+    s_a = torch.sigmoid(a)
+    return per_cell, d_mu * s_a, d_theta * s_a, s_a - torch.sigmoid(-gate)
+
+
+def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool):
+    """At the nonzero entries (1-D, gathered): the NLL's x > 0 term minus the x = 0 term zero_terms
+    already counted, and with grad the derivatives that replace zero_terms' there (of −log p:
+    d/dμ = (θ+x)/(θ+μ+ε) − x/(μ+ε); d/dθ = −∂nb0/∂θ + x/(θ+μ+ε) − ψ(x+θ) + ψ(θ); d/dg = sigmoid(g))."""
+    t_mu = theta_nz + mu_nz + eps
+    log_t_mu = torch.log(t_mu)
+    diff = torch.log(theta_nz + eps) - log_t_mu
+    nb0 = theta_nz * diff
+    log_p = nb0 + x * (torch.log(mu_nz + eps) - log_t_mu)
+    log_p = log_p + torch.lgamma(x + theta_nz) - torch.lgamma(theta_nz) - torch.lgamma(x + 1)
+    if g_nz is None:
+        delta = nb0 - log_p
     else:
-        g_nz = _at(gate, counts).detach()
-        a_nz = a.reshape(-1).take(flat)
-        zero_nz = F.softplus(a_nz) - F.softplus(-g_nz)
-        nonzero -= F.softplus(g_nz)
-    value = -per_cell.index_add_(0, counts.rows, nonzero - zero_nz)
+        delta = F.softplus(nb0 - g_nz) - F.softplus(-g_nz) - log_p + F.softplus(g_nz)
+    if not grad:
+        return delta, None, None, None
+    inv = 1.0 / t_mu
+    d_mu = (theta_nz + x) * inv - x / (mu_nz + eps)
+    d_theta = (theta_nz + x) * inv - diff - theta_nz / (theta_nz + eps) + digamma(theta_nz) - digamma(x + theta_nz)
+    return delta, d_mu, d_theta, None if g_nz is None else torch.sigmoid(g_nz)
+
+
+_FUSED: dict = {}
+
+
+def fused(fn):
+    """fn compiled by torch.compile, once per process (dynamic shapes: one compilation serves every
+    batch size and number of nonzeros); see _Fused for when it runs uncompiled."""
+    if fn not in _FUSED:
+        _FUSED[fn] = _Fused(fn)
+    return _FUSED[fn]
+
+
+class _Fused:
+    """Calls the compiled fn; where compiling fails (no C++ compiler, no Triton, a compiler bug), fn runs
+    uncompiled from then on, and the process's first such failure is named in one warning. These
+    functions are elementwise arithmetic on checked inputs, so an error here is the toolchain's; a real
+    one raises again uncompiled."""
+
+    def __init__(self, fn):
+        self.fn, self.call = fn, torch.compile(fn, dynamic=True, fullgraph=True)
+
+    def __call__(self, *args):
+        if self.call is self.fn:
+            return self.fn(*args)
+        try:
+            return self.call(*args)
+        except Exception as e:
+            self.call = self.fn
+            if not _FUSED.get("warned"):
+                import warnings
+
+                _FUSED["warned"] = True
+                warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(e).__name__}: {str(e)[:300]}); "
+                              "the likelihood runs uncompiled", stacklevel=2)  # fmt: skip
+            return self.fn(*args)
+
+
+def _nll_and_grads(counts: Counts, mu, theta, gate, eps: float, grad: bool, compiled: bool = False):
+    """Per-cell NLL and, with grad, its derivatives in mu, theta, gate per cell and gene (else empty):
+    zero_terms for every entry, then nonzero_terms' corrections at the nonzeros, from the gathered
+    mu, theta and gate."""
+    zero, nonzero = (fused(zero_terms), fused(nonzero_terms)) if compiled else (zero_terms, nonzero_terms)
+    per_cell, d_mu, d_theta, d_gate = zero(mu, theta, gate, eps, grad)
+    x, flat = counts.values.to(mu.dtype), counts.rows * mu.shape[1] + counts.cols
+    if compiled and x._base is not None:  # a view of the sparse batch: dynamo cannot trace its base
+        x = x.clone()
+    mu_nz, theta_nz = mu.detach().reshape(-1).take(flat), _at(theta, counts).detach()
+    g_nz = None if gate is None else _at(gate, counts).detach()
+    delta, d_mu_nz, d_theta_nz, d_gate_nz = nonzero(x, mu_nz, theta_nz, g_nz, eps, grad)
+    value = per_cell.index_add_(0, counts.rows, delta)
     if not grad:
         return value, ()
-    # d log p / d(mu, theta, gate) at x = 0 (ZINB: through nb0 with weight sigmoid(nb0 − g))
-    inv = t_mu.reciprocal_()
-    d_mu = theta * inv
-    d_theta = diff
-    d_theta += theta / (theta + eps)
-    d_theta -= d_mu
-    d_mu.neg_()
-    d_gate = torch.empty(0)
-    if gate is not None:
-        s_a = torch.sigmoid(a)
-        d_mu *= s_a
-        d_theta *= s_a
-        d_gate = torch.sigmoid(-gate) - s_a
-    # at the nonzeros: d/dμ = x/(μ+ε) − (θ+x)/(θ+μ+ε); d/dθ = ∂nb0/∂θ − x/(θ+μ+ε) + ψ(x+θ) − ψ(θ)
-    d_mu_nz = x / (mu_nz + eps) - (theta_nz + x) * inv_nz
-    d_theta_nz = diff_nz + theta_nz / (theta_nz + eps) - (theta_nz + x) * inv_nz
-    d_theta_nz += digamma(x + theta_nz) - digamma(theta_nz)
     d_mu.reshape(-1).index_copy_(0, flat, d_mu_nz)
     d_theta.reshape(-1).index_copy_(0, flat, d_theta_nz)
-    if gate is not None:
-        d_gate.reshape(-1).index_copy_(0, flat, -torch.sigmoid(g_nz))
-    return value, (d_mu.neg_(), d_theta.neg_(), d_gate.neg_())
+    if gate is None:
+        return value, (d_mu, d_theta, torch.empty(0))
+    d_gate.reshape(-1).index_copy_(0, flat, d_gate_nz)
+    return value, (d_mu, d_theta, d_gate)
 
 
 def nll(
-    counts: Counts, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor | None = None, eps: float = EPS
+    counts: Counts,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor | None = None,
+    eps: float = EPS,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Per-cell negative log-likelihood summed over genes (NB if gate_logits is None, else ZINB).
 
     mu: (cells, genes); theta and gate_logits: (cells, genes) or (genes,). The value equals
     nll_reference's; the gradient is computed with it in one forward pass (see _NLL)."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (mu, theta, gate_logits))
-    return _NLL.apply(mu, theta, gate_logits, counts, eps, grad)
+    return _NLL.apply(mu, theta, gate_logits, counts, eps, grad, compiled)

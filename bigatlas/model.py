@@ -102,6 +102,7 @@ class VAEModule(nn.Module):
             counts = torch.as_tensor(class_counts[i]) if class_counts is not None else torch.ones(n)
             self.register_buffer(f"class_weight_{i}", class_weights(counts, cfg.class_weighting))
 
+    compiled_loss = False  # the likelihood's elementwise parts through torch.compile (distributions.fused)
     frozen_modules: tuple[str, ...] = ()  # kept in eval mode (BatchNorm statistics fixed) by train()
 
     def train(self, mode: bool = True):
@@ -186,7 +187,9 @@ class VAEModule(nn.Module):
         z = q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu)
         mu, theta, gate = self.decode(z, batch_codes, counts.library)
         with torch.autocast(device_type=mu.device.type, enabled=False):  # likelihood in float32
-            recon = nll(counts, mu.float(), theta.float(), None if gate is None else gate.float())
+            recon = nll(
+                counts, mu.float(), theta.float(), None if gate is None else gate.float(), compiled=self.compiled_loss
+            )
         kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
         gate_pen = torch.sigmoid(gate).sum(-1) if gate is not None else None
         mask = torch.ones(len(counts), dtype=torch.bool, device=q_mu.device) if cell_mask is None else cell_mask

@@ -179,6 +179,8 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
     model, optimizer = acc.prepare(model, optimizer)
     max_epochs = t.epochs_for(n_train)
+    planned_steps = t.max_steps if t.max_steps is not None else max_epochs * len(stream)
+    acc.unwrap_model(model).compiled_loss = t.compiles_loss(planned_steps)
     guard = NanGuard(model, optimizer, acc.device)
     average = WeightAverage(acc.unwrap_model(model), t.ema_decay) if t.ema_decay > 0 else None
     return Session(

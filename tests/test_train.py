@@ -49,12 +49,16 @@ def weights(run):
     return load_file(str(Path(run) / "model.safetensors"))
 
 
-@pytest.mark.parametrize("fault", ["after_step:40", "checkpoint_written:35"])
-def test_resume_after_sigkill_is_bit_identical(small_atlas, tmp_path, fault):
+@pytest.mark.parametrize(
+    "fault,compile_loss", [("after_step:40", "off"), ("checkpoint_written:35", "off"), ("after_step:40", "on")]
+)
+def test_resume_after_sigkill_is_bit_identical(small_atlas, tmp_path, fault, compile_loss):
     ref = tmp_path / "ref"
-    run_train(base_args(small_atlas, ref))
+    run_train([*base_args(small_atlas, ref), "--compile-loss", compile_loss])
     cut = tmp_path / "cut"
-    res = run_train(base_args(small_atlas, cut), {"BIGATLAS_FAULT": fault}, check=False)
+    res = run_train(
+        [*base_args(small_atlas, cut), "--compile-loss", compile_loss], {"BIGATLAS_FAULT": fault}, check=False
+    )
     assert res.returncode == -9, res.stderr[-2000:]
     assert not (cut / "model.safetensors").exists()
     latest = (cut / "checkpoints" / "latest").read_text().strip()
@@ -63,7 +67,8 @@ def test_resume_after_sigkill_is_bit_identical(small_atlas, tmp_path, fault):
         assert (cut / "checkpoints" / f".tmp-step-{step:09d}").is_dir() and latest_step < step
     else:
         assert latest_step <= step
-    resumed = run_train([*base_args(small_atlas, cut), "--resume"])
+    resumed = run_train([*base_args(small_atlas, cut), "--compile-loss", compile_loss, "--resume"])
+    assert "torch.compile of" not in resumed.stderr
     assert f"resumed from {latest}" in resumed.stdout
     a, b = weights(ref), weights(cut)
     assert a.keys() == b.keys()
@@ -243,6 +248,20 @@ def test_early_stopping_counts_epochs_without_improvement_after_the_warm_up():
     creeping = [10.0 - 0.001 * i for i in range(30)]  # 0.01% per epoch: below a 0.1% min delta
     assert stop_epoch(creeping, early_stopping_patience=5) is None
     assert stop_epoch(creeping, early_stopping_patience=5, early_stopping_min_delta=1e-3) == 7
+
+
+def test_the_likelihood_is_compiled_for_long_runs_only():
+    """auto compiles where the compile time pays for itself (COMPILE_MIN_STEPS planned steps); a bad
+    value is refused by name."""
+    from bigatlas.config import COMPILE_MIN_STEPS, TrainConfig
+
+    auto = TrainConfig()
+    assert auto.compile_loss == "auto"
+    assert not auto.compiles_loss(COMPILE_MIN_STEPS - 1) and auto.compiles_loss(COMPILE_MIN_STEPS)
+    assert TrainConfig(compile_loss="on").compiles_loss(1)
+    assert not TrainConfig(compile_loss="off").compiles_loss(10**9)
+    with pytest.raises(ValueError, match="compile_loss must be one of auto, on, off, not 'yes'"):
+        TrainConfig(compile_loss="yes")
 
 
 def test_optimizer_steps_with_the_configured_epsilon():
