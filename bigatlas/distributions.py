@@ -10,8 +10,11 @@ lgamma — and adds, only at the nonzero entries, the difference to the x > 0 ex
 its derivative digamma, the most expensive ops of a step, then run on the nonzeros alone, and
 lgamma(x+1) (no gradient) likewise. `nll` computes the gradient in the same forward pass from the
 quantities the value needs anyway (digamma by a vectorised series: torch's runs scalar on CPU), so
-autograd keeps no tape of cells × genes temporaries: fwd + bwd 6.0 vs 8.1 ms for 128 cells × 2,000
-genes on 2 threads; `nll_reference` is the op-by-op version the tests hold it to.
+autograd keeps no tape of cells × genes temporaries; `nll_reference` is the op-by-op version the tests
+hold it to. The value and gradient come from two pure elementwise functions (zero_terms over every
+entry, nonzero_terms over the nonzeros) that torch.compile fuses into a few loops (compiled=True).
+fwd + bwd for 128 cells × 2,000 genes, 30% nonzero, 2 threads (median ms): 2.7 compiled, 4.9 eager,
+6.0 the previous in-place version (which gathered dense intermediates), 8.1 autograd op by op.
 This is the correct NB: the original scAtlasVAE used logits
 μ − log θ instead of log μ − log θ.
 """
