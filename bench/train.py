@@ -139,7 +139,7 @@ def loop_overhead(data, a, run_dir) -> dict:
     s.stream.set_epoch(0)
     s.stream = Replay([b for _, b in zip(range(a.o1_steps), s.stream)])
     inputs = [s.to_input(b) for b in s.stream.batches]
-    model, opt, t = s.model, s.optimizer, cfg.train
+    model, opt, t = s.model, getattr(s.optimizer, "optimizer", s.optimizer), cfg.train  # the torch AdamW itself
     loop, bare = [], []
     for rep in range(5):
         progress, log = Progress(epoch=rep), MetricsLog(s.run, True)

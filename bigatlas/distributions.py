@@ -21,6 +21,7 @@ This is the correct NB: the original scAtlasVAE used logits
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +61,13 @@ class Counts:
 def csr_rows_and_library(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row index of every stored value of a sparse CSR tensor, and each row's total."""
     crow, values = x.crow_indices().long(), x.values()
+    if x.device.type == "cpu":  # numpy: 0.04 vs 0.24 ms for 128 cells with torch's kernels (bench.train O1)
+        starts, sizes, v = crow.numpy()[:-1], np.diff(crow.numpy()), values.detach().numpy()
+        rows = np.repeat(np.arange(x.shape[0], dtype=np.int64), sizes)
+        # a 0 appended keeps every start a valid index; reduceat gives an empty row the value at its start
+        sums = np.add.reduceat(np.append(v, v.dtype.type(0)), starts, dtype=np.float64) if len(starts) else starts
+        library = np.where(sizes > 0, sums, 0.0)
+        return torch.from_numpy(rows), torch.from_numpy(library).to(values.dtype)
     # output_size: without it a GPU waits for the device to learn how many values there are
     rows = torch.repeat_interleave(
         torch.arange(x.shape[0], device=crow.device), crow[1:] - crow[:-1], output_size=values.numel()
