@@ -54,6 +54,13 @@ class Counts:
             self._dense = self.csr.to_dense()
         return self._dense
 
+    @property
+    def flat(self) -> torch.Tensor:
+        """Each nonzero's index into the flattened (cells, genes) matrix."""
+        if getattr(self, "_flat", None) is None:
+            self._flat = self.rows * self.n_genes + self.cols
+        return self._flat
+
     def __len__(self) -> int:
         return int(self.library.shape[0])
 
@@ -286,7 +293,7 @@ def _nll_and_grads(counts: Counts, mu, theta, gate, eps: float, grad: bool, comp
     mu, theta and gate."""
     zero, nonzero = (fused(zero_terms), fused(nonzero_terms)) if compiled else (zero_terms, nonzero_terms)
     per_cell, d_mu, d_theta, d_gate = zero(mu, theta, gate, eps, grad)
-    x, flat = counts.values.to(mu.dtype), counts.rows * mu.shape[1] + counts.cols
+    x, flat = counts.values.to(mu.dtype), counts.flat
     if compiled and x._base is not None:  # a view of the sparse batch: dynamo cannot trace its base
         x = x.clone()
     mu_nz, theta_nz = mu.detach().reshape(-1).take(flat), _at(theta, counts).detach()

@@ -121,28 +121,33 @@ class VAEModule(nn.Module):
     def encode(self, x) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x) from a dense tensor, a sparse CSR tensor or Counts (CSR used when it has one: the
         first layer is then a sparse matmul over the nonzeros, with no dense copy of the input)."""
-        known = None
+        counts = None
         if isinstance(x, Counts):
-            known = (x.rows, x.library)
-            x = x.csr if x.csr is not None else x.dense
+            counts, x = x, (x.csr if x.csr is not None else x.dense)
         if x.layout == torch.sparse_csr:
-            q = self.encoder[1:](self._first_layer_sparse(x, known))
+            q = self.encoder[1:](self._first_layer_sparse(x, counts))
         else:
             q = self.encoder(self.encoder_input(x))
         return self.z_mean(q), torch.exp(self.z_logvar(q).clamp(max=LOGVAR_MAX)) + self.cfg.var_eps
 
-    def _first_layer_sparse(self, x: torch.Tensor, rows_and_library=None) -> torch.Tensor:
-        """log1p over the nonzeros, then a sparse matmul; rows_and_library reuses what Counts holds."""
-        crow, col, values = x.crow_indices(), x.col_indices(), x.values()
+    def _first_layer_sparse(self, x: torch.Tensor, counts: Counts | None = None) -> torch.Tensor:
+        """log1p over the nonzeros, then a sparse matmul (or, where faster, a dense GEMM on the matrix
+        filled from the nonzeros: 0.10 vs 0.53 ms for torch's CSR to_dense at 128 × 2,000). `counts`
+        (the same batch) lends its row indices, library sizes and flat indices."""
+        values = x.values()
+        if counts is None:
+            rows, lib = csr_rows_and_library(x)
+            counts = Counts(rows, x.col_indices().long(), values, lib, x.shape[1], csr=x)
         if self.cfg.normalize_total:
-            rows, lib = rows_and_library or csr_rows_and_library(x)
-            values = values / lib.clamp_min(1.0)[rows] * self.cfg.normalize_total
-        logx = torch.sparse_csr_tensor(crow, col, torch.log1p(values), x.shape, check_invariants=False)
-        first = self.encoder[0]
+            values = values / counts.library.clamp_min(1.0)[counts.rows] * self.cfg.normalize_total
+        values, first = torch.log1p(values), self.encoder[0]
         # in float32 even under bf16 autocast: cuSPARSE has no fp32-sparse × bf16-dense SpMM (it fails)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if _dense_is_faster(logx):
-                return torch.addmm(first.bias.float(), logx.to_dense(), first.weight.float().t())
+            if _dense_is_faster(x):
+                dense = values.new_zeros(x.shape)
+                dense.view(-1).index_copy_(0, counts.flat, values)
+                return torch.addmm(first.bias.float(), dense, first.weight.float().t())
+            logx = torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape, check_invariants=False)
             return torch.sparse.mm(logx, first.weight.float().t()) + first.bias.float()
 
     def decode(self, z: torch.Tensor, batch_codes: torch.Tensor, library: torch.Tensor):

@@ -97,6 +97,6 @@ def test_csr_first_layer_equals_the_dense_encoder_on_both_paths(monkeypatch):
             ref = m.encode(x)
             for dense in (True, False):
                 monkeypatch.setattr(model_module, "_dense_is_faster", lambda _x, d=dense: d)
-                got = m.encode(Counts.from_sparse_csr(x.to_sparse_csr()))
-                for a, b in zip(got, ref):
-                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                for inp in (Counts.from_sparse_csr(x.to_sparse_csr()), x.to_sparse_csr()):  # Counts or bare CSR
+                    for a, b in zip(m.encode(inp), ref):
+                        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
