@@ -53,9 +53,14 @@ class WeightAverage:
 
     @torch.no_grad()
     def load(self, directory: Path) -> None:
-        """The average saved in a checkpoint; one from a run without it starts at the current weights."""
+        """The average saved in a checkpoint; for a checkpoint without one (written by a version without
+        the average) a warning names it and the average starts at the resumed weights."""
         path = directory / FILE
         if not path.exists():
+            import warnings
+
+            warnings.warn(f"{directory}: no {FILE} (a checkpoint from before the weight average); the average "
+                          "starts at the resumed weights", stacklevel=2)  # fmt: skip
             for p, s in zip(self.params, self.shadow):
                 s.copy_(p)
             return

@@ -309,6 +309,11 @@ def test_weight_average_follows_its_recurrence_and_skips_guarded_steps(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(avg.shadow, other.shadow))
     other.copy_to_model()
     assert torch.equal(m.weight.detach(), avg.shadow[0])
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    with pytest.warns(UserWarning, match="no bigatlas_weight_average.safetensors"):
+        other.load(tmp_path / "missing")  # a checkpoint from before the average: restarts at the weights
+    assert torch.equal(other.shadow[0], m.weight.detach())
 
 
 @pytest.mark.parametrize("decay", ["0.99", "0"])
