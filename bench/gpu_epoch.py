@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--nnz-per-cell", type=int, default=650)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024, 4096])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--compile-loss", default="on", choices=("on", "off"), help="likelihood through torch.compile")
     p.add_argument("--out", default="bench/results/gpu_epoch.json")
     a = p.parse_args()
     dev = torch.device("cuda")
@@ -85,8 +86,9 @@ def main() -> None:
             for sync in (True, False):
                 torch.manual_seed(0)
                 model = VAEModule(a.genes, [6, 6], [12], ModelConfig(), [[10] * 12]).to(dev)
+                model.compiled_loss = a.compile_loss == "on"  # compiled in the warm-up epoch
                 opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-6, fused=True)
-                row = {"batch_size": batch, "bf16": bf16, "host_syncs_per_step": sync}
+                row = {"batch_size": batch, "bf16": bf16, "host_syncs_per_step": sync, "compile_loss": a.compile_loss}
                 try:
                     epoch(model, opt, pool, 20 * batch, batch, bf16, sync)  # warm-up (kernels, allocator)
                     row.update(epoch(model, opt, pool, a.cells, batch, bf16, sync))
