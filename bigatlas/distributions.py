@@ -34,7 +34,7 @@ class Counts:
 
     def __init__(self, rows, cols, values, library, n_genes: int, csr=None, dense=None):
         self.rows, self.cols, self.values, self.library = rows, cols, values, library  # (nnz,) ×3, (cells,)
-        self.n_genes, self.csr, self._dense = n_genes, csr, dense
+        self.n_genes, self.csr, self._dense, self._flat = n_genes, csr, dense, None
 
     @classmethod
     def from_dense(cls, x: torch.Tensor) -> Counts:
@@ -57,7 +57,7 @@ class Counts:
     @property
     def flat(self) -> torch.Tensor:
         """Each nonzero's index into the flattened (cells, genes) matrix."""
-        if getattr(self, "_flat", None) is None:
+        if self._flat is None:
             self._flat = self.rows * self.n_genes + self.cols
         return self._flat
 
@@ -124,7 +124,7 @@ def _at(t: torch.Tensor, counts: Counts) -> torch.Tensor:
     """Values of a (cells, genes) or (genes,) tensor at the nonzero positions."""
     if t.dim() == 1:
         return t[counts.cols]
-    return _TakeUnique.apply(t, counts.rows * t.shape[1] + counts.cols)
+    return _TakeUnique.apply(t, counts.flat)
 
 
 def nll_reference(
