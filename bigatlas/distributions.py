@@ -251,7 +251,7 @@ def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool):
     return delta, d_mu, d_theta, None if g_nz is None else torch.sigmoid(g_nz)
 
 
-_FUSED: dict = {}
+_FUSED: dict = {}  # function -> its _Fused
 
 
 def fused(fn):
@@ -268,6 +268,8 @@ class _Fused:
     functions are elementwise arithmetic on checked inputs, so an error here is the toolchain's; a real
     one raises again uncompiled."""
 
+    warned = False  # this process has named a failure
+
     def __init__(self, fn):
         self.fn, self.call = fn, torch.compile(fn, dynamic=True, fullgraph=True)
 
@@ -278,10 +280,10 @@ class _Fused:
             return self.call(*args)
         except Exception as e:
             self.call = self.fn
-            if not _FUSED.get("warned"):
+            if not _Fused.warned:
                 import warnings
 
-                _FUSED["warned"] = True
+                _Fused.warned = True
                 warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(e).__name__}: {str(e)[:300]}); "
                               "the likelihood runs uncompiled", stacklevel=2)  # fmt: skip
             return self.fn(*args)

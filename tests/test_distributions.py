@@ -164,6 +164,7 @@ def test_a_compiler_failure_warns_once_and_runs_uncompiled(monkeypatch):
         return call
 
     monkeypatch.setattr(distributions, "_FUSED", {})
+    monkeypatch.setattr(distributions._Fused, "warned", False)
     monkeypatch.setattr(distributions.torch, "compile", broken_compile)
     x, mu, theta, gate = random_batch(seed=7, dtype=torch.float32)
     counts = Counts.from_dense(x)
