@@ -21,6 +21,8 @@ This is the correct NB: the original scAtlasVAE used logits
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,12 @@ class Counts:
 
     def __init__(self, rows, cols, values, library, n_genes: int, csr=None, dense=None):
         self.rows, self.cols, self.values, self.library = rows, cols, values, library  # (nnz,) ×3, (cells,)
-        self.n_genes, self.csr, self._dense, self._flat = n_genes, csr, dense, None
+        self.n_genes, self.csr, self._dense = n_genes, csr, dense
+        self.flat = rows * n_genes + cols  # each nonzero's index into the flattened (cells, genes) matrix
+        if csr is not None:  # where each cell's nonzeros start (rows are sorted), and the end
+            self.offsets = csr.crow_indices()
+        else:
+            self.offsets = F.pad(torch.bincount(rows, minlength=len(library)).cumsum(0), (1, 0))
 
     @classmethod
     def from_dense(cls, x: torch.Tensor) -> Counts:
@@ -54,12 +61,10 @@ class Counts:
             self._dense = self.csr.to_dense()
         return self._dense
 
-    @property
-    def flat(self) -> torch.Tensor:
-        """Each nonzero's index into the flattened (cells, genes) matrix."""
-        if self._flat is None:
-            self._flat = self.rows * self.n_genes + self.cols
-        return self._flat
+    def row_sums(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-cell sums of a value per nonzero: a segmented sum over the sorted rows (0.04 vs 0.15 ms for
+        index_add_ at 128 cells × 46k nonzeros on CPU, where index_add_ runs serially)."""
+        return torch.segment_reduce(v, "sum", offsets=self.offsets)
 
     def __len__(self) -> int:
         return int(self.library.shape[0])
@@ -179,13 +184,46 @@ def digamma(y: torch.Tensor) -> torch.Tensor:
     return torch.log(w) - 0.5 / w - poly - acc
 
 
+def _stirling(w: torch.Tensor) -> torch.Tensor:
+    """The series part of log Γ(w) − ((w − ½) log w − w + ½ log 2π), w ≥ 6 (error < 1e-9)."""
+    f = (w * w).reciprocal()
+    return (1 / 12 - f * (1 / 360 - f * (1 / 1260 - f / 1680))) / w
+
+
+def lgamma(y: torch.Tensor) -> torch.Tensor:
+    """log Γ(y), y > 0: Stirling's series at y, or at y + 6 less log y(y+1)…(y+5) below 6."""
+    small = y < 6.0
+    w = torch.where(small, y + 6.0, y)
+    shift = torch.where(small, torch.log(y * (y + 1.0) * (y + 2.0) * (y + 3.0) * (y + 4.0) * (y + 5.0)), 0.0)
+    return (w - 0.5) * torch.log(w) - w + 0.5 * math.log(2 * math.pi) + _stirling(w) - shift
+
+
+def log_gamma_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """lgamma(x + θ) − lgamma(θ) − lgamma(x + 1), the NB's normalising terms at the nonzeros (x ≥ 1).
+
+    Eagerly torch's lgamma. Where torch.compile fuses it into a loop (torch.compiler.is_compiling), a
+    vectorised series instead (torch's lgamma runs scalar on CPU): the first difference as one expression,
+    (w+x−½) log1p(x/w) + x (log w − 1) + the series' difference, w = θ (+6 below 6, less
+    log Π_k<6 (θ+x+k)/(θ+k)), which also keeps the digits float32 loses to the two lgammas' cancellation at a
+    large θ."""
+    if not torch.compiler.is_compiling():
+        return torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
+    small = theta < 6.0
+    w = torch.where(small, theta + 6.0, theta)
+    a, b = theta + x, theta  # log Π_k (a+k)/(b+k), k < 6, as two logs of three-factor ratios (no overflow)
+    shift = torch.log(a * (a + 1.0) * (a + 2.0) / (b * (b + 1.0) * (b + 2.0)))
+    shift = shift + torch.log((a + 3.0) * (a + 4.0) * (a + 5.0) / ((b + 3.0) * (b + 4.0) * (b + 5.0)))
+    ratio = (w + x - 0.5) * torch.log1p(x / w) + x * (torch.log(w) - 1.0) + _stirling(w + x) - _stirling(w)
+    return ratio - torch.where(small, shift, 0.0) - lgamma(x + 1.0)
+
+
 class _NLL(torch.autograd.Function):
     """nll with its gradient computed in the forward pass from the quantities the value needs anyway
     (no autograd tape of ~25 cells × genes temporaries); the backward pass only scales it."""
 
     @staticmethod
-    def forward(ctx, mu, theta, gate_logits, counts, eps, grad, compiled):
-        value, grads = _nll_and_grads(counts, mu, theta, gate_logits, eps, grad, compiled)
+    def forward(ctx, mu, theta, gate_logits, counts, eps, grad):
+        value, grads = _nll_and_grads(counts, mu, theta, gate_logits, eps, grad)
         ctx.shapes = (theta.shape, None if gate_logits is None else gate_logits.shape)
         ctx.save_for_backward(*grads)
         return value
@@ -198,7 +236,7 @@ class _NLL(torch.autograd.Function):
         g_mu = d_mu * w.unsqueeze(1) if ctx.needs_input_grad[0] else None
         g_theta = _scale_rows(d_theta, w, theta_shape) if ctx.needs_input_grad[1] else None
         g_gate = _scale_rows(d_gate, w, gate_shape) if gate_shape is not None and ctx.needs_input_grad[2] else None
-        return g_mu, g_theta, g_gate, None, None, None, None
+        return g_mu, g_theta, g_gate, None, None, None
 
 
 def _scale_rows(d: torch.Tensor, w: torch.Tensor, shape) -> torch.Tensor:
@@ -238,7 +276,7 @@ def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool):
     diff = torch.log(theta_nz + eps) - log_t_mu
     nb0 = theta_nz * diff
     log_p = nb0 + x * (torch.log(mu_nz + eps) - log_t_mu)
-    log_p = log_p + torch.lgamma(x + theta_nz) - torch.lgamma(theta_nz) - torch.lgamma(x + 1)
+    log_p = log_p + log_gamma_terms(x, theta_nz)
     if g_nz is None:
         delta = nb0 - log_p
     else:
@@ -289,19 +327,16 @@ class _Fused:
             return self.fn(*args)
 
 
-def _nll_and_grads(counts: Counts, mu, theta, gate, eps: float, grad: bool, compiled: bool = False):
+def _nll_and_grads(counts: Counts, mu, theta, gate, eps: float, grad: bool):
     """Per-cell NLL and, with grad, its derivatives in mu, theta, gate per cell and gene (else empty):
     zero_terms for every entry, then nonzero_terms' corrections at the nonzeros, from the gathered
     mu, theta and gate."""
-    zero, nonzero = (fused(zero_terms), fused(nonzero_terms)) if compiled else (zero_terms, nonzero_terms)
-    per_cell, d_mu, d_theta, d_gate = zero(mu, theta, gate, eps, grad)
+    per_cell, d_mu, d_theta, d_gate = zero_terms(mu, theta, gate, eps, grad)
     x, flat = counts.values.to(mu.dtype), counts.flat
-    if compiled and x._base is not None:  # a view of the sparse batch: dynamo cannot trace its base
-        x = x.clone()
     mu_nz, theta_nz = mu.detach().reshape(-1).take(flat), _at(theta, counts).detach()
     g_nz = None if gate is None else _at(gate, counts).detach()
-    delta, d_mu_nz, d_theta_nz, d_gate_nz = nonzero(x, mu_nz, theta_nz, g_nz, eps, grad)
-    value = per_cell.index_add_(0, counts.rows, delta)
+    delta, d_mu_nz, d_theta_nz, d_gate_nz = nonzero_terms(x, mu_nz, theta_nz, g_nz, eps, grad)
+    value = per_cell + counts.row_sums(delta)
     if not grad:
         return value, ()
     d_mu.reshape(-1).index_copy_(0, flat, d_mu_nz)
@@ -318,11 +353,10 @@ def nll(
     theta: torch.Tensor,
     gate_logits: torch.Tensor | None = None,
     eps: float = EPS,
-    compiled: bool = False,
 ) -> torch.Tensor:
     """Per-cell negative log-likelihood summed over genes (NB if gate_logits is None, else ZINB).
 
     mu: (cells, genes); theta and gate_logits: (cells, genes) or (genes,). The value equals
     nll_reference's; the gradient is computed with it in one forward pass (see _NLL)."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (mu, theta, gate_logits))
-    return _NLL.apply(mu, theta, gate_logits, counts, eps, grad, compiled)
+    return _NLL.apply(mu, theta, gate_logits, counts, eps, grad)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .decoder_nll import logit_nll
 from .distributions import Counts, csr_rows_and_library, nll
 
 # Bounds on log-scale outputs: exp() of a runaway logit is what turns a real-data run into NaN.
@@ -102,7 +103,7 @@ class VAEModule(nn.Module):
             counts = torch.as_tensor(class_counts[i]) if class_counts is not None else torch.ones(n)
             self.register_buffer(f"class_weight_{i}", class_weights(counts, cfg.class_weighting))
 
-    compiled_loss = False  # the likelihood's elementwise parts through torch.compile (distributions.fused)
+    compiled_loss = False  # the reconstruction loss fused by torch.compile (decoder_nll.logit_nll)
     frozen_modules: tuple[str, ...] = ()  # kept in eval mode (BatchNorm statistics fixed) by train()
 
     def train(self, mode: bool = True):
@@ -150,22 +151,27 @@ class VAEModule(nn.Module):
             logx = torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape, check_invariants=False)
             return torch.sparse.mm(logx, first.weight.float().t()) + first.bias.float()
 
-    def decode(self, z: torch.Tensor, batch_codes: torch.Tensor, library: torch.Tensor):
-        """Mean, inverse dispersion and gate logits (None for NB) for each cell and gene."""
+    def decoder_outputs(self, z: torch.Tensor, batch_codes: torch.Tensor):
+        """The decoder's raw outputs: mean logits, log inverse dispersion (before its clamp) and gate
+        logits (None for NB), each per cell and gene or per gene."""
         parts = [z] + [emb(batch_codes[:, i]) for i, emb in enumerate(self.embeddings)]
         h = self.decoder(torch.cat(parts, dim=1))
-        mu = F.softmax(self.px_scale(h), dim=-1) * library.unsqueeze(1)
         if self.cfg.dispersion == "gene-cell":
             log_theta = self.px_r(h)
         elif self.cfg.dispersion == "gene":
             log_theta = self.px_r
         else:
             log_theta = self.px_r[batch_codes[:, 0]]
-        theta = torch.exp(log_theta.clamp(*LOG_THETA_RANGE))
         gate = None
         if self.cfg.likelihood == "zinb":
             gate = self.gate if self.cfg.zi_gate == "gene" else self.gate(h)
-        return mu, theta, gate
+        return self.px_scale(h), log_theta, gate
+
+    def decode(self, z: torch.Tensor, batch_codes: torch.Tensor, library: torch.Tensor):
+        """Mean, inverse dispersion and gate logits (None for NB) for each cell and gene."""
+        logits, log_theta, gate = self.decoder_outputs(z, batch_codes)
+        mu = F.softmax(logits, dim=-1) * library.unsqueeze(1)
+        return mu, torch.exp(log_theta.clamp(*LOG_THETA_RANGE)), gate
 
     def label_logits(self, z: torch.Tensor) -> list[torch.Tensor]:
         return [head(z) for head in self.heads]
@@ -190,13 +196,8 @@ class VAEModule(nn.Module):
         (no gradient), with eval_kl_weight."""
         q_mu, q_var = self.encode(counts)
         z = q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu)
-        mu, theta, gate = self.decode(z, batch_codes, counts.library)
-        with torch.autocast(device_type=mu.device.type, enabled=False):  # likelihood in float32
-            recon = nll(
-                counts, mu.float(), theta.float(), None if gate is None else gate.float(), compiled=self.compiled_loss
-            )
+        recon, gate_pen = self._reconstruction(z, batch_codes, counts)
         kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
-        gate_pen = torch.sigmoid(gate).sum(-1) if gate is not None else None
         mask = torch.ones(len(counts), dtype=torch.bool, device=q_mu.device) if cell_mask is None else cell_mask
         total, terms = self._terms(recon, kl, gate_pen, z, labels, mask, kl_weight, gate_weight, label_weight)
         terms["n"] = mask.sum().float()
@@ -208,6 +209,22 @@ class VAEModule(nn.Module):
             terms.update({f"val_{k}": v for k, v in val.items()})
             terms["val_n"] = eval_mask.sum().float()
         return LossOutput(total, terms, terms["n"])
+
+    def _reconstruction(self, z, batch_codes, counts: Counts):
+        """Per-cell NLL and ZI gate penalty (per cell; one scalar for a per-gene gate; None for NB), in float32."""
+        logits, log_theta, gate = self.decoder_outputs(z, batch_codes)
+        per_cell_gate = gate is not None and gate.dim() == 2
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            gate = None if gate is None else gate.float()
+            if self.compiled_loss:  # softmax, exp, the gate penalty and the likelihood fused (decoder_nll)
+                recon, penalty = logit_nll(counts, logits.float(), log_theta.float(), gate, LOG_THETA_RANGE)
+            else:
+                mu = F.softmax(logits.float(), dim=-1) * counts.library.unsqueeze(1)
+                theta = torch.exp(log_theta.float().clamp(*LOG_THETA_RANGE))
+                recon, penalty = nll(counts, mu, theta, gate), None
+            if gate is not None and not (per_cell_gate and self.compiled_loss):
+                penalty = torch.sigmoid(gate).sum(-1)
+        return recon, penalty
 
     def _terms(self, recon, kl, gate_pen, z, labels, mask, kl_weight, gate_weight, label_weight):
         denom = mask.sum().clamp_min(1)

@@ -1,13 +1,21 @@
 """Likelihoods against scipy, sparse evaluation against the dense formula, finite gradients."""
 
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from bigatlas.distributions import Counts, digamma, log_nb_dense, log_zinb_dense, nll, nll_reference
+from bigatlas.distributions import (
+    Counts,
+    digamma,
+    lgamma,
+    log_gamma_terms,
+    log_nb_dense,
+    log_zinb_dense,
+    nll,
+    nll_reference,
+)
 
 X = np.array([0, 1, 2, 5, 17, 100, 1000, 50_000], dtype=np.float64)
 MU = np.array([1e-3, 0.1, 1.0, 10.0, 1e3, 1e5])
@@ -115,63 +123,27 @@ def test_nll_without_gradients_gives_the_same_value():
     assert torch.equal(a, b.detach())
 
 
+def test_series_lgamma_matches_torch():
+    y = torch.cat([torch.logspace(-6, 7, 2000, dtype=torch.float64), torch.arange(1, 300, dtype=torch.float64) + 0.5])
+    torch.testing.assert_close(lgamma(y), torch.lgamma(y), rtol=1e-12, atol=1e-7)
+
+
+def test_compiled_log_gamma_terms_are_as_accurate_as_torchs_float32():
+    """The series torch.compile uses (log_gamma_terms under is_compiling) against float64 lgamma: as close
+    as float32 torch.lgamma gets, over counts 1-10^5 and θ from the clamp's low end to its high end."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.poisson(torch.rand(5000, generator=g) * 5) + 1, torch.logspace(0, 5, 200).round()])
+    theta = torch.exp(torch.empty(len(x)).uniform_(-12, 12, generator=g))
+    ref = torch.lgamma(x.double() + theta.double()) - torch.lgamma(theta.double()) - torch.lgamma(x.double() + 1)
+    eager = log_gamma_terms(x, theta)
+    compiled = torch.compile(log_gamma_terms, dynamic=True, fullgraph=True)(x, theta)
+    assert not torch.equal(compiled, eager)  # the series ran, not torch's lgamma
+    err, err_eager = (compiled.double() - ref).abs().max(), (eager.double() - ref).abs().max()
+    assert err <= err_eager, (float(err), float(err_eager))
+
+
 def test_fast_digamma_matches_torch():
     y = torch.cat([torch.logspace(-6, 6, 500, dtype=torch.float64), torch.arange(1, 200, dtype=torch.float64) + 0.5])
     torch.testing.assert_close(digamma(y), torch.digamma(y), rtol=1e-9, atol=1e-9)
     y32 = y.float()
     torch.testing.assert_close(digamma(y32), torch.digamma(y32), rtol=2e-6, atol=2e-6)
-
-
-def _value_and_grads(counts, params, w, compiled):
-    params = [None if t is None else t.clone().requires_grad_() for t in params]
-    value = nll(counts, *params, compiled=compiled)
-    grads = torch.autograd.grad((value * w).sum(), [t for t in params if t is not None])
-    return value.detach(), grads
-
-
-@pytest.mark.parametrize("model", ["zinb gene-cell", "zinb gene dispersion", "nb gene dispersion"])
-def test_compiled_likelihood_equals_the_eager_one(model):
-    """torch.compile fuses the elementwise parts (distributions.fused); value and gradients equal the
-    eager ops' to float32 rounding, for two batch sizes (one compilation with dynamic shapes), and a
-    cell without counts."""
-    for seed, cells in ((5, 96), (6, 37)):
-        x, mu, theta, gate = random_batch(seed=seed, cells=cells, genes=300, dtype=torch.float32)
-        x[3] = 0
-        if "gene dispersion" in model:
-            theta = theta[0].clone()
-        params = (mu, theta, None if model.startswith("nb") else gate)
-        counts = Counts.from_sparse_csr(x.to_sparse_csr())  # the training batches' form: values are a view
-        w = torch.rand(cells, generator=torch.Generator().manual_seed(seed))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", "torch.compile of")  # a failure falls back with a warning: not here
-            v, grads = _value_and_grads(counts, params, w, True)
-        v_ref, grads_ref = _value_and_grads(counts, params, w, False)
-        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-3)
-        for g, g_ref in zip(grads, grads_ref):
-            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
-        with torch.no_grad():
-            torch.testing.assert_close(nll(counts, *params, compiled=True), v_ref, rtol=1e-5, atol=1e-3)
-
-
-def test_a_compiler_failure_warns_once_and_runs_uncompiled(monkeypatch):
-    """Every fused function falls back; one warning names the first failure."""
-    from bigatlas import distributions
-
-    def broken_compile(fn, **kwargs):
-        def call(*args):
-            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
-
-        return call
-
-    monkeypatch.setattr(distributions, "_FUSED", {})
-    monkeypatch.setattr(distributions._Fused, "warned", False)
-    monkeypatch.setattr(distributions.torch, "compile", broken_compile)
-    x, mu, theta, gate = random_batch(seed=7, dtype=torch.float32)
-    counts = Counts.from_dense(x)
-    ref = nll(counts, mu, theta, gate)
-    with pytest.warns(UserWarning, match=r"torch.compile of zero_terms failed \(RuntimeError: InvalidCxxCompiler"):
-        got = nll(counts, mu, theta, gate, compiled=True)
-    assert torch.equal(got, ref)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", "torch.compile of")  # the second call: no new warning, still uncompiled
-        assert torch.equal(nll(counts, mu, theta, gate, compiled=True), ref)

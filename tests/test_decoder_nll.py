@@ -1,0 +1,97 @@
+"""The fused reconstruction loss (decoder_nll.logit_nll, torch.compile) against softmax, exp and sigmoid
+followed by the eager likelihood (distributions.nll): values and gradients, every dispersion and gate."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bigatlas import distributions
+from bigatlas.decoder_nll import logit_nll
+from bigatlas.distributions import Counts, nll
+
+RANGE = (-12.0, 12.0)
+
+
+def decoder_batch(seed, cells, genes=300, theta_per_gene=False, gate="gene-cell"):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(cells, genes, generator=g) * 2
+    library = torch.randint(500, 5000, (cells, 1), generator=g).float()
+    x = torch.poisson(F.softmax(logits, -1) * library * 2 * torch.rand(cells, genes, generator=g), generator=g)
+    x[3] = 0  # a cell without counts
+    log_theta = torch.randn(genes if theta_per_gene else (cells, genes), generator=g) * 3
+    log_theta.view(-1)[:7] = torch.tensor([12.5, -13.0, 12.0, -12.0, 40.0, 11.9, -11.9])  # at / past the clamp
+    gates = {"none": None, "gene": torch.randn(genes, generator=g), "gene-cell": torch.randn(cells, genes, generator=g)}
+    # the training batches' form: values are a view of a CSR tensor
+    return Counts.from_sparse_csr(x.to_sparse_csr()), (logits, log_theta, gates[gate])
+
+
+def eager(counts, logits, log_theta, gate):
+    mu = F.softmax(logits, dim=-1) * counts.library.unsqueeze(1)
+    recon = nll(counts, mu, torch.exp(log_theta.clamp(*RANGE)), gate)
+    per_cell_gate = gate is not None and gate.dim() == 2
+    return recon, torch.sigmoid(gate).sum(-1) if per_cell_gate else torch.zeros_like(recon)
+
+
+def fused(counts, logits, log_theta, gate):
+    return logit_nll(counts, logits, log_theta, gate, RANGE)
+
+
+def value_and_grads(f, counts, params, w, w_pen):
+    params = [None if t is None else t.clone().requires_grad_() for t in params]
+    recon, penalty = f(counts, *params)
+    grads = torch.autograd.grad((recon * w).sum() + (penalty * w_pen).sum(), [t for t in params if t is not None])
+    return recon.detach(), penalty.detach(), grads
+
+
+@pytest.mark.parametrize(
+    "theta_per_gene,gate", [(False, "gene-cell"), (True, "gene-cell"), (False, "gene"), (False, "none")]
+)
+def test_fused_reconstruction_equals_softmax_exp_and_the_eager_likelihood(theta_per_gene, gate):
+    """As accurate as the eager float32 ops, for two batch sizes (one compilation, dynamic shapes): the
+    per-cell NLL, the gate penalty, and the gradients in logits, log θ (0 where clamped) and gate logits,
+    under different per-cell weights of the NLL and of the penalty, each held to the float64 eager
+    value (the log θ gradient of a large θ cancels digammas: both float32 paths lose digits there)."""
+    for seed, cells in ((5, 96), (6, 37)):
+        counts, params = decoder_batch(seed, cells, theta_per_gene=theta_per_gene, gate=gate)
+        g = torch.Generator().manual_seed(seed)
+        w, w_pen = torch.rand(cells, generator=g), torch.rand(cells, generator=g)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", "torch.compile of")  # a failure falls back with a warning: not here
+            got = value_and_grads(fused, counts, params, w, w_pen)
+        eager32 = value_and_grads(eager, counts, params, w, w_pen)
+        counts64 = Counts.from_sparse_csr(counts.csr.to(torch.float64))
+        params64 = [None if t is None else t.double() for t in params]
+        ref = value_and_grads(eager, counts64, params64, w.double(), w_pen.double())
+        for a, b, r in zip((got[0], got[1], *got[2]), (eager32[0], eager32[1], *eager32[2]), (ref[0], ref[1], *ref[2])):
+            err, err_eager = (a.double() - r).abs().max(), (b.double() - r).abs().max()
+            assert err <= 2 * err_eager + 1e-6 * r.abs().max(), (float(err), float(err_eager))
+        theta_grad = got[2][1].view(-1)
+        assert float(theta_grad[0]) == float(theta_grad[1]) == float(theta_grad[4]) == 0.0  # clamped: none
+        with torch.no_grad():
+            torch.testing.assert_close(fused(counts, *params)[0], got[0], rtol=1e-6, atol=1e-4)
+
+
+def test_a_compiler_failure_warns_once_and_runs_uncompiled(monkeypatch):
+    """Every fused function falls back; one warning names the first failure."""
+
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return call
+
+    monkeypatch.setattr(distributions, "_FUSED", {})
+    monkeypatch.setattr(distributions._Fused, "warned", False)
+    monkeypatch.setattr(distributions.torch, "compile", broken_compile)
+    counts, params = decoder_batch(7, 40)
+    params = [t.requires_grad_() for t in params]
+    ref = eager(counts, *params)
+    with pytest.warns(UserWarning, match=r"torch.compile of _dense_terms failed \(RuntimeError: InvalidCxxCompiler"):
+        got = fused(counts, *params)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+    got[0].sum().backward()  # the backward's fused functions fall back too
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "torch.compile of")  # later calls: no new warning, still uncompiled
+        torch.testing.assert_close(fused(counts, *params), ref, rtol=1e-5, atol=1e-3)
