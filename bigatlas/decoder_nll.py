@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributions import EPS, Counts, fused, nonzero_terms, zero_terms
+from .distributions import EPS, Counts, exp_neg_abs, fused, nonzero_terms, sigmoid_from, zero_terms
 
 
 def _dense_terms(logits, library, log_theta, gate, lo: float, hi: float, eps: float, grad: bool, pen: bool):
@@ -31,7 +31,7 @@ def _dense_terms(logits, library, log_theta, gate, lo: float, hi: float, eps: fl
     mu = e * (library.unsqueeze(1) / ssum)
     theta = torch.exp(log_theta.clamp(lo, hi))
     per_cell, d_mu, d_theta, d_gate = zero_terms(mu, theta, gate, eps, grad)
-    penalty = torch.sigmoid(gate).sum(1) if pen else None
+    penalty = sigmoid_from(gate, exp_neg_abs(gate)).sum(1) if pen else None  # the exp zero_terms has
     if not grad:
         return per_cell, penalty, m.squeeze(1), ssum.squeeze(1), None, None, None, d_gate
     mg = mu * d_mu
@@ -77,7 +77,8 @@ def _grads(w, w_pen, mg, logits, m, ssum, r, d_lt, d_gate, gate, theta_per_gene:
         return g_logits, g_lt, None
     if gate_per_gene:
         return g_logits, g_lt, (w1 * d_gate).sum(0)
-    return g_logits, g_lt, w1 * d_gate + w_pen.unsqueeze(1) * (torch.sigmoid(gate) * torch.sigmoid(-gate))
+    u = exp_neg_abs(gate)  # σ(g) σ(−g) = u / (1 + u)²
+    return g_logits, g_lt, w1 * d_gate + w_pen.unsqueeze(1) * (u / ((1.0 + u) * (1.0 + u)))
 
 
 class _LogitNLL(torch.autograd.Function):

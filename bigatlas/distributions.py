@@ -256,15 +256,27 @@ def zero_terms(mu, theta, gate, eps: float, grad: bool):
         per_cell = -nb0.sum(1)
     else:
         a = nb0 - gate
-        per_cell = (F.softplus(-gate) - F.softplus(a)).sum(1)
+        u, v = exp_neg_abs(gate), exp_neg_abs(a)
+        per_cell = (F.relu(-gate) + torch.log1p(u) - F.relu(a) - torch.log1p(v)).sum(1)  # softplus(−g) − softplus(a)
     if not grad:
         return per_cell, None, None, None
     d_mu = theta / t_mu
     d_theta = d_mu - diff - theta / (theta + eps)
     if gate is None:
         return per_cell, d_mu, d_theta, None
-    s_a = torch.sigmoid(a)
-    return per_cell, d_mu * s_a, d_theta * s_a, s_a - torch.sigmoid(-gate)
+    s_a = sigmoid_from(a, v)
+    return per_cell, d_mu * s_a, d_theta * s_a, s_a - sigmoid_from(-gate, u)
+
+
+def exp_neg_abs(t: torch.Tensor) -> torch.Tensor:
+    """exp(−|t|): with it softplus(±t) = relu(±t) + log1p(·) and sigmoid(±t) (sigmoid_from) share one exp
+    instead of one each, where a compiled loop evaluates several of them (the ZINB's gate terms)."""
+    return torch.exp(-t.abs())
+
+
+def sigmoid_from(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """sigmoid(t) from u = exp_neg_abs(t) (also of −t: |t| is the same)."""
+    return torch.where(t >= 0, 1.0, u) / (1.0 + u)
 
 
 def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool):
@@ -280,7 +292,7 @@ def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool):
     if g_nz is None:
         delta = nb0 - log_p
     else:
-        delta = F.softplus(nb0 - g_nz) - F.softplus(-g_nz) - log_p + F.softplus(g_nz)
+        delta = F.softplus(nb0 - g_nz) + g_nz - log_p  # softplus(g) − softplus(−g) = g
     if not grad:
         return delta, None, None, None
     inv = 1.0 / t_mu

@@ -1,6 +1,5 @@
 """Likelihoods against scipy, sparse evaluation against the dense formula, finite gradients."""
 
-
 import numpy as np
 import pytest
 import torch
