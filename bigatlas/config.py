@@ -91,11 +91,11 @@ class TrainConfig:
     # accuracy and batch correction -0.003 to -0.029 (hard atlases, 4 seeds; bench/results/defaults.json)
     ema_decay: float = opt(0.999, "decay of the moving average of the weights written at the end (0: last step's)")
     mixed_precision: str = opt("no", "bf16 on GPUs", choices=("no", "bf16"))
-    # auto: runs of >= COMPILE_MIN_STEPS steps, where compiling pays for itself: the likelihood's fwd + bwd
-    # takes 2.7 instead of 4.9 ms per step of 128 cells x 2,000 genes on 2 threads, so the ~3 s compile
-    # (~17 s the first time on a machine) is repaid after ~1,400 steps (~7,700 the first time)
+    # auto: runs of >= COMPILE_MIN_STEPS steps, where compiling pays for itself: the reconstruction loss's
+    # fwd + bwd (decoder_nll) takes 2.1 instead of 6.5 ms per step of 128 cells x 2,000 genes on 2 threads,
+    # so the ~5 s compile (~17 s the first time on a machine) is repaid after ~1,100 steps (~3,900 the first)
     compile_loss: str = opt(
-        "auto", f"fuse the likelihood's elementwise ops with torch.compile: on, off, or auto (runs of at least "
+        "auto", f"fuse the reconstruction loss with torch.compile: on, off, or auto (runs of at least "
         f"{COMPILE_MIN_STEPS:,} steps)", choices=COMPILE_LOSS,
     )  # fmt: skip
     checkpoint_every_steps: int = opt(500, "mid-epoch checkpoint interval (0: epoch ends only)")

@@ -78,6 +78,10 @@ def test_sparse_csr_batches_give_the_same_counts():
     torch.testing.assert_close(a.library, b.library)
     assert torch.equal(a.dense, b.dense)
     assert sorted(zip(a.rows.tolist(), a.cols.tolist())) == sorted(zip(b.rows.tolist(), b.cols.tolist()))
+    for c in (a, b):  # per-cell sums over the nonzeros (a segmented sum): 0 for the empty rows
+        v = torch.randn(len(c.values), dtype=torch.float64)
+        torch.testing.assert_close(c.row_sums(v), torch.zeros(len(x), dtype=v.dtype).index_add_(0, c.rows, v))
+        assert float(c.row_sums(v)[0]) == float(c.row_sums(v)[-1]) == 0.0
 
 
 def test_gradients_finite_at_extremes():
