@@ -49,6 +49,11 @@ def _zero_d_mu(mu, theta, g, eps: float):
     return d * torch.sigmoid(nb0 - g)
 
 
+def _gather(t: torch.Tensor, flat, cols) -> torch.Tensor:
+    """A (cells, genes) or (genes,) tensor's values at the nonzeros."""
+    return t[cols] if t.dim() == 1 else t.reshape(-1).take(flat)
+
+
 def _nonzero_terms(x, flat, rows, cols, logits, m, ssum, library, log_theta, gate, lo, hi, eps: float, grad: bool):
     """At the nonzeros x (1-D; flat, rows, cols: their positions): the NLL correction, and with grad the
     corrected μ·dNLL/dμ, its change (for the softmax's row sum), dNLL/dlog θ and dNLL/dgate. The gathers
@@ -82,6 +87,9 @@ def _grads(w, w_pen, mg, logits, m, ssum, r, d_lt, d_gate, gate, theta_per_gene:
 
 
 class _LogitNLL(torch.autograd.Function):
+    """Forward: the three passes' value and gradients (the nonzeros' corrections written into the dense
+    ones); backward: only their scaling by the per-cell weights of the NLL and of the gate penalty."""
+
     @staticmethod
     def forward(ctx, logits, log_theta, gate, counts: Counts, lo, hi, eps, grad):
         pen = gate is not None and gate.dim() == 2
@@ -120,11 +128,6 @@ class _LogitNLL(torch.autograd.Function):
         per_gene = (len(theta_shape) == 1, gate_shape is not None and len(gate_shape) == 1)
         grads = fused(_grads)(w, w_pen, mg, logits, m, ssum, r, d_lt, d_gate, gate, *per_gene)
         return *grads, None, None, None, None, None
-
-
-def _gather(t: torch.Tensor, flat, cols) -> torch.Tensor:
-    """A (cells, genes) or (genes,) tensor's values at the nonzeros."""
-    return t[cols] if t.dim() == 1 else t.reshape(-1).take(flat)
 
 
 def logit_nll(
