@@ -56,10 +56,12 @@ class NanGuard:
         forward moved are put back (after the backward pass, which still needs them)."""
         if self.on_device or not bool(self.stop):
             self.optimizer.step()
+        if not self.buffers:
+            return
         stopped = self.stop > 0
-        for b, g in zip(self.buffers, self.good):
+        for b, g in zip(self.buffers, self.good):  # where, not a lerp by the flag: a bad forward leaves NaN in b
             b.copy_(torch.where(stopped, g, b))
-            g.copy_(b)
+        torch._foreach_copy_(self.good, self.buffers)
 
     def first_bad_step(self) -> int:
         """0 when every step so far was finite (a host sync: call at sync points)."""

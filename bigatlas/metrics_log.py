@@ -28,13 +28,18 @@ class DeviceSums:
     def __init__(self):
         self.keys: list[str] | None = None
         self.vec: torch.Tensor | None = None
+        self.weight_of: torch.Tensor | None = None  # per key: 0 = × cells, 1 = × validation cells, 2 = as it is
 
     def add(self, terms: dict, skip: torch.Tensor) -> None:
+        """A handful of device ops per step whatever the number of terms (one stack, one gather of the
+        weights), not a few per term."""
+        n = terms["n"]
         if self.keys is None:
             self.keys = list(terms)
-        n, val_n = terms["n"], terms.get("val_n")
-        weight = {k: (val_n if k.startswith("val_") else n) for k in self.keys if k not in ("n", "val_n")}
-        v = torch.stack([(terms[k] * weight[k] if k in weight else terms[k]).double() for k in self.keys])
+            which = [2 if k in ("n", "val_n") else 1 if k.startswith("val_") else 0 for k in self.keys]
+            self.weight_of = torch.tensor(which, device=n.device)
+        weights = torch.stack([n, terms.get("val_n", n), torch.ones_like(n)])[self.weight_of]
+        v = (torch.stack([terms[k] for k in self.keys]) * weights).double()
         v = torch.where(skip > 0, torch.zeros_like(v), v)
         self.vec = v if self.vec is None else self.vec + v
 

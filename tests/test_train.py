@@ -143,9 +143,11 @@ def test_training_steps_never_wait_on_the_device(small_atlas, tmp_path, monkeypa
     assert progress.step == 6 and s.guard.first_bad_step() == 0
 
 
-def test_nan_guard_freezes_the_model_on_the_device():
+@pytest.mark.parametrize("bad", ["forced", "nan input"])
+def test_nan_guard_freezes_the_model_on_the_device(bad):
     """After a flagged step the fused optimizer skips its update and BatchNorm statistics return to
-    their last good values, with no host check in between."""
+    their last good values, with no host check in between (also from the NaN that a bad batch put into
+    the running statistics)."""
     import torch
 
     from bigatlas.config import ModelConfig
@@ -161,7 +163,10 @@ def test_nan_guard_freezes_the_model_on_the_device():
     codes, labels = torch.randint(0, 3, (32, 1)), torch.randint(0, 4, (32, 1))
 
     def step(i, forced=False):
-        out = m(Counts.from_dense(x * (1 + i % 3)), codes, labels)
+        xi = x * (1 + i % 3)
+        if i == 4 and bad == "nan input":
+            xi[0, 0] = float("nan")
+        out = m(Counts.from_dense(xi), codes, labels)
         guard.check(out.total, i, forced)
         out.total.backward()
         guard.step()
@@ -170,7 +175,7 @@ def test_nan_guard_freezes_the_model_on_the_device():
     for i in range(1, 4):
         step(i)
     good = {k: v.clone() for k, v in m.state_dict().items()}
-    step(4, forced=True)
+    step(4, forced=bad == "forced")
     step(5)
     step(6)
     assert guard.first_bad_step() == 4 and float(guard.stop) == 1.0
