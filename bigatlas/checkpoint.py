@@ -24,6 +24,8 @@ class Progress:
     step: int = 0
     best_val: float = math.inf
     bad_epochs: int = 0
+    lr_cuts: int = 0  # learning-rate cuts on a validation plateau so far
+    lr_cut: bool = False  # this epoch's end cuts the learning rate
     sums: dict | None = None
 
     def state_dict(self) -> dict:

@@ -85,6 +85,11 @@ class TrainConfig:
         10, "stop after this many epochs (after the KL warm-up) without validation improvement (0: off)"
     )
     early_stopping_min_delta: float = opt(0.0, "improvement (relative to the best validation loss) that counts")
+    lr_plateau_patience: int = opt(
+        0, "multiply the learning rate by lr_plateau_factor after every this many epochs (after the KL warm-up) "
+        "without validation improvement (0: off)"
+    )  # fmt: skip
+    lr_plateau_factor: float = opt(0.5, "learning-rate factor of lr_plateau_patience")
     grad_clip: float | None = opt(10.0, "gradient norm clipping (unset: off)")
     # 0.999, not off: the final weights average the run's last ~1,000 steps (all of a shorter run's);
     # bio +0.002 / +0.021 / -0.002 without labels, +0.015 / +0.014 / +0.011 with, at the same held-out

@@ -286,6 +286,9 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
     row = epoch_row(acc, progress.sums, epoch, progress.step, kl_weight, s.optimizer.param_groups[0]["lr"])
     log.epoch(row)
     stop = _early_stop(t, progress, row.get("val_loss"), s.max_epochs)
+    if progress.lr_cut:
+        for group in s.optimizer.param_groups:
+            group["lr"] *= t.lr_plateau_factor
     progress.epoch, progress.sums = epoch + 1, None
     save_checkpoint(acc, s.run, progress, stream, t.keep_checkpoints, s.faults, s.average)
     if s.preempt.agreed:
@@ -368,16 +371,23 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
 def _early_stop(t: TrainConfig, progress: Progress, val_loss: float | None, max_epochs: int) -> bool:
     """True after `early_stopping_patience` epochs in a row without a validation loss below the best
     so far by more than early_stopping_min_delta (relative). Epochs of the KL warm-up do not count:
-    the loss is still falling there for a reason that ends."""
-    if val_loss is None or not t.early_stopping_patience:
+    the loss is still falling there for a reason that ends. Every `lr_plateau_patience` such epochs in
+    a row, the learning rate is due a cut (progress.lr_cut; counted in Progress, so a resumed run cuts
+    at the same epochs)."""
+    progress.lr_cut = False
+    if val_loss is None:
         return False
     best = progress.best_val
     if not np.isfinite(best) or val_loss < best - max(t.early_stopping_min_delta * abs(best), 1e-6):
         progress.best_val, progress.bad_epochs = val_loss, 0
         return False
-    if progress.epoch + 1 > t.warmup_epochs(max_epochs):
-        progress.bad_epochs += 1
-    return progress.bad_epochs >= t.early_stopping_patience
+    if progress.epoch + 1 <= t.warmup_epochs(max_epochs):
+        return False
+    progress.bad_epochs += 1
+    stop = bool(t.early_stopping_patience) and progress.bad_epochs >= t.early_stopping_patience
+    if not stop and t.lr_plateau_patience and progress.bad_epochs % t.lr_plateau_patience == 0:
+        progress.lr_cut, progress.lr_cuts = True, progress.lr_cuts + 1
+    return stop
 
 
 def _finish(s: Session, stopped_early: bool, trace: bool) -> Path:

@@ -255,6 +255,32 @@ def test_early_stopping_counts_epochs_without_improvement_after_the_warm_up():
     assert stop_epoch(creeping, early_stopping_patience=5, early_stopping_min_delta=1e-3) == 7
 
 
+def test_the_learning_rate_is_cut_every_patience_epochs_of_a_plateau():
+    from bigatlas.checkpoint import Progress
+    from bigatlas.config import TrainConfig
+    from bigatlas.train import _early_stop
+
+    def cut_epochs(losses, **kw):
+        t, progress, cuts = TrainConfig(kl_warmup_epochs=3, **kw), Progress(), []
+        for epoch, loss in enumerate(losses):
+            progress.epoch = epoch
+            if _early_stop(t, progress, loss, max_epochs=100):
+                break
+            if progress.lr_cut:
+                cuts.append(epoch)
+        assert progress.lr_cuts == len(cuts)
+        return cuts
+
+    flat_from_1 = [10.0, 9.0] + [9.5] * 20
+    # bad epochs count from epoch 3 (after the warm-up): cuts after 2 and 4 of them, the stop at 5
+    assert cut_epochs(flat_from_1, lr_plateau_patience=2, early_stopping_patience=5) == [4, 6]
+    assert cut_epochs(flat_from_1, lr_plateau_patience=2, early_stopping_patience=0)[:3] == [4, 6, 8]
+    assert cut_epochs(flat_from_1, early_stopping_patience=0) == []  # off by default
+    # an improvement restarts the count: no cut until 3 bad epochs in a row again
+    dip = [10.0, 9.0, 9.5, 9.5, 9.5, 8.0, 9.5, 9.5, 9.5, 9.5]
+    assert cut_epochs(dip, lr_plateau_patience=3, early_stopping_patience=0) == [8]
+
+
 def test_the_likelihood_is_compiled_for_long_runs_only():
     """auto compiles where the compile time pays for itself (COMPILE_MIN_STEPS planned steps); a bad
     value is refused by name."""
