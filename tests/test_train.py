@@ -1,6 +1,7 @@
 """Training: resume after SIGKILL equals an uninterrupted run, 2-process runs agree with the partition,
 the model learns an integrated latent space, and bad launches fail loudly."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -279,6 +280,22 @@ def test_the_learning_rate_is_cut_every_patience_epochs_of_a_plateau():
     # an improvement restarts the count: no cut until 3 bad epochs in a row again
     dip = [10.0, 9.0, 9.5, 9.5, 9.5, 8.0, 9.5, 9.5, 9.5, 9.5]
     assert cut_epochs(dip, lr_plateau_patience=3, early_stopping_patience=0) == [8]
+
+
+def test_a_run_with_learning_rate_cuts_resumes_bit_identically(small_atlas, tmp_path):
+    """A relative min delta of 10 makes every epoch after the warm-up (1 of 3) a plateau epoch: the rate
+    halves after epochs 1 and 2, and a run killed in epoch 2 resumes at the cut rate."""
+    args = ["--lr-plateau-patience", "1", "--early-stopping-patience", "0", "--early-stopping-min-delta", "10"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run_train([*base_args(small_atlas, ref, epochs=3), *args])
+    rows = list(csv.DictReader((ref / "metrics.csv").open()))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([2e-3, 2e-3, 1e-3])
+    res = run_train([*base_args(small_atlas, cut, epochs=3), *args], {"BIGATLAS_FAULT": "after_step:85"}, check=False)
+    assert res.returncode == -9, res.stderr[-2000:]
+    run_train([*base_args(small_atlas, cut, epochs=3), *args, "--resume"])
+    a, b = weights(ref), weights(cut)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
 
 
 def test_the_likelihood_is_compiled_for_long_runs_only():
