@@ -48,7 +48,7 @@ demo: install
 			(t['head']['accuracy'], t['knn']['accuracy'], t['chosen']['accuracy'], t['ece'], 100 * t['unknown_fraction']))"
 	@echo "report: $(DEMO)/run/report/report.html  (also report.md; metrics.json, PNGs beside it;"
 	@echo "        reference_umap.png: every cell placed on the reference UMAP, by prediction and uncertainty)"
-	@echo "The demo atlas is easy. On the hard ones, beside scVI/scANVI (python -m bench.quality; 4 seeds):"
+	@echo "The demo atlas is easy. On the hard ones, beside scVI/scANVI (python -m bench.quality; 4-6 seeds):"
 	@$(BIN)/python -m bench.quality --table --out bench/results/defaults.json --tags default
 
 # lint and format check first (seconds), then the suite
