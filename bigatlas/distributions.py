@@ -39,7 +39,8 @@ class Counts:
     def __init__(self, rows, cols, values, library, n_genes: int, csr=None, dense=None):
         self.rows, self.cols, self.values, self.library = rows, cols, values, library  # (nnz,) ×3, (cells,)
         self.n_genes, self.csr, self._dense = n_genes, csr, dense
-        self.flat = rows * n_genes + cols  # each nonzero's index into the flattened (cells, genes) matrix
+        # each nonzero's index into the flattened (cells, genes) matrix (one op: 0.04 vs 0.09 ms for 80k values)
+        self.flat = torch.add(cols, rows, alpha=n_genes)
         if csr is not None:  # where each cell's nonzeros start (rows are sorted), and the end
             self.offsets = csr.crow_indices()
         else:
@@ -78,8 +79,11 @@ def csr_rows_and_library(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type == "cpu":  # numpy: 0.04 vs 0.24 ms for 128 cells with torch's kernels (bench.train O1)
         starts, sizes, v = crow.numpy()[:-1], np.diff(crow.numpy()), values.detach().numpy()
         rows = np.repeat(np.arange(x.shape[0], dtype=np.int64), sizes)
-        # a 0 appended keeps every start a valid index; reduceat gives an empty row the value at its start
-        sums = np.add.reduceat(np.append(v, v.dtype.type(0)), starts, dtype=np.float64) if len(starts) else starts
+        # a start past the end (empty last rows) needs a 0 appended (a copy); reduceat gives an empty row
+        # the value at its start
+        if len(starts) and starts[-1] >= len(v):
+            v = np.append(v, v.dtype.type(0))
+        sums = np.add.reduceat(v, starts, dtype=np.float64) if len(starts) else starts
         library = np.where(sizes > 0, sums, 0.0)
         return torch.from_numpy(rows), torch.from_numpy(library).to(values.dtype)
     # output_size: without it a GPU waits for the device to learn how many values there are
