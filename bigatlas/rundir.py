@@ -32,6 +32,17 @@ RESUMABLE_CHANGES = (
 )  # num_workers: elastic; the reference is built after training  # fmt: skip
 
 
+# [train] settings added after format version 1, with the value that reproduces what a run dir written
+# before them did: such a run dir resumes (and loads) as what it was
+ADDED_SETTINGS = {
+    "adam_eps": 1e-8,  # torch's default
+    "ema_decay": 0.0,  # the last step's weights
+    "compile_loss": "off",
+    "lr_plateau_patience": 0,
+    "lr_plateau_factor": 0.5,
+}
+
+
 class RunDir:
     def __init__(self, path):
         self.path = Path(path)
@@ -47,11 +58,16 @@ class RunDir:
         _write_atomically(self.config_file, text)
 
     def _saved(self) -> dict:
-        """config.json as written, with keys of older versions under their current names."""
+        """config.json as written, with keys of older versions under their current names and settings
+        added since at the value that reproduces them."""
         saved = json.loads(self.config_file.read_text())
         data = saved.get("config", {}).get("data", {})
         if "undefined_labels" in data:  # run dirs written before --unlabeled-category kept the old name
             data["unlabeled_categories"] = data.pop("undefined_labels")
+        train = saved.get("config", {}).get("train")
+        if train is not None:
+            for key, before in ADDED_SETTINGS.items():
+                train.setdefault(key, before)
         return saved
 
     def read_config(self) -> RunConfig:

@@ -88,6 +88,28 @@ def test_resume_with_other_settings_is_refused(small_atlas, tmp_path):
     assert res.returncode == 2 and "differs from this run's settings (train.lr)" in res.stderr
 
 
+def test_a_run_dir_from_before_later_settings_resumes_as_it_was_trained(tmp_path):
+    """A config.json without the settings added since reads them at the value that reproduces it (AdamW
+    epsilon 1e-8, no weight average, ...): a resume with those values is allowed, the new defaults are
+    refused by name."""
+    from dataclasses import replace
+
+    from bigatlas.config import DataConfig, RunConfig
+    from bigatlas.rundir import ADDED_SETTINGS, RunDir
+
+    run, cfg = RunDir(tmp_path / "r"), RunConfig(data=DataConfig(data="x.zarr", batch_key="study"))
+    run.write_config(cfg)
+    saved = json.loads(run.config_file.read_text())
+    for key in ADDED_SETTINGS:
+        del saved["config"]["train"][key]
+    run.config_file.write_text(json.dumps(saved))
+    old = replace(cfg, train=replace(cfg.train, **ADDED_SETTINGS))
+    run.check_resumable(old)
+    assert run.read_config() == old
+    with pytest.raises(ValueError, match=r"train\.adam_eps, train\.compile_loss, train\.ema_decay\)"):
+        run.check_resumable(cfg)
+
+
 def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
     run = tmp_path / "ddp"
     run_train([*base_args(small_atlas, run), "--trace-cells"], launcher=accelerate_launcher(2))
