@@ -24,15 +24,14 @@ class Progress:
     step: int = 0
     best_val: float = math.inf
     bad_epochs: int = 0
-    lr_cuts: int = 0  # learning-rate cuts on a validation plateau so far
-    lr_cut: bool = False  # this epoch's end cuts the learning rate
     sums: dict | None = None
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
 
     def load_state_dict(self, d: dict) -> None:
-        self.__dict__.update(d)
+        # fields this version has: a checkpoint may carry derived ones of earlier versions (lr_cut)
+        self.__dict__.update({k: v for k, v in d.items() if k in self.__dataclass_fields__})
 
 
 def save_checkpoint(acc, run: RunDir, progress: Progress, stream, keep: int, faults: Faults, average=None) -> None:

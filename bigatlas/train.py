@@ -286,7 +286,7 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
     row = epoch_row(acc, progress.sums, epoch, progress.step, kl_weight, s.optimizer.param_groups[0]["lr"])
     log.epoch(row)
     stop = _early_stop(t, progress, row.get("val_loss"), s.max_epochs)
-    if progress.lr_cut:
+    if not stop and _lr_cut_due(t, progress, row.get("val_loss")):
         for group in s.optimizer.param_groups:
             group["lr"] *= t.lr_plateau_factor
     progress.epoch, progress.sums = epoch + 1, None
@@ -371,10 +371,7 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
 def _early_stop(t: TrainConfig, progress: Progress, val_loss: float | None, max_epochs: int) -> bool:
     """True after `early_stopping_patience` epochs in a row without a validation loss below the best
     so far by more than early_stopping_min_delta (relative). Epochs of the KL warm-up do not count:
-    the loss is still falling there for a reason that ends. Every `lr_plateau_patience` such epochs in
-    a row, the learning rate is due a cut (progress.lr_cut; counted in Progress, so a resumed run cuts
-    at the same epochs)."""
-    progress.lr_cut = False
+    the loss is still falling there for a reason that ends."""
     if val_loss is None:
         return False
     best = progress.best_val
@@ -384,10 +381,16 @@ def _early_stop(t: TrainConfig, progress: Progress, val_loss: float | None, max_
     if progress.epoch + 1 <= t.warmup_epochs(max_epochs):
         return False
     progress.bad_epochs += 1
-    stop = bool(t.early_stopping_patience) and progress.bad_epochs >= t.early_stopping_patience
-    if not stop and t.lr_plateau_patience and progress.bad_epochs % t.lr_plateau_patience == 0:
-        progress.lr_cut, progress.lr_cuts = True, progress.lr_cuts + 1
-    return stop
+    return bool(t.early_stopping_patience) and progress.bad_epochs >= t.early_stopping_patience
+
+
+def _lr_cut_due(t: TrainConfig, progress: Progress, val_loss: float | None) -> bool:
+    """After _early_stop of this epoch: the learning rate is cut every `lr_plateau_patience` counted
+    bad epochs in a row. bad_epochs moves only on counted epochs (reset by an improvement, 0 through
+    the warm-up), so a multiple of the patience means this epoch completed one — and a resumed run,
+    whose Progress carries bad_epochs, cuts at the same epochs."""
+    p = t.lr_plateau_patience
+    return bool(p) and val_loss is not None and progress.bad_epochs > 0 and progress.bad_epochs % p == 0
 
 
 def _finish(s: Session, stopped_early: bool, trace: bool) -> Path:
