@@ -30,7 +30,7 @@ from bench.common import KEYS, ensure_store, main, train_config, write_results
 from bigatlas.batches import ModelInput, holdout_all
 from bigatlas.checkpoint import Progress
 from bigatlas.distributions import Counts
-from bigatlas.train import loss_weights, make_accelerator, set_up, train, train_step
+from bigatlas.train import clip_gradients, loss_weights, make_accelerator, set_up, train, train_step
 from bigatlas.vocab import apply_lut
 from loaders import open_store
 
@@ -157,7 +157,7 @@ def loop_overhead(data, a, run_dir) -> dict:
             mask = torch.from_numpy(~inp.val)
             out = model(inp.counts, inp.codes, inp.labels, cell_mask=mask, eval_mask=~mask, kl_weight=t.kl_weight)
             out.total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip, foreach=True)
+            clip_gradients(model.parameters(), opt, t.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
         bare.append(time.perf_counter() - start)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import accelerate_launcher, run_script
 from safetensors.numpy import load_file
 
@@ -408,3 +409,33 @@ def test_the_run_writes_the_weight_average(small_atlas, tmp_path, decay):
     for k in params:
         assert np.array_equal(final[k], average[k]), k
     assert not np.array_equal(final["z_mean.weight"], last["z_mean.weight"])
+
+
+def test_clipping_through_the_fused_optimizer_makes_the_update_of_clip_grad_norm():
+    """clip_gradients hands a fused AdamW the clip factor as its grad_scale instead of scaling the
+    gradients: the weights after the step must be those of torch's clip_grad_norm_ then the step, with
+    the clip active (norm above the limit) and not."""
+    from bigatlas.config import TrainConfig
+    from bigatlas.train import clip_gradients, make_optimizer
+
+    def stepped(clip, max_norm, scale):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+        opt = make_optimizer(model.parameters(), TrainConfig())
+        for _ in range(3):
+            (scale * model(torch.randn(4, 6)).pow(2).sum()).backward()
+            clip(list(model.parameters()), opt, max_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return torch.cat([p.detach().ravel() for p in model.parameters()])
+
+    def torch_clip(params, opt, max_norm):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    if not make_optimizer([torch.nn.Parameter(torch.ones(1))], TrainConfig()).defaults.get("fused"):
+        pytest.skip("this torch has no fused AdamW: clip_gradients is clip_grad_norm_ itself")
+    for scale in (1e3, 1e-3):  # gradient norms far above and far below the limit
+        ours, theirs = stepped(clip_gradients, 1.0, scale), stepped(torch_clip, 1.0, scale)
+        unclipped = stepped(lambda *a: None, 1.0, scale)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+        assert (scale > 1) == (not torch.allclose(ours, unclipped))  # the clip acted exactly when it should
