@@ -109,10 +109,10 @@ class _LogitNLL(torch.autograd.Function):
             penalty = torch.zeros_like(value)
         if grad:
             r = r + counts.row_sums(r_nz)
-            mg.reshape(-1).index_copy_(0, flat, mg_nz)
-            d_lt.reshape(-1).index_copy_(0, flat, d_lt_nz)
+            mg.reshape(-1).scatter_(0, flat, mg_nz)
+            d_lt.reshape(-1).scatter_(0, flat, d_lt_nz)
             if gate is not None:
-                d_gate.reshape(-1).index_copy_(0, flat, d_gate_nz)
+                d_gate.reshape(-1).scatter_(0, flat, d_gate_nz)
             ctx.save_for_backward(logits, m, ssum, mg, r, d_lt, d_gate, gate)
             ctx.shapes = (log_theta.shape, None if gate is None else gate.shape)
         if not pen:

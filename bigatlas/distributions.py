@@ -127,7 +127,7 @@ class _TakeUnique(torch.autograd.Function):
     def backward(ctx, grad):
         (flat,) = ctx.saved_tensors
         out = grad.new_zeros(ctx.shape.numel())
-        out.index_copy_(0, flat, grad)
+        out.scatter_(0, flat, grad)
         return out.view(ctx.shape), None
 
 
@@ -357,11 +357,11 @@ def _nll_and_grads(counts: Counts, mu, theta, gate, eps: float, grad: bool):
     value = per_cell + counts.row_sums(delta)
     if not grad:
         return value, ()
-    d_mu.reshape(-1).index_copy_(0, flat, d_mu_nz)
-    d_theta.reshape(-1).index_copy_(0, flat, d_theta_nz)
+    d_mu.reshape(-1).scatter_(0, flat, d_mu_nz)
+    d_theta.reshape(-1).scatter_(0, flat, d_theta_nz)
     if gate is None:
         return value, (d_mu, d_theta, torch.empty(0))
-    d_gate.reshape(-1).index_copy_(0, flat, d_gate_nz)
+    d_gate.reshape(-1).scatter_(0, flat, d_gate_nz)
     return value, (d_mu, d_theta, d_gate)
 
 

@@ -146,7 +146,7 @@ class VAEModule(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if _dense_is_faster(x):
                 dense = values.new_zeros(x.shape)
-                dense.view(-1).index_copy_(0, counts.flat, values)
+                dense.view(-1).scatter_(0, counts.flat, values)
                 return torch.addmm(first.bias.float(), dense, first.weight.float().t())
             logx = torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape, check_invariants=False)
             return torch.sparse.mm(logx, first.weight.float().t()) + first.bias.float()
