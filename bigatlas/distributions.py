@@ -179,15 +179,17 @@ def nll_reference(
 def digamma(y: torch.Tensor) -> torch.Tensor:
     """ψ(y) for y > 0 in ~20 vectorised passes: ψ(y) = ψ(y+6) − Σ_{k<6} 1/(y+k), then the asymptotic
     series at y+6 (relative error < 1e-6 in float32, like torch.digamma, which runs scalar on CPU
-    and took 1 ms per 94k nonzeros against 0.33 here)."""
-    acc = y.reciprocal()
-    w = y + 1.0
-    for _ in range(5):
-        acc += w.reciprocal()
-        w += 1.0
-    f = (w * w).reciprocal_()
+    and took 1 ms per 94k nonzeros against 0.33 here). The six reciprocals as two of three terms each,
+    1/t + 1/(t+1) + 1/(t+2) = ((3t + 6) t + 2) / (t (t+1) (t+2)), and one of w = y+6 for the series:
+    three divisions instead of eight, the costliest vector op left in the nonzeros' pass."""
+    b = y + 3.0
+    acc = ((3.0 * y + 6.0) * y + 2.0) / (y * (y + 1.0) * (y + 2.0))
+    acc = acc + ((3.0 * b + 6.0) * b + 2.0) / (b * (b + 1.0) * (b + 2.0))
+    w = y + 6.0
+    inv = w.reciprocal()
+    f = inv * inv
     poly = f * (1 / 12 - f * (1 / 120 - f * (1 / 252 - f * (1 / 240 - f / 132))))
-    return torch.log(w) - 0.5 / w - poly - acc
+    return torch.log(w) - 0.5 * inv - poly - acc
 
 
 def _stirling(w: torch.Tensor) -> torch.Tensor:
