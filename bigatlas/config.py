@@ -95,6 +95,9 @@ class TrainConfig:
     # bio +0.002 / +0.021 / -0.002 without labels, +0.015 / +0.014 / +0.011 with, at the same held-out
     # accuracy and batch correction -0.003 to -0.029 (hard atlases, 4 seeds; bench/results/defaults.json)
     ema_decay: float = opt(0.999, "decay of the moving average of the weights written at the end (0: last step's)")
+    ema_every: int = opt(
+        4, "optimizer steps between updates of the weight average (its decay raised to this power: the same span)"
+    )
     mixed_precision: str = opt("no", "bf16 on GPUs", choices=("no", "bf16"))
     # auto: runs of >= COMPILE_MIN_STEPS steps, where compiling pays for itself: the reconstruction loss's
     # fwd + bwd (decoder_nll) takes 2.1 instead of 6.5 ms per step of 128 cells x 2,000 genes on 2 threads,
@@ -116,6 +119,8 @@ class TrainConfig:
     def __post_init__(self):
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), not {self.ema_decay}")
+        if self.ema_every < 1:
+            raise ValueError(f"ema_every must be at least 1, not {self.ema_every}")
         _check("compile_loss", self.compile_loss, COMPILE_LOSS)
 
     def compiles_loss(self, planned_steps: int) -> bool:

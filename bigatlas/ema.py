@@ -10,6 +10,10 @@ min(decay, (1 + t) / (2 + t)): the plain mean of every step so far until that re
 +0.005 over no average, against +0.021). Updates run on the device with no host sync; a step the NaN
 guard skipped leaves the average where it was. Every rank holds the same parameters (data parallel),
 so every rank keeps the same average; checkpoints carry it, so a resumed run ends with the same weights.
+
+The average moves every `every` optimizer steps, by the decay raised to that power (and the plain
+mean over those samples until then): the same span of steps for a quarter of the memory traffic at 4
+— a pass over every weight and its average that cost 0.25-0.45 ms of a ~10 ms CPU step.
 """
 
 from __future__ import annotations
@@ -23,21 +27,25 @@ FILE = "bigatlas_weight_average.safetensors"
 
 
 class WeightAverage:
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, module: nn.Module, decay: float, every: int = 1):
+        self.decay, self.every = decay, every
         names, params = zip(*module.named_parameters())
         # detached views of the parameters (the optimizer updates them in place): made once, not per step
         self.names, self.params = names, [p.detach() for p in params]
         self.shadow = [p.clone() for p in self.params]
 
     def decay_at(self, step: int) -> float:
-        """The decay applied by the update after optimizer step `step` (1-based)."""
-        return min(self.decay, (1.0 + step) / (2.0 + step))
+        """The decay applied by the update after optimizer step `step` (1-based, a multiple of every)."""
+        n = step // self.every  # the updates so far, this one included
+        return min(self.decay**self.every, (1.0 + n) / (2.0 + n))
 
     @torch.no_grad()
     def update(self, step: int, skipped: torch.Tensor) -> None:
         """Move the average towards the weights after optimizer step `step`; `skipped` is the NaN
-        guard's device flag (1.0: that step's update did not happen, the average stays)."""
+        guard's device flag (1.0: that step's update did not happen, the average stays). Steps that
+        are not a multiple of `every` leave it."""
+        if step % self.every:
+            return
         weight = (1.0 - skipped) * (1.0 - self.decay_at(step))  # a device scalar: no sync
         torch._foreach_lerp_(self.shadow, self.params, weight)
 

@@ -182,7 +182,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
     planned_steps = t.max_steps if t.max_steps is not None else max_epochs * len(stream)
     acc.unwrap_model(model).compiled_loss = t.compiles_loss(planned_steps)
     guard = NanGuard(model, optimizer, acc.device)
-    average = WeightAverage(acc.unwrap_model(model), t.ema_decay) if t.ema_decay > 0 else None
+    average = WeightAverage(acc.unwrap_model(model), t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
     return Session(
         cfg,
         acc,

@@ -107,7 +107,7 @@ def test_a_run_dir_from_before_later_settings_resumes_as_it_was_trained(tmp_path
     old = replace(cfg, train=replace(cfg.train, **ADDED_SETTINGS))
     run.check_resumable(old)
     assert run.read_config() == old
-    with pytest.raises(ValueError, match=r"train\.adam_eps, train\.compile_loss, train\.ema_decay\)"):
+    with pytest.raises(ValueError, match=r"train\.adam_eps, train\.compile_loss, train\.ema_decay, train\.ema_every\)"):
         run.check_resumable(cfg)
 
 
@@ -350,25 +350,28 @@ def test_optimizer_steps_with_the_configured_epsilon():
     assert abs(float(p.detach()[0]) + 0.05) < 1e-6  # with torch's 1e-8 it would be -0.3
 
 
-def test_weight_average_follows_its_recurrence_and_skips_guarded_steps(tmp_path):
-    """s_t = d_t s_(t-1) + (1 - d_t) p_t with d_t = min(decay, (1 + t) / (2 + t)); a step the NaN guard
-    flagged leaves it; a checkpoint round trip restores it exactly."""
+@pytest.mark.parametrize("every", [1, 3])
+def test_weight_average_follows_its_recurrence_and_skips_guarded_steps(tmp_path, every):
+    """At steps t that are multiples of `every` (n = t / every): s = d s + (1 - d) p_t with
+    d = min(decay^every, (1 + n) / (2 + n)), other steps leave it; a step the NaN guard flagged leaves
+    it; a checkpoint round trip restores it exactly."""
     import torch
 
     from bigatlas.ema import WeightAverage
 
     torch.manual_seed(0)
     m = torch.nn.Linear(4, 3)
-    avg = WeightAverage(m, 0.9)
+    avg = WeightAverage(m, 0.9, every)
     expect = [p.detach().clone().double() for p in m.parameters()]
     for t in range(1, 40):
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(torch.randn_like(p))
-        skipped = t == 17
+        skipped = t == 18
         avg.update(t, torch.tensor(1.0 if skipped else 0.0))
-        if not skipped:
-            d = min(0.9, (1 + t) / (2 + t))
+        if not skipped and t % every == 0:
+            n = t // every
+            d = min(0.9**every, (1 + n) / (2 + n))
             expect = [d * e + (1 - d) * p.detach().double() for e, p in zip(expect, m.parameters())]
     for s, e in zip(avg.shadow, expect):
         assert torch.allclose(s.double(), e, atol=1e-5)
