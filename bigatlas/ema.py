@@ -13,7 +13,8 @@ so every rank keeps the same average; checkpoints carry it, so a resumed run end
 
 The average moves every `every` optimizer steps, by the decay raised to that power (and the plain
 mean over those samples until then): the same span of steps for a quarter of the memory traffic at 4
-— a pass over every weight and its average that cost 0.25-0.45 ms of a ~10 ms CPU step.
+— a pass over every weight and its average that cost 0.17-0.45 ms of a ~10 ms CPU step. Screened
+on the hard atlases (tag ema4 in bench/results/defaults.json): the same latent as every step.
 """
 
 from __future__ import annotations
