@@ -286,7 +286,7 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
     row = epoch_row(acc, progress.sums, epoch, progress.step, kl_weight, s.optimizer.param_groups[0]["lr"])
     log.epoch(row)
     stop = _early_stop(t, progress, row.get("val_loss"), s.max_epochs)
-    if not stop and _lr_cut_due(t, progress, row.get("val_loss")):
+    if not stop and _lr_cut_due(t, progress, row.get("val_loss"), s.max_epochs):
         for group in s.optimizer.param_groups:
             group["lr"] *= t.lr_plateau_factor
     progress.epoch, progress.sums = epoch + 1, None
@@ -392,19 +392,28 @@ def _early_stop(t: TrainConfig, progress: Progress, val_loss: float | None, max_
     if not np.isfinite(best) or val_loss < best - max(t.early_stopping_min_delta * abs(best), 1e-6):
         progress.best_val, progress.bad_epochs = val_loss, 0
         return False
-    if progress.epoch + 1 <= t.warmup_epochs(max_epochs):
+    if not _counted(t, progress, max_epochs):
         return False
     progress.bad_epochs += 1
     return bool(t.early_stopping_patience) and progress.bad_epochs >= t.early_stopping_patience
 
 
-def _lr_cut_due(t: TrainConfig, progress: Progress, val_loss: float | None) -> bool:
+def _counted(t: TrainConfig, progress: Progress, max_epochs: int) -> bool:
+    """Whether this epoch counts towards the patience of early stopping and of a plateau: not one of
+    the KL warm-up."""
+    return progress.epoch + 1 > t.warmup_epochs(max_epochs)
+
+
+def _lr_cut_due(t: TrainConfig, progress: Progress, val_loss: float | None, max_epochs: int) -> bool:
     """After _early_stop of this epoch: the learning rate is cut every `lr_plateau_patience` counted
-    bad epochs in a row. bad_epochs moves only on counted epochs (reset by an improvement, 0 through
-    the warm-up), so a multiple of the patience means this epoch completed one — and a resumed run,
-    whose Progress carries bad_epochs, cuts at the same epochs."""
+    bad epochs in a row. bad_epochs moves only on counted epochs (reset by an improvement), so on a
+    counted epoch a multiple of the patience means this one completed it — and a resumed run, whose
+    Progress carries bad_epochs, cuts at the same epochs. (An uncounted epoch leaves bad_epochs as it
+    was: a resume with a larger max_epochs can lengthen the warm-up past epochs already counted.)"""
     p = t.lr_plateau_patience
-    return bool(p) and val_loss is not None and progress.bad_epochs > 0 and progress.bad_epochs % p == 0
+    if not p or val_loss is None or not _counted(t, progress, max_epochs):
+        return False
+    return progress.bad_epochs > 0 and progress.bad_epochs % p == 0
 
 
 def _finish(s: Session, stopped_early: bool, trace: bool) -> Path:

@@ -290,7 +290,7 @@ def test_the_learning_rate_is_cut_every_patience_epochs_of_a_plateau():
             progress.epoch = epoch
             if _early_stop(t, progress, loss, max_epochs=100):
                 break
-            if _lr_cut_due(t, progress, loss):
+            if _lr_cut_due(t, progress, loss, max_epochs=100):
                 cuts.append(epoch)
         return cuts
 
@@ -302,6 +302,12 @@ def test_the_learning_rate_is_cut_every_patience_epochs_of_a_plateau():
     # an improvement restarts the count: no cut until 3 bad epochs in a row again
     dip = [10.0, 9.0, 9.5, 9.5, 9.5, 8.0, 9.5, 9.5, 9.5, 9.5]
     assert cut_epochs(dip, lr_plateau_patience=3, early_stopping_patience=0) == [8]
+    # a resume with a larger max_epochs lengthened the warm-up past 2 counted bad epochs: its epoch 2 is
+    # warm-up again, leaves the count as it was, and cuts nothing
+    t = TrainConfig(kl_warmup_epochs=3, lr_plateau_patience=2)
+    progress = Progress(epoch=2, best_val=9.0, bad_epochs=2)
+    assert not _early_stop(t, progress, 9.5, max_epochs=100) and progress.bad_epochs == 2
+    assert not _lr_cut_due(t, progress, 9.5, max_epochs=100)
 
 
 def test_a_run_with_learning_rate_cuts_resumes_bit_identically(small_atlas, tmp_path):
