@@ -196,65 +196,88 @@ class VAEModule(nn.Module):
         (no gradient), with eval_kl_weight."""
         q_mu, q_var = self.encode(counts)
         z = q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu)
-        recon, gate_pen = self._reconstruction(z, batch_codes, counts)
-        kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
         mask = torch.ones(len(counts), dtype=torch.bool, device=q_mu.device) if cell_mask is None else cell_mask
-        total, terms = self._terms(recon, kl, gate_pen, z, labels, mask, kl_weight, gate_weight, label_weight)
-        terms["n"] = mask.sum().float()
-        if eval_mask is not None:  # no host sync on whether it has cells: the sums are 0 when it has none
-            with torch.no_grad():
-                _, val = self._terms(
-                    recon, kl, gate_pen, z, labels, eval_mask, eval_kl_weight, gate_weight, label_weight
-                )
+        w = mask / mask.sum().clamp_min(1)  # each cell's weight in the loss's per-cell means
+        recon, gate_pen, fused = self._reconstruction(z, batch_codes, counts, w, gate_weight * w)
+        kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
+        # no host sync on whether eval_mask has cells: its sums are 0 when it has none
+        masks = mask[None] if eval_mask is None else torch.stack([mask, eval_mask])
+        per_mask = self._terms(recon, kl, gate_pen, z, labels, masks)
+        weights = (gate_weight, label_weight)
+        in_fused = fused is not None and gate_pen is not None and gate_pen.dim() == 1  # the gate's term in it
+        train = per_mask[0]
+        total = _weighted(train, train["recon"] if fused is None else fused, kl_weight, *weights, in_fused)
+        terms = {k: v.detach() for k, v in train.items()}
+        terms["loss"] = total.detach()
+        if eval_mask is not None:
+            val = {k: v.detach() for k, v in per_mask[1].items()}
+            val["loss"] = _weighted(val, val["recon"], eval_kl_weight, *weights, False)
             terms.update({f"val_{k}": v for k, v in val.items()})
-            terms["val_n"] = eval_mask.sum().float()
         return LossOutput(total, terms, terms["n"])
 
-    def _reconstruction(self, z, batch_codes, counts: Counts):
-        """Per-cell NLL and ZI gate penalty (per cell; one scalar for a per-gene gate; None for NB), in float32."""
+    def _reconstruction(self, z, batch_codes, counts: Counts, w, w_pen):
+        """Per-cell NLL and ZI gate penalty (per cell; one scalar for a per-gene gate; None for NB), in float32,
+        and where the loss is fused (decoder_nll) their weighted sum Σ w·NLL + Σ w_pen·penalty (the per-cell
+        penalty's only), which alone carries the gradient (None otherwise)."""
         logits, log_theta, gate = self.decoder_outputs(z, batch_codes)
         per_cell_gate = gate is not None and gate.dim() == 2
+        fused = None
         with torch.autocast(device_type=z.device.type, enabled=False):
             gate = None if gate is None else gate.float()
             if self.compiled_loss:  # softmax, exp, the gate penalty and the likelihood fused (decoder_nll)
-                recon, penalty = logit_nll(counts, logits.float(), log_theta.float(), gate, LOG_THETA_RANGE)
+                recon, penalty, fused = logit_nll(
+                    counts, logits.float(), log_theta.float(), gate, LOG_THETA_RANGE, w, w_pen
+                )
             else:
                 mu = F.softmax(logits.float(), dim=-1) * counts.library.unsqueeze(1)
                 theta = torch.exp(log_theta.float().clamp(*LOG_THETA_RANGE))
                 recon, penalty = nll(counts, mu, theta, gate), None
             if gate is not None and not (per_cell_gate and self.compiled_loss):
                 penalty = torch.sigmoid(gate).sum(-1)
-        return recon, penalty
+        return recon, penalty, fused
 
-    def _terms(self, recon, kl, gate_pen, z, labels, mask, kl_weight, gate_weight, label_weight):
-        denom = mask.sum().clamp_min(1)
-        recon_m = (recon * mask).sum() / denom
-        kl_m = (kl * mask).sum() / denom
-        total = recon_m + kl_weight * kl_m
-        terms = {"recon": recon_m.detach(), "kl": kl_m.detach()}
-        if gate_pen is not None:
-            gate_m = gate_pen if gate_pen.dim() == 0 else (gate_pen * mask).sum() / denom
-            total = total + gate_weight * gate_m
-            terms["gate"] = gate_m.detach()
-        if len(self.heads) and labels is not None:
-            label_loss = self._label_loss(z, labels, mask)
-            total = total + label_weight * label_loss
-            terms["label"] = label_loss.detach()
-        terms["loss"] = total.detach()
-        return total, terms
+    def _terms(self, recon, kl, gate_pen, z, labels, masks) -> list[dict]:
+        """Per row of masks (rows, cells), over its cells: the per-cell means of the NLL, KL and gate penalty,
+        the label loss (label_loss) and 'n' the cells; every row's sums in one matrix product (the training
+        and the held-out cells of a batch)."""
+        cols = [recon, kl]
+        per_cell_gate = gate_pen is not None and gate_pen.dim() == 1
+        if per_cell_gate:
+            cols.append(gate_pen)
+        n_means = len(cols)
+        heads = len(self.heads) and labels is not None
+        if heads:
+            cols += self._label_columns(z, labels)
+        m = masks.to(kl.dtype)
+        sums = m @ torch.stack(cols, 1)  # (rows, columns)
+        n = m.sum(1)
+        means = sums[:, :n_means] / n.clamp_min(1).unsqueeze(1)
+        out = []
+        for r in range(len(masks)):
+            terms = {"recon": means[r, 0], "kl": means[r, 1], "n": n[r]}
+            if gate_pen is not None:
+                terms["gate"] = means[r, 2] if per_cell_gate else gate_pen
+            if heads:
+                terms["label"] = self.label_loss(sums[r, n_means:])
+            out.append(terms)
+        return out
 
-    def _label_loss(self, z, labels, mask) -> torch.Tensor:
-        """Mean over label keys of class-weighted cross-entropy over labelled cells in mask. A batch
-        without labelled cells contributes exactly 0 (the original gave NaN), with every head still in
-        the graph (DDP) and no host sync to find out."""
-        losses = []
+    def _label_columns(self, z, labels) -> list[torch.Tensor]:
+        """Per label key, each cell's class weight × cross-entropy and its class weight (0 if unlabelled)."""
+        cols = []
         for i, logits in enumerate(self.label_logits(z)):
             y = labels[:, i]
-            keep = mask & (y >= 0)
-            w = getattr(self, f"class_weight_{i}")[y.clamp_min(0)] * keep
-            ce = F.cross_entropy(logits.float(), y.clamp_min(0), reduction="none")
-            losses.append((w * ce).sum() / w.sum().clamp_min(1e-12))
-        return torch.stack(losses).mean()
+            w = getattr(self, f"class_weight_{i}")[y.clamp_min(0)] * (y >= 0)
+            cols += [w * F.cross_entropy(logits.float(), y.clamp_min(0), reduction="none"), w]
+        return cols
+
+    @staticmethod
+    def label_loss(sums: torch.Tensor) -> torch.Tensor:
+        """Mean over label keys of the class-weighted cross-entropy over the labelled cells, from the sums of
+        _label_columns' pairs. A batch without labelled cells contributes exactly 0 (the original gave NaN),
+        with every head still in the graph (DDP) and no host sync to find out."""
+        pairs = sums.view(-1, 2)
+        return (pairs[:, 0] / pairs[:, 1].clamp_min(1e-12)).mean()
 
     # -- inference --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -265,3 +288,14 @@ class VAEModule(nn.Module):
     @torch.no_grad()
     def label_probs(self, z: torch.Tensor) -> list[torch.Tensor]:
         return [F.softmax(logits.float(), dim=-1) for logits in self.label_logits(z)]
+
+
+def _weighted(terms: dict, recon, kl_weight: float, gate_weight: float, label_weight: float, gate_in_recon: bool):
+    """The loss from a mask's terms: recon (the NLL's mean, or the fused loss that may hold the gate's term
+    already) + the weighted KL, gate penalty and label loss."""
+    total = recon + kl_weight * terms["kl"]
+    if "gate" in terms and not gate_in_recon:
+        total = total + gate_weight * terms["gate"]
+    if "label" in terms:
+        total = total + label_weight * terms["label"]
+    return total

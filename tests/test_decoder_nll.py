@@ -34,14 +34,21 @@ def eager(counts, logits, log_theta, gate):
     return recon, torch.sigmoid(gate).sum(-1) if per_cell_gate else torch.zeros_like(recon)
 
 
-def fused(counts, logits, log_theta, gate):
-    return logit_nll(counts, logits, log_theta, gate, RANGE)
+def fused(counts, logits, log_theta, gate, w=None, w_pen=None):
+    """(NLL, penalty) per cell without gradient and the loss Σ w·NLL + Σ w_pen·penalty with it."""
+    w = torch.ones(len(counts)) if w is None else w
+    return logit_nll(counts, logits, log_theta, gate, RANGE, w, w if w_pen is None else w_pen)
 
 
-def value_and_grads(f, counts, params, w, w_pen):
+def value_and_grads(f, counts, params, w, w_pen, upstream=1.0):
+    """Per-cell NLL and penalty, and the gradients of upstream × (Σ w·NLL + Σ w_pen·penalty)."""
     params = [None if t is None else t.clone().requires_grad_() for t in params]
-    recon, penalty = f(counts, *params)
-    grads = torch.autograd.grad((recon * w).sum() + (penalty * w_pen).sum(), [t for t in params if t is not None])
+    if f is fused:
+        recon, penalty, loss = fused(counts, *params, w, w_pen)
+    else:
+        recon, penalty = f(counts, *params)
+        loss = (recon * w).sum() + (penalty * w_pen).sum()
+    grads = torch.autograd.grad(upstream * loss, [t for t in params if t is not None])
     return recon.detach(), penalty.detach(), grads
 
 
@@ -71,6 +78,10 @@ def test_fused_reconstruction_equals_softmax_exp_and_the_eager_likelihood(theta_
         assert float(theta_grad[0]) == float(theta_grad[1]) == float(theta_grad[4]) == 0.0  # clamped: none
         with torch.no_grad():
             torch.testing.assert_close(fused(counts, *params)[0], got[0], rtol=1e-6, atol=1e-4)
+        # an upstream gradient other than training's 1 scales every gradient
+        scaled = value_and_grads(fused, counts, params, w, w_pen, upstream=2.5)
+        for a, b in zip(scaled[2], got[2]):
+            torch.testing.assert_close(a, 2.5 * b)
 
 
 def test_a_compiler_failure_warns_once_and_runs_uncompiled(monkeypatch):
@@ -90,8 +101,8 @@ def test_a_compiler_failure_warns_once_and_runs_uncompiled(monkeypatch):
     ref = eager(counts, *params)
     with pytest.warns(UserWarning, match=r"torch.compile of _dense_terms failed \(RuntimeError: InvalidCxxCompiler"):
         got = fused(counts, *params)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
-    got[0].sum().backward()  # the backward's fused functions fall back too
+    torch.testing.assert_close(got[:2], ref, rtol=1e-5, atol=1e-3)
+    got[2].backward()  # the gradient pass's fused function falls back too
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "torch.compile of")  # later calls: no new warning, still uncompiled
-        torch.testing.assert_close(fused(counts, *params), ref, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(fused(counts, *params)[:2], ref, rtol=1e-5, atol=1e-3)
