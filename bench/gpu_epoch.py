@@ -13,9 +13,10 @@ import warnings
 
 import torch
 
-from bigatlas.config import ModelConfig
+from bigatlas.config import ModelConfig, TrainConfig
 from bigatlas.distributions import Counts
 from bigatlas.model import VAEModule
+from bigatlas.optim import make_optimizer
 
 
 def batches(n_pool: int, batch: int, genes: int, nnz_per_cell: int, n_batch_cats: int, n_classes: int, dev):
@@ -87,7 +88,7 @@ def main() -> None:
                 torch.manual_seed(0)
                 model = VAEModule(a.genes, [6, 6], [12], ModelConfig(), [[10] * 12]).to(dev)
                 model.compiled_loss = a.compile_loss == "on"  # compiled in the warm-up epoch
-                opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-6, fused=True)
+                opt = make_optimizer(model.parameters(), TrainConfig())  # the trainer's AdamW
                 row = {"batch_size": batch, "bf16": bf16, "host_syncs_per_step": sync, "compile_loss": a.compile_loss}
                 try:
                     epoch(model, opt, pool, 20 * batch, batch, bf16, sync)  # warm-up (kernels, allocator)

@@ -30,7 +30,8 @@ from bench.common import KEYS, ensure_store, main, train_config, write_results
 from bigatlas.batches import ModelInput, holdout_all
 from bigatlas.checkpoint import Progress
 from bigatlas.distributions import Counts
-from bigatlas.train import clip_gradients, loss_weights, make_accelerator, set_up, train, train_step
+from bigatlas.optim import clip_gradients
+from bigatlas.train import loss_weights, make_accelerator, set_up, train, train_step
 from bigatlas.vocab import apply_lut
 from loaders import open_store
 

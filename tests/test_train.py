@@ -345,7 +345,7 @@ def test_optimizer_steps_with_the_configured_epsilon():
     import torch
 
     from bigatlas.config import TrainConfig
-    from bigatlas.train import make_optimizer
+    from bigatlas.optim import make_optimizer
 
     p = torch.nn.Parameter(torch.zeros(3))
     opt = make_optimizer([p], TrainConfig(lr=0.3, weight_decay=0.0, adam_eps=0.05))
@@ -425,7 +425,7 @@ def test_clipping_through_the_fused_optimizer_makes_the_update_of_clip_grad_norm
     gradients: the weights after the step must be those of torch's clip_grad_norm_ then the step, with
     the clip active (norm above the limit) and not."""
     from bigatlas.config import TrainConfig
-    from bigatlas.train import clip_gradients, make_optimizer
+    from bigatlas.optim import clip_gradients, make_optimizer
 
     def stepped(clip, max_norm, scale):
         torch.manual_seed(0)
