@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributions import EPS, Counts, exp_neg_abs, fused, nonzero_terms, sigmoid_from, zero_terms
+from .distributions import EPS, Counts, exp_neg_abs, fused, nonzero_terms, sigmoid_from, zero_d_mu, zero_terms
 
 
 def _dense_terms(logits, library, log_theta, gate, w, w_pen, lo: float, hi: float, eps: float, grad: bool, pen: bool):
@@ -38,24 +38,23 @@ def _dense_terms(logits, library, log_theta, gate, w, w_pen, lo: float, hi: floa
     penalty = sigmoid_from(gate, u).sum(1) if pen else None
     if not grad:
         return per_cell, penalty, m.squeeze(1), ssum.squeeze(1), None, None, None, None
-    w1 = w.unsqueeze(1)
-    wmg = w1 * (mu * d_mu)
-    d_lt = torch.where((log_theta >= lo) & (log_theta <= hi), w1 * (d_theta * theta), 0.0)
-    if d_gate is not None:
-        d_gate = w1 * d_gate
-        if pen:  # σ(g) σ(−g) = u / (1 + u)²
-            d_gate = d_gate + w_pen.unsqueeze(1) * (u / ((1.0 + u) * (1.0 + u)))
+    wmg, d_lt, d_gate = _weighted_grads(
+        w.unsqueeze(1), mu, d_mu, log_theta, theta, d_theta, d_gate, w_pen.unsqueeze(1), u, lo, hi
+    )
     return per_cell, penalty, m.squeeze(1), ssum.squeeze(1), wmg, wmg.sum(1), d_lt, d_gate
 
 
-def _zero_d_mu(mu, theta, g, eps: float):
-    """dNLL/dμ of the x = 0 term (what _dense_terms counted at a nonzero entry)."""
-    t_mu = theta + mu + eps
-    d = theta / t_mu
-    if g is None:
-        return d
-    nb0 = theta * (torch.log(theta + eps) - torch.log(t_mu))
-    return d * torch.sigmoid(nb0 - g)
+def _weighted_grads(w, mu, d_mu, log_theta, theta, d_theta, d_gate, w_pen, u, lo: float, hi: float):
+    """The loss's gradients from the NLL's derivatives and the cells' weights w: w μ dNLL/dμ (the softmax
+    gradient's input), w θ dNLL/dθ in log θ (0 where clamped), w dNLL/dgate plus, with u = exp(−|gate|)
+    given, the penalty's w_pen σ(g) σ(−g) = w_pen u / (1 + u)². Dense or at the nonzeros alike."""
+    wmg = w * (mu * d_mu)
+    d_lt = torch.where((log_theta >= lo) & (log_theta <= hi), w * (d_theta * theta), 0.0)
+    if d_gate is not None:
+        d_gate = w * d_gate
+        if u is not None:
+            d_gate = d_gate + w_pen * (u / ((1.0 + u) * (1.0 + u)))
+    return wmg, d_lt, d_gate
 
 
 def _gather(t: torch.Tensor, flat, cols) -> torch.Tensor:
@@ -77,14 +76,9 @@ def _nonzero_terms(
     if not grad:
         return delta, None, None, None, None
     w_nz = w[rows]
-    wmg = w_nz * (mu * d_mu)
-    d_lt = torch.where((lt_nz >= lo) & (lt_nz <= hi), w_nz * (d_theta * theta), 0.0)
-    if d_gate is not None:
-        d_gate = w_nz * d_gate
-        if pen:
-            u = exp_neg_abs(g_nz)
-            d_gate = d_gate + w_pen[rows] * (u / ((1.0 + u) * (1.0 + u)))
-    return delta, wmg, wmg - w_nz * (mu * _zero_d_mu(mu, theta, g_nz, eps)), d_lt, d_gate
+    u = exp_neg_abs(g_nz) if pen else None
+    wmg, d_lt, d_gate = _weighted_grads(w_nz, mu, d_mu, lt_nz, theta, d_theta, d_gate, w_pen[rows], u, lo, hi)
+    return delta, wmg, wmg - w_nz * (mu * zero_d_mu(mu, theta, g_nz, eps)), d_lt, d_gate
 
 
 def _softmax_grad(wmg, logits, m, ssum, r):

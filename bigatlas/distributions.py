@@ -257,9 +257,7 @@ def zero_terms(mu, theta, gate, eps: float, grad: bool):
     mu, theta and the gate (the ZINB's through nb0 with weight sigmoid(nb0 − g)). Only elementwise
     ops and one row sum over cells × genes — the step's costliest memory traffic, which
     torch.compile fuses into one pass (see fused)."""
-    t_mu = theta + mu + eps
-    diff = torch.log(theta + eps) - torch.log(t_mu)  # log(θ/(θ+μ))
-    nb0 = theta * diff
+    t_mu, _, diff, nb0 = nb_zero(mu, theta, eps)
     if gate is None:
         per_cell = -nb0.sum(1)
     else:
@@ -274,6 +272,22 @@ def zero_terms(mu, theta, gate, eps: float, grad: bool):
         return per_cell, d_mu, d_theta, None
     s_a = sigmoid_from(a, v)
     return per_cell, d_mu * s_a, d_theta * s_a, s_a - sigmoid_from(-gate, u)
+
+
+def nb_zero(mu, theta, eps: float):
+    """θ + μ + ε, its log, log(θ/(θ+μ)) and log NB(0) = θ log(θ/(θ+μ)): the pieces every fused term and
+    derivative starts from (elementwise, any shape)."""
+    t_mu = theta + mu + eps
+    log_t_mu = torch.log(t_mu)
+    diff = torch.log(theta + eps) - log_t_mu
+    return t_mu, log_t_mu, diff, theta * diff
+
+
+def zero_d_mu(mu, theta, gate, eps: float):
+    """dNLL/dμ of the x = 0 term alone (zero_terms' d_mu), e.g. to take it back out at a nonzero entry."""
+    t_mu, _, _, nb0 = nb_zero(mu, theta, eps)
+    d = theta / t_mu
+    return d if gate is None else d * torch.sigmoid(nb0 - gate)
 
 
 def exp_neg_abs(t: torch.Tensor) -> torch.Tensor:
@@ -291,10 +305,7 @@ def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool):
     """At the nonzero entries (1-D, gathered): the NLL's x > 0 term minus the x = 0 term zero_terms
     already counted, and with grad the derivatives that replace zero_terms' there (of −log p:
     d/dμ = (θ+x)/(θ+μ+ε) − x/(μ+ε); d/dθ = −∂nb0/∂θ + x/(θ+μ+ε) − ψ(x+θ) + ψ(θ); d/dg = sigmoid(g))."""
-    t_mu = theta_nz + mu_nz + eps
-    log_t_mu = torch.log(t_mu)
-    diff = torch.log(theta_nz + eps) - log_t_mu
-    nb0 = theta_nz * diff
+    t_mu, log_t_mu, diff, nb0 = nb_zero(mu_nz, theta_nz, eps)
     log_p = nb0 + x * (torch.log(mu_nz + eps) - log_t_mu)
     log_p = log_p + log_gamma_terms(x, theta_nz)
     if g_nz is None:

@@ -197,12 +197,13 @@ class VAEModule(nn.Module):
         q_mu, q_var = self.encode(counts)
         z = q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu)
         mask = torch.ones(len(counts), dtype=torch.bool, device=q_mu.device) if cell_mask is None else cell_mask
-        w = mask / mask.sum().clamp_min(1)  # each cell's weight in the loss's per-cell means
-        recon, gate_pen, fused = self._reconstruction(z, batch_codes, counts, w, gate_weight * w)
-        kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
         # no host sync on whether eval_mask has cells: its sums are 0 when it has none
         masks = mask[None] if eval_mask is None else torch.stack([mask, eval_mask])
-        per_mask = self._terms(recon, kl, gate_pen, z, labels, masks)
+        n = masks.sum(1, dtype=torch.float32)
+        w = mask / n[0].clamp_min(1)  # each cell's weight in the loss's per-cell means
+        recon, gate_pen, fused = self._reconstruction(z, batch_codes, counts, w, gate_weight * w)
+        kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
+        per_mask = self._terms(recon, kl, gate_pen, z, labels, masks, n)
         weights = (gate_weight, label_weight)
         in_fused = fused is not None and gate_pen is not None and gate_pen.dim() == 1  # the gate's term in it
         train = per_mask[0]
@@ -236,9 +237,9 @@ class VAEModule(nn.Module):
                 penalty = torch.sigmoid(gate).sum(-1)
         return recon, penalty, fused
 
-    def _terms(self, recon, kl, gate_pen, z, labels, masks) -> list[dict]:
-        """Per row of masks (rows, cells), over its cells: the per-cell means of the NLL, KL and gate penalty,
-        the label loss (label_loss) and 'n' the cells; every row's sums in one matrix product (the training
+    def _terms(self, recon, kl, gate_pen, z, labels, masks, n) -> list[dict]:
+        """Per row of masks (rows, cells), over its n cells: the per-cell means of the NLL, KL and gate
+        penalty, the label loss (label_loss) and 'n'; every row's sums in one matrix product (the training
         and the held-out cells of a batch)."""
         cols = [recon, kl]
         per_cell_gate = gate_pen is not None and gate_pen.dim() == 1
@@ -250,7 +251,6 @@ class VAEModule(nn.Module):
             cols += self._label_columns(z, labels)
         m = masks.to(kl.dtype)
         sums = m @ torch.stack(cols, 1)  # (rows, columns)
-        n = m.sum(1)
         means = sums[:, :n_means] / n.clamp_min(1).unsqueeze(1)
         out = []
         for r in range(len(masks)):
