@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .csr import CSR, merge_ranges, row_ranges, take_rows
-from .store import Store, StoreError, filtered_positions, read_elem
+from .store import GroupObsStore, Store, StoreError, filtered_positions, read_elem
 
 # An .h5ad whose X is compressed (write_h5ad(compression="gzip")) or dense decodes shuffled blocks
 # several times slower than the layout `bigatlas prepare --convert` writes; an uncompressed sparse
@@ -45,7 +45,7 @@ def _as_csr(indptr, indices, data, n_cols) -> CSR:
     return CSR(indptr, indices, data if data.dtype == np.float32 else data.astype(np.float32), n_cols)
 
 
-class H5adStore(Store):
+class H5adStore(GroupObsStore):
     """An .h5ad file: CSR (sparse group) or dense X through h5py; obs columns read one at a time."""
 
     def __init__(self, path, *, obs_filter: str | None = None, layer: str | None = None):
@@ -112,17 +112,6 @@ class H5adStore(Store):
                 "of a gzip .h5ad in our loader benchmark)",
                 stacklevel=3,
             )
-
-    @property
-    def obs_columns(self) -> list[str]:
-        return list(self._obs_cols)
-
-    def _read_obs(self, column):
-        values = read_elem(self._obs[column])
-        return values if self._rows is None else values[self._rows]
-
-    def store_rows(self, rows: np.ndarray) -> np.ndarray:
-        return rows if self._rows is None else self._rows[rows]
 
     def obs_names(self, rows: np.ndarray) -> np.ndarray:
         index = self._obs[self._obs.attrs.get("_index", "_index")].asstr()

@@ -207,3 +207,23 @@ class Store:
     def reader(self) -> Store:
         """A handle for one reader thread (stores with thread-affine handles return a fresh one)."""
         return self
+
+
+class GroupObsStore(Store):
+    """A store whose obs is an AnnData obs group (Zarr or HDF5): subclasses set _obs (the group),
+    _obs_cols (its columns) and _rows (the store rows the obs filter keeps, None for all)."""
+
+    _obs: object
+    _obs_cols: list[str]
+    _rows: np.ndarray | None
+
+    @property
+    def obs_columns(self) -> list[str]:
+        return list(self._obs_cols)
+
+    def _read_obs(self, column):
+        values = read_elem(self._obs[column])
+        return values if self._rows is None else values[self._rows]
+
+    def store_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self._rows is None else self._rows[rows]

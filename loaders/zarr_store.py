@@ -14,10 +14,10 @@ import zarr
 from zarr.core.sync import sync
 
 from .csr import CSR, row_ranges
-from .store import Store, StoreError, filtered_positions, read_elem
+from .store import GroupObsStore, StoreError, filtered_positions, read_elem
 
 
-class ZarrStore(Store):
+class ZarrStore(GroupObsStore):
     def __init__(self, uri: str, *, obs_filter: str | None = None, layer: str | None = None):
         self.uri = str(uri)
         try:
@@ -62,17 +62,6 @@ class ZarrStore(Store):
         chunk_rows = int(max(1, round(self._chunk_elems / mean_nnz)))
         self.block_rows = min(max(chunk_rows, 256), 4096)
         self.blocks_per_request = 128
-
-    @property
-    def obs_columns(self) -> list[str]:
-        return list(self._obs_cols)
-
-    def _read_obs(self, column):
-        values = read_elem(self._obs[column])
-        return values if self._rows is None else values[self._rows]
-
-    def store_rows(self, rows: np.ndarray) -> np.ndarray:
-        return rows if self._rows is None else self._rows[rows]
 
     def obs_names(self, rows: np.ndarray) -> np.ndarray:
         index = self._obs[self._obs.attrs.get("_index", "_index")]
