@@ -89,7 +89,7 @@ def scib_scores(emb: np.ndarray, labels: np.ndarray, batches: np.ndarray, seed: 
     full = NeighborsResults(indices=np.hstack([self_col, idx]), distances=np.hstack([np.zeros_like(dist[:, :1]), dist]))
     small, kb = full.subset_neighbors(K_SMALL + 1), full.subset_neighbors(K_KBET + 1)
     out = neighbour_scores(idx[:, :K_SMALL], labels, batches)
-    np.random.seed(seed)  # scib-metrics' k-means draws from numpy's global state
+    np.random.seed(seed)  # any numpy draws reproducible (scib-metrics' k-means has its own seed, 0)
     out.update(sm.nmi_ari_cluster_labels_kmeans(emb, labels))
     out["silhouette_label"] = float(sm.silhouette_label(emb, labels))
     out["clisi"] = float(sm.clisi_knn(full, labels))
