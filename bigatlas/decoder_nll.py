@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributions import EPS, Counts, exp_neg_abs, fused, nonzero_terms, sigmoid_from, zero_d_mu, zero_terms
+from .distributions import EPS, Counts, exp_neg_abs, fused, nonzero_terms, sigmoid_from, zero_terms
 
 
 def _dense_terms(logits, library, log_theta, gate, w, w_pen, lo: float, hi: float, eps: float, grad: bool, pen: bool):
@@ -72,13 +72,13 @@ def _nonzero_terms(
     lt_nz = _gather(log_theta, flat, cols)
     g_nz = None if gate is None else _gather(gate, flat, cols)
     theta = torch.exp(lt_nz.clamp(lo, hi))
-    delta, d_mu, d_theta, d_gate = nonzero_terms(x, mu, theta, g_nz, eps, grad)
+    delta, d_mu, d_theta, d_gate, d_mu0 = nonzero_terms(x, mu, theta, g_nz, eps, grad)
     if not grad:
         return delta, None, None, None, None
     w_nz = w[rows]
     u = exp_neg_abs(g_nz) if pen else None
     wmg, d_lt, d_gate = _weighted_grads(w_nz, mu, d_mu, lt_nz, theta, d_theta, d_gate, w_pen[rows], u, lo, hi)
-    return delta, wmg, wmg - w_nz * (mu * zero_d_mu(mu, theta, g_nz, eps)), d_lt, d_gate
+    return delta, wmg, wmg - w_nz * (mu * d_mu0), d_lt, d_gate
 
 
 def _softmax_grad(wmg, logits, m, ssum, r):

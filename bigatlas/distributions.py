@@ -283,13 +283,6 @@ def nb_zero(mu, theta, eps: float):
     return t_mu, log_t_mu, diff, theta * diff
 
 
-def zero_d_mu(mu, theta, gate, eps: float):
-    """dNLL/dμ of the x = 0 term alone (zero_terms' d_mu), e.g. to take it back out at a nonzero entry."""
-    t_mu, _, _, nb0 = nb_zero(mu, theta, eps)
-    d = theta / t_mu
-    return d if gate is None else d * torch.sigmoid(nb0 - gate)
-
-
 def exp_neg_abs(t: torch.Tensor) -> torch.Tensor:
     """exp(−|t|): with it softplus(±t) = relu(±t) + log1p(·) and sigmoid(±t) (sigmoid_from) share one exp
     instead of one each, where a compiled loop evaluates several of them (the ZINB's gate terms)."""
@@ -304,7 +297,9 @@ def sigmoid_from(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool):
     """At the nonzero entries (1-D, gathered): the NLL's x > 0 term minus the x = 0 term zero_terms
     already counted, and with grad the derivatives that replace zero_terms' there (of −log p:
-    d/dμ = (θ+x)/(θ+μ+ε) − x/(μ+ε); d/dθ = −∂nb0/∂θ + x/(θ+μ+ε) − ψ(x+θ) + ψ(θ); d/dg = sigmoid(g))."""
+    d/dμ = (θ+x)/(θ+μ+ε) − x/(μ+ε); d/dθ = −∂nb0/∂θ + x/(θ+μ+ε) − ψ(x+θ) + ψ(θ); d/dg = sigmoid(g)),
+    and last the d/dμ of zero_terms at these entries (θ/(θ+μ+ε), × sigmoid(nb0 − g) for the ZINB): the one
+    that d/dμ replaces, for a caller that takes it back out of a sum over genes."""
     t_mu, log_t_mu, diff, nb0 = nb_zero(mu_nz, theta_nz, eps)
     log_p = nb0 + x * (torch.log(mu_nz + eps) - log_t_mu)
     log_p = log_p + log_gamma_terms(x, theta_nz)
@@ -313,11 +308,14 @@ def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool):
     else:
         delta = F.softplus(nb0 - g_nz) + g_nz - log_p  # softplus(g) − softplus(−g) = g
     if not grad:
-        return delta, None, None, None
+        return delta, None, None, None, None
     inv = 1.0 / t_mu
     d_mu = (theta_nz + x) * inv - x / (mu_nz + eps)
     d_theta = (theta_nz + x) * inv - diff - theta_nz / (theta_nz + eps) + digamma(theta_nz) - digamma(x + theta_nz)
-    return delta, d_mu, d_theta, None if g_nz is None else torch.sigmoid(g_nz)
+    d_mu0 = theta_nz * inv
+    if g_nz is None:
+        return delta, d_mu, d_theta, None, d_mu0
+    return delta, d_mu, d_theta, torch.sigmoid(g_nz), d_mu0 * torch.sigmoid(nb0 - g_nz)
 
 
 _FUSED: dict = {}  # function -> its _Fused
@@ -366,7 +364,7 @@ def _nll_and_grads(counts: Counts, mu, theta, gate, eps: float, grad: bool):
     x, flat = counts.values.to(mu.dtype), counts.flat
     mu_nz, theta_nz = mu.detach().reshape(-1).take(flat), _at(theta, counts).detach()
     g_nz = None if gate is None else _at(gate, counts).detach()
-    delta, d_mu_nz, d_theta_nz, d_gate_nz = nonzero_terms(x, mu_nz, theta_nz, g_nz, eps, grad)
+    delta, d_mu_nz, d_theta_nz, d_gate_nz, _ = nonzero_terms(x, mu_nz, theta_nz, g_nz, eps, grad)
     value = per_cell + counts.row_sums(delta)
     if not grad:
         return value, ()

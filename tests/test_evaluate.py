@@ -14,7 +14,7 @@ from bigatlas.cli import main
 from bigatlas.embedding import EmbeddingError
 from bigatlas.evaluate import evaluate, stratified_subsample
 from bigatlas.infer import embed
-from bigatlas.metrics import confusion, prediction_scores
+from bigatlas.metrics import confusion, kmeans_scores, prediction_scores
 from bigatlas.synth import synth
 
 N = 4000
@@ -197,6 +197,21 @@ def test_prediction_scores_match_sklearn():
     assert s["n_cells"] == 500
     assert s["accuracy"] == pytest.approx(accuracy_score(truth, pred))
     assert s["macro_f1"] == pytest.approx(f1_score(truth, pred, average="macro", labels=["a", "b", "c", "d"]))
+
+
+def test_kmeans_seed_0_is_scibs_draw_and_seeds_average():
+    import scib_metrics as sm
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 6, 600)
+    emb = rng.normal(size=(6, 5))[labels] + rng.normal(scale=0.8, size=(600, 5))  # overlapping clusters
+    ours = kmeans_scores(emb, labels, [0])
+    scib = sm.nmi_ari_cluster_labels_kmeans(emb.astype(np.float32), labels)
+    assert ours["ari"] == pytest.approx(scib["ari"]) and ours["nmi"] == pytest.approx(scib["nmi"])
+    each = [kmeans_scores(emb, labels, [s]) for s in range(4)]
+    both = kmeans_scores(emb, labels, range(4))
+    assert both["ari"] == pytest.approx(np.mean([e["ari"] for e in each]))
+    assert len({round(e["ari"], 6) for e in each}) > 1  # the draws differ: one seed is not the score
 
 
 def test_stratified_subsample_keeps_rare_classes():
