@@ -109,10 +109,11 @@ def test_readme_notebook_example_runs(tmp_path, monkeypatch):
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
     adata = ns["adata"]
-    assert adata.obsm["X_bigatlas"].shape == (3000, 10)
+    k = ns["model"].config.model.n_latent
+    assert adata.obsm["X_bigatlas"].shape == (3000, k)
     labelled = adata.obs.cell_type.astype(str) != "undefined"
     acc = (adata.obs.cell_type_pred.astype(str) == adata.obs.cell_type.astype(str))[labelled].mean()
     assert acc > 0.8, acc
     assert ns["expr"].shape == (3000, 300) and np.allclose(ns["expr"].sum(1), 1e4, rtol=1e-3)
-    assert ns["query_latent"].shape == ((adata.obs.dataset_id == "study_1").sum(), 10)
+    assert ns["query_latent"].shape == ((adata.obs.dataset_id == "study_1").sum(), k)
     assert Path("run/model.safetensors").exists()

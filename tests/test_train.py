@@ -235,7 +235,7 @@ def test_learns_an_integrated_latent_space(tmp_path):
     adata = ad.read_zarr(data)
     truth = adata.obs.true_cell_type.cat.codes.to_numpy()
     z = model.get_latent()
-    assert z.shape == (6000, 10) and np.isfinite(z).all()
+    assert z.shape == (6000, model.config.model.n_latent) and np.isfinite(z).all()
     base_emb = pca(log1p_normalized(adata.X.toarray()), 10)
     for key in ("donor_id", "dataset_id"):  # donors within studies, and the strong study effect
         batches = adata.obs[key].cat.codes.to_numpy()
