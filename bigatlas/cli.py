@@ -224,7 +224,7 @@ def _evaluate(p):
         "run": ("RUN_DIR of the model (default: recorded); the report goes there", str),
         "out": ("report folder (default RUN_DIR/report)", str),
         "umap_cells": "cells drawn in the UMAP",
-        "seed": "subsample / UMAP seed",
+        "seed": "subsample / UMAP / k-means seed (k-means 0: scib-metrics' own draw)",
     }
     add_signature_flags(p, evaluate, helps)
     add_unlabeled(p, "the run's")
