@@ -185,6 +185,7 @@ def summary(rows: list[dict]) -> dict:
 
 TABLE = (
     ("bio_conservation", "bio"),
+    (f"bio_k{KMEANS_SEEDS}", f"bio (k-means × {KMEANS_SEEDS})"),  # shown only where rows carry it
     ("batch_correction", "batch"),
     ("total", "total"),
     ("knn_label_accuracy", "kNN acc."),
@@ -201,7 +202,8 @@ def table(rows: list[dict], tags) -> str:
     df = df[(df.tag == "peer") | df.tag.isin(tags)]
     df["name"] = np.where(df.tag == "peer", df.method, df.method + " (" + df.tag + ")")
     order = {m: i for i, m in enumerate(METHODS)}
-    lines = ["| atlas | method | seeds | " + " | ".join(h for _, h in TABLE) + " |", "|" + "---|" * (len(TABLE) + 3)]
+    cols = [(k, h) for k, h in TABLE if k in df and df[k].notna().any()]
+    lines = ["| atlas | method | seeds | " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * (len(cols) + 3)]
     for preset in dict.fromkeys(df.preset):
         sub = df[df.preset == preset]
         names = sorted(dict.fromkeys(sub.name), key=lambda n: (order[n.split(" ")[0]] // 2, n.split(" ")[0], n))
@@ -211,7 +213,7 @@ def table(rows: list[dict], tags) -> str:
                 f"{g[k].mean():.{0 if k in ('epochs', 'train_seconds') else 3}f}"
                 if k in g and g[k].notna().any()
                 else "–"
-                for k, _ in TABLE
+                for k, _ in cols
             ]
             lines.append(f"| {preset} | {name} | {len(g)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -214,6 +214,17 @@ def test_kmeans_seed_0_is_scibs_draw_and_seeds_average():
     assert len({round(e["ari"], 6) for e in each}) > 1  # the draws differ: one seed is not the score
 
 
+def test_quality_table_shows_the_ten_draw_bio_only_where_rows_carry_it():
+    from bench.quality import table
+
+    row = {"preset": "rare", "method": "bigatlas", "tag": "default", "bio_conservation": 0.7, "batch_correction": 0.5}
+    old = table([dict(row, seed=s) for s in range(2)], ["default"])
+    assert "k-means" not in old and old.splitlines()[2].count("|") == old.splitlines()[0].count("|")
+    new = table([dict(row, seed=s, bio_k10=0.6 + 0.1 * s) for s in range(2)] + [dict(row, seed=2)], ["default"])
+    head, _, body = new.splitlines()
+    assert body.split(" | ")[head.split(" | ").index("bio (k-means × 10)")] == "0.650"  # the mean of rows with it
+
+
 def test_stratified_subsample_keeps_rare_classes():
     labels = np.repeat([0, 1, 2, -1], [9000, 900, 30, 500])
     s = stratified_subsample(labels, 1000, seed=3, floor=50)
