@@ -3,8 +3,10 @@
 T1 = streaming epoch time (bigatlas train loop on the store) ÷ in-memory epoch time (the store as one
      scipy CSR matrix in memory, minibatches sliced from it; same model and step); also ÷ the same
      step over the epoch's inputs read beforehand (the compute alone: no feeding can beat it);
-T2 = bigatlas training cells/s ÷ scatlasvae 1.0.5.9 `fit` cells/s (skipped with the reason if
-     scatlasvae is not installed);
+T2 = bigatlas training cells/s (--batch-size, by default the trainer's default) ÷ scatlasvae 1.0.5.9
+     `fit` cells/s (--peer-batch-size, by default its own 128), and with bigatlas at the peer's batch
+     size too, in the same run, when the two differ (skipped with the reason if scatlasvae is not
+     installed);
 M1 = peak RSS training a fixed number of steps on a 1,000,000-cell store ÷ on a 100,000-cell store;
 O1 = framework overhead per step (ms): the trainer's own epoch loop (bigatlas.train._epoch: input
      conversion, NaN guard, running sums, syncs, progress bar, epoch-end row and checkpoint) over
@@ -45,7 +47,14 @@ def add_arguments(p) -> None:
         help="likelihood compiled or not (on: what a default run of >= 5,000 steps does; the first epoch pays the "
         "compile)",
     )  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=128, help="minibatch size on both sides")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="bigatlas's minibatch size (default: the trainer's default)"
+    )
+    p.add_argument(
+        "--peer-batch-size", type=int, default=128,
+        help="scatlasvae's minibatch size (its default); T2 is also reported with bigatlas at this size when the "
+        "two differ",
+    )  # fmt: skip
     p.add_argument("--m1-steps", type=int, default=300, help="steps per M1 run")
     p.add_argument("--o1-steps", type=int, default=300, help="steps per O1 loop")
     p.add_argument("--only", nargs="*", default=None, help="subset of: T1 T2 M1 O1")
@@ -53,10 +62,10 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="bench/results/train.json", help="JSON result file")
 
 
-def streaming_epochs(data, a, run_dir) -> list[float]:
+def streaming_epochs(data, a, run_dir, batch_size=None) -> list[float]:
     """Epoch seconds of the real `bigatlas train` loop (metrics.csv)."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = train_config(data, a.epochs, a.batch_size, compile_loss=a.compile_loss)
+    cfg = train_config(data, a.epochs, batch_size or a.batch_size, compile_loss=a.compile_loss)
     train(cfg, run_dir, accelerator=make_accelerator(cfg))
     return [float(r["seconds"]) for r in csv.DictReader(open(Path(run_dir) / "metrics.csv"))]
 
@@ -182,7 +191,7 @@ def scatlasvae_epochs(data, a) -> dict:
     adata.X = adata.X.astype(np.int32)  # scatlasvae wants integer counts for ZINB
     model = scatlasvae.model.scAtlasVAE(adata=adata, batch_key=KEYS["batch_key"], label_key="cell_type", device="cpu")
     t = time.perf_counter()
-    model.fit(max_epoch=a.epochs, n_per_batch=a.batch_size)
+    model.fit(max_epoch=a.epochs, n_per_batch=a.peer_batch_size)
     dt = time.perf_counter() - t
     return {"seconds": round(dt, 2), "cells_per_s": round(adata.n_obs * a.epochs / dt)}
 
@@ -204,12 +213,16 @@ def peak_rss_training(data, steps, batch_size, run_dir) -> float:
 
 
 def run(a) -> dict:
+    from bigatlas.config import TrainConfig
+
     wanted = set(a.only or ["T1", "T2", "M1", "O1"])
+    a.batch_size = a.batch_size or TrainConfig().batch_size
     data = ensure_store(a.data_dir, a.cells, a.genes)
     res: dict = {
         "cells": a.cells,
         "genes": a.genes,
         "batch_size": a.batch_size,
+        "peer_batch_size": a.peer_batch_size,
         "epochs": a.epochs,
         "threads": torch.get_num_threads(),
         "compile_loss": a.compile_loss,
@@ -236,6 +249,14 @@ def run(a) -> dict:
             res["T2_bigatlas_over_scatlasvae"] = round(
                 res["bigatlas_stream"]["cells_per_s"] / res["scatlasvae"]["cells_per_s"], 3
             )
+            if a.batch_size != a.peer_batch_size:  # the same batch size on both sides, in the same run
+                same = streaming_epochs(data, a, run_dir, a.peer_batch_size)
+                res[f"bigatlas_stream_batch_{a.peer_batch_size}"] = {
+                    "epoch_seconds": same, "cells_per_s": round(a.cells / float(np.median(same)))
+                }  # fmt: skip
+                res[f"T2_at_batch_{a.peer_batch_size}"] = round(
+                    a.cells / float(np.median(same)) / res["scatlasvae"]["cells_per_s"], 3
+                )
         except ImportError as e:
             res["scatlasvae"] = {"skipped": f"not installed: {e} (see README, Benchmarks)"}
         print(json.dumps({"scatlasvae": res["scatlasvae"]}), flush=True)
