@@ -31,6 +31,7 @@ import torch
 from bench.common import KEYS, ensure_store, main, train_config, write_results
 from bigatlas.batches import ModelInput, holdout_all
 from bigatlas.checkpoint import Progress
+from bigatlas.config import TrainConfig
 from bigatlas.distributions import Counts
 from bigatlas.optim import clip_gradients
 from bigatlas.train import loss_weights, make_accelerator, set_up, train, train_step
@@ -48,8 +49,9 @@ def add_arguments(p) -> None:
         "compile)",
     )  # fmt: skip
     p.add_argument(
-        "--batch-size", type=int, default=None, help="bigatlas's minibatch size (default: the trainer's default)"
-    )
+        "--batch-size", type=int, default=TrainConfig().batch_size,
+        help="bigatlas's minibatch size (default: the trainer's default)",
+    )  # fmt: skip
     p.add_argument(
         "--peer-batch-size", type=int, default=128,
         help="scatlasvae's minibatch size (its default); T2 is also reported with bigatlas at this size when the "
@@ -60,6 +62,14 @@ def add_arguments(p) -> None:
     p.add_argument("--only", nargs="*", default=None, help="subset of: T1 T2 M1 O1")
     p.add_argument("--data-dir", default="bench/data", help="where stores are built or reused")
     p.add_argument("--out", default="bench/results/train.json", help="JSON result file")
+
+
+def rate(cells: int, epoch_seconds: list[float]) -> dict:
+    """Epoch seconds as timed and the cells/s of their median epoch."""
+    return {
+        "epoch_seconds": [round(s, 2) for s in epoch_seconds],
+        "cells_per_s": round(cells / float(np.median(epoch_seconds))),
+    }
 
 
 def streaming_epochs(data, a, run_dir, batch_size=None) -> list[float]:
@@ -213,10 +223,7 @@ def peak_rss_training(data, steps, batch_size, run_dir) -> float:
 
 
 def run(a) -> dict:
-    from bigatlas.config import TrainConfig
-
     wanted = set(a.only or ["T1", "T2", "M1", "O1"])
-    a.batch_size = a.batch_size or TrainConfig().batch_size
     data = ensure_store(a.data_dir, a.cells, a.genes)
     res: dict = {
         "cells": a.cells,
@@ -230,14 +237,11 @@ def run(a) -> dict:
     run_dir = Path(a.data_dir) / "bench_train_run"
     if wanted & {"T1", "T2"}:
         stream = streaming_epochs(data, a, run_dir)
-        res["bigatlas_stream"] = {"epoch_seconds": stream, "cells_per_s": round(a.cells / float(np.median(stream)))}
+        res["bigatlas_stream"] = rate(a.cells, stream)
         print(json.dumps({"bigatlas_stream": res["bigatlas_stream"]}), flush=True)
     if "T1" in wanted:
         mem = in_memory_epochs(data, a, run_dir)
-        res["in_memory_csr"] = {
-            "epoch_seconds": [round(s, 2) for s in mem],
-            "cells_per_s": round(a.cells / float(np.median(mem))),
-        }
+        res["in_memory_csr"] = rate(a.cells, mem)
         res["T1_stream_over_memory_epoch_time"] = round(float(np.median(stream) / np.median(mem)), 3)
         floor = prebuilt_epoch(data, a, run_dir)
         res["prebuilt_inputs_epoch_seconds"] = round(floor, 2)
@@ -250,12 +254,10 @@ def run(a) -> dict:
                 res["bigatlas_stream"]["cells_per_s"] / res["scatlasvae"]["cells_per_s"], 3
             )
             if a.batch_size != a.peer_batch_size:  # the same batch size on both sides, in the same run
-                same = streaming_epochs(data, a, run_dir, a.peer_batch_size)
-                res[f"bigatlas_stream_batch_{a.peer_batch_size}"] = {
-                    "epoch_seconds": same, "cells_per_s": round(a.cells / float(np.median(same)))
-                }  # fmt: skip
+                same = rate(a.cells, streaming_epochs(data, a, run_dir, a.peer_batch_size))
+                res[f"bigatlas_stream_batch_{a.peer_batch_size}"] = same
                 res[f"T2_at_batch_{a.peer_batch_size}"] = round(
-                    a.cells / float(np.median(same)) / res["scatlasvae"]["cells_per_s"], 3
+                    same["cells_per_s"] / res["scatlasvae"]["cells_per_s"], 3
                 )
         except ImportError as e:
             res["scatlasvae"] = {"skipped": f"not installed: {e} (see README, Benchmarks)"}
