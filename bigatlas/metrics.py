@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .silhouette import isolated_labels, silhouette_batch, silhouette_label, silhouette_samples
+
 # neighbour counts of scib-metrics' benchmarker: 15 (graph connectivity, kNN accuracy), 50 (kBET), 90 (LISI)
 K_SMALL, K_KBET, K_LISI = 15, 50, 90
 
@@ -94,8 +96,9 @@ def kmeans_scores(emb: np.ndarray, labels: np.ndarray, seeds) -> dict:
 
 
 def scib_scores(emb: np.ndarray, labels: np.ndarray, batches: np.ndarray, seed: int = 0) -> dict:
-    """scIB bio-conservation and batch-correction metrics (scib-metrics), our kNN label accuracy and
-    batch mixing, and the scIB aggregates (bio, batch, total = 0.6 bio + 0.4 batch); all in [0, 1].
+    """scIB bio-conservation and batch-correction metrics (scib-metrics; the silhouettes by .silhouette, the
+    same definitions without JAX's per-shape compilations), our kNN label accuracy and batch mixing, and
+    the scIB aggregates (bio, batch, total = 0.6 bio + 0.4 batch); all in [0, 1].
     seed: the k-means draw behind ARI and NMI (0 is scib-metrics' own)."""
     import scib_metrics as sm
     from scib_metrics.nearest_neighbors import NeighborsResults
@@ -108,11 +111,12 @@ def scib_scores(emb: np.ndarray, labels: np.ndarray, batches: np.ndarray, seed: 
     small, kb = full.subset_neighbors(K_SMALL + 1), full.subset_neighbors(K_KBET + 1)
     out = neighbour_scores(idx[:, :K_SMALL], labels, batches)
     out.update(kmeans_scores(emb, labels, [seed]))  # seed 0: scib-metrics' nmi_ari_cluster_labels_kmeans
-    out["silhouette_label"] = float(sm.silhouette_label(emb, labels))
+    label_widths = silhouette_samples(emb, labels)  # for the label silhouette and the isolated labels
+    out["silhouette_label"] = silhouette_label(emb, labels, label_widths)
     out["clisi"] = float(sm.clisi_knn(full, labels))
-    out["isolated_labels"] = float(sm.isolated_labels(emb, labels, batches))
+    out["isolated_labels"] = isolated_labels(emb, labels, batches, label_widths)
     n_batches = len(np.unique(batches))
-    out["silhouette_batch"] = float(sm.silhouette_batch(emb, labels, batches)) if n_batches > 1 else float("nan")
+    out["silhouette_batch"] = silhouette_batch(emb, labels, batches) if n_batches > 1 else float("nan")
     out["ilisi"] = float(sm.ilisi_knn(full, batches)) if n_batches > 1 else float("nan")
     out["kbet"] = float(sm.kbet(kb, batches)[0]) if n_batches > 1 else float("nan")
     out["graph_connectivity"] = float(sm.graph_connectivity(small, labels))
