@@ -64,9 +64,11 @@ def isolated_labels(x: np.ndarray, labels: np.ndarray, batches: np.ndarray, samp
     batches than the label present in the fewest), averaged over those labels. samples: the labels'
     silhouette_samples when already computed."""
     uniq, codes = np.unique(labels, return_inverse=True)
+    codes = codes.ravel()
     b_codes = np.unique(batches, return_inverse=True)[1].ravel()
-    pairs = np.unique(codes.ravel() * (b_codes.max() + 1) + b_codes)
-    per_label = np.bincount(pairs // (b_codes.max() + 1), minlength=len(uniq))
+    n_batches = b_codes.max() + 1
+    pairs = np.unique(codes * n_batches + b_codes)
+    per_label = np.bincount(pairs // n_batches, minlength=len(uniq))
     isolated = np.flatnonzero(per_label <= per_label.min())
     s = ((silhouette_samples(x, labels) if samples is None else samples) + 1) / 2
-    return float(np.mean([s[codes.ravel() == i].mean() for i in isolated]))
+    return float(np.mean([s[codes == i].mean() for i in isolated]))

@@ -224,8 +224,8 @@ def test_learns_an_integrated_latent_space(tmp_path):
     from bigatlas import AtlasVAE
     from bigatlas.metrics import embedding_scores, log1p_normalized, pca
 
-    data = tmp_path / "atlas.zarr"
-    synth(data, 3000, 300, "zarr", seed=2)
+    data, n = tmp_path / "atlas.zarr", 3000
+    synth(data, n, 300, "zarr", seed=2)
     model = AtlasVAE.setup(
         str(data),
         batch_key="dataset_id",
@@ -236,7 +236,7 @@ def test_learns_an_integrated_latent_space(tmp_path):
     adata = ad.read_zarr(data)
     truth = adata.obs.true_cell_type.cat.codes.to_numpy()
     z = model.get_latent()
-    assert z.shape == (3000, model.config.model.n_latent) and np.isfinite(z).all()
+    assert z.shape == (n, model.config.model.n_latent) and np.isfinite(z).all()
     base_emb = pca(log1p_normalized(adata.X.toarray()), 10)
     for key in ("donor_id", "dataset_id"):  # donors within studies, and the strong study effect
         batches = adata.obs[key].cat.codes.to_numpy()
@@ -244,7 +244,7 @@ def test_learns_an_integrated_latent_space(tmp_path):
         assert vae["knn_label_accuracy"] > base["knn_label_accuracy"] + 0.05, (key, vae, base)
         assert vae["batch_mixing"] > base["batch_mixing"] + 0.1, (key, vae, base)
     pred = model.predict_labels()["cell_type"]
-    val = holdout_mask(np.arange(3000), 0.05, 0)
+    val = holdout_mask(np.arange(n), 0.05, 0)
     labelled = (adata.obs.cell_type.astype(str) != "undefined").to_numpy()
     held = val & labelled
     acc = (pred["label"][held] == adata.obs.cell_type.astype(str).to_numpy()[held]).mean()
