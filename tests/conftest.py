@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -18,6 +19,24 @@ warnings.filterwarnings("ignore", message=".*autosharding.*")
 # numba compiles UMAP for ~16 s in every process that trains: the reference UMAP is tested on its own
 # (tests/test_transfer.py clears this); every other training here skips the layout
 os.environ.setdefault("BIGATLAS_REFERENCE_UMAP", "0")
+# under pytest -n N (pytest-xdist; `make test`), each worker and the runs it launches compute on one thread:
+# N workers share the cores instead of oversubscribing them (BIGATLAS_TEST_THREADS overrides)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("BIGATLAS_TEST_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# the longest files (minutes of launches, kills and resumes) start first: under pytest -n --dist loadfile
+# a file runs on one worker, and a long file handed out last is the whole suite's tail
+LONG_FILES = ("test_train.py", "test_multinode.py", "test_transfer.py", "test_reliability.py", "test_preemption.py",
+              "test_evaluate.py", "test_anndata.py", "test_elastic.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: each file's order kept
+
 
 N_OBS = 1009  # prime: no block or batch size divides it
 N_VARS = 40
@@ -122,18 +141,15 @@ def cli(args, env_extra=None, timeout=600, launcher=None):
     return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_launcher(processes: int) -> list:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    """`accelerate launch` of `processes` processes on this machine, on a free port: its default (29500) is
+    taken while another test's run holds it (pytest -n)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]  # fmt: skip

@@ -5,14 +5,13 @@ processes and covers every cell once; the README's notebook example runs."""
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
 import zarr
-from conftest import ROOT
+from conftest import ROOT, accelerate_launcher
 
 from bigatlas import AtlasVAE
 from bigatlas.batches import holdout_mask
@@ -83,21 +82,19 @@ def test_results_come_back_in_the_anndatas_order(copies, tmp_path):
 
 def test_module_entry_point_trains_on_two_processes_from_outside_the_checkout(copies, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "PYTHONPATH")}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2"]  # fmt: skip
     args = ["--data", copies["h5ad"], "--batch-key", "dataset_id", "--out", "run", "--max-epochs", "2",
             "--batch-size", "64", "--trace-cells"]  # fmt: skip
-    res = subprocess.run([*launch, "-m", "bigatlas.train", *args], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+    res = subprocess.run([*accelerate_launcher(2), "-m", "bigatlas.train", *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     train_cells = np.flatnonzero(~holdout_mask(np.arange(N), 0.05, 0))
     for epoch in range(2):
         parts = [np.load(tmp_path / "run" / "trace" / f"rank{r}_epoch{epoch}.npy") for r in range(2)]
         assert len(np.intersect1d(*parts)) == 0
         assert np.array_equal(np.sort(np.concatenate(parts)), train_cells)
-    res = subprocess.run([*launch, "-m", "bigatlas", "embed", "--run", "run", "--data", copies["h5ad"], "--out",
-                          "e.zarr", "--chunk-size", "300"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    embed = ["embed", "--run", "run", "--data", copies["h5ad"], "--out", "e.zarr", "--chunk-size", "300"]
+    res = subprocess.run([*accelerate_launcher(2), "-m", "bigatlas", *embed], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert zarr.open_group(str(tmp_path / "e.zarr")).attrs["bigatlas"]["complete"]
 

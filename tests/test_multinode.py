@@ -6,7 +6,6 @@ identical to one process."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import ROOT
+from conftest import ROOT, accelerate_launcher, free_port
 from safetensors.numpy import load_file
 
 from bigatlas.batches import holdout_mask
@@ -31,12 +30,6 @@ def atlas(tmp_path_factory):
     return str(path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher(kind: str, node: int, port: int) -> list:
     if kind == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
@@ -50,8 +43,7 @@ def launcher(kind: str, node: int, port: int) -> list:
 def one_node(kind: str) -> list:
     if kind == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--multi_gpu",
-            "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    return accelerate_launcher(2)
 
 
 def env():
