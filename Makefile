@@ -51,14 +51,14 @@ demo: install
 	@echo "The demo atlas is easy. On the hard ones, beside scVI/scANVI (python -m bench.quality; 4-6 seeds):"
 	@$(BIN)/python -m bench.quality --table --out bench/results/defaults.json --tags default
 
-# test processes (pytest-xdist): each runs whole files on one thread (tests/conftest.py)
+# test processes (pytest-xdist): each runs whole files on one thread, the longest files first (tests/conftest.py)
 TEST_WORKERS ?= auto
 
 # lint and format check first (seconds), then the suite
 test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 clean:
 	rm -rf $(VENV) $(DEMO)

@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -280,11 +281,13 @@ class CellStream(torch.utils.data.IterableDataset):
         readers = _Readers([queue.Queue(maxsize=self.prefetch) for _ in range(W)])
         for w in range(W):
             consumer, skip = self._consumer_and_skip(w, start)
+            # the thread holds the stream weakly: a stream dropped with the next epoch's readers started
+            # is collected, and its __del__ stops them (a bound method would keep both alive forever)
             t = threading.Thread(
-                target=self._read,
+                target=CellStream._read,
                 daemon=True,
                 name=f"cellstream-{consumer}",
-                args=(epoch, consumer, sizes[consumer], skip, readers.queues[w], readers.stop),
+                args=(weakref.proxy(self), epoch, consumer, sizes[consumer], skip, readers.queues[w], readers.stop),
             )
             t.start()
             readers.threads.append(t)

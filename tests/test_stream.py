@@ -65,6 +65,25 @@ def test_epochs_advance_and_differ(position_stores):
     assert np.array_equal(np.sort(first), np.sort(second)) and not np.array_equal(first, second)
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "soma"])
+def test_a_dropped_stream_stops_the_readers_it_started_ahead(position_stores, fmt):
+    """The last minibatch of an epoch starts the next epoch's readers; a stream dropped after that epoch
+    is collected and stops them, with the store readers they hold (they used to wait forever)."""
+    import gc
+    import time
+
+    s = stream(position_stores[fmt], num_workers=2)
+    indices(s)
+    ahead = list(s._next[1].threads)
+    assert len(ahead) == 2 and all(t.is_alive() for t in ahead)  # waiting to hand over their first requests
+    del s
+    gc.collect()
+    deadline = time.time() + 10
+    while any(t.is_alive() for t in ahead) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.is_alive() for t in ahead)
+
+
 def test_zarr_and_soma_give_identical_batches(position_stores):
     a = stream(position_stores["zarr"], num_workers=2)
     b = stream(position_stores["soma"], num_workers=2)
