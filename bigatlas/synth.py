@@ -13,6 +13,14 @@ given to some donors of every study, and batch effects that hit each coarse type
 all of these at once. `truth(spec)` returns what each preset claims (marker genes per fine type, the
 condition's response genes and types), drawn from the same seed. The default atlas is unchanged by
 the new options: they draw from a random stream of their own.
+
+`continuous` makes cell identity graded, as in blood, where naive and memory T cells or classical and
+non-classical monocytes are ends of a continuum rather than islands: the subtypes of each coarse type
+are stations along a path, each cell sits at a position on it (`true_pseudotime`, 0 to
+n_fine_per_coarse; its subtype is the segment it falls in) and expresses the blend of the two nearest
+subtypes' programs, so cells near a boundary are half one subtype, half the next; and every cell carries
+an activation programme shared by all types at a graded level (`true_state`, 0 to 1) whose distribution
+differs between studies (some studies sampled more activated cells): biology that looks like batch.
 """
 
 from __future__ import annotations
@@ -51,12 +59,17 @@ class SynthSpec:
     condition_genes: int = 30
     condition_lfc: float = 1.0  # mean |log-fold change| of the response genes
     type_batch_effect: float = 0.0  # sd of per (study, coarse type) gene log-fold changes
+    trajectory: bool = False  # subtypes of a coarse type are stations on a path; cells blend neighbours
+    state_genes: int = 0  # genes of an activation programme every type carries at a graded level
+    state_lfc: float = 1.5  # mean log-fold change of those genes at full activation
 
     def __post_init__(self):
         if self.rare_types > min(self.n_coarse, self.n_fine - 1) or self.rare_types * self.rare_fraction >= 0.5:
             raise ValueError(f"rare_types={self.rare_types} x {self.rare_fraction}: at most one per coarse type")
         if self.condition_types > self.n_coarse:
             raise ValueError(f"condition_types={self.condition_types} exceeds n_coarse={self.n_coarse}")
+        if self.trajectory and self.n_fine_per_coarse < 2:
+            raise ValueError("trajectory needs n_fine_per_coarse >= 2 (a path between subtypes)")
 
     @property
     def n_fine(self) -> int:
@@ -78,6 +91,7 @@ PRESETS: dict[str, dict] = {
         subtype_genes=15, condition_types=2, condition_genes=40, condition_lfc=1.2, type_batch_effect=0.3,
         donor_effect=0.35,
     ),
+    "continuous": dict(subtype_genes=15, trajectory=True, state_genes=40, state_lfc=1.5, library_sd=0.5),
     "hard": dict(
         _SUBTLE, subtype_genes=8, rare_types=2, rare_fraction=0.006, condition_types=2, condition_genes=40,
         condition_lfc=1.2, type_batch_effect=0.3, donor_effect=0.35,
@@ -98,6 +112,8 @@ class Truth:
     affected: np.ndarray  # coarse types the condition changes
     response: np.ndarray  # genes the condition changes
     response_lfc: np.ndarray  # their log-fold changes
+    state: np.ndarray  # genes of the graded activation programme
+    state_lfc: np.ndarray  # their log-fold changes at full activation
 
 
 def _extra_rng(spec: SynthSpec) -> np.random.Generator:
@@ -114,7 +130,42 @@ def truth(spec: SynthSpec) -> Truth:
     rng = np.random.default_rng(spec.seed)
     _, _, _, markers = _programs(spec, rng)
     genes, lfc = _condition(spec, _extra_rng(spec))
-    return Truth(markers, _rare_types(spec), np.arange(spec.condition_types), genes, lfc)
+    state, state_lfc = _state_programme(spec, _continuous_rng(spec))
+    return Truth(markers, _rare_types(spec), np.arange(spec.condition_types), genes, lfc, state, state_lfc)
+
+
+def _continuous_rng(spec: SynthSpec) -> np.random.Generator:
+    return np.random.default_rng([spec.seed, 0xC0DE])
+
+
+def _state_programme(spec: SynthSpec, rng: np.random.Generator):
+    if not spec.state_genes:
+        return np.zeros(0, np.int64), np.zeros(0)
+    genes = np.sort(rng.choice(spec.n_genes, min(spec.state_genes, spec.n_genes), replace=False))
+    return genes, np.abs(rng.normal(spec.state_lfc, 0.25 * spec.state_lfc, len(genes)))
+
+
+def _positions(spec: SynthSpec, rng: np.random.Generator, study: np.ndarray, ctype: np.ndarray):
+    """Per cell: position on its coarse type's path (subtype + uniform offset; None without trajectory)
+    and activation level (Beta around a per-study mean; None without a state programme)."""
+    pos = state = None
+    if spec.trajectory:
+        pos = (ctype % spec.n_fine_per_coarse + rng.random(len(ctype))).astype(np.float32)
+    if spec.state_genes:
+        mean = rng.uniform(0.15, 0.85, spec.n_studies)[study]
+        state = rng.beta(5.0 * mean, 5.0 * (1.0 - mean)).astype(np.float32)
+    return pos, state
+
+
+def _blend(spec: SynthSpec, logits: np.ndarray, t: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Log-means of cells at positions `pos`: linear between the programs of the two subtypes whose
+    centres (k + 0.5) enclose the position; the path's ends keep the end subtypes' programs."""
+    F = spec.n_fine_per_coarse
+    x = np.clip(pos - 0.5, 0.0, F - 1.0)
+    lo = np.minimum(np.floor(x).astype(np.int64), F - 2)
+    w = (x - lo)[:, None]
+    first = (t // F) * F
+    return (1.0 - w) * logits[first + lo] + w * logits[first + lo + 1]
 
 
 def _condition(spec: SynthSpec, rng: np.random.Generator):
@@ -188,11 +239,19 @@ def generate(spec: SynthSpec, writer, chunk_cells: int = 8192) -> None:
     if spec.type_batch_effect > 0:
         type_fx = extra.normal(0, spec.type_batch_effect, (spec.n_studies, spec.n_coarse, G)).astype(np.float32)
     treated = _treated(spec, donor)
+    crng_cont = _continuous_rng(spec)
+    state_genes, state_lfc = _state_programme(spec, crng_cont)
+    state_fx = np.zeros(G, np.float32)
+    state_fx[state_genes] = state_lfc
+    pos, state = _positions(spec, crng_cont, study, ctype)
     for lo in range(0, spec.n_cells, chunk_cells):
         hi = min(lo + chunk_cells, spec.n_cells)
         crng = np.random.default_rng([spec.seed, lo])  # chunk-local stream: output independent of chunking order
         s, d, t = study[lo:hi], donor[lo:hi], ctype[lo:hi]
-        eta = (logits[t] + study_fx[s] + donor_fx[d]).astype(np.float32)
+        eta = (logits[t] if pos is None else _blend(spec, logits, t, pos[lo:hi])) + (study_fx[s] + donor_fx[d])
+        eta = eta.astype(np.float32)
+        if state is not None:
+            eta += state[lo:hi, None] * state_fx
         coarse = t // spec.n_fine_per_coarse
         if spec.condition_types:
             eta += condition_fx[coarse] * treated[lo:hi, None]
@@ -209,7 +268,12 @@ def generate(spec: SynthSpec, writer, chunk_cells: int = 8192) -> None:
         indptr = np.zeros(hi - lo + 1, np.int64)
         np.cumsum(np.bincount(rows, minlength=hi - lo), out=indptr[1:])
         writer.append(indptr, cols, counts[rows, cols])
-    writer.finish(*_frames(spec, study, donor, ctype, rng, treated))
+    obs, var = _frames(spec, study, donor, ctype, rng, treated)
+    if pos is not None:
+        obs["true_pseudotime"] = pos
+    if state is not None:
+        obs["true_state"] = state
+    writer.finish(obs, var)
 
 
 def _treated(spec: SynthSpec, donor: np.ndarray) -> np.ndarray:

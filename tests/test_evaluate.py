@@ -225,6 +225,21 @@ def test_quality_table_shows_the_ten_draw_bio_only_where_rows_carry_it():
     assert body.split(" | ")[head.split(" | ").index("bio (k-means × 10)")] == "0.650"  # the mean of rows with it
 
 
+def test_graded_r2_rewards_a_latent_ordered_along_the_truth_within_each_type():
+    from bench.quality import graded_r2
+
+    rng = np.random.default_rng(4)
+    groups = np.repeat(["a", "b"], 400)
+    value = rng.random(800)
+    offset = np.where(groups == "a", 0.0, 10.0)[:, None]  # types apart; inside each, cells along value
+    ordered = np.c_[value, rng.normal(scale=0.02, size=800)] + offset
+    noise = rng.normal(size=(800, 2)) + offset
+    assert graded_r2(ordered, value, groups) > 0.95
+    assert graded_r2(noise, value, groups) < 0.05
+    half = np.c_[value + rng.normal(scale=0.3, size=800), rng.normal(size=800)] + offset
+    assert 0.1 < graded_r2(half, value, groups) < 0.9
+
+
 def test_stratified_subsample_keeps_rare_classes():
     labels = np.repeat([0, 1, 2, -1], [9000, 900, 30, 500])
     s = stratified_subsample(labels, 1000, seed=3, floor=50)

@@ -209,3 +209,52 @@ def test_cli_preset_writes_the_preset_and_options_keep_the_cells(tmp_path):
     assert (xa.X != xc.X).nnz > 0
     with pytest.raises(ValueError, match="unknown synth preset 'nope'"):
         preset("nope", 10)
+
+
+# -- the continuous preset: graded identities and a graded state -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def continuous(tmp_path_factory):
+    from bigatlas.synth import truth
+
+    path = tmp_path_factory.mktemp("continuous") / "c.zarr"
+    spec = synth(path, 6000, 300, "zarr", seed=5, preset_name="continuous")
+    adata = ad.read_zarr(path)
+    return _lognorm(adata), adata.obs.reset_index(drop=True), spec, truth(spec)
+
+
+def test_cells_on_a_subtype_boundary_are_half_one_subtype_half_the_next(continuous):
+    x, obs, spec, tr = continuous
+    F = spec.n_fine_per_coarse
+    fine = obs.true_cell_type.astype(str).map({n: i for i, n in enumerate(spec.fine_names)}).to_numpy()
+    pos = obs.true_pseudotime.to_numpy()
+    assert ((pos >= fine % F) & (pos < fine % F + 1)).all()  # the subtype is the segment the cell sits in
+    for c in range(spec.n_coarse):
+        for k in range(F - 1):
+            siblings = [tr.markers[c * F + j] for j in range(F) if j != k]
+            own = np.setdiff1d(tr.markers[c * F + k], np.concatenate([*siblings, tr.state]))
+
+            def level(lo, hi, c=c, own=own):
+                return x[(fine // F == c) & (pos >= lo) & (pos < hi)][:, own].mean()
+
+            full = level(k + 0.35, k + 0.65) - level(k + 1.35, k + 1.65)  # centre of k vs centre of k + 1
+            half = level(k + 0.9, k + 1.1) - level(k + 1.35, k + 1.65)  # the boundary between them
+            assert full > 0.5, (c, k, full)
+            assert 0.3 < half / full < 0.75, (c, k, half, full)
+
+
+def test_the_activation_state_is_graded_in_every_type_and_differs_between_studies(continuous):
+    x, obs, spec, tr = continuous
+    state = obs.true_state.to_numpy()
+    assert len(tr.state) == spec.state_genes and (tr.state_lfc > 0).all()
+    per_study = obs.groupby("dataset_id", observed=True).true_state.mean()
+    assert per_study.max() - per_study.min() > 0.2
+    coarse = obs.true_cell_type.astype(str).str.split(".").str[0]
+    rest = np.setdiff1d(np.arange(spec.n_genes), tr.state)
+    for c in coarse.unique():
+        study = obs[coarse == c].dataset_id.value_counts().index[0]  # one study: no study effect
+        cells = ((coarse == c) & (obs.dataset_id == study)).to_numpy()
+        on = np.corrcoef(x[cells][:, tr.state].mean(1), state[cells])[0, 1]
+        off = np.corrcoef(x[cells][:, rest].mean(1), state[cells])[0, 1]
+        assert on > 0.4 and on > off + 0.5, (c, on, off)
