@@ -79,7 +79,7 @@ class VAEModule(nn.Module):
         cfg = cfg or ModelConfig()
         self.cfg, self.n_genes = cfg, n_genes
         hidden = list(cfg.hidden)
-        self.encoder = mlp([n_genes, *hidden], cfg.dropout)
+        self.encoder = mlp([n_genes, *hidden], cfg.encoder_dropout(labelled=bool(n_label_classes)))
         self.z_mean = nn.Linear(hidden[-1], cfg.n_latent)
         self.z_logvar = nn.Linear(hidden[-1], cfg.n_latent)
         self.embeddings = nn.ModuleList(nn.Embedding(n, cfg.embedding_dim) for n in n_batch_categories)

@@ -40,6 +40,21 @@ def test_class_weightings_keep_the_mean_weight_per_cell():
         assert torch.isclose(ratio, torch.tensor(100.0**power, dtype=w.dtype), rtol=1e-5), weighting
 
 
+def test_encoder_dropout_defaults_to_on_with_labels_and_off_without():
+    def rates(m):
+        return [layer.p for layer in m.encoder if isinstance(layer, torch.nn.Dropout)]
+
+    assert rates(VAEModule(30, [3], [4], ModelConfig())) == [0.1]
+    assert rates(VAEModule(30, [3], [], ModelConfig())) == []
+    assert rates(VAEModule(30, [3], [], ModelConfig(dropout=0.2))) == [0.2]  # a set value holds either way
+    assert rates(VAEModule(30, [3], [4], ModelConfig(dropout=0.0))) == []
+    torch.manual_seed(0)
+    m = VAEModule(30, [3], [], ModelConfig()).train()
+    counts, codes, _ = batch()
+    x = torch.log1p(counts.dense)
+    assert torch.equal(m.encoder(x), m.encoder(x))  # no dropout noise in training mode without labels
+
+
 def test_no_labelled_cells_gives_zero_label_loss():
     counts, codes, labels = batch()
     out = loss(model(), counts, codes, torch.full_like(labels, -1))
