@@ -32,7 +32,7 @@ class ModelConfig:
     embedding_dim: int = opt(8, "embedding size per batch/covariate key, concatenated to z in the decoder")
     # unset: 0.1 (scAtlasVAE's) with label keys, where it kept the type clusters tight (bio -0.004 / -0.006
     # / -0.012 without it); 0 without, where dropout took out biology that looks like batch: a graded state
-    # whose level differs by study (R^2 0.59 -> 0.72, scVI 0.71) and bio +0.005 / +0.008 / +0.001 / +0.005
+    # whose level differs by study (R^2 0.59 -> 0.68, scVI 0.67) and bio +0.005 / +0.004 / +0.001 / +0.005
     # on the subtle / rare / condition / continuous atlases, batch correction still >= scVI's (bench.quality)
     dropout: float | None = opt(
         None, "encoder dropout (the decoder has none); unset: 0.1 when the model has label keys, 0 without"
