@@ -1,7 +1,8 @@
 """The torch module of scAtlasVAE (VAEModule; the user-facing class is api.AtlasVAE): a ZINB/NB
 variational autoencoder with batch embeddings in the decoder and label heads on z.
 
-Encoder: log1p(counts) → [Linear → BatchNorm(momentum 0.01, eps 1e-3) → ReLU → Dropout] → q(z|x),
+Encoder: log1p(counts) → [Linear → BatchNorm(momentum 0.01, eps 1e-3) → ReLU → Dropout (by default 0.1
+with label heads, none without)] → q(z|x),
 var = exp(logvar) + 1e-4; the batch is not an encoder input, so a query embeds without retraining.
 Decoder: [z, one embedding per batch/covariate key] → [Linear → BatchNorm → ReLU] → softmax(Linear) ×
 observed library size = mean; dispersion per gene-cell, gene or gene-batch; ZI gate per gene or
