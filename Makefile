@@ -50,6 +50,8 @@ demo: install
 	@echo "        reference_umap.png: every cell placed on the reference UMAP, by prediction and uncertainty)"
 	@echo "The demo atlas is easy. On the hard ones, beside scVI/scANVI (python -m bench.quality; 4-6 seeds):"
 	@$(BIN)/python -m bench.quality --table --out bench/results/defaults.json --tags default
+	@echo "Without label keys the encoder now has no dropout (drop0; before: default). The continuous atlas:"
+	@$(BIN)/python -m bench.quality --table --out bench/results/continuous.json --tags default drop0
 
 # test processes (pytest-xdist): each runs whole files on one thread, the longest files first (tests/conftest.py)
 TEST_WORKERS ?= auto
