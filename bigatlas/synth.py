@@ -138,11 +138,17 @@ def _continuous_rng(spec: SynthSpec) -> np.random.Generator:
     return np.random.default_rng([spec.seed, 0xC0DE])
 
 
+def _gene_programme(spec: SynthSpec, rng: np.random.Generator, n_genes: int, lfc: float):
+    """`n_genes` distinct genes (sorted) and their log-fold changes, normal around `lfc` (sd lfc / 4)."""
+    genes = np.sort(rng.choice(spec.n_genes, min(n_genes, spec.n_genes), replace=False))
+    return genes, rng.normal(lfc, 0.25 * lfc, len(genes))
+
+
 def _state_programme(spec: SynthSpec, rng: np.random.Generator):
     if not spec.state_genes:
         return np.zeros(0, np.int64), np.zeros(0)
-    genes = np.sort(rng.choice(spec.n_genes, min(spec.state_genes, spec.n_genes), replace=False))
-    return genes, np.abs(rng.normal(spec.state_lfc, 0.25 * spec.state_lfc, len(genes)))
+    genes, lfc = _gene_programme(spec, rng, spec.state_genes, spec.state_lfc)
+    return genes, np.abs(lfc)
 
 
 def _positions(spec: SynthSpec, rng: np.random.Generator, study: np.ndarray, ctype: np.ndarray):
@@ -171,9 +177,8 @@ def _blend(spec: SynthSpec, logits: np.ndarray, t: np.ndarray, pos: np.ndarray) 
 def _condition(spec: SynthSpec, rng: np.random.Generator):
     if not spec.condition_types:
         return np.zeros(0, np.int64), np.zeros(0)
-    genes = np.sort(rng.choice(spec.n_genes, min(spec.condition_genes, spec.n_genes), replace=False))
-    lfc = rng.normal(spec.condition_lfc, 0.25 * spec.condition_lfc, len(genes)) * rng.choice([-1.0, 1.0], len(genes))
-    return genes, lfc
+    genes, lfc = _gene_programme(spec, rng, spec.condition_genes, spec.condition_lfc)
+    return genes, lfc * rng.choice([-1.0, 1.0], len(genes))
 
 
 def _programs(spec: SynthSpec, rng: np.random.Generator):
