@@ -28,6 +28,9 @@ def _dense_terms(logits, library, log_theta, gate, w, w_pen, lo: float, hi: floa
     """Every entry (x = 0): per-cell NLL and gate penalty, the softmax's row max and sum; with grad, the
     weighted w·μ·dNLL/dμ (and its row sum), w·dNLL/dlog θ and w·dNLL/dgate + w_pen·dpenalty/dgate before
     the nonzeros' corrections."""
+    lt_dtype, gate_dtype = log_theta.dtype, None if gate is None else gate.dtype
+    logits, log_theta = logits.float(), log_theta.float()
+    gate = None if gate is None else gate.float()
     m = logits.amax(1, keepdim=True)
     e = torch.exp(logits - m)
     ssum = e.sum(1, keepdim=True)
@@ -41,7 +44,8 @@ def _dense_terms(logits, library, log_theta, gate, w, w_pen, lo: float, hi: floa
     wmg, d_lt, d_gate = _weighted_grads(
         w.unsqueeze(1), mu, d_mu, log_theta, theta, d_theta, d_gate, w_pen.unsqueeze(1), u, lo, hi
     )
-    return per_cell, penalty, m.squeeze(1), ssum.squeeze(1), wmg, wmg.sum(1), d_lt, d_gate
+    d_gate = None if d_gate is None else d_gate.to(gate_dtype)
+    return per_cell, penalty, m.squeeze(1), ssum.squeeze(1), wmg, wmg.sum(1), d_lt.to(lt_dtype), d_gate
 
 
 def _weighted_grads(w, mu, d_mu, log_theta, theta, d_theta, d_gate, w_pen, u, lo: float, hi: float):
@@ -68,9 +72,9 @@ def _nonzero_terms(
     """At the nonzeros x (1-D; flat, rows, cols: their positions): the NLL correction, and with grad the
     corrected weighted μ·dNLL/dμ, its change (for the softmax's row sum), dNLL/dlog θ and dNLL/dgate (with
     the penalty's, which the dense values they replace hold). The gathers run inside the fused loop."""
-    mu = torch.exp(logits.reshape(-1).take(flat) - m[rows]) * (library[rows] / ssum[rows])
-    lt_nz = _gather(log_theta, flat, cols)
-    g_nz = None if gate is None else _gather(gate, flat, cols)
+    mu = torch.exp(logits.reshape(-1).take(flat).float() - m[rows]) * (library[rows] / ssum[rows])
+    lt_nz = _gather(log_theta, flat, cols).float()
+    g_nz = None if gate is None else _gather(gate, flat, cols).float()
     theta = torch.exp(lt_nz.clamp(lo, hi))
     delta, d_mu, d_theta, d_gate, d_mu0 = nonzero_terms(x, mu, theta, g_nz, eps, grad)
     if not grad:
@@ -78,13 +82,15 @@ def _nonzero_terms(
     w_nz = w[rows]
     u = exp_neg_abs(g_nz) if pen else None
     wmg, d_lt, d_gate = _weighted_grads(w_nz, mu, d_mu, lt_nz, theta, d_theta, d_gate, w_pen[rows], u, lo, hi)
-    return delta, wmg, wmg - w_nz * (mu * d_mu0), d_lt, d_gate
+    d_gate = None if d_gate is None else d_gate.to(gate.dtype)
+    return delta, wmg, wmg - w_nz * (mu * d_mu0), d_lt.to(log_theta.dtype), d_gate
 
 
 def _softmax_grad(wmg, logits, m, ssum, r):
-    """dLoss/dlogits = w μ_j g_j − s_j Σ_k w μ_k g_k, from the corrected weighted terms and row sums."""
-    s = torch.exp(logits - m.unsqueeze(1)) / ssum.unsqueeze(1)
-    return wmg - s * r.unsqueeze(1)
+    """dLoss/dlogits = w μ_j g_j − s_j Σ_k w μ_k g_k, from the corrected weighted terms and row sums (in the
+    logits' dtype)."""
+    s = torch.exp(logits.float() - m.unsqueeze(1)) / ssum.unsqueeze(1)
+    return (wmg - s * r.unsqueeze(1)).to(logits.dtype)
 
 
 class _LogitNLL(torch.autograd.Function):
@@ -94,12 +100,12 @@ class _LogitNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, log_theta, gate, w, w_pen, counts: Counts, lo, hi, eps, grad):
         pen = gate is not None and gate.dim() == 2
-        library = counts.library.to(logits.dtype)
+        library = counts.library.float()
         per_cell, penalty, m, ssum, wmg, r, d_lt, d_gate = fused(_dense_terms)(
             logits, library, log_theta, gate, w, w_pen, lo, hi, eps, grad, pen
         )
         flat, rows = counts.flat, counts.rows
-        x = counts.values.to(logits.dtype)
+        x = counts.values.float()
         if x._base is not None:  # a view of the sparse batch: dynamo cannot trace its base
             x = x.clone()
         delta, wmg_nz, r_nz, d_lt_nz, d_gate_nz = fused(_nonzero_terms)(
@@ -144,9 +150,11 @@ def logit_nll(
     """Per-cell NLL of the counts under μ = softmax(logits) × library, θ = exp(clamp(log_theta, *theta_range))
     and the gate (NB if None), the per-cell gate penalty Σ sigmoid(gate) for a gate per cell and gene
     (zeros otherwise), both without gradient, and the loss Σ weights · NLL + Σ penalty_weights · penalty
-    with it. logits: (cells, genes); log_theta, gate_logits: (cells, genes) or (genes,); weights: (cells,)."""
+    with it. logits: (cells, genes); log_theta, gate_logits: (cells, genes) or (genes,); weights: (cells,). The
+    decoder's outputs may be bfloat16 (bf16 products or autocast): read as float32 inside the fused passes, which
+    compute in float32 and write each gradient in its input's dtype (no cast of cells × genes either way)."""
     params = (logits, log_theta, gate_logits)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     lo, hi = theta_range
-    w, w_pen = weights.to(logits.dtype), penalty_weights.to(logits.dtype)
+    w, w_pen = weights.float(), penalty_weights.float()
     return _LogitNLL.apply(logits, log_theta, gate_logits, w, w_pen, counts, float(lo), float(hi), eps, grad)

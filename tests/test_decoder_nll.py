@@ -106,3 +106,20 @@ def test_a_compiler_failure_warns_once_and_runs_uncompiled(monkeypatch):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "torch.compile of")  # later calls: no new warning, still uncompiled
         torch.testing.assert_close(fused(counts, *params)[:2], ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("theta_per_gene,gate", [(False, "gene-cell"), (True, "gene")])
+def test_bfloat16_decoder_outputs_are_read_as_float32_and_get_bfloat16_gradients(theta_per_gene, gate):
+    """The decoder's heads in bfloat16 (bf16 products, autocast): the fused loss reads them as float32, so its
+    values equal the float32 loss of the same (rounded) numbers, and hands each gradient back in its input's
+    dtype: bfloat16 ones that are the float32 gradients rounded."""
+    counts, params = decoder_batch(8, 64, theta_per_gene=theta_per_gene, gate=gate)
+    low = [None if t is None else (t.bfloat16() if t.dim() == 2 else t) for t in params]  # per-gene stay float32
+    rounded = [None if t is None else t.float() for t in low]
+    w, w_pen = torch.rand(64), torch.rand(64)
+    got, ref = value_and_grads(fused, counts, low, w, w_pen), value_and_grads(fused, counts, rounded, w, w_pen)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=1e-4)
+    for t, g, r in zip([t for t in low if t is not None], got[2], ref[2]):
+        assert g.dtype == t.dtype
+        torch.testing.assert_close(g.float(), r.to(g.dtype).float(), rtol=2**-7, atol=1e-6 * float(r.abs().max()))
