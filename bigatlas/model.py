@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bf16_linear import DTYPE as BF16
+from .bf16_linear import bf16_linear
 from .config import ModelConfig
 from .decoder_nll import logit_nll
 from .distributions import Counts, csr_rows_and_library, nll
@@ -105,6 +107,7 @@ class VAEModule(nn.Module):
             self.register_buffer(f"class_weight_{i}", class_weights(counts, cfg.class_weighting))
 
     compiled_loss = False  # the reconstruction loss fused by torch.compile (decoder_nll.logit_nll)
+    bf16_matmul = False  # training's wide products (first layer, heads) on bfloat16 operands (bf16_linear)
     frozen_modules: tuple[str, ...] = ()  # kept in eval mode (BatchNorm statistics fixed) by train()
 
     def train(self, mode: bool = True):
@@ -128,6 +131,8 @@ class VAEModule(nn.Module):
             counts, x = x, (x.csr if x.csr is not None else x.dense)
         if x.layout == torch.sparse_csr:
             q = self.encoder[1:](self._first_layer_sparse(x, counts))
+        elif self._bf16_products():
+            q = self.encoder[1:](bf16_linear(self.encoder_input(x), self.encoder[0], keep=False))
         else:
             q = self.encoder(self.encoder_input(x))
         return self.z_mean(q), torch.exp(self.z_logvar(q).clamp(max=LOGVAR_MAX)) + self.cfg.var_eps
@@ -146,11 +151,24 @@ class VAEModule(nn.Module):
         # in float32 even under bf16 autocast: cuSPARSE has no fp32-sparse × bf16-dense SpMM (it fails)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if _dense_is_faster(x):
-                dense = values.new_zeros(x.shape)
-                dense.view(-1).scatter_(0, counts.flat, values)
+                bf16 = self._bf16_products()
+                dense = values.new_zeros(x.shape, dtype=BF16 if bf16 else values.dtype)
+                dense.view(-1).scatter_(0, counts.flat, values.to(dense.dtype))
+                if bf16:
+                    return bf16_linear(dense, first, keep=False)
                 return torch.addmm(first.bias.float(), dense, first.weight.float().t())
             logx = torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape, check_invariants=False)
             return torch.sparse.mm(logx, first.weight.float().t()) + first.bias.float()
+
+    def _bf16_products(self) -> bool:
+        return self.bf16_matmul and self.training and torch.is_grad_enabled()
+
+    def _wide(self, layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+        """A decoder head onto the genes (bfloat16 products and output in CPU training with bf16_matmul: the
+        fused loss reads it as float32)."""
+        if not self._bf16_products():
+            return layer(h)
+        return bf16_linear(h, layer, keep=self.compiled_loss)
 
     def decoder_outputs(self, z: torch.Tensor, batch_codes: torch.Tensor):
         """The decoder's raw outputs: mean logits, log inverse dispersion (before its clamp) and gate
@@ -158,15 +176,15 @@ class VAEModule(nn.Module):
         parts = [z] + [emb(batch_codes[:, i]) for i, emb in enumerate(self.embeddings)]
         h = self.decoder(torch.cat(parts, dim=1))
         if self.cfg.dispersion == "gene-cell":
-            log_theta = self.px_r(h)
+            log_theta = self._wide(self.px_r, h)
         elif self.cfg.dispersion == "gene":
             log_theta = self.px_r
         else:
             log_theta = self.px_r[batch_codes[:, 0]]
         gate = None
         if self.cfg.likelihood == "zinb":
-            gate = self.gate if self.cfg.zi_gate == "gene" else self.gate(h)
-        return self.px_scale(h), log_theta, gate
+            gate = self.gate if self.cfg.zi_gate == "gene" else self._wide(self.gate, h)
+        return self._wide(self.px_scale, h), log_theta, gate
 
     def decode(self, z: torch.Tensor, batch_codes: torch.Tensor, library: torch.Tensor):
         """Mean, inverse dispersion and gate logits (None for NB) for each cell and gene."""
@@ -225,17 +243,15 @@ class VAEModule(nn.Module):
         per_cell_gate = gate is not None and gate.dim() == 2
         fused = None
         with torch.autocast(device_type=z.device.type, enabled=False):
-            gate = None if gate is None else gate.float()
             if self.compiled_loss:  # softmax, exp, the gate penalty and the likelihood fused (decoder_nll)
-                recon, penalty, fused = logit_nll(
-                    counts, logits.float(), log_theta.float(), gate, LOG_THETA_RANGE, w, w_pen
-                )
+                recon, penalty, fused = logit_nll(counts, logits, log_theta, gate, LOG_THETA_RANGE, w, w_pen)
             else:
+                gate = None if gate is None else gate.float()
                 mu = F.softmax(logits.float(), dim=-1) * counts.library.unsqueeze(1)
                 theta = torch.exp(log_theta.float().clamp(*LOG_THETA_RANGE))
                 recon, penalty = nll(counts, mu, theta, gate), None
             if gate is not None and not (per_cell_gate and self.compiled_loss):
-                penalty = torch.sigmoid(gate).sum(-1)
+                penalty = torch.sigmoid(gate.float()).sum(-1)
         return recon, penalty, fused
 
     def _terms(self, recon, kl, gate_pen, z, labels, masks, n) -> list[dict]:

@@ -87,6 +87,10 @@ class RunDir:
             return None
         return self._saved()["config"]["data"]
 
+    def saved_train(self) -> dict:
+        """The saved [train] section as plain values (settings added since at their reproducing value)."""
+        return self._saved().get("config", {}).get("train", {})
+
     def check_resumable(self, cfg: RunConfig) -> None:
         """Refuse to resume with settings that shape the run differently from the saved ones."""
         saved = self._saved().get("config", {})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 from loaders import CellStream, open_store
 
 from .batches import ModelInput, ToModelInput, holdout_all
+from .bf16_linear import native_bf16
 from .checkpoint import Progress, restore_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
 from .ema import WeightAverage
@@ -41,7 +42,10 @@ from .vocab import Vocab, unlabeled_report
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+    cpu = not torch.cuda.is_available()
+    # bf16 on the CPU: the wide layers' products (bf16_linear), not autocast; auto on a GPU: float32
+    autocast = not cpu and cfg.train.mixed_precision == "bf16"
+    acc = Accelerator(cpu=cpu, mixed_precision="bf16" if autocast else "no")
     check_world(acc.num_processes)
     return acc
 
@@ -137,9 +141,10 @@ def train(
 def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preempt=None) -> Session:
     from accelerate.utils import set_seed
 
+    run = RunDir(run_dir)
+    cfg = _resolved_precision(cfg, run, resume, acc.device.type)
     t, d = cfg.train, cfg.data
     set_seed(t.seed)
-    run = RunDir(run_dir)
     store = open_store(
         d.data if data is None else data, obs_filter=d.obs_filter, layer=d.layer, genes=d.genes, gene_join=d.gene_join
     )
@@ -182,6 +187,10 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
     max_epochs = t.epochs_for(n_train)
     planned_steps = t.max_steps if t.max_steps is not None else max_epochs * len(stream)
     acc.unwrap_model(model).compiled_loss = t.compiles_loss(planned_steps)
+    acc.unwrap_model(model).bf16_matmul = t.mixed_precision == "bf16" and acc.device.type == "cpu"
+    if acc.unwrap_model(model).bf16_matmul and acc.is_main_process and not native_bf16():
+        print("note: this CPU has no bfloat16 matrix units (AMX or AVX-512 BF16): --mixed-precision bf16 is "
+              "emulated there and slower than float32", flush=True)  # fmt: skip
     guard = NanGuard(model, optimizer, acc.device)
     average = WeightAverage(acc.unwrap_model(model), t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
     return Session(
@@ -200,6 +209,23 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
         surgery,
         average,
     )
+
+
+def _resolved_precision(cfg: RunConfig, run: RunDir, resume: bool, device_type: str) -> RunConfig:
+    """cfg with --mixed-precision auto made what it means here, as config.json records it: a resumed run's own
+    setting on the CPU, else bf16 on a CPU with bfloat16 matrix units and float32 elsewhere (GPUs too)."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg
+    saved = None
+    if resume and run.config_file.exists():
+        saved = run.saved_train().get("mixed_precision")
+    if device_type != "cpu":
+        value = "no"
+    elif saved in ("no", "bf16"):
+        value = saved
+    else:
+        value = "bf16" if native_bf16() else "no"
+    return replace(cfg, train=replace(cfg.train, mixed_precision=value))
 
 
 def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask, surgery, main: bool) -> Vocab:

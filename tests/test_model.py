@@ -1,7 +1,11 @@
 """Model loss properties: finite class weights, ignored undefined labels, per-cell means."""
 
+from pathlib import Path
+
+import pytest
 import torch
 
+from bigatlas.bf16_linear import bf16_linear, native_bf16
 from bigatlas.config import ModelConfig
 from bigatlas.distributions import Counts
 from bigatlas.model import VAEModule, class_weights
@@ -115,3 +119,60 @@ def test_csr_first_layer_equals_the_dense_encoder_on_both_paths(monkeypatch):
                 for inp in (Counts.from_sparse_csr(x.to_sparse_csr()), x.to_sparse_csr()):  # Counts or bare CSR
                     for a, b in zip(m.encode(inp), ref):
                         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_linear_multiplies_bfloat16_operands_into_float32():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(300, 40)
+    x = torch.randn(64, 300, requires_grad=True)
+    g = torch.randn(64, 40)
+    out = bf16_linear(x, layer)
+    out.backward(g)
+
+    def rounded(t):
+        return t.detach().bfloat16().double()
+
+    refs = {
+        "out": (out, rounded(x) @ rounded(layer.weight).T + layer.bias.detach().double()),
+        "weight grad": (layer.weight.grad, rounded(g).T @ rounded(x)),
+        "input grad": (x.grad, rounded(g) @ rounded(layer.weight)),
+    }
+    for name, (got, ref) in refs.items():
+        assert got.dtype == torch.float32, name
+        assert (got.double() - ref).abs().max() / ref.abs().max() < 2**-8, name  # the result's rounding only
+    for grad in (layer.weight.grad, x.grad):  # products of bfloat16 operands: bfloat16 results, not float32's
+        assert torch.equal(grad, grad.bfloat16().float())
+    assert torch.equal(layer.bias.grad, g.sum(0))
+
+
+@pytest.mark.parametrize("layout", ["csr", "dense"])
+def test_bf16_products_in_training_only_and_near_float32(layout):
+    counts, codes, labels = batch()
+    if layout == "csr":  # the trainer's CPU minibatches
+        counts = Counts.from_sparse_csr(counts.dense.to_sparse_csr())
+    m = model().train()
+    outs, grads = {}, {}
+    for bf16 in (False, True):
+        m.bf16_matmul = bf16
+        m.zero_grad()
+        outs[bf16] = loss(m, counts, codes, labels)
+        outs[bf16].total.backward()
+        grads[bf16] = {k: p.grad.clone() for k, p in m.named_parameters()}
+    fp32, low = outs[False].total.item(), outs[True].total.item()
+    assert low != fp32 and abs(low - fp32) < 1e-2 * abs(fp32)
+    for k, g in grads[False].items():
+        if g.norm() > 1e-4:  # the biases before BatchNorm have none
+            assert torch.nn.functional.cosine_similarity(g.ravel(), grads[True][k].ravel(), dim=0) > 0.99, k
+    m.eval()
+    with torch.no_grad():
+        plain = m.latent(counts)
+        m.bf16_matmul = False
+        assert torch.equal(plain, m.latent(counts))  # inference stays float32
+
+
+def test_native_bf16_agrees_with_the_cpu_flags():
+    flags = Path("/proc/cpuinfo")
+    if not flags.exists():
+        pytest.skip("no /proc/cpuinfo")
+    words = set(flags.read_text().split())
+    assert native_bf16() == bool({"amx_tile", "avx512_bf16"} & words)

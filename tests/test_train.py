@@ -53,15 +53,20 @@ def weights(run):
 
 
 @pytest.mark.parametrize(
-    "fault,compile_loss", [("after_step:40", "off"), ("checkpoint_written:35", "off"), ("after_step:40", "on")]
+    "fault,compile_loss,precision",
+    [
+        ("after_step:40", "off", "no"),
+        ("checkpoint_written:35", "off", "no"),
+        ("after_step:40", "on", "no"),
+        ("after_step:40", "off", "bf16"),  # on the CPU: the wide layers' bfloat16 products (bf16_linear)
+    ],
 )
-def test_resume_after_sigkill_is_bit_identical(small_atlas, tmp_path, fault, compile_loss):
+def test_resume_after_sigkill_is_bit_identical(small_atlas, tmp_path, fault, compile_loss, precision):
+    settings = ["--compile-loss", compile_loss, "--mixed-precision", precision]
     ref = tmp_path / "ref"
-    run_train([*base_args(small_atlas, ref), "--compile-loss", compile_loss])
+    run_train([*base_args(small_atlas, ref), *settings])
     cut = tmp_path / "cut"
-    res = run_train(
-        [*base_args(small_atlas, cut), "--compile-loss", compile_loss], {"BIGATLAS_FAULT": fault}, check=False
-    )
+    res = run_train([*base_args(small_atlas, cut), *settings], {"BIGATLAS_FAULT": fault}, check=False)
     assert res.returncode == -9, res.stderr[-2000:]
     assert not (cut / "model.safetensors").exists()
     latest = (cut / "checkpoints" / "latest").read_text().strip()
@@ -70,7 +75,8 @@ def test_resume_after_sigkill_is_bit_identical(small_atlas, tmp_path, fault, com
         assert (cut / "checkpoints" / f".tmp-step-{step:09d}").is_dir() and latest_step < step
     else:
         assert latest_step <= step
-    resumed = run_train([*base_args(small_atlas, cut), "--compile-loss", compile_loss, "--resume"])
+    assert json.loads((ref / "config.json").read_text())["config"]["train"]["mixed_precision"] == precision
+    resumed = run_train([*base_args(small_atlas, cut), *settings, "--resume"])
     assert "torch.compile of" not in resumed.stderr
     assert f"resumed from {latest}" in resumed.stdout
     a, b = weights(ref), weights(cut)
@@ -110,6 +116,33 @@ def test_a_run_dir_from_before_later_settings_resumes_as_it_was_trained(tmp_path
     assert run.read_config() == old
     with pytest.raises(ValueError, match=r"train\.adam_eps, train\.compile_loss, train\.ema_decay, train\.ema_every\)"):
         run.check_resumable(cfg)
+
+
+def test_mixed_precision_auto_is_resolved_and_a_resumed_run_keeps_its_own(tmp_path):
+    """auto becomes what it means on this device, as config.json records it: bf16 products on a CPU with
+    bfloat16 matrix units, float32 elsewhere and on GPUs; a resumed run keeps the precision it was trained with."""
+    from dataclasses import replace
+
+    from bigatlas.bf16_linear import native_bf16
+    from bigatlas.config import DataConfig, RunConfig
+    from bigatlas.rundir import RunDir
+    from bigatlas.train import _resolved_precision
+
+    cfg = RunConfig(data=DataConfig(data="x.zarr", batch_key="study"))
+    assert cfg.train.mixed_precision == "auto"
+    run = RunDir(tmp_path / "r")
+    assert _resolved_precision(cfg, run, False, "cpu").train.mixed_precision == ("bf16" if native_bf16() else "no")
+    assert _resolved_precision(cfg, run, False, "cuda").train.mixed_precision == "no"
+    for before in ("no", "bf16"):
+        run.write_config(replace(cfg, train=replace(cfg.train, mixed_precision=before)))
+        resumed = _resolved_precision(cfg, run, True, "cpu")
+        assert resumed.train.mixed_precision == before
+        run.check_resumable(resumed)
+        assert _resolved_precision(cfg, run, False, "cpu").train.mixed_precision != "auto"  # a new run: this CPU's
+    explicit = replace(cfg, train=replace(cfg.train, mixed_precision="no"))
+    assert _resolved_precision(explicit, run, True, "cpu") is explicit
+    with pytest.raises(ValueError, match="mixed_precision must be one of auto, no, bf16, not 'fp16'"):
+        TrainConfig(mixed_precision="fp16")
 
 
 def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
