@@ -6,7 +6,7 @@ T1 = streaming epoch time (bigatlas train loop on the store) ÷ in-memory epoch 
 T2 = bigatlas training cells/s (--batch-size, by default the trainer's default) ÷ scatlasvae 1.0.5.9
      `fit` cells/s (--peer-batch-size, by default its own 128), and with bigatlas at the peer's batch
      size too, in the same run, when the two differ (skipped with the reason if scatlasvae is not
-     installed);
+     installed); with --also-precision P also bigatlas with --mixed-precision P (T2_P);
 M1 = peak RSS training a fixed number of steps on a 1,000,000-cell store ÷ on a 100,000-cell store;
 O1 = framework overhead per step (ms): the trainer's own epoch loop (bigatlas.train._epoch: input
      conversion, NaN guard, running sums, syncs, progress bar, epoch-end row and checkpoint) over
@@ -30,8 +30,9 @@ import torch
 
 from bench.common import KEYS, ensure_store, main, train_config, write_results
 from bigatlas.batches import ModelInput, holdout_all
+from bigatlas.bf16_linear import native_bf16
 from bigatlas.checkpoint import Progress
-from bigatlas.config import TrainConfig
+from bigatlas.config import PRECISIONS, TrainConfig
 from bigatlas.distributions import Counts
 from bigatlas.optim import clip_gradients
 from bigatlas.train import loss_weights, make_accelerator, set_up, train, train_step
@@ -57,6 +58,15 @@ def add_arguments(p) -> None:
         help="scatlasvae's minibatch size (its default); T2 is also reported with bigatlas at this size when the "
         "two differ",
     )  # fmt: skip
+    p.add_argument(
+        "--mixed-precision", default=TrainConfig().mixed_precision, choices=PRECISIONS,
+        help="bigatlas's --mixed-precision (default: the trainer's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--also-precision", default=None, choices=PRECISIONS,
+        help="also time the streaming epochs with this --mixed-precision in the same run (T2_<value>; e.g. no: "
+        "float32 beside the default's bfloat16 products on a CPU with AMX)",
+    )  # fmt: skip
     p.add_argument("--m1-steps", type=int, default=300, help="steps per M1 run")
     p.add_argument("--o1-steps", type=int, default=300, help="steps per O1 loop")
     p.add_argument("--only", nargs="*", default=None, help="subset of: T1 T2 M1 O1")
@@ -72,10 +82,13 @@ def rate(cells: int, epoch_seconds: list[float]) -> dict:
     }
 
 
-def streaming_epochs(data, a, run_dir, batch_size=None) -> list[float]:
+def streaming_epochs(data, a, run_dir, batch_size=None, precision=None) -> list[float]:
     """Epoch seconds of the real `bigatlas train` loop (metrics.csv)."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = train_config(data, a.epochs, batch_size or a.batch_size, compile_loss=a.compile_loss)
+    cfg = train_config(
+        data, a.epochs, batch_size or a.batch_size, compile_loss=a.compile_loss,
+        mixed_precision=precision or a.mixed_precision,
+    )  # fmt: skip
     train(cfg, run_dir, accelerator=make_accelerator(cfg))
     return [float(r["seconds"]) for r in csv.DictReader(open(Path(run_dir) / "metrics.csv"))]
 
@@ -85,7 +98,7 @@ def in_memory_epochs(data, a, run_dir) -> list[float]:
     matrix, minibatches sliced from it in a fresh random order per epoch (what an in-memory AnnData
     trainer does): what streaming costs beside the same model, optimizer and step."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = train_config(data, a.epochs, a.batch_size, compile_loss=a.compile_loss)
+    cfg = train_config(data, a.epochs, a.batch_size, compile_loss=a.compile_loss, mixed_precision=a.mixed_precision)
     s = set_up(cfg, run_dir, False, make_accelerator(cfg), None)
     store = open_store(data)
     x = store.read(np.arange(store.n_obs)).to_scipy().astype(np.float32).tocsr()
@@ -139,7 +152,7 @@ def prebuilt_epoch(data, a, run_dir) -> float:
     """Seconds of train_step over one epoch of the stream's own ModelInputs, read beforehand: the
     model's compute alone, the floor under any way of feeding it."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = train_config(data, a.epochs, a.batch_size, compile_loss=a.compile_loss)
+    cfg = train_config(data, a.epochs, a.batch_size, compile_loss=a.compile_loss, mixed_precision=a.mixed_precision)
     s = set_up(cfg, run_dir, False, make_accelerator(cfg), None)
     s.stream.set_epoch(0)
     inputs = [s.to_input(b) for b in s.stream]
@@ -158,7 +171,7 @@ def loop_overhead(data, a, run_dir) -> dict:
     from bigatlas.train import _epoch
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = train_config(data, 100, a.batch_size, compile_loss=a.compile_loss)
+    cfg = train_config(data, 100, a.batch_size, compile_loss=a.compile_loss, mixed_precision=a.mixed_precision)
     cfg = type(cfg)(model=ModelConfig(hidden=(16,), n_latent=4), train=cfg.train, data=cfg.data)
     s = set_up(cfg, run_dir, False, make_accelerator(cfg), None)
     s.stream.set_epoch(0)
@@ -233,6 +246,8 @@ def run(a) -> dict:
         "epochs": a.epochs,
         "threads": torch.get_num_threads(),
         "compile_loss": a.compile_loss,
+        "mixed_precision": a.mixed_precision,
+        "cpu_bf16_units": native_bf16(),  # what auto means on this CPU: bf16 where True
     }
     run_dir = Path(a.data_dir) / "bench_train_run"
     if wanted & {"T1", "T2"}:
@@ -259,6 +274,10 @@ def run(a) -> dict:
                 res[f"T2_at_batch_{a.peer_batch_size}"] = round(
                     same["cells_per_s"] / res["scatlasvae"]["cells_per_s"], 3
                 )
+            if a.also_precision:
+                other = rate(a.cells, streaming_epochs(data, a, run_dir, precision=a.also_precision))
+                res[f"bigatlas_stream_{a.also_precision}"] = other
+                res[f"T2_{a.also_precision}"] = round(other["cells_per_s"] / res["scatlasvae"]["cells_per_s"], 3)
         except ImportError as e:
             res["scatlasvae"] = {"skipped": f"not installed: {e} (see README, Benchmarks)"}
         print(json.dumps({"scatlasvae": res["scatlasvae"]}), flush=True)
