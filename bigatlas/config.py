@@ -112,9 +112,9 @@ class TrainConfig:
         4, "optimizer steps between updates of the weight average (its decay raised to this power: the same span)"
     )
     # auto = bf16 on CPUs with bfloat16 matrix units: the quality benchmark's atlases (subtle, rare, condition,
-    # continuous; 3 seeds, with and without labels) scored within seed noise of float32 (bio -0.005 to +0.005,
-    # held-out accuracy -0.000 to +0.002; bench/results/kmeans10.json, continuous.json, tag bf16); a step 4-8%, an epoch
-    # 12-23% faster (bench.train --also-precision no)
+    # continuous, hard; 3 seeds, with and without labels) scored within seed noise of float32 (bio -0.005 to
+    # +0.005, held-out accuracy -0.000 to +0.002; bench/results/kmeans10.json, continuous.json, hard.json, tag
+    # bf16); a step 4-8%, an epoch 12-23% faster (bench.train --also-precision no)
     mixed_precision: str = opt(
         "auto", "bf16: autocast on GPUs; on the CPU the wide layers' products (first layer, decoder heads) on "
         "bfloat16 operands, the rest float32. auto: bf16 on CPUs with bfloat16 matrix units (AMX, AVX-512 "
