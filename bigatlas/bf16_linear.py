@@ -1,6 +1,6 @@
 """A Linear layer's products on bfloat16 operands with float32 results, for the model's wide layers
 (genes × hidden: the encoder's first layer and the decoder's heads) in CPU training with
-`--mixed-precision bf16`.
+`--mixed-precision bf16`, which `auto`, the default, is on CPUs with bfloat16 units (native_bf16).
 
 CPUs with AMX or AVX-512 BF16 multiply bfloat16 matrices ~3× as fast as float32 ones (65-90 vs 195-220
 µs for each of the eleven 128 × 2,000 × 128 products of a step on 2 threads: forward, weight and input
