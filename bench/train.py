@@ -82,13 +82,18 @@ def rate(cells: int, epoch_seconds: list[float]) -> dict:
     }
 
 
+def bench_config(data, a, epochs=None, batch_size=None, precision=None):
+    """The benchmark's training config with this run's flags (likelihood compiled or not, precision)."""
+    return train_config(
+        data, epochs or a.epochs, batch_size or a.batch_size, compile_loss=a.compile_loss,
+        mixed_precision=precision or a.mixed_precision,
+    )  # fmt: skip
+
+
 def streaming_epochs(data, a, run_dir, batch_size=None, precision=None) -> list[float]:
     """Epoch seconds of the real `bigatlas train` loop (metrics.csv)."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = train_config(
-        data, a.epochs, batch_size or a.batch_size, compile_loss=a.compile_loss,
-        mixed_precision=precision or a.mixed_precision,
-    )  # fmt: skip
+    cfg = bench_config(data, a, batch_size=batch_size, precision=precision)
     train(cfg, run_dir, accelerator=make_accelerator(cfg))
     return [float(r["seconds"]) for r in csv.DictReader(open(Path(run_dir) / "metrics.csv"))]
 
@@ -98,7 +103,7 @@ def in_memory_epochs(data, a, run_dir) -> list[float]:
     matrix, minibatches sliced from it in a fresh random order per epoch (what an in-memory AnnData
     trainer does): what streaming costs beside the same model, optimizer and step."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = train_config(data, a.epochs, a.batch_size, compile_loss=a.compile_loss, mixed_precision=a.mixed_precision)
+    cfg = bench_config(data, a)
     s = set_up(cfg, run_dir, False, make_accelerator(cfg), None)
     store = open_store(data)
     x = store.read(np.arange(store.n_obs)).to_scipy().astype(np.float32).tocsr()
@@ -152,7 +157,7 @@ def prebuilt_epoch(data, a, run_dir) -> float:
     """Seconds of train_step over one epoch of the stream's own ModelInputs, read beforehand: the
     model's compute alone, the floor under any way of feeding it."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = train_config(data, a.epochs, a.batch_size, compile_loss=a.compile_loss, mixed_precision=a.mixed_precision)
+    cfg = bench_config(data, a)
     s = set_up(cfg, run_dir, False, make_accelerator(cfg), None)
     s.stream.set_epoch(0)
     inputs = [s.to_input(b) for b in s.stream]
@@ -171,7 +176,7 @@ def loop_overhead(data, a, run_dir) -> dict:
     from bigatlas.train import _epoch
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = train_config(data, 100, a.batch_size, compile_loss=a.compile_loss, mixed_precision=a.mixed_precision)
+    cfg = bench_config(data, a, epochs=100)
     cfg = type(cfg)(model=ModelConfig(hidden=(16,), n_latent=4), train=cfg.train, data=cfg.data)
     s = set_up(cfg, run_dir, False, make_accelerator(cfg), None)
     s.stream.set_epoch(0)

@@ -186,13 +186,14 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
     model, optimizer = acc.prepare(model, optimizer)
     max_epochs = t.epochs_for(n_train)
     planned_steps = t.max_steps if t.max_steps is not None else max_epochs * len(stream)
-    acc.unwrap_model(model).compiled_loss = t.compiles_loss(planned_steps)
-    acc.unwrap_model(model).bf16_matmul = t.mixed_precision == "bf16" and acc.device.type == "cpu"
-    if acc.unwrap_model(model).bf16_matmul and acc.is_main_process and not native_bf16():
+    module = acc.unwrap_model(model)
+    module.compiled_loss = t.compiles_loss(planned_steps)
+    module.bf16_matmul = t.mixed_precision == "bf16" and acc.device.type == "cpu"
+    if module.bf16_matmul and acc.is_main_process and not native_bf16():
         print("note: this CPU has no bfloat16 matrix units (AMX or AVX-512 BF16): --mixed-precision bf16 is "
               "emulated there and slower than float32", flush=True)  # fmt: skip
     guard = NanGuard(model, optimizer, acc.device)
-    average = WeightAverage(acc.unwrap_model(model), t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
+    average = WeightAverage(module, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
     return Session(
         cfg,
         acc,
@@ -216,15 +217,10 @@ def _resolved_precision(cfg: RunConfig, run: RunDir, resume: bool, device_type: 
     setting on the CPU, else bf16 on a CPU with bfloat16 matrix units and float32 elsewhere (GPUs too)."""
     if cfg.train.mixed_precision != "auto":
         return cfg
-    saved = None
-    if resume and run.config_file.exists():
-        saved = run.saved_train().get("mixed_precision")
-    if device_type != "cpu":
-        value = "no"
-    elif saved in ("no", "bf16"):
-        value = saved
-    else:
-        value = "bf16" if native_bf16() else "no"
+    value = "no"
+    if device_type == "cpu":
+        saved = run.saved_train().get("mixed_precision") if resume and run.config_file.exists() else None
+        value = saved if saved in ("no", "bf16") else ("bf16" if native_bf16() else "no")
     return replace(cfg, train=replace(cfg.train, mixed_precision=value))
 
 

@@ -131,14 +131,15 @@ def test_mixed_precision_auto_is_resolved_and_a_resumed_run_keeps_its_own(tmp_pa
     cfg = RunConfig(data=DataConfig(data="x.zarr", batch_key="study"))
     assert cfg.train.mixed_precision == "auto"
     run = RunDir(tmp_path / "r")
-    assert _resolved_precision(cfg, run, False, "cpu").train.mixed_precision == ("bf16" if native_bf16() else "no")
+    native = "bf16" if native_bf16() else "no"
+    assert _resolved_precision(cfg, run, False, "cpu").train.mixed_precision == native
     assert _resolved_precision(cfg, run, False, "cuda").train.mixed_precision == "no"
     for before in ("no", "bf16"):
         run.write_config(replace(cfg, train=replace(cfg.train, mixed_precision=before)))
         resumed = _resolved_precision(cfg, run, True, "cpu")
         assert resumed.train.mixed_precision == before
         run.check_resumable(resumed)
-        assert _resolved_precision(cfg, run, False, "cpu").train.mixed_precision != "auto"  # a new run: this CPU's
+        assert _resolved_precision(cfg, run, False, "cpu").train.mixed_precision == native  # a new run: this CPU's
     explicit = replace(cfg, train=replace(cfg.train, mixed_precision="no"))
     assert _resolved_precision(explicit, run, True, "cpu") is explicit
     with pytest.raises(ValueError, match="mixed_precision must be one of auto, no, bf16, not 'fp16'"):
