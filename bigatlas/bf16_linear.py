@@ -33,7 +33,9 @@ class _BF16Linear(torch.autograd.Function):
         gc = grad.to(DTYPE)
         gx = torch.mm(gc, wc).float() if ctx.needs_input_grad[0] else None
         gw = torch.mm(gc.t(), xc).float() if ctx.needs_input_grad[1] else None
-        gb = grad.sum(0, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        gb = None
+        if ctx.needs_input_grad[2]:  # a bfloat16 gradient (keep) sums in float32 into its bfloat16 rounding, as gw
+            gb = grad.sum(0).float() if grad.dtype == DTYPE else grad.sum(0)
         return gx, gw, gb, None
 
 

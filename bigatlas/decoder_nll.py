@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributions import EPS, Counts, exp_neg_abs, fused, nonzero_terms, sigmoid_from, zero_terms
+from .distributions import EPS, Counts, exp_neg_abs, fused, nonzero_terms, sigmoid_from, write_at, zero_terms
 
 
 def _dense_terms(logits, library, log_theta, gate, w, w_pen, lo: float, hi: float, eps: float, grad: bool, pen: bool):
@@ -117,13 +117,13 @@ class _LogitNLL(torch.autograd.Function):
         loss = (w * value).sum() + (w_pen * penalty).sum()
         ctx.mark_non_differentiable(value, penalty)
         if grad:
-            wmg.reshape(-1).scatter_(0, flat, wmg_nz)
-            d_lt.reshape(-1).scatter_(0, flat, d_lt_nz)
+            write_at(wmg, flat, wmg_nz)
+            write_at(d_lt, flat, d_lt_nz)
             g_logits = fused(_softmax_grad)(wmg, logits, m, ssum, r + counts.row_sums(r_nz))
             g_lt = d_lt.sum(0) if log_theta.dim() == 1 else d_lt
             g_gate = None
             if gate is not None:
-                d_gate.reshape(-1).scatter_(0, flat, d_gate_nz)
+                write_at(d_gate, flat, d_gate_nz)
                 g_gate = d_gate.sum(0) if gate.dim() == 1 else d_gate
             ctx.grads = (g_logits, g_lt, g_gate)  # not inputs or outputs: no need for save_for_backward
         return value, penalty, loss

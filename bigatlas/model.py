@@ -21,7 +21,7 @@ from .bf16_linear import DTYPE as BF16
 from .bf16_linear import bf16_linear
 from .config import ModelConfig
 from .decoder_nll import logit_nll
-from .distributions import Counts, csr_rows_and_library, nll
+from .distributions import Counts, csr_rows_and_library, nll, write_at
 
 # Bounds on log-scale outputs: exp() of a runaway logit is what turns a real-data run into NaN.
 LOGVAR_MAX = 15.0
@@ -153,7 +153,7 @@ class VAEModule(nn.Module):
             if _dense_is_faster(x):
                 bf16 = self._bf16_products()
                 dense = values.new_zeros(x.shape, dtype=BF16 if bf16 else values.dtype)
-                dense.view(-1).scatter_(0, counts.flat, values.to(dense.dtype))
+                write_at(dense, counts.flat, values.to(dense.dtype))
                 if bf16:
                     return bf16_linear(dense, first, keep=False)
                 return torch.addmm(first.bias.float(), dense, first.weight.float().t())

@@ -143,6 +143,16 @@ def test_bf16_linear_multiplies_bfloat16_operands_into_float32():
     for grad in (layer.weight.grad, x.grad):  # products of bfloat16 operands: bfloat16 results, not float32's
         assert torch.equal(grad, grad.bfloat16().float())
     assert torch.equal(layer.bias.grad, g.sum(0))
+    # keep: bfloat16 output and gradient; the bias gradient is the float32 sum's bfloat16 rounding, as the weight's
+    layer.zero_grad()
+    out = bf16_linear(x, layer, keep=True)
+    assert out.dtype == torch.bfloat16
+    gb = g.bfloat16()
+    out.backward(gb)
+    exact = gb.double().sum(0)
+    assert layer.bias.grad.dtype == torch.float32
+    assert torch.equal(layer.bias.grad, exact.float().bfloat16().float())
+    assert not torch.equal(layer.bias.grad, exact.float())  # rounded, not float32's sum
 
 
 @pytest.mark.parametrize("layout", ["csr", "dense"])
