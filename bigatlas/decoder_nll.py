@@ -10,9 +10,9 @@ logits computed in the same forward pass:
   d/dlogit_j = μ_j g_j − s_j Σ_k μ_k g_k  (g = dNLL/dμ, s = softmax),  d/dlog θ = θ · dNLL/dθ (0 where
   clamped),  d/dgate of the penalty = σ(gate) σ(−gate),  each times the cell's weight.
 
-Three compiled passes: every entry's x = 0 terms (distributions.zero_terms) with the softmax, the exp
-and the weights, the nonzeros' corrections (distributions.nonzero_terms) on gathered logits, and the
-softmax gradient, which needs the corrected row sums. The backward pass only scales the gradients by
+Three passes in two compiled calls: every entry's x = 0 terms (distributions.zero_terms) with the softmax,
+the exp and the weights, then the nonzeros' corrections (distributions.nonzero_terms) on gathered logits; and
+the softmax gradient, which needs the corrected row sums. The backward pass only scales the gradients by
 the loss's upstream gradient (on the CPU not even that when it is 1, as in training). The value
 equals softmax/exp/sigmoid followed by distributions.nll to float32 rounding (tests).
 """
@@ -93,6 +93,18 @@ def _softmax_grad(wmg, logits, m, ssum, r):
     return (wmg - s * r.unsqueeze(1)).to(logits.dtype)
 
 
+def _forward_terms(logits, library, log_theta, gate, w, w_pen, x, flat, rows, cols, lo, hi, eps, grad: bool, pen: bool):
+    """_dense_terms, then _nonzero_terms from its row max and sum: one compiled call for both (each call's
+    guards and wrappers cost ~0.1 ms, 2-3% of a CPU step)."""
+    per_cell, penalty, m, ssum, wmg, r, d_lt, d_gate = _dense_terms(
+        logits, library, log_theta, gate, w, w_pen, lo, hi, eps, grad, pen
+    )
+    nz = _nonzero_terms(
+        x, flat, rows, cols, logits, m, ssum, library, log_theta, gate, w, w_pen, lo, hi, eps, grad, pen
+    )
+    return (per_cell, penalty, m, ssum, wmg, r, d_lt, d_gate, *nz)
+
+
 class _LogitNLL(torch.autograd.Function):
     """Forward: the per-cell values, the loss and its gradients (the nonzeros' corrections written into
     the dense ones); backward: only their scaling by the loss's upstream gradient."""
@@ -101,16 +113,13 @@ class _LogitNLL(torch.autograd.Function):
     def forward(ctx, logits, log_theta, gate, w, w_pen, counts: Counts, lo, hi, eps, grad):
         pen = gate is not None and gate.dim() == 2
         library = counts.library.float()
-        per_cell, penalty, m, ssum, wmg, r, d_lt, d_gate = fused(_dense_terms)(
-            logits, library, log_theta, gate, w, w_pen, lo, hi, eps, grad, pen
-        )
         flat, rows = counts.flat, counts.rows
         x = counts.values.float()
         if x._base is not None:  # a view of the sparse batch: dynamo cannot trace its base
             x = x.clone()
-        delta, wmg_nz, r_nz, d_lt_nz, d_gate_nz = fused(_nonzero_terms)(
-            x, flat, rows, counts.cols, logits, m, ssum, library, log_theta, gate, w, w_pen, lo, hi, eps, grad, pen
-        )
+        per_cell, penalty, m, ssum, wmg, r, d_lt, d_gate, delta, wmg_nz, r_nz, d_lt_nz, d_gate_nz = fused(
+            _forward_terms
+        )(logits, library, log_theta, gate, w, w_pen, x, flat, rows, counts.cols, lo, hi, eps, grad, pen)
         value = per_cell + counts.row_sums(delta)
         if penalty is None:
             penalty = torch.zeros_like(value)

@@ -99,7 +99,7 @@ def test_a_compiler_failure_warns_once_and_runs_uncompiled(monkeypatch):
     counts, params = decoder_batch(7, 40)
     params = [t.requires_grad_() for t in params]
     ref = eager(counts, *params)
-    with pytest.warns(UserWarning, match=r"torch.compile of _dense_terms failed \(RuntimeError: InvalidCxxCompiler"):
+    with pytest.warns(UserWarning, match=r"torch.compile of _forward_terms failed \(RuntimeError: InvalidCxxCompiler"):
         got = fused(counts, *params)
     torch.testing.assert_close(got[:2], ref, rtol=1e-5, atol=1e-3)
     got[2].backward()  # the gradient pass's fused function falls back too
