@@ -205,3 +205,28 @@ def test_minibatches_mix_labels_like_a_random_permutation(tmp_path):
     sequential = entropy_per_batch([labels[i : i + 256] for i in range(0, n, 256)], N_LABELS)
     assert sequential < 0.1 * ref  # the store really is sorted by label
     assert got >= 0.95 * ref, (got, ref)
+
+
+def test_counts_are_validated_until_a_whole_epoch_has_been_read(position_stores, monkeypatch):
+    """validate checks every request until the stream has read one whole epoch (a resumed, partial epoch
+    does not count): every cell is checked at least once, and later epochs skip the check."""
+    import loaders.stream as stream_module
+
+    checked = []
+    monkeypatch.setattr(stream_module, "check_counts", lambda m, where, integer, positions: checked.append(positions))
+    first = stream(position_stores["zarr"], num_workers=2, epoch=3, validate="counts")
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    state = first.state_dict()
+    it.close()
+    s = stream(position_stores["zarr"], num_workers=2, validate="counts", prefetch_next_epoch=False)
+    s.load_state_dict(state)
+    per_epoch = []
+    for _ in range(3):  # the rest of epoch 3, then epochs 4 and 5
+        checked.clear()
+        indices(s)
+        per_epoch.append(np.concatenate(checked) if checked else np.zeros(0, np.int64))
+    assert 0 < len(per_epoch[0]) < N_OBS  # the resumed epoch's remaining reads only
+    assert np.array_equal(np.unique(per_epoch[1]), np.arange(N_OBS))  # the first whole epoch: every cell
+    assert len(per_epoch[2]) == 0  # then no more
