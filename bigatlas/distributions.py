@@ -65,7 +65,9 @@ class Counts:
             # each other while other threads hold the cores (an epoch's 391 batches of 80k values with another
             # process on both cores: 0.13 vs 4.8 s; no change in bench.train's epoch on an idle machine)
             cols = torch.from_numpy(cols.numpy().astype(np.int64))
-        return cls(rows, cols.long(), x.values(), library, x.shape[1], csr=x)
+        else:
+            cols = cols.long()
+        return cls(rows, cols, x.values(), library, x.shape[1], csr=x)
 
     @property
     def dense(self) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .bf16_linear import DTYPE as BF16
 from .bf16_linear import bf16_linear
 from .config import ModelConfig
 from .decoder_nll import logit_nll
-from .distributions import Counts, csr_rows_and_library, nll, write_at
+from .distributions import Counts, nll, write_at
 
 # Bounds on log-scale outputs: exp() of a runaway logit is what turns a real-data run into NaN.
 LOGVAR_MAX = 15.0
@@ -143,8 +143,7 @@ class VAEModule(nn.Module):
         (the same batch) lends its row indices, library sizes and flat indices."""
         values = x.values()
         if counts is None:
-            rows, lib = csr_rows_and_library(x)
-            counts = Counts(rows, x.col_indices().long(), values, lib, x.shape[1], csr=x)
+            counts = Counts.from_sparse_csr(x)
         if self.cfg.normalize_total:
             values = values / counts.library.clamp_min(1.0)[counts.rows] * self.cfg.normalize_total
         values, first = torch.log1p(values), self.encoder[0]
