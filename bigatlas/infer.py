@@ -122,7 +122,7 @@ def _create(out: Path, meta: dict, model, n_chunks: int) -> None:
     obs.attrs.update({**_attrs("dataframe"), "_index": "_index", "column-order": columns})
     obsm = root.create_group("obsm")
     obsm.attrs.update(_attrs("dict"))
-    _array(obsm, "X_bigatlas", (n, model.config.model.n_latent), (c, model.config.model.n_latent), np.float32)
+    _array(obsm, "X_bigatlas", (n, model.module.n_latent), (c, model.module.n_latent), np.float32)
     if meta.get("umap"):
         _array(obsm, "X_umap_ref", (n, 2), (c, 2), np.float32)
     if meta["full_probabilities"]:
@@ -242,7 +242,7 @@ class SomaOutput:
                 "obs", schema=pa.schema(fields), index_column_names=["soma_joinid"], domain=[(0, n_rows - 1)]
             )
             obsm = exp.add_new_collection("ms").add_new_collection("RNA", soma.Measurement).add_new_collection("obsm")
-            obsm.add_new_sparse_ndarray("X_bigatlas", type=pa.float32(), shape=(n_rows, model.config.model.n_latent))
+            obsm.add_new_sparse_ndarray("X_bigatlas", type=pa.float32(), shape=(n_rows, model.module.n_latent))
             if meta.get("umap"):
                 obsm.add_new_sparse_ndarray("X_umap_ref", type=pa.float32(), shape=(n_rows, 2))
             if meta["full_probabilities"]:
@@ -475,7 +475,7 @@ def _latent(module, m, batch_size, device) -> torch.Tensor:
     """Posterior means of a chunk, from sparse CSR sub-batches."""
     parts = [module.latent(m.rows(b, min(b + batch_size, m.n_rows)).to_torch().to(device))
              for b in range(0, m.n_rows, batch_size)]  # fmt: skip
-    return torch.cat(parts) if parts else torch.zeros(0, module.cfg.n_latent, device=device)
+    return torch.cat(parts) if parts else torch.zeros(0, module.n_latent, device=device)
 
 
 def _columns(results: dict, classes: dict, threshold: float) -> dict:

@@ -82,11 +82,13 @@ class VAEModule(nn.Module):
         cfg = cfg or ModelConfig()
         self.cfg, self.n_genes = cfg, n_genes
         hidden = list(cfg.hidden)
-        self.encoder = mlp([n_genes, *hidden], cfg.encoder_dropout(labelled=bool(n_label_classes)))
-        self.z_mean = nn.Linear(hidden[-1], cfg.n_latent)
-        self.z_logvar = nn.Linear(hidden[-1], cfg.n_latent)
+        labelled = bool(n_label_classes)
+        self.n_latent = k = cfg.latent_size(labelled)
+        self.encoder = mlp([n_genes, *hidden], cfg.encoder_dropout(labelled))
+        self.z_mean = nn.Linear(hidden[-1], k)
+        self.z_logvar = nn.Linear(hidden[-1], k)
         self.embeddings = nn.ModuleList(nn.Embedding(n, cfg.embedding_dim) for n in n_batch_categories)
-        dec_in = cfg.n_latent + cfg.embedding_dim * len(n_batch_categories)
+        dec_in = k + cfg.embedding_dim * len(n_batch_categories)
         self.decoder = mlp([dec_in, *reversed(hidden)], 0.0)
         h = hidden[0]
         self.px_scale = nn.Linear(h, n_genes)
@@ -101,7 +103,7 @@ class VAEModule(nn.Module):
                 self.gate = nn.Parameter(torch.zeros(n_genes))
             else:
                 self.gate = nn.Linear(h, n_genes)
-        self.heads = nn.ModuleList(nn.Linear(cfg.n_latent, n) for n in n_label_classes)
+        self.heads = nn.ModuleList(nn.Linear(k, n) for n in n_label_classes)
         for i, n in enumerate(n_label_classes):
             counts = torch.as_tensor(class_counts[i]) if class_counts is not None else torch.ones(n)
             self.register_buffer(f"class_weight_{i}", class_weights(counts, cfg.class_weighting))

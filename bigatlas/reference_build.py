@@ -62,7 +62,7 @@ class _Cells:
             if not self.identity:
                 m = select_columns(m, self.colmap, len(self.vocab.genes))
             parts.append(self.module.latent(m.to_torch()))
-        return torch.cat(parts) if parts else torch.zeros(0, self.module.cfg.n_latent)
+        return torch.cat(parts) if parts else torch.zeros(0, self.module.n_latent)
 
     def batch(self, pos: np.ndarray) -> np.ndarray:
         luts = self.vocab.batch_luts(self.store, self.batch_keys)

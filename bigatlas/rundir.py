@@ -91,6 +91,10 @@ class RunDir:
         """The saved [train] section as plain values (settings added since at their reproducing value)."""
         return self._saved().get("config", {}).get("train", {})
 
+    def saved_model(self) -> dict:
+        """The saved [model] section as plain values."""
+        return self._saved().get("config", {}).get("model", {})
+
     def check_resumable(self, cfg: RunConfig) -> None:
         """Refuse to resume with settings that shape the run differently from the saved ones."""
         saved = self._saved().get("config", {})

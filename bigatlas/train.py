@@ -143,6 +143,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
 
     run = RunDir(run_dir)
     cfg = _resolved_precision(cfg, run, resume, acc.device.type)
+    cfg = _resolved_latent(cfg, run, resume, surgery)
     t, d = cfg.train, cfg.data
     set_seed(t.seed)
     store = open_store(
@@ -222,6 +223,18 @@ def _resolved_precision(cfg: RunConfig, run: RunDir, resume: bool, device_type: 
         saved = run.saved_train().get("mixed_precision") if resume and run.config_file.exists() else None
         value = saved if saved in ("no", "bf16") else ("bf16" if native_bf16() else "no")
     return replace(cfg, train=replace(cfg.train, mixed_precision=value))
+
+
+def _resolved_latent(cfg: RunConfig, run: RunDir, resume: bool, surgery) -> RunConfig:
+    """cfg with an unset latent size made the one this run's model has, as config.json records it: a resumed
+    run's own, else the default for a model with label heads or without (a query's heads are its reference's)."""
+    if cfg.model.n_latent is not None:
+        return cfg
+    saved = run.saved_model().get("n_latent") if resume and run.config_file.exists() else None
+    if saved is None:
+        heads = bool(cfg.data.label_keys) or (surgery is not None and bool(surgery.reference.vocab.label_classes))
+        saved = cfg.model.latent_size(labelled=heads)
+    return replace(cfg, model=replace(cfg.model, n_latent=int(saved)))
 
 
 def _vocab(run: RunDir, store, cfg: RunConfig, resume: bool, train_mask, surgery, main: bool) -> Vocab:

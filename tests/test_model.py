@@ -44,6 +44,16 @@ def test_class_weightings_keep_the_mean_weight_per_cell():
         assert torch.isclose(ratio, torch.tensor(100.0**power, dtype=w.dtype), rtol=1e-5), weighting
 
 
+def test_latent_size_defaults_to_10_with_labels_and_16_without():
+    def sizes(m):
+        return m.n_latent, m.z_mean.out_features, m.decoder[0].in_features, [h.in_features for h in m.heads]
+
+    assert sizes(VAEModule(30, [3], [4], ModelConfig())) == (10, 10, 10 + 8, [10])
+    assert sizes(VAEModule(30, [3], [], ModelConfig())) == (16, 16, 16 + 8, [])
+    assert sizes(VAEModule(30, [3], [], ModelConfig(n_latent=12))) == (12, 12, 12 + 8, [])  # a set value holds
+    assert sizes(VAEModule(30, [3, 5], [4], ModelConfig(n_latent=6))) == (6, 6, 6 + 16, [6])
+
+
 def test_encoder_dropout_defaults_to_on_with_labels_and_off_without():
     def rates(m):
         return [layer.p for layer in m.encoder if isinstance(layer, torch.nn.Dropout)]

@@ -146,6 +146,33 @@ def test_mixed_precision_auto_is_resolved_and_a_resumed_run_keeps_its_own(tmp_pa
         TrainConfig(mixed_precision="fp16")
 
 
+def test_an_unset_latent_size_is_resolved_by_the_label_keys_and_a_resumed_run_keeps_its_own(tmp_path):
+    """config.json records the latent size the model has: 10 with label keys, 16 without, a query's by its
+    reference's heads; a resumed run keeps the size it was trained with (runs before this default: 10)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from bigatlas.config import DataConfig, ModelConfig, RunConfig
+    from bigatlas.rundir import RunDir
+    from bigatlas.train import _resolved_latent
+
+    plain = RunConfig(data=DataConfig(data="x.zarr", batch_key="study"))
+    labelled = replace(plain, data=replace(plain.data, label_keys=("cell_type",)))
+    run = RunDir(tmp_path / "r")
+    assert plain.model.n_latent is None
+    assert _resolved_latent(plain, run, False, None).model.n_latent == 16
+    assert _resolved_latent(labelled, run, False, None).model.n_latent == 10
+    query = SimpleNamespace(reference=SimpleNamespace(vocab=SimpleNamespace(label_classes={"cell_type": ["a"]})))
+    assert _resolved_latent(plain, run, False, query).model.n_latent == 10  # an unlabelled query keeps the heads
+    run.write_config(replace(plain, model=ModelConfig(n_latent=10)))  # a run trained before the default
+    resumed = _resolved_latent(plain, run, True, None)
+    assert resumed.model.n_latent == 10
+    run.check_resumable(resumed)
+    assert _resolved_latent(plain, run, False, None).model.n_latent == 16  # a new run in that dir: the default
+    explicit = replace(plain, model=ModelConfig(n_latent=7))
+    assert _resolved_latent(explicit, run, True, None) is explicit
+
+
 def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
     run = tmp_path / "ddp"
     run_train([*base_args(small_atlas, run), "--trace-cells"], launcher=accelerate_launcher(2))
