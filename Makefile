@@ -48,10 +48,12 @@ demo: install
 			(t['head']['accuracy'], t['knn']['accuracy'], t['chosen']['accuracy'], t['ece'], 100 * t['unknown_fraction']))"
 	@echo "report: $(DEMO)/run/report/report.html  (also report.md; metrics.json, PNGs beside it;"
 	@echo "        reference_umap.png: every cell placed on the reference UMAP, by prediction and uncertainty)"
-	@echo "The demo atlas is easy. On the hard ones, beside scVI/scANVI (python -m bench.quality; 4-6 seeds):"
-	@$(BIN)/python -m bench.quality --table --out bench/results/defaults.json --tags default
-	@echo "Without label keys the encoder now has no dropout (drop0; before: default). The continuous atlas:"
-	@$(BIN)/python -m bench.quality --table --out bench/results/continuous.json --tags default drop0
+	@echo "The demo atlas is easy. On the hard ones, beside scVI/scANVI (python -m bench.quality; 5-6 seeds without"
+	@echo "labels, 3 with). Without label keys the default is lat16b (16 latent dimensions; bf16: 10, before);"
+	@echo "with label keys bf16 (lat16b rows with labels: 16 there, not the default):"
+	@$(BIN)/python -m bench.quality --table --out bench/results/kmeans10.json --tags bf16 lat16b
+	@$(BIN)/python -m bench.quality --table --out bench/results/continuous.json --tags bf16 lat16b
+	@$(BIN)/python -m bench.quality --table --out bench/results/hard.json --tags bf16 lat16b
 
 # test processes (pytest-xdist): each runs whole files on one thread, the longest files first (tests/conftest.py)
 TEST_WORKERS ?= auto

@@ -28,9 +28,10 @@ def opt(default, help: str, **cli):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # unset: 10 (scAtlasVAE's) with label keys, where 16 loosened the type clusters (bio -0.034 to -0.011); 16
-    # without, where the latent kept subtypes and the condition programme apart (bio +0.008 to +0.039 on four
-    # of five atlases, kNN accuracy +0.02 to +0.07; bench.quality, tag lat16b). A run records the size it used.
+    # unset: 10 (scAtlasVAE's) with label keys, where 16 loosened the type clusters (bio -0.026 / -0.019 on rare
+    # / condition); 16 without, where the latent kept subtypes and the condition programme apart: bio +0.008 to
+    # +0.033 on four of five atlases (rare -0.004 +- 0.005), kNN accuracy +0.01 to +0.05, batch correction -0.003
+    # to -0.030 (bench.quality, 5-6 seeds, tag lat16b against bf16). config.json records the size a run used.
     n_latent: int | None = opt(None, "latent dimensions; unset: 10 when the model has label keys, 16 without")
     hidden: tuple[int, ...] = opt((128,), "hidden layer widths of the encoder (the decoder mirrors them)")
     embedding_dim: int = opt(8, "embedding size per batch/covariate key, concatenated to z in the decoder")
