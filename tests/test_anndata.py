@@ -114,3 +114,23 @@ def test_readme_notebook_example_runs(tmp_path, monkeypatch):
     assert ns["expr"].shape == (3000, 300) and np.allclose(ns["expr"].sum(1), 1e4, rtol=1e-3)
     assert ns["query_latent"].shape == ((adata.obs.dataset_id == "study_1").sum(), k)
     assert Path("run/model.safetensors").exists()
+
+
+def test_a_model_without_label_keys_keeps_its_16_latent_dimensions_through_embedding_and_mapping(copies, tmp_path):
+    """The unlabelled default size reaches config.json, the latent, the embedding on disk and a query model
+    mapped onto it (whose config then names the size, so the surgery's model matches its reference)."""
+    import json
+
+    adata = copies["memory"]
+    model = AtlasVAE(adata, batch_key="dataset_id", train={"max_epochs": 1, "batch_size": 64, "seed": 5}).fit(
+        tmp_path / "run"
+    )
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]["model"]
+    assert saved["n_latent"] == 16 and model.module.n_latent == 16 and not model.vocab.label_classes
+    assert model.get_latent_representation().shape == (N, 16)
+    emb = zarr.open_group(str(model.embed(copies["zarr"], tmp_path / "e.zarr", progress=False)))
+    assert emb["obsm/X_bigatlas"].shape == (N, 16)
+    query = adata[adata.obs.dataset_id == "study_1"].copy()
+    query.obs["dataset_id"] = query.obs["dataset_id"].cat.rename_categories({"study_1": "new_study"})
+    mapped = model.map_query(query, tmp_path / "mapped", epochs=1)
+    assert mapped.module.n_latent == 16 and mapped.get_latent_representation(query).shape == (query.n_obs, 16)
