@@ -87,13 +87,11 @@ class RunDir:
             return None
         return self._saved()["config"]["data"]
 
-    def saved_train(self) -> dict:
-        """The saved [train] section as plain values (settings added since at their reproducing value)."""
-        return self._saved().get("config", {}).get("train", {})
-
-    def saved_model(self) -> dict:
-        """The saved [model] section as plain values."""
-        return self._saved().get("config", {}).get("model", {})
+    def saved_setting(self, section: str, key: str):
+        """A setting as config.json holds it (one added since at its reproducing value); None without one."""
+        if not self.config_file.exists():
+            return None
+        return self._saved().get("config", {}).get(section, {}).get(key)
 
     def check_resumable(self, cfg: RunConfig) -> None:
         """Refuse to resume with settings that shape the run differently from the saved ones."""

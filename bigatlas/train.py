@@ -220,7 +220,7 @@ def _resolved_precision(cfg: RunConfig, run: RunDir, resume: bool, device_type: 
         return cfg
     value = "no"
     if device_type == "cpu":
-        saved = run.saved_train().get("mixed_precision") if resume and run.config_file.exists() else None
+        saved = run.saved_setting("train", "mixed_precision") if resume else None
         value = saved if saved in ("no", "bf16") else ("bf16" if native_bf16() else "no")
     return replace(cfg, train=replace(cfg.train, mixed_precision=value))
 
@@ -230,7 +230,7 @@ def _resolved_latent(cfg: RunConfig, run: RunDir, resume: bool, surgery) -> RunC
     run's own, else the default for a model with label heads or without (a query's heads are its reference's)."""
     if cfg.model.n_latent is not None:
         return cfg
-    saved = run.saved_model().get("n_latent") if resume and run.config_file.exists() else None
+    saved = run.saved_setting("model", "n_latent") if resume else None
     if saved is None:
         heads = bool(cfg.data.label_keys) or (surgery is not None and bool(surgery.reference.vocab.label_classes))
         saved = cfg.model.latent_size(labelled=heads)
