@@ -12,9 +12,11 @@ has read one whole epoch: the same cells come back every epoch. The bare loader 
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -67,6 +69,37 @@ def _to_batch(m: CSR, index: np.ndarray, codes: dict[str, np.ndarray]) -> Batch:
 
 class _Stop(Exception):
     pass
+
+
+# Every reader thread started, with its stop flag: at interpreter exit they are stopped and joined before
+# Python finalizes. A daemon thread still inside a native read then (zarrs, TileDB; the next epoch's
+# readers start ahead, an abandoned iteration's keep going) is killed by CPython when it takes the GIL
+# back from inside the library's frames, and that unwinding aborts the whole process.
+_STARTED: list[tuple[threading.Thread, threading.Event]] = []
+_STARTED_LOCK = threading.Lock()
+EXIT_JOIN_SECONDS = 10.0
+
+
+def _track(thread: threading.Thread, stop: threading.Event) -> None:
+    with _STARTED_LOCK:
+        _STARTED[:] = [(t, e) for t, e in _STARTED if t.is_alive()]
+        _STARTED.append((thread, stop))
+
+
+def stop_all_readers(timeout: float = EXIT_JOIN_SECONDS) -> None:
+    """Stop every reader thread of this process and wait up to `timeout` seconds in all for them to
+    finish the read they are in (run at interpreter exit)."""
+    with _STARTED_LOCK:
+        started = list(_STARTED)
+    for _, stop in started:
+        stop.set()
+    deadline = time.monotonic() + timeout
+    for t, _ in started:
+        if t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(stop_all_readers)
 
 
 class _Readers:
@@ -294,6 +327,7 @@ class CellStream(torch.utils.data.IterableDataset):
                 args=(weakref.proxy(self), epoch, consumer, sizes[consumer], skip, readers.queues[w], readers.stop),
             )
             t.start()
+            _track(t, readers.stop)
             readers.threads.append(t)
         return readers
 
@@ -326,7 +360,7 @@ class CellStream(torch.utils.data.IterableDataset):
             needed = sum(sizes[skip:])
             reader = self.store.reader()
             for req in reqs:
-                if needed <= 0:
+                if needed <= 0 or stop.is_set():  # done, or told to stop (close, exit)
                     break
                 if offset >= len(req):
                     offset -= len(req)

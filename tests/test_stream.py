@@ -1,5 +1,7 @@
 """CellStream properties on real Zarr and SOMA stores whose values encode each row's position."""
 
+import os
+
 import numpy as np
 import pytest
 from conftest import N_LABELS, N_OBS, N_VARS, decode_positions, position_rows
@@ -82,6 +84,45 @@ def test_a_dropped_stream_stops_the_readers_it_started_ahead(position_stores, fm
     while any(t.is_alive() for t in ahead) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(t.is_alive() for t in ahead)
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading
+
+def readers_alive():
+    return [t.name for t in threading.enumerate() if t.name.startswith("cellstream-") and t.is_alive()]
+
+# registered before loaders is imported, so it runs after the loaders' own exit hook (atexit is LIFO)
+atexit.register(lambda: print("AT EXIT", readers_alive(), flush=True))
+from loaders import CellStream, open_store
+
+keep = CellStream(open_store(sys.argv[1]), batch_size=32, seed=5, block_size=16, blocks_per_request=4, num_workers=2)
+for _ in keep:  # one whole epoch: its last minibatch starts the next epoch's readers
+    pass
+iterating = iter(CellStream(open_store(sys.argv[1]), batch_size=32, seed=6, block_size=16, blocks_per_request=4))
+next(iterating)  # an iteration abandoned midway, its generator still referenced at exit
+print("BEFORE EXIT", readers_alive(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "soma"])
+def test_reader_threads_are_stopped_before_the_interpreter_finalizes(position_stores, fmt):
+    """A process that exits with readers still running (the next epoch's, started ahead; an abandoned
+    iteration's) stops and joins them before Python finalizes: a daemon thread that comes back from a
+    native read after that is killed inside the library and aborts the process."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, position_stores[fmt]], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    before = next(line for line in res.stdout.splitlines() if line.startswith("BEFORE EXIT"))
+    assert "cellstream-" in before, res.stdout  # the premise: readers were alive when the script ended
+    assert "AT EXIT []" in res.stdout, res.stdout
 
 
 def test_zarr_and_soma_give_identical_batches(position_stores):
