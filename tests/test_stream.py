@@ -1,10 +1,12 @@
 """CellStream properties on real Zarr and SOMA stores whose values encode each row's position."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import N_LABELS, N_OBS, N_VARS, decode_positions, position_rows
+from conftest import N_LABELS, N_OBS, N_VARS, ROOT, decode_positions, position_rows
 
 from loaders import CellStream, open_store
 
@@ -110,11 +112,6 @@ def test_reader_threads_are_stopped_before_the_interpreter_finalizes(position_st
     """A process that exits with readers still running (the next epoch's, started ahead; an abandoned
     iteration's) stops and joins them before Python finalizes: a daemon thread that comes back from a
     native read after that is killed inside the library and aborts the process."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
         [sys.executable, "-c", EXIT_SCRIPT, position_stores[fmt]], env=env, capture_output=True, text=True, timeout=120
