@@ -104,6 +104,11 @@ class TrainConfig:
         10, "stop after this many epochs (after the KL warm-up) without validation improvement (0: off)"
     )
     early_stopping_min_delta: float = opt(0.0, "improvement (relative to the best validation loss) that counts")
+    min_epochs: int | None = opt(
+        0,
+        "early stopping does not stop a run before this many epochs (0: any after the KL warm-up; unset: a "
+        "quarter of the run's epochs)",
+    )
     lr_plateau_patience: int = opt(
         0, "multiply the learning rate by lr_plateau_factor after every this many epochs (after the KL warm-up) "
         "without validation improvement (0: off)"
@@ -158,6 +163,9 @@ class TrainConfig:
 
     def warmup_epochs(self, max_epochs: int) -> float:
         return min(self.kl_warmup_epochs, 0.5 * max_epochs)
+
+    def min_epochs_for(self, max_epochs: int) -> int:
+        return max_epochs // 4 if self.min_epochs is None else int(self.min_epochs)
 
     def epochs_for(self, n_cells: int) -> int:
         if self.max_epochs is not None:

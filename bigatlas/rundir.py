@@ -27,7 +27,7 @@ from .vocab import Vocab
 FORMAT_VERSION = 1
 # how long to train may change on resume; nothing that shapes the run may
 RESUMABLE_CHANGES = (
-    "max_epochs", "max_steps", "early_stopping_patience", "early_stopping_min_delta", "num_workers",
+    "max_epochs", "max_steps", "early_stopping_patience", "early_stopping_min_delta", "min_epochs", "num_workers",
     "reference_cells", "reference_umap",
 )  # num_workers: elastic; the reference is built after training  # fmt: skip
 
@@ -41,6 +41,7 @@ ADDED_SETTINGS = {
     "compile_loss": "off",
     "lr_plateau_patience": 0,
     "lr_plateau_factor": 0.5,
+    "min_epochs": 0,  # early stopping from the warm-up's end
 }
 
 
