@@ -104,11 +104,7 @@ class TrainConfig:
         10, "stop after this many epochs (after the KL warm-up) without validation improvement (0: off)"
     )
     early_stopping_min_delta: float = opt(0.0, "improvement (relative to the best validation loss) that counts")
-    min_epochs: int | None = opt(
-        0,
-        "early stopping does not stop a run before this many epochs (0: any after the KL warm-up; unset: a "
-        "quarter of the run's epochs)",
-    )
+    min_epochs: int = opt(0, "early stopping does not stop a run before this many epochs (0: any after the KL warm-up)")
     lr_plateau_patience: int = opt(
         0, "multiply the learning rate by lr_plateau_factor after every this many epochs (after the KL warm-up) "
         "without validation improvement (0: off)"
@@ -153,6 +149,8 @@ class TrainConfig:
     def __post_init__(self):
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), not {self.ema_decay}")
+        if self.min_epochs < 0:
+            raise ValueError(f"min_epochs must be at least 0, not {self.min_epochs}")
         if self.ema_every < 1:
             raise ValueError(f"ema_every must be at least 1, not {self.ema_every}")
         _check("compile_loss", self.compile_loss, COMPILE_LOSS)
@@ -163,9 +161,6 @@ class TrainConfig:
 
     def warmup_epochs(self, max_epochs: int) -> float:
         return min(self.kl_warmup_epochs, 0.5 * max_epochs)
-
-    def min_epochs_for(self, max_epochs: int) -> int:
-        return max_epochs // 4 if self.min_epochs is None else int(self.min_epochs)
 
     def epochs_for(self, n_cells: int) -> int:
         if self.max_epochs is not None:

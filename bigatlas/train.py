@@ -106,7 +106,7 @@ class Session:
     data: object = None  # the AnnData trained on in memory (None: cfg.data.data is opened)
     surgery: object = None
     average: WeightAverage | None = None  # of the weights, written at the end (ema_decay > 0)
-    params: list = None  # the trained parameters, listed once (walking the modules every step: ~20 µs)
+    params: list | None = None  # the trained parameters, listed once (walking the modules every step: ~20 µs)
 
 
 def train(
@@ -411,7 +411,7 @@ def _early_stop(t: TrainConfig, progress: Progress, val_loss: float | None, max_
         return False
     progress.bad_epochs += 1
     patience = t.early_stopping_patience
-    return bool(patience) and progress.bad_epochs >= patience and progress.epoch + 1 >= t.min_epochs_for(max_epochs)
+    return bool(patience) and progress.bad_epochs >= patience and progress.epoch + 1 >= t.min_epochs
 
 
 def _counted(t: TrainConfig, progress: Progress, max_epochs: int) -> bool:

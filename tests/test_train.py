@@ -341,9 +341,9 @@ def test_early_stopping_counts_epochs_without_improvement_after_the_warm_up():
     assert stop_epoch(creeping, early_stopping_patience=5, early_stopping_min_delta=1e-3) == 7
     # a floor: the stop waits for epoch 12 (the 12th epoch ends at index 11), then comes at once
     assert stop_epoch(flat_from_1, early_stopping_patience=4, min_epochs=12) == 11
-    # unset: a quarter of the run's epochs (max_epochs=100 -> 25; only 22 losses: no stop)
-    assert stop_epoch(flat_from_1, early_stopping_patience=4, min_epochs=None) is None
-    assert stop_epoch(flat_from_1 + [9.5] * 10, early_stopping_patience=4, min_epochs=None) == 24
+    assert stop_epoch(flat_from_1, early_stopping_patience=4, min_epochs=30) is None  # 22 epochs: below the floor
+    with pytest.raises(ValueError, match="min_epochs"):
+        TrainConfig(min_epochs=-1)
     # an improvement just before the floor restarts the count: 4 bad epochs after it (11-14), not the floor
     assert stop_epoch([10.0, 9.0] + [9.5] * 8 + [8.0] + [9.5] * 10, early_stopping_patience=4, min_epochs=12) == 14
 
