@@ -128,7 +128,13 @@ def run_scvi(adata, a, seed: int, labels: bool, cache: dict):
     if not labels:
         return cache["scvi"].get_latent_representation(), None
     model = scvi.model.SCANVI.from_scvi_model(cache["scvi"], unlabeled_category="undefined")
-    model.train(accelerator="cpu", enable_progress_bar=False)
+    try:
+        model.train(accelerator="cpu", enable_progress_bar=False)
+    except ValueError as e:  # a last training batch of 1 cell (BatchNorm refuses it; e.g. 32,000 cells)
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        model = scvi.model.SCANVI.from_scvi_model(cache["scvi"], unlabeled_category="undefined")
+        model.train(accelerator="cpu", enable_progress_bar=False, datasplitter_kwargs={"drop_last": True})
     return model.get_latent_representation(), np.asarray(model.predict()).astype(str)
 
 
