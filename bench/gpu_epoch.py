@@ -1,15 +1,27 @@
-"""GPU check: one 1,000,000-cell training epoch of the model's own forward/backward/AdamW step on one
-GPU, fp32 vs bf16 autocast, with the trainer's per-step host syncs (the NaN check's bool/.item() and
-float() of every logged term) vs none (terms summed on the device, one sync per epoch). Counts are
-synthetic CSR minibatches already on the GPU (a pool reused round-robin), so this measures the step
-and its syncs, not the loader. `python -m bench.gpu_epoch --out bench/results/gpu_epoch.json`."""
+"""GPU check: one 1,000,000-cell training epoch on one GPU, fp32 vs bf16 autocast.
+
+Default: the model's own forward/backward/AdamW step, with per-step host syncs (a NaN check's bool/.item()
+and float() of every logged term, as the trainer once did) vs none (terms summed on the device). Counts are
+synthetic CSR minibatches already on the GPU (a pool reused round-robin), so this measures the step and
+its syncs, not the loader. `python -m bench.gpu_epoch --out bench/results/gpu_epoch.json`.
+
+`--trainer`: the trainer's own epoch loop instead (bigatlas.train._epoch: each batch's ModelInput and its
+copy to the device, the step with the NaN guard, clipping, fused AdamW and the weight average, the host
+sync every SYNC_EVERY steps, the epoch's checkpoint) over a pool of a generated store's batches replayed
+to 1,000,000 cells. Every host sync is counted (torch.cuda.set_sync_debug_mode) and the lines that made
+them are named (`sync_sites`), so a run shows where a step still waits on the device.
+`python -m bench.gpu_epoch --trainer --batch-sizes 128 1024 --out bench/results/gpu_trainer.json`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 import warnings
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -68,6 +80,73 @@ def epoch(model, opt, pool, n_cells: int, batch: int, bf16: bool, sync_per_step:
             "host_syncs_per_step_seen": round(syncs / steps, 2)}  # fmt: skip
 
 
+@contextmanager
+def counted_syncs(on: bool):
+    """Counter of host syncs by the Python line that made them (file:line), filled when the block ends;
+    empty where `on` is false (no CUDA: nothing to count)."""
+    sites: Counter = Counter()
+    if not on:
+        yield sites
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    parts = Path(w.filename).parts
+                    sites[f"{'/'.join(parts[-2:])}:{w.lineno}"] += 1
+
+
+def trainer_epoch(a, batch: int, precision: str) -> dict:
+    """Seconds, cells/s and host syncs of bigatlas.train._epoch over a.cells cells at this batch size and
+    precision ('no' or 'bf16'), after a short compiling epoch; a pool of the store's batches replayed."""
+    from bench.common import ensure_store, train_config
+    from bench.train import Replay
+    from bigatlas.checkpoint import Progress
+    from bigatlas.metrics_log import MetricsLog
+    from bigatlas.train import _epoch, make_accelerator, set_up
+
+    cuda = torch.cuda.is_available()
+    data = ensure_store(a.data_dir, a.store_cells, a.genes)
+    run_dir = Path(a.data_dir) / "gpu_trainer_run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = train_config(data, 1, batch, compile_loss=a.compile_loss, mixed_precision=precision)
+    s = set_up(cfg, run_dir, False, make_accelerator(cfg), None)
+    s.stream.set_epoch(0)
+    pool = [b for _, b in zip(range(a.pool), s.stream)]
+
+    progress = Progress()
+
+    def epoch(steps: int, number: int) -> float:
+        s.stream = Replay([pool[i % len(pool)] for i in range(steps)])
+        progress.epoch, log = number, MetricsLog(s.run, s.acc.is_main_process)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        _epoch(s, progress, log, False)
+        if cuda:
+            torch.cuda.synchronize()
+        log.close()
+        return time.perf_counter() - start
+
+    epoch(min(20, a.cells // batch + 1), 0)  # compiles the loss, warms the allocator
+    steps, before = -(-a.cells // batch), progress.step
+    with counted_syncs(cuda) as sites:
+        seconds = epoch(steps, 1)
+    row = {"mode": "trainer", "batch_size": batch, "precision": precision, "seconds": round(seconds, 2),
+           "cells_per_s": round(steps * batch / seconds), "steps": steps,
+           "optimizer_steps": progress.step - before}  # fmt: skip
+    if cuda:
+        row["host_syncs_per_step_seen"] = round(sum(sites.values()) / steps, 3)
+        row["sync_sites"] = dict(sites.most_common(10))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cells", type=int, default=1_000_000)
@@ -76,8 +155,16 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024, 4096])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--compile-loss", default="on", choices=("on", "off"), help="likelihood through torch.compile")
-    p.add_argument("--out", default="bench/results/gpu_epoch.json")
+    p.add_argument(
+        "--out", default=None, help="default: bench/results/gpu_epoch.json (gpu_trainer.json with --trainer)"
+    )
+    p.add_argument("--trainer", action="store_true", help="the trainer's own epoch loop (see above)")
+    p.add_argument("--store-cells", type=int, default=20_000, help="--trainer: cells of the generated store")
+    p.add_argument("--pool", type=int, default=64, help="--trainer: batches read from it and replayed")
+    p.add_argument("--data-dir", default="bench/data")
     a = p.parse_args()
+    if a.trainer:
+        return run_trainer(a)
     dev = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cells": a.cells, "genes": a.genes,
            "nnz_per_cell": a.nnz_per_cell, "runs": []}  # fmt: skip
@@ -97,7 +184,23 @@ def main() -> None:
                     row["error"] = f"{type(e).__name__}: {e}"[:500]
                 print(json.dumps(row), flush=True)
                 res["runs"].append(row)
-    with open(a.out, "w") as f:
+    with open(a.out or "bench/results/gpu_epoch.json", "w") as f:
+        json.dump(res, f, indent=2)
+
+
+def run_trainer(a) -> None:
+    res = {"mode": "trainer", "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "cells": a.cells, "genes": a.genes, "store_cells": a.store_cells,
+           "pool": a.pool, "compile_loss": a.compile_loss, "runs": []}  # fmt: skip
+    for batch in a.batch_sizes:
+        for precision in a.precisions:
+            try:
+                row = trainer_epoch(a, batch, "bf16" if precision == "bf16" else "no")
+            except Exception as e:  # recorded, the other configurations still run
+                row = {"batch_size": batch, "precision": precision, "error": f"{type(e).__name__}: {e}"[:500]}
+            print(json.dumps(row), flush=True)
+            res["runs"].append(row)
+    with open(a.out or "bench/results/gpu_trainer.json", "w") as f:
         json.dump(res, f, indent=2)
 
 
