@@ -33,6 +33,23 @@ def holdout_all(n_obs: int, fraction: float, seed: int = 0) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """t on `device`. To a GPU through pinned memory and queued (non_blocking): a copy from pageable
+    memory waits until the GPU has finished all the work queued before it, a host sync every step."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def csr_to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A sparse CSR tensor on `device`, its three arrays moved by to_device."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    parts = (to_device(p, device) for p in (x.crow_indices(), x.col_indices(), x.values()))
+    return torch.sparse_csr_tensor(*parts, x.shape, check_invariants=False)
+
+
 @dataclass
 class ModelInput:
     counts: Counts
@@ -67,10 +84,11 @@ class ToModelInput:
                 raise ValueError(
                     f"obs column {key!r} has categories the model was not trained on; use map_query to extend the model"
                 )
-            codes = torch.from_numpy(model_codes).to(self.device)
+            codes = to_device(torch.from_numpy(model_codes), self.device)
         if self.label_keys:
             labels = torch.stack(
                 [torch.from_numpy(apply_lut(self.label_luts[k], batch.obs[k].numpy())) for k in self.label_keys], 1
-            ).to(self.device)
+            )
+            labels = to_device(labels, self.device)
         val = holdout_mask(positions, self.val_fraction, self.seed)
-        return ModelInput(Counts.from_sparse_csr(batch.x, self.device), codes, labels, positions, val)
+        return ModelInput(Counts.from_sparse_csr(csr_to_device(batch.x, self.device)), codes, labels, positions, val)

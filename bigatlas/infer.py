@@ -28,6 +28,7 @@ from accelerate import PartialState
 from loaders import data_name, detect_format, open_store
 from loaders.csr import check_counts, select_columns
 
+from .batches import csr_to_device
 from .faults import Faults
 from .lock import OutputLock
 from .reference import read_reference
@@ -473,7 +474,7 @@ def _write_chunk(output, faults: Faults, k: int, lo: int, hi: int, *columns, **n
 @torch.no_grad()
 def _latent(module, m, batch_size, device) -> torch.Tensor:
     """Posterior means of a chunk, from sparse CSR sub-batches."""
-    parts = [module.latent(m.rows(b, min(b + batch_size, m.n_rows)).to_torch().to(device))
+    parts = [module.latent(csr_to_device(m.rows(b, min(b + batch_size, m.n_rows)).to_torch(), device))
              for b in range(0, m.n_rows, batch_size)]  # fmt: skip
     return torch.cat(parts) if parts else torch.zeros(0, module.n_latent, device=device)
 

@@ -23,7 +23,7 @@ import torch
 
 from loaders import CellStream, open_store
 
-from .batches import ModelInput, ToModelInput, holdout_all
+from .batches import ModelInput, ToModelInput, holdout_all, to_device
 from .bf16_linear import native_bf16
 from .checkpoint import Progress, restore_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
@@ -376,7 +376,7 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
     """Forward, the on-device all-ranks NaN check (guard.py), backward, clip, optimizer step (skipped
     on the device once a loss went non-finite). No host sync."""
     t, acc = s.cfg.train, s.acc
-    train_mask = torch.from_numpy(~inp.val).to(acc.device, non_blocking=True)
+    train_mask = to_device(torch.from_numpy(~inp.val), acc.device)
     with acc.autocast():
         out = s.model(
             inp.counts, inp.codes, inp.labels, cell_mask=train_mask, eval_mask=~train_mask, kl_weight=kl_weight,

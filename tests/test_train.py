@@ -229,6 +229,35 @@ def test_training_steps_never_wait_on_the_device(small_atlas, tmp_path, monkeypa
     assert progress.step == 6 and s.guard.first_bad_step() == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_steps_make_no_cuda_host_sync(small_atlas, tmp_path):
+    """On a GPU: building each batch's input (its copies to the device included) and the step never make
+    the host wait on the device (torch's sync debug mode raises on any synchronizing call)."""
+    from bigatlas.checkpoint import Progress
+    from bigatlas.config import DataConfig, RunConfig
+    from bigatlas.metrics_log import DeviceSums
+    from bigatlas.train import make_accelerator, set_up, train_step
+
+    cfg = RunConfig(
+        train=TrainConfig(max_epochs=1, batch_size=64),
+        data=DataConfig(data=small_atlas, batch_key="donor_id", label_keys=("cell_type",)),
+    )
+    s = set_up(cfg, tmp_path / "run", False, make_accelerator(cfg), None)
+    assert s.acc.device.type == "cuda"
+    batches = [b for _, b in zip(range(6), s.stream)]
+    progress, sums = Progress(), DeviceSums()
+    train_step(s, progress, s.to_input(batches[0]), 0.5, 1.0)  # first step: optimizer state is created
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in batches[1:]:
+            out = train_step(s, progress, s.to_input(b), 0.5, 1.0)
+            sums.add(out.terms, s.guard.stop)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert progress.step == 6
+
+
 @pytest.mark.parametrize("bad", ["forced", "nan input"])
 def test_nan_guard_freezes_the_model_on_the_device(bad):
     """After a flagged step the fused optimizer skips its update and BatchNorm statistics return to
