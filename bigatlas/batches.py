@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .device_copy import to_device
 from .distributions import Counts
 from .vocab import Vocab, apply_lut
 
@@ -31,23 +32,6 @@ def holdout_all(n_obs: int, fraction: float, seed: int = 0) -> np.ndarray:
     step = 1 << 20
     parts = [holdout_mask(np.arange(lo, min(lo + step, n_obs)), fraction, seed) for lo in range(0, n_obs, step)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """t on `device`. To a GPU through pinned memory and queued (non_blocking): a copy from pageable
-    memory waits until the GPU has finished all the work queued before it, a host sync every step."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def csr_to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """A sparse CSR tensor on `device`, its three arrays moved by to_device."""
-    if torch.device(device).type != "cuda":
-        return x.to(device)
-    parts = (to_device(p, device) for p in (x.crow_indices(), x.col_indices(), x.values()))
-    return torch.sparse_csr_tensor(*parts, x.shape, check_invariants=False)
 
 
 @dataclass
@@ -91,4 +75,4 @@ class ToModelInput:
             )
             labels = to_device(labels, self.device)
         val = holdout_mask(positions, self.val_fraction, self.seed)
-        return ModelInput(Counts.from_sparse_csr(csr_to_device(batch.x, self.device)), codes, labels, positions, val)
+        return ModelInput(Counts.from_sparse_csr(batch.x, self.device), codes, labels, positions, val)

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device_copy import csr_to_device
+
 EPS = 1e-8
 
 
@@ -57,7 +59,7 @@ class Counts:
     @classmethod
     def from_sparse_csr(cls, x: torch.Tensor, device=None) -> Counts:
         """From a torch.sparse_csr batch, moved to `device` as it is (never densified on the CPU)."""
-        x = x.to(device) if device is not None else x
+        x = csr_to_device(x, device) if device is not None else x
         rows, library = csr_rows_and_library(x)
         cols = x.col_indices()
         if cols.device.type == "cpu":

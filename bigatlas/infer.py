@@ -28,7 +28,7 @@ from accelerate import PartialState
 from loaders import data_name, detect_format, open_store
 from loaders.csr import check_counts, select_columns
 
-from .batches import csr_to_device
+from .device_copy import csr_to_device
 from .faults import Faults
 from .lock import OutputLock
 from .reference import read_reference

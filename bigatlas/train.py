@@ -23,10 +23,11 @@ import torch
 
 from loaders import CellStream, open_store
 
-from .batches import ModelInput, ToModelInput, holdout_all, to_device
+from .batches import ModelInput, ToModelInput, holdout_all
 from .bf16_linear import native_bf16
 from .checkpoint import Progress, restore_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
+from .device_copy import to_device
 from .ema import WeightAverage
 from .errors import LaunchError, reported
 from .faults import Faults
