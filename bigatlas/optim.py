@@ -83,12 +83,29 @@ def make_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
 def clip_gradients(params, optimizer, max_norm: float) -> None:
     """Gradient-norm clipping by torch's clip_grad_norm_ factor. A fused AdamW takes the factor as its
     grad_scale and divides each gradient by it as its kernel reads it: the same update without a pass
-    that scales every gradient first, and no host sync (with the norm as one foreach call: 0.1 ms less
-    per ~10 ms CPU step at 128 × 2,000)."""
+    that scales every gradient first, and no host sync (the norm: grad_norm)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer under Accelerate's wrapper
     if not inner.defaults.get("fused"):
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         return
     grads = [p.grad for p in params if p.grad is not None]  # one device and dtype: no grouping needed
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    norm = grad_norm(grads)
     inner.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # 1 / clip_grad_norm_'s factor
+
+
+DOT_MIN = 4096  # gradients of at least this many values take a BLAS dot on the CPU (grad_norm)
+
+
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all the gradients together, as a device scalar. On a GPU one foreach call; on the CPU
+    torch's foreach norm runs the tensors one at a time and a large one at a third of a BLAS dot's speed
+    (145 vs 50 µs for the four 2,000 × 128 weight gradients of a scAtlasVAE step on 2 threads): the large
+    ones' squared norms come from dots, the small ones' from one foreach call."""
+    if grads[0].device.type != "cpu":
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    flat = [g.reshape(-1) for g in grads if g.numel() >= DOT_MIN]
+    squares = [torch.dot(g, g) for g in flat]
+    small = [g for g in grads if g.numel() < DOT_MIN]
+    if small:
+        squares.append(torch.stack(torch._foreach_norm(small)).square().sum())
+    return torch.stack(squares).sum().sqrt()

@@ -519,6 +519,19 @@ def test_the_run_writes_the_weight_average(small_atlas, tmp_path, decay):
     assert not np.array_equal(final["z_mean.weight"], last["z_mean.weight"])
 
 
+def test_grad_norm_is_the_norm_of_all_gradients_together():
+    """grad_norm (dots for the large gradients on the CPU, one foreach call for the small ones) is the
+    2-norm of every gradient's values concatenated, with only large, only small and both kinds."""
+    from bigatlas.optim import DOT_MIN, grad_norm
+
+    g = torch.Generator().manual_seed(0)
+    large = [torch.randn(DOT_MIN // 16, 16, generator=g) * 3.0, torch.randn(DOT_MIN + 7, generator=g)]
+    small = [torch.randn(5, generator=g) * 100.0, torch.randn(3, 4, generator=g)]
+    for grads in (large, small, large + small, [large[0].t()]):  # the last: a non-contiguous gradient
+        want = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in grads]).double())
+        torch.testing.assert_close(grad_norm(grads).double(), want, rtol=1e-6, atol=0.0)
+
+
 def test_clipping_through_the_fused_optimizer_makes_the_update_of_clip_grad_norm():
     """clip_gradients hands a fused AdamW the clip factor as its grad_scale instead of scaling the
     gradients: the weights after the step must be those of torch's clip_grad_norm_ then the step, with
