@@ -35,6 +35,10 @@ class ModelConfig:
     n_latent: int | None = opt(None, "latent dimensions; unset: 10 when the model has label keys, 16 without")
     hidden: tuple[int, ...] = opt((128,), "hidden layer widths of the encoder (the decoder mirrors them)")
     embedding_dim: int = opt(8, "embedding size per batch/covariate key, concatenated to z in the decoder")
+    batch_in_heads: bool = opt(
+        False, "the batch/covariate embeddings also feed the decoder's mean head (a per-batch shift of each "
+        "gene's log mean beside the hidden layer's)",
+    )  # fmt: skip
     # unset: 0.1 (scAtlasVAE's) with label keys, where it kept the type clusters tight (bio -0.004 / -0.006
     # / -0.012 without it); 0 without, where dropout took out biology that looks like batch: a graded state
     # whose level differs by study (R^2 0.59 -> 0.68, scVI 0.67) and bio +0.005 / +0.004 / +0.001 / +0.005

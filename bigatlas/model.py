@@ -5,8 +5,9 @@ Encoder: log1p(counts) → [Linear → BatchNorm(momentum 0.01, eps 1e-3) → Re
 with label heads, none without)] → q(z|x),
 var = exp(logvar) + 1e-4; the batch is not an encoder input, so a query embeds without retraining.
 Decoder: [z, one embedding per batch/covariate key] → [Linear → BatchNorm → ReLU] → softmax(Linear) ×
-observed library size = mean; dispersion per gene-cell, gene or gene-batch; ZI gate per gene or
-gene-cell. Label heads: one Linear(n_latent, n_classes) per label key on z.
+observed library size = mean (with batch_in_heads the mean's Linear reads the embeddings too, beside the
+hidden layer); dispersion per gene-cell, gene or gene-batch; ZI gate per gene or gene-cell. Label heads:
+one Linear(n_latent, n_classes) per label key on z.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ class VAEModule(nn.Module):
         dec_in = k + cfg.embedding_dim * len(n_batch_categories)
         self.decoder = mlp([dec_in, *reversed(hidden)], 0.0)
         h = hidden[0]
-        self.px_scale = nn.Linear(h, n_genes)
+        # the mean head's inputs beside the hidden layer: the batch embeddings (batch_in_heads)
+        beside = cfg.embedding_dim * len(n_batch_categories) if cfg.batch_in_heads else 0
+        self.px_scale = nn.Linear(h + beside, n_genes)
         if cfg.dispersion == "gene-cell":
             self.px_r = nn.Linear(h, n_genes)
         elif cfg.dispersion == "gene":
@@ -176,6 +179,7 @@ class VAEModule(nn.Module):
         logits (None for NB), each per cell and gene or per gene."""
         parts = [z] + [emb(batch_codes[:, i]) for i, emb in enumerate(self.embeddings)]
         h = self.decoder(torch.cat(parts, dim=1))
+        h_mean = torch.cat([h, *parts[1:]], dim=1) if self.cfg.batch_in_heads and len(parts) > 1 else h
         if self.cfg.dispersion == "gene-cell":
             log_theta = self._wide(self.px_r, h)
         elif self.cfg.dispersion == "gene":
@@ -185,7 +189,7 @@ class VAEModule(nn.Module):
         gate = None
         if self.cfg.likelihood == "zinb":
             gate = self.gate if self.cfg.zi_gate == "gene" else self._wide(self.gate, h)
-        return self._wide(self.px_scale, h), log_theta, gate
+        return self._wide(self.px_scale, h_mean), log_theta, gate
 
     def decode(self, z: torch.Tensor, batch_codes: torch.Tensor, library: torch.Tensor):
         """Mean, inverse dispersion and gate logits (None for NB) for each cell and gene."""

@@ -43,6 +43,10 @@ ADDED_SETTINGS = {
     "lr_plateau_factor": 0.5,
     "min_epochs": 0,  # early stopping from the warm-up's end
 }
+# [model] settings added since, likewise (a run dir written before them has the model they describe)
+ADDED_MODEL_SETTINGS = {
+    "batch_in_heads": False,  # the mean head read the hidden layer alone
+}
 
 
 class RunDir:
@@ -66,10 +70,11 @@ class RunDir:
         data = saved.get("config", {}).get("data", {})
         if "undefined_labels" in data:  # run dirs written before --unlabeled-category kept the old name
             data["unlabeled_categories"] = data.pop("undefined_labels")
-        train = saved.get("config", {}).get("train")
-        if train is not None:
-            for key, before in ADDED_SETTINGS.items():
-                train.setdefault(key, before)
+        for section, added in (("train", ADDED_SETTINGS), ("model", ADDED_MODEL_SETTINGS)):
+            values = saved.get("config", {}).get(section)
+            if values is not None:
+                for key, before in added.items():
+                    values.setdefault(key, before)
         return saved
 
     def read_config(self) -> RunConfig:

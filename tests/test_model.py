@@ -69,6 +69,27 @@ def test_encoder_dropout_defaults_to_on_with_labels_and_off_without():
     assert torch.equal(m.encoder(x), m.encoder(x))  # no dropout noise in training mode without labels
 
 
+def test_batch_in_heads_shifts_the_mean_by_batch_beside_the_hidden_layer():
+    """With batch_in_heads the mean head reads the batch embeddings beside the hidden layer: with the
+    decoder's hidden layer blind to them (their input weights zeroed), two batches still get different means;
+    without it, the same ones. The dispersion and gate heads read the hidden layer alone either way."""
+    z = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    codes = [torch.zeros(5, 2, dtype=torch.long), torch.tensor([[1, 2]] * 5)]
+    for on in (True, False):
+        torch.manual_seed(0)
+        cfg = ModelConfig(batch_in_heads=on, dispersion="gene-cell")
+        m = VAEModule(30, [3, 4], [], cfg).eval()
+        assert m.px_scale.in_features == 128 + (16 if on else 0)
+        assert m.px_r.in_features == m.gate.in_features == 128
+        with torch.no_grad():
+            m.embeddings[0].weight.normal_()
+            m.embeddings[1].weight.normal_()
+            m.decoder[0].weight[:, 16:] = 0.0  # the hidden layer sees z only
+            out = [m.decoder_outputs(z, c) for c in codes]
+        assert torch.equal(out[0][1], out[1][1]) and torch.equal(out[0][2], out[1][2])
+        assert torch.equal(out[0][0], out[1][0]) != on
+
+
 def test_no_labelled_cells_gives_zero_label_loss():
     counts, codes, labels = batch()
     out = loss(model(), counts, codes, torch.full_like(labels, -1))

@@ -103,15 +103,17 @@ def test_a_run_dir_from_before_later_settings_resumes_as_it_was_trained(tmp_path
     from dataclasses import replace
 
     from bigatlas.config import DataConfig, RunConfig
-    from bigatlas.rundir import ADDED_SETTINGS, RunDir
+    from bigatlas.rundir import ADDED_MODEL_SETTINGS, ADDED_SETTINGS, RunDir
 
     run, cfg = RunDir(tmp_path / "r"), RunConfig(data=DataConfig(data="x.zarr", batch_key="study"))
     run.write_config(cfg)
     saved = json.loads(run.config_file.read_text())
     for key in ADDED_SETTINGS:
         del saved["config"]["train"][key]
+    for key in ADDED_MODEL_SETTINGS:
+        del saved["config"]["model"][key]
     run.config_file.write_text(json.dumps(saved))
-    old = replace(cfg, train=replace(cfg.train, **ADDED_SETTINGS))
+    old = replace(cfg, train=replace(cfg.train, **ADDED_SETTINGS), model=replace(cfg.model, **ADDED_MODEL_SETTINGS))
     run.check_resumable(old)
     assert run.read_config() == old
     with pytest.raises(ValueError, match=r"train\.adam_eps, train\.compile_loss, train\.ema_decay, train\.ema_every\)"):
