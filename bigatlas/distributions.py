@@ -38,14 +38,16 @@ class Counts:
     """One minibatch of counts: its nonzero entries (for the likelihood) and the matrix itself as a
     sparse CSR tensor or a dense one (for the encoder, which reads CSR without densifying)."""
 
-    def __init__(self, rows, cols, values, library, n_genes: int, csr=None, dense=None):
+    def __init__(self, rows, cols, values, library, n_genes: int, csr=None, dense=None, flat=None):
         self.rows, self.cols, self.values, self.library = rows, cols, values, library  # (nnz,) ×3, (cells,)
         self.n_genes, self.csr, self._dense = n_genes, csr, dense
-        # each nonzero's index into the flattened (cells, genes) matrix
-        if cols.device.type == "cpu":  # numpy: one thread (see from_sparse_csr)
-            self.flat = torch.from_numpy(cols.numpy() + rows.numpy() * n_genes)
+        # each nonzero's index into the flattened (cells, genes) matrix (int64: take and index_copy_ want it)
+        if flat is not None:
+            self.flat = flat
+        elif cols.device.type == "cpu":  # numpy: one thread (see from_sparse_csr)
+            self.flat = torch.from_numpy(cols.numpy().astype(np.int64) + rows.numpy().astype(np.int64) * n_genes)
         else:
-            self.flat = torch.add(cols, rows, alpha=n_genes)
+            self.flat = torch.add(cols.long(), rows.long(), alpha=n_genes)
         if csr is not None:  # where each cell's nonzeros start (rows are sorted), and the end
             self.offsets = csr.crow_indices()
         else:
@@ -62,14 +64,17 @@ class Counts:
         x = csr_to_device(x, device) if device is not None else x
         rows, library = csr_rows_and_library(x)
         cols = x.col_indices()
-        if cols.device.type == "cpu":
-            # numpy, on this thread: torch's int64 conversion and add run as OpenMP teams, whose threads wait on
-            # each other while other threads hold the cores (an epoch's 391 batches of 80k values with another
-            # process on both cores: 0.13 vs 4.8 s; no change in bench.train's epoch on an idle machine)
-            cols = torch.from_numpy(cols.numpy().astype(np.int64))
-        else:
-            cols = cols.long()
-        return cls(rows, cols, x.values(), library, x.shape[1], csr=x)
+        if cols.device.type != "cpu":
+            return cls(rows, cols.long(), x.values(), library, x.shape[1], csr=x)
+        # numpy, on this thread: torch's int64 conversion and add run as OpenMP teams, whose threads wait on
+        # each other while other threads hold the cores (an epoch's 391 batches of 80k values with another
+        # process on both cores: 0.13 vs 4.8 s; no change in bench.train's epoch on an idle machine). Row and
+        # column indices stay as stored (int32 from the loaders: they only index), the flat index is int64,
+        # each row's offset repeated over its nonzeros plus the column (0.18 vs 0.28 ms at 128 × 80k nonzeros)
+        crow = x.crow_indices().numpy()
+        flat = np.repeat(np.arange(x.shape[0], dtype=np.int64) * x.shape[1], np.diff(crow))
+        flat += cols.numpy()
+        return cls(rows, cols, x.values(), library, x.shape[1], csr=x, flat=torch.from_numpy(flat))
 
     @property
     def dense(self) -> torch.Tensor:
@@ -91,7 +96,8 @@ def csr_rows_and_library(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     crow, values = x.crow_indices().long(), x.values()
     if x.device.type == "cpu":  # numpy: 0.04 vs 0.24 ms for 128 cells with torch's kernels (bench.train O1)
         starts, sizes, v = crow.numpy()[:-1], np.diff(crow.numpy()), values.detach().numpy()
-        rows = np.repeat(np.arange(x.shape[0], dtype=np.int64), sizes)
+        # the indices' own width (int32 from the loaders): rows only index, as the columns do
+        rows = np.repeat(np.arange(x.shape[0], dtype=x.col_indices().numpy().dtype), sizes)
         # a start past the end (empty last rows) needs a 0 appended (a copy); reduceat gives an empty row
         # the value at its start
         if len(starts) and starts[-1] >= len(v):

@@ -78,6 +78,12 @@ def test_sparse_csr_batches_give_the_same_counts():
     torch.testing.assert_close(a.library, b.library)
     assert torch.equal(a.dense, b.dense)
     assert sorted(zip(a.rows.tolist(), a.cols.tolist())) == sorted(zip(b.rows.tolist(), b.cols.tolist()))
+    csr = x.to_sparse_csr()
+    narrow = torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape)
+    for c in (a, b, Counts.from_sparse_csr(narrow)):  # int32 indices, as the loaders store them, too
+        assert c.flat.dtype == torch.int64  # take and index_copy_ want it
+        assert torch.equal(c.flat, c.rows.long() * x.shape[1] + c.cols.long())
+        assert torch.equal(x.reshape(-1).take(c.flat), c.values)
     for c in (a, b):  # per-cell sums over the nonzeros (a segmented sum): 0 for the empty rows
         v = torch.randn(len(c.values), dtype=torch.float64)
         torch.testing.assert_close(c.row_sums(v), torch.zeros(len(x), dtype=v.dtype).index_add_(0, c.rows, v))
