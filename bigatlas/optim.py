@@ -100,7 +100,9 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all the gradients together, as a device scalar. On a GPU one foreach call; on the CPU
     torch's foreach norm runs the tensors one at a time and a large one at a third of a BLAS dot's speed
     (145 vs 50 µs for the four 2,000 × 128 weight gradients of a scAtlasVAE step on 2 threads): the large
-    ones' squared norms come from dots, the small ones' from one foreach call."""
+    ones' squared norms come from dots, the small ones' from one foreach call. No gradients: 0."""
+    if not grads:
+        return torch.zeros(())
     if grads[0].device.type != "cpu":
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     flat = [g.reshape(-1) for g in grads if g.numel() >= DOT_MIN]

@@ -532,6 +532,7 @@ def test_grad_norm_is_the_norm_of_all_gradients_together():
     for grads in (large, small, large + small, [large[0].t()]):  # the last: a non-contiguous gradient
         want = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in grads]).double())
         torch.testing.assert_close(grad_norm(grads).double(), want, rtol=1e-6, atol=0.0)
+    assert float(grad_norm([])) == 0.0
 
 
 def test_clipping_through_the_fused_optimizer_makes_the_update_of_clip_grad_norm():
