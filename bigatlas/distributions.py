@@ -38,20 +38,23 @@ class Counts:
     """One minibatch of counts: its nonzero entries (for the likelihood) and the matrix itself as a
     sparse CSR tensor or a dense one (for the encoder, which reads CSR without densifying)."""
 
-    def __init__(self, rows, cols, values, library, n_genes: int, csr=None, dense=None, flat=None):
+    def __init__(self, rows, cols, values, library, n_genes: int, csr=None, dense=None):
         self.rows, self.cols, self.values, self.library = rows, cols, values, library  # (nnz,) ×3, (cells,)
         self.n_genes, self.csr, self._dense = n_genes, csr, dense
-        # each nonzero's index into the flattened (cells, genes) matrix (int64: take and index_copy_ want it)
-        if flat is not None:
-            self.flat = flat
-        elif cols.device.type == "cpu":  # numpy: one thread (see from_sparse_csr)
-            self.flat = torch.from_numpy(cols.numpy().astype(np.int64) + rows.numpy().astype(np.int64) * n_genes)
-        else:
-            self.flat = torch.add(cols.long(), rows.long(), alpha=n_genes)
         if csr is not None:  # where each cell's nonzeros start (rows are sorted), and the end
             self.offsets = csr.crow_indices()
         else:
             self.offsets = F.pad(torch.bincount(rows, minlength=len(library)).cumsum(0), (1, 0))
+        # each nonzero's index into the flattened (cells, genes) matrix (int64: take and index_copy_ want it)
+        if cols.device.type == "cpu":
+            # numpy, on this thread (see from_sparse_csr): each row's offset repeated over its nonzeros, plus the
+            # column, with the indices in their stored width (0.18 vs 0.28 ms at 128 × 80k nonzeros for int64
+            # rows × genes + cols)
+            flat = np.repeat(np.arange(len(library), dtype=np.int64) * n_genes, np.diff(self.offsets.numpy()))
+            flat += cols.numpy()
+            self.flat = torch.from_numpy(flat)
+        else:
+            self.flat = torch.add(cols.long(), rows.long(), alpha=n_genes)
 
     @classmethod
     def from_dense(cls, x: torch.Tensor) -> Counts:
@@ -63,18 +66,13 @@ class Counts:
         """From a torch.sparse_csr batch, moved to `device` as it is (never densified on the CPU)."""
         x = csr_to_device(x, device) if device is not None else x
         rows, library = csr_rows_and_library(x)
+        # on the CPU numpy, on this thread: torch's int64 conversion and add run as OpenMP teams, whose threads
+        # wait on each other while other threads hold the cores (an epoch's 391 batches of 80k values with another
+        # process on both cores: 0.13 vs 4.8 s; no change in bench.train's epoch on an idle machine). There the row
+        # and column indices stay as stored (int32 from the loaders): they only index.
         cols = x.col_indices()
-        if cols.device.type != "cpu":
-            return cls(rows, cols.long(), x.values(), library, x.shape[1], csr=x)
-        # numpy, on this thread: torch's int64 conversion and add run as OpenMP teams, whose threads wait on
-        # each other while other threads hold the cores (an epoch's 391 batches of 80k values with another
-        # process on both cores: 0.13 vs 4.8 s; no change in bench.train's epoch on an idle machine). Row and
-        # column indices stay as stored (int32 from the loaders: they only index), the flat index is int64,
-        # each row's offset repeated over its nonzeros plus the column (0.18 vs 0.28 ms at 128 × 80k nonzeros)
-        crow = x.crow_indices().numpy()
-        flat = np.repeat(np.arange(x.shape[0], dtype=np.int64) * x.shape[1], np.diff(crow))
-        flat += cols.numpy()
-        return cls(rows, cols, x.values(), library, x.shape[1], csr=x, flat=torch.from_numpy(flat))
+        cols = cols if cols.device.type == "cpu" else cols.long()
+        return cls(rows, cols, x.values(), library, x.shape[1], csr=x)
 
     @property
     def dense(self) -> torch.Tensor:
