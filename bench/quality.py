@@ -10,6 +10,12 @@ Writes bench/results/quality.json: one row per (atlas, seed, method), and the me
     python -m bench.quality --only bigatlas bigatlas_labels --tag sqrt --train label_weight=10
         # a variant of bigatlas beside the peers' rows already in the result file
 
+On your own data, the same comparison: an AnnData of raw counts (the genes to model, e.g. 2,000 highly
+variable ones) with a study column and cell-type labels, which are the truth every method is scored
+against and, 20% hidden per seed, the labels bigatlas_labels and scANVI train on:
+
+    python -m bench.quality --data pbmc.h5ad --batch-key batch --label-key cell_type --seeds 0 1 2 --epochs 0
+
 scvi-tools is optional (`pip install scvi-tools`); without it only bigatlas rows are made. Epochs: the
 same number on both sides (--epochs; 0: each method's own rule; scANVI adds its default fine-tuning after
 scVI). `--only scatlasvae` adds the original scAtlasVAE without labels (its package, its defaults).
@@ -18,6 +24,7 @@ scVI). `--only scatlasvae` adds the original scAtlasVAE without labels (its pack
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import time
 from pathlib import Path
@@ -35,6 +42,14 @@ METHODS = ("bigatlas", "bigatlas_labels", "scvi", "scanvi", "scatlasvae")  # sca
 
 def add_arguments(p) -> None:
     p.add_argument("--presets", nargs="+", default=["subtle", "rare", "condition"], help="synth presets")
+    p.add_argument(
+        "--data", default=None,
+        help="an AnnData of raw counts (.h5ad or .zarr) instead of the synthetic presets; rows name it by its file "
+        "name without suffix",
+    )  # fmt: skip
+    p.add_argument("--batch-key", default=BATCH_KEY, help="--data's obs column of the batch (the study)")
+    p.add_argument("--label-key", default="cell_type", help="--data's obs column of the cell types (the truth)")
+    p.add_argument("--layer", default=None, help="--data's layer of raw counts (default: X)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="atlas and training seeds")
     p.add_argument("--cells", type=int, default=8000, help="cells per atlas")
     p.add_argument("--genes", type=int, default=1000, help="genes per atlas")
@@ -48,7 +63,11 @@ def add_arguments(p) -> None:
     p.add_argument("--train", nargs="*", default=[], help="TrainConfig overrides, key=value")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--data-dir", default="bench/data", help="where atlases are built or reused")
-    p.add_argument("--out", default="bench/results/quality.json", help="JSON result file (rows are merged)")
+    p.add_argument(
+        "--out", default=None,
+        help="JSON result file, rows merged into it (default: bench/results/quality.json, with --data "
+        "bench/results/quality_<its name>.json)",
+    )  # fmt: skip
     p.add_argument("--table", action="store_true", help="print the result file's table (markdown) and exit")
     p.add_argument("--tags", nargs="*", default=["before", "default"], help="bigatlas variants in --table")
 
@@ -65,15 +84,19 @@ def overrides(pairs) -> dict:
 
 
 def atlas(a, preset: str, seed: int):
-    """The preset's atlas (built once under --data-dir) in memory, with the hidden-label column."""
+    """The preset's atlas (built once under --data-dir), or --data's cells, in memory, with the hidden-label
+    column (drawn by the seed)."""
     import anndata as ad
 
     from bigatlas.synth import synth
 
-    path = Path(a.data_dir) / f"quality_{preset}_{seed}_{a.cells}x{a.genes}.zarr"
-    if not path.exists():
-        synth(path, a.cells, a.genes, "zarr", seed=seed, preset_name=preset)
-    adata = ad.read_zarr(path)
+    if a.data:
+        adata = user_data(a.data, a.batch_key, a.label_key, a.layer).copy()  # read once, a copy per seed
+    else:
+        path = Path(a.data_dir) / f"quality_{preset}_{seed}_{a.cells}x{a.genes}.zarr"
+        if not path.exists():
+            synth(path, a.cells, a.genes, "zarr", seed=seed, preset_name=preset)
+        adata = ad.read_zarr(path)
     rng = np.random.default_rng(seed)
     labelled = (adata.obs.cell_type != "undefined").to_numpy()
     hidden = labelled & (rng.random(adata.n_obs) < a.hidden_fraction)
@@ -82,6 +105,56 @@ def atlas(a, preset: str, seed: int):
     adata.obs[LABELS] = pd.Categorical(lab)
     adata.obs["bench_hidden"] = hidden
     return adata
+
+
+def data_name(path) -> str:
+    """--data's name in the rows (the atlas column): its file name without suffix."""
+    name = Path(path).name
+    for suffix in (".h5ad", ".zarr"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def user_data(path, batch_key: str, label_key: str, layer=None):
+    """The benchmark's AnnData from a user's file: its raw counts as float32 CSR, the batch as BATCH_KEY and the
+    labels as the truth and as cell_type (what the hidden-label column is drawn from). One ValueError naming
+    the file and the column or layer when one is missing, a cell has no label or a value is not a count."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from bigatlas.config import UNLABELED
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path}: no such file or directory")
+    src = ad.read_zarr(path) if path.suffix == ".zarr" or path.is_dir() else ad.read_h5ad(path)
+    for flag, key in (("--batch-key", batch_key), ("--label-key", label_key)):
+        if key not in src.obs:
+            raise ValueError(f"{path}: no obs column {key!r} ({flag}); obs has {', '.join(map(str, src.obs.columns))}")
+    if layer is not None and layer not in src.layers:
+        raise ValueError(f"{path}: no layer {layer!r} (--layer); layers: {', '.join(src.layers) or 'none'}")
+    x = sp.csr_matrix(src.layers[layer] if layer is not None else src.X, dtype=np.float32)
+    where = f"layer {layer!r}" if layer is not None else "X"
+    bad = (x.data < 0) | ~np.isfinite(x.data) | (x.data != np.floor(x.data))
+    if bad.any():
+        raise ValueError(
+            f"{path}: {where} holds {int(bad.sum()):,} values that are not counts (e.g. {x.data[bad][0]!r}): the "
+            "benchmark trains every method on raw counts (--layer names a layer of them)"
+        )
+    labels = src.obs[label_key].astype("string")
+    missing = labels.isna().to_numpy() | labels.isin(UNLABELED).to_numpy()
+    if missing.any():
+        raise ValueError(
+            f"{path}: obs column {label_key!r} (--label-key) has {int(missing.sum()):,} cells without a label (missing "
+            f"or {', '.join(map(repr, UNLABELED))}); it is the truth every method is scored against: drop them first"
+        )
+    truth = pd.Categorical(labels.to_numpy(dtype=str))
+    obs = pd.DataFrame(
+        {BATCH_KEY: pd.Categorical(src.obs[batch_key].astype(str).to_numpy()), TRUTH: truth, "cell_type": truth},
+        index=src.obs_names,
+    )
+    return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=src.var_names))
 
 
 def run_bigatlas(adata, a, seed: int, labels: bool):
@@ -272,6 +345,7 @@ def table(rows: list[dict], tags) -> str:
 def run(a) -> dict:
     import torch
 
+    a.out = a.out or (f"bench/results/quality_{data_name(a.data)}.json" if a.data else "bench/results/quality.json")
     if a.table:
         print(table(json.loads(Path(a.out).read_text())["rows"], a.tags))
         return {}
@@ -283,7 +357,7 @@ def run(a) -> dict:
     new = []
     latent_dir = Path(a.data_dir) / "latents"  # every run's latent, to score again without training
     latent_dir.mkdir(parents=True, exist_ok=True)
-    for preset in a.presets:
+    for preset in [data_name(a.data)] if a.data else a.presets:
         for seed in a.seeds:
             adata = atlas(a, preset, seed)
             cache: dict = {}
@@ -309,7 +383,8 @@ def run(a) -> dict:
                 new.append(row)
     done = {(r["preset"], r["seed"], r["method"], r["tag"]) for r in new}
     rows = [r for r in old if (r["preset"], r["seed"], r["method"], r["tag"]) not in done] + new
-    setup = {k: getattr(a, k) for k in ("cells", "genes", "epochs", "hidden_fraction", "threads")}
+    keys = ("data", "batch_key", "label_key", "layer") if a.data else ("cells", "genes")
+    setup = {k: getattr(a, k) for k in (*keys, "epochs", "hidden_fraction", "threads")}
     return write_results({"setup": setup, "rows": rows, **summary(rows)}, out)
 
 

@@ -1,0 +1,84 @@
+"""bench.quality on a user's own AnnData (--data): the same comparison, scored against its labels."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from bench.common import main
+from bench.quality import LABELS, TRUTH, add_arguments, atlas, run, user_data
+from bigatlas.synth import synth
+
+
+@pytest.fixture(scope="module")
+def user_h5ad(tmp_path_factory):
+    """A small atlas as a user would hand it over: counts in a layer, log-normalised X, their own column names."""
+    d = tmp_path_factory.mktemp("user")
+    synth(d / "s.zarr", 600, 150, "zarr", seed=3, preset_name="subtle")
+    src = ad.read_zarr(d / "s.zarr")
+    x = sp.csr_matrix(src.X, dtype=np.float32)
+    counts = sp.csr_matrix((x.data, x.indices.astype(np.int64), x.indptr.astype(np.int64)), shape=x.shape)
+    norm = (sp.diags(1e4 / np.maximum(np.asarray(counts.sum(1)).ravel(), 1)) @ counts).tocsr()
+    norm.data = np.log1p(norm.data)
+    obs = pd.DataFrame(
+        {"study": src.obs.dataset_id.astype(str).to_numpy(), "celltype": src.obs.true_cell_type.astype(str).to_numpy()},
+        index=src.obs_names,
+    )
+    path = d / "pbmc_like.h5ad"
+    ad.AnnData(norm, obs=obs, var=pd.DataFrame(index=src.var_names), layers={"counts": counts}).write_h5ad(path)
+    return path
+
+
+def test_user_data_is_the_truth_and_hides_a_fifth_of_the_labels(user_h5ad):
+    import argparse
+
+    a = argparse.Namespace(data=str(user_h5ad), batch_key="study", label_key="celltype", layer="counts")
+    a.hidden_fraction, theirs = 0.2, ad.read_h5ad(user_h5ad)
+    adata = atlas(a, "pbmc_like", seed=0)
+    assert (adata.obs[TRUTH].astype(str).to_numpy() == theirs.obs.celltype.to_numpy()).all()
+    assert (adata.X != theirs.layers["counts"]).nnz == 0  # the counts, not the normalised X
+    hidden = adata.obs["bench_hidden"].to_numpy()
+    assert 0.15 < hidden.mean() < 0.25
+    assert (adata.obs[LABELS].astype(str).to_numpy()[hidden] == "undefined").all()
+    assert (adata.obs[LABELS].astype(str).to_numpy()[~hidden] == theirs.obs.celltype.to_numpy()[~hidden]).all()
+    other = atlas(a, "pbmc_like", seed=1).obs["bench_hidden"].to_numpy()
+    assert (other != hidden).any()  # each seed hides its own draw
+
+
+def test_quality_rows_on_user_data(user_h5ad, tmp_path):
+    out = tmp_path / "q.json"
+    argv = ["--data", str(user_h5ad), "--batch-key", "study", "--label-key", "celltype", "--layer", "counts"]
+    argv += ["--only", "bigatlas", "bigatlas_labels", "--seeds", "0", "--epochs", "2", "--threads", "1"]
+    main("", add_arguments, run, argv + ["--out", str(out), "--data-dir", str(tmp_path)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["preset"], r["method"]) for r in rows] == [("pbmc_like", "bigatlas"), ("pbmc_like", "bigatlas_labels")]
+    for r in rows:
+        assert 0 <= r["bio_conservation"] <= 1 and 0 <= r["batch_correction"] <= 1
+    assert "heldout_accuracy" in rows[1] and "heldout_accuracy" not in rows[0]
+    assert json.loads(out.read_text())["setup"]["label_key"] == "celltype"
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"batch_key": "donor"}, "no obs column 'donor' \\(--batch-key\\)"),
+        ({"layer": "raw"}, "no layer 'raw'"),
+        ({"layer": None}, "X holds .* values that are not counts"),
+        ({"unlabelled": True}, "'celltype' \\(--label-key\\) has 3 cells without a label"),
+    ],
+)
+def test_user_data_errors_name_the_problem(user_h5ad, tmp_path, change, match):
+    path = user_h5ad
+    if change.pop("unlabelled", False):
+        a = ad.read_h5ad(user_h5ad)
+        a.obs["celltype"] = a.obs.celltype.astype(object)
+        a.obs.iloc[[1, 5, 9], a.obs.columns.get_loc("celltype")] = [np.nan, "undefined", np.nan]
+        path = tmp_path / "unlabelled.h5ad"
+        a.write_h5ad(path)
+    kwargs = {"batch_key": "study", "label_key": "celltype", "layer": "counts", **change}
+    with pytest.raises(ValueError, match=match) as e:
+        user_data(str(path), **kwargs)
+    assert path.name in str(e.value)
