@@ -21,7 +21,17 @@ from __future__ import annotations
 
 import torch
 
-from .distributions import EPS, Counts, exp_neg_abs, fused, nonzero_terms, sigmoid_from, write_at, zero_terms
+from .distributions import (
+    EPS,
+    Counts,
+    exp_neg_abs,
+    fused,
+    nonzero_terms,
+    sigmoid_from,
+    sigmoid_product,
+    write_at,
+    zero_terms,
+)
 
 
 def _dense_terms(logits, library, log_theta, gate, w, w_pen, lo: float, hi: float, eps: float, grad: bool, pen: bool):
@@ -35,8 +45,9 @@ def _dense_terms(logits, library, log_theta, gate, w, w_pen, lo: float, hi: floa
     e = torch.exp(logits - m)
     ssum = e.sum(1, keepdim=True)
     mu = e * (library.unsqueeze(1) / ssum)
-    theta = torch.exp(log_theta.clamp(lo, hi))
-    per_cell, d_mu, d_theta, d_gate = zero_terms(mu, theta, gate, eps, grad)
+    lt = log_theta.clamp(lo, hi)
+    theta = torch.exp(lt)
+    per_cell, d_mu, d_theta, d_gate = zero_terms(mu, theta, gate, eps, grad, lt)
     u = exp_neg_abs(gate) if pen else None  # the exp zero_terms has
     penalty = sigmoid_from(gate, u).sum(1) if pen else None
     if not grad:
@@ -57,7 +68,7 @@ def _weighted_grads(w, mu, d_mu, log_theta, theta, d_theta, d_gate, w_pen, u, lo
     if d_gate is not None:
         d_gate = w * d_gate
         if u is not None:
-            d_gate = d_gate + w_pen * (u / ((1.0 + u) * (1.0 + u)))
+            d_gate = d_gate + w_pen * sigmoid_product(u)
     return wmg, d_lt, d_gate
 
 
@@ -75,12 +86,14 @@ def _nonzero_terms(
     mu = torch.exp(logits.reshape(-1).take(flat).float() - m[rows]) * (library[rows] / ssum[rows])
     lt_nz = _gather(log_theta, flat, cols).float()
     g_nz = None if gate is None else _gather(gate, flat, cols).float()
-    theta = torch.exp(lt_nz.clamp(lo, hi))
-    delta, d_mu, d_theta, d_gate, d_mu0 = nonzero_terms(x, mu, theta, g_nz, eps, grad)
+    lt_c = lt_nz.clamp(lo, hi)
+    theta = torch.exp(lt_c)
+    u = None if g_nz is None else exp_neg_abs(g_nz)
+    delta, d_mu, d_theta, d_gate, d_mu0 = nonzero_terms(x, mu, theta, g_nz, eps, grad, lt_c, u)
     if not grad:
         return delta, None, None, None, None
     w_nz = w[rows]
-    u = exp_neg_abs(g_nz) if pen else None
+    u = u if pen else None
     wmg, d_lt, d_gate = _weighted_grads(w_nz, mu, d_mu, lt_nz, theta, d_theta, d_gate, w_pen[rows], u, lo, hi)
     d_gate = None if d_gate is None else d_gate.to(gate.dtype)
     return delta, wmg, wmg - w_nz * (mu * d_mu0), d_lt.to(log_theta.dtype), d_gate
@@ -89,7 +102,7 @@ def _nonzero_terms(
 def _softmax_grad(wmg, logits, m, ssum, r):
     """dLoss/dlogits = w μ_j g_j − s_j Σ_k w μ_k g_k, from the corrected weighted terms and row sums (in the
     logits' dtype)."""
-    s = torch.exp(logits.float() - m.unsqueeze(1)) / ssum.unsqueeze(1)
+    s = torch.exp(logits.float() - m.unsqueeze(1)) * ssum.reciprocal().unsqueeze(1)  # a product per entry
     return (wmg - s * r.unsqueeze(1)).to(logits.dtype)
 
 

@@ -216,9 +216,11 @@ def digamma(y: torch.Tensor) -> torch.Tensor:
 
 
 def _stirling(w: torch.Tensor) -> torch.Tensor:
-    """The series part of log Γ(w) − ((w − ½) log w − w + ½ log 2π), w ≥ 6 (error < 1e-9)."""
-    f = (w * w).reciprocal()
-    return (1 / 12 - f * (1 / 360 - f * (1 / 1260 - f / 1680))) / w
+    """The series part of log Γ(w) − ((w − ½) log w − w + ½ log 2π), w ≥ 6 (error < 1e-9), from one
+    reciprocal of w (which log_gamma_terms' x / w shares in a compiled loop)."""
+    r = w.reciprocal()
+    f = r * r
+    return (1 / 12 - f * (1 / 360 - f * (1 / 1260 - f / 1680))) * r
 
 
 def lgamma(y: torch.Tensor) -> torch.Tensor:
@@ -244,7 +246,7 @@ def log_gamma_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     a, b = theta + x, theta  # log Π_k (a+k)/(b+k), k < 6, as two logs of three-factor ratios (no overflow)
     shift = torch.log(a * (a + 1.0) * (a + 2.0) / (b * (b + 1.0) * (b + 2.0)))
     shift = shift + torch.log((a + 3.0) * (a + 4.0) * (a + 5.0) / ((b + 3.0) * (b + 4.0) * (b + 5.0)))
-    ratio = (w + x - 0.5) * torch.log1p(x / w) + x * (torch.log(w) - 1.0) + _stirling(w + x) - _stirling(w)
+    ratio = (w + x - 0.5) * torch.log1p(x * w.reciprocal()) + x * (torch.log(w) - 1.0) + _stirling(w + x) - _stirling(w)
     return ratio - torch.where(small, shift, 0.0) - lgamma(x + 1.0)
 
 
@@ -275,12 +277,13 @@ def _scale_rows(d: torch.Tensor, w: torch.Tensor, shape) -> torch.Tensor:
     return w @ d if len(shape) == 1 else d * w.unsqueeze(1)
 
 
-def zero_terms(mu, theta, gate, eps: float, grad: bool):
+def zero_terms(mu, theta, gate, eps: float, grad: bool, log_theta=None):
     """The x = 0 NLL term of every cell and gene, summed per cell, and with grad its derivatives in
     mu, theta and the gate (the ZINB's through nb0 with weight sigmoid(nb0 − g)). Only elementwise
     ops and one row sum over cells × genes — the step's costliest memory traffic, which
-    torch.compile fuses into one pass (see fused)."""
-    t_mu, _, diff, nb0 = nb_zero(mu, theta, eps)
+    torch.compile fuses into one pass (see fused). log_theta: log θ where the caller has it (θ = its exp),
+    used for log θ instead of log(θ + ε) (nb_zero)."""
+    t_mu, _, diff, nb0 = nb_zero(mu, theta, eps, log_theta)
     if gate is None:
         per_cell = -nb0.sum(1)
     else:
@@ -290,20 +293,26 @@ def zero_terms(mu, theta, gate, eps: float, grad: bool):
     if not grad:
         return per_cell, None, None, None
     d_mu = theta / t_mu
-    d_theta = d_mu - diff - theta / (theta + eps)
+    d_theta = d_mu - diff - d_log_theta(theta, eps, log_theta)
     if gate is None:
         return per_cell, d_mu, d_theta, None
     s_a = sigmoid_from(a, v)
     return per_cell, d_mu * s_a, d_theta * s_a, s_a - sigmoid_from(-gate, u)
 
 
-def nb_zero(mu, theta, eps: float):
+def nb_zero(mu, theta, eps: float, log_theta=None):
     """θ + μ + ε, its log, log(θ/(θ+μ)) and log NB(0) = θ log(θ/(θ+μ)): the pieces every fused term and
-    derivative starts from (elementwise, any shape)."""
+    derivative starts from (elementwise, any shape). log θ is log(θ + ε), or log_theta where given (the
+    decoder's clamped output, whose exp θ is: one log fewer per entry, and exact where ε would shift it)."""
     t_mu = theta + mu + eps
     log_t_mu = torch.log(t_mu)
-    diff = torch.log(theta + eps) - log_t_mu
+    diff = (torch.log(theta + eps) if log_theta is None else log_theta) - log_t_mu
     return t_mu, log_t_mu, diff, theta * diff
+
+
+def d_log_theta(theta, eps: float, log_theta=None):
+    """d(θ · log θ)/dθ − log θ for nb_zero's log θ: θ / (θ + ε), or 1 with the exact log_theta."""
+    return 1.0 if log_theta is not None else theta / (theta + eps)
 
 
 def exp_neg_abs(t: torch.Tensor) -> torch.Tensor:
@@ -313,17 +322,26 @@ def exp_neg_abs(t: torch.Tensor) -> torch.Tensor:
 
 
 def sigmoid_from(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """sigmoid(t) from u = exp_neg_abs(t) (also of −t: |t| is the same)."""
-    return torch.where(t >= 0, 1.0, u) / (1.0 + u)
+    """sigmoid(t) from u = exp_neg_abs(t) (also of −t: |t| is the same), as a product with 1 / (1 + u): a
+    compiled loop computes that reciprocal once for sigmoid(t), sigmoid(−t) and their product (sigmoid_product)
+    instead of a division each."""
+    return torch.where(t >= 0, 1.0, u) * (1.0 + u).reciprocal()
 
 
-def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool):
+def sigmoid_product(u: torch.Tensor) -> torch.Tensor:
+    """sigmoid(t) · sigmoid(−t) = u / (1 + u)² from u = exp_neg_abs(t), with sigmoid_from's reciprocal."""
+    r = (1.0 + u).reciprocal()
+    return u * r * r
+
+
+def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool, log_theta=None, u=None):
     """At the nonzero entries (1-D, gathered): the NLL's x > 0 term minus the x = 0 term zero_terms
     already counted, and with grad the derivatives that replace zero_terms' there (of −log p:
     d/dμ = (θ+x)/(θ+μ+ε) − x/(μ+ε); d/dθ = −∂nb0/∂θ + x/(θ+μ+ε) − ψ(x+θ) + ψ(θ); d/dg = sigmoid(g)),
     and last the d/dμ of zero_terms at these entries (θ/(θ+μ+ε), × sigmoid(nb0 − g) for the ZINB): the one
-    that d/dμ replaces, for a caller that takes it back out of a sum over genes."""
-    t_mu, log_t_mu, diff, nb0 = nb_zero(mu_nz, theta_nz, eps)
+    that d/dμ replaces, for a caller that takes it back out of a sum over genes. log_theta: as zero_terms';
+    u: exp_neg_abs(g_nz) where the caller has it (sigmoid(g) from it, sharing its exp and reciprocal)."""
+    t_mu, log_t_mu, diff, nb0 = nb_zero(mu_nz, theta_nz, eps, log_theta)
     log_p = nb0 + x * (torch.log(mu_nz + eps) - log_t_mu)
     log_p = log_p + log_gamma_terms(x, theta_nz)
     if g_nz is None:
@@ -334,11 +352,13 @@ def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool):
         return delta, None, None, None, None
     inv = 1.0 / t_mu
     d_mu = (theta_nz + x) * inv - x / (mu_nz + eps)
-    d_theta = (theta_nz + x) * inv - diff - theta_nz / (theta_nz + eps) + digamma(theta_nz) - digamma(x + theta_nz)
+    d_theta = (theta_nz + x) * inv - diff - d_log_theta(theta_nz, eps, log_theta)
+    d_theta = d_theta + digamma(theta_nz) - digamma(x + theta_nz)
     d_mu0 = theta_nz * inv
     if g_nz is None:
         return delta, d_mu, d_theta, None, d_mu0
-    return delta, d_mu, d_theta, torch.sigmoid(g_nz), d_mu0 * torch.sigmoid(nb0 - g_nz)
+    s_g = torch.sigmoid(g_nz) if u is None else sigmoid_from(g_nz, u)
+    return delta, d_mu, d_theta, s_g, d_mu0 * torch.sigmoid(nb0 - g_nz)
 
 
 _FUSED: dict = {}  # function -> its _Fused
