@@ -83,13 +83,15 @@ def _nonzero_terms(
     """At the nonzeros x (1-D; flat, rows, cols: their positions): the NLL correction, and with grad the
     corrected weighted μ·dNLL/dμ, its change (for the softmax's row sum), dNLL/dlog θ and dNLL/dgate (with
     the penalty's, which the dense values they replace hold). The gathers run inside the fused loop."""
-    mu = torch.exp(logits.reshape(-1).take(flat).float() - m[rows]) * (library[rows] / ssum[rows])
+    scale = library / ssum  # per cell: μ = exp(logit − m) × scale, log μ = logit − m + log scale
+    z = logits.reshape(-1).take(flat).float() - m[rows]
+    mu, log_mu = torch.exp(z) * scale[rows], z + torch.log(scale)[rows]
     lt_nz = _gather(log_theta, flat, cols).float()
     g_nz = None if gate is None else _gather(gate, flat, cols).float()
     lt_c = lt_nz.clamp(lo, hi)
     theta = torch.exp(lt_c)
     u = None if g_nz is None else exp_neg_abs(g_nz)
-    delta, d_mu, d_theta, d_gate, d_mu0 = nonzero_terms(x, mu, theta, g_nz, eps, grad, lt_c, u)
+    delta, d_mu, d_theta, d_gate, d_mu0 = nonzero_terms(x, mu, theta, g_nz, eps, grad, lt_c, u, log_mu)
     if not grad:
         return delta, None, None, None, None
     w_nz = w[rows]

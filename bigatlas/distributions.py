@@ -334,15 +334,16 @@ def sigmoid_product(u: torch.Tensor) -> torch.Tensor:
     return u * r * r
 
 
-def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool, log_theta=None, u=None):
+def nonzero_terms(x, mu_nz, theta_nz, g_nz, eps: float, grad: bool, log_theta=None, u=None, log_mu=None):
     """At the nonzero entries (1-D, gathered): the NLL's x > 0 term minus the x = 0 term zero_terms
     already counted, and with grad the derivatives that replace zero_terms' there (of −log p:
     d/dμ = (θ+x)/(θ+μ+ε) − x/(μ+ε); d/dθ = −∂nb0/∂θ + x/(θ+μ+ε) − ψ(x+θ) + ψ(θ); d/dg = sigmoid(g)),
     and last the d/dμ of zero_terms at these entries (θ/(θ+μ+ε), × sigmoid(nb0 − g) for the ZINB): the one
     that d/dμ replaces, for a caller that takes it back out of a sum over genes. log_theta: as zero_terms';
-    u: exp_neg_abs(g_nz) where the caller has it (sigmoid(g) from it, sharing its exp and reciprocal)."""
+    u: exp_neg_abs(g_nz) where the caller has it (sigmoid(g) from it, sharing its exp and reciprocal); log_mu:
+    log μ where the caller has it from the logits (instead of log(μ + ε): one log per cell, not per nonzero)."""
     t_mu, log_t_mu, diff, nb0 = nb_zero(mu_nz, theta_nz, eps, log_theta)
-    log_p = nb0 + x * (torch.log(mu_nz + eps) - log_t_mu)
+    log_p = nb0 + x * ((torch.log(mu_nz + eps) if log_mu is None else log_mu) - log_t_mu)
     log_p = log_p + log_gamma_terms(x, theta_nz)
     if g_nz is None:
         delta = nb0 - log_p

@@ -123,3 +123,25 @@ def test_bfloat16_decoder_outputs_are_read_as_float32_and_get_bfloat16_gradients
     for t, g, r in zip([t for t in low if t is not None], got[2], ref[2]):
         assert g.dtype == t.dtype
         torch.testing.assert_close(g.float(), r.to(g.dtype).float(), rtol=2**-7, atol=1e-6 * float(r.abs().max()))
+
+
+def test_a_count_where_the_mean_is_below_eps_is_scored_at_that_mean():
+    """log μ comes from the logits (logit − max + log(library / Σ exp)), not log(μ + ε): a count at a gene whose
+    mean is far below ε = 1e-8, which log(μ + ε) would floor at −18.4, scores as scipy's NB at that mean."""
+    import numpy as np
+    from scipy.stats import nbinom
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 50, generator=g)
+    logits[:, 7] = -25.0  # μ ~ 1e-11 there
+    x = torch.poisson(torch.full((4, 50), 3.0), generator=g)
+    x[:, 7] = 1.0
+    log_theta = torch.randn(50, generator=g)
+    counts = Counts.from_sparse_csr(x.to_sparse_csr())
+    with torch.no_grad():
+        got = fused(counts, logits, log_theta, None)[0].double().numpy()
+    mu = (F.softmax(logits.double(), -1) * x.sum(1, keepdim=True).double()).numpy()
+    theta = log_theta.double().exp().numpy()
+    assert mu[:, 7].max() < 1e-9
+    want = -nbinom.logpmf(x.numpy(), theta, theta / (theta + mu)).sum(1)
+    np.testing.assert_allclose(got, want, rtol=2e-5)
