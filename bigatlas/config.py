@@ -13,6 +13,7 @@ from pathlib import Path
 LIKELIHOODS = ("zinb", "nb")
 DISPERSIONS = ("gene-cell", "gene", "gene-batch")
 GATES = ("gene", "gene-cell")
+NORMS = ("batch", "layer")
 GENE_JOINS = ("inner", "outer")
 CLASS_WEIGHTINGS = ("inverse", "sqrt-inverse", "none")
 COMPILE_LOSS = ("auto", "on", "off")
@@ -38,6 +39,10 @@ class ModelConfig:
     batch_in_heads: bool = opt(
         False, "the batch/covariate embeddings also feed the decoder's mean head (a per-batch shift of each "
         "gene's log mean beside the hidden layer's)",
+    )  # fmt: skip
+    norm: str = opt(
+        "batch", "normalisation of the hidden layers: batch (BatchNorm, scAtlasVAE's and scVI's) or layer (LayerNorm "
+        "without affine terms: each cell on its own, what scArches advises for reference mapping)", choices=NORMS,
     )  # fmt: skip
     # unset: 0.1 (scAtlasVAE's) with label keys, where it kept the type clusters tight (bio -0.004 / -0.006
     # / -0.012 without it); 0 without, where dropout took out biology that looks like batch: a graded state
@@ -73,6 +78,7 @@ class ModelConfig:
         _check("likelihood", self.likelihood, LIKELIHOODS)
         _check("dispersion", self.dispersion, DISPERSIONS)
         _check("zi_gate", self.zi_gate, GATES)
+        _check("norm", self.norm, NORMS)
         _check("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 

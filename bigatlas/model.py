@@ -1,8 +1,8 @@
 """The torch module of scAtlasVAE (VAEModule; the user-facing class is api.AtlasVAE): a ZINB/NB
 variational autoencoder with batch embeddings in the decoder and label heads on z.
 
-Encoder: log1p(counts) → [Linear → BatchNorm(momentum 0.01, eps 1e-3) → ReLU → Dropout (by default 0.1
-with label heads, none without)] → q(z|x),
+Encoder: log1p(counts) → [Linear → BatchNorm(momentum 0.01, eps 1e-3; or LayerNorm, norm="layer") → ReLU →
+Dropout (by default 0.1 with label heads, none without)] → q(z|x),
 var = exp(logvar) + 1e-4; the batch is not an encoder input, so a query embeds without retraining.
 Decoder: [z, one embedding per batch/covariate key] → [Linear → BatchNorm → ReLU] → softmax(Linear) ×
 observed library size = mean (with batch_in_heads the mean's Linear reads the embeddings too, beside the
@@ -36,10 +36,13 @@ class LossOutput:
     n_cells: torch.Tensor | int = 0  # cells in the loss (a device tensor: reading it would sync)
 
 
-def mlp(sizes, dropout: float) -> nn.Sequential:
+def mlp(sizes, dropout: float, norm: str = "batch") -> nn.Sequential:
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.BatchNorm1d(b, momentum=0.01, eps=1e-3), nn.ReLU()]
+        bn = (
+            nn.BatchNorm1d(b, momentum=0.01, eps=1e-3) if norm == "batch" else nn.LayerNorm(b, elementwise_affine=False)
+        )
+        layers += [nn.Linear(a, b), bn, nn.ReLU()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
@@ -85,12 +88,12 @@ class VAEModule(nn.Module):
         hidden = list(cfg.hidden)
         labelled = bool(n_label_classes)
         self.n_latent = k = cfg.latent_size(labelled)
-        self.encoder = mlp([n_genes, *hidden], cfg.encoder_dropout(labelled))
+        self.encoder = mlp([n_genes, *hidden], cfg.encoder_dropout(labelled), cfg.norm)
         self.z_mean = nn.Linear(hidden[-1], k)
         self.z_logvar = nn.Linear(hidden[-1], k)
         self.embeddings = nn.ModuleList(nn.Embedding(n, cfg.embedding_dim) for n in n_batch_categories)
         dec_in = k + cfg.embedding_dim * len(n_batch_categories)
-        self.decoder = mlp([dec_in, *reversed(hidden)], 0.0)
+        self.decoder = mlp([dec_in, *reversed(hidden)], 0.0, cfg.norm)
         h = hidden[0]
         # the mean head's inputs beside the hidden layer: the batch embeddings (batch_in_heads)
         beside = cfg.embedding_dim * len(n_batch_categories) if cfg.batch_in_heads else 0

@@ -46,6 +46,7 @@ ADDED_SETTINGS = {
 # [model] settings added since, likewise (a run dir written before them has the model they describe)
 ADDED_MODEL_SETTINGS = {
     "batch_in_heads": False,  # the mean head read the hidden layer alone
+    "norm": "batch",  # BatchNorm was the only normalisation
 }
 
 

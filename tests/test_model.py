@@ -90,6 +90,19 @@ def test_batch_in_heads_shifts_the_mean_by_batch_beside_the_hidden_layer():
         assert torch.equal(out[0][0], out[1][0]) != on
 
 
+def test_layer_norm_treats_each_cell_on_its_own():
+    """norm="layer": no BatchNorm anywhere, and in training mode a cell's hidden layer does not depend on which
+    other cells share its minibatch; with BatchNorm (the default) it does."""
+    counts, _, _ = batch()
+    x = torch.log1p(counts.dense)
+    for norm in ("layer", "batch"):
+        torch.manual_seed(0)
+        m = VAEModule(x.shape[1], [3], [], ModelConfig(norm=norm)).train()
+        assert any(isinstance(mod, torch.nn.BatchNorm1d) for mod in m.modules()) == (norm == "batch")
+        alone = torch.allclose(m.encoder(x)[:5], m.encoder(x[:8])[:5], atol=1e-6)
+        assert alone == (norm == "layer")
+
+
 def test_no_labelled_cells_gives_zero_label_loss():
     counts, codes, labels = batch()
     out = loss(model(), counts, codes, torch.full_like(labels, -1))
