@@ -14,7 +14,9 @@ Three passes in two compiled calls: every entry's x = 0 terms (distributions.zer
 the exp and the weights, then the nonzeros' corrections (distributions.nonzero_terms) on gathered logits; and
 the softmax gradient, which needs the corrected row sums. The backward pass only scales the gradients by
 the loss's upstream gradient (on the CPU not even that when it is 1, as in training). The value
-equals softmax/exp/sigmoid followed by distributions.nll to float32 rounding (tests).
+equals softmax/exp/sigmoid followed by distributions.nll to float32 rounding (tests), except at a nonzero
+count whose mean is below ~1e-6: there log μ comes from the logits (as scipy's NB has it) where nll, given μ
+alone, takes log(μ + ε).
 """
 
 from __future__ import annotations
