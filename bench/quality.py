@@ -142,6 +142,9 @@ def user_data(path, batch_key: str, label_key: str, layer=None):
             f"{path}: {where} holds {int(bad.sum()):,} values that are not counts (e.g. {x.data[bad][0]!r}): the "
             "benchmark trains every method on raw counts (--layer names a layer of them)"
         )
+    no_batch = src.obs[batch_key].isna().to_numpy()
+    if no_batch.any():
+        raise ValueError(f"{path}: obs column {batch_key!r} (--batch-key) is missing for {int(no_batch.sum()):,} cells")
     labels = src.obs[label_key].astype("string")
     missing = labels.isna().to_numpy() | labels.isin(UNLABELED).to_numpy()
     if missing.any():

@@ -68,6 +68,7 @@ def test_quality_rows_on_user_data(user_h5ad, tmp_path):
         ({"layer": "raw"}, "no layer 'raw'"),
         ({"layer": None}, "X holds .* values that are not counts"),
         ({"unlabelled": True}, "'celltype' \\(--label-key\\) has 3 cells without a label"),
+        ({"no_batch": True}, "'study' \\(--batch-key\\) is missing for 2 cells"),
     ],
 )
 def test_user_data_errors_name_the_problem(user_h5ad, tmp_path, change, match):
@@ -77,6 +78,12 @@ def test_user_data_errors_name_the_problem(user_h5ad, tmp_path, change, match):
         a.obs["celltype"] = a.obs.celltype.astype(object)
         a.obs.iloc[[1, 5, 9], a.obs.columns.get_loc("celltype")] = [np.nan, "undefined", np.nan]
         path = tmp_path / "unlabelled.h5ad"
+        a.write_h5ad(path)
+    if change.pop("no_batch", False):
+        a = ad.read_h5ad(user_h5ad)
+        a.obs["study"] = a.obs.study.astype(object)
+        a.obs.iloc[[2, 4], a.obs.columns.get_loc("study")] = [np.nan, np.nan]
+        path = tmp_path / "no_batch.h5ad"
         a.write_h5ad(path)
     kwargs = {"batch_key": "study", "label_key": "celltype", "layer": "counts", **change}
     with pytest.raises(ValueError, match=match) as e:
