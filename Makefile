@@ -51,10 +51,11 @@ demo: install
 	@echo "The demo atlas is easy. On the hard ones, beside scVI/scANVI (python -m bench.quality; 5-7 seeds without"
 	@echo "labels, 3-4 with; the scvi/scanvi rows pool 60-epoch runs with runs at their own rule, 400 epochs: README,"
 	@echo "'scVI at its own epoch rule', pairs them). Without label keys the default is lat16b (16 latent dimensions; bf16: 10, before);"
-	@echo "with label keys bf16 (lat16b rows with labels: 16 there, not the default):"
-	@$(BIN)/python -m bench.quality --table --out bench/results/kmeans10.json --tags bf16 lat16b
-	@$(BIN)/python -m bench.quality --table --out bench/results/continuous.json --tags bf16 lat16b
-	@$(BIN)/python -m bench.quality --table --out bench/results/hard.json --tags bf16 lat16b
+	@echo "with label keys ln (LayerNorm; bf16: BatchNorm, before; lat16b rows with labels and ln rows without are"
+	@echo "screens, not the defaults):"
+	@$(BIN)/python -m bench.quality --table --out bench/results/kmeans10.json --tags bf16 lat16b ln
+	@$(BIN)/python -m bench.quality --table --out bench/results/continuous.json --tags bf16 lat16b ln
+	@$(BIN)/python -m bench.quality --table --out bench/results/hard.json --tags bf16 lat16b ln
 
 # test processes (pytest-xdist): each runs whole files on one thread, the longest files first (tests/conftest.py)
 TEST_WORKERS ?= auto

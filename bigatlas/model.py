@@ -1,8 +1,9 @@
 """The torch module of scAtlasVAE (VAEModule; the user-facing class is api.AtlasVAE): a ZINB/NB
 variational autoencoder with batch embeddings in the decoder and label heads on z.
 
-Encoder: log1p(counts) → [Linear → BatchNorm(momentum 0.01, eps 1e-3; or LayerNorm, norm="layer") → ReLU →
-Dropout (by default 0.1 with label heads, none without)] → q(z|x),
+Encoder: log1p(counts) → [Linear → BatchNorm(momentum 0.01, eps 1e-3; by default without label heads) or
+LayerNorm without affine terms (by default with them) → ReLU → Dropout (by default 0.1 with label heads, none
+without)] → q(z|x),
 var = exp(logvar) + 1e-4; the batch is not an encoder input, so a query embeds without retraining.
 Decoder: [z, one embedding per batch/covariate key] → [Linear → BatchNorm → ReLU] → softmax(Linear) ×
 observed library size = mean (with batch_in_heads the mean's Linear reads the embeddings too, beside the
@@ -88,12 +89,13 @@ class VAEModule(nn.Module):
         hidden = list(cfg.hidden)
         labelled = bool(n_label_classes)
         self.n_latent = k = cfg.latent_size(labelled)
-        self.encoder = mlp([n_genes, *hidden], cfg.encoder_dropout(labelled), cfg.norm)
+        norm = cfg.hidden_norm(labelled)
+        self.encoder = mlp([n_genes, *hidden], cfg.encoder_dropout(labelled), norm)
         self.z_mean = nn.Linear(hidden[-1], k)
         self.z_logvar = nn.Linear(hidden[-1], k)
         self.embeddings = nn.ModuleList(nn.Embedding(n, cfg.embedding_dim) for n in n_batch_categories)
         dec_in = k + cfg.embedding_dim * len(n_batch_categories)
-        self.decoder = mlp([dec_in, *reversed(hidden)], 0.0, cfg.norm)
+        self.decoder = mlp([dec_in, *reversed(hidden)], 0.0, norm)
         h = hidden[0]
         # the mean head's inputs beside the hidden layer: the batch embeddings (batch_in_heads)
         beside = cfg.embedding_dim * len(n_batch_categories) if cfg.batch_in_heads else 0

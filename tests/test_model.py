@@ -92,15 +92,16 @@ def test_batch_in_heads_shifts_the_mean_by_batch_beside_the_hidden_layer():
 
 def test_layer_norm_treats_each_cell_on_its_own():
     """norm="layer": no BatchNorm anywhere, and in training mode a cell's hidden layer does not depend on which
-    other cells share its minibatch; with BatchNorm (the default) it does."""
+    other cells share its minibatch; with BatchNorm it does. Unset: layer with label heads, batch without."""
     counts, _, _ = batch()
     x = torch.log1p(counts.dense)
-    for norm in ("layer", "batch"):
+    for norm, labels in (("layer", []), ("batch", []), (None, [4]), (None, [])):
         torch.manual_seed(0)
-        m = VAEModule(x.shape[1], [3], [], ModelConfig(norm=norm)).train()
-        assert any(isinstance(mod, torch.nn.BatchNorm1d) for mod in m.modules()) == (norm == "batch")
+        m = VAEModule(x.shape[1], [3], labels, ModelConfig(norm=norm, dropout=0.0)).train()
+        layer = norm == "layer" or (norm is None and bool(labels))
+        assert any(isinstance(mod, torch.nn.BatchNorm1d) for mod in m.modules()) != layer
         alone = torch.allclose(m.encoder(x)[:5], m.encoder(x[:8])[:5], atol=1e-6)
-        assert alone == (norm == "layer")
+        assert alone == layer
 
 
 def test_no_labelled_cells_gives_zero_label_loss():

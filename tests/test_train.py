@@ -273,9 +273,10 @@ def test_nan_guard_freezes_the_model_on_the_device(bad):
     from bigatlas.model import VAEModule
 
     torch.manual_seed(0)
-    m = VAEModule(30, [3], [4], ModelConfig()).train()
+    m = VAEModule(30, [3], [4], ModelConfig(norm="batch")).train()  # BatchNorm: statistics to put back
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
     guard = NanGuard(m, opt, "cpu")
+    assert guard.buffers
     x = torch.poisson(torch.rand(32, 30) * 3)
     codes, labels = torch.randint(0, 3, (32, 1)), torch.randint(0, 4, (32, 1))
 
