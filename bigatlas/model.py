@@ -5,7 +5,7 @@ Encoder: log1p(counts) → [Linear → BatchNorm(momentum 0.01, eps 1e-3; by def
 LayerNorm without affine terms (by default with them) → ReLU → Dropout (by default 0.1 with label heads, none
 without)] → q(z|x),
 var = exp(logvar) + 1e-4; the batch is not an encoder input, so a query embeds without retraining.
-Decoder: [z, one embedding per batch/covariate key] → [Linear → BatchNorm → ReLU] → softmax(Linear) ×
+Decoder: [z, one embedding per batch/covariate key] → [Linear → the encoder's norm → ReLU] → softmax(Linear) ×
 observed library size = mean (with batch_in_heads the mean's Linear reads the embeddings too, beside the
 hidden layer); dispersion per gene-cell, gene or gene-batch; ZI gate per gene or gene-cell. Label heads:
 one Linear(n_latent, n_classes) per label key on z.
@@ -40,10 +40,11 @@ class LossOutput:
 def mlp(sizes, dropout: float, norm: str = "batch") -> nn.Sequential:
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        bn = (
-            nn.BatchNorm1d(b, momentum=0.01, eps=1e-3) if norm == "batch" else nn.LayerNorm(b, elementwise_affine=False)
-        )
-        layers += [nn.Linear(a, b), bn, nn.ReLU()]
+        if norm == "batch":
+            normalise = nn.BatchNorm1d(b, momentum=0.01, eps=1e-3)
+        else:
+            normalise = nn.LayerNorm(b, elementwise_affine=False)
+        layers += [nn.Linear(a, b), normalise, nn.ReLU()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
