@@ -57,6 +57,11 @@ def add_arguments(p) -> None:
         "--epochs", type=int, default=60, help="training epochs, the same for every method (0: bigatlas's own rule)"
     )
     p.add_argument("--hidden-fraction", type=float, default=0.2, help="labelled cells whose label is hidden")
+    p.add_argument(
+        "--mislabel-fraction", type=float, default=0.0,
+        help="visible labels made wrong (a sibling subtype where the type has one), as marker-based annotation "
+        "errs; rows name the atlas <preset>+mislabel<F>",
+    )  # fmt: skip
     p.add_argument("--only", nargs="*", default=None, help=f"subset of {' '.join(METHODS)}")
     p.add_argument("--tag", default="default", help="name of this bigatlas variant in the results")
     p.add_argument("--model", nargs="*", default=[], help="ModelConfig overrides, key=value")
@@ -102,9 +107,37 @@ def atlas(a, preset: str, seed: int):
     hidden = labelled & (rng.random(adata.n_obs) < a.hidden_fraction)
     lab = adata.obs.cell_type.astype(str).to_numpy().copy()
     lab[hidden] = "undefined"
+    wrong = mislabel(lab, labelled & ~hidden, getattr(a, "mislabel_fraction", 0.0), seed)
     adata.obs[LABELS] = pd.Categorical(lab)
     adata.obs["bench_hidden"] = hidden
+    adata.obs["bench_mislabelled"] = wrong
     return adata
+
+
+def mislabel(lab: np.ndarray, visible: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Give `fraction` of the visible labels (in place) a wrong one, as annotation by markers errs: another
+    subtype of the same coarse type (the part before '.') where the type has one, else any other type; either
+    drawn by its frequency. Its own random stream, so the hidden draw stays the seed's. Returns which cells
+    it changed."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--mislabel-fraction must be in [0, 1), not {fraction}")
+    wrong = np.zeros(len(lab), bool)
+    if fraction == 0:
+        return wrong
+    given = lab.copy()
+    types, counts = np.unique(given[visible], return_counts=True)
+    if len(types) < 2:
+        raise ValueError(f"--mislabel-fraction needs two cell types or more, the labels have {len(types)}")
+    rng = np.random.default_rng([seed, 1])
+    wrong[visible] = rng.random(int(visible.sum())) < fraction
+    coarse = np.array([t.split(".")[0] for t in types])
+    for i, t in enumerate(types):
+        cells = np.flatnonzero(wrong & (given == t))
+        siblings = (coarse == coarse[i]) & (types != t)
+        others = siblings if siblings.any() and "." in t else types != t
+        p = counts * others / (counts * others).sum()
+        lab[cells] = rng.choice(types, size=len(cells), p=p)
+    return wrong
 
 
 def data_name(path) -> str:
@@ -293,6 +326,11 @@ def score(adata, z, pred) -> dict:
         is_rare = np.isin(np.asarray(t), rare)
         if is_rare.any():
             row["heldout_rare_recall"] = round(float((pred[hidden][is_rare] == np.asarray(t)[is_rare]).mean()), 4)
+        wrong = adata.obs["bench_mislabelled"].to_numpy()
+        if wrong.any():  # the cells trained on a wrong label: predicted as what they are, or as they were told
+            row["mislabelled_corrected"] = round(float((pred[wrong] == truth.astype(str).to_numpy()[wrong]).mean()), 4)
+            given = adata.obs[LABELS].astype(str).to_numpy()[wrong]
+            row["mislabelled_kept"] = round(float((pred[wrong] == given).mean()), 4)
     return row
 
 
@@ -315,6 +353,7 @@ TABLE = (
     ("knn_label_accuracy", "kNN acc."),
     ("heldout_accuracy", "held-out acc."),
     ("heldout_macro_f1", "held-out F1"),
+    ("mislabelled_corrected", "mislabels corrected"),  # shown only with --mislabel-fraction
     ("pseudotime_r2", "pseudotime R²"),  # shown only where rows carry them (the continuous preset)
     ("state_r2", "state R²"),
     ("epochs", "epochs"),
@@ -361,6 +400,7 @@ def run(a) -> dict:
     latent_dir = Path(a.data_dir) / "latents"  # every run's latent, to score again without training
     latent_dir.mkdir(parents=True, exist_ok=True)
     for preset in [data_name(a.data)] if a.data else a.presets:
+        name = f"{preset}+mislabel{a.mislabel_fraction:g}" if a.mislabel_fraction else preset
         for seed in a.seeds:
             adata = atlas(a, preset, seed)
             cache: dict = {}
@@ -378,8 +418,8 @@ def run(a) -> dict:
                 if method == "scanvi" and pretrained:  # scANVI's time includes the scVI it starts from
                     seconds += cache["scvi_seconds"]
                 tag = a.tag if method.startswith("bigatlas") else "peer"
-                np.save(latent_dir / f"{preset}_{seed}_{method}_{tag}.npy", np.asarray(z, dtype=np.float32))
-                row = {"preset": preset, "seed": seed, "method": method, "tag": tag, **score(adata, z, pred)}
+                np.save(latent_dir / f"{name}_{seed}_{method}_{tag}.npy", np.asarray(z, dtype=np.float32))
+                row = {"preset": name, "seed": seed, "method": method, "tag": tag, **score(adata, z, pred)}
                 row["train_seconds"] = round(seconds, 1)
                 row.update(extra)
                 print(json.dumps(row), flush=True)
@@ -387,7 +427,7 @@ def run(a) -> dict:
     done = {(r["preset"], r["seed"], r["method"], r["tag"]) for r in new}
     rows = [r for r in old if (r["preset"], r["seed"], r["method"], r["tag"]) not in done] + new
     keys = ("data", "batch_key", "label_key", "layer") if a.data else ("cells", "genes")
-    setup = {k: getattr(a, k) for k in (*keys, "epochs", "hidden_fraction", "threads")}
+    setup = {k: getattr(a, k) for k in (*keys, "epochs", "hidden_fraction", "mislabel_fraction", "threads")}
     return write_results({"setup": setup, "rows": rows, **summary(rows)}, out)
 
 

@@ -89,3 +89,44 @@ def test_user_data_errors_name_the_problem(user_h5ad, tmp_path, change, match):
     with pytest.raises(ValueError, match=match) as e:
         user_data(str(path), **kwargs)
     assert path.name in str(e.value)
+
+
+def test_mislabels_are_the_stated_fraction_of_visible_labels_and_a_sibling_subtype(tmp_path):
+    import argparse
+
+    a = argparse.Namespace(data=None, data_dir=str(tmp_path), cells=3000, genes=100, hidden_fraction=0.2)
+    a.mislabel_fraction = 0.0
+    clean = atlas(a, "rare", seed=2)
+    a.mislabel_fraction = 0.1
+    noisy = atlas(a, "rare", seed=2)
+    hidden = noisy.obs["bench_hidden"].to_numpy()
+    assert (hidden == clean.obs["bench_hidden"].to_numpy()).all()  # the hidden draw is the seed's either way
+    given = noisy.obs[LABELS].astype(str).to_numpy()
+    truth = noisy.obs.cell_type.astype(str).to_numpy()
+    wrong = noisy.obs["bench_mislabelled"].to_numpy()
+    visible = (truth != "undefined") & ~hidden
+    assert not (wrong & ~visible).any() and 0.08 < wrong[visible].mean() < 0.12
+    assert (given[wrong] != truth[wrong]).all() and (
+        given[~wrong] == clean.obs[LABELS].astype(str).to_numpy()[~wrong]
+    ).all()
+    sibling = (
+        np.char.partition(given[wrong].astype(str), ".")[:, 0] == np.char.partition(truth[wrong].astype(str), ".")[:, 0]
+    )
+    assert sibling.all()  # every synthetic type has subtypes: a wrong label stays within the coarse type
+    assert len(set(given[wrong])) > 3  # into many types, not one
+    with pytest.raises(ValueError, match="mislabel-fraction must be in"):
+        a.mislabel_fraction = 1.0
+        atlas(a, "rare", seed=2)
+
+
+def test_mislabelled_rows_are_their_own_atlas_and_score_the_wrong_labels(user_h5ad, tmp_path):
+    out = tmp_path / "q.json"
+    argv = ["--data", str(user_h5ad), "--batch-key", "study", "--label-key", "celltype", "--layer", "counts"]
+    argv += ["--only", "bigatlas_labels", "--seeds", "0", "--epochs", "2", "--threads", "1", "--out", str(out)]
+    main("", add_arguments, run, argv + ["--data-dir", str(tmp_path)])
+    main("", add_arguments, run, argv + ["--data-dir", str(tmp_path), "--mislabel-fraction", "0.2"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["preset"] for r in rows] == ["pbmc_like", "pbmc_like+mislabel0.2"]  # the clean row is kept
+    assert "mislabelled_corrected" not in rows[0]
+    corrected, kept = rows[1]["mislabelled_corrected"], rows[1]["mislabelled_kept"]
+    assert 0 <= corrected <= 1 and 0 <= kept <= 1 and corrected + kept <= 1  # a wrong label is never the truth
