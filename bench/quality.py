@@ -75,6 +75,11 @@ def add_arguments(p) -> None:
     )  # fmt: skip
     p.add_argument("--table", action="store_true", help="print the result file's table (markdown) and exit")
     p.add_argument("--tags", nargs="*", default=["before", "default"], help="bigatlas variants in --table")
+    p.add_argument(
+        "--own-rule", action="store_true",
+        help="--table: only scVI / scANVI trained at their own epoch rule (--epochs 0), and bigatlas rows on the "
+        "same atlases and seeds",
+    )  # fmt: skip
 
 
 def overrides(pairs) -> dict:
@@ -361,10 +366,20 @@ TABLE = (
 )
 
 
-def table(rows: list[dict], tags) -> str:
-    """Markdown: per atlas, the mean over seeds of every method (bigatlas variants in `tags`)."""
+PEER = {"bigatlas": "scvi", "bigatlas_labels": "scanvi"}  # each bigatlas method's peer
+
+
+def table(rows: list[dict], tags, own_rule: bool = False) -> str:
+    """Markdown: per atlas, the mean over seeds of every method (bigatlas variants in `tags`). own_rule: the
+    peers' rows trained at their own epoch rule (max_epochs 0) only, and bigatlas rows where its peer has one
+    on the same atlas and seed, so every line pairs the same cells."""
     df = pd.DataFrame(rows)
     df = df[(df.tag == "peer") | df.tag.isin(tags)]
+    if own_rule:
+        own = df[(df.tag == "peer") & (df.get("max_epochs", pd.Series(np.nan, df.index)) == 0)]
+        pairs = {(m, p, s) for m, p, s in zip(own.method, own.preset, own.seed)}
+        mine = [(PEER.get(m), p, s) in pairs for m, p, s in zip(df.method, df.preset, df.seed)]
+        df = df[((df.tag != "peer") & np.array(mine, bool)) | df.index.isin(own.index)]
     df["name"] = np.where(df.tag == "peer", df.method, df.method + " (" + df.tag + ")")
     order = {m: i for i, m in enumerate(METHODS)}
     cols = [(k, h) for k, h in TABLE if k in df and df[k].notna().any()]
@@ -389,7 +404,7 @@ def run(a) -> dict:
 
     a.out = a.out or (f"bench/results/quality_{data_name(a.data)}.json" if a.data else "bench/results/quality.json")
     if a.table:
-        print(table(json.loads(Path(a.out).read_text())["rows"], a.tags))
+        print(table(json.loads(Path(a.out).read_text())["rows"], a.tags, a.own_rule))
         return {}
 
     torch.set_num_threads(a.threads)
@@ -421,6 +436,7 @@ def run(a) -> dict:
                 np.save(latent_dir / f"{name}_{seed}_{method}_{tag}.npy", np.asarray(z, dtype=np.float32))
                 row = {"preset": name, "seed": seed, "method": method, "tag": tag, **score(adata, z, pred)}
                 row["train_seconds"] = round(seconds, 1)
+                row["max_epochs"] = a.epochs  # 0: the method's own epoch rule
                 row.update(extra)
                 print(json.dumps(row), flush=True)
                 new.append(row)

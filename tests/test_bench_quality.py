@@ -130,3 +130,19 @@ def test_mislabelled_rows_are_their_own_atlas_and_score_the_wrong_labels(user_h5
     assert "mislabelled_corrected" not in rows[0]
     corrected, kept = rows[1]["mislabelled_corrected"], rows[1]["mislabelled_kept"]
     assert 0 <= corrected <= 1 and 0 <= kept <= 1 and corrected + kept <= 1  # a wrong label is never the truth
+
+
+def test_own_rule_table_pairs_the_peers_own_rule_rows_with_bigatlas_on_the_same_seeds():
+    from bench.quality import table
+
+    def row(method, seed, tag, **kw):
+        return {"preset": "rare", "seed": seed, "method": method, "tag": tag, "bio_conservation": seed / 10, **kw}
+
+    rows = [row("scvi", 0, "peer", max_epochs=60), row("scvi", 1, "peer", max_epochs=0), row("scvi", 2, "peer")]
+    rows += [row("bigatlas", s, "default") for s in (0, 1, 2)]
+    rows += [row("bigatlas_labels", 1, "default"), row("scanvi", 0, "peer", max_epochs=0)]
+    own = table(rows, ["default"], own_rule=True).splitlines()[2:]
+    lines = {c[2]: c[3:5] for c in ([x.strip() for x in line.split("|")] for line in own)}
+    assert lines == {"scvi": ["1", "0.100"], "bigatlas (default)": ["1", "0.100"], "scanvi": ["1", "0.000"]}
+    everything = table(rows, ["default"]).splitlines()[2:]
+    assert len(everything) == 4 and "| rare | scvi | 3 |" in "\n".join(everything)
