@@ -69,6 +69,11 @@ class ModelConfig:
         "inverse", "label loss weight per class: inverse frequency (the original), its square root, or none",
         choices=CLASS_WEIGHTINGS,
     )  # fmt: skip
+    label_gce_q: float = opt(
+        0.0, "the label loss per cell: 0 = cross-entropy; q in (0, 1] = generalised cross-entropy (1 - p^q) / q "
+        "of the given label's probability p, whose pull on a cell the model finds unlikely under its label "
+        "(a mislabelled one) shrinks as p^q",
+    )  # fmt: skip
 
     def latent_size(self, labelled: bool) -> int:
         """The latent size: the configured one, or the default for a model with or without labels."""
@@ -89,6 +94,8 @@ class ModelConfig:
         if self.norm is not None:
             _check("norm", self.norm, NORMS)
         _check("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
+        if not 0 <= self.label_gce_q <= 1:
+            raise ValueError(f"label_gce_q must be in [0, 1], not {self.label_gce_q}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
 

@@ -61,6 +61,13 @@ def _dense_is_faster(x: torch.Tensor) -> bool:
     return n * genes <= (1 << 19) or x.values().numel() > 0.15 * n * genes
 
 
+def gce(ce: torch.Tensor, q: float) -> torch.Tensor:
+    """Generalised cross-entropy (Zhang & Sabuncu 2018) from the cross-entropy -log p: (1 - p^q) / q. Its
+    gradient is p^q times the cross-entropy's, so a cell whose given label the model finds unlikely pulls
+    the latent less; q -> 0 is the cross-entropy, q = 1 the absolute error 1 - p."""
+    return -torch.expm1(-q * ce) / q
+
+
 def class_weights(counts: torch.Tensor, weighting: str = "inverse") -> torch.Tensor:
     """inverse: w_c = N / (K · n_c) over the K non-empty classes (the original); sqrt-inverse: its
     square root; none: 1. Scaled to a count-weighted mean of 1; 0 for empty classes (the original gave
@@ -296,7 +303,8 @@ class VAEModule(nn.Module):
         for i, logits in enumerate(self.label_logits(z)):
             y = labels[:, i]
             w = getattr(self, f"class_weight_{i}")[y.clamp_min(0)] * (y >= 0)
-            cols += [w * F.cross_entropy(logits.float(), y.clamp_min(0), reduction="none"), w]
+            ce = F.cross_entropy(logits.float(), y.clamp_min(0), reduction="none")
+            cols += [w * (gce(ce, self.cfg.label_gce_q) if self.cfg.label_gce_q else ce), w]
         return cols
 
     @staticmethod

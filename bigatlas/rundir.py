@@ -47,6 +47,7 @@ ADDED_SETTINGS = {
 ADDED_MODEL_SETTINGS = {
     "batch_in_heads": False,  # the mean head read the hidden layer alone
     "norm": "batch",  # BatchNorm was the only normalisation
+    "label_gce_q": 0.0,  # the label loss was the cross-entropy
 }
 
 

@@ -231,3 +231,28 @@ def test_native_bf16_agrees_with_the_cpu_flags():
         pytest.skip("no /proc/cpuinfo")
     words = set(flags.read_text().split())
     assert native_bf16() == bool({"amx_tile", "avx512_bf16"} & words)
+
+
+def test_generalised_cross_entropy_is_its_formula_and_scales_the_pull_by_p_to_the_q():
+    counts, codes, labels = batch()
+    m = model(label_gce_q=0.7)
+    z = torch.randn(40, m.n_latent, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    y = labels[:, 0].clamp(0, 3)
+    weighted, w = m._label_columns(z, labels)
+    p = torch.softmax(m.label_logits(z)[0].double(), -1).gather(1, y[:, None])[:, 0]
+    cw = m.class_weight_0.double()[y]
+    torch.testing.assert_close(weighted.double(), cw * (1 - p**0.7) / 0.7, rtol=1e-5, atol=1e-6)
+    # its gradient in the logits is p^q times the cross-entropy's: a label the model finds unlikely pulls less
+    logits = m.label_logits(z)[0].detach().requires_grad_()
+    from bigatlas.model import gce
+
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    (g_ce,) = torch.autograd.grad(ce.sum(), logits, retain_graph=True)
+    (g_gce,) = torch.autograd.grad(gce(ce, 0.7).sum(), logits)
+    torch.testing.assert_close(g_gce, g_ce * p.float()[:, None] ** 0.7, rtol=1e-4, atol=1e-6)
+    plain, kept = model()._label_columns(z, labels)[0], cw > 0  # q -> 0: the cross-entropy (same weights)
+    torch.testing.assert_close(
+        gce(plain[kept] / cw[kept].float(), 1e-6) * cw[kept].float(), plain[kept], rtol=1e-4, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="label_gce_q must be in"):
+        ModelConfig(label_gce_q=1.5)
