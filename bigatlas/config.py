@@ -118,7 +118,7 @@ class TrainConfig:
     gate_weight: float = opt(1.0, "weight of the ZI gate penalty (mean summed gate probability per cell)")
     # 50 (scANVI's classification ratio) instead of the original's 1: beside a per-cell reconstruction
     # loss of ~10^3 nats a weight of 1 left the latent almost untouched by labels (bench.quality:
-    # bio 0.59 -> 0.82, held-out accuracy 0.83 -> 0.98 on the condition atlas; tables in the README)
+    # bio 0.59 -> 0.82, held-out accuracy 0.83 -> 0.98 on the condition atlas; tables in docs/quality.md)
     label_weight: float = opt(50.0, "weight of the label loss (a per-cell mean cross-entropy)")
     label_start_epoch: int = opt(0, "epoch from which the label loss applies (original: the last 10 only)")
     val_fraction: float = opt(0.05, "fraction of cells held out for validation, by a hash of their position")
