@@ -564,3 +564,29 @@ def test_clipping_through_the_fused_optimizer_makes_the_update_of_clip_grad_norm
         unclipped = stepped(lambda *a: None, 1.0, scale)
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
         assert (scale > 1) == (not torch.allclose(ours, unclipped))  # the clip acted exactly when it should
+
+
+def test_training_flushes_subnormal_floats_and_restores_the_default_after(small_atlas, tmp_path, monkeypatch):
+    """Subnormal arithmetic is ~100x slower on CPUs: the run flushes such values to zero while it trains
+    (a LayerNorm run lost a third of its speed after the first epoch without it) and leaves the process as
+    it found it."""
+    import bigatlas.train as T
+    from bigatlas.config import DataConfig, RunConfig, TrainConfig
+
+    tiny = torch.tensor([1e-39])  # subnormal in float32
+    seen, step = [], T.train_step
+
+    def recording(*a, **k):
+        seen.append(float((tiny * 1.0)[0]))
+        return step(*a, **k)
+
+    monkeypatch.setattr(T, "train_step", recording)
+    cfg = RunConfig(
+        train=TrainConfig(max_epochs=1, batch_size=256, reference_cells=0),
+        data=DataConfig(data=small_atlas, batch_key="donor_id"),
+    )
+    T.train(cfg, tmp_path / "run")
+    if not torch.set_flush_denormal(False):  # this CPU cannot flush: nothing to check
+        pytest.skip("no flush-to-zero on this CPU")
+    assert seen and all(v == 0.0 for v in seen)
+    assert float((tiny * 1.0)[0]) > 0  # the default again after the run
