@@ -142,15 +142,17 @@ def train(
 
 @contextmanager
 def flush_denormals():
-    """Subnormal floats (below ~1.2e-38) flushed to zero while training, then back to torch's default. On an
-    x86 CPU every operation on one takes ~100 cycles: with LayerNorm (the default with label keys) a run's
-    epochs after the first slowed from ~15,000 to ~10,000 cells/s (50k x 2,000 atlas, 2 threads, measured
-    three times each way) and came back with the flush; values that small change no loss."""
+    """Subnormal floats (below ~1.2e-38) flushed to zero while training, then the process's setting as it was
+    (torch has no getter: a subnormal product that comes out 0 says the flush was already on). On an x86 CPU
+    every operation on one takes ~100 cycles: with LayerNorm (the default with label keys) a run's epochs
+    after the first slowed from ~15,000 to ~10,000 cells/s (50k x 2,000 atlas, 2 threads, measured three
+    times each way) and came back with the flush; values that small change no loss."""
+    was_on = float(torch.tensor([1e-39]) * 1.0) == 0.0
     on = torch.set_flush_denormal(True)  # False where the CPU cannot
     try:
         yield
     finally:
-        if on:
+        if on and not was_on:
             torch.set_flush_denormal(False)
 
 

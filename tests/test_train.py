@@ -590,3 +590,10 @@ def test_training_flushes_subnormal_floats_and_restores_the_default_after(small_
         pytest.skip("no flush-to-zero on this CPU")
     assert seen and all(v == 0.0 for v in seen)
     assert float((tiny * 1.0)[0]) > 0  # the default again after the run
+    torch.set_flush_denormal(True)  # a process that flushes already keeps flushing after a run
+    try:
+        with T.flush_denormals():
+            pass
+        assert float((tiny * 1.0)[0]) == 0.0
+    finally:
+        torch.set_flush_denormal(False)
