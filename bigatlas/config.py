@@ -74,6 +74,10 @@ class ModelConfig:
         "of the given label's probability p, whose pull on a cell the model finds unlikely under its label "
         "(a mislabelled one) shrinks as p^q",
     )  # fmt: skip
+    label_smoothing: float = opt(
+        0.0, "label smoothing of the label loss: the given label's target probability 1 - e + e / K, every other "
+        "class e / K (0: the plain cross-entropy)",
+    )  # fmt: skip
 
     def latent_size(self, labelled: bool) -> int:
         """The latent size: the configured one, or the default for a model with or without labels."""
@@ -96,6 +100,8 @@ class ModelConfig:
         _check("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
         if not 0 <= self.label_gce_q <= 1:
             raise ValueError(f"label_gce_q must be in [0, 1], not {self.label_gce_q}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
 

@@ -303,7 +303,9 @@ class VAEModule(nn.Module):
         for i, logits in enumerate(self.label_logits(z)):
             y = labels[:, i]
             w = getattr(self, f"class_weight_{i}")[y.clamp_min(0)] * (y >= 0)
-            ce = F.cross_entropy(logits.float(), y.clamp_min(0), reduction="none")
+            ce = F.cross_entropy(
+                logits.float(), y.clamp_min(0), reduction="none", label_smoothing=self.cfg.label_smoothing
+            )
             cols += [w * (gce(ce, self.cfg.label_gce_q) if self.cfg.label_gce_q else ce), w]
         return cols
 

@@ -48,6 +48,7 @@ ADDED_MODEL_SETTINGS = {
     "batch_in_heads": False,  # the mean head read the hidden layer alone
     "norm": "batch",  # BatchNorm was the only normalisation
     "label_gce_q": 0.0,  # the label loss was the cross-entropy
+    "label_smoothing": 0.0,  # ... without smoothing
 }
 
 

@@ -256,3 +256,19 @@ def test_generalised_cross_entropy_is_its_formula_and_scales_the_pull_by_p_to_th
     )
     with pytest.raises(ValueError, match="label_gce_q must be in"):
         ModelConfig(label_gce_q=1.5)
+
+
+def test_label_smoothing_is_its_formula_and_off_by_default():
+    counts, codes, labels = batch()
+    z = torch.randn(40, model().n_latent, generator=torch.Generator().manual_seed(4))
+    y = labels[:, 0].clamp_min(0)
+    m = model(label_smoothing=0.2)
+    smoothed, w = m._label_columns(z, labels)
+    logp = torch.log_softmax(m.label_logits(z)[0].double(), -1)
+    ce = -logp.gather(1, y[:, None])[:, 0]
+    cw = m.class_weight_0.double()[y] * (w > 0)
+    # target 1 - e + e / K on the given label, e / K on the others
+    torch.testing.assert_close(smoothed.double(), cw * (0.8 * ce - 0.2 * logp.mean(1)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model()._label_columns(z, labels)[0].double(), cw * ce, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        ModelConfig(label_smoothing=1.0)
