@@ -80,6 +80,27 @@ def make_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, **settings, foreach=True)
 
 
+TINY_MOMENT = 1e-30  # below this an Adam moment moves no weight: the update is lr * m / (sqrt(v) + eps >= 1e-8)
+TINY_EVERY = 50  # optimizer steps between passes of zero_tiny_moments (train_step)
+
+
+def zero_tiny_moments(optimizer) -> None:
+    """Adam's moments below TINY_MOMENT set to exactly 0, on the device, no host sync. A weight whose gradient is
+    always 0 — the decoder's outputs from a hidden unit no cell switches on, about half of them with LayerNorm
+    (the default with label keys) — keeps a first moment that shrinks by beta1 (0.9) a step and after ~800 steps
+    is a subnormal float, on which every operation of the CPU's fused AdamW costs ~100 cycles; the flush of
+    train.flush_denormals reaches the calling thread only, not the kernel's other threads. Measured on the 50k x
+    2,000 atlas (LayerNorm, 2 threads): epochs 2-4 of the in-memory loop 3.96 / 5.25 / 5.09 s before, 3.64 /
+    3.65 / 3.61 s with this every 50 steps (BatchNorm: 3.88-3.91); a moment once 0 stays 0 while its
+    gradient is."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            m = state.get(key)
+            if m is not None:
+                m.masked_fill_(m.abs() < TINY_MOMENT, 0.0)
+
+
 def clip_gradients(params, optimizer, max_norm: float) -> None:
     """Gradient-norm clipping by torch's clip_grad_norm_ factor. A fused AdamW takes the factor as its
     grad_scale and divides each gradient by it as its kernel reads it: the same update without a pass

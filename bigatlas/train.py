@@ -34,7 +34,7 @@ from .faults import Faults
 from .guard import SYNC_EVERY, NanGuard
 from .lock import OutputLock
 from .metrics_log import DeviceSums, MetricsLog, epoch_row, new_sums
-from .optim import clip_gradients, make_optimizer
+from .optim import TINY_EVERY, clip_gradients, make_optimizer, zero_tiny_moments
 from .preempt import Preempted, Preemption
 from .rundir import RunDir, build_model
 from .vocab import Vocab, unlabeled_report
@@ -409,6 +409,8 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
     for p in s.params:  # zero_grad(set_to_none=True) without the wrappers' per-step signature look-ups
         p.grad = None
     progress.step += 1
+    if progress.step % TINY_EVERY == 0:
+        zero_tiny_moments(s.optimizer)
     if s.average is not None:
         s.average.update(progress.step, s.guard.stop)
     return out

@@ -74,3 +74,37 @@ def test_one_count_per_group_moves_once_per_step():
         opt.step()
     counts = {id(opt.state[p]["step"]) for p in ps}
     assert len(counts) == 1 and float(opt.state[ps[0]]["step"]) == 3
+
+
+def test_tiny_moments_become_zero_and_the_rest_stay():
+    from bigatlas.optim import TINY_MOMENT, zero_tiny_moments
+
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = make_optimizer([p], TrainConfig())
+    values = torch.tensor([1e-39, -1e-35, 0.5 * TINY_MOMENT, 2 * TINY_MOMENT, -0.25, 0.0])
+    opt.state[p].update(exp_avg=values.clone(), exp_avg_sq=values.abs(), step=torch.tensor(3.0))
+    zero_tiny_moments(opt)
+    kept = torch.tensor([0.0, 0.0, 0.0, 2 * TINY_MOMENT, -0.25, 0.0])
+    assert torch.equal(opt.state[p]["exp_avg"], kept) and torch.equal(opt.state[p]["exp_avg_sq"], kept.abs())
+    assert float(opt.state[p]["step"]) == 3.0
+
+
+def test_a_weight_without_gradient_keeps_no_subnormal_moment():
+    """A weight whose gradient turns 0 (a dead unit's) keeps a first moment that decays by beta1 a step: without
+    the pass it becomes subnormal within ~1,000 steps; with it every 50 steps (as train_step) it ends exactly 0."""
+    from bigatlas.optim import TINY_EVERY, zero_tiny_moments
+
+    def run(passes: bool) -> torch.Tensor:
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = make_optimizer([p], TrainConfig())
+        for step in range(1, 1001):
+            p.grad = torch.ones(4) if step == 1 else torch.zeros(4)
+            opt.step()
+            if passes and step % TINY_EVERY == 0:
+                zero_tiny_moments(opt)
+        return opt.state[p]["exp_avg"]
+
+    tiny = torch.finfo(torch.float32).tiny
+    without = run(False)
+    assert bool(((without != 0) & (without.abs() < tiny)).all())
+    assert bool((run(True) == 0).all())
