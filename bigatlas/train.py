@@ -146,7 +146,9 @@ def flush_denormals():
     (torch has no getter: a subnormal product that comes out 0 says the flush was already on). On an x86 CPU
     every operation on one takes ~100 cycles: with LayerNorm (the default with label keys) a run's epochs
     after the first slowed from ~15,000 to ~10,000 cells/s (50k x 2,000 atlas, 2 threads, measured three
-    times each way) and came back with the flush; values that small change no loss."""
+    times each way) and came back with the flush; values that small change no loss. torch sets the flush for the
+    calling thread only: the subnormals the other intra-op threads meet (Adam's moments of weights without
+    gradient) are zeroed by optim.zero_tiny_moments."""
     was_on = float(torch.tensor([1e-39]) * 1.0) == 0.0
     on = torch.set_flush_denormal(True)  # False where the CPU cannot
     try:
