@@ -102,6 +102,8 @@ class ModelConfig:
             raise ValueError(f"label_gce_q must be in [0, 1], not {self.label_gce_q}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        if self.label_smoothing and self.label_gce_q:
+            raise ValueError("label_smoothing and label_gce_q are two different label losses: set one of them")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
 

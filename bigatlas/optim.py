@@ -90,8 +90,8 @@ def zero_tiny_moments(optimizer) -> None:
     (the default with label keys) — keeps a first moment that shrinks by beta1 (0.9) a step and after ~800 steps
     is a subnormal float, on which every operation of the CPU's fused AdamW costs ~100 cycles; the flush of
     train.flush_denormals reaches the calling thread only, not the kernel's other threads. Measured on the 50k x
-    2,000 atlas (LayerNorm, 2 threads): epochs 2-4 of the in-memory loop 3.96 / 5.25 / 5.09 s before, 3.64 /
-    3.65 / 3.61 s with this every 50 steps (BatchNorm: 3.88-3.91); a moment once 0 stays 0 while its
+    2,000 atlas (LayerNorm, 2 threads): epochs 2-4 of the in-memory loop 3.96 / 5.25 / 5.09 s before, 3.65 /
+    3.56 / 3.68 s with this every 50 steps (BatchNorm: 3.88-3.91); a moment once 0 stays 0 while its
     gradient is."""
     inner = getattr(optimizer, "optimizer", optimizer)
     for state in inner.state.values():

@@ -272,3 +272,5 @@ def test_label_smoothing_is_its_formula_and_off_by_default():
     torch.testing.assert_close(model()._label_columns(z, labels)[0].double(), cw * ce, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         ModelConfig(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="set one of them"):
+        ModelConfig(label_smoothing=0.1, label_gce_q=0.7)
