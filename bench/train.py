@@ -37,7 +37,7 @@ from bigatlas.bf16_linear import native_bf16
 from bigatlas.checkpoint import Progress
 from bigatlas.config import PRECISIONS, TrainConfig
 from bigatlas.distributions import Counts
-from bigatlas.optim import clip_gradients
+from bigatlas.optim import clip_gradients, torch_optimizer
 from bigatlas.train import loss_weights, make_accelerator, set_up, train, train_step
 from bigatlas.vocab import apply_lut
 from loaders import open_store
@@ -193,7 +193,7 @@ def loop_overhead(data, a, run_dir) -> dict:
     s.stream.set_epoch(0)
     s.stream = Replay([b for _, b in zip(range(a.o1_steps), s.stream)])
     inputs = [s.to_input(b) for b in s.stream.batches]
-    model, opt, t = s.model, getattr(s.optimizer, "optimizer", s.optimizer), cfg.train  # the torch AdamW itself
+    model, opt, t = s.model, torch_optimizer(s.optimizer), cfg.train  # the torch AdamW itself
     loop, bare = [], []
     for rep in range(5):
         progress, log = Progress(epoch=rep), MetricsLog(s.run, True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .optim import torch_optimizer
+
 SYNC_EVERY = 50  # steps between host syncs: the NaN and SIGTERM flags, the progress bar, TensorBoard
 
 
@@ -29,7 +31,7 @@ class NanGuard:
             if b is not None
         ]
         self.good = [b.clone() for b in self.buffers]
-        inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer under Accelerate's wrapper
+        inner = torch_optimizer(optimizer)
         # The wrapper's step adds a gradient scaler (fp16: not offered), XLA gradient syncs and skipped
         # accumulation steps (neither used), and it looks up an optional package twice per step (accelerate
         # 1.x, is_lomo_available: 0.36 ms per step on CPU). Without a scaler or XLA it is the inner step.

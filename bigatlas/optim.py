@@ -80,6 +80,11 @@ def make_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, **settings, foreach=True)
 
 
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer itself, under Accelerate's wrapper where there is one."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 TINY_MOMENT = 1e-30  # below this an Adam moment moves no weight: the update is lr * m / (sqrt(v) + eps >= 1e-8)
 TINY_EVERY = 50  # optimizer steps between passes of zero_tiny_moments (train_step)
 
@@ -93,8 +98,7 @@ def zero_tiny_moments(optimizer) -> None:
     2,000 atlas (LayerNorm, 2 threads): epochs 2-4 of the in-memory loop 3.96 / 5.25 / 5.09 s before, 3.65 /
     3.56 / 3.68 s with this every 50 steps (BatchNorm: 3.88-3.91); a moment once 0 stays 0 while its
     gradient is."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    for state in inner.state.values():
+    for state in torch_optimizer(optimizer).state.values():
         for key in ("exp_avg", "exp_avg_sq"):
             m = state.get(key)
             if m is not None:
@@ -105,7 +109,7 @@ def clip_gradients(params, optimizer, max_norm: float) -> None:
     """Gradient-norm clipping by torch's clip_grad_norm_ factor. A fused AdamW takes the factor as its
     grad_scale and divides each gradient by it as its kernel reads it: the same update without a pass
     that scales every gradient first, and no host sync (the norm: grad_norm)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer under Accelerate's wrapper
+    inner = torch_optimizer(optimizer)
     if not inner.defaults.get("fused"):
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         return
