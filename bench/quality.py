@@ -321,6 +321,7 @@ def score(adata, z, pred) -> dict:
     for column, name in CONTINUOUS.items():
         if column in adata.obs:
             row[name] = round(graded_r2(np.asarray(z), adata.obs[column].to_numpy(), coarse), 4)
+    row.update(review_scores(adata, z))
     if pred is not None:
         hidden = adata.obs["bench_hidden"].to_numpy()
         t = pd.Categorical(truth.astype(str).to_numpy()[hidden])
@@ -337,6 +338,25 @@ def score(adata, z, pred) -> dict:
             given = adata.obs[LABELS].astype(str).to_numpy()[wrong]
             row["mislabelled_kept"] = round(float((pred[wrong] == given).mean()), 4)
     return row
+
+
+def review_scores(adata, z) -> dict:
+    """With wrong labels (--mislabel-fraction): how the label review (bigatlas.label_review) of the visible
+    labels in this latent finds them — the share of the wrong ones it flags (recall) and of the flagged
+    that are wrong (precision)."""
+    from bigatlas.label_review import review
+
+    wrong = adata.obs["bench_mislabelled"].to_numpy()
+    if not wrong.any():
+        return {}
+    given = adata.obs[LABELS].astype(str).to_numpy()
+    visible = given != "undefined"
+    flagged = review(np.asarray(z)[visible], pd.Categorical(given[visible])).flagged.to_numpy()
+    hit = int((flagged & wrong[visible]).sum())
+    return {
+        "review_recall": round(hit / int(wrong[visible].sum()), 4),
+        "review_precision": round(hit / max(int(flagged.sum()), 1), 4),
+    }
 
 
 def summary(rows: list[dict]) -> dict:
@@ -359,6 +379,8 @@ TABLE = (
     ("heldout_accuracy", "held-out acc."),
     ("heldout_macro_f1", "held-out F1"),
     ("mislabelled_corrected", "mislabels corrected"),  # shown only with --mislabel-fraction
+    ("review_recall", "review recall"),  # the label review's, likewise
+    ("review_precision", "review precision"),
     ("pseudotime_r2", "pseudotime R²"),  # shown only where rows carry them (the continuous preset)
     ("state_r2", "state R²"),
     ("epochs", "epochs"),

@@ -25,13 +25,14 @@ from loaders import CellStream, data_name, is_anndata, open_store
 from .batches import ToModelInput
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .infer import UNKNOWN, embed
+from .label_review import MIN_AGREEMENT, review
 from .model import VAEModule
 from .query import map_query
 from .reference import read_reference
 from .rundir import load_run, save_run
 from .train import make_accelerator, train
 from .transfer import DEFAULT_UNKNOWN, LabelTransfer
-from .vocab import Vocab
+from .vocab import Vocab, defined_labels
 
 
 class AtlasVAE:
@@ -170,6 +171,28 @@ class AtlasVAE:
         self.module.eval()
         _, batches = self._batches(adata, obs_filter, batch_size)
         return np.concatenate([self.module.latent(inp.counts).cpu().numpy() for inp in batches])
+
+    @torch.no_grad()
+    def review_labels(
+        self, label_key: str, adata=None, *, obs_filter=None, min_agreement: float = MIN_AGREEMENT,
+        batch_size: int = 4096,
+    ) -> pd.DataFrame:  # fmt: skip
+        """Label review (bigatlas.label_review) of the obs column `label_key` of `adata` (default: the data
+        the model was set up with): per labelled cell, in the data's order and indexed by cell name, its label,
+        the share of its 15 nearest other cells in the latent with that label (`agreement`), their most common
+        label (`suggested`) and `flagged` (agreement < min_agreement). Most telling with a model trained
+        without `label_key`: one trained on it pulls each cell toward its given label, wrong ones too."""
+        self._need_fit()
+        self.module.eval()
+        store, batches = self._batches(adata, obs_filter, batch_size)
+        z = np.concatenate([self.module.latent(inp.counts).cpu().numpy() for inp in batches])
+        labels = defined_labels(*store.obs_codes(label_key), self.config.data.unlabeled_categories)
+        keep = np.asarray(labels.codes) >= 0
+        if keep.sum() < 2:
+            raise ValueError(f"{int(keep.sum())} cells of {store.uri} have a {label_key!r} label; a review needs two")
+        table = review(z[keep], pd.Categorical(labels[keep]).remove_unused_categories(), min_agreement=min_agreement)
+        table.index = _cell_names(store)[keep]
+        return table
 
     def get_latent(self, data=None, *, obs_filter=None, batch_size: int = 4096) -> np.ndarray:
         """The first API's name for get_latent_representation()."""

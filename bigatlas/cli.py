@@ -225,6 +225,9 @@ def _evaluate(p):
         "out": ("report folder (default RUN_DIR/report)", str),
         "umap_cells": "cells drawn in the UMAP",
         "seed": "subsample / UMAP / k-means seed (k-means 0: scib-metrics' own draw)",
+        "review_min_agreement": "label review: list the evaluated cells with fewer than this share of their 15 "
+        "nearest evaluated cells under their own label in label_review.csv, with the neighbours' label (0: off; "
+        "most telling on the embedding of a run trained without this label key)",
     }
     add_signature_flags(p, evaluate, helps)
     add_unlabeled(p, "the run's")

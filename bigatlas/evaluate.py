@@ -25,6 +25,7 @@ from loaders.csr import concat
 from .config import UNLABELED
 from .embedding import Embedding, EmbeddingError
 from .errors import require_extra
+from .label_review import MIN_AGREEMENT, review, summary
 from .metrics import confusion, knn, prediction_scores, scib_scores
 from .rundir import RunDir
 from .vocab import apply_lut, defined_labels, label_lut
@@ -191,10 +192,13 @@ def evaluate(
     seed: int = 0,
     baseline: bool = True,
     unlabeled_categories=None,
+    review_min_agreement: float = MIN_AGREEMENT,
     log=print,
 ) -> dict:
     """Score an embedding from `bigatlas embed`; returns metrics.json's content. `data`, `obs_filter`
-    and `run` default to those recorded in the embedding; unlabeled_categories to the run's."""
+    and `run` default to those recorded in the embedding; unlabeled_categories to the run's.
+    review_min_agreement: evaluated cells with fewer than this share of their 15 nearest evaluated cells
+    under their own label are listed in label_review.csv (label_review.py; 0: no review)."""
     require_extra(
         "evaluate",
         {"scib_metrics": "scib-metrics"},
@@ -251,6 +255,14 @@ def evaluate(
         "seed": seed,
         "scores": {"bigatlas": scib_scores(z, lab_codes, bat_codes, seed)},
     }
+    flagged = None
+    if review_min_agreement > 0:
+        table = review(z, lab, min_agreement=review_min_agreement)
+        result["label_review"] = summary(table, min_agreement=review_min_agreement)
+        result["label_review"]["trained_on_labels"] = label_key in emb.label_keys
+        table.index = pd.Index(store.obs_names(sample).astype(str), name="cell")
+        table.insert(1, batch_key, bat)
+        flagged = table[table.flagged].drop(columns="flagged").sort_values("agreement", kind="stable")
     if baseline:
         base = pca_baseline(read_counts(store, sample), z.shape[1])
         result["scores"]["pca_baseline"] = scib_scores(base, lab_codes, bat_codes, seed)
@@ -294,6 +306,8 @@ def evaluate(
     )
     figures.update(_transfer_figures(tmp, emb, store, transfer, label_key, run, row_ids, umap_cells, seed))
     result["figures"] = figures
+    if flagged is not None:
+        flagged.to_csv(tmp / "label_review.csv")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     from .report import write_report

@@ -34,13 +34,17 @@ def knn(x: np.ndarray, k: int = 15, *, return_distances: bool = False, budget: i
     return (idx, dist) if return_distances else idx
 
 
+def neighbour_votes(neighbours: np.ndarray, labels: np.ndarray, n_classes: int | None = None) -> np.ndarray:
+    """cells × classes: how many of each cell's neighbours carry each label code."""
+    n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
+    rows = np.repeat(np.arange(len(neighbours)), neighbours.shape[1])
+    flat = rows * n_classes + labels[neighbours].ravel()
+    return np.bincount(flat, minlength=len(neighbours) * n_classes).reshape(len(neighbours), n_classes)
+
+
 def knn_label_accuracy(neighbours: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of cells whose majority neighbour label equals their own."""
-    votes = labels[neighbours]
-    n_classes = int(labels.max()) + 1
-    counts = np.zeros((len(labels), n_classes), dtype=np.int64)
-    np.add.at(counts, (np.repeat(np.arange(len(labels)), neighbours.shape[1]), votes.ravel()), 1)
-    return float((counts.argmax(1) == labels).mean())
+    return float((neighbour_votes(neighbours, labels).argmax(1) == labels).mean())
 
 
 def batch_mixing(neighbours: np.ndarray, batches: np.ndarray) -> float:

@@ -78,11 +78,40 @@ def markdown(result: dict, run: Path | None) -> str:
                     f"accuracy {_fmt(s['query_accuracy'])} (reference cells: {_fmt(s['reference_accuracy'])})",
                 ]
     lines += _transfer_lines(result.get("label_transfer") or {})
+    lines += _review_lines(result.get("label_review"), result["label_key"])
     lines += ["", "## Figures", ""]
     for title, file in result["figures"].items():
         lines += [f"### {title}", "", f"![{title}]({file})", ""]
     lines.append(f"_{result['seconds']} s; all numbers in metrics.json._")
     return "\n".join(lines) + "\n"
+
+
+def _review_lines(review: dict | None, label_key: str) -> list[str]:
+    """The label-review section: how many evaluated cells disagree with their neighbours, and where."""
+    if not review:
+        return []
+    lines = [
+        "",
+        "## Label review",
+        "",
+        f"{review['flagged']:,} of {review['cells']:,} evaluated cells ({review['flagged_share']:.1%}) have fewer "
+        f"than {review['min_agreement']:.0%} of their {review['k']} nearest evaluated cells labelled as they are "
+        f"(`{label_key}`); `label_review.csv` lists them with their neighbours' most common label.",
+    ]
+    if review["trained_on_labels"]:
+        lines += [
+            "",
+            f"This run was trained on `{label_key}`: its latent pulls a cell toward its given label's cluster, "
+            "wrong labels too, so it finds few of them. Review the embedding of a run trained without this label key.",
+        ]
+    classes = [(c, v) for c, v in review["per_class"].items() if v["flagged"]][:20]
+    if classes:
+        lines += ["", "| label | cells | flagged | share | most suggested |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {c} | {v['cells']:,} | {v['flagged']:,} | {v['flagged_share']:.1%} | {v['suggested']} |"
+            for c, v in classes
+        ]
+    return lines
 
 
 def _transfer_lines(transfer: dict) -> list[str]:

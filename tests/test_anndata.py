@@ -134,3 +134,27 @@ def test_a_model_without_label_keys_keeps_its_16_latent_dimensions_through_embed
     query.obs["dataset_id"] = query.obs["dataset_id"].cat.rename_categories({"study_1": "new_study"})
     mapped = model.map_query(query, tmp_path / "mapped", epochs=1)
     assert mapped.module.n_latent == 16 and mapped.get_latent_representation(query).shape == (query.n_obs, 16)
+
+
+def test_review_labels_reviews_the_labelled_cells_of_an_anndata_in_its_order(copies, tmp_path):
+    """review_labels() = label_review.review of the latent's labelled cells, indexed by their names (the
+    'undefined' ones left out); a missing column is named."""
+    import pandas as pd
+
+    from bigatlas.label_review import review
+
+    adata = copies["memory"].copy()
+    model = AtlasVAE(adata, batch_key="dataset_id", train={"max_epochs": 1, "batch_size": 64, "seed": 5})
+    model.fit(tmp_path / "run")
+    adata.obs["annotation"] = adata.obs.cell_type.astype(str)
+    adata.obs.loc[adata.obs_names[::7], "annotation"] = "undefined"
+    table = model.review_labels("annotation", adata, min_agreement=0.5)
+    keep = (adata.obs.annotation != "undefined").to_numpy()
+    assert list(table.index) == list(adata.obs_names[keep])
+    expected = review(model.get_latent_representation(adata)[keep], pd.Categorical(adata.obs.annotation[keep]),
+                      min_agreement=0.5)  # fmt: skip
+    assert (table.label.astype(str).to_numpy() == adata.obs.annotation[keep].to_numpy()).all()
+    np.testing.assert_array_equal(table.agreement.to_numpy(), expected.agreement.to_numpy())
+    assert (table.flagged.to_numpy() == (expected.agreement.to_numpy() < 0.5)).all()
+    with pytest.raises(Exception, match="no_such_column"):
+        model.review_labels("no_such_column", adata)

@@ -246,3 +246,45 @@ def test_stratified_subsample_keeps_rare_classes():
     assert np.all(np.diff(s) > 0) and np.all(labels[s] >= 0)
     counts = np.bincount(labels[s])
     assert counts[2] == 30 and counts[1] >= 50 and abs(counts[0] - 1000 * 9000 / 9930) < 5
+
+
+def test_label_review_lists_the_cells_whose_label_was_changed(embedded, tmp_path):
+    """A copy of the atlas with 5% of the labels moved to another type: the review flags mostly those
+    cells, by name, and suggests their old label; --review-min-agreement 0 writes no review."""
+    import anndata as ad
+
+    data, run, emb = embedded
+    copy = tmp_path / "relabelled.zarr"
+    shutil.copytree(data, copy)
+    codes = zarr.open_group(str(copy), mode="r+")["obs/cell_type/codes"]
+    before = codes[:]
+    cats = list(ad.read_zarr(data).obs.cell_type.cat.categories)
+    known = np.flatnonzero(np.asarray(cats)[before] != "undefined")
+    rng = np.random.default_rng(0)
+    moved = rng.choice(known, len(known) // 20, replace=False)
+    after = before.copy()
+    defined = [i for i, c in enumerate(cats) if c != "undefined"]
+    after[moved] = [rng.choice([d for d in defined if d != before[m]]) for m in moved]
+    codes[:] = after
+    names = ad.read_zarr(copy).obs_names.to_numpy()
+    r = evaluate(emb, label_key="cell_type", batch_key="dataset_id", data=str(copy), out=tmp_path / "r",
+                 umap_cells=300, baseline=False, log=lambda *_: None)  # fmt: skip
+    review = r["label_review"]
+    assert review["cells"] == len(known) and review["trained_on_labels"] is True
+    listed = pd.read_csv(tmp_path / "r" / "label_review.csv", index_col="cell")
+    assert len(listed) == review["flagged"] and list(listed.columns) == [
+        "label",
+        "dataset_id",
+        "suggested",
+        "agreement",
+    ]
+    hit = np.isin(listed.index.astype(str), names[moved])
+    assert hit.sum() >= 0.8 * len(moved) and hit.mean() >= 0.8, (hit.sum(), len(moved), len(listed))
+    old = dict(zip(names[moved], np.asarray(cats)[before[moved]]))
+    assert np.mean([listed.suggested[c] == old[c] for c in listed.index[hit]]) >= 0.9
+    assert (listed.agreement.diff().dropna() >= 0).all() and (listed.agreement < 0.2).all()
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "## Label review" in text and "trained on `cell_type`" in text
+    off = evaluate(emb, label_key="cell_type", batch_key="dataset_id", data=str(copy), out=tmp_path / "off",
+                   umap_cells=300, baseline=False, review_min_agreement=0, log=lambda *_: None)  # fmt: skip
+    assert "label_review" not in off and not (tmp_path / "off" / "label_review.csv").exists()

@@ -1,0 +1,105 @@
+"""Label review: flips of labels among separated clusters are flagged with the true label suggested,
+clean labels are not, agreement is the share of the k nearest other cells under the cell's label, and
+the inverted-file search above knn.EXACT_MAX never returns a cell as its own neighbour."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bigatlas import knn as knn_module
+from bigatlas import label_review
+from bigatlas.label_review import other_neighbours, review, summary
+from bigatlas.metrics import knn, knn_label_accuracy, neighbour_votes
+
+
+def clusters(n_per=200, n_classes=6, dims=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 10, (n_classes, dims))
+    truth = np.repeat(np.arange(n_classes), n_per)
+    z = (centres[truth] + rng.normal(0, 1, (len(truth), dims))).astype(np.float32)
+    return z, truth
+
+
+def flip(truth, fraction, n_classes, seed=1):
+    rng = np.random.default_rng(seed)
+    wrong = rng.random(len(truth)) < fraction
+    given = truth.copy()
+    given[wrong] = (truth[wrong] + rng.integers(1, n_classes, wrong.sum())) % n_classes
+    return given, wrong
+
+
+def categorical(codes, names="ABCDEF"):
+    return pd.Categorical.from_codes(codes, categories=list(names[: codes.max() + 1]))
+
+
+def test_wrong_labels_are_flagged_with_the_true_one_suggested():
+    z, truth = clusters()
+    given, wrong = flip(truth, 0.1, 6)
+    t = review(z, categorical(given))
+    flagged = t.flagged.to_numpy()
+    assert (flagged & wrong).sum() >= 0.95 * wrong.sum()  # recall
+    assert (flagged & wrong).sum() >= 0.95 * flagged.sum()  # precision
+    assert (t.suggested.cat.codes.to_numpy()[wrong] == truth[wrong]).mean() >= 0.95
+    assert list(t.label.cat.codes) == list(given)
+    clean = review(z, categorical(truth))
+    assert not clean.flagged.any() and (clean.suggested == clean.label).all()
+
+
+def test_agreement_is_the_share_of_other_neighbours_with_the_label():
+    z, truth = clusters(n_per=40, n_classes=3)
+    given, _ = flip(truth, 0.3, 3)
+    t = review(z, categorical(given), k=7, min_agreement=0.5)
+    d = ((z[:, None] - z[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    near = np.argsort(d, axis=1, kind="stable")[:, :7]
+    expected = (given[near] == given[:, None]).mean(1)
+    np.testing.assert_allclose(t.agreement.to_numpy(), expected, atol=1e-6)
+    assert (t.flagged.to_numpy() == (expected < 0.5)).all()
+
+
+def test_neighbour_votes_count_each_label_and_keep_knn_accuracy():
+    z, truth = clusters(n_per=30, n_classes=4)
+    given, _ = flip(truth, 0.2, 4)
+    near = knn(z, 9)
+    votes = neighbour_votes(near, given)
+    assert votes.shape == (len(z), 4) and (votes.sum(1) == 9).all()
+    assert (votes[np.arange(len(z)), given] == (given[near] == given[:, None]).sum(1)).all()
+    assert knn_label_accuracy(near, given) == pytest.approx((votes.argmax(1) == given).mean())
+
+
+def test_inverted_file_neighbours_exclude_the_cell_itself(monkeypatch):
+    z, _ = clusters(n_per=500, n_classes=6, seed=3)
+    z = np.concatenate([z, np.repeat(z[:1], 20, axis=0)])  # 21 copies of one cell: itself may not be returned
+    monkeypatch.setattr(label_review, "EXACT_MAX", 1000)
+    monkeypatch.setattr(knn_module, "EXACT_MAX", 1000)
+    got = other_neighbours(z, 15)
+    assert got.shape == (len(z), 15)
+    assert not (got == np.arange(len(z))[:, None]).any()
+    assert all(len(set(row)) == 15 for row in got)
+    exact = knn(z, 15)
+    recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(got[:3000], exact[:3000])])
+    assert recall > 0.9, recall
+
+
+def test_summary_counts_per_class_and_sorts_by_share():
+    z, truth = clusters()
+    given, wrong = flip(truth, 0.1, 6)
+    given[truth == 2] = np.where(np.arange((truth == 2).sum()) % 2, 3, 2)  # half of class 2 called 3
+    t = review(z, categorical(given))
+    s = summary(t)
+    assert s["cells"] == len(z) and s["flagged"] == int(t.flagged.sum())
+    assert sum(v["flagged"] for v in s["per_class"].values()) == s["flagged"]
+    shares = [v["flagged_share"] for v in s["per_class"].values()]
+    assert shares == sorted(shares, reverse=True)
+    assert sum(v["cells"] for v in s["per_class"].values()) == len(z)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_bad_threshold_or_missing_labels_are_refused(bad):
+    z, truth = clusters(n_per=10, n_classes=2)
+    with pytest.raises(ValueError, match="min_agreement"):
+        review(z, categorical(truth), min_agreement=bad)
+    codes = truth.copy()
+    codes[0] = -1
+    with pytest.raises(ValueError, match="1 cells have no label"):
+        review(z, pd.Categorical.from_codes(codes, categories=["A", "B"]))
