@@ -62,6 +62,12 @@ def add_arguments(p) -> None:
         help="visible labels made wrong (a sibling subtype where the type has one), as marker-based annotation "
         "errs; rows name the atlas <preset>+mislabel<F>",
     )  # fmt: skip
+    p.add_argument(
+        "--review-with", default=None, metavar="TAG",
+        help="bigatlas_labels trains without the visible labels that the label review of the unlabelled bigatlas "
+        "row TAG's latent (saved by an earlier run on the same atlas and seed) flags: the README's recipe for noisy "
+        "labels",
+    )  # fmt: skip
     p.add_argument("--only", nargs="*", default=None, help=f"subset of {' '.join(METHODS)}")
     p.add_argument("--tag", default="default", help="name of this bigatlas variant in the results")
     p.add_argument("--model", nargs="*", default=[], help="ModelConfig overrides, key=value")
@@ -196,6 +202,22 @@ def user_data(path, batch_key: str, label_key: str, layer=None):
         index=src.obs_names,
     )
     return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=src.var_names))
+
+
+def reviewed(adata, latent: Path):
+    """A copy of `adata` whose visible labels flagged by the label review of `latent` are 'undefined', and
+    how many were."""
+    from bigatlas.label_review import review
+
+    if not latent.exists():
+        raise FileNotFoundError(f"--review-with: no latent {latent}; run the unlabelled bigatlas with that tag first")
+    given = adata.obs[LABELS].astype(str).to_numpy()
+    visible = np.flatnonzero(given != "undefined")
+    flagged = visible[review(np.load(latent)[visible], pd.Categorical(given[visible])).flagged.to_numpy()]
+    given[flagged] = "undefined"
+    out = adata.copy()
+    out.obs[LABELS] = pd.Categorical(given)
+    return out, len(flagged)
 
 
 def run_bigatlas(adata, a, seed: int, labels: bool):
@@ -445,7 +467,12 @@ def run(a) -> dict:
                 t, pretrained = time.perf_counter(), "scvi" in cache
                 labels = method in ("bigatlas_labels", "scanvi")
                 extra = {}
-                if method.startswith("bigatlas"):
+                if method == "bigatlas_labels" and a.review_with:
+                    latent = latent_dir / f"{name}_{seed}_bigatlas_{a.review_with}.npy"
+                    train_data, n_hidden = reviewed(adata, latent)
+                    z, pred, extra = run_bigatlas(train_data, a, seed, labels)
+                    extra["review_hidden"] = n_hidden
+                elif method.startswith("bigatlas"):
                     z, pred, extra = run_bigatlas(adata, a, seed, labels)
                 elif method == "scatlasvae":
                     z, pred = run_scatlasvae(adata, a, seed), None

@@ -130,6 +130,39 @@ def test_mislabelled_rows_are_their_own_atlas_and_score_the_wrong_labels(user_h5
     assert "mislabelled_corrected" not in rows[0]
     corrected, kept = rows[1]["mislabelled_corrected"], rows[1]["mislabelled_kept"]
     assert 0 <= corrected <= 1 and 0 <= kept <= 1 and corrected + kept <= 1  # a wrong label is never the truth
+    assert "review_recall" not in rows[0] and 0 <= rows[1]["review_recall"] <= 1
+    assert 0 <= rows[1]["review_precision"] <= 1
+    # the recipe for noisy labels: the unlabelled row's latent reviews the labels the labelled row trains on
+    argv += ["--data-dir", str(tmp_path), "--mislabel-fraction", "0.2", "--tag", "rev", "--review-with", "rev"]
+    argv[argv.index("bigatlas_labels")] = "bigatlas"
+    argv.insert(argv.index("bigatlas") + 1, "bigatlas_labels")
+    main("", add_arguments, run, argv)
+    rev = [r for r in json.loads(out.read_text())["rows"] if r["tag"] == "rev"]
+    assert [r["method"] for r in rev] == ["bigatlas", "bigatlas_labels"]
+    assert "review_hidden" not in rev[0] and rev[1]["review_hidden"] >= 1
+
+
+def test_reviewed_hides_the_flagged_visible_labels_only(tmp_path):
+    """bench.quality --review-with: the visible labels that disagree with their neighbours in the given
+    latent become 'undefined'; hidden cells and every other label stay; a missing latent is named."""
+    from bench.quality import reviewed
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.array(["A", "B", "C"], dtype=object), 100)
+    z = np.array([[0, 0], [20, 0], [0, 20]], np.float32)[np.repeat(np.arange(3), 100)] + rng.normal(size=(300, 2))
+    given = truth.copy()
+    given[[5, 150, 250]] = ["B", "C", "A"]
+    given[[10, 110]] = "undefined"
+    obs = pd.DataFrame({LABELS: pd.Categorical(given)}, index=[f"c{i}" for i in range(300)])
+    adata = ad.AnnData(np.zeros((300, 1), np.float32), obs=obs)
+    np.save(tmp_path / "z.npy", z.astype(np.float32))
+    out, n = reviewed(adata, tmp_path / "z.npy")
+    after = out.obs[LABELS].astype(str).to_numpy()
+    assert n == 3 and (after[[5, 150, 250]] == "undefined").all()
+    keep = np.setdiff1d(np.arange(300), [5, 150, 250])
+    assert (after[keep] == given[keep]).all() and (adata.obs[LABELS].astype(str).to_numpy() == given).all()
+    with pytest.raises(FileNotFoundError, match="--review-with: no latent"):
+        reviewed(adata, tmp_path / "missing.npy")
 
 
 def test_own_rule_table_pairs_the_peers_own_rule_rows_with_bigatlas_on_the_same_seeds():
