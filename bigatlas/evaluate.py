@@ -262,7 +262,7 @@ def evaluate(
         result["label_review"]["trained_on_labels"] = label_key in emb.label_keys
         table.index = pd.Index(store.obs_names(sample).astype(str), name="cell")
         table.insert(1, batch_key, bat)
-        flagged = table[table.flagged].drop(columns="flagged").sort_values("agreement", kind="stable")
+        flagged = table[table.flagged].drop(columns=["unresolved", "flagged"]).sort_values("agreement", kind="stable")
     if baseline:
         base = pca_baseline(read_counts(store, sample), z.shape[1])
         result["scores"]["pca_baseline"] = scib_scores(base, lab_codes, bat_codes, seed)

@@ -22,6 +22,9 @@ from .knn import EXACT_MAX, LatentIndex
 from .metrics import K_SMALL, knn, neighbour_votes
 
 MIN_AGREEMENT = 0.2  # flagged: fewer than 3 of the 15 nearest cells share the label
+# a class whose median cell would be flagged (more than half of it) is not resolved by the latent, not
+# mislabelled (a rare subtype inside its sibling's cluster): its cells are not flagged, the class is reported
+MIN_CLASS_AGREEMENT = MIN_AGREEMENT
 CHUNK = 1 << 16  # cells whose neighbour votes are counted at once
 
 
@@ -42,12 +45,18 @@ def other_neighbours(z: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def review(z: np.ndarray, labels: pd.Categorical, *, k: int = K_SMALL, min_agreement: float = MIN_AGREEMENT):
+def review(
+    z: np.ndarray, labels: pd.Categorical, *, k: int = K_SMALL, min_agreement: float = MIN_AGREEMENT,
+    min_class_agreement: float = MIN_CLASS_AGREEMENT,
+) -> pd.DataFrame:  # fmt: skip
     """Per cell of `z` (cells × dims) with its label (pd.Categorical; missing labels not allowed):
     a DataFrame of the given label, the share of its k nearest other cells with that label
-    (`agreement`), their most common label (`suggested`) and `flagged` = agreement < min_agreement."""
-    if not 0 <= min_agreement <= 1:
-        raise ValueError(f"min_agreement must be in [0, 1], not {min_agreement}")
+    (`agreement`), their most common label (`suggested`), `unresolved` (its class's median agreement is
+    below min_class_agreement: the latent does not tell the class apart) and `flagged` = agreement <
+    min_agreement in a resolved class."""
+    for name, v in (("min_agreement", min_agreement), ("min_class_agreement", min_class_agreement)):
+        if not 0 <= v <= 1:
+            raise ValueError(f"{name} must be in [0, 1], not {v}")
     codes = np.asarray(labels.codes)
     if (codes < 0).any():
         raise ValueError(f"{int((codes < 0).sum())} cells have no label; review only labelled cells")
@@ -61,25 +70,33 @@ def review(z: np.ndarray, labels: pd.Categorical, *, k: int = K_SMALL, min_agree
         votes = neighbour_votes(neighbours[part], codes, len(labels.categories))
         agreement[part] = votes[np.arange(len(votes)), codes[part]] / neighbours.shape[1]
         suggested[part] = votes.argmax(1)
+    median = pd.Series(agreement).groupby(codes).median()
+    unresolved = np.isin(codes, median.index[median.to_numpy() < min_class_agreement])
     return pd.DataFrame(
         {
             "label": labels,
             "suggested": pd.Categorical.from_codes(suggested, categories=labels.categories),
-            "agreement": agreement.astype(np.float32),
-            "flagged": agreement < min_agreement,
+            "agreement": agreement,
+            "unresolved": unresolved,
+            "flagged": (agreement < min_agreement) & ~unresolved,
         }
     )
 
 
-def summary(table: pd.DataFrame, *, k: int = K_SMALL, min_agreement: float = MIN_AGREEMENT) -> dict:
-    """metrics.json's label_review section: the counts, and per class its cells, flagged cells and the
-    label most often suggested for them."""
+def summary(
+    table: pd.DataFrame, *, k: int = K_SMALL, min_agreement: float = MIN_AGREEMENT,
+    min_class_agreement: float = MIN_CLASS_AGREEMENT,
+) -> dict:  # fmt: skip
+    """metrics.json's label_review section: the counts, the unresolved classes, and per class its cells,
+    median agreement, flagged cells and the label most often suggested for them."""
     flagged = table[table.flagged]
     per_class = {}
     for cls, cells in table.groupby("label", observed=True):
         mine = flagged[flagged.label == cls]
         per_class[str(cls)] = {
             "cells": len(cells),
+            "median_agreement": round(float(cells.agreement.median()), 4),
+            "unresolved": bool(cells.unresolved.iloc[0]),
             "flagged": len(mine),
             "flagged_share": round(len(mine) / len(cells), 4),
             "suggested": str(mine.suggested.value_counts().idxmax()) if len(mine) else None,
@@ -87,8 +104,10 @@ def summary(table: pd.DataFrame, *, k: int = K_SMALL, min_agreement: float = MIN
     return {
         "k": k,
         "min_agreement": min_agreement,
+        "min_class_agreement": min_class_agreement,
         "cells": len(table),
         "flagged": len(flagged),
         "flagged_share": round(len(flagged) / max(len(table), 1), 4),
+        "unresolved_classes": [c for c, v in per_class.items() if v["unresolved"]],
         "per_class": dict(sorted(per_class.items(), key=lambda kv: -kv[1]["flagged_share"])),
     }

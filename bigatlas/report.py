@@ -98,6 +98,13 @@ def _review_lines(review: dict | None, label_key: str) -> list[str]:
         f"than {review['min_agreement']:.0%} of their {review['k']} nearest evaluated cells labelled as they are "
         f"(`{label_key}`); `label_review.csv` lists them with their neighbours' most common label.",
     ]
+    if review["unresolved_classes"]:
+        lines += [
+            "",
+            f"Not told apart by this latent (their median cell shares its label with fewer than "
+            f"{review['min_class_agreement']:.0%} of its neighbours; none of their cells is listed): "
+            + ", ".join(f"`{c}`" for c in review["unresolved_classes"]),
+        ]
     if review["trained_on_labels"]:
         lines += [
             "",

@@ -28,7 +28,7 @@ def flip(truth, fraction, n_classes, seed=1):
     return given, wrong
 
 
-def categorical(codes, names="ABCDEF"):
+def categorical(codes, names="ABCDEFG"):
     return pd.Categorical.from_codes(codes, categories=list(names[: codes.max() + 1]))
 
 
@@ -81,6 +81,25 @@ def test_inverted_file_neighbours_exclude_the_cell_itself(monkeypatch):
     assert recall > 0.9, recall
 
 
+def test_a_class_the_latent_does_not_separate_is_unresolved_not_flagged():
+    """A small class spread inside a big one (a rare subtype the latent does not tell apart): its cells are
+    not flagged, the class is named unresolved; a wrong label in a resolved class is still flagged."""
+    z, truth = clusters(n_per=300, n_classes=3)
+    given = truth.copy()
+    inside = np.flatnonzero(truth == 0)[::10]  # every tenth cell of class 0 called class 3
+    given[inside] = 3
+    given[np.flatnonzero(truth == 1)[:5]] = 2  # five plain errors
+    t = review(z, categorical(given))
+    assert t.unresolved.to_numpy()[inside].all() and not t.flagged.to_numpy()[inside].any()
+    assert t.flagged.to_numpy()[np.flatnonzero(truth == 1)[:5]].all()
+    assert not t.unresolved.to_numpy()[given != 3].any()
+    s = summary(t)
+    assert s["unresolved_classes"] == ["D"] and s["per_class"]["D"]["flagged"] == 0
+    assert s["per_class"]["D"]["median_agreement"] < 0.2 <= s["per_class"]["B"]["median_agreement"]
+    loose = review(z, categorical(given), min_class_agreement=0)  # the guard off: the subtype's cells flagged
+    assert loose.flagged.to_numpy()[inside].mean() > 0.5
+
+
 def test_summary_counts_per_class_and_sorts_by_share():
     z, truth = clusters()
     given, wrong = flip(truth, 0.1, 6)
@@ -99,6 +118,8 @@ def test_bad_threshold_or_missing_labels_are_refused(bad):
     z, truth = clusters(n_per=10, n_classes=2)
     with pytest.raises(ValueError, match="min_agreement"):
         review(z, categorical(truth), min_agreement=bad)
+    with pytest.raises(ValueError, match="min_class_agreement"):
+        review(z, categorical(truth), min_class_agreement=bad)
     codes = truth.copy()
     codes[0] = -1
     with pytest.raises(ValueError, match="1 cells have no label"):
