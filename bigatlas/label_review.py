@@ -6,10 +6,11 @@ suggestion: a list to check by hand, or labels to set to "undefined" before trai
 
 Review the embedding of a run trained without the label key: a run trained on the labels pulls each
 cell toward its given label's cluster, wrong ones too. On the quality benchmark's atlases with a tenth of
-the visible labels wrong (bench.quality --mislabel-fraction 0.1) the latent of a run without labels
-flags 0.67-0.88 of the wrong labels at a precision of 0.81-0.96 where types differ in many genes
-(rare, condition, continuous), and 0.32-0.50 at 0.38-0.57 where subtypes differ in a handful (subtle,
-hard); the latent of a run trained on those labels flags 0.04-0.17 (docs/quality.md, "Mislabelled cells").
+the visible labels wrong (bench.quality --mislabel-fraction 0.1, seeds 5-6) the latent of a run without labels
+flags 0.67-0.85 of the wrong labels at a precision of 0.80-0.996 where types differ in many genes (rare,
+condition, continuous), and 0.36-0.46 at 0.40-0.63 where subtypes differ in a handful (subtle, hard); the
+latent of a run trained on those labels flags 0.04-0.13 of them (scANVI's 0.10-0.17; docs/quality.md,
+"Reviewing the labels").
 """
 
 from __future__ import annotations
