@@ -23,9 +23,9 @@ from .knn import EXACT_MAX, LatentIndex
 from .metrics import K_SMALL, knn, neighbour_votes
 
 MIN_AGREEMENT = 0.2  # flagged: fewer than 3 of the 15 nearest cells share the label
-# a class whose median cell would be flagged (more than half of it) is not resolved by the latent, not
-# mislabelled (a rare subtype inside its sibling's cluster): its cells are not flagged, the class is reported
-MIN_CLASS_AGREEMENT = MIN_AGREEMENT
+# unset min_class_agreement = min_agreement: a class whose median cell would be flagged (more than half of it) is
+# not resolved by the latent rather than mislabelled (a rare subtype inside its sibling's cluster): its cells
+# are not flagged, the class is reported
 CHUNK = 1 << 16  # cells whose neighbour votes are counted at once
 
 
@@ -48,13 +48,14 @@ def other_neighbours(z: np.ndarray, k: int) -> np.ndarray:
 
 def review(
     z: np.ndarray, labels: pd.Categorical, *, k: int = K_SMALL, min_agreement: float = MIN_AGREEMENT,
-    min_class_agreement: float = MIN_CLASS_AGREEMENT,
+    min_class_agreement: float | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """Per cell of `z` (cells × dims) with its label (pd.Categorical; missing labels not allowed):
     a DataFrame of the given label, the share of its k nearest other cells with that label
     (`agreement`), their most common label (`suggested`), `unresolved` (its class's median agreement is
-    below min_class_agreement: the latent does not tell the class apart) and `flagged` = agreement <
-    min_agreement in a resolved class."""
+    below min_class_agreement, unset: min_agreement; the latent does not tell the class apart) and `flagged` =
+    agreement < min_agreement in a resolved class."""
+    min_class_agreement = min_agreement if min_class_agreement is None else min_class_agreement
     for name, v in (("min_agreement", min_agreement), ("min_class_agreement", min_class_agreement)):
         if not 0 <= v <= 1:
             raise ValueError(f"{name} must be in [0, 1], not {v}")
@@ -86,10 +87,12 @@ def review(
 
 def summary(
     table: pd.DataFrame, *, k: int = K_SMALL, min_agreement: float = MIN_AGREEMENT,
-    min_class_agreement: float = MIN_CLASS_AGREEMENT,
+    min_class_agreement: float | None = None,
 ) -> dict:  # fmt: skip
-    """metrics.json's label_review section: the counts, the unresolved classes, and per class its cells,
-    median agreement, flagged cells and the label most often suggested for them."""
+    """metrics.json's label_review section (`table` from review() with the same settings): the counts, the
+    unresolved classes, and per class its cells, median agreement, flagged cells and the label most often
+    suggested for them."""
+    min_class_agreement = min_agreement if min_class_agreement is None else min_class_agreement
     flagged = table[table.flagged]
     per_class = {}
     for cls, cells in table.groupby("label", observed=True):

@@ -48,7 +48,7 @@ def test_wrong_labels_are_flagged_with_the_true_one_suggested():
 def test_agreement_is_the_share_of_other_neighbours_with_the_label():
     z, truth = clusters(n_per=40, n_classes=3)
     given, _ = flip(truth, 0.3, 3)
-    t = review(z, categorical(given), k=7, min_agreement=0.5)
+    t = review(z, categorical(given), k=7, min_agreement=0.5, min_class_agreement=0)
     d = ((z[:, None] - z[None]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)
     near = np.argsort(d, axis=1, kind="stable")[:, :7]
@@ -96,6 +96,10 @@ def test_a_class_the_latent_does_not_separate_is_unresolved_not_flagged():
     s = summary(t)
     assert s["unresolved_classes"] == ["D"] and s["per_class"]["D"]["flagged"] == 0
     assert s["per_class"]["D"]["median_agreement"] < 0.2 <= s["per_class"]["B"]["median_agreement"]
+    for m in (0.2, 0.6, 0.95):  # unset, the class threshold is min_agreement: unresolved = median below it
+        medians = review(z, categorical(given), min_agreement=m).groupby("label", observed=True).agreement.median()
+        got = review(z, categorical(given), min_agreement=m)
+        assert set(got.label[got.unresolved].astype(str)) == set(medians.index[medians < m].astype(str))
     loose = review(z, categorical(given), min_class_agreement=0)  # the guard off: the subtype's cells flagged
     assert loose.flagged.to_numpy()[inside].mean() > 0.5
 
