@@ -180,8 +180,9 @@ class AtlasVAE:
         """Label review (bigatlas.label_review) of the obs column `label_key` of `adata` (default: the data
         the model was set up with): per labelled cell, in the data's order and indexed by cell name, its label,
         the share of its 15 nearest other cells in the latent with that label (`agreement`), their most common
-        label (`suggested`) and `flagged` (agreement < min_agreement). Most telling with a model trained
-        without `label_key`: one trained on it pulls each cell toward its given label, wrong ones too."""
+        label (`suggested`), `unresolved` (its class is not told apart by the latent) and `flagged` (agreement <
+        min_agreement in a resolved class). Most telling with a model trained without `label_key`: one trained
+        on it pulls each cell toward its given label, wrong ones too."""
         self._need_fit()
         self.module.eval()
         store, batches = self._batches(adata, obs_filter, batch_size)
