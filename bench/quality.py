@@ -204,20 +204,28 @@ def user_data(path, batch_key: str, label_key: str, layer=None):
     return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=src.var_names))
 
 
+def review_flags(adata, z) -> np.ndarray:
+    """Per cell, whether the label review (bigatlas.label_review) of the visible labels in latent `z` flags it."""
+    from bigatlas.label_review import review
+
+    given = adata.obs[LABELS].astype(str).to_numpy()
+    visible = given != "undefined"
+    flagged = np.zeros(len(given), bool)
+    flagged[visible] = review(np.asarray(z)[visible], pd.Categorical(given[visible])).flagged.to_numpy()
+    return flagged
+
+
 def reviewed(adata, latent: Path):
     """A copy of `adata` whose visible labels flagged by the label review of `latent` are 'undefined', and
     how many were."""
-    from bigatlas.label_review import review
-
     if not latent.exists():
         raise FileNotFoundError(f"--review-with: no latent {latent}; run the unlabelled bigatlas with that tag first")
+    flagged = review_flags(adata, np.load(latent))
     given = adata.obs[LABELS].astype(str).to_numpy()
-    visible = np.flatnonzero(given != "undefined")
-    flagged = visible[review(np.load(latent)[visible], pd.Categorical(given[visible])).flagged.to_numpy()]
     given[flagged] = "undefined"
     out = adata.copy()
     out.obs[LABELS] = pd.Categorical(given)
-    return out, len(flagged)
+    return out, int(flagged.sum())
 
 
 def run_bigatlas(adata, a, seed: int, labels: bool):
@@ -366,17 +374,13 @@ def review_scores(adata, z) -> dict:
     """With wrong labels (--mislabel-fraction): how the label review (bigatlas.label_review) of the visible
     labels in this latent finds them — the share of the wrong ones it flags (recall) and of the flagged
     that are wrong (precision)."""
-    from bigatlas.label_review import review
-
-    wrong = adata.obs["bench_mislabelled"].to_numpy()
+    wrong = adata.obs["bench_mislabelled"].to_numpy()  # visible cells only (mislabel())
     if not wrong.any():
         return {}
-    given = adata.obs[LABELS].astype(str).to_numpy()
-    visible = given != "undefined"
-    flagged = review(np.asarray(z)[visible], pd.Categorical(given[visible])).flagged.to_numpy()
-    hit = int((flagged & wrong[visible]).sum())
+    flagged = review_flags(adata, z)
+    hit = int((flagged & wrong).sum())
     return {
-        "review_recall": round(hit / int(wrong[visible].sum()), 4),
+        "review_recall": round(hit / int(wrong.sum()), 4),
         "review_precision": round(hit / max(int(flagged.sum()), 1), 4),
     }
 

@@ -164,15 +164,18 @@ class AtlasVAE:
         return AtlasVAE.load(out)
 
     @torch.no_grad()
+    def _latent(self, data, obs_filter, batch_size) -> tuple:
+        """(store, posterior means as a numpy array in the store's cell order)."""
+        self._need_fit()
+        self.module.eval()
+        store, batches = self._batches(data, obs_filter, batch_size)
+        return store, np.concatenate([self.module.latent(inp.counts).cpu().numpy() for inp in batches])
+
     def get_latent_representation(self, adata=None, *, obs_filter=None, batch_size: int = 4096) -> np.ndarray:
         """Posterior means (cells × n_latent) of `adata` (an AnnData or a store path; default: the data
         the model was set up with), in its cell order: `adata.obsm["X_bigatlas"] = ...`."""
-        self._need_fit()
-        self.module.eval()
-        _, batches = self._batches(adata, obs_filter, batch_size)
-        return np.concatenate([self.module.latent(inp.counts).cpu().numpy() for inp in batches])
+        return self._latent(adata, obs_filter, batch_size)[1]
 
-    @torch.no_grad()
     def review_labels(
         self, label_key: str, adata=None, *, obs_filter=None, min_agreement: float = MIN_AGREEMENT,
         batch_size: int = 4096,
@@ -183,10 +186,7 @@ class AtlasVAE:
         label (`suggested`), `unresolved` (its class is not told apart by the latent) and `flagged` (agreement <
         min_agreement in a resolved class). Most telling with a model trained without `label_key`: one trained
         on it pulls each cell toward its given label, wrong ones too."""
-        self._need_fit()
-        self.module.eval()
-        store, batches = self._batches(adata, obs_filter, batch_size)
-        z = np.concatenate([self.module.latent(inp.counts).cpu().numpy() for inp in batches])
+        store, z = self._latent(adata, obs_filter, batch_size)
         labels = defined_labels(*store.obs_codes(label_key), self.config.data.unlabeled_categories)
         keep = np.asarray(labels.codes) >= 0
         if keep.sum() < 2:
