@@ -1,4 +1,5 @@
-"""`bigatlas` console entry point: synth | stream | prepare | train | reference | embed | map-query | evaluate.
+"""`bigatlas` console entry point: synth | stream | prepare | train | reference | embed | map-query | evaluate |
+review.
 
 Flags come from where their defaults live (flags.py). Only the chosen command's parser is built, so
 its modules (torch, scanpy, …) are imported only when it runs.
@@ -242,6 +243,35 @@ def _evaluate(p):
     return run
 
 
+def _review(p):
+    from .review_embedding import review_embedding
+
+    p.add_argument("--emb", required=True, help="output of `bigatlas embed` (best: a run trained without --label-key)")
+    p.add_argument("--label-key", required=True, help="obs column of the labels to review")
+    p.add_argument("--out", required=True, help="CSV of the flagged cells (cell, row, label, suggested, agreement), "
+                   "for `bigatlas train --drop-labels KEY=FILE`; the summary goes beside it as .json")  # fmt: skip
+    add_data(p, "the embedded " + DATA_HELP + " (default: the one the embedding records)", required=False)
+    helps = {
+        "obs_filter": ("filter the embedding was made with (default: recorded)", str),
+        "min_agreement": "flag a cell when fewer than this share of its 15 nearest labelled cells carry its label",
+        "min_class_agreement": (
+            "a class whose median agreement is below this is reported as not separated, none of its cells "
+            "flagged (unset: --min-agreement)",
+            float,
+        ),
+    }
+    add_signature_flags(p, review_embedding, helps)
+    add_unlabeled(p, "the run's")
+
+    def run(a):
+        review_embedding(
+            a.emb, label_key=a.label_key, out=a.out, data=data_arg(a), unlabeled_categories=unlabeled_given(a),
+            **signature_values(a, helps),
+        )  # fmt: skip
+
+    return run
+
+
 COMMANDS = {  # name: (help, builder(parser) -> run(args))
     "synth": ("write a synthetic atlas (ZINB counts, batch effects, label hierarchy)", _synth),
     "stream": ("stream a store in shuffled minibatches and report throughput", _stream),
@@ -270,6 +300,11 @@ COMMANDS = {  # name: (help, builder(parser) -> run(args))
         "scIB metrics of an embedding (vs a PCA baseline), label-prediction accuracy / macro-F1, UMAP and "
         "confusion plots, report.html",
         _evaluate,
+    ),
+    "review": (
+        "label review of an embedding: the labelled cells whose nearest cells mostly carry another label, as a "
+        "CSV for train --drop-labels",
+        _review,
     ),
 }
 

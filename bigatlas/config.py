@@ -220,6 +220,10 @@ class DataConfig:
         "are; matched exactly, so a real class named like one is a class)", flag="--unlabeled-category",
         action="append", metavar="VALUE",
     )  # fmt: skip
+    drop_labels: tuple[str, ...] = opt(
+        (), "KEY=FILE: train as if the cells FILE lists (a CSV with a 'cell' column of obs names, as `bigatlas "
+        "review` writes) had no KEY label; one KEY=FILE per label key", metavar="KEY=FILE",
+    )  # fmt: skip
     allow_non_integer: bool = opt(False, "accept non-integer values (still finite and >= 0)")
     gene_join: str = opt("inner", "genes of several stores: their intersection (inner), or their union (outer, "
                          "zero-filled where a store lacks one)", choices=GENE_JOINS)  # fmt: skip
@@ -229,8 +233,17 @@ class DataConfig:
             data = tuple(map(str, self.data))
             object.__setattr__(self, "data", data[0] if len(data) == 1 else data)
         _check("gene_join", self.gene_join, GENE_JOINS)
-        for name in ("covariate_keys", "label_keys", "unlabeled_categories"):
+        for name in ("covariate_keys", "label_keys", "unlabeled_categories", "drop_labels"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        keys = []
+        for spec in self.drop_labels:
+            key, sep, file = spec.partition("=")
+            if not (key and sep and file):
+                raise ValueError(f"--drop-labels takes KEY=FILE (a label key and a CSV of cells), not {spec!r}")
+            if key not in self.label_keys or key in keys:
+                why = "twice" if key in keys else f"but the label keys are: {', '.join(self.label_keys) or 'none'}"
+                raise ValueError(f"--drop-labels {spec!r} names label key {key!r} {why}")
+            keys.append(key)
         if self.genes is not None:
             object.__setattr__(self, "genes", tuple(self.genes))
 

@@ -125,3 +125,34 @@ class Embedding:
             return pd.Categorical.from_codes(codes, categories=pd.Index(col.dictionary.to_pylist()).astype(str))
         values = col.to_numpy(zero_copy_only=False)
         return np.where(hit, values[found], np.zeros(1, values.dtype))
+
+
+def open_embedded(emb_path, data=None, obs_filter=None):
+    """(Embedding, the store it was made from, data, obs_filter): data and obs_filter default to those the
+    embedding records; a store with another number of cells is refused."""
+    from loaders import open_store
+
+    emb = Embedding(emb_path)
+    data = data or emb.meta["data"]
+    if str(data).startswith("AnnData ("):  # embedded from an object in memory: nothing to reopen
+        raise EmbeddingError(f"{emb.path} was embedded from an {data}; pass its file with --data")
+    obs_filter = obs_filter if obs_filter is not None else emb.meta.get("obs_filter")
+    store = open_store(data, obs_filter=obs_filter)
+    if store.n_obs != emb.n_obs:
+        raise EmbeddingError(
+            f"embedding {emb.path} has {emb.n_obs} cells but {data} "
+            f"(obs_filter {obs_filter!r}) has {store.n_obs}; pass the data and filter it was made from"
+        )
+    return emb, store, data, obs_filter
+
+
+def latents_of(emb: Embedding, store, positions: np.ndarray, what: str) -> np.ndarray:
+    """Latents of ascending `positions` of `store` (the one open_embedded gave), refused where the embedding's
+    rows are other cells or a latent is missing; `what` names the cells in that error."""
+    rows = store.store_rows(positions)
+    if emb.format == "zarr" and not np.array_equal(emb.row_ids(positions), rows):
+        raise EmbeddingError(f"embedding {emb.path} rows do not match {store.uri}: it was made from other cells")
+    z = emb.latents(positions, rows)
+    if not np.isfinite(z).all():
+        raise EmbeddingError(f"embedding {emb.path} has missing or non-finite latents for {what}")
+    return z

@@ -23,7 +23,7 @@ from loaders.census import is_census
 from loaders.csr import concat
 
 from .config import UNLABELED
-from .embedding import Embedding, EmbeddingError
+from .embedding import EmbeddingError, latents_of, open_embedded
 from .errors import require_extra
 from .label_review import MIN_AGREEMENT, review, summary
 from .metrics import confusion, knn, prediction_scores, scib_scores
@@ -108,14 +108,7 @@ def reference_mask(cfg: dict | None, data: str, store) -> np.ndarray | None:
     if cfg is None or not _same_data(cfg["data"], data):
         return None
     ref = open_store(cfg["data"], obs_filter=cfg.get("obs_filter"))
-    return np.isin(_cell_ids(store), _cell_ids(ref))
-
-
-def _cell_ids(store) -> np.ndarray:
-    """One id per cell: its store row, and for a collection its store's index above bit 40."""
-    everything = np.arange(store.n_obs)
-    rows = store.store_rows(everything)
-    return rows if store.segments is None else rows + (store.source_codes(everything).astype(np.int64) << 40)
+    return np.isin(store.cell_ids(np.arange(store.n_obs)), ref.cell_ids(np.arange(ref.n_obs)))
 
 
 def _prediction_report(
@@ -205,18 +198,8 @@ def evaluate(
         "bigatlas evaluate",
     )
     t0 = time.perf_counter()
-    emb = Embedding(emb_path)
-    data = data or emb.meta["data"]
-    if str(data).startswith("AnnData ("):  # embedded from an object in memory: nothing to reopen
-        raise EmbeddingError(f"{emb.path} was embedded from an {data}; pass its file with --data")
-    obs_filter = obs_filter if obs_filter is not None else emb.meta.get("obs_filter")
+    emb, store, data, obs_filter = open_embedded(emb_path, data, obs_filter)
     run = Path(run or emb.meta.get("run", "")) if (run or emb.meta.get("run")) else None
-    store = open_store(data, obs_filter=obs_filter)
-    if store.n_obs != emb.n_obs:
-        raise EmbeddingError(
-            f"embedding {emb.path} has {emb.n_obs} cells but {data} "
-            f"(obs_filter {obs_filter!r}) has {store.n_obs}; pass the data and filter it was made from"
-        )
     run_data = RunDir(run).data_config() if run is not None else None  # the run's [data] section
     if unlabeled_categories is None:
         unlabeled_categories = (run_data or {}).get("unlabeled_categories", UNLABELED)
@@ -229,14 +212,7 @@ def evaluate(
         raise EmbeddingError(
             f"only {len(sample)} cells of {data} have a defined {label_key!r} label; evaluation needs labelled cells"
         )
-    rows = store.store_rows(sample)
-    if emb.format == "zarr" and not np.array_equal(emb.row_ids(sample), rows):
-        raise EmbeddingError(
-            f"embedding {emb.path} rows do not match {data} (obs_filter {obs_filter!r}): it was made from other cells"
-        )
-    z = emb.latents(sample, rows)
-    if not np.isfinite(z).all():
-        raise EmbeddingError(f"embedding {emb.path} has missing or non-finite latents for the evaluated cells")
+    z = latents_of(emb, store, sample, "the evaluated cells")
     lab = pd.Categorical(labels[sample]).remove_unused_categories()
     bat = pd.Categorical(batch[sample]).remove_unused_categories()
     lab_codes, bat_codes = np.asarray(lab.codes), np.asarray(bat.codes)
@@ -262,6 +238,7 @@ def evaluate(
         result["label_review"]["trained_on_labels"] = label_key in emb.label_keys
         table.index = pd.Index(store.obs_names(sample).astype(str), name="cell")
         table.insert(1, batch_key, bat)
+        table.insert(0, "row", store.cell_ids(sample))  # for train --drop-labels where obs names repeat
         flagged = table[table.flagged].drop(columns=["unresolved", "flagged"]).sort_values("agreement", kind="stable")
     if baseline:
         base = pca_baseline(read_counts(store, sample), z.shape[1])

@@ -209,7 +209,11 @@ def map_query(
             lr=lr or ref.train.lr,
         ),
         data=replace(
-            ref.data, data=data_name(query), obs_filter=obs_filter, label_keys=tuple(keys) if labelled else ()
+            ref.data,
+            data=data_name(query),
+            obs_filter=obs_filter,
+            label_keys=tuple(keys) if labelled else (),
+            drop_labels=(),
         ),
     )
     surgery = Surgery(reference, unfreeze_encoder, unfreeze_decoder, labelled)

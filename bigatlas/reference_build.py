@@ -19,11 +19,12 @@ import torch
 from loaders import open_store
 from loaders.csr import select_columns
 
+from . import dropped_labels
 from .batches import holdout_all
 from .calibration import ece, fit_calibration
 from .knn import EXACT_MAX, LatentIndex
 from .reference import Reference, read_reference, stratified_sample, write_reference
-from .rundir import load_run
+from .rundir import RunDir, load_run
 from .transfer import DEFAULT_K, DEFAULT_PREDICTOR, PREDICTORS, LabelTransfer, fit_novelty
 from .vocab import apply_lut
 
@@ -37,11 +38,12 @@ class _Cells:
     """One store seen through a run's model: label classes per cell (all of the model's keys; -1 where
     unlabelled or the store lacks the key), batch codes, latents of chosen positions."""
 
-    def __init__(self, source, data_cfg, vocab, module):
+    def __init__(self, source, data_cfg, vocab, module, run_dir):
         d = data_cfg
         if isinstance(source, str) and source.startswith("AnnData ("):
             raise ValueError(f"the run was trained on an {source}; build its reference from that AnnData (data=...)")
         self.store = open_store(source, obs_filter=d.obs_filter, layer=d.layer, genes=d.genes, gene_join=d.gene_join)
+        dropped_labels.apply(self.store, RunDir(run_dir), d, fresh=False, main=False)  # the run's, not kNN voters
         self.vocab, self.module, self.batch_keys = vocab, module, d.batch_keys
         self.colmap = self.store.gene_map(vocab.genes, missing="zero-fill", what="model's")
         self.identity = np.array_equal(self.colmap, np.arange(self.store.n_vars)) and self.store.n_vars == len(
@@ -161,7 +163,8 @@ def _open(run_dir, data):
     """(run, its train config, its data seen through its model, the validation mask)."""
     run = load_run(run_dir)
     t = run.config.train
-    cells = _Cells(run.config.data.data if data is None else data, run.config.data, run.vocab, run.module.eval())
+    source = run.config.data.data if data is None else data
+    cells = _Cells(source, run.config.data, run.vocab, run.module.eval(), run_dir)
     return run, t, cells, holdout_all(cells.store.n_obs, t.val_fraction, t.seed)
 
 

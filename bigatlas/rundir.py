@@ -4,6 +4,7 @@
     vocab.json         genes, batch categories, label classes, class counts (vocab.Vocab)
     model.safetensors  final weights (written last, atomically)
     checkpoints/       step-<n>/ Accelerate states + bigatlas_rank<r>.json, and `latest` naming one
+    dropped_labels/    <key>.csv: the cells trained without that label (--drop-labels; dropped_labels.py)
     reference/         the reference index: latents, labels, UMAP of a sample of training cells
                        and the label heads' calibration (reference.py)
     metrics.csv, tb/, loss_curves.png, trace/ (tests), report/ (evaluate)
@@ -51,6 +52,11 @@ ADDED_MODEL_SETTINGS = {
     "label_smoothing": 0.0,  # ... without smoothing
 }
 
+# [data] settings added since, likewise
+ADDED_DATA_SETTINGS = {
+    "drop_labels": [],  # every given label was trained on
+}
+
 
 class RunDir:
     def __init__(self, path):
@@ -59,6 +65,7 @@ class RunDir:
         self.config_file = self.path / "config.json"
         self.vocab_file = self.path / "vocab.json"
         self.weights_file = self.path / "model.safetensors"
+        self.dropped_labels = self.path / "dropped_labels"
 
     # -- config and vocab -------------------------------------------------------------------------
     def write_config(self, cfg: RunConfig) -> None:
@@ -73,7 +80,9 @@ class RunDir:
         data = saved.get("config", {}).get("data", {})
         if "undefined_labels" in data:  # run dirs written before --unlabeled-category kept the old name
             data["unlabeled_categories"] = data.pop("undefined_labels")
-        for section, added in (("train", ADDED_SETTINGS), ("model", ADDED_MODEL_SETTINGS)):
+        for section, added in (
+            ("train", ADDED_SETTINGS), ("model", ADDED_MODEL_SETTINGS), ("data", ADDED_DATA_SETTINGS)
+        ):  # fmt: skip
             values = saved.get("config", {}).get(section)
             if values is not None:
                 for key, before in added.items():

@@ -23,6 +23,7 @@ import torch
 
 from loaders import CellStream, open_store
 
+from . import dropped_labels
 from .batches import ModelInput, ToModelInput, holdout_all
 from .bf16_linear import native_bf16
 from .checkpoint import Progress, restore_checkpoint, save_checkpoint
@@ -174,12 +175,14 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
         for line in getattr(store, "summary", list)():  # a collection: cells and genes per store
             print(line, flush=True)
         print(f"{store.uri}: {store.n_obs} cells x {store.n_vars} genes after filtering{genes}", flush=True)
+    fresh = not (resume and run.vocab_file.exists())
+    dropped = dropped_labels.apply(store, run, d, fresh=fresh, main=acc.is_main_process)
     train_mask = np.logical_not(holdout_all(store.n_obs, t.val_fraction, t.seed))  # one byte per cell
     n_train = int(np.count_nonzero(train_mask))
     vocab = _vocab(run, store, cfg, resume, train_mask, surgery, acc.is_main_process)
     del train_mask
     if acc.is_main_process:
-        for line in unlabeled_report(store, d):
+        for line in (*dropped, *unlabeled_report(store, d)):
             print(line, flush=True)
     # surgery may zero-fill genes the query lacks; a fresh model requires all of them
     colmap = store.gene_map(vocab.genes, missing="zero-fill", what="model's") if surgery is not None else None

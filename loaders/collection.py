@@ -292,6 +292,10 @@ class CollectionStore(Store):
             return empty(self.n_vars)
         return concat(parts) if len(parts) > 1 else parts[0]
 
+    def cell_ids(self, rows: np.ndarray) -> np.ndarray:
+        """Each position's row id in its own store, and that store's index above bit 40."""
+        return self.store_rows(rows) + (self.source_codes(rows).astype(np.int64) << 40)
+
     def store_rows(self, rows: np.ndarray) -> np.ndarray:
         """Each position's row id in its own store (see source_codes for which store)."""
         out = np.empty(len(rows), np.int64)

@@ -141,6 +141,15 @@ class Store:
             self._codes_cache[column] = codes_of(self._read_obs(column))
         return self._codes_cache[column]
 
+    def mask_obs(self, column: str, cells: np.ndarray) -> None:
+        """From now on this handle gives `column` as missing (code -1) at the positions where the boolean
+        `cells` (one per cell) is True: obs_codes, and the streams opened on it, see the masked column."""
+        cells = np.asarray(cells, dtype=bool)
+        if cells.shape != (self.n_obs,):
+            raise ValueError(f"a mask of {cells.shape} for {self.n_obs} cells of {self.uri}")
+        codes, cats = self.obs_codes(column)
+        self._codes_cache[column] = (np.where(cells, np.array(-1, codes.dtype), codes), cats)
+
     # -- genes ------------------------------------------------------------------------------------
     def gene_map(
         self, genes, *, missing: str = "error", min_overlap: float = 0.5, what: str = "requested"
@@ -199,6 +208,11 @@ class Store:
     def store_rows(self, rows: np.ndarray) -> np.ndarray:
         """The store's own row ids (Zarr row numbers, SOMA soma_joinids) of positions `rows`."""
         raise NotImplementedError
+
+    def cell_ids(self, rows: np.ndarray) -> np.ndarray:
+        """One int64 id per cell of positions `rows`, the same under any obs filter: its store row id (a
+        collection adds its store's index above bit 40)."""
+        return np.asarray(self.store_rows(np.asarray(rows, dtype=np.int64)), dtype=np.int64)
 
     def obs_names(self, rows: np.ndarray) -> np.ndarray:
         """Cell names (obs index) of positions `rows`."""

@@ -11,11 +11,13 @@ import zarr
 
 from bigatlas import AtlasVAE
 from bigatlas.cli import main
+from bigatlas.dropped_labels import listed_cells, read_cells
 from bigatlas.embedding import EmbeddingError
 from bigatlas.evaluate import evaluate, stratified_subsample
 from bigatlas.infer import embed
 from bigatlas.metrics import confusion, kmeans_scores, prediction_scores
 from bigatlas.synth import synth
+from loaders import open_store
 
 N = 4000
 
@@ -273,6 +275,7 @@ def test_label_review_lists_the_cells_whose_label_was_changed(embedded, tmp_path
     assert review["cells"] == len(known) and review["trained_on_labels"] is True
     listed = pd.read_csv(tmp_path / "r" / "label_review.csv", index_col="cell")
     assert len(listed) == review["flagged"] and list(listed.columns) == [
+        "row",
         "label",
         "dataset_id",
         "suggested",
@@ -288,3 +291,21 @@ def test_label_review_lists_the_cells_whose_label_was_changed(embedded, tmp_path
     off = evaluate(emb, label_key="cell_type", batch_key="dataset_id", data=str(copy), out=tmp_path / "off",
                    umap_cells=300, baseline=False, review_min_agreement=0, log=lambda *_: None)  # fmt: skip
     assert "label_review" not in off and not (tmp_path / "off" / "label_review.csv").exists()
+
+    # `bigatlas review` reviews every labelled cell (here all of them, as evaluate did): the same cells flagged,
+    # in a list that --drop-labels matches back to exactly those cells
+    out = tmp_path / "rev" / "review.csv"
+    assert main(["review", "--emb", str(emb), "--label-key", "cell_type", "--data", str(copy), "--out", str(out)]) == 0
+    whole = json.loads(out.with_suffix(".json").read_text())
+    every = pd.read_csv(out)
+    assert whole["cells"] == len(known) and whole["flagged"] == len(every) == len(listed)
+    assert set(every.cell) == set(listed.index) and whole["trained_on_labels"] is True
+    assert list(every.columns) == ["cell", "row", "label", "suggested", "agreement"]
+    position = {n: i for i, n in enumerate(names)}  # the whole store, unfiltered: a cell's id is its position
+    assert every.row.tolist() == [position[c] for c in every.cell]
+    assert (every.agreement.diff().dropna() >= 0).all()
+    matched = listed_cells(open_store(str(copy)), read_cells(out), out)
+    assert sorted(names[matched]) == sorted(every.cell)
+    bad = tmp_path / "bad" / "review.csv"
+    argv = ["review", "--emb", str(emb), "--label-key", "cell_type", "--out", str(bad)]
+    assert main([*argv, "--obs-filter", "dataset_id == 'study_0'"]) == 2 and not bad.exists()
