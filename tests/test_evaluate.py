@@ -16,6 +16,7 @@ from bigatlas.embedding import EmbeddingError
 from bigatlas.evaluate import evaluate, stratified_subsample
 from bigatlas.infer import embed
 from bigatlas.metrics import confusion, kmeans_scores, prediction_scores
+from bigatlas.review_embedding import review_embedding
 from bigatlas.synth import synth
 from loaders import open_store
 
@@ -121,6 +122,12 @@ def test_soma_embedding_scores_like_the_zarr_one(embedded, tmp_path):
 
     assert common(b["predictions"]) == common(a["predictions"])
     assert "query_cells" not in b["predictions"]["cell_type_pred vs cell_type"]
+    # the review of every labelled cell: the same cells flagged (by soma_joinid, which is also their row)
+    review_a = review_embedding(emb, label_key="cell_type", out=tmp_path / "ra.csv", log=lambda *_: None)
+    review_b = review_embedding(soma_emb, label_key="cell_type", out=tmp_path / "rb.csv", log=lambda *_: None)
+    assert review_b["cells"] == review_a["cells"] and review_b["flagged"] == review_a["flagged"] > 0, review_a["flagged"]
+    ra, rb = pd.read_csv(tmp_path / "ra.csv"), pd.read_csv(tmp_path / "rb.csv")
+    assert sorted(ra.row) == sorted(rb.row) == sorted(rb.cell.astype(int))
 
 
 def test_cells_outside_the_training_slice_are_scored_as_query(embedded, tmp_path):
