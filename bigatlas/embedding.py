@@ -6,6 +6,7 @@ the embedding's own metadata names that store, filter and run, so readers need o
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -134,6 +135,8 @@ def open_embedded(emb_path, data=None, obs_filter=None):
 
     emb = Embedding(emb_path)
     data = data or emb.meta["data"]
+    if isinstance(data, str) and data.startswith("['"):  # a collection's list, recorded as its text before 2026-12
+        data = ast.literal_eval(data)
     if str(data).startswith("AnnData ("):  # embedded from an object in memory: nothing to reopen
         raise EmbeddingError(f"{emb.path} was embedded from an {data}; pass its file with --data")
     obs_filter = obs_filter if obs_filter is not None else emb.meta.get("obs_filter")

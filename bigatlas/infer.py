@@ -69,7 +69,7 @@ def _meta(run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold, t
         **extra,
         "version": OUTPUT_VERSION,
         "run": str(Path(run_dir).resolve()),
-        "data": str(data),
+        "data": data,  # data_name's: a list of paths for a collection given as several
         "obs_filter": obs_filter,
         "n_obs": int(n_obs),
         "chunk_size": int(chunk_size),

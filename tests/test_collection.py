@@ -12,6 +12,8 @@ import zarr
 from conftest import N_OBS, decode_positions
 
 from bigatlas import AtlasVAE
+from bigatlas.dropped_labels import listed_cells
+from bigatlas.review_embedding import review_embedding
 from bigatlas.synth import synth
 from loaders import CellStream, StoreError, open_store, sampling
 
@@ -159,6 +161,22 @@ def test_training_on_a_collection_equals_training_on_the_merged_copy(atlases, tm
     assert emb.obs.bigatlas_source.tolist() == ["a"] * 640 + ["full_b"] * 640
     assert np.array_equal(emb.obs.bigatlas_row, np.concatenate([np.arange(640), np.arange(640)]))
     assert zarr.open_group(str(out)).attrs["bigatlas"]["sources"] == ["a", "full_b"]
+
+    # the stores given as two paths: the embedding records both, and review (or evaluate) reopens them from it
+    paths = [str(atlases / "a.zarr"), str(atlases / "full_b.zarr")]
+    listed = model.embed(paths, tmp_path / "l.emb", progress=False, chunk_size=500)
+    assert zarr.open_group(str(listed)).attrs["bigatlas"]["data"] == paths
+    summary = review_embedding(listed, label_key="cell_type", out=tmp_path / "review.csv", log=lambda *_: None)
+    labelled = sum(int((ad.read_zarr(p).obs.cell_type.astype(str) != "undefined").sum()) for p in paths)
+    assert summary["cells"] == labelled and summary["data"] == paths
+    both = open_store(paths)
+    assert np.array_equal(both.cell_ids(np.array([0, 639, 640, 1279])), [0, 639, 1 << 40, (1 << 40) + 639])
+    names = both.obs_names(np.array([5, 645])).astype(str)
+    assert names[0] == names[1]  # the two stores name their cells alike: --drop-labels finds them by row
+    rows = pd.DataFrame({"cell": names, "row": [5, (1 << 40) + 5]})
+    assert np.flatnonzero(listed_cells(both, rows, "l.csv")).tolist() == [5, 645]
+    with pytest.raises(ValueError, match="not unique"):
+        listed_cells(both, rows[["cell"]].iloc[:1], "l.csv")
 
 
 def test_two_atlases_with_other_panels_and_columns_train_embed_and_evaluate(atlases, tmp_path):

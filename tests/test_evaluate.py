@@ -125,7 +125,9 @@ def test_soma_embedding_scores_like_the_zarr_one(embedded, tmp_path):
     # the review of every labelled cell: the same cells flagged (by soma_joinid, which is also their row)
     review_a = review_embedding(emb, label_key="cell_type", out=tmp_path / "ra.csv", log=lambda *_: None)
     review_b = review_embedding(soma_emb, label_key="cell_type", out=tmp_path / "rb.csv", log=lambda *_: None)
-    assert review_b["cells"] == review_a["cells"] and review_b["flagged"] == review_a["flagged"] > 0, review_a["flagged"]
+    assert review_b["cells"] == review_a["cells"] and review_b["flagged"] == review_a["flagged"] > 0, review_a[
+        "flagged"
+    ]
     ra, rb = pd.read_csv(tmp_path / "ra.csv"), pd.read_csv(tmp_path / "rb.csv")
     assert sorted(ra.row) == sorted(rb.row) == sorted(rb.cell.astype(int))
 
