@@ -330,7 +330,7 @@ def _prepare(data, out, batch_key, label_keys, obs_filter, layer, genes, n_top_g
             "unlabelled": int(len(labels) - len(known)),
         }
     stats = {
-        "data": str(data),
+        "data": data_name(data),
         "obs_filter": obs_filter,
         "converted_to": str(convert_to) if convert_to else None,
         "n_obs": int(n),
