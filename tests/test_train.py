@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import accelerate_launcher, run_script
@@ -177,7 +178,11 @@ def test_an_unset_latent_size_is_resolved_by_the_label_keys_and_a_resumed_run_ke
 
 def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
     run = tmp_path / "ddp"
-    run_train([*base_args(small_atlas, run), "--trace-cells"], launcher=accelerate_launcher(2))
+    drop = tmp_path / "drop.csv"  # every process drops the listed labels; the main one keeps the run's copy
+    pd.DataFrame({"cell": [f"cell_{i}" for i in range(0, 2400, 8)]}).to_csv(drop, index=False)
+    args = [*base_args(small_atlas, run), "--trace-cells", "--drop-labels", f"cell_type={drop}"]
+    run_train(args, launcher=accelerate_launcher(2))
+    assert len(pd.read_csv(run / "dropped_labels" / "cell_type.csv")) == 300
     n = 2400
     train_cells = np.flatnonzero(~holdout_mask(np.arange(n), 0.05, 0))
     for epoch in range(2):
