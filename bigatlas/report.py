@@ -111,6 +111,13 @@ def _review_lines(review: dict | None, label_key: str) -> list[str]:
             f"This run was trained on `{label_key}`: its latent pulls a cell toward its given label's cluster, "
             "wrong labels too, so it finds few of them. Review the embedding of a run trained without this label key.",
         ]
+    elif review["flagged"]:
+        lines += [
+            "",
+            f"`bigatlas review` lists every such cell of the embedding (this section covers the evaluated subsample); "
+            f"`bigatlas train … --label-keys {label_key} --drop-labels {label_key}=<that list>` then trains without "
+            "their labels.",
+        ]
     classes = [(c, v) for c, v in review["per_class"].items() if v["flagged"]][:20]
     if classes:
         lines += ["", "| label | cells | flagged | share | most suggested |", "|---|---|---|---|---|"]

@@ -144,3 +144,16 @@ def test_bad_threshold_or_missing_labels_are_refused(bad):
     codes[0] = -1
     with pytest.raises(ValueError, match="1 cells have no label"):
         review(z, pd.Categorical.from_codes(codes, categories=["A", "B"]))
+
+
+@pytest.mark.parametrize("trained_on_labels", [False, True])
+def test_the_report_warns_about_a_labelled_latent_and_otherwise_points_to_the_full_review(trained_on_labels):
+    from bigatlas.report import _review_lines
+
+    z, truth = clusters(n_per=100, n_classes=3)
+    given, _ = flip(truth, 0.1, 3)
+    result = summary(review(z, categorical(given))) | {"trained_on_labels": trained_on_labels}
+    assert result["flagged"] > 0
+    text = "\n".join(_review_lines(result, "cell_type"))
+    assert ("trained on `cell_type`" in text) == trained_on_labels
+    assert ("--drop-labels cell_type=" in text) != trained_on_labels
