@@ -38,7 +38,9 @@ from .vocab import Vocab, defined_labels
 class AtlasVAE:
     """scAtlasVAE on `data`: an AnnData (in memory, or backed with read_h5ad(..., backed="r")), an
     .h5ad path, an AnnData-Zarr store, a SOMA experiment or census:<version>. `model` and `train`
-    are dicts of ModelConfig / TrainConfig fields (e.g. model={"n_latent": 20})."""
+    are dicts of ModelConfig / TrainConfig fields (e.g. model={"n_latent": 20}). `drop_labels` {label key:
+    cells} trains as if those cells had no such label (the command line's --drop-labels): a CSV's path, or
+    review_labels()'s flagged rows, a DataFrame with a `cell` column, or a list of cell names."""
 
     def __init__(
         self,
@@ -50,6 +52,7 @@ class AtlasVAE:
         obs_filter=None,
         layer=None,
         genes=None,
+        drop_labels: dict | None = None,
         model: dict | None = None,
         train: dict | None = None,
     ):
@@ -70,6 +73,7 @@ class AtlasVAE:
                 obs_filter=obs_filter,
                 layer=layer,
                 genes=None if genes is None else tuple(genes),
+                drop_labels=tuple(_drop_spec(key, cells) for key, cells in (drop_labels or {}).items()),
             ),
         )
 
@@ -183,8 +187,10 @@ class AtlasVAE:
         """Label review (bigatlas.label_review) of the obs column `label_key` of `adata` (default: the data
         the model was set up with): per labelled cell, in the data's order and indexed by cell name, its label,
         the share of its 15 nearest other cells in the latent with that label (`agreement`), their most common
-        label (`suggested`), `unresolved` (its class is not told apart by the latent) and `flagged` (agreement <
-        min_agreement in a resolved class). Most telling with a model trained without `label_key`: one trained
+        label (`suggested`), `unresolved` (its class is not told apart by the latent), `flagged` (agreement <
+        min_agreement in a resolved class) and `row` (Store.cell_ids: its row in the data, which finds it where
+        cell names repeat). `AtlasVAE(..., drop_labels={label_key: table[table.flagged]})` trains without the
+        flagged labels. Most telling with a model trained without `label_key`: one trained
         on it pulls each cell toward its given label, wrong ones too."""
         store, z = self._latent(adata, obs_filter, batch_size)
         labels = defined_labels(*store.obs_codes(label_key), self.config.data.unlabeled_categories)
@@ -193,6 +199,7 @@ class AtlasVAE:
             raise ValueError(f"{int(keep.sum())} cells of {store.uri} have a {label_key!r} label; a review needs two")
         table = review(z[keep], pd.Categorical(labels[keep]).remove_unused_categories(), min_agreement=min_agreement)
         table.index = _cell_names(store)[keep]
+        table.insert(0, "row", store.cell_ids(np.flatnonzero(keep)))  # drop_labels finds cells by it
         return table
 
     def get_latent(self, data=None, *, obs_filter=None, batch_size: int = 4096) -> np.ndarray:
@@ -281,6 +288,20 @@ class AtlasVAE:
         1e4 for counts per 10k), as a DataFrame indexed by cell name in the data's cell order."""
         store, mu = self._decoded(adata, obs_filter, library_size, batch_size)
         return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(self.vocab.genes))
+
+
+def _drop_spec(key: str, cells) -> str:
+    """DataConfig.drop_labels' KEY=FILE for `cells`: a CSV's path, or the cells themselves (review_labels()'s
+    flagged rows, a DataFrame with a `cell` column or cell names as index, or a list of names) written to one."""
+    if isinstance(cells, str | Path):
+        return f"{key}={cells}"
+    table = cells if isinstance(cells, pd.DataFrame) else pd.DataFrame(index=pd.Index(list(cells), dtype=str))
+    listed = pd.DataFrame({"cell": (table["cell"] if "cell" in table.columns else table.index).astype(str)})
+    if "row" in table.columns:
+        listed["row"] = table["row"].to_numpy()
+    path = Path(tempfile.mkdtemp(prefix="bigatlas-drop-")) / f"{key}.csv"  # the run keeps its own copy
+    listed.to_csv(path, index=False)
+    return f"{key}={path}"
 
 
 def _cell_names(store) -> pd.Index:

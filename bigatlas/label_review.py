@@ -2,7 +2,7 @@
 
 Labels from marker genes err, and a model trained on them learns the errors. A cell whose k nearest
 other cells mostly carry another label is flagged, with the neighbours' most common label as the
-suggestion: a list to check by hand, or labels to set to "undefined" before training with them.
+suggestion: a list to check by hand, or labels to train without (`--drop-labels`, `AtlasVAE(drop_labels=...)`).
 
 Review the embedding of a run trained without the label key: a run trained on the labels pulls each
 cell toward its given label's cluster, wrong ones too. On the quality benchmark's atlases with a tenth of

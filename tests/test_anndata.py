@@ -159,3 +159,18 @@ def test_review_labels_reviews_the_labelled_cells_of_an_anndata_in_its_order(cop
     assert (table.agreement[table.flagged] < 0.5).all()
     with pytest.raises(Exception, match="no_such_column"):
         model.review_labels("no_such_column", adata)
+
+    # trained without the flagged labels (drop_labels), found by row where the cell names repeat
+    assert (table.row.to_numpy() == np.flatnonzero(keep)).all()
+    adata.obs_names = [f"AAAC-{i % 50}" for i in range(adata.n_obs)]
+    table = model.review_labels("annotation", adata, min_agreement=0.5)
+    flagged = table[table.flagged]
+    assert len(flagged) > 20 and not flagged.index.is_unique
+    dropped = AtlasVAE(adata, batch_key="dataset_id", label_keys=["annotation"], drop_labels={"annotation": flagged},
+                       train={"max_epochs": 1, "batch_size": 64, "seed": 5}).fit(tmp_path / "dropped")  # fmt: skip
+    given = pd.Categorical(adata.obs.annotation.where(adata.obs.annotation != "undefined"))
+    trained = ~holdout_mask(np.arange(adata.n_obs), 0.05, 5) & ~np.isin(np.arange(adata.n_obs), flagged.row)
+    codes = np.asarray(given.codes)
+    expected = np.bincount(codes[trained & (codes >= 0)], minlength=len(given.categories))
+    assert dropped.vocab.class_counts["annotation"] == expected.tolist()
+    assert dropped.vocab.label_classes["annotation"] == list(given.categories)
