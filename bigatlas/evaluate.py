@@ -26,7 +26,7 @@ from .config import UNLABELED
 from .embedding import EmbeddingError, latents_of, open_embedded
 from .errors import require_extra
 from .label_review import MIN_AGREEMENT, review, summary
-from .metrics import confusion, knn, prediction_scores, scib_scores
+from .metrics import K_LISI, confusion, knn, prediction_scores, scib_scores
 from .rundir import RunDir
 from .vocab import apply_lut, defined_labels, label_lut
 
@@ -220,6 +220,7 @@ def evaluate(
         f"evaluating {len(sample)} of {store.n_obs} cells ({len(lab.categories)} {label_key} classes, "
         f"{len(bat.categories)} {batch_key} batches)"
     )
+    neighbours = knn(z, K_LISI, return_distances=True)  # the scIB metrics' and the label review's
     result = {
         "embedding": str(emb.path),
         "data": data_name(data),
@@ -229,11 +230,11 @@ def evaluate(
         "n_obs": int(store.n_obs),
         "n_evaluated": int(len(sample)),
         "seed": seed,
-        "scores": {"bigatlas": scib_scores(z, lab_codes, bat_codes, seed)},
+        "scores": {"bigatlas": scib_scores(z, lab_codes, bat_codes, seed, neighbours)},
     }
     flagged = None
     if review_min_agreement > 0:
-        table = review(z, lab, min_agreement=review_min_agreement)
+        table = review(z, lab, min_agreement=review_min_agreement, neighbours=neighbours[0])
         result["label_review"] = summary(table, min_agreement=review_min_agreement)
         result["label_review"]["trained_on_labels"] = label_key in emb.label_keys
         table.index = pd.Index(store.obs_names(sample).astype(str), name="cell")

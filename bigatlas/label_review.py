@@ -52,13 +52,14 @@ def other_neighbours(z: np.ndarray, k: int) -> np.ndarray:
 
 def review(
     z: np.ndarray, labels: pd.Categorical, *, k: int = K_SMALL, min_agreement: float = MIN_AGREEMENT,
-    min_class_agreement: float | None = None,
+    min_class_agreement: float | None = None, neighbours: np.ndarray | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """Per cell of `z` (cells × dims) with its label (pd.Categorical; missing labels not allowed):
     a DataFrame of the given label, the share of its k nearest other cells with that label
     (`agreement`), their most common label (`suggested`), `unresolved` (its class's median agreement is
     below min_class_agreement, unset: min_agreement; the latent does not tell the class apart) and `flagged` =
-    agreement < min_agreement in a resolved class."""
+    agreement < min_agreement in a resolved class. neighbours: each cell's nearest other cells, nearest first
+    (k columns or more; knn's), when the caller has them already."""
     min_class_agreement = min_agreement if min_class_agreement is None else min_class_agreement
     for name, v in (("min_agreement", min_agreement), ("min_class_agreement", min_class_agreement)):
         if not 0 <= v <= 1:
@@ -68,7 +69,11 @@ def review(
         raise ValueError(f"{int((codes < 0).sum())} cells have no label; review only labelled cells")
     if len(codes) < 2:
         raise ValueError(f"a label review needs two cells or more, not {len(codes)}")
-    neighbours = other_neighbours(np.ascontiguousarray(z, dtype=np.float32), k)
+    if neighbours is None:
+        neighbours = other_neighbours(np.ascontiguousarray(z, dtype=np.float32), k)
+    elif len(neighbours) != len(codes) or neighbours.shape[1] < min(k, len(codes) - 1):
+        raise ValueError(f"neighbours of shape {neighbours.shape} for {len(codes)} cells and k = {k}")
+    neighbours = neighbours[:, :k]
     agreement = np.empty(len(codes), np.float32)
     suggested = np.empty(len(codes), codes.dtype)
     for lo in range(0, len(codes), CHUNK):  # votes are cells × classes: a chunk at a time

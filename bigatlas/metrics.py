@@ -99,16 +99,19 @@ def kmeans_scores(emb: np.ndarray, labels: np.ndarray, seeds) -> dict:
     return {"ari": float(np.mean(ari)), "nmi": float(np.mean(nmi))}
 
 
-def scib_scores(emb: np.ndarray, labels: np.ndarray, batches: np.ndarray, seed: int = 0) -> dict:
+def scib_scores(
+    emb: np.ndarray, labels: np.ndarray, batches: np.ndarray, seed: int = 0, neighbours: tuple | None = None
+) -> dict:
     """scIB bio-conservation and batch-correction metrics (scib-metrics; the silhouettes by .silhouette, the
     same definitions without JAX's per-shape compilations), our kNN label accuracy and batch mixing, and
     the scIB aggregates (bio, batch, total = 0.6 bio + 0.4 batch); all in [0, 1].
-    seed: the k-means draw behind ARI and NMI (0 is scib-metrics' own)."""
+    seed: the k-means draw behind ARI and NMI (0 is scib-metrics' own). neighbours: knn(emb, K_LISI,
+    return_distances=True) when the caller has it already."""
     import scib_metrics as sm
     from scib_metrics.nearest_neighbors import NeighborsResults
 
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    idx, dist = knn(emb, K_LISI, return_distances=True)
+    idx, dist = neighbours if neighbours is not None else knn(emb, K_LISI, return_distances=True)
     # scib-metrics' neighbour results include each cell itself at distance 0
     self_col = np.arange(len(emb))[:, None]
     full = NeighborsResults(indices=np.hstack([self_col, idx]), distances=np.hstack([np.zeros_like(dist[:, :1]), dist]))

@@ -58,6 +58,16 @@ def test_agreement_is_the_share_of_other_neighbours_with_the_label():
     assert (t.flagged.to_numpy() == (expected < 0.5)).all()
 
 
+def test_neighbours_given_by_the_caller_review_as_its_own_search_does():
+    z, truth = clusters(n_per=60, n_classes=4, seed=2)
+    given, _ = flip(truth, 0.1, 4)
+    own = review(z, categorical(given))
+    lent = review(z, categorical(given), neighbours=knn(z, 40))  # more columns than k: the first k count
+    pd.testing.assert_frame_equal(own, lent)
+    with pytest.raises(ValueError, match="neighbours of shape"):
+        review(z, categorical(given), neighbours=knn(z, 5))
+
+
 def test_neighbour_votes_count_each_label_and_keep_knn_accuracy():
     z, truth = clusters(n_per=30, n_classes=4)
     given, _ = flip(truth, 0.2, 4)
