@@ -54,9 +54,11 @@ def review_embedding(
         embedding=str(emb.path), data=data_name(data), obs_filter=obs_filter, label_key=label_key,
         trained_on_labels=label_key in emb.label_keys,
     )  # fmt: skip
-    table.insert(0, "cell", store.obs_names(positions).astype(str))
-    table.insert(1, "row", store.cell_ids(positions))  # matched by --drop-labels where obs names repeat
-    flagged = table[table.flagged].drop(columns=["unresolved", "flagged"]).sort_values("agreement", kind="stable")
+    hit = np.flatnonzero(table.flagged.to_numpy())  # names of the flagged cells only: not one string per cell
+    flagged = table.iloc[hit].drop(columns=["unresolved", "flagged"])
+    flagged.insert(0, "cell", store.obs_names(positions[hit]).astype(str))
+    flagged.insert(1, "row", store.cell_ids(positions[hit]))  # matched by --drop-labels where obs names repeat
+    flagged = flagged.sort_values("agreement", kind="stable")
     out.parent.mkdir(parents=True, exist_ok=True)
     summary_file = out.with_suffix(".json")
     for path, write in ((out, lambda p: flagged.to_csv(p, index=False)),
