@@ -33,21 +33,27 @@ MAX_PARTITION_CELLS = 4096
 FIT_POINTS = 1 << 18
 
 
-def other_neighbours(z: np.ndarray, k: int) -> np.ndarray:
-    """The k nearest other cells of every cell: exact up to knn.EXACT_MAX cells, above that through the
-    inverted-file index that label transfer uses (each cell is found in its own partition cell and dropped)."""
+def neighbour_chunks(z: np.ndarray, k: int):
+    """(first cell, the k nearest other cells of its chunk's cells), chunk by chunk: exact (one chunk) up to
+    knn.EXACT_MAX cells, above that through the inverted-file index that label transfer uses (each cell is
+    found in its own partition cell and dropped). Chunks keep memory flat: 50M cells × 15 neighbours would
+    be 6 GB at once."""
     if len(z) <= EXACT_MAX:
-        return knn(z, k)
+        yield 0, knn(z, k)
+        return
     index = LatentIndex(z, *LatentIndex.partition(z, max_cells=MAX_PARTITION_CELLS, fit_points=FIT_POINTS))
     k = min(k, len(z) - 1)
-    out = np.empty((len(z), k), np.int64)
     for lo in range(0, len(z), CHUNK):
         _, idx = index.search(torch.as_tensor(z[lo : lo + CHUNK], dtype=torch.float32), k + 1)
         idx = idx.numpy()
         own = idx == np.arange(lo, lo + len(idx))[:, None]
         own[~own.any(1), -1] = True  # not among its k + 1 (exact duplicates): drop the farthest
-        out[lo : lo + len(idx)] = idx[~own].reshape(len(idx), k)  # a search lists a cell once: one column each
-    return out
+        yield lo, idx[~own].reshape(len(idx), k)  # a search lists a cell once: one column each
+
+
+def other_neighbours(z: np.ndarray, k: int) -> np.ndarray:
+    """The k nearest other cells of every cell (neighbour_chunks, joined)."""
+    return np.concatenate([near for _, near in neighbour_chunks(z, k)])
 
 
 def review(
@@ -70,17 +76,19 @@ def review(
     if len(codes) < 2:
         raise ValueError(f"a label review needs two cells or more, not {len(codes)}")
     if neighbours is None:
-        neighbours = other_neighbours(np.ascontiguousarray(z, dtype=np.float32), k)
+        chunks = neighbour_chunks(np.ascontiguousarray(z, dtype=np.float32), k)
     elif len(neighbours) != len(codes) or neighbours.shape[1] < min(k, len(codes) - 1):
         raise ValueError(f"neighbours of shape {neighbours.shape} for {len(codes)} cells and k = {k}")
-    neighbours = neighbours[:, :k]
+    else:
+        chunks = [(0, neighbours[:, :k])]
     agreement = np.empty(len(codes), np.float32)
     suggested = np.empty(len(codes), codes.dtype)
-    for lo in range(0, len(codes), CHUNK):  # votes are cells × classes: a chunk at a time
-        part = slice(lo, lo + CHUNK)
-        votes = neighbour_votes(neighbours[part], codes, len(labels.categories))
-        agreement[part] = votes[np.arange(len(votes)), codes[part]] / neighbours.shape[1]
-        suggested[part] = votes.argmax(1)
+    for first, near in chunks:
+        for lo in range(0, len(near), CHUNK):  # votes are cells × classes: a chunk at a time
+            part, at = near[lo : lo + CHUNK], slice(first + lo, first + lo + CHUNK)
+            votes = neighbour_votes(part, codes, len(labels.categories))
+            agreement[at] = votes[np.arange(len(votes)), codes[at]] / part.shape[1]
+            suggested[at] = votes.argmax(1)
     median = pd.Series(agreement).groupby(codes).median()
     unresolved = np.isin(codes, median.index[median.to_numpy() < min_class_agreement])
     return pd.DataFrame(

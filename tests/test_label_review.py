@@ -95,6 +95,10 @@ def test_inverted_file_neighbours_exclude_the_cell_itself(monkeypatch, max_cells
     exact = knn(z, 15)
     recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(got[:3000], exact[:3000])])
     assert recall > 0.9, recall
+    # the review votes chunk by chunk as it searches: the same as from the joined neighbours
+    monkeypatch.setattr(label_review, "CHUNK", 700)
+    labels = categorical(np.concatenate([np.repeat(np.arange(6), 500), np.zeros(20, int)]))
+    pd.testing.assert_frame_equal(review(z, labels), review(z, labels, neighbours=other_neighbours(z, 15)))
 
 
 def test_a_partition_fitted_on_a_sample_assigns_every_point_to_its_nearest_centroid():
