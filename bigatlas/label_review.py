@@ -58,14 +58,14 @@ def other_neighbours(z: np.ndarray, k: int) -> np.ndarray:
 
 def review(
     z: np.ndarray, labels: pd.Categorical, *, k: int = K_SMALL, min_agreement: float = MIN_AGREEMENT,
-    min_class_agreement: float | None = None, neighbours: np.ndarray | None = None,
+    min_class_agreement: float | None = None, neighbours: np.ndarray | None = None, progress: bool = False,
 ) -> pd.DataFrame:  # fmt: skip
     """Per cell of `z` (cells × dims) with its label (pd.Categorical; missing labels not allowed):
     a DataFrame of the given label, the share of its k nearest other cells with that label
     (`agreement`), their most common label (`suggested`), `unresolved` (its class's median agreement is
     below min_class_agreement, unset: min_agreement; the latent does not tell the class apart) and `flagged` =
     agreement < min_agreement in a resolved class. neighbours: each cell's nearest other cells, nearest first
-    (k columns or more; knn's), when the caller has them already."""
+    (k columns or more; knn's), when the caller has them already. progress: a bar over the searched chunks."""
     min_class_agreement = min_agreement if min_class_agreement is None else min_class_agreement
     for name, v in (("min_agreement", min_agreement), ("min_class_agreement", min_class_agreement)):
         if not 0 <= v <= 1:
@@ -83,6 +83,11 @@ def review(
         chunks = [(0, neighbours[:, :k])]
     agreement = np.empty(len(codes), np.float32)
     suggested = np.empty(len(codes), codes.dtype)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, total=-(-len(codes) // CHUNK) if len(codes) > EXACT_MAX else 1, desc="label review",
+                      unit="chunk", mininterval=5)  # fmt: skip
     for first, near in chunks:
         for lo in range(0, len(near), CHUNK):  # votes are cells × classes: a chunk at a time
             part, at = near[lo : lo + CHUNK], slice(first + lo, first + lo + CHUNK)

@@ -31,7 +31,7 @@ SHOWN_CLASSES = 5  # classes named in the log, most flagged first
 
 def review_embedding(
     emb_path, *, label_key: str, out, data=None, obs_filter=None, min_agreement: float = MIN_AGREEMENT,
-    min_class_agreement: float | None = None, unlabeled_categories=None, log=print,
+    min_class_agreement: float | None = None, unlabeled_categories=None, progress: bool = True, log=print,
 ) -> dict:  # fmt: skip
     """Review every cell of the embedding with a `label_key` label; write `out` (CSV: cell, row (Store.cell_ids),
     label, suggested, agreement of the flagged cells, most doubtful first) and beside it `out` with suffix .json
@@ -48,7 +48,8 @@ def review_embedding(
         raise ValueError(f"{len(positions)} cells of {data} have a {label_key!r} label; a review needs two or more")
     z = latents_of(emb, store, positions, f"the cells labelled by {label_key!r}")
     log(f"reviewing the {label_key!r} labels of {len(positions):,} of {store.n_obs:,} cells")
-    table = review(z, labels[positions], min_agreement=min_agreement, min_class_agreement=min_class_agreement)
+    table = review(z, labels[positions], min_agreement=min_agreement, min_class_agreement=min_class_agreement,
+                   progress=progress)  # fmt: skip
     result = summary(table, min_agreement=min_agreement, min_class_agreement=min_class_agreement)
     result.update(
         embedding=str(emb.path), data=data_name(data), obs_filter=obs_filter, label_key=label_key,
