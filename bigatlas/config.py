@@ -221,8 +221,9 @@ class DataConfig:
         action="append", metavar="VALUE",
     )  # fmt: skip
     drop_labels: tuple[str, ...] = opt(
-        (), "KEY=FILE: train as if the cells FILE lists (a CSV with a 'cell' column of obs names, as `bigatlas "
-        "review` writes) had no KEY label; one KEY=FILE per label key", metavar="KEY=FILE",
+        (), "KEY=FILE: train as if the cells FILE lists had no KEY label (a CSV with a 'cell' column of obs names "
+        "and, where they repeat, a 'row' column of cell ids, as `bigatlas review` writes); one KEY=FILE per label "
+        "key", metavar="KEY=FILE",
     )  # fmt: skip
     allow_non_integer: bool = opt(False, "accept non-integer values (still finite and >= 0)")
     gene_join: str = opt("inner", "genes of several stores: their intersection (inner), or their union (outer, "

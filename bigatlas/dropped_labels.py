@@ -1,12 +1,12 @@
 """`--drop-labels KEY=FILE`: train as if the cells FILE lists had no KEY label.
 
 FILE is a CSV with a `cell` column of obs names and, optionally, a `row` column of cell ids (Store.cell_ids:
-the store's own row, the same under any obs filter; matched by it where obs names repeat, as 10x barcodes across
-samples do): what `bigatlas review` and `evaluate`'s label_review.csv list, or any list of cells whose labels
-are in doubt. The cells stay in training (their
-counts, batch and other keys); only that key's label is dropped, as if it were "unknown". At the start of
-a run the lists are copied into RUN_DIR/dropped_labels/ and from then on (a resumed run, the reference
-built after training, `bigatlas reference`) the copy is what counts.
+the store's own row, the same under any obs filter; matched by it where obs names repeat, as 10x barcodes
+across samples do): what `bigatlas review` and `evaluate`'s label_review.csv list, or any list of cells whose
+labels are in doubt. The cells stay in training (their counts, batch and other keys); only that key's label
+is dropped, as if it were "unknown". At the start of a run the lists are copied into RUN_DIR/dropped_labels/
+and from then on (a resumed run, the reference built after training, `bigatlas reference`) the copy is what
+counts.
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ def review_embedding(
     (the summary, as evaluate's label_review section). data / obs_filter default to those the embedding records,
     unlabeled_categories to its run's. Returns the summary."""
     out = Path(out)
+    if out.suffix == ".json":
+        raise ValueError(f"--out {out}: name the CSV of flagged cells (the .json summary is written beside it)")
     emb, store, data, obs_filter = open_embedded(emb_path, data, obs_filter)
     if unlabeled_categories is None:
         run_data = RunDir(emb.meta["run"]).data_config() if emb.meta.get("run") else None
