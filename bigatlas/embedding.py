@@ -128,15 +128,21 @@ class Embedding:
         return np.where(hit, values[found], np.zeros(1, values.dtype))
 
 
+def recorded_data(value):
+    """The data an embedding's metadata names: a path, or a collection's list of paths (recorded as the list's
+    text before 2026-12, read back as the list)."""
+    if isinstance(value, str) and value.startswith("['"):
+        return ast.literal_eval(value)
+    return value
+
+
 def open_embedded(emb_path, data=None, obs_filter=None):
     """(Embedding, the store it was made from, data, obs_filter): data and obs_filter default to those the
     embedding records; a store with another number of cells is refused."""
     from loaders import open_store
 
     emb = Embedding(emb_path)
-    data = data or emb.meta["data"]
-    if isinstance(data, str) and data.startswith("['"):  # a collection's list, recorded as its text before 2026-12
-        data = ast.literal_eval(data)
+    data = data or recorded_data(emb.meta["data"])
     if str(data).startswith("AnnData ("):  # embedded from an object in memory: nothing to reopen
         raise EmbeddingError(f"{emb.path} was embedded from an {data}; pass its file with --data")
     obs_filter = obs_filter if obs_filter is not None else emb.meta.get("obs_filter")

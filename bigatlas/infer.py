@@ -29,6 +29,7 @@ from loaders import data_name, detect_format, open_store
 from loaders.csr import check_counts, select_columns
 
 from .device_copy import csr_to_device
+from .embedding import recorded_data
 from .faults import Faults
 from .lock import OutputLock
 from .reference import read_reference
@@ -324,6 +325,8 @@ def _atomically(path: Path, create) -> None:
 def _check_meta(path, saved: dict, meta: dict) -> bool:
     saved = dict(saved)
     complete = saved.pop("complete", False)
+    if "data" in saved:  # an output started before 2026-12 resumes: its collection's list was recorded as text
+        saved["data"] = recorded_data(saved["data"])
     if saved != meta:
         diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
         raise ValueError(

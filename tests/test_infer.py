@@ -190,3 +190,16 @@ def test_soma_query_gets_a_soma_output_aligned_by_joinid(trained, tmp_path):
     assert np.array_equal(obs["cell_type_prob"].to_numpy(), zarr_out["prob"])
     again = embed(run, str(soma_path), out, chunk_size=256, obs_filter=expr, progress=False)
     assert again == out
+
+
+def test_an_output_that_recorded_a_collection_as_text_resumes_and_reads_back_as_the_list():
+    """Outputs started before 2026-12 recorded several stores as their list's text: resuming one with the same
+    stores continues it, with other stores is refused, and readers open the list."""
+    from bigatlas.embedding import recorded_data
+    from bigatlas.infer import _check_meta
+
+    meta = {"data": ["a.zarr", "b.zarr"], "n_obs": 3}
+    assert _check_meta("out.zarr", {"data": "['a.zarr', 'b.zarr']", "n_obs": 3, "complete": False}, meta)
+    with pytest.raises(ValueError, match="other settings"):
+        _check_meta("out.zarr", {"data": "['a.zarr', 'c.zarr']", "n_obs": 3}, meta)
+    assert recorded_data("['a.zarr', 'b.zarr']") == ["a.zarr", "b.zarr"] and recorded_data("a.zarr") == "a.zarr"
