@@ -185,7 +185,11 @@ def recipe(a) -> dict:
             "epochs": len(pd.read_csv(work / run / "metrics.csv")),
         }
     shutil.rmtree(work, ignore_errors=True)
-    return write_results({"setup": vars(a), "rows": [row]}, a.out or "bench/results/review_recipe.json")
+    keep = ("recipe_cells", "genes", "preset", "noise", "seed", "out")
+    setup = {k: v for k, v in vars(a).items() if k in keep} | {
+        "command": "python -m bench.review " + " ".join(sys.argv[1:])
+    }
+    return write_results({"setup": setup, "rows": [row]}, a.out or "bench/results/review_recipe.json")
 
 
 if __name__ == "__main__":
