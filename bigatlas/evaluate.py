@@ -25,7 +25,7 @@ from loaders.csr import concat
 from .config import UNLABELED
 from .embedding import EmbeddingError, latents_of, open_embedded
 from .errors import require_extra
-from .label_review import MIN_AGREEMENT, review, summary
+from .label_review import MIN_AGREEMENT, flagged_cells, review, summary
 from .metrics import K_LISI, confusion, knn, prediction_scores, scib_scores
 from .rundir import RunDir
 from .vocab import apply_lut, defined_labels, label_lut
@@ -237,10 +237,8 @@ def evaluate(
         table = review(z, lab, min_agreement=review_min_agreement, neighbours=neighbours[0])
         result["label_review"] = summary(table, min_agreement=review_min_agreement)
         result["label_review"]["trained_on_labels"] = label_key in emb.label_keys
-        table.index = pd.Index(store.obs_names(sample).astype(str), name="cell")
-        table.insert(1, batch_key, bat)
-        table.insert(0, "row", store.cell_ids(sample))  # for train --drop-labels where obs names repeat
-        flagged = table[table.flagged].drop(columns=["unresolved", "flagged"]).sort_values("agreement", kind="stable")
+        table.insert(1, batch_key, bat)  # after the label
+        flagged = flagged_cells(table, store, sample)
     if baseline:
         base = pca_baseline(read_counts(store, sample), z.shape[1])
         result["scores"]["pca_baseline"] = scib_scores(base, lab_codes, bat_codes, seed)
@@ -285,7 +283,7 @@ def evaluate(
     figures.update(_transfer_figures(tmp, emb, store, transfer, label_key, run, row_ids, umap_cells, seed))
     result["figures"] = figures
     if flagged is not None:
-        flagged.to_csv(tmp / "label_review.csv")
+        flagged.to_csv(tmp / "label_review.csv", index=False)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     from .report import write_report

@@ -51,11 +51,6 @@ def neighbour_chunks(z: np.ndarray, k: int):
         yield lo, idx[~own].reshape(len(idx), k)  # a search lists a cell once: one column each
 
 
-def other_neighbours(z: np.ndarray, k: int) -> np.ndarray:
-    """The k nearest other cells of every cell (neighbour_chunks, joined)."""
-    return np.concatenate([near for _, near in neighbour_chunks(z, k)])
-
-
 def review(
     z: np.ndarray, labels: pd.Categorical, *, k: int = K_SMALL, min_agreement: float = MIN_AGREEMENT,
     min_class_agreement: float | None = None, neighbours: np.ndarray | None = None, progress: bool = False,
@@ -105,6 +100,18 @@ def review(
             "flagged": (agreement < min_agreement) & ~unresolved,
         }
     )
+
+
+def flagged_cells(table: pd.DataFrame, store, positions: np.ndarray) -> pd.DataFrame:
+    """The flagged rows of review()'s `table` over the cells at `positions` of `store`, most doubtful first:
+    `cell` (obs name), `row` (Store.cell_ids, which finds a cell where names repeat), label, suggested and
+    agreement; the names of those cells only are read. What `bigatlas review` and evaluate's label_review.csv
+    list, and `--drop-labels` reads."""
+    hit = np.flatnonzero(table.flagged.to_numpy())
+    out = table.iloc[hit].drop(columns=["unresolved", "flagged"]).reset_index(drop=True)
+    out.insert(0, "cell", store.obs_names(positions[hit]).astype(str))
+    out.insert(1, "row", store.cell_ids(positions[hit]))
+    return out.sort_values("agreement", kind="stable")
 
 
 def summary(

@@ -22,7 +22,7 @@ from loaders import data_name
 
 from .config import UNLABELED
 from .embedding import latents_of, open_embedded
-from .label_review import MIN_AGREEMENT, review, summary
+from .label_review import MIN_AGREEMENT, flagged_cells, review, summary
 from .rundir import RunDir
 from .vocab import defined_labels
 
@@ -57,11 +57,7 @@ def review_embedding(
         embedding=str(emb.path), data=data_name(data), obs_filter=obs_filter, label_key=label_key,
         trained_on_labels=label_key in emb.label_keys,
     )  # fmt: skip
-    hit = np.flatnonzero(table.flagged.to_numpy())  # names of the flagged cells only: not one string per cell
-    flagged = table.iloc[hit].drop(columns=["unresolved", "flagged"])
-    flagged.insert(0, "cell", store.obs_names(positions[hit]).astype(str))
-    flagged.insert(1, "row", store.cell_ids(positions[hit]))  # matched by --drop-labels where obs names repeat
-    flagged = flagged.sort_values("agreement", kind="stable")
+    flagged = flagged_cells(table, store, positions)
     out.parent.mkdir(parents=True, exist_ok=True)
     summary_file = out.with_suffix(".json")
     for path, write in ((out, lambda p: flagged.to_csv(p, index=False)),

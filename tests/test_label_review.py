@@ -9,8 +9,13 @@ import torch
 
 from bigatlas import knn as knn_module
 from bigatlas import label_review
-from bigatlas.label_review import other_neighbours, review, summary
+from bigatlas.label_review import neighbour_chunks, review, summary
 from bigatlas.metrics import knn, knn_label_accuracy, neighbour_votes
+
+
+def other_neighbours(z, k):
+    """Every cell's k nearest other cells, the review's chunks joined."""
+    return np.concatenate([near for _, near in neighbour_chunks(z, k)])
 
 
 def clusters(n_per=200, n_classes=6, dims=8, seed=0):
