@@ -29,9 +29,12 @@ class Vocab:
         genes = list(data.genes) if data.genes is not None else list(store.var_ids)
         dup = sorted(g for g, n in Counter(genes).items() if n > 1)
         if dup:
+            names = f"{', '.join(dup[:8])}{' …' if len(dup) > 8 else ''}"
+            if data.genes is not None:
+                raise ValueError(f"gene ids repeat in the gene list: {names}; de-duplicate the --genes file")
             raise ValueError(
-                f"gene ids repeat in {store.uri if data.genes is None else 'the gene list'}: "
-                f"{', '.join(dup[:8])}{' …' if len(dup) > 8 else ''}; pass a de-duplicated --genes file"
+                f"gene ids repeat in {store.uri}: {names}; make the store's var ids unique (AnnData: "
+                "var_names_make_unique()) or pass --genes (genes=) listing genes that occur once"
             )
         batch = {}
         for key in data.batch_keys:

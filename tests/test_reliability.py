@@ -180,6 +180,7 @@ def test_duplicated_gene_ids_are_refused(atlas, tmp_path):
     data = variant(atlas, tmp_path / "dup.zarr", var=var)
     res = cli(train_args(data, tmp_path / "run"))
     assert res.returncode == 2 and "gene ids repeat" in res.stderr and "ENSDUP" in res.stderr
+    assert "var_names_make_unique" in res.stderr  # the store's ids repeat: a gene list alone is not the fix
 
 
 def test_empty_store_is_refused(atlas, tmp_path):
