@@ -146,7 +146,7 @@ def recipe(a) -> dict:
             f"cell_type={work / 'r.csv'}",
             "--out",
             str(work / "dropped"),
-        ],  # fmt: skip
+        ],
     }
     for run in ("plain", "dropped"):
         steps[f"embed_{run}"] = [
