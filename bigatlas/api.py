@@ -38,7 +38,9 @@ from .vocab import Vocab, defined_labels
 class AtlasVAE:
     """scAtlasVAE on `data`: an AnnData (in memory, or backed with read_h5ad(..., backed="r")), an
     .h5ad path, an AnnData-Zarr store, a SOMA experiment or census:<version>. `model` and `train`
-    are dicts of ModelConfig / TrainConfig fields (e.g. model={"n_latent": 20}). `drop_labels` {label key:
+    are dicts of ModelConfig / TrainConfig fields (e.g. model={"n_latent": 20}). `data` may be a list of stores,
+    trained as one on their common genes (`gene_join="outer"`: their union, each store's missing genes left
+    out of its cells' likelihood). `drop_labels` {label key:
     cells} trains as if those cells had no such label (the command line's --drop-labels): a CSV's path, or
     review_labels()'s flagged rows, a DataFrame with a `cell` column, or a list of cell names."""
 
@@ -52,6 +54,7 @@ class AtlasVAE:
         obs_filter=None,
         layer=None,
         genes=None,
+        gene_join: str = "inner",
         drop_labels: dict | None = None,
         model: dict | None = None,
         train: dict | None = None,
@@ -73,6 +76,7 @@ class AtlasVAE:
                 obs_filter=obs_filter,
                 layer=layer,
                 genes=None if genes is None else tuple(genes),
+                gene_join=gene_join,
                 drop_labels=tuple(_drop_spec(key, cells) for key, cells in (drop_labels or {}).items()),
             ),
         )
@@ -151,7 +155,8 @@ class AtlasVAE:
             validate="counts",
         )
         device = next(self.module.parameters()).device
-        return store, map(ToModelInput(self.vocab, store, device, batch_keys=keys), stream)
+        to_input = ToModelInput(self.vocab, store, device, batch_keys=keys, panels=stream.gene_panels())
+        return store, map(to_input, stream)
 
     def embed(self, data, out, **kwargs):
         """Embed `data` (a store, an .h5ad or an AnnData) to disk in chunks: see bigatlas.infer.embed.
@@ -271,6 +276,8 @@ class AtlasVAE:
             if library_size is not None:
                 lib = torch.full_like(lib, float(library_size))
             mu, _, _ = self.module.decode(self.module.latent(inp.counts), inp.codes, lib)
+            if library_size is None and inp.measured is not None:  # its observed total is its measured genes'
+                mu = mu * (lib / (mu * inp.measured).sum(1).clamp_min(1e-30)).unsqueeze(1)
             out.append(mu.cpu().numpy())
         return store, np.concatenate(out)
 
@@ -278,7 +285,9 @@ class AtlasVAE:
         self, data=None, *, obs_filter=None, library_size=None, batch_size: int = 1024
     ) -> np.ndarray:
         """Decoded NB/ZINB means (cells × genes) from the posterior mean, each cell decoded with its own
-        batch; library_size=None uses the observed total counts, a number rescales every cell to it."""
+        batch; library_size=None uses the observed total counts, a number rescales every cell to it. Genes a
+        cell's store did not measure (a query's, or a store's in an outer join) get the model's prediction: with
+        the observed total, the means of its measured genes sum to it."""
         return self._decoded(data, obs_filter, library_size, batch_size)[1]
 
     def get_normalized_expression(

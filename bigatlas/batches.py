@@ -41,6 +41,8 @@ class ModelInput:
     labels: torch.Tensor | None  # (cells, label keys) class index, -1 = unlabelled
     positions: np.ndarray  # each cell's position in the (filtered) store
     val: np.ndarray  # validation cells (all False without a validation fraction)
+    # (cells or 1, genes) bool on the device: the genes each cell's store measured; None: all of them
+    measured: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -49,13 +51,18 @@ class ModelInput:
 class ToModelInput:
     """Translates a store's obs codes into the model's through lookup tables built by category name,
     so a store with other category orders maps correctly; a batch category the model never saw is an
-    error that names the column."""
+    error that names the column. `panels` (CellStream.gene_panels) marks, per cell, the genes its store
+    measured, for a loss that leaves the zero-filled ones out."""
 
-    def __init__(self, vocab: Vocab, store, device, *, batch_keys=(), label_keys=(), val_fraction=0.0, seed=0):
+    def __init__(
+        self, vocab: Vocab, store, device, *, batch_keys=(), label_keys=(), val_fraction=0.0, seed=0, panels=None
+    ):
         self.batch_keys, self.label_keys = tuple(batch_keys), tuple(label_keys)
         self.batch_luts = vocab.batch_luts(store, self.batch_keys)
         self.label_luts = vocab.label_luts(store, self.label_keys)
         self.device, self.val_fraction, self.seed = device, val_fraction, seed
+        self.store = store
+        self.panels = None if panels is None else to_device(torch.from_numpy(np.asarray(panels, bool)), device)
 
     def __call__(self, batch) -> ModelInput:
         positions = batch.index.numpy()
@@ -75,4 +82,7 @@ class ToModelInput:
             )
             labels = to_device(labels, self.device)
         val = holdout_mask(positions, self.val_fraction, self.seed)
-        return ModelInput(Counts.from_sparse_csr(batch.x, self.device), codes, labels, positions, val)
+        measured = self.panels
+        if measured is not None and len(measured) > 1:
+            measured = measured[to_device(torch.from_numpy(self.store.panel_codes(positions)), self.device)]
+        return ModelInput(Counts.from_sparse_csr(batch.x, self.device), codes, labels, positions, val, measured)

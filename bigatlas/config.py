@@ -18,6 +18,7 @@ GENE_JOINS = ("inner", "outer")
 CLASS_WEIGHTINGS = ("inverse", "sqrt-inverse", "none")
 COMPILE_LOSS = ("auto", "on", "off")
 PRECISIONS = ("auto", "no", "bf16")
+MISSING_GENES = ("masked", "zero")
 COMPILE_MIN_STEPS = 5000
 UNLABELED = ("undefined",)  # label values that mean "no label" unless the user names others
 
@@ -170,6 +171,11 @@ class TrainConfig:
         "auto", f"fuse the reconstruction loss with torch.compile: on, off, or auto (runs of at least "
         f"{COMPILE_MIN_STEPS:,} steps)", choices=COMPILE_LOSS,
     )  # fmt: skip
+    missing_genes: str = opt(
+        "masked", "genes a cell's store lacks, read as zeros (a collection's outer gene join; a query without some "
+        "of the model's genes): masked leaves them out of the likelihood, zero takes them as counted zeros",
+        choices=MISSING_GENES,
+    )  # fmt: skip
     checkpoint_every_steps: int = opt(500, "mid-epoch checkpoint interval (0: epoch ends only)")
     keep_checkpoints: int = opt(2, "checkpoints kept on disk")
     seed: int = opt(0, "seed of shuffling, hold-out and initialisation")
@@ -189,6 +195,7 @@ class TrainConfig:
             raise ValueError(f"ema_every must be at least 1, not {self.ema_every}")
         _check("compile_loss", self.compile_loss, COMPILE_LOSS)
         _check("mixed_precision", self.mixed_precision, PRECISIONS)
+        _check("missing_genes", self.missing_genes, MISSING_GENES)
 
     def compiles_loss(self, planned_steps: int) -> bool:
         return self.compile_loss == "on" or (self.compile_loss == "auto" and planned_steps >= COMPILE_MIN_STEPS)

@@ -226,11 +226,13 @@ class VAEModule(nn.Module):
         eval_kl_weight: float = 1.0,
         gate_weight: float = 1.0,
         label_weight: float = 1.0,
+        measured: torch.Tensor | None = None,
     ) -> LossOutput:
         """Loss as a per-cell mean over the cells in cell_mask (all if None), so a short last batch
         weighs each cell like a full one. labels: (cells, label keys), -1 = unlabelled/undefined.
         Cells in eval_mask are scored from the same forward pass into LossOutput.terms['val_*']
-        (no gradient), with eval_kl_weight."""
+        (no gradient), with eval_kl_weight. measured: (cells or 1, genes) bool, the genes each cell's store
+        measured (None: all); the others are zero-filled, and the likelihood leaves them out."""
         q_mu, q_var = self.encode(counts)
         z = q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu)
         mask = torch.ones(len(counts), dtype=torch.bool, device=q_mu.device) if cell_mask is None else cell_mask
@@ -238,7 +240,7 @@ class VAEModule(nn.Module):
         masks = mask[None] if eval_mask is None else torch.stack([mask, eval_mask])
         n = masks.sum(1, dtype=torch.float32)
         w = mask / n[0].clamp_min(1)  # each cell's weight in the loss's per-cell means
-        recon, gate_pen, fused = self._reconstruction(z, batch_codes, counts, w, gate_weight * w)
+        recon, gate_pen, fused = self._reconstruction(z, batch_codes, counts, w, gate_weight * w, measured)
         kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
         per_mask = self._terms(recon, kl, gate_pen, z, labels, masks, n)
         weights = (gate_weight, label_weight)
@@ -253,11 +255,17 @@ class VAEModule(nn.Module):
             terms.update({f"val_{k}": v for k, v in val.items()})
         return LossOutput(total, terms, terms["n"])
 
-    def _reconstruction(self, z, batch_codes, counts: Counts, w, w_pen):
+    def _reconstruction(self, z, batch_codes, counts: Counts, w, w_pen, measured=None):
         """Per-cell NLL and ZI gate penalty (per cell; one scalar for a per-gene gate; None for NB), in float32,
         and where the loss is fused (decoder_nll) their weighted sum Σ w·NLL + Σ w_pen·penalty (the per-cell
-        penalty's only), which alone carries the gradient (None otherwise)."""
+        penalty's only), which alone carries the gradient (None otherwise).
+
+        Genes a cell's store did not measure get a mean logit of −inf: the softmax then spreads the cell's
+        library over the genes it measured (as if the model had those genes only), and a zero count at mean 0
+        has likelihood 1 under NB and ZINB alike, so those genes add nothing to the loss or its gradient."""
         logits, log_theta, gate = self.decoder_outputs(z, batch_codes)
+        if measured is not None:
+            logits = logits.masked_fill(~measured, float("-inf"))
         per_cell_gate = gate is not None and gate.dim() == 2
         fused = None
         with torch.autocast(device_type=z.device.type, enabled=False):

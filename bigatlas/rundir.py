@@ -43,6 +43,7 @@ ADDED_SETTINGS = {
     "lr_plateau_patience": 0,
     "lr_plateau_factor": 0.5,
     "min_epochs": 0,  # early stopping from the warm-up's end
+    "missing_genes": "zero",  # zero-filled genes counted as observed zeros
 }
 # [model] settings added since, likewise (a run dir written before them has the model they describe)
 ADDED_MODEL_SETTINGS = {

@@ -186,10 +186,6 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
             print(line, flush=True)
     # surgery may zero-fill genes the query lacks; a fresh model requires all of them
     colmap = store.gene_map(vocab.genes, missing="zero-fill", what="model's") if surgery is not None else None
-    to_input = ToModelInput(
-        vocab, store, acc.device, batch_keys=d.batch_keys, label_keys=d.label_keys, val_fraction=t.val_fraction,
-        seed=t.seed,
-    )  # fmt: skip
     stream = CellStream(
         store,
         batch_size=t.batch_size,
@@ -203,6 +199,16 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
         validate="finite" if d.allow_non_integer else "counts",
         min_batch=2,  # BatchNorm cannot normalise a minibatch of one cell
     )
+    panels = stream.gene_panels() if t.missing_genes == "masked" else None
+    if panels is not None and acc.is_main_process:
+        print(
+            f"the likelihood leaves out the zero-filled genes of each cell's store ({len(panels)} gene panel(s); "
+            "--missing-genes zero counts them)", flush=True
+        )  # fmt: skip
+    to_input = ToModelInput(
+        vocab, store, acc.device, batch_keys=d.batch_keys, label_keys=d.label_keys, val_fraction=t.val_fraction,
+        seed=t.seed, panels=panels,
+    )  # fmt: skip
     model = build_model(vocab, cfg)
     if surgery is not None:
         surgery.apply(model, vocab, store)
@@ -402,7 +408,7 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
     with acc.autocast():
         out = s.model(
             inp.counts, inp.codes, inp.labels, cell_mask=train_mask, eval_mask=~train_mask, kl_weight=kl_weight,
-            eval_kl_weight=t.kl_weight, gate_weight=t.gate_weight, label_weight=label_weight,
+            eval_kl_weight=t.kl_weight, gate_weight=t.gate_weight, label_weight=label_weight, measured=inp.measured,
         )  # fmt: skip
     reduce = (lambda x: acc.reduce(x, reduction="sum")) if acc.num_processes > 1 else None
     s.guard.check(out.total, progress.step + 1, s.faults.at("nan_loss", progress.step + 1), reduce)

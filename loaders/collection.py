@@ -272,6 +272,15 @@ class CollectionStore(Store):
             if hi > lo:
                 yield i, rows[lo:hi] - self._offsets[i], slice(lo, hi)
 
+    def gene_panels(self) -> np.ndarray | None:
+        panels = np.zeros((len(self.stores), self.n_vars), dtype=bool)
+        for panel, cm in zip(panels, self._colmaps):
+            panel[cm[cm >= 0]] = True
+        return None if panels.all() else panels
+
+    def panel_codes(self, rows: np.ndarray) -> np.ndarray:
+        return self.source_codes(rows).astype(np.int64)
+
     def source_codes(self, rows: np.ndarray) -> np.ndarray:
         """Index of each position's store (its `source` code)."""
         return np.searchsorted(self._offsets, np.asarray(rows, dtype=np.int64), side="right") - 1

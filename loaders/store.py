@@ -196,6 +196,16 @@ class Store:
             )
         return colmap
 
+    def gene_panels(self) -> np.ndarray | None:
+        """(panels, n_vars) bool: the columns each gene panel of the store measured, where its cells were not
+        all measured on the same genes (a collection of stores with different genes, outer join: a store's
+        missing genes read as zeros that were never counted); None when every cell has every column."""
+        return None
+
+    def panel_codes(self, rows: np.ndarray) -> np.ndarray:
+        """Each position's row of gene_panels()."""
+        return np.zeros(len(rows), dtype=np.int64)
+
     def restrict_columns(self, columns: np.ndarray) -> None:
         """Hint that only these var columns are needed: stores that can skip the others on read do
         (SOMA); reads may then omit every other column. Default: read all."""

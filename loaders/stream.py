@@ -177,6 +177,21 @@ class CellStream(torch.utils.data.IterableDataset):
         self.validate = validate
         self._validated = False  # a whole epoch of this stream's reads has been checked (validate)
 
+    def gene_panels(self) -> np.ndarray | None:
+        """(panels, output genes) bool: the output columns each gene panel of the store measured (the rows
+        of Store.gene_panels; Store.panel_codes gives a cell's), where an output gene the store lacks
+        (zero-filled through the caller's colmap) is measured by no panel. None when every cell measured
+        every output gene: then nothing the stream yields is a zero that was never counted."""
+        panels = self.store.gene_panels()
+        if panels is None:
+            panels = np.ones((1, self.store.n_vars), dtype=bool)
+        if self._colmap is not None:
+            out = np.zeros((len(panels), self.n_genes), dtype=bool)
+            kept = np.flatnonzero(self._colmap >= 0)
+            out[:, self._colmap[kept]] = panels[:, kept]
+            panels = out
+        return None if panels.all() else panels
+
     # -- plan -------------------------------------------------------------------------------------
     def _fit_plan(self, store: Store, workers: int, block_size: int | None) -> tuple[int, int]:
         """(reader threads, block size) such that no consumer of any epoch holds fewer than min_batch

@@ -127,6 +127,30 @@ def test_genes_intersection_union_and_mapped_columns(atlases):
     assert src.value_counts().to_dict() == {"a": 640, "second": 640}
 
 
+def test_an_outer_join_marks_each_cells_measured_genes_for_the_loss(atlases):
+    """The second store lacks the first 5 of the 70 genes: its cells' rows of `measured` are False there
+    (and there only), through a gene list in another order too; an inner join measures every gene."""
+    from bigatlas.batches import ToModelInput
+    from bigatlas.vocab import Vocab
+
+    assert open_store(atlases / "atlases.toml").gene_panels() is None
+    outer = open_store(atlases / "atlases.toml", gene_join="outer")
+    panels = outer.gene_panels()
+    assert panels.shape == (2, 70) and panels[0].all() and not panels[1, :5].any() and panels[1, 5:].all()
+    genes = list(outer.var_ids[::-1][:40]) + list(outer.var_ids[:3])  # 40 the second store has, 3 it lacks
+    s = stream(outer, genes=genes, obs_keys=())
+    to_input = ToModelInput(Vocab(genes, {}, {}), outer, "cpu", panels=s.gene_panels())
+    seen = 0
+    for batch in s:
+        inp = to_input(batch)
+        second = outer.source_codes(inp.positions) == 1
+        assert inp.measured.shape == (len(inp), 43) and inp.measured[:, :40].all()
+        assert np.array_equal(inp.measured[:, 40:].numpy(), np.repeat(~second[:, None], 3, 1))
+        seen += len(inp)
+    assert seen == outer.n_obs
+    assert stream(outer, genes=genes[:40], obs_keys=()).gene_panels() is None  # the second store has all 40
+
+
 def test_mismatched_stores_give_one_clear_error(atlases, tmp_path):
     with pytest.raises(StoreError, match=r"obs column 'dataset_id' not in store b \(.*b.zarr; have: study"):
         open_store([str(atlases / "a.zarr"), str(atlases / "b.zarr")]).obs_codes("dataset_id")

@@ -7,7 +7,7 @@ import torch
 
 from bigatlas.bf16_linear import bf16_linear, native_bf16
 from bigatlas.config import ModelConfig
-from bigatlas.distributions import Counts
+from bigatlas.distributions import Counts, nll
 from bigatlas.model import VAEModule, class_weights
 
 
@@ -274,3 +274,41 @@ def test_label_smoothing_is_its_formula_and_off_by_default():
         ModelConfig(label_smoothing=1.0)
     with pytest.raises(ValueError, match="set one of them"):
         ModelConfig(label_smoothing=0.1, label_gce_q=0.7)
+
+
+@pytest.mark.parametrize("likelihood,compiled", [("zinb", False), ("nb", False), ("zinb", True)])
+def test_genes_a_cell_did_not_measure_leave_the_likelihood(likelihood, compiled):
+    """With `measured`, each cell's NLL is the model's NLL on its measured genes alone: the softmax spread
+    over those genes only, the zero-filled ones adding nothing (both the eager and the fused loss); a gene
+    no cell of the batch measured gets no gradient into its mean's weights; all measured = no mask."""
+    counts, codes, labels = batch(cells=12)
+    m = model(likelihood=likelihood, dispersion="gene-cell", zi_gate="gene-cell")
+    m.compiled_loss = compiled
+    g = torch.Generator().manual_seed(3)
+    panels = torch.rand(2, 30, generator=g) > 0.3
+    panels[:, 4] = False  # measured by no cell
+    measured = panels[torch.arange(12) % 2]
+    x = counts.dense.clone()
+    x[~measured] = 0  # what the store's zero-fill gives
+    counts = Counts.from_sparse_csr(x.to_sparse_csr())
+    z = torch.randn(12, m.z_mean.out_features, generator=g)
+    w = torch.full((12,), 1 / 12)
+    recon, _, _ = m._reconstruction(z, codes, counts, w, w, measured)
+    logits, log_theta, gate = m.decoder_outputs(z, codes)
+    for i in range(12):
+        keep = measured[i]
+        sub = Counts.from_dense(x[i : i + 1, keep])
+        mu = torch.softmax(logits[i, keep], -1)[None] * sub.library.unsqueeze(1)
+        theta = torch.exp(log_theta[i : i + 1, keep].clamp(-12.0, 12.0))
+        ref = nll(sub, mu, theta, None if gate is None else gate[i : i + 1, keep])
+        torch.testing.assert_close(recon[i : i + 1], ref, rtol=1e-5, atol=1e-3)
+    m.zero_grad()
+    recon, _, fused_loss = m._reconstruction(z, codes, counts, w, w, measured)
+    (fused_loss if fused_loss is not None else (w * recon).sum()).backward()
+    assert float(m.px_scale.weight.grad[4].abs().sum()) == 0.0 and float(m.px_scale.bias.grad[4]) == 0.0
+    assert m.px_scale.weight.grad[~panels.any(0)].abs().sum() == 0 and m.px_scale.weight.grad.abs().sum() > 0
+    all_measured = torch.ones(1, 30, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            m._reconstruction(z, codes, counts, w, w, all_measured)[0], m._reconstruction(z, codes, counts, w, w)[0]
+        )
