@@ -178,7 +178,9 @@ class AtlasVAE:
         self._need_fit()
         self.module.eval()
         store, batches = self._batches(data, obs_filter, batch_size)
-        return store, np.concatenate([self.module.latent(inp.counts).cpu().numpy() for inp in batches])
+        return store, np.concatenate(
+            [self.module.latent(inp.counts, measured=inp.measured).cpu().numpy() for inp in batches]
+        )
 
     def get_latent_representation(self, adata=None, *, obs_filter=None, batch_size: int = 4096) -> np.ndarray:
         """Posterior means (cells × n_latent) of `adata` (an AnnData or a store path; default: the data
@@ -219,7 +221,7 @@ class AtlasVAE:
         reference = read_reference(self.run_dir) if self.run_dir is not None else None
         transfer = LabelTransfer(self.module, self.vocab, reference, predictor=predictor)
         store, batches = self._batches(data, obs_filter, batch_size)
-        z = torch.cat([self.module.latent(inp.counts) for inp in batches])
+        z = torch.cat([self.module.latent(inp.counts, measured=inp.measured) for inp in batches])
         results, umap = transfer(z)
         return store, results, umap
 
@@ -275,7 +277,7 @@ class AtlasVAE:
             lib = inp.counts.library
             if library_size is not None:
                 lib = torch.full_like(lib, float(library_size))
-            mu, _, _ = self.module.decode(self.module.latent(inp.counts), inp.codes, lib)
+            mu, _, _ = self.module.decode(self.module.latent(inp.counts, measured=inp.measured), inp.codes, lib)
             if library_size is None and inp.measured is not None:  # its observed total is its measured genes'
                 mu = mu * (lib / (mu * inp.measured).sum(1).clamp_min(1e-30)).unsqueeze(1)
             out.append(mu.cpu().numpy())

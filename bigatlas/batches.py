@@ -34,6 +34,21 @@ def holdout_all(n_obs: int, fraction: float, seed: int = 0) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 
 
+class Measured:
+    """Which of the model's genes each cell measured, from a store and its gene map: the panels of
+    loaders.measured_panels on the device, a cell's row chosen by the store's panel_codes. `of(positions)`
+    is None when every cell measured every gene, else (cells or 1, genes) bool."""
+
+    def __init__(self, panels, store, device):
+        self.store, self.device = store, device
+        self.panels = None if panels is None else to_device(torch.from_numpy(np.asarray(panels, bool)), device)
+
+    def of(self, positions: np.ndarray) -> torch.Tensor | None:
+        if self.panels is None or len(self.panels) == 1:
+            return self.panels
+        return self.panels[to_device(torch.from_numpy(self.store.panel_codes(positions)), self.device)]
+
+
 @dataclass
 class ModelInput:
     counts: Counts
@@ -61,8 +76,7 @@ class ToModelInput:
         self.batch_luts = vocab.batch_luts(store, self.batch_keys)
         self.label_luts = vocab.label_luts(store, self.label_keys)
         self.device, self.val_fraction, self.seed = device, val_fraction, seed
-        self.store = store
-        self.panels = None if panels is None else to_device(torch.from_numpy(np.asarray(panels, bool)), device)
+        self.measured = Measured(panels, store, device)
 
     def __call__(self, batch) -> ModelInput:
         positions = batch.index.numpy()
@@ -82,7 +96,5 @@ class ToModelInput:
             )
             labels = to_device(labels, self.device)
         val = holdout_mask(positions, self.val_fraction, self.seed)
-        measured = self.panels
-        if measured is not None and len(measured) > 1:
-            measured = measured[to_device(torch.from_numpy(self.store.panel_codes(positions)), self.device)]
-        return ModelInput(Counts.from_sparse_csr(batch.x, self.device), codes, labels, positions, val, measured)
+        counts = Counts.from_sparse_csr(batch.x, self.device)
+        return ModelInput(counts, codes, labels, positions, val, self.measured.of(positions))

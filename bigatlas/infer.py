@@ -25,9 +25,10 @@ import torch
 import zarr
 from accelerate import PartialState
 
-from loaders import data_name, detect_format, open_store
+from loaders import data_name, detect_format, measured_panels, open_store
 from loaders.csr import check_counts, select_columns
 
+from .batches import Measured
 from .device_copy import csr_to_device
 from .embedding import recorded_data
 from .faults import Faults
@@ -374,6 +375,7 @@ def embed(
             warnings.simplefilter("ignore")
         colmap = store.gene_map(model.vocab.genes, missing="zero-fill", min_overlap=min_gene_overlap, what="model's")
     identity = np.array_equal(colmap, np.arange(store.n_vars)) and store.n_vars == len(model.vocab.genes)
+    measured = Measured(measured_panels(store, colmap, len(model.vocab.genes)), store, device)
     out = Path(out)
     n, c = store.n_obs, int(chunk_size)
     n_chunks = -(-n // c)
@@ -431,7 +433,7 @@ def embed(
                 for i in range(len(mine)):
                     k, lo, hi, m = pending.result()
                     pending = pool.submit(read, mine[i + 1]) if i + 1 < len(mine) else None
-                    z = _latent(module, m, batch_size, device)
+                    z = _latent(module, m, batch_size, device, measured, lo)
                     results, umap = transfer(z)
                     positions = np.arange(lo, hi)
                     columns = (
@@ -475,10 +477,14 @@ def _write_chunk(output, faults: Faults, k: int, lo: int, hi: int, *columns, **n
 
 
 @torch.no_grad()
-def _latent(module, m, batch_size, device) -> torch.Tensor:
-    """Posterior means of a chunk, from sparse CSR sub-batches."""
-    parts = [module.latent(csr_to_device(m.rows(b, min(b + batch_size, m.n_rows)).to_torch(), device))
-             for b in range(0, m.n_rows, batch_size)]  # fmt: skip
+def _latent(module, m, batch_size, device, measured: Measured, lo: int) -> torch.Tensor:
+    """Posterior means of a chunk (store positions lo, lo + 1, …), from sparse CSR sub-batches; genes a cell's
+    store lacks are filled in by the model (VAEModule.encode_measured)."""
+    parts = []
+    for b in range(0, m.n_rows, batch_size):
+        e = min(b + batch_size, m.n_rows)
+        x = csr_to_device(m.rows(b, e).to_torch(), device)
+        parts.append(module.latent(x, measured=measured.of(np.arange(lo + b, lo + e))))
     return torch.cat(parts) if parts else torch.zeros(0, module.n_latent, device=device)
 
 

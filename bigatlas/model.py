@@ -50,6 +50,10 @@ def mlp(sizes, dropout: float, norm: str = "batch") -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _counts(x: torch.Tensor) -> Counts:
+    return Counts.from_sparse_csr(x) if x.layout == torch.sparse_csr else Counts.from_dense(x)
+
+
 def _dense_is_faster(x: torch.Tensor) -> bool:
     """On CPU, a dense GEMM beats torch's sparse CSR matmul (forward and weight gradient) unless the
     batch is large and sparse: measured at 2,000 genes × 128 hidden, 2 threads, fwd + bwd (ms), dense
@@ -123,9 +127,13 @@ class VAEModule(nn.Module):
         for i, n in enumerate(n_label_classes):
             counts = torch.as_tensor(class_counts[i]) if class_counts is not None else torch.ones(n)
             self.register_buffer(f"class_weight_{i}", class_weights(counts, cfg.class_weighting))
+        # genes some training cell's store lacked (Vocab.unmeasured_genes): the encoder learnt them as zeros in
+        # those cells, so encode_measured leaves them at zero wherever they are missing (not in the weights)
+        self.register_buffer("read_as_zero", torch.zeros(n_genes, dtype=torch.bool), persistent=False)
 
     compiled_loss = False  # the reconstruction loss fused by torch.compile (decoder_nll.logit_nll)
     bf16_matmul = False  # training's wide products (first layer, heads) on bfloat16 operands (bf16_linear)
+    fill_in_training = False  # forward fills the genes a cell did not measure (surgery on a query that lacks some)
     frozen_modules: tuple[str, ...] = ()  # kept in eval mode (BatchNorm statistics fixed) by train()
 
     def train(self, mode: bool = True):
@@ -141,19 +149,37 @@ class VAEModule(nn.Module):
             x = x / lib * self.cfg.normalize_total
         return torch.log1p(x)
 
-    def encode(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x, fill: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x) from a dense tensor, a sparse CSR tensor or Counts (CSR used when it has one: the
-        first layer is then a sparse matmul over the nonzeros, with no dense copy of the input)."""
+        first layer is then a sparse matmul over the nonzeros, with no dense copy of the input). `fill`
+        (cells × genes, 0 where a gene was measured) stands in for the genes a cell's store did not measure,
+        which are 0 in x: the first layer is linear, so their input adds W · log1p(fill) (with normalize_total,
+        which divides by the filled cell's total, x + fill is encoded as one)."""
+        if fill is not None and self.cfg.normalize_total:
+            x = (x.csr if x.csr is not None else x.dense) if isinstance(x, Counts) else x
+            return self.encode((x.to_dense() if x.layout == torch.sparse_csr else x) + fill)
         counts = None
         if isinstance(x, Counts):
             counts, x = x, (x.csr if x.csr is not None else x.dense)
         if x.layout == torch.sparse_csr:
-            q = self.encoder[1:](self._first_layer_sparse(x, counts))
+            h = self._first_layer_sparse(x, counts)
         elif self._bf16_products():
-            q = self.encoder[1:](bf16_linear(self.encoder_input(x), self.encoder[0], keep=False))
+            h = bf16_linear(self.encoder_input(x), self.encoder[0], keep=False)
         else:
-            q = self.encoder(self.encoder_input(x))
+            h = self.encoder[0](self.encoder_input(x))
+        if fill is not None:
+            h = h + F.linear(torch.log1p(fill).to(h.dtype), self.encoder[0].weight.to(h.dtype))
+        q = self.encoder[1:](h)
         return self.z_mean(q), torch.exp(self.z_logvar(q).clamp(max=LOGVAR_MAX)) + self.cfg.var_eps
+
+    @torch.no_grad()
+    def unmeasured_fill(self, z: torch.Tensor, library: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+        """The expected counts of the genes each cell did not measure (0 at those it did): the decoder's mean at
+        z for the batch-average cell (every key's mean embedding row: a query's batches are new to the model),
+        scaled so that the means of the cell's measured genes sum to its observed total."""
+        s = F.softmax(self._mean_logits(z, None).float(), dim=-1)
+        scale = library.float() / (s * measured).sum(1).clamp_min(1e-30)
+        return torch.where(measured, 0.0, s * scale.unsqueeze(1))
 
     def _first_layer_sparse(self, x: torch.Tensor, counts: Counts | None = None) -> torch.Tensor:
         """log1p over the nonzeros, then a sparse matmul (or, where faster, a dense GEMM on the matrix
@@ -187,12 +213,22 @@ class VAEModule(nn.Module):
             return layer(h)
         return bf16_linear(h, layer, keep=self.compiled_loss)
 
+    def _hidden(self, z: torch.Tensor, batch_codes: torch.Tensor | None):
+        """The decoder's hidden layer, and the mean head's input; batch_codes None: every key's mean row."""
+        if batch_codes is None:
+            parts = [z] + [emb.weight.mean(0).expand(len(z), -1) for emb in self.embeddings]
+        else:
+            parts = [z] + [emb(batch_codes[:, i]) for i, emb in enumerate(self.embeddings)]
+        h = self.decoder(torch.cat(parts, dim=1))
+        return h, (torch.cat([h, *parts[1:]], dim=1) if self.cfg.batch_in_heads and len(parts) > 1 else h)
+
+    def _mean_logits(self, z: torch.Tensor, batch_codes: torch.Tensor | None) -> torch.Tensor:
+        return self._wide(self.px_scale, self._hidden(z, batch_codes)[1])
+
     def decoder_outputs(self, z: torch.Tensor, batch_codes: torch.Tensor):
         """The decoder's raw outputs: mean logits, log inverse dispersion (before its clamp) and gate
         logits (None for NB), each per cell and gene or per gene."""
-        parts = [z] + [emb(batch_codes[:, i]) for i, emb in enumerate(self.embeddings)]
-        h = self.decoder(torch.cat(parts, dim=1))
-        h_mean = torch.cat([h, *parts[1:]], dim=1) if self.cfg.batch_in_heads and len(parts) > 1 else h
+        h, h_mean = self._hidden(z, batch_codes)
         if self.cfg.dispersion == "gene-cell":
             log_theta = self._wide(self.px_r, h)
         elif self.cfg.dispersion == "gene":
@@ -233,7 +269,8 @@ class VAEModule(nn.Module):
         Cells in eval_mask are scored from the same forward pass into LossOutput.terms['val_*']
         (no gradient), with eval_kl_weight. measured: (cells or 1, genes) bool, the genes each cell's store
         measured (None: all); the others are zero-filled, and the likelihood leaves them out."""
-        q_mu, q_var = self.encode(counts)
+        fill = self.fill_in_training and measured is not None
+        q_mu, q_var = self.encode_measured(counts, measured) if fill else self.encode(counts)
         z = q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu)
         mask = torch.ones(len(counts), dtype=torch.bool, device=q_mu.device) if cell_mask is None else cell_mask
         # no host sync on whether eval_mask has cells: its sums are 0 when it has none
@@ -326,9 +363,26 @@ class VAEModule(nn.Module):
         return (pairs[:, 0] / pairs[:, 1].clamp_min(1e-12)).mean()
 
     # -- inference --------------------------------------------------------------------------------
+    def encode_measured(self, counts: Counts, measured: torch.Tensor):
+        """q(z|x) for cells that measured only the genes of `measured` ((cells or 1, genes) bool): encoded once
+        with the others at 0, then again with them filled by unmeasured_fill at that latent (no gradient through
+        the fill). Genes in read_as_zero stay 0, as in training. On a query without a quarter of the model's
+        genes, the fill took kNN label accuracy against the reference from 0.839 to 0.874 (all genes: 0.904) and
+        moved its latents a third closer to the all-genes latents (docs/quality.md, "Stores that measured
+        different genes")."""
+        measured = measured | self.read_as_zero
+        with torch.no_grad():
+            fill = self.unmeasured_fill(self.encode(counts)[0], counts.library, measured)
+        return self.encode(counts, fill)
+
     @torch.no_grad()
-    def latent(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        q_mu, q_var = self.encode(x)
+    def latent(self, x, sample: bool = False, measured: torch.Tensor | None = None) -> torch.Tensor:
+        """Posterior mean (or a sample) of x: Counts, a dense or a sparse CSR tensor; `measured` (cells or 1,
+        genes) bool marks the genes each cell's store measured (None: all)."""
+        if measured is None or bool((measured | self.read_as_zero).all()):
+            q_mu, q_var = self.encode(x)
+        else:
+            q_mu, q_var = self.encode_measured(x if isinstance(x, Counts) else _counts(x), measured)
         return q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu) if sample else q_mu
 
     @torch.no_grad()

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from loaders import data_name, is_anndata, open_store
+from loaders import data_name, is_anndata, measured_panels, open_store
 from loaders.csr import select_columns
 
-from .batches import holdout_all
+from .batches import Measured, holdout_all
 from .config import RunConfig
 from .rundir import Run, load_run
 from .train import make_accelerator, train
@@ -62,7 +62,7 @@ class Surgery:
                 n = class_counts(np.asarray(pd.Categorical(query, categories=classes[key]).codes), None,
                                  len(classes[key]))  # fmt: skip
                 counts[key] = list(ref.class_counts.get(key, [0] * len(cats))) + [int(c) for c in n[len(cats) :]]
-        return Vocab(list(ref.genes), batch, classes, counts)
+        return Vocab(list(ref.genes), batch, classes, counts, list(ref.unmeasured_genes))
 
     def apply(self, model, vocab: Vocab, store=None) -> None:
         """Copy reference weights into the grown model and freeze what stays fixed; with a labelled
@@ -109,12 +109,14 @@ MAX_FIT_CELLS = 50_000
 @torch.no_grad()
 def _latents(model, store, vocab, positions) -> torch.Tensor:
     colmap = store.gene_map(vocab.genes, missing="zero-fill", what="model's")
+    measured = Measured(measured_panels(store, colmap, len(vocab.genes)), store, "cpu")
     was = model.training
     model.eval()
     parts = []
     for lo in range(0, len(positions), 16384):
         m = store.read(positions[lo : lo + 16384])
-        parts.append(model.latent(select_columns(m, colmap, len(vocab.genes)).to_torch()))
+        x = select_columns(m, colmap, len(vocab.genes)).to_torch()
+        parts.append(model.latent(x, measured=measured.of(positions[lo : lo + 16384])))
     model.train(was)
     return torch.cat(parts)
 

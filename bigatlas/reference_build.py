@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loaders import open_store
+from loaders import measured_panels, open_store
 from loaders.csr import select_columns
 
 from . import dropped_labels
-from .batches import holdout_all
+from .batches import Measured, holdout_all
 from .calibration import ece, fit_calibration
 from .knn import EXACT_MAX, LatentIndex
 from .reference import Reference, read_reference, stratified_sample, write_reference
@@ -49,6 +49,7 @@ class _Cells:
         self.identity = np.array_equal(self.colmap, np.arange(self.store.n_vars)) and self.store.n_vars == len(
             vocab.genes
         )
+        self.measured = Measured(measured_panels(self.store, self.colmap, len(vocab.genes)), self.store, "cpu")
         have = set(self.store.obs_columns)
         self.labels = np.full((self.store.n_obs, len(vocab.label_classes)), -1, np.int32)
         for i, key in enumerate(vocab.label_classes):
@@ -63,7 +64,7 @@ class _Cells:
             m = self.store.read(pos[lo : lo + READ_BLOCK])
             if not self.identity:
                 m = select_columns(m, self.colmap, len(self.vocab.genes))
-            parts.append(self.module.latent(m.to_torch()))
+            parts.append(self.module.latent(m.to_torch(), measured=self.measured.of(pos[lo : lo + READ_BLOCK])))
         return torch.cat(parts) if parts else torch.zeros(0, self.module.n_latent)
 
     def batch(self, pos: np.ndarray) -> np.ndarray:

@@ -21,6 +21,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .config import RunConfig
 from .model import VAEModule
 from .vocab import Vocab
@@ -179,14 +181,17 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def build_model(vocab: Vocab, cfg: RunConfig) -> VAEModule:
-    """A fresh torch module shaped by the vocab (genes, categories, classes) and the model config."""
-    return VAEModule(
+    """A fresh torch module shaped by the vocab (genes, categories, classes, genes read as zeros) and the model
+    config."""
+    module = VAEModule(
         len(vocab.genes),
         [len(c) for c in vocab.batch_categories.values()],
         [len(c) for c in vocab.label_classes.values()],
         cfg.model,
         [vocab.class_counts[k] for k in vocab.label_classes],
     )
+    module.read_as_zero[np.isin(vocab.genes, vocab.unmeasured_genes)] = True
+    return module
 
 
 @dataclass

@@ -219,6 +219,8 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
     module = acc.unwrap_model(model)
     module.compiled_loss = t.compiles_loss(planned_steps)
     module.bf16_matmul = t.mixed_precision == "bf16" and acc.device.type == "cpu"
+    # a query without some of the reference's genes: its latents, as embed will give them (encode_measured)
+    module.fill_in_training = surgery is not None and panels is not None
     if module.bf16_matmul and acc.is_main_process and not native_bf16():
         print("note: this CPU has no bfloat16 matrix units (AMX or AVX-512 BF16): --mixed-precision bf16 is "
               "emulated there and slower than float32", flush=True)  # fmt: skip

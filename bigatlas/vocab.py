@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from loaders.store import code_dtype
+from loaders.store import code_dtype, measured_panels
 
 from .config import UNLABELED, DataConfig
 
@@ -23,6 +23,8 @@ class Vocab:
     batch_categories: dict[str, list[str]]  # per batch/covariate key, in embedding order
     label_classes: dict[str, list[str]]  # per label key, undefined labels excluded
     class_counts: dict[str, list[int]] = field(default_factory=dict)  # labelled training cells per class
+    # genes some training cell's store did not measure (a collection's outer join); [] in older runs
+    unmeasured_genes: list[str] = field(default_factory=list)
 
     @classmethod
     def from_store(cls, store, data: DataConfig, train_mask: np.ndarray | None = None) -> Vocab:
@@ -58,7 +60,9 @@ class Vocab:
                 )
             labels[key] = classes
             counts[key] = class_counts(np.asarray(defined.codes), train_mask, len(classes)).tolist()
-        return cls(genes, batch, labels, counts)
+        panels = measured_panels(store, store.gene_map(genes), len(genes)) if store.gene_panels() is not None else None
+        unmeasured = [] if panels is None else [g for g, every in zip(genes, panels.all(0)) if not every]
+        return cls(genes, batch, labels, counts, unmeasured)
 
     def batch_luts(self, store, keys) -> dict[str, np.ndarray]:
         """Store code → model code per batch key in `keys` (only those columns are read); -1 where the

@@ -7,7 +7,7 @@ import zarr
 from .census import census_spec
 from .csr import CSR
 from .formats import data_name, detect_format, is_anndata, open_store
-from .store import Store, StoreError
+from .store import Store, StoreError, measured_panels
 
 try:  # Rust codec pipeline: decodes a request's chunks in parallel, 2-4x zarr-python's own
     import zarrs  # noqa: F401
@@ -28,6 +28,7 @@ __all__ = [
     "CellStream",
     "Batch",
     "Store",
+    "measured_panels",
     "StoreError",
     "CSR",
 ]

@@ -233,6 +233,21 @@ class Store:
         return self
 
 
+def measured_panels(store: Store, colmap: np.ndarray | None, n_out: int) -> np.ndarray | None:
+    """(panels, n_out) bool: the output columns each gene panel of `store` measured, through colmap (store
+    column → output column, -1 dropped; None: the store's own columns), where an output column no store
+    column maps to was measured by no panel. None when every cell measured every output column."""
+    panels = store.gene_panels()
+    if panels is None:
+        panels = np.ones((1, store.n_vars), dtype=bool)
+    if colmap is not None:
+        out = np.zeros((len(panels), n_out), dtype=bool)
+        kept = np.flatnonzero(colmap >= 0)
+        out[:, colmap[kept]] = panels[:, kept]
+        panels = out
+    return None if panels.all() else panels
+
+
 class GroupObsStore(Store):
     """A store whose obs is an AnnData obs group (Zarr or HDF5): subclasses set _obs (the group),
     _obs_cols (its columns) and _rows (the store rows the obs filter keeps, None for all)."""

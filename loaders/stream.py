@@ -27,7 +27,7 @@ import torch
 from . import sampling
 from .csr import CSR, check_counts, compact, concat, select_columns, take_rows
 from .formats import is_anndata, open_store
-from .store import Store
+from .store import Store, measured_panels
 
 # torch's notice that sparse CSR is "beta" would print once per process for every user
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -182,15 +182,7 @@ class CellStream(torch.utils.data.IterableDataset):
         of Store.gene_panels; Store.panel_codes gives a cell's), where an output gene the store lacks
         (zero-filled through the caller's colmap) is measured by no panel. None when every cell measured
         every output gene: then nothing the stream yields is a zero that was never counted."""
-        panels = self.store.gene_panels()
-        if panels is None:
-            panels = np.ones((1, self.store.n_vars), dtype=bool)
-        if self._colmap is not None:
-            out = np.zeros((len(panels), self.n_genes), dtype=bool)
-            kept = np.flatnonzero(self._colmap >= 0)
-            out[:, self._colmap[kept]] = panels[:, kept]
-            panels = out
-        return None if panels.all() else panels
+        return measured_panels(self.store, self._colmap, self.n_genes)
 
     # -- plan -------------------------------------------------------------------------------------
     def _fit_plan(self, store: Store, workers: int, block_size: int | None) -> tuple[int, int]:

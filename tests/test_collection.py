@@ -151,6 +151,27 @@ def test_an_outer_join_marks_each_cells_measured_genes_for_the_loss(atlases):
     assert stream(outer, genes=genes[:40], obs_keys=()).gene_panels() is None  # the second store has all 40
 
 
+def test_a_model_trained_on_an_outer_join_reads_its_stores_missing_genes_as_zeros(atlases, tmp_path):
+    """The 5 genes the second store lacks are the run's unmeasured genes: its cells were encoded with them at
+    0 in training and are embedded so (no fill); a query without other genes has those filled."""
+    import torch
+
+    from bigatlas.distributions import Counts
+
+    outer = open_store(atlases / "atlases.toml", gene_join="outer")
+    model = AtlasVAE(str(atlases / "atlases.toml"), batch_key="dataset_id", gene_join="outer", train={"max_epochs": 1})
+    model.fit(tmp_path / "run")
+    assert model.vocab.unmeasured_genes == list(outer.var_ids[:5])
+    assert AtlasVAE.load(tmp_path / "run").module.read_as_zero.nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+    x = torch.tensor(outer.read(np.arange(outer.n_obs)).to_scipy().toarray(), dtype=torch.float32)
+    plain = model.module.eval().latent(Counts.from_dense(x)).numpy()
+    assert np.allclose(model.get_latent_representation(), plain, atol=1e-5)
+    measured = torch.ones(1, 70, dtype=torch.bool)
+    measured[0, 10:20] = False
+    filled = model.module.latent(Counts.from_dense(x * measured), measured=measured)
+    assert not torch.allclose(filled, model.module.latent(Counts.from_dense(x * measured)))
+
+
 def test_mismatched_stores_give_one_clear_error(atlases, tmp_path):
     with pytest.raises(StoreError, match=r"obs column 'dataset_id' not in store b \(.*b.zarr; have: study"):
         open_store([str(atlases / "a.zarr"), str(atlases / "b.zarr")]).obs_codes("dataset_id")

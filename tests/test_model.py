@@ -312,3 +312,53 @@ def test_genes_a_cell_did_not_measure_leave_the_likelihood(likelihood, compiled)
         torch.testing.assert_close(
             m._reconstruction(z, codes, counts, w, w, all_measured)[0], m._reconstruction(z, codes, counts, w, w)[0]
         )
+
+
+@pytest.mark.parametrize("normalize_total", [None, 1e4])
+def test_unmeasured_genes_are_filled_with_the_decoders_expected_counts_for_the_encoder(normalize_total):
+    """encode(x, fill) is the encoder of x + fill on every input path (the first layer is linear); the fill is
+    0 at measured genes and the decoder's batch-average mean elsewhere, scaled so the measured genes' means
+    sum to the observed total; a cell that measured every gene is encoded as it is."""
+    counts, codes, labels = batch(cells=12)
+    m = model(normalize_total=normalize_total)
+    g = torch.Generator().manual_seed(4)
+    measured = torch.rand(12, 30, generator=g) > 0.25
+    x = counts.dense * measured
+    fill = torch.rand(12, 30, generator=g) * 3 * ~measured
+    with torch.no_grad():
+        want = m.encode(Counts.from_dense(x + fill))
+        for given in (Counts.from_dense(x), Counts.from_sparse_csr(x.to_sparse_csr()), x):
+            got = m.encode(given, fill)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+        z = m.encode(Counts.from_dense(x))[0]
+        library = x.sum(1)
+        filled = m.unmeasured_fill(z, library, measured)
+        assert (filled[measured] == 0).all() and (filled[~measured] > 0).all()
+        s = torch.softmax(m._mean_logits(z, None), -1)
+        mean = s * (library / (s * measured).sum(1)).unsqueeze(1)
+        torch.testing.assert_close(filled[~measured], mean[~measured])
+        torch.testing.assert_close((mean * measured).sum(1), library)
+        cells = Counts.from_dense(x)
+        torch.testing.assert_close(m.latent(cells, measured=torch.ones(1, 30, dtype=torch.bool)), m.latent(cells))
+        twice = m.encode(cells, m.unmeasured_fill(m.encode(cells)[0], library, measured))[0]
+        torch.testing.assert_close(m.latent(cells, measured=measured), twice)
+        assert not torch.allclose(m.latent(cells, measured=measured), m.latent(cells))
+
+
+def test_surgery_trains_on_the_filled_latent_and_genes_read_as_zero_stay_zero():
+    """fill_in_training: the loss's latent is encode_measured's (embed's); genes in read_as_zero (some
+    training store lacked them) are never filled, so a cell missing only those is encoded as it is."""
+    counts, codes, labels = batch(cells=12)
+    m = model()
+    measured = torch.ones(1, 30, dtype=torch.bool)
+    measured[0, :6] = False
+    counts = Counts.from_dense(counts.dense * measured)
+    q_mu, q_var = m.encode_measured(counts, measured)
+    kl = (0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)).mean()
+    m.fill_in_training = True
+    torch.testing.assert_close(loss(m, counts, codes, labels, measured=measured).terms["kl"], kl)
+    m.fill_in_training = False
+    assert not torch.allclose(loss(m, counts, codes, labels, measured=measured).terms["kl"], kl)
+    m.read_as_zero[:6] = True
+    torch.testing.assert_close(m.latent(counts, measured=measured), m.latent(counts))

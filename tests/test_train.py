@@ -117,7 +117,10 @@ def test_a_run_dir_from_before_later_settings_resumes_as_it_was_trained(tmp_path
     old = replace(cfg, train=replace(cfg.train, **ADDED_SETTINGS), model=replace(cfg.model, **ADDED_MODEL_SETTINGS))
     run.check_resumable(old)
     assert run.read_config() == old
-    with pytest.raises(ValueError, match=r"train\.adam_eps, train\.compile_loss, train\.ema_decay, train\.ema_every\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"train\.adam_eps, train\.compile_loss, train\.ema_decay, train\.ema_every, train\.missing_genes\)",
+    ):
         run.check_resumable(cfg)
 
 

@@ -159,11 +159,10 @@ def test_reference_cli_umap_and_query_placement(tmp_path, monkeypatch):
     pred = out.obs["cell_type_pred"].astype(str).to_numpy()
     classes = np.asarray(AtlasVAE.load(tmp_path / "run").vocab.label_classes["cell_type"])
     ref_labels = classes[ref.arrays["labels"][:, 0]]
-    names = [c for c in np.unique(pred) if (ref_labels == c).sum() >= 20]
-    centres = np.stack([np.median(ref.arrays["umap"][ref_labels == c], 0) for c in names])
-    nearest = np.asarray(names)[np.linalg.norm(placed[:, None] - centres[None], axis=2).argmin(1)]
-    ok = np.isin(pred, names)
-    assert (nearest[ok] == pred[ok]).mean() >= 0.9  # each cell lands among reference cells of its type
+    # each cell lands among reference cells of its type: most of its 15 nearest reference cells on the UMAP
+    d = np.linalg.norm(placed[:, None] - ref.arrays["umap"][None], axis=2)
+    near = ref_labels[np.argsort(d, axis=1)[:, :15]]
+    assert ((near == pred[:, None]).mean(1) > 0.5).mean() >= 0.9
 
 
 def test_labelled_query_mapping_learns_a_new_class(novel, tmp_path):
