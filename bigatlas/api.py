@@ -38,11 +38,11 @@ from .vocab import Vocab, defined_labels
 class AtlasVAE:
     """scAtlasVAE on `data`: an AnnData (in memory, or backed with read_h5ad(..., backed="r")), an
     .h5ad path, an AnnData-Zarr store, a SOMA experiment or census:<version>. `model` and `train`
-    are dicts of ModelConfig / TrainConfig fields (e.g. model={"n_latent": 20}). `data` may be a list of stores,
-    trained as one on their common genes (`gene_join="outer"`: their union, each store's missing genes left
-    out of its cells' likelihood). `drop_labels` {label key:
-    cells} trains as if those cells had no such label (the command line's --drop-labels): a CSV's path, or
-    review_labels()'s flagged rows, a DataFrame with a `cell` column, or a list of cell names."""
+    are dicts of ModelConfig / TrainConfig fields (e.g. model={"n_latent": 20}). `data` may be a list of
+    stores, trained as one on their common genes (`gene_join="outer"`: their union, each store's missing genes
+    left out of its cells' likelihood). `drop_labels` {label key: cells} trains as if those cells had no such
+    label (the command line's --drop-labels): a CSV's path, or review_labels()'s flagged rows, a DataFrame
+    with a `cell` column, or a list of cell names."""
 
     def __init__(
         self,

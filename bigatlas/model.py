@@ -130,6 +130,8 @@ class VAEModule(nn.Module):
         # genes some training cell's store lacked (Vocab.unmeasured_genes): the encoder learnt them as zeros in
         # those cells, so encode_measured leaves them at zero wherever they are missing (not in the weights)
         self.register_buffer("read_as_zero", torch.zeros(n_genes, dtype=torch.bool), persistent=False)
+        # per key, the embedding rows whose mean is the batch-average cell (a mapped query's rows are not)
+        self.average_rows = list(n_batch_categories)
 
     compiled_loss = False  # the reconstruction loss fused by torch.compile (decoder_nll.logit_nll)
     bf16_matmul = False  # training's wide products (first layer, heads) on bfloat16 operands (bf16_linear)
@@ -214,9 +216,11 @@ class VAEModule(nn.Module):
         return bf16_linear(h, layer, keep=self.compiled_loss)
 
     def _hidden(self, z: torch.Tensor, batch_codes: torch.Tensor | None):
-        """The decoder's hidden layer, and the mean head's input; batch_codes None: every key's mean row."""
+        """The decoder's hidden layer, and the mean head's input; batch_codes None: the batch-average cell, every
+        key's mean row over the categories the model was trained on (average_rows)."""
         if batch_codes is None:
-            parts = [z] + [emb.weight.mean(0).expand(len(z), -1) for emb in self.embeddings]
+            rows = zip(self.embeddings, self.average_rows)
+            parts = [z] + [emb.weight[:n].mean(0).expand(len(z), -1) for emb, n in rows]
         else:
             parts = [z] + [emb(batch_codes[:, i]) for i, emb in enumerate(self.embeddings)]
         h = self.decoder(torch.cat(parts, dim=1))

@@ -62,7 +62,8 @@ class Surgery:
                 n = class_counts(np.asarray(pd.Categorical(query, categories=classes[key]).codes), None,
                                  len(classes[key]))  # fmt: skip
                 counts[key] = list(ref.class_counts.get(key, [0] * len(cats))) + [int(c) for c in n[len(cats) :]]
-        return Vocab(list(ref.genes), batch, classes, counts, list(ref.unmeasured_genes))
+        trained = {k: ref.trained_categories.get(k, len(cats)) for k, cats in ref.batch_categories.items()}
+        return Vocab(list(ref.genes), batch, classes, counts, list(ref.unmeasured_genes), trained)
 
     def apply(self, model, vocab: Vocab, store=None) -> None:
         """Copy reference weights into the grown model and freeze what stays fixed; with a labelled

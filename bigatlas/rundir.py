@@ -191,6 +191,7 @@ def build_model(vocab: Vocab, cfg: RunConfig) -> VAEModule:
         [vocab.class_counts[k] for k in vocab.label_classes],
     )
     module.read_as_zero[np.isin(vocab.genes, vocab.unmeasured_genes)] = True
+    module.average_rows = [vocab.trained_categories.get(k, len(c)) for k, c in vocab.batch_categories.items()]
     return module
 
 

@@ -25,6 +25,9 @@ class Vocab:
     class_counts: dict[str, list[int]] = field(default_factory=dict)  # labelled training cells per class
     # genes some training cell's store did not measure (a collection's outer join); [] in older runs
     unmeasured_genes: list[str] = field(default_factory=list)
+    # per batch/covariate key, how many of its first categories the model was trained on before any surgery
+    # added a query's (the batch-average cell of VAEModule.unmeasured_fill); unset: all of them
+    trained_categories: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_store(cls, store, data: DataConfig, train_mask: np.ndarray | None = None) -> Vocab:

@@ -178,6 +178,30 @@ def test_surgery_extends_batches_and_keeps_the_reference_fixed(trained, tmp_path
     assert np.isfinite(mapped.get_reconstructed_expression(str(qpath))).all()
 
 
+def test_a_query_without_some_genes_is_mapped_on_its_filled_latents(trained, tmp_path):
+    """map-query on a query that lacks 20 of the 100 genes: the mapped model embeds it where the reference
+    does (frozen encoder), with the missing genes filled in rather than read as zeros, and the mapped run
+    reads no gene as zero that the reference measured everywhere."""
+    data, run = trained
+    store = ad.read_zarr(data)
+    store.obs["dataset_id"] = ("q_" + store.obs["dataset_id"].astype(str)).astype("category")
+    renamed = tmp_path / "renamed.zarr"
+    with ZarrWriter(renamed, 100) as w:
+        w.append(store.X.indptr, store.X.indices, store.X.data)
+        w.finish(store.obs, store.var)
+    partial = write_query(renamed, tmp_path / "partial.zarr", np.arange(20, 100))
+    reference = AtlasVAE.load(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "20 of the model's 100 genes ... are zero-filled"
+        mapped = reference.map_query(partial, tmp_path / "mapped", epochs=2)
+        z = mapped.get_latent(partial)
+        assert np.array_equal(z, reference.get_latent(partial))
+    assert mapped.vocab.unmeasured_genes == [] and not mapped.module.read_as_zero.any()
+    x = torch.tensor(store.X[:, 20:].toarray(), dtype=torch.float32)
+    zeros = reference.module.latent(Counts.from_dense(torch.cat([torch.zeros(len(x), 20), x], 1))).numpy()
+    assert np.isfinite(z).all() and not np.allclose(z, zeros, atol=1e-3)
+
+
 def test_soma_query_gets_a_soma_output_aligned_by_joinid(trained, tmp_path):
     import tiledbsoma
 
