@@ -111,6 +111,16 @@ def write_query(src, out, keep_genes):
     return str(out)
 
 
+def renamed_studies(src, out) -> str:
+    """A copy of `src` whose studies are new to the model (q_study_*)."""
+    store = ad.read_zarr(src)
+    store.obs["dataset_id"] = ("q_" + store.obs["dataset_id"].astype(str)).astype("category")
+    with ZarrWriter(out, store.n_vars) as w:
+        w.append(store.X.indptr, store.X.indices, store.X.data)
+        w.finish(store.obs, store.var)
+    return str(out)
+
+
 def test_query_genes_are_aligned_by_id(trained, tmp_path):
     data, run = trained
     g = 100
@@ -152,12 +162,7 @@ def test_surgery_extends_batches_and_keeps_the_reference_fixed(trained, tmp_path
     data, run = trained
     query = tmp_path / "query.zarr"
     synth(query, 600, 100, "zarr", seed=9, n_studies=2, donors_per_study=2)  # same genes, new studies' effects
-    store = ad.read_zarr(query)
-    store.obs["dataset_id"] = ("q_" + store.obs["dataset_id"].astype(str)).astype("category")
-    qpath = tmp_path / "query_renamed.zarr"
-    with ZarrWriter(qpath, 100) as w:
-        w.append(store.X.indptr, store.X.indices, store.X.data)
-        w.finish(store.obs, store.var)
+    qpath = renamed_studies(query, tmp_path / "query_renamed.zarr")
     reference = AtlasVAE.load(run)
     before = reference.get_latent(data)
     mapped = reference.map_query(str(qpath), tmp_path / "mapped", epochs=2)
@@ -183,13 +188,9 @@ def test_a_query_without_some_genes_is_mapped_on_its_filled_latents(trained, tmp
     does (frozen encoder), with the missing genes filled in rather than read as zeros, and the mapped run
     reads no gene as zero that the reference measured everywhere."""
     data, run = trained
-    store = ad.read_zarr(data)
-    store.obs["dataset_id"] = ("q_" + store.obs["dataset_id"].astype(str)).astype("category")
-    renamed = tmp_path / "renamed.zarr"
-    with ZarrWriter(renamed, 100) as w:
-        w.append(store.X.indptr, store.X.indices, store.X.data)
-        w.finish(store.obs, store.var)
-    partial = write_query(renamed, tmp_path / "partial.zarr", np.arange(20, 100))
+    partial = write_query(
+        renamed_studies(data, tmp_path / "renamed.zarr"), tmp_path / "partial.zarr", np.arange(20, 100)
+    )
     reference = AtlasVAE.load(run)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "20 of the model's 100 genes ... are zero-filled"
@@ -197,7 +198,7 @@ def test_a_query_without_some_genes_is_mapped_on_its_filled_latents(trained, tmp
         z = mapped.get_latent(partial)
         assert np.array_equal(z, reference.get_latent(partial))
     assert mapped.vocab.unmeasured_genes == [] and not mapped.module.read_as_zero.any()
-    x = torch.tensor(store.X[:, 20:].toarray(), dtype=torch.float32)
+    x = torch.tensor(ad.read_zarr(data).X[:, 20:].toarray(), dtype=torch.float32)
     zeros = reference.module.latent(Counts.from_dense(torch.cat([torch.zeros(len(x), 20), x], 1))).numpy()
     assert np.isfinite(z).all() and not np.allclose(z, zeros, atol=1e-3)
 
