@@ -133,7 +133,12 @@ class RunDir:
         _write_atomically(self.vocab_file, json.dumps(vocab.__dict__, indent=1) + "\n")
 
     def read_vocab(self) -> Vocab:
-        return Vocab(**json.loads(self.vocab_file.read_text()))
+        saved = json.loads(self.vocab_file.read_text())
+        if "unmeasured_genes" not in saved and self.config_file.exists():
+            # a run from before the list: an outer join's encoder read every missing gene as zero, so none is filled
+            outer = self._saved().get("config", {}).get("data", {}).get("gene_join") == "outer"
+            saved["unmeasured_genes"] = list(saved["genes"]) if outer else []
+        return Vocab(**saved)
 
     # -- weights ----------------------------------------------------------------------------------
     def write_weights(self, module) -> Path:

@@ -605,3 +605,21 @@ def test_training_flushes_subnormal_floats_and_restores_the_default_after(small_
         assert float((tiny * 1.0)[0]) == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_a_run_from_before_the_unmeasured_gene_list_keeps_reading_missing_genes_as_zeros(tmp_path):
+    """A vocab.json without `unmeasured_genes`: an outer-join run's encoder learnt every missing gene as zero, so
+    all its genes are read as zeros (never filled); another run has none, and a run that has the list keeps it."""
+    from bigatlas.config import DataConfig, RunConfig
+    from bigatlas.rundir import RunDir
+    from bigatlas.vocab import Vocab
+
+    for join, want in (("outer", ["g0", "g1", "g2"]), ("inner", [])):
+        run = RunDir(tmp_path / join)
+        run.write_config(RunConfig(data=DataConfig(data="x.zarr", batch_key="study", gene_join=join)))
+        run.write_vocab(Vocab(["g0", "g1", "g2"], {"study": ["a"]}, {}, {}, ["g1"]))
+        assert run.read_vocab().unmeasured_genes == ["g1"]
+        saved = json.loads(run.vocab_file.read_text())
+        del saved["unmeasured_genes"]
+        run.vocab_file.write_text(json.dumps(saved))
+        assert run.read_vocab().unmeasured_genes == want
