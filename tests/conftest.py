@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from bigatlas.write_store import SomaWriter, ZarrWriter
 
@@ -23,9 +24,11 @@ os.environ.setdefault("BIGATLAS_REFERENCE_UMAP", "0")
 # N workers share the cores instead of oversubscribing them (BIGATLAS_TEST_THREADS overrides)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = os.environ.get("BIGATLAS_TEST_THREADS", "1")
-    import torch
-
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# a test process compiles the fused loss for many variants (dispersions, gates, dtypes), a training run for one:
+# past torch's limit of 8 recompilations the later variants would run uncompiled (decoder_nll's fallback), untested
+torch._dynamo.config.recompile_limit = 64
 
 # the longest files (minutes of launches, kills and resumes) start first: under pytest -n --dist loadfile
 # a file runs on one worker, and a long file handed out last is the whole suite's tail
