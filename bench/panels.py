@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from bench.common import main, write_results
-from bench.quality import BATCH_KEY, TRUTH, score
+from bench.quality import BATCH_KEY, TRUTH, preset_atlas, score
 
 FIRST = ["study_0", "study_1", "study_2", "study_3"]
 
@@ -45,17 +45,6 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--data-dir", default="bench/data", help="where atlases are built or reused")
     p.add_argument("--out", default="bench/results/panels.json", help="JSON result file, rows merged into it")
-
-
-def atlas(a, preset: str, seed: int):
-    import anndata as ad
-
-    from bigatlas.synth import synth
-
-    path = Path(a.data_dir) / f"quality_{preset}_{seed}_{a.cells}x{a.genes}.zarr"  # bench.quality's atlases
-    if not path.exists():
-        synth(path, a.cells, a.genes, "zarr", seed=seed, preset_name=preset)
-    return ad.read_zarr(path)
 
 
 def kept_genes(n_genes: int, drop: float, seed: int) -> np.ndarray:
@@ -73,7 +62,7 @@ def collection_rows(a, preset: str, seed: int, drop: float) -> list[dict]:
 
     from bigatlas.api import AtlasVAE
 
-    full = atlas(a, preset, seed)
+    full = preset_atlas(a.data_dir, preset, seed, a.cells, a.genes)
     first = full.obs[BATCH_KEY].astype(str).isin(FIRST).to_numpy()
     keep = kept_genes(full.n_vars, drop, seed)
     work = Path(a.data_dir) / f"panels_{preset}_{seed}_{drop:g}"
@@ -122,7 +111,7 @@ def collection_rows(a, preset: str, seed: int, drop: float) -> list[dict]:
 def query_rows(a, preset: str, seed: int) -> list[dict]:
     from bigatlas.api import AtlasVAE
 
-    full = atlas(a, preset, seed)
+    full = preset_atlas(a.data_dir, preset, seed, a.cells, a.genes)
     last = (full.obs[BATCH_KEY].astype(str) == "study_5").to_numpy()
     ref, query = full[~last].copy(), full[last].copy()
     model = AtlasVAE(ref, batch_key=BATCH_KEY, train={"seed": seed, "checkpoint_every_steps": 0}).fit()

@@ -99,20 +99,25 @@ def overrides(pairs) -> dict:
     return out
 
 
-def atlas(a, preset: str, seed: int):
-    """The preset's atlas (built once under --data-dir), or --data's cells, in memory, with the hidden-label
-    column (drawn by the seed)."""
+def preset_atlas(data_dir, preset: str, seed: int, cells: int, genes: int):
+    """The preset's atlas of that seed and size, built once under data_dir and read into memory."""
     import anndata as ad
 
     from bigatlas.synth import synth
 
+    path = Path(data_dir) / f"quality_{preset}_{seed}_{cells}x{genes}.zarr"
+    if not path.exists():
+        synth(path, cells, genes, "zarr", seed=seed, preset_name=preset)
+    return ad.read_zarr(path)
+
+
+def atlas(a, preset: str, seed: int):
+    """The preset's atlas (built once under --data-dir), or --data's cells, in memory, with the hidden-label
+    column (drawn by the seed)."""
     if a.data:
         adata = user_data(a.data, a.batch_key, a.label_key, a.layer).copy()  # read once, a copy per seed
     else:
-        path = Path(a.data_dir) / f"quality_{preset}_{seed}_{a.cells}x{a.genes}.zarr"
-        if not path.exists():
-            synth(path, a.cells, a.genes, "zarr", seed=seed, preset_name=preset)
-        adata = ad.read_zarr(path)
+        adata = preset_atlas(a.data_dir, preset, seed, a.cells, a.genes)
     rng = np.random.default_rng(seed)
     labelled = (adata.obs.cell_type != "undefined").to_numpy()
     hidden = labelled & (rng.random(adata.n_obs) < a.hidden_fraction)
