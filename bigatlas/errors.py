@@ -44,6 +44,7 @@ def reported(command: str, run) -> int:
         run()
     except Preempted as e:  # a checkpoint is written: the scheduler may requeue with --resume
         print(f"bigatlas {command}: preempted: {e}", file=sys.stderr)
+        leave_process_group()
         return PREEMPTED_EXIT
     except USER_ERRORS as e:
         print(f"bigatlas {command}: error: {e}", file=sys.stderr)
@@ -51,4 +52,16 @@ def reported(command: str, run) -> int:
     except KeyboardInterrupt:
         print(f"bigatlas {command}: interrupted", file=sys.stderr)
         return 130
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Ends this process's torch.distributed group, if it has one, once a command has finished on every
+    rank (done, or preempted with its checkpoint written). Left to interpreter exit, gloo's threads
+    can be destroyed while still joinable, and the process then aborts after its work is written
+    ("terminate called without an active exception", SIGABRT), so the launcher reports a failed run.
+    Not after an error: a peer may still be inside a collective with this rank."""
+    dist = sys.modules.get("torch.distributed")  # a command that never imported torch has no group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
