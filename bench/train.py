@@ -106,7 +106,8 @@ def streaming_epochs(data, a, run_dir, batch_size=None, precision=None) -> list[
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = bench_config(data, a, batch_size=batch_size, precision=precision)
     train(cfg, run_dir, accelerator=make_accelerator(cfg))
-    return [float(r["seconds"]) for r in csv.DictReader(open(Path(run_dir) / "metrics.csv"))]
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return [float(r["seconds"]) for r in csv.DictReader(f)]
 
 
 def in_memory_epochs(data, a, run_dir) -> list[float]:

@@ -42,7 +42,8 @@ class AtlasVAE:
     stores, trained as one on their common genes (`gene_join="outer"`: their union, each store's missing genes
     left out of its cells' likelihood). `drop_labels` {label key: cells} trains as if those cells had no such
     label (the command line's --drop-labels): a CSV's path, or review_labels()'s flagged rows, a DataFrame
-    with a `cell` column, or a list of cell names."""
+    with a `cell` column, or a list of cell names. `allow_non_integer` accepts values that are not whole
+    (normalized or ambient-corrected; still finite and >= 0), in training and in what the model reads later."""
 
     def __init__(
         self,
@@ -56,6 +57,7 @@ class AtlasVAE:
         genes=None,
         gene_join: str = "inner",
         drop_labels: dict | None = None,
+        allow_non_integer: bool = False,
         model: dict | None = None,
         train: dict | None = None,
     ):
@@ -78,6 +80,7 @@ class AtlasVAE:
                 genes=None if genes is None else tuple(genes),
                 gene_join=gene_join,
                 drop_labels=tuple(_drop_spec(key, cells) for key, cells in (drop_labels or {}).items()),
+                allow_non_integer=allow_non_integer,
             ),
         )
 
@@ -152,7 +155,7 @@ class AtlasVAE:
             colmap=colmap,
             obs_keys=keys,
             prefetch_next_epoch=False,
-            validate="counts",
+            validate="finite" if d.allow_non_integer else "counts",
         )
         device = next(self.module.parameters()).device
         to_input = ToModelInput(self.vocab, store, device, batch_keys=keys, panels=stream.gene_panels())

@@ -123,7 +123,7 @@ def _embed(p):
         "k": ("reference neighbours per kNN vote (unset: the reference's)", int),
         "min_gene_overlap": "refuse a query sharing fewer of the model's genes than this fraction",
         "overwrite": "recompute a complete or different output",
-        "allow_non_integer": "accept non-integer values",
+        "allow_non_integer": "accept non-integer values (a model trained with --allow-non-integer accepts them)",
     }
     add_signature_flags(p, embed, helps)
     return lambda a: embed(a.run, data_arg(a), a.out, **signature_values(a, helps))

@@ -9,6 +9,7 @@ import argparse
 import inspect
 import typing
 from dataclasses import fields
+from pathlib import Path
 
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
@@ -27,7 +28,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def read_gene_list(path) -> tuple[str, ...] | None:
     """A --genes file: one feature id (or name) per line, blank lines ignored; None without a file."""
-    return tuple(g.strip() for g in open(path) if g.strip()) if path else None
+    if not path:
+        return None
+    return tuple(g.strip() for g in Path(path).read_text().splitlines() if g.strip())
 
 
 def _flag_kwargs(hint, default) -> dict:

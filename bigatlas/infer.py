@@ -360,6 +360,7 @@ def embed(
     state = PartialState(cpu=not torch.cuda.is_available())
     faults = Faults()
     model = load_run(run_dir)
+    allow_non_integer = allow_non_integer or model.config.data.allow_non_integer  # as the model was trained
     device = state.device if torch.cuda.is_available() else torch.device("cpu")
     module = model.module.to(device).eval()
     transfer = LabelTransfer(module, model.vocab, read_reference(run_dir), predictor=predictor, k=k)
@@ -404,7 +405,8 @@ def embed(
         def read(k):
             lo, hi = k * c, min(n, (k + 1) * c)
             m = store.read(np.arange(lo, hi))
-            check_counts(m, store.uri, integer=not allow_non_integer, positions=np.arange(lo, hi))
+            check_counts(m, store.uri, integer=not allow_non_integer, positions=np.arange(lo, hi),
+                         other_layers=store.other_layers)  # fmt: skip
             if not identity:
                 m = select_columns(m, colmap, len(model.vocab.genes))
             return k, lo, hi, m

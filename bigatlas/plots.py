@@ -23,7 +23,8 @@ def loss_curves(metrics_csv, out_png) -> Path | None:
     path = Path(metrics_csv)
     if not path.exists():
         return None
-    rows = list(csv.DictReader(open(path)))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
     if not rows:
         return None
     plt = _plt()

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .csr import CSR, merge_ranges, row_ranges, take_rows
-from .store import GroupObsStore, Store, StoreError, filtered_positions, read_elem
+from .store import GroupObsStore, Store, StoreError, filtered_positions, layer_path, read_elem
 
 # An .h5ad whose X is compressed (write_h5ad(compression="gzip")) or dense decodes shuffled blocks
 # several times slower than the layout `bigatlas prepare --convert` writes; an uncompressed sparse
@@ -27,10 +27,6 @@ _WARNED: set[str] = set()
 def memory_name(adata) -> str:
     """How an AnnData in memory is named in messages and in what a run records as its data."""
     return f"AnnData ({adata.n_obs} cells x {adata.n_vars} genes, in memory)"
-
-
-def _x_key(layer: str | None) -> str:
-    return {None: "X", "X": "X", "raw": "raw/X"}.get(layer, f"layers/{layer}")
 
 
 def _dense_rows(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -58,10 +54,11 @@ class H5adStore(GroupObsStore):
             raise StoreError(f"{self.uri} is not a readable .h5ad (HDF5) file: {e}") from None
         if "obs" not in f or "var" not in f:
             raise StoreError(f"{self.uri} is an HDF5 file but not an AnnData .h5ad (no obs/var)")
-        key = self._x_path = _x_key(layer)
+        key = self._x_path = layer_path(layer)
+        have = ["X"] + (["raw"] if "raw/X" in f else []) + list(f["layers"].keys() if "layers" in f else [])
         if key not in f:
-            have = ["X"] + (["raw"] if "raw/X" in f else []) + list(f["layers"].keys() if "layers" in f else [])
             raise StoreError(f"{self.uri} has no {key} (have: {', '.join(have)})")
+        self.other_layers = tuple(name for name in have if layer_path(name) != key)
         node = f[key]
         enc = node.attrs.get("encoding-type", "array")
         enc = enc.decode() if isinstance(enc, bytes) else str(enc)
@@ -159,6 +156,8 @@ class AnnDataStore(Store):
 
         n = adata.n_obs
         self.uri = memory_name(adata)
+        have = ["X"] * (adata.X is not None) + ["raw"] * (adata.raw is not None) + list(adata.layers)
+        self.other_layers = tuple(name for name in have if name != (layer or "X"))
         if layer in (None, "X"):
             x, var = adata.X, adata.var
         elif layer == "raw":
@@ -168,9 +167,9 @@ class AnnDataStore(Store):
         elif layer in adata.layers:
             x, var = adata.layers[layer], adata.var
         else:
-            raise StoreError(f"{self.uri} has no layer {layer!r} (have: X, {', '.join(adata.layers) or 'no layers'})")
+            raise StoreError(f"{self.uri} has no layer {layer!r} (have: {', '.join(have) or 'no matrix'})")
         if x is None:
-            raise StoreError(f"{self.uri} has no X; pass layer=")
+            raise StoreError(f"{self.uri} has no X; pass layer= ({', '.join(have) or 'no other matrix'})")
         if sp.issparse(x):
             if x.format != "csr":
                 warnings.warn(f"{self.uri}: {x.format.upper()} matrix converted to CSR for row reads", stacklevel=3)

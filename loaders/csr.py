@@ -149,9 +149,12 @@ def select_columns(m: CSR, colmap: np.ndarray, n_out: int) -> CSR:
     return CSR(indptr, new_cols[keep], m.data[keep], n_out)
 
 
-def check_counts(m: CSR, where: str, integer: bool = True, positions: np.ndarray | None = None) -> None:
+def check_counts(
+    m: CSR, where: str, integer: bool = True, positions: np.ndarray | None = None, other_layers=()
+) -> None:
     """Raise ValueError unless every stored value is finite, >= 0 and (if integer) whole: raw counts.
-    `where` names the store; positions[row] is the store position of each row (default: row)."""
+    `where` names the store; positions[row] is the store position of each row (default: row);
+    other_layers, the store's other matrices, are named as where raw counts may be."""
     d = m.data
     if not len(d):
         return
@@ -166,7 +169,14 @@ def check_counts(m: CSR, where: str, integer: bool = True, positions: np.ndarray
         row = int(np.searchsorted(m.indptr, i, side="right") - 1)
         v = d[i]
         kind = "NaN/inf" if not np.isfinite(v) else "negative" if v < 0 else "non-integer"
-        hint = " (pass --allow-non-integer for normalized/ambient-corrected data)" if kind == "non-integer" else ""
+        hints = ["--allow-non-integer (allow_non_integer=True) for normalized or ambient-corrected values"] * (
+            kind == "non-integer"
+        )
+        if other_layers:
+            hints.append(
+                f"--layer (layer=) naming the one of raw counts; this store also has {', '.join(other_layers)}"
+            )
+        hint = f" (pass {', or '.join(hints)})" if hints else ""
         pos = int(positions[row]) if positions is not None else row
         raise ValueError(
             f"{where}: {kind} value {float(v)!r} in the cell at position {pos} ({int(bad.sum())} "

@@ -56,6 +56,7 @@ class SomaStore(Store):
                 raise StoreError(
                     f"{self.uri}: measurement {measurement!r} has no X layer {self.layer!r} (have: {have})"
                 )
+            self.other_layers = tuple(name for name in ms.X.keys() if name != self.layer)
             x = ms.X[self.layer]
             if x.soma_type != "SOMASparseNDArray":
                 raise StoreError(f"{self.uri}: X layer {self.layer!r} is {x.soma_type}, not sparse")

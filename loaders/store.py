@@ -98,6 +98,11 @@ def codes_of(values) -> tuple[np.ndarray, np.ndarray]:
     return compact_codes(codes, len(cats)), np.asarray(pd.Index(cats).astype(str))
 
 
+def layer_path(layer: str | None) -> str:
+    """Where an AnnData file keeps the matrix `layer=` names: X, raw/X or layers/<name>."""
+    return {None: "X", "X": "X", "raw": "raw/X"}.get(layer, f"layers/{layer}")
+
+
 class Store:
     """Base: subclasses set uri, n_obs, n_vars, var frame, and implement _read_obs / read."""
 
@@ -107,6 +112,7 @@ class Store:
     block_rows: int  # preferred rows per shuffled block, from the storage layout
     blocks_per_request: int  # preferred blocks per pooled read
     segments: list[int] | None = None  # a collection's row count per store (blocks never straddle two)
+    other_layers: tuple[str, ...] = ()  # the store's matrices besides the one read (layer= names), for hints
 
     def __init__(self, var: pd.DataFrame):
         self.var = var  # the var frame, one row per store column

@@ -14,7 +14,7 @@ import zarr
 from zarr.core.sync import sync
 
 from .csr import CSR, row_ranges
-from .store import GroupObsStore, StoreError, filtered_positions, read_elem
+from .store import GroupObsStore, StoreError, filtered_positions, layer_path, read_elem
 
 
 class ZarrStore(GroupObsStore):
@@ -27,10 +27,11 @@ class ZarrStore(GroupObsStore):
         self._root = root
         if "obs" not in root or "var" not in root:
             raise StoreError(f"{self.uri} is a Zarr group but not an AnnData store (no obs/var)")
-        x_path = "X" if layer in (None, "X") else f"layers/{layer}"
+        x_path = layer_path(layer)
+        have = ["X"] + (["raw"] if "raw/X" in root else []) + list(root["layers"].keys() if "layers" in root else [])
         if x_path not in root:
-            have = list(root["layers"].keys()) if "layers" in root else []
-            raise StoreError(f"{self.uri} has no {x_path} (layers: {have or 'none'})")
+            raise StoreError(f"{self.uri} has no {x_path} (have: {', '.join(have)})")
+        self.other_layers = tuple(name for name in have if layer_path(name) != x_path)
         x = root[x_path]
         enc = x.attrs.get("encoding-type") if isinstance(x, zarr.Group) else "dense array"
         if enc != "csr_matrix":
@@ -46,7 +47,7 @@ class ZarrStore(GroupObsStore):
         self._x_path = x_path
         self._obs = root["obs"]
         self._obs_cols = [c for c in self._obs.attrs.get("column-order", []) if c in self._obs]
-        super().__init__(read_elem(root["var"]))
+        super().__init__(read_elem(root["raw/var" if x_path == "raw/X" else "var"]))
         if len(self.var_names) != self.n_vars:
             raise StoreError(f"{self.uri}: var has {len(self.var_names)} rows but X has {self.n_vars} columns")
         n_rows = len(self._indptr) - 1

@@ -174,3 +174,24 @@ def test_review_labels_reviews_the_labelled_cells_of_an_anndata_in_its_order(cop
     expected = np.bincount(codes[trained & (codes >= 0)], minlength=len(given.categories))
     assert dropped.vocab.class_counts["annotation"] == expected.tolist()
     assert dropped.vocab.label_classes["annotation"] == list(given.categories)
+
+
+def test_normalized_x_names_the_layers_and_allow_non_integer_holds_from_training_to_embedding(copies, tmp_path):
+    """The usual mistake, X normalized and the counts in a layer: refused before any output, naming the other
+    layers; `allow_non_integer=True` trains on it, and the model then reads such values in every later call."""
+    adata = copies["memory"].copy()
+    adata.layers["counts"] = adata.X.copy()
+    adata.raw = adata
+    lib = np.asarray(adata.X.sum(1)).ravel()
+    adata.X = (adata.X.multiply(1e4 / np.maximum(lib, 1)[:, None])).tocsr()
+    train = {"max_epochs": 1, "batch_size": 64, "seed": 5}
+    with pytest.raises(ValueError, match=r"non-integer value .*allow_non_integer=True.*also has raw, counts"):
+        AtlasVAE(adata, batch_key="dataset_id", train=train).fit(tmp_path / "refused")
+    assert not (tmp_path / "refused" / "model.safetensors").exists()
+    counts = AtlasVAE(adata, batch_key="dataset_id", layer="counts", train=train).fit(tmp_path / "counts")
+    assert np.isfinite(counts.get_latent_representation()).all()
+    model = AtlasVAE(adata, batch_key="dataset_id", allow_non_integer=True, train=train).fit(tmp_path / "norm")
+    z = model.get_latent_representation()
+    assert np.isfinite(z).all() and len(z) == adata.n_obs
+    emb = zarr.open_group(str(model.embed(adata, tmp_path / "norm.emb", progress=False)))
+    assert np.allclose(emb["obsm/X_bigatlas"][:], z, atol=1e-5)

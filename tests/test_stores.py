@@ -72,11 +72,32 @@ def test_anndata_in_memory_layers_and_formats():
         assert (open_store(adata, layer="counts").read(rows).to_scipy() != x[rows]).nnz == 0
     assert (open_store(adata, layer="raw").read(rows).to_scipy() != x[rows]).nnz == 0
     assert open_store(adata).read(rows).nnz == 0
-    with pytest.raises(StoreError, match=r"no layer 'spliced' \(have: X, counts\)"):
+    with pytest.raises(StoreError, match=r"no layer 'spliced' \(have: X, raw, counts\)"):
         open_store(adata, layer="spliced")
     view = adata[adata.obs.donor_id == "d2"]  # a view in memory reads as its own cells
     store = open_store(view, layer="raw")
     assert store.n_obs == view.n_obs and (store.read(np.arange(3)).to_scipy() != x[[2, 7, 12]]).nnz == 0
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_raw_of_a_file_is_read_with_its_own_genes(tmp_path, fmt):
+    """raw/X with raw/var (often all genes, X the selected ones) from an .h5ad and from AnnData-Zarr alike; each
+    store names its other matrices (for the hint of a value that is not a count)."""
+    obs, var = position_frames()
+    x = reference()
+    keep = np.arange(0, x.shape[1], 2)
+    adata = ad.AnnData(x[:, keep].astype(np.float32) / 3, obs=obs, var=var.iloc[keep], layers={"c": x[:, keep]})
+    adata.raw = ad.AnnData(x, obs=obs, var=var)
+    path = tmp_path / f"a.{fmt}"
+    adata.write_h5ad(path) if fmt == "h5ad" else adata.write_zarr(path)
+    rows = np.array([0, 3, 700, N_OBS - 1])
+    raw = open_store(path, layer="raw")
+    assert raw.n_vars == x.shape[1] and list(raw.var_ids) == list(var.index)
+    assert (raw.read(rows).to_scipy() != x[rows]).nnz == 0
+    assert raw.other_layers == ("X", "c") and open_store(path).other_layers == ("raw", "c")
+    assert open_store(path).n_vars == len(keep)
+    with pytest.raises(StoreError, match=r"has no layers/d \(have: X, raw, c\)"):
+        open_store(path, layer="d")
 
 
 def test_h5ad_layouts_that_cannot_stream_are_named(tmp_path, position_stores):
