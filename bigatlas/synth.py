@@ -21,6 +21,12 @@ n_fine_per_coarse; its subtype is the segment it falls in) and expresses the ble
 subtypes' programs, so cells near a boundary are half one subtype, half the next; and every cell carries
 an activation programme shared by all types at a graded level (`true_state`, 0 to 1) whose distribution
 differs between studies (some studies sampled more activated cells): biology that looks like batch.
+
+`ambient` adds what separates real studies besides gene-wise effects: ambient RNA, a soup of each study's
+own cells (its types in their proportions) that makes up a share of every cell's counts (around 10%, the
+study's mean a quarter to 1.75 times that; `Truth.ambient`), so every cell of a study carries some of the
+markers of the study's common types; and mean library sizes that differ 2-3x between studies, as between
+assays.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class SynthSpec:
     trajectory: bool = False  # subtypes of a coarse type are stations on a path; cells blend neighbours
     state_genes: int = 0  # genes of an activation programme every type carries at a graded level
     state_lfc: float = 1.5  # mean log-fold change of those genes at full activation
+    study_library_sd: float = 0.4  # sd of log mean library size between studies (assays differ 2-3x)
+    ambient: float = 0.0  # mean share of a cell's counts from its study's soup (ambient RNA), study means vary
 
     def __post_init__(self):
         if self.rare_types > min(self.n_coarse, self.n_fine - 1) or self.rare_types * self.rare_fraction >= 0.5:
@@ -92,6 +100,7 @@ PRESETS: dict[str, dict] = {
         donor_effect=0.35,
     ),
     "continuous": dict(subtype_genes=15, trajectory=True, state_genes=40, state_lfc=1.5, library_sd=0.5),
+    "ambient": dict(subtype_genes=15, library_sd=0.5, study_library_sd=0.8, ambient=0.1),
     "hard": dict(
         _SUBTLE, subtype_genes=8, rare_types=2, rare_fraction=0.006, condition_types=2, condition_genes=40,
         condition_lfc=1.2, type_batch_effect=0.3, donor_effect=0.35,
@@ -114,6 +123,7 @@ class Truth:
     response_lfc: np.ndarray  # their log-fold changes
     state: np.ndarray  # genes of the graded activation programme
     state_lfc: np.ndarray  # their log-fold changes at full activation
+    ambient: np.ndarray  # per study: the mean share of a cell's counts from the study's soup
 
 
 def _extra_rng(spec: SynthSpec) -> np.random.Generator:
@@ -131,7 +141,30 @@ def truth(spec: SynthSpec) -> Truth:
     _, _, _, markers = _programs(spec, rng)
     genes, lfc = _condition(spec, _extra_rng(spec))
     state, state_lfc = _state_programme(spec, _continuous_rng(spec))
-    return Truth(markers, _rare_types(spec), np.arange(spec.condition_types), genes, lfc, state, state_lfc)
+    return Truth(
+        markers, _rare_types(spec), np.arange(spec.condition_types), genes, lfc, state, state_lfc, _ambient_shares(spec)
+    )
+
+
+def _ambient_shares(spec: SynthSpec) -> np.ndarray:
+    """Per study, the mean share of a cell's counts that come from the study's soup: around `ambient`, a
+    quarter to 1.75 times it (zeros without ambient RNA). A stream of its own: the other draws stay."""
+    if spec.ambient <= 0:
+        return np.zeros(spec.n_studies)
+    rng = np.random.default_rng([spec.seed, 0xA3B1E7])
+    return np.clip(spec.ambient * rng.uniform(0.25, 1.75, spec.n_studies), 1e-3, 0.6)
+
+
+def _soups(spec: SynthSpec, logits, study_fx, study, ctype) -> np.ndarray:
+    """Per study, the expression profile of its ambient RNA: its cells' types in their proportions, with the
+    study's own gene effects (cells lysed in the same suspension, measured by the same assay)."""
+    soups = np.zeros((spec.n_studies, spec.n_genes), np.float32)
+    for s in range(spec.n_studies):
+        share = np.bincount(ctype[study == s], minlength=spec.n_fine) / max((study == s).sum(), 1)
+        eta = logits + study_fx[s]
+        p = np.exp(eta - eta.max(axis=1, keepdims=True))
+        soups[s] = share @ (p / p.sum(axis=1, keepdims=True))
+    return soups
 
 
 def _continuous_rng(spec: SynthSpec) -> np.random.Generator:
@@ -234,7 +267,7 @@ def generate(spec: SynthSpec, writer, chunk_cells: int = 8192) -> None:
     G, n_donors = spec.n_genes, spec.n_studies * spec.donors_per_study
     study_fx = rng.normal(0, spec.study_effect, (spec.n_studies, G))
     donor_fx = rng.normal(0, spec.donor_effect, (n_donors, G))
-    study_lib = np.log(spec.mean_library) + rng.normal(0, 0.4, spec.n_studies)
+    study_lib = np.log(spec.mean_library) + rng.normal(0, spec.study_library_sd, spec.n_studies)
     study, donor, ctype = _cells(spec, rng)
     extra = _extra_rng(spec)
     response, response_lfc = _condition(spec, extra)
@@ -249,6 +282,8 @@ def generate(spec: SynthSpec, writer, chunk_cells: int = 8192) -> None:
     state_fx = np.zeros(G, np.float32)
     state_fx[state_genes] = state_lfc
     pos, state = _positions(spec, crng_cont, study, ctype)
+    shares = _ambient_shares(spec)
+    soups = _soups(spec, logits, study_fx, study, ctype) if spec.ambient > 0 else None
     for lo in range(0, spec.n_cells, chunk_cells):
         hi = min(lo + chunk_cells, spec.n_cells)
         crng = np.random.default_rng([spec.seed, lo])  # chunk-local stream: output independent of chunking order
@@ -265,6 +300,10 @@ def generate(spec: SynthSpec, writer, chunk_cells: int = 8192) -> None:
         eta -= eta.max(axis=1, keepdims=True)
         p = np.exp(eta)
         p /= p.sum(axis=1, keepdims=True)
+        if soups is not None:  # each cell's share of soup: Beta around its study's (own stream: other draws stay)
+            m = shares[s]
+            a = np.random.default_rng([spec.seed, lo, 0xA3B1]).beta(8.0 * m, 8.0 * (1.0 - m)).astype(np.float32)
+            p = (1.0 - a[:, None]) * p + a[:, None] * soups[s]
         lib = np.exp(study_lib[s] + crng.normal(0, spec.library_sd, hi - lo)).astype(np.float32)
         mu = p * lib[:, None]
         counts = crng.negative_binomial(theta, theta / (theta + mu)).astype(np.float32)

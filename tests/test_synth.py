@@ -258,3 +258,33 @@ def test_the_activation_state_is_graded_in_every_type_and_differs_between_studie
         on = np.corrcoef(x[cells][:, tr.state].mean(1), state[cells])[0, 1]
         off = np.corrcoef(x[cells][:, rest].mean(1), state[cells])[0, 1]
         assert on > 0.4 and on > off + 0.5, (c, on, off)
+
+
+def test_ambient_rna_carries_each_studys_common_markers_into_every_cell_by_the_studys_share(tmp_path):
+    """The same cells with and without the soup (its draws are a stream of their own): with it, every cell
+    holds more of the markers of types other than its own, most in the studies whose stated share is
+    largest; and mean library sizes differ between studies as between assays."""
+    from bigatlas.synth import truth
+
+    spec = synth(tmp_path / "a.zarr", 6000, 300, "zarr", seed=3, preset_name="ambient")
+    synth(tmp_path / "none.zarr", 6000, 300, "zarr", seed=3, preset_name="ambient", ambient=0.0)
+    soup, clean = ad.read_zarr(tmp_path / "a.zarr"), ad.read_zarr(tmp_path / "none.zarr")
+    assert soup.obs.equals(clean.obs)
+    tr = truth(spec)
+    assert tr.ambient.shape == (spec.n_studies,) and 0.02 < tr.ambient.mean() < 0.2
+    fine = soup.obs.true_cell_type.astype(str).map({n: i for i, n in enumerate(spec.fine_names)}).to_numpy()
+    foreign = np.zeros((spec.n_fine, spec.n_genes), bool)  # markers of every other type, not the cell's own
+    for f in range(spec.n_fine):
+        foreign[f, np.concatenate([tr.markers[g] for g in range(spec.n_fine) if g != f])] = True
+        foreign[f, tr.markers[f]] = False
+
+    def foreign_share(adata):
+        x = adata.X.toarray()
+        return (x * foreign[fine]).sum(1) / np.maximum(x.sum(1), 1)
+
+    study = soup.obs.dataset_id.cat.codes.to_numpy()
+    rise = np.array([(foreign_share(soup) - foreign_share(clean))[study == s].mean() for s in range(spec.n_studies)])
+    assert (rise > 0).all(), rise
+    assert np.corrcoef(rise, tr.ambient)[0, 1] > 0.8, (rise, tr.ambient)
+    library = pd.Series(np.asarray(clean.X.sum(1)).ravel()).groupby(study).mean()
+    assert library.max() / library.min() > 2, library
