@@ -37,8 +37,10 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, LaunchError, MissingExtr
 
 def reported(command: str, run) -> int:
     """Exit code of run(): what the user can fix is one line on stderr, no traceback (exit 2; bugs
-    keep theirs); Ctrl-C is 130."""
+    keep theirs); Ctrl-C is 130. A command that finished (or was preempted, its checkpoint written)
+    ends its process group (process_group.py); one that failed keeps it."""
     from .preempt import PREEMPTED_EXIT, Preempted
+    from .process_group import keep_at_exit, leave_process_group
 
     try:
         run()
@@ -48,20 +50,14 @@ def reported(command: str, run) -> int:
         return PREEMPTED_EXIT
     except USER_ERRORS as e:
         print(f"bigatlas {command}: error: {e}", file=sys.stderr)
+        keep_at_exit()
         return 2
     except KeyboardInterrupt:
         print(f"bigatlas {command}: interrupted", file=sys.stderr)
+        keep_at_exit()
         return 130
+    except BaseException:  # a bug: its traceback follows
+        keep_at_exit()
+        raise
     leave_process_group()
     return 0
-
-
-def leave_process_group() -> None:
-    """Ends this process's torch.distributed group, if it has one, once a command has finished on every
-    rank (done, or preempted with its checkpoint written). Left to interpreter exit, gloo's threads
-    can be destroyed while still joinable, and the process then aborts after its work is written
-    ("terminate called without an active exception", SIGABRT), so the launcher reports a failed run.
-    Not after an error: a peer may still be inside a collective with this rank."""
-    dist = sys.modules.get("torch.distributed")  # a command that never imported torch has no group
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

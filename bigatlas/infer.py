@@ -33,6 +33,7 @@ from .device_copy import csr_to_device
 from .embedding import recorded_data
 from .faults import Faults
 from .lock import OutputLock
+from .process_group import leave_at_exit
 from .reference import read_reference
 from .rundir import load_run
 from .transfer import DEFAULT_UNKNOWN, LabelTransfer
@@ -358,6 +359,7 @@ def embed(
     """Embed `data` (a store path, an .h5ad or an AnnData object) with the model in `run_dir` into `out`:
     a SOMA experiment for SOMA input, AnnData-Zarr otherwise (out_format overrides). See the module doc."""
     state = PartialState(cpu=not torch.cuda.is_available())
+    leave_at_exit()
     faults = Faults()
     model = load_run(run_dir)
     allow_non_integer = allow_non_integer or model.config.data.allow_non_integer  # as the model was trained

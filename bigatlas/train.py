@@ -37,6 +37,7 @@ from .lock import OutputLock
 from .metrics_log import DeviceSums, MetricsLog, epoch_row, new_sums
 from .optim import TINY_EVERY, clip_gradients, make_optimizer, zero_tiny_moments
 from .preempt import Preempted, Preemption
+from .process_group import leave_at_exit
 from .rundir import RunDir, build_model
 from .vocab import Vocab, unlabeled_report
 
@@ -48,6 +49,7 @@ def make_accelerator(cfg: RunConfig):
     # bf16 on the CPU: the wide layers' products (bf16_linear), not autocast; auto on a GPU: float32
     autocast = not cpu and cfg.train.mixed_precision == "bf16"
     acc = Accelerator(cpu=cpu, mixed_precision="bf16" if autocast else "no")
+    leave_at_exit()
     check_world(acc.num_processes)
     return acc
 
