@@ -265,6 +265,8 @@ def _prepare(data, out, batch_key, label_keys, obs_filter, layer, genes, n_top_g
             warnings.filterwarnings("ignore", message=".*writes the fast layout")
         source = open_source(data, obs_filter, layer, genes)
     log(f"{data_name(data)}: {source.n_obs} cells x {len(source.var)} genes{' after filtering' if obs_filter else ''}")
+    others = getattr(getattr(source, "store", None), "other_layers", ())  # where raw counts may be instead
+    elsewhere = f" (--layer names another matrix: the data also has {', '.join(others)})" if others else ""
     if convert_to:
         convert(
             source,
@@ -289,7 +291,7 @@ def _prepare(data, out, batch_key, label_keys, obs_filter, layer, genes, n_top_g
     bag = _bag(n, block_cells, workers if "num_workers" in run else max(workers, _n_workers(run["scheduler"])))
     m = _reduce(bag, partial(_moments, source, batch_key, nb), run)
     if int(m["negative"]):
-        raise StoreError(f"{data}: {int(m['negative'])} negative values; raw counts are required")
+        raise StoreError(f"{data}: {int(m['negative'])} negative values; raw counts are required{elsewhere}")
     mean, var = _mean_var(np.array([n], float), m["sum"].sum(0, keepdims=True), m["sumsq"].sum(0, keepdims=True))
     table = pd.DataFrame(
         {"mean": mean[0], "variance": var[0], "detection_rate": m["nnz"] / n},
@@ -363,7 +365,7 @@ def _prepare(data, out, batch_key, label_keys, obs_filter, layer, genes, n_top_g
     if stats["non_integer_values"]:
         log(
             f"warning: {stats['non_integer_values']} non-integer values: "
-            "seurat_v3 HVG and the ZINB model expect raw counts"
+            f"seurat_v3 HVG and the ZINB model expect raw counts{elsewhere}"
         )
     log(
         f"wrote {out}/stats.json, genes.csv{', hvg.txt (' + str(len(hvg_genes)) + ' genes)' if hvg_genes else ''}"

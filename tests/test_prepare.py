@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from bigatlas.prepare import convert, prepare
 from bigatlas.sources import open_source
@@ -172,6 +173,14 @@ def test_bad_input_fails_clearly_and_leaves_no_output(atlas, tmp_path):
         w.finish(pd.DataFrame(index=["c0", "c1"]), pd.DataFrame(index=["g0", "g1", "g2"]))
     with pytest.raises(StoreError, match="1 negative values"):
         prepare(bad, tmp_path / "p2", n_top_genes=0, **quiet)
+    scaled = adata[:200].copy()  # X scaled (sc.pp.scale), the counts kept in a layer: named as the fix
+    scaled.layers["counts"] = scaled.X.copy()
+    x = scaled.X.toarray()
+    scaled.X = sp.csr_matrix((x - x.mean(0)) / (x.std(0) + 1))
+    scaled.write_h5ad(tmp_path / "scaled.h5ad")
+    with pytest.raises(StoreError, match=r"negative values; raw counts are required \(--layer .*also has counts\)"):
+        prepare(tmp_path / "scaled.h5ad", tmp_path / "p3", n_top_genes=0, **quiet)
+    assert not (tmp_path / "p3" / "stats.json").exists()
     source = open_source(str(root / "a.zarr"))
     calls = []
 
