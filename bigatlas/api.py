@@ -23,7 +23,7 @@ import torch
 from loaders import CellStream, data_name, is_anndata, open_store
 
 from .batches import ToModelInput
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .config import UNLABELED, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .infer import UNKNOWN, embed
 from .label_review import MIN_AGREEMENT, review
 from .model import VAEModule
@@ -42,8 +42,10 @@ class AtlasVAE:
     stores, trained as one on their common genes (`gene_join="outer"`: their union, each store's missing genes
     left out of its cells' likelihood). `drop_labels` {label key: cells} trains as if those cells had no such
     label (the command line's --drop-labels): a CSV's path, or review_labels()'s flagged rows, a DataFrame
-    with a `cell` column, or a list of cell names. `allow_non_integer` accepts values that are not whole
-    (normalized or ambient-corrected; still finite and >= 0), in training and in what the model reads later."""
+    with a `cell` column, or a list of cell names. `unlabeled_categories`: the label values that mean "no
+    label" (default 'undefined'; missing values always do), e.g. ["unknown"] for a Census slice.
+    `allow_non_integer` accepts values that are not whole (normalized or ambient-corrected; still finite and
+    >= 0), in training and in what the model reads later."""
 
     def __init__(
         self,
@@ -57,6 +59,7 @@ class AtlasVAE:
         genes=None,
         gene_join: str = "inner",
         drop_labels: dict | None = None,
+        unlabeled_categories=UNLABELED,
         allow_non_integer: bool = False,
         model: dict | None = None,
         train: dict | None = None,
@@ -80,6 +83,9 @@ class AtlasVAE:
                 genes=None if genes is None else tuple(genes),
                 gene_join=gene_join,
                 drop_labels=tuple(_drop_spec(key, cells) for key, cells in (drop_labels or {}).items()),
+                unlabeled_categories=tuple(
+                    [unlabeled_categories] if isinstance(unlabeled_categories, str) else unlabeled_categories
+                ),
                 allow_non_integer=allow_non_integer,
             ),
         )

@@ -233,8 +233,8 @@ class DataConfig:
         "key", metavar="KEY=FILE",
     )  # fmt: skip
     allow_non_integer: bool = opt(False, "accept non-integer values (still finite and >= 0)")
-    gene_join: str = opt("inner", "genes of several stores: their intersection (inner), or their union (outer, "
-                         "zero-filled where a store lacks one)", choices=GENE_JOINS)  # fmt: skip
+    gene_join: str = opt("inner", "genes of several stores: their intersection (inner), or their union (outer; "
+                         "a gene a store lacks is left out of its cells' likelihood)", choices=GENE_JOINS)  # fmt: skip
 
     def __post_init__(self):
         if not isinstance(self.data, str):  # several stores: a tuple; one: its string

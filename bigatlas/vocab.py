@@ -98,8 +98,13 @@ def defined_labels(codes: np.ndarray, categories, unlabeled=UNLABELED) -> pd.Cat
     return pd.Categorical.from_codes(codes, categories=classes)
 
 
+# class names that usually mean "not annotated" (the Census's 'unknown', scANVI's 'Unknown', ...)
+NOT_ANNOTATED = {"unknown", "unassigned", "unannotated", "unlabeled", "unlabelled", "na", "nan", "none", "n/a", "?"}
+
+
 def unlabeled_report(store, data: DataConfig) -> list[str]:
-    """One line per label key: classes, and how many cells count as unlabelled (said at start)."""
+    """One line per label key: classes, and how many cells count as unlabelled (said at start); and a line for
+    each class whose name usually means "not annotated", which the model would learn and predict as a type."""
     lines = []
     for key in data.label_keys:
         labels = defined_labels(*store.obs_codes(key), data.unlabeled_categories)
@@ -109,6 +114,14 @@ def unlabeled_report(store, data: DataConfig) -> list[str]:
             f"label key {key!r}: {len(labels.categories)} classes; {n:,} of {len(labels):,} cells unlabelled "
             f"({names} or missing)"
         )
+        counts = np.bincount(labels.codes[labels.codes >= 0], minlength=len(labels.categories))
+        for code, name in enumerate(labels.categories):
+            if str(name).strip().lower() in NOT_ANNOTATED:
+                lines.append(
+                    f"note: label key {key!r} has a class {str(name)!r} ({counts[code]:,} cells), trained and "
+                    f"predicted as a cell type; if it means unlabelled, pass --unlabeled-category {name!r} "
+                    f"(AtlasVAE(unlabeled_categories=[{str(name)!r}])): those cells are then trained without a label"
+                )
     return lines
 
 

@@ -54,3 +54,23 @@ def test_the_flag_reaches_the_config():
     assert config_from_args(a).data.unlabeled_categories == ("unknown", "n/a")
     a = p.parse_args(["--data", "x", "--batch-key", "b", "--out", "o"])
     assert config_from_args(a).data.unlabeled_categories == ("undefined",)
+
+
+def test_a_class_named_like_no_annotation_is_said_with_the_flag_that_makes_it_unlabelled():
+    import anndata as ad
+    import numpy as np
+
+    from bigatlas import AtlasVAE
+
+    labels = ["T cell"] * 5 + ["Unknown"] * 3 + ["B cell"] * 4
+    adata = ad.AnnData(np.ones((12, 3), np.float32), obs=pd.DataFrame({"ct": labels, "b": ["x"] * 12}))
+    adata.obs_names = [f"c{i}" for i in range(12)]
+    store = open_store(adata)
+    cfg = DataConfig(data="m", batch_key="b", label_keys=("ct",))
+    lines = unlabeled_report(store, cfg)
+    assert len(lines) == 2 and "class 'Unknown' (3 cells)" in lines[1] and "--unlabeled-category 'Unknown'" in lines[1]
+    model = AtlasVAE(adata, batch_key="b", label_keys="ct", unlabeled_categories="Unknown")
+    assert model.config.data.unlabeled_categories == ("Unknown",)
+    assert unlabeled_report(store, model.config.data) == [
+        "label key 'ct': 2 classes; 3 of 12 cells unlabelled ('Unknown' or missing)"
+    ]
