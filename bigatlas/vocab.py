@@ -119,7 +119,7 @@ def unlabeled_report(store, data: DataConfig) -> list[str]:
             if str(name).strip().lower() in NOT_ANNOTATED:
                 lines.append(
                     f"note: label key {key!r} has a class {str(name)!r} ({counts[code]:,} cells), trained and "
-                    f"predicted as a cell type; if it means unlabelled, pass --unlabeled-category {name!r} "
+                    f"predicted as a cell type; if it means unlabelled, pass --unlabeled-category {str(name)!r} "
                     f"(AtlasVAE(unlabeled_categories=[{str(name)!r}])): those cells are then trained without a label"
                 )
     return lines
