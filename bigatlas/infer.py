@@ -408,7 +408,7 @@ def embed(
             lo, hi = k * c, min(n, (k + 1) * c)
             m = store.read(np.arange(lo, hi))
             check_counts(m, store.uri, integer=not allow_non_integer, positions=np.arange(lo, hi),
-                         other_layers=store.other_layers)  # fmt: skip
+                         locate=store.locate)  # fmt: skip
             if not identity:
                 m = select_columns(m, colmap, len(model.vocab.genes))
             return k, lo, hi, m

@@ -281,6 +281,10 @@ class CollectionStore(Store):
     def panel_codes(self, rows: np.ndarray) -> np.ndarray:
         return self.source_codes(rows).astype(np.int64)
 
+    def locate(self, position: int) -> tuple[str, int, tuple[str, ...]]:
+        i = int(self.source_codes(np.array([position]))[0])
+        return self.stores[i].locate(int(position) - int(self._offsets[i]))
+
     def source_codes(self, rows: np.ndarray) -> np.ndarray:
         """Index of each position's store (its `source` code)."""
         return np.searchsorted(self._offsets, np.asarray(rows, dtype=np.int64), side="right") - 1

@@ -149,12 +149,11 @@ def select_columns(m: CSR, colmap: np.ndarray, n_out: int) -> CSR:
     return CSR(indptr, new_cols[keep], m.data[keep], n_out)
 
 
-def check_counts(
-    m: CSR, where: str, integer: bool = True, positions: np.ndarray | None = None, other_layers=()
-) -> None:
+def check_counts(m: CSR, where: str, integer: bool = True, positions: np.ndarray | None = None, locate=None) -> None:
     """Raise ValueError unless every stored value is finite, >= 0 and (if integer) whole: raw counts.
-    `where` names the store; positions[row] is the store position of each row (default: row);
-    other_layers, the store's other matrices, are named as where raw counts may be."""
+    `where` names the store; positions[row] is the store position of each row (default: row); locate(position)
+    gives (the store holding it, its position there, that store's other matrices) for the message
+    (Store.locate: a collection names the member store)."""
     d = m.data
     if not len(d):
         return
@@ -169,6 +168,8 @@ def check_counts(
         row = int(np.searchsorted(m.indptr, i, side="right") - 1)
         v = d[i]
         kind = "NaN/inf" if not np.isfinite(v) else "negative" if v < 0 else "non-integer"
+        pos = int(positions[row]) if positions is not None else row
+        where, pos, other_layers = locate(pos) if locate is not None else (where, pos, ())
         hints = ["--allow-non-integer (allow_non_integer=True) for normalized or ambient-corrected values"] * (
             kind == "non-integer"
         )
@@ -177,7 +178,6 @@ def check_counts(
                 f"--layer (layer=) naming the one of raw counts; this store also has {', '.join(other_layers)}"
             )
         hint = f" (pass {', or '.join(hints)})" if hints else ""
-        pos = int(positions[row]) if positions is not None else row
         raise ValueError(
             f"{where}: {kind} value {float(v)!r} in the cell at position {pos} ({int(bad.sum())} "
             f"such values among these cells); the model needs raw counts{hint}"

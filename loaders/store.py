@@ -234,6 +234,10 @@ class Store:
         """Cell names (obs index) of positions `rows`."""
         raise NotImplementedError
 
+    def locate(self, position: int) -> tuple[str, int, tuple[str, ...]]:
+        """(the store holding `position`, its position there, that store's other matrices), for messages."""
+        return str(self.uri), int(position), self.other_layers
+
     def reader(self) -> Store:
         """A handle for one reader thread (stores with thread-affine handles return a fresh one)."""
         return self

@@ -375,7 +375,7 @@ class CellStream(torch.utils.data.IterableDataset):
                 m = reader.read(req.rows)
                 if self.validate and not self._validated:
                     check_counts(m, str(self.store.uri), integer=self.validate == "counts", positions=req.rows,
-                                 other_layers=self.store.other_layers)  # fmt: skip
+                                 locate=self.store.locate)  # fmt: skip
                 if self._colmap is not None:
                     m = select_columns(m, self._colmap, self.n_genes)
                 put((req, compact(m), offset))

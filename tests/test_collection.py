@@ -188,6 +188,22 @@ def test_mismatched_stores_give_one_clear_error(atlases, tmp_path):
         open_store(bad)
 
 
+def test_a_value_that_is_not_a_count_names_the_member_store_and_its_position(atlases, tmp_path):
+    """In a collection the check names the store that holds the value, the cell's position in that store and that
+    store's other matrices, not the collection's joined name and position."""
+    norm = ad.read_zarr(atlases / "a.zarr")
+    norm.layers["counts"] = norm.X.copy()
+    x = norm.X.astype(np.float32).tocsr()
+    x.data[x.indptr[7] : x.indptr[8]] += 0.25  # cell 7 of this store: values that are not whole
+    norm.X = x
+    norm.write_zarr(tmp_path / "norm.zarr")
+    store = open_store([str(atlases / "a.zarr"), str(tmp_path / "norm.zarr")])
+    with pytest.raises(ValueError, match=r"norm.zarr: non-integer value .* at position 7 .*also has counts\)$"):
+        list(stream(store, validate="counts"))
+    assert store.locate(640 + 7) == (str(tmp_path / "norm.zarr"), 7, ("counts",))
+    assert store.locate(3) == (str(atlases / "a.zarr"), 3, ())
+
+
 def test_training_on_a_collection_equals_training_on_the_merged_copy(atlases, tmp_path):
     keys = {"batch_key": "dataset_id", "label_keys": ["cell_type"], "train": {"max_epochs": 2, "seed": 3}}
     merged = ad.concat([ad.read_zarr(atlases / "a.zarr")[:, 5:], ad.read_zarr(atlases / "full_b.zarr")[:, 5:]])
