@@ -60,7 +60,7 @@ def decode_alone(data, chunk_size) -> tuple[float, list]:
     out = []
     for rows in parts:
         m = store.read(rows)
-        check_counts(m, store.uri, integer=True, positions=rows)
+        check_counts(m, store, integer=True, positions=rows)
         out.append(m)
     return store.n_obs / (time.perf_counter() - t), out
 

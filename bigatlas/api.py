@@ -76,16 +76,14 @@ class AtlasVAE:
             data=DataConfig(
                 data="" if data is None else data_name(data),
                 batch_key=batch_key or "",
-                label_keys=tuple([label_keys] if isinstance(label_keys, str) else label_keys),
-                covariate_keys=tuple([covariate_keys] if isinstance(covariate_keys, str) else covariate_keys),
+                label_keys=_names(label_keys),
+                covariate_keys=_names(covariate_keys),
                 obs_filter=obs_filter,
                 layer=layer,
                 genes=None if genes is None else tuple(genes),
                 gene_join=gene_join,
                 drop_labels=tuple(_drop_spec(key, cells) for key, cells in (drop_labels or {}).items()),
-                unlabeled_categories=tuple(
-                    [unlabeled_categories] if isinstance(unlabeled_categories, str) else unlabeled_categories
-                ),
+                unlabeled_categories=_names(unlabeled_categories),
                 allow_non_integer=allow_non_integer,
             ),
         )
@@ -308,6 +306,11 @@ class AtlasVAE:
         1e4 for counts per 10k), as a DataFrame indexed by cell name in the data's cell order."""
         store, mu = self._decoded(adata, obs_filter, library_size, batch_size)
         return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(self.vocab.genes))
+
+
+def _names(value) -> tuple[str, ...]:
+    """A keyword that takes one name or several, as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _drop_spec(key: str, cells) -> str:

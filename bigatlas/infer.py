@@ -407,8 +407,7 @@ def embed(
         def read(k):
             lo, hi = k * c, min(n, (k + 1) * c)
             m = store.read(np.arange(lo, hi))
-            check_counts(m, store.uri, integer=not allow_non_integer, positions=np.arange(lo, hi),
-                         locate=store.locate)  # fmt: skip
+            check_counts(m, store, integer=not allow_non_integer, positions=np.arange(lo, hi))
             if not identity:
                 m = select_columns(m, colmap, len(model.vocab.genes))
             return k, lo, hi, m

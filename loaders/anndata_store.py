@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .csr import CSR, merge_ranges, row_ranges, take_rows
-from .store import GroupObsStore, Store, StoreError, filtered_positions, layer_path, read_elem
+from .store import GroupObsStore, Store, StoreError, filtered_positions, layer_names, layer_path, read_elem
 
 # An .h5ad whose X is compressed (write_h5ad(compression="gzip")) or dense decodes shuffled blocks
 # several times slower than the layout `bigatlas prepare --convert` writes; an uncompressed sparse
@@ -55,7 +55,7 @@ class H5adStore(GroupObsStore):
         if "obs" not in f or "var" not in f:
             raise StoreError(f"{self.uri} is an HDF5 file but not an AnnData .h5ad (no obs/var)")
         key = self._x_path = layer_path(layer)
-        have = ["X"] + (["raw"] if "raw/X" in f else []) + list(f["layers"].keys() if "layers" in f else [])
+        have = layer_names(f)
         if key not in f:
             raise StoreError(f"{self.uri} has no {key} (have: {', '.join(have)})")
         self.other_layers = tuple(name for name in have if layer_path(name) != key)

@@ -149,11 +149,11 @@ def select_columns(m: CSR, colmap: np.ndarray, n_out: int) -> CSR:
     return CSR(indptr, new_cols[keep], m.data[keep], n_out)
 
 
-def check_counts(m: CSR, where: str, integer: bool = True, positions: np.ndarray | None = None, locate=None) -> None:
-    """Raise ValueError unless every stored value is finite, >= 0 and (if integer) whole: raw counts.
-    `where` names the store; positions[row] is the store position of each row (default: row); locate(position)
-    gives (the store holding it, its position there, that store's other matrices) for the message
-    (Store.locate: a collection names the member store)."""
+def check_counts(m: CSR, store, integer: bool = True, positions: np.ndarray | None = None) -> None:
+    """Raise ValueError unless every stored value is finite, >= 0 and (if integer) whole: raw counts. `m` was
+    read from `store`; positions[row] is the store position of each row (default: row). The message names what
+    store.locate gives: the store holding the value (a collection's member), the cell's position there, and that
+    store's other matrices."""
     d = m.data
     if not len(d):
         return
@@ -169,7 +169,7 @@ def check_counts(m: CSR, where: str, integer: bool = True, positions: np.ndarray
         v = d[i]
         kind = "NaN/inf" if not np.isfinite(v) else "negative" if v < 0 else "non-integer"
         pos = int(positions[row]) if positions is not None else row
-        where, pos, other_layers = locate(pos) if locate is not None else (where, pos, ())
+        where, pos, other_layers = store.locate(pos)
         hints = ["--allow-non-integer (allow_non_integer=True) for normalized or ambient-corrected values"] * (
             kind == "non-integer"
         )

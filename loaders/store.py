@@ -103,6 +103,11 @@ def layer_path(layer: str | None) -> str:
     return {None: "X", "X": "X", "raw": "raw/X"}.get(layer, f"layers/{layer}")
 
 
+def layer_names(root) -> list[str]:
+    """The `layer=` names of the matrices in an AnnData file's root group (HDF5 or Zarr): X, raw, its layers."""
+    return ["X"] + (["raw"] if "raw/X" in root else []) + list(root["layers"].keys() if "layers" in root else [])
+
+
 class Store:
     """Base: subclasses set uri, n_obs, n_vars, var frame, and implement _read_obs / read."""
 

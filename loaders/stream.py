@@ -374,8 +374,7 @@ class CellStream(torch.utils.data.IterableDataset):
                     continue
                 m = reader.read(req.rows)
                 if self.validate and not self._validated:
-                    check_counts(m, str(self.store.uri), integer=self.validate == "counts", positions=req.rows,
-                                 locate=self.store.locate)  # fmt: skip
+                    check_counts(m, self.store, integer=self.validate == "counts", positions=req.rows)
                 if self._colmap is not None:
                     m = select_columns(m, self._colmap, self.n_genes)
                 put((req, compact(m), offset))

@@ -14,7 +14,7 @@ import zarr
 from zarr.core.sync import sync
 
 from .csr import CSR, row_ranges
-from .store import GroupObsStore, StoreError, filtered_positions, layer_path, read_elem
+from .store import GroupObsStore, StoreError, filtered_positions, layer_names, layer_path, read_elem
 
 
 class ZarrStore(GroupObsStore):
@@ -28,7 +28,7 @@ class ZarrStore(GroupObsStore):
         if "obs" not in root or "var" not in root:
             raise StoreError(f"{self.uri} is a Zarr group but not an AnnData store (no obs/var)")
         x_path = layer_path(layer)
-        have = ["X"] + (["raw"] if "raw/X" in root else []) + list(root["layers"].keys() if "layers" in root else [])
+        have = layer_names(root)
         if x_path not in root:
             raise StoreError(f"{self.uri} has no {x_path} (have: {', '.join(have)})")
         self.other_layers = tuple(name for name in have if layer_path(name) != x_path)

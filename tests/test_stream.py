@@ -251,9 +251,7 @@ def test_counts_are_validated_until_a_whole_epoch_has_been_read(position_stores,
     import loaders.stream as stream_module
 
     checked = []
-    monkeypatch.setattr(
-        stream_module, "check_counts", lambda m, where, integer, positions, **_: checked.append(positions)
-    )
+    monkeypatch.setattr(stream_module, "check_counts", lambda m, store, integer, positions: checked.append(positions))
     first = stream(position_stores["zarr"], num_workers=2, epoch=3, validate="counts")
     it = iter(first)
     for _ in range(5):
