@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from loaders import measured_panels
+
 from .device_copy import to_device
 from .distributions import Counts
 from .vocab import Vocab, apply_lut
@@ -42,6 +44,11 @@ class Measured:
     def __init__(self, panels, store, device):
         self.store, self.device = store, device
         self.panels = None if panels is None else to_device(torch.from_numpy(np.asarray(panels, bool)), device)
+
+    @classmethod
+    def of_store(cls, store, colmap: np.ndarray | None, n_genes: int, device) -> Measured:
+        """The panels of `store` through its gene map to the model's `n_genes` genes (loaders.measured_panels)."""
+        return cls(measured_panels(store, colmap, n_genes), store, device)
 
     def of(self, positions: np.ndarray) -> torch.Tensor | None:
         if self.panels is None or len(self.panels) == 1:

@@ -25,7 +25,7 @@ import torch
 import zarr
 from accelerate import PartialState
 
-from loaders import data_name, detect_format, measured_panels, open_store
+from loaders import data_name, detect_format, open_store
 from loaders.csr import check_counts, select_columns
 
 from .batches import Measured
@@ -378,7 +378,7 @@ def embed(
             warnings.simplefilter("ignore")
         colmap = store.gene_map(model.vocab.genes, missing="zero-fill", min_overlap=min_gene_overlap, what="model's")
     identity = np.array_equal(colmap, np.arange(store.n_vars)) and store.n_vars == len(model.vocab.genes)
-    measured = Measured(measured_panels(store, colmap, len(model.vocab.genes)), store, device)
+    measured = Measured.of_store(store, colmap, len(model.vocab.genes), device)
     out = Path(out)
     n, c = store.n_obs, int(chunk_size)
     n_chunks = -(-n // c)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from loaders import data_name, is_anndata, measured_panels, open_store
+from loaders import data_name, is_anndata, open_store
 from loaders.csr import select_columns
 
 from .batches import Measured, holdout_all
@@ -110,7 +110,7 @@ MAX_FIT_CELLS = 50_000
 @torch.no_grad()
 def _latents(model, store, vocab, positions) -> torch.Tensor:
     colmap = store.gene_map(vocab.genes, missing="zero-fill", what="model's")
-    measured = Measured(measured_panels(store, colmap, len(vocab.genes)), store, "cpu")
+    measured = Measured.of_store(store, colmap, len(vocab.genes), "cpu")
     was = model.training
     model.eval()
     parts = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loaders import measured_panels, open_store
+from loaders import open_store
 from loaders.csr import select_columns
 
 from . import dropped_labels
@@ -49,7 +49,7 @@ class _Cells:
         self.identity = np.array_equal(self.colmap, np.arange(self.store.n_vars)) and self.store.n_vars == len(
             vocab.genes
         )
-        self.measured = Measured(measured_panels(self.store, self.colmap, len(vocab.genes)), self.store, "cpu")
+        self.measured = Measured.of_store(self.store, self.colmap, len(vocab.genes), "cpu")
         have = set(self.store.obs_columns)
         self.labels = np.full((self.store.n_obs, len(vocab.label_classes)), -1, np.int32)
         for i, key in enumerate(vocab.label_classes):
