@@ -58,7 +58,8 @@ def _synth(p):
         "--preset", choices=list(PRESETS), default="default",
         help="difficulty: subtle (subtypes differing in a few genes, wide libraries, overdispersion), rare "
         "(types under 1%% of cells), condition (a treatment changing some types only; type-specific batch "
-        "effects), hard (all of them)",
+        "effects), continuous (graded subtypes and an activation that differs by study), ambient (ambient RNA, "
+        "assay depths), tissues (types resident in one tissue's studies only), hard (subtle, rare and condition)",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 

@@ -27,6 +27,12 @@ own cells (its types in their proportions) that makes up a share of every cell's
 study's mean a quarter to 1.75 times that; `Truth.ambient`), so every cell of a study carries some of the
 markers of the study's common types; and mean library sizes that differ 2-3x between studies, as between
 assays.
+
+`tissues` gives the studies the compositions of different tissues: the last `tissue_types` coarse types are
+each resident in one tissue (`tissue_general`, study i is tissue i mod 3) and absent from the other tissues'
+studies (`Truth.present`, obs `tissue_resident`), as alveolar macrophages are found in lung studies only, with
+stronger study effects. A model that removes too much of the study aligns the resident types with types the
+other studies do have: the over-correction that strong batch mixing hides.
 """
 
 from __future__ import annotations
@@ -70,12 +76,18 @@ class SynthSpec:
     state_lfc: float = 1.5  # mean log-fold change of those genes at full activation
     study_library_sd: float = 0.4  # sd of log mean library size between studies (assays differ 2-3x)
     ambient: float = 0.0  # mean share of a cell's counts from its study's soup (ambient RNA), study means vary
+    tissue_types: int = 0  # last coarse types, each resident in one tissue's studies only (study i: tissue i % 3)
 
     def __post_init__(self):
         if self.rare_types > min(self.n_coarse, self.n_fine - 1) or self.rare_types * self.rare_fraction >= 0.5:
             raise ValueError(f"rare_types={self.rare_types} x {self.rare_fraction}: at most one per coarse type")
         if self.condition_types > self.n_coarse:
             raise ValueError(f"condition_types={self.condition_types} exceeds n_coarse={self.n_coarse}")
+        if self.tissue_types and (self.tissue_types + self.rare_types > self.n_coarse or self.n_studies < len(TISSUES)):
+            raise ValueError(
+                f"tissue_types={self.tissue_types}: needs rare_types + tissue_types <= n_coarse and "
+                f"n_studies >= {len(TISSUES)} (every tissue has a study)"
+            )
         if self.trajectory and self.n_fine_per_coarse < 2:
             raise ValueError("trajectory needs n_fine_per_coarse >= 2 (a path between subtypes)")
 
@@ -101,6 +113,7 @@ PRESETS: dict[str, dict] = {
     ),
     "continuous": dict(subtype_genes=15, trajectory=True, state_genes=40, state_lfc=1.5, library_sd=0.5),
     "ambient": dict(subtype_genes=15, library_sd=0.5, study_library_sd=0.8, ambient=0.1),
+    "tissues": dict(n_coarse=5, tissue_types=2, subtype_genes=15, library_sd=0.5, study_effect=0.8),
     "hard": dict(
         _SUBTLE, subtype_genes=8, rare_types=2, rare_fraction=0.006, condition_types=2, condition_genes=40,
         condition_lfc=1.2, type_batch_effect=0.3, donor_effect=0.35,
@@ -124,6 +137,7 @@ class Truth:
     state: np.ndarray  # genes of the graded activation programme
     state_lfc: np.ndarray  # their log-fold changes at full activation
     ambient: np.ndarray  # per study: the mean share of a cell's counts from the study's soup
+    present: np.ndarray  # studies x coarse types: whether the study has cells of that type at all
 
 
 def _extra_rng(spec: SynthSpec) -> np.random.Generator:
@@ -142,8 +156,19 @@ def truth(spec: SynthSpec) -> Truth:
     genes, lfc = _condition(spec, _extra_rng(spec))
     state, state_lfc = _state_programme(spec, _continuous_rng(spec))
     return Truth(
-        markers, _rare_types(spec), np.arange(spec.condition_types), genes, lfc, state, state_lfc, _ambient_shares(spec)
-    )
+        markers, _rare_types(spec), np.arange(spec.condition_types), genes, lfc, state, state_lfc,
+        _ambient_shares(spec), _present(spec),
+    )  # fmt: skip
+
+
+def _present(spec: SynthSpec) -> np.ndarray:
+    """Studies x coarse types: True where the study can have cells of the type. The last `tissue_types`
+    coarse types are resident: the k-th from the end only in the studies of tissue k (study i: i % 3)."""
+    present = np.ones((spec.n_studies, spec.n_coarse), bool)
+    tissue = np.arange(spec.n_studies) % len(TISSUES)
+    for k in range(spec.tissue_types):
+        present[:, spec.n_coarse - 1 - k] = tissue == k % len(TISSUES)
+    return present
 
 
 def _ambient_shares(spec: SynthSpec) -> np.ndarray:
@@ -242,13 +267,19 @@ def _cells(spec: SynthSpec, rng: np.random.Generator):
     donor = study * spec.donors_per_study + rng.integers(0, spec.donors_per_study, spec.n_cells)
     # each study has its own cell-type composition, some types nearly absent
     comp = rng.dirichlet(np.full(n_fine, 0.8), spec.n_studies)
+    if spec.tissue_types:  # resident types leave other tissues' studies; no draw, so the other atlases stay
+        comp *= np.repeat(_present(spec), spec.n_fine_per_coarse, axis=1)
+        comp /= comp.sum(1, keepdims=True)
     rare = _rare_types(spec)
     if len(rare):
         common = np.setdiff1d(np.arange(n_fine), rare)
         comp[:, common] *= (1.0 - len(rare) * spec.rare_fraction) / comp[:, common].sum(1, keepdims=True)
         comp[:, rare] = spec.rare_fraction
     u = rng.random(spec.n_cells)
-    ctype = np.minimum((u[:, None] > np.cumsum(comp[study], axis=1)).sum(1), n_fine - 1)
+    cum = np.cumsum(comp, axis=1)
+    if spec.tissue_types:  # exactly 1 from the last present type on, so no cell lands on an absent one
+        cum /= cum[:, -1:]
+    ctype = np.minimum((u[:, None] > cum[study]).sum(1), n_fine - 1)
     if spec.order == "cell_type":
         perm = np.lexsort((study, ctype))
     elif spec.order == "random":
@@ -352,6 +383,8 @@ def _frames(spec: SynthSpec, study, donor, ctype, rng, treated):
         },
         index=pd.Index(np.char.add("cell_", np.arange(n).astype(str)), name="obs_id"),
     )
+    if spec.tissue_types:
+        obs["tissue_resident"] = ctype // spec.n_fine_per_coarse >= spec.n_coarse - spec.tissue_types
     if spec.condition_types:
         obs["condition"] = cat(np.where(treated, "treated", "control"))
         obs["condition_affected"] = treated & (ctype // spec.n_fine_per_coarse < spec.condition_types)

@@ -288,3 +288,26 @@ def test_ambient_rna_carries_each_studys_common_markers_into_every_cell_by_the_s
     assert np.corrcoef(rise, tr.ambient)[0, 1] > 0.8, (rise, tr.ambient)
     library = pd.Series(np.asarray(clean.X.sum(1)).ravel()).groupby(study).mean()
     assert library.max() / library.min() > 2, library
+
+
+def test_tissue_resident_types_are_found_only_in_their_tissues_studies(tmp_path):
+    """The tissues preset: each resident coarse type has cells in every study of its tissue and in no other
+    study; every other type is found in every study; obs `tissue_resident` marks exactly those cells."""
+    from bigatlas.synth import SynthSpec, truth
+
+    spec = synth(tmp_path / "t.zarr", 6000, 300, "zarr", seed=4, preset_name="tissues")
+    obs = ad.read_zarr(tmp_path / "t.zarr").obs
+    present = truth(spec).present
+    assert present.shape == (spec.n_studies, spec.n_coarse)
+    assert (~present).any(0).sum() == spec.tissue_types  # that many types miss from some studies, no more
+    coarse = obs.true_cell_type.astype(str).str.split(".").str[0].str[5:].astype(int).to_numpy()
+    study = obs.dataset_id.astype(str).str[6:].astype(int).to_numpy()
+    counts = np.zeros_like(present, dtype=int)
+    np.add.at(counts, (study, coarse), 1)
+    assert ((counts > 0) == present).all(), counts
+    resident = (~present).any(0)
+    assert (obs.tissue_resident.to_numpy() == resident[coarse]).all()
+    for c in np.flatnonzero(resident):  # one tissue per resident type, the one its studies are from
+        assert obs.tissue_general[coarse == c].nunique() == 1
+    with pytest.raises(ValueError, match="tissue_types"):
+        SynthSpec(n_cells=10, n_coarse=4, rare_types=3, tissue_types=2)
