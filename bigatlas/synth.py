@@ -30,9 +30,11 @@ assays.
 
 `tissues` gives the studies the compositions of different tissues: the last `tissue_types` coarse types are
 each resident in one tissue (`tissue_general`, study i is tissue i mod 3) and absent from the other tissues'
-studies (`Truth.present`, obs `tissue_resident`), as alveolar macrophages are found in lung studies only, with
-stronger study effects. A model that removes too much of the study aligns the resident types with types the
-other studies do have: the over-correction that strong batch mixing hides.
+studies (`Truth.present`, obs `tissue_resident`), with stronger study effects. Each resident type is the twin
+of a type every study has (`Truth.twin`; the k-th from the end copies coarse type k and its subtypes) plus a
+programme of its own (`resident_genes` genes, `Truth.resident_genes`), as alveolar macrophages are monocyte-
+derived cells found in lung studies only. Told apart from its twin by a difference that goes with the tissue,
+hence with the study: a model that removes too much of the study folds the resident type into its twin.
 """
 
 from __future__ import annotations
@@ -77,16 +79,19 @@ class SynthSpec:
     study_library_sd: float = 0.4  # sd of log mean library size between studies (assays differ 2-3x)
     ambient: float = 0.0  # mean share of a cell's counts from its study's soup (ambient RNA), study means vary
     tissue_types: int = 0  # last coarse types, each resident in one tissue's studies only (study i: tissue i % 3)
+    resident_genes: int = 20  # genes of a resident type's own programme, beside its shared twin's
+    resident_lfc: float = 1.5  # mean log-fold change of those genes
 
     def __post_init__(self):
         if self.rare_types > min(self.n_coarse, self.n_fine - 1) or self.rare_types * self.rare_fraction >= 0.5:
             raise ValueError(f"rare_types={self.rare_types} x {self.rare_fraction}: at most one per coarse type")
         if self.condition_types > self.n_coarse:
             raise ValueError(f"condition_types={self.condition_types} exceeds n_coarse={self.n_coarse}")
-        if self.tissue_types and (self.tissue_types + self.rare_types > self.n_coarse or self.n_studies < len(TISSUES)):
+        shared = self.n_coarse - self.tissue_types
+        if self.tissue_types and (max(self.rare_types, self.tissue_types) > shared or self.n_studies < len(TISSUES)):
             raise ValueError(
-                f"tissue_types={self.tissue_types}: needs rare_types + tissue_types <= n_coarse and "
-                f"n_studies >= {len(TISSUES)} (every tissue has a study)"
+                f"tissue_types={self.tissue_types}: needs rare_types and tissue_types <= n_coarse - tissue_types "
+                f"(a twin each) and n_studies >= {len(TISSUES)} (every tissue has a study)"
             )
         if self.trajectory and self.n_fine_per_coarse < 2:
             raise ValueError("trajectory needs n_fine_per_coarse >= 2 (a path between subtypes)")
@@ -138,6 +143,8 @@ class Truth:
     state_lfc: np.ndarray  # their log-fold changes at full activation
     ambient: np.ndarray  # per study: the mean share of a cell's counts from the study's soup
     present: np.ndarray  # studies x coarse types: whether the study has cells of that type at all
+    twin: np.ndarray  # per coarse type: the shared type a resident one copies (-1: not resident)
+    resident_genes: list[np.ndarray]  # per coarse type: the genes of a resident type's own programme (else empty)
 
 
 def _extra_rng(spec: SynthSpec) -> np.random.Generator:
@@ -152,13 +159,35 @@ def _rare_types(spec: SynthSpec) -> np.ndarray:
 def truth(spec: SynthSpec) -> Truth:
     """What the atlas of `spec` holds by construction (the same draws as `generate`)."""
     rng = np.random.default_rng(spec.seed)
-    _, _, _, markers = _programs(spec, rng)
+    logits, _, _, markers = _programs(spec, rng)
+    _, twin, own = _resident_programs(spec, logits)
+    F = spec.n_fine_per_coarse
+    for r in np.flatnonzero(twin >= 0):  # a resident type's subtypes have their twin's subtype programs
+        markers[r * F : (r + 1) * F] = markers[twin[r] * F : (twin[r] + 1) * F]
     genes, lfc = _condition(spec, _extra_rng(spec))
     state, state_lfc = _state_programme(spec, _continuous_rng(spec))
     return Truth(
         markers, _rare_types(spec), np.arange(spec.condition_types), genes, lfc, state, state_lfc,
-        _ambient_shares(spec), _present(spec),
+        _ambient_shares(spec), _present(spec), twin, own,
     )  # fmt: skip
+
+
+def _resident_programs(spec: SynthSpec, logits: np.ndarray):
+    """The tissues preset's resident types: the k-th coarse type from the end takes coarse type k's programs
+    (subtype by subtype) plus `resident_genes` genes of its own, from a stream of its own. Returns the new
+    log-means, each coarse type's twin (-1: none) and own genes (empty: none)."""
+    twin = np.full(spec.n_coarse, -1)
+    own = [np.zeros(0, np.int64) for _ in range(spec.n_coarse)]
+    if not spec.tissue_types:
+        return logits, twin, own
+    rng, F, logits = np.random.default_rng([spec.seed, 0x715E]), spec.n_fine_per_coarse, logits.copy()
+    for k in range(spec.tissue_types):
+        r = spec.n_coarse - 1 - k
+        twin[r] = k
+        own[r], lfc = _gene_programme(spec, rng, spec.resident_genes, spec.resident_lfc)
+        logits[r * F : (r + 1) * F] = logits[k * F : (k + 1) * F]
+        logits[r * F : (r + 1) * F, own[r]] += np.abs(lfc)
+    return logits, twin, own
 
 
 def _present(spec: SynthSpec) -> np.ndarray:
@@ -295,6 +324,7 @@ def generate(spec: SynthSpec, writer, chunk_cells: int = 8192) -> None:
     """Draw the atlas and stream it into `writer` (write_store.ZarrWriter or SomaWriter)."""
     rng = np.random.default_rng(spec.seed)
     logits, theta, gate, _ = _programs(spec, rng)
+    logits = _resident_programs(spec, logits)[0]
     G, n_donors = spec.n_genes, spec.n_studies * spec.donors_per_study
     study_fx = rng.normal(0, spec.study_effect, (spec.n_studies, G))
     donor_fx = rng.normal(0, spec.donor_effect, (n_donors, G))

@@ -292,7 +292,8 @@ def test_ambient_rna_carries_each_studys_common_markers_into_every_cell_by_the_s
 
 def test_tissue_resident_types_are_found_only_in_their_tissues_studies(tmp_path):
     """The tissues preset: each resident coarse type has cells in every study of its tissue and in no other
-    study; every other type is found in every study; obs `tissue_resident` marks exactly those cells."""
+    study; every other type is found in every study; obs `tissue_resident` marks exactly those cells; and each
+    resident type is its twin plus its own genes."""
     from bigatlas.synth import SynthSpec, truth
 
     spec = synth(tmp_path / "t.zarr", 6000, 300, "zarr", seed=4, preset_name="tissues")
@@ -309,5 +310,19 @@ def test_tissue_resident_types_are_found_only_in_their_tissues_studies(tmp_path)
     assert (obs.tissue_resident.to_numpy() == resident[coarse]).all()
     for c in np.flatnonzero(resident):  # one tissue per resident type, the one its studies are from
         assert obs.tissue_general[coarse == c].nunique() == 1
+    # in the same study a resident subtype differs from its twin's most in the resident type's own genes
+    tr, x = truth(spec), ad.read_zarr(tmp_path / "t.zarr").X.toarray()
+    x = np.log1p(x / x.sum(1, keepdims=True) * 1e4)
+    fine = obs.true_cell_type.astype(str).map({n: i for i, n in enumerate(spec.fine_names)}).to_numpy()
+    F = spec.n_fine_per_coarse
+    for r in np.flatnonzero(resident):
+        assert tr.twin[r] >= 0 and not resident[tr.twin[r]]
+        pairs = [(r * F + j, tr.twin[r] * F + j, s) for j in range(F) for s in range(spec.n_studies)]
+        f, t, s = max(
+            pairs, key=lambda p: min(((fine == p[0]) & (study == p[2])).sum(), ((fine == p[1]) & (study == p[2])).sum())
+        )
+        diff = x[(fine == f) & (study == s)].mean(0) - x[(fine == t) & (study == s)].mean(0)
+        top = np.argsort(-diff)[: spec.resident_genes]
+        assert np.isin(top, tr.resident_genes[r]).mean() >= 0.7, (r, np.isin(top, tr.resident_genes[r]).mean())
     with pytest.raises(ValueError, match="tissue_types"):
         SynthSpec(n_cells=10, n_coarse=4, rare_types=3, tissue_types=2)
