@@ -55,6 +55,7 @@ demo: install
 	@$(BIN)/python -m bench.quality --table --own-rule --out bench/results/continuous.json --tags lat16b ln
 	@$(BIN)/python -m bench.quality --table --own-rule --out bench/results/hard.json --tags lat16b ln
 	@$(BIN)/python -m bench.quality --table --own-rule --out bench/results/ambient.json --tags default
+	@$(BIN)/python -m bench.quality --table --own-rule --out bench/results/tissues.json --tags default
 
 # test processes (pytest-xdist): each runs whole files on one thread, the longest files first (tests/conftest.py)
 TEST_WORKERS ?= auto
