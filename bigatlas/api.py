@@ -13,6 +13,7 @@ only (no pickle is ever unpickled).
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,12 +25,13 @@ from loaders import CellStream, data_name, is_anndata, open_store
 
 from .batches import ToModelInput
 from .config import UNLABELED, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .dropped_labels import parse as parse_drop
 from .infer import UNKNOWN, embed
 from .label_review import MIN_AGREEMENT, review
 from .model import VAEModule
 from .query import map_query
 from .reference import read_reference
-from .rundir import load_run, save_run
+from .rundir import RunDir, load_run, save_run
 from .train import make_accelerator, train
 from .transfer import DEFAULT_UNKNOWN, LabelTransfer
 from .vocab import Vocab, defined_labels
@@ -65,6 +67,8 @@ class AtlasVAE:
         train: dict | None = None,
     ):
         self.data = data
+        drops = {key: _drop_spec(key, cells) for key, cells in (drop_labels or {}).items()}
+        self._drop_files = {key: written for key, (_, written) in drops.items() if written is not None}
         self.vocab: Vocab | None = None
         self.module: VAEModule | None = None
         self.run_dir: Path | None = None
@@ -82,7 +86,7 @@ class AtlasVAE:
                 layer=layer,
                 genes=None if genes is None else tuple(genes),
                 gene_join=gene_join,
-                drop_labels=tuple(_drop_spec(key, cells) for key, cells in (drop_labels or {}).items()),
+                drop_labels=tuple(spec for spec, _ in drops.values()),
                 unlabeled_categories=_names(unlabeled_categories),
                 allow_non_integer=allow_non_integer,
             ),
@@ -112,7 +116,20 @@ class AtlasVAE:
         train(cfg, run_dir, resume=resume, accelerator=make_accelerator(cfg), data=in_memory)
         run = load_run(run_dir)
         self.config, self.vocab, self.module, self.run_dir = run.config, run.vocab, run.module, run.path
+        self._point_drops_at(RunDir(run.path))
         return self
+
+    def _point_drops_at(self, run: RunDir):
+        """After a fit: the cells drop_labels gave as a table name the run's copy of them, not the temporary
+        file written for the fit, which goes (a later fit reads the copy)."""
+        if not self._drop_files:
+            return
+        copies = {key: f"{key}={run.dropped_labels / f'{key}.csv'}" for key in self._drop_files}
+        specs = tuple(copies.get(parse_drop(spec)[0], spec) for spec in self.config.data.drop_labels)
+        self.config = self.config.override("data", drop_labels=specs)
+        for written in self._drop_files.values():
+            shutil.rmtree(written.parent, ignore_errors=True)
+        self._drop_files = {}
 
     def train(self, max_epochs: int | None = None, run_dir=None, **kwargs) -> AtlasVAE:
         """scvi-tools' name for fit()."""
@@ -313,18 +330,19 @@ def _names(value) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def _drop_spec(key: str, cells) -> str:
+def _drop_spec(key: str, cells) -> tuple[str, Path | None]:
     """DataConfig.drop_labels' KEY=FILE for `cells`: a CSV's path, or the cells themselves (review_labels()'s
-    flagged rows, a DataFrame with a `cell` column or cell names as index, or a list of names) written to one."""
+    flagged rows, a DataFrame with a `cell` column or cell names as index, or a list of names) written to a
+    temporary one, whose path comes second (None for a path given)."""
     if isinstance(cells, str | Path):
-        return f"{key}={cells}"
+        return f"{key}={cells}", None
     table = cells if isinstance(cells, pd.DataFrame) else pd.DataFrame(index=pd.Index(list(cells), dtype=str))
     listed = pd.DataFrame({"cell": (table["cell"] if "cell" in table.columns else table.index).astype(str)})
     if "row" in table.columns:
         listed["row"] = table["row"].to_numpy()
-    path = Path(tempfile.mkdtemp(prefix="bigatlas-drop-")) / f"{key}.csv"  # the run keeps its own copy
+    path = Path(tempfile.mkdtemp(prefix="bigatlas-drop-")) / f"{key}.csv"  # until fit(): the run keeps a copy
     listed.to_csv(path, index=False)
-    return f"{key}={path}"
+    return f"{key}={path}", path
 
 
 def _cell_names(store) -> pd.Index:

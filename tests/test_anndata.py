@@ -5,6 +5,7 @@ processes and covers every cell once; the README's notebook example runs."""
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -136,7 +137,7 @@ def test_a_model_without_label_keys_keeps_its_16_latent_dimensions_through_embed
     assert mapped.module.n_latent == 16 and mapped.get_latent_representation(query).shape == (query.n_obs, 16)
 
 
-def test_review_labels_reviews_the_labelled_cells_of_an_anndata_in_its_order(copies, tmp_path):
+def test_review_labels_reviews_the_labelled_cells_of_an_anndata_in_its_order(copies, tmp_path, monkeypatch):
     """review_labels() = label_review.review of the latent's labelled cells, indexed by their names (the
     'undefined' ones left out); a missing column is named."""
     import pandas as pd
@@ -166,14 +167,25 @@ def test_review_labels_reviews_the_labelled_cells_of_an_anndata_in_its_order(cop
     table = model.review_labels("annotation", adata, min_agreement=0.5)
     flagged = table[table.flagged]
     assert len(flagged) > 20 and not flagged.index.is_unique
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))  # where drop_labels writes the table
+    (tmp_path / "temp").mkdir()
     dropped = AtlasVAE(adata, batch_key="dataset_id", label_keys=["annotation"], drop_labels={"annotation": flagged},
-                       train={"max_epochs": 1, "batch_size": 64, "seed": 5}).fit(tmp_path / "dropped")  # fmt: skip
+                       train={"max_epochs": 1, "batch_size": 64, "seed": 5})  # fmt: skip
+    assert len(list((tmp_path / "temp").glob("bigatlas-drop-*/annotation.csv"))) == 1
+    dropped.fit(tmp_path / "dropped")
     given = pd.Categorical(adata.obs.annotation.where(adata.obs.annotation != "undefined"))
     trained = ~holdout_mask(np.arange(adata.n_obs), 0.05, 5) & ~np.isin(np.arange(adata.n_obs), flagged.row)
     codes = np.asarray(given.codes)
     expected = np.bincount(codes[trained & (codes >= 0)], minlength=len(given.categories))
     assert dropped.vocab.class_counts["annotation"] == expected.tolist()
     assert dropped.vocab.label_classes["annotation"] == list(given.categories)
+    # the table went to a temporary file for the fit; after it the model names the run's copy, which a second
+    # fit reads, and the temporary file is gone
+    (spec,) = dropped.config.data.drop_labels
+    assert spec == f"annotation={tmp_path / 'dropped' / 'dropped_labels' / 'annotation.csv'}"
+    assert not list((tmp_path / "temp").iterdir())
+    again = dropped.fit(tmp_path / "again")
+    assert again.vocab.class_counts["annotation"] == expected.tolist()
 
 
 def test_normalized_x_names_the_layers_and_allow_non_integer_holds_from_training_to_embedding(copies, tmp_path):
