@@ -113,6 +113,7 @@ def _embed(p):
         "chunk_size": "cells per output chunk (resume unit)",
         "batch_size": "cells per forward pass",
         "obs_filter": ("SOMA value_filter on the query cells", str),
+        "layer": ("the query's matrix of raw counts: X, raw or a layers/ name (unset: the run's)", str),
         "full_probabilities": "also write obsm/<key>_probabilities",
         "unknown_threshold": "flag <key>_unknown (and 'Unknown' in <key>_pred_filtered) when <key>_uncertainty "
         "is above this",
@@ -160,6 +161,7 @@ def _map_query(p):
     helps = {
         "epochs": "fine-tuning epochs",
         "obs_filter": ("SOMA value_filter on the query cells", str),
+        "layer": ("the query's matrix of raw counts: X, raw or a layers/ name (unset: the reference's)", str),
         "unfreeze_encoder": "also train the encoder",
         "unfreeze_decoder": "also train the decoder",
         "batch_size": ("cells per minibatch (unset: the reference run's)", int),

@@ -66,8 +66,12 @@ def _array(group, name, shape, chunks, dtype, kind="array", fill_value=None):
     return arr
 
 
-def _meta(run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold, transfer, sources=None) -> dict:
+def _meta(
+    run_dir, data, obs_filter, n_obs, chunk_size, full_probs, threshold, transfer, sources=None, layer=None
+) -> dict:
     extra = {"sources": list(sources)} if sources is not None else {}  # a collection's store names
+    if layer is not None:  # another matrix than the run's; outputs started without one resume as before
+        extra["layer"] = layer
     return {
         **extra,
         "version": OUTPUT_VERSION,
@@ -346,6 +350,7 @@ def embed(
     chunk_size: int = 16384,
     batch_size: int = 4096,
     obs_filter=None,
+    layer: str | None = None,
     overwrite: bool = False,
     full_probabilities: bool = False,
     unknown_threshold: float = DEFAULT_UNKNOWN,
@@ -370,7 +375,7 @@ def embed(
         transfer.index.to(device)
     genes = model.vocab.genes  # a collection aligns each store to the model's genes (zero-filling)
     store = open_store(
-        data, obs_filter=obs_filter, layer=model.config.data.layer, genes=genes, gene_join="outer",
+        data, obs_filter=obs_filter, layer=layer or model.config.data.layer, genes=genes, gene_join="outer",
         min_gene_overlap=min_gene_overlap,
     )  # fmt: skip
     with warnings.catch_warnings():
@@ -383,7 +388,9 @@ def embed(
     n, c = store.n_obs, int(chunk_size)
     n_chunks = -(-n // c)
     sources = [m.name for m in store.members] if store.segments is not None else None
-    meta = _meta(run_dir, data_name(data), obs_filter, n, c, full_probabilities, unknown_threshold, transfer, sources)
+    meta = _meta(
+        run_dir, data_name(data), obs_filter, n, c, full_probabilities, unknown_threshold, transfer, sources, layer
+    )
     meta["umap"] = transfer.has_umap
     fmt = out_format or ("soma" if detect_format(data) == "soma" else "zarr")
     if fmt == "soma" and sources is not None:

@@ -183,6 +183,7 @@ def map_query(
     *,
     epochs: int = 10,
     obs_filter: str | None = None,
+    layer: str | None = None,
     unfreeze_encoder: bool = False,
     unfreeze_decoder: bool = False,
     batch_size: int | None = None,
@@ -190,11 +191,13 @@ def map_query(
     accelerator=None,
 ) -> Path:
     """Fine-tune the model in run_dir on `query` (a store path, an .h5ad or an AnnData object) by
-    surgery; writes a new RUN_DIR at `out`."""
+    surgery; writes a new RUN_DIR at `out`. `layer`: the query's matrix of raw counts ("X", "raw" or a
+    layer), where it is not the one the reference was trained on."""
     reference = load_run(run_dir)
     ref = reference.config
+    layer = layer or ref.data.layer  # the query's matrix of raw counts: unset, the reference's
     keys = list(reference.vocab.label_classes)
-    have = set(open_store(query, obs_filter=obs_filter, layer=ref.data.layer).obs_columns) if keys else set()
+    have = set(open_store(query, obs_filter=obs_filter, layer=layer).obs_columns) if keys else set()
     labelled = bool(keys) and all(k in have for k in keys)
     if keys and not labelled and have & set(keys):
         print(
@@ -215,6 +218,7 @@ def map_query(
             ref.data,
             data=data_name(query),
             obs_filter=obs_filter,
+            layer=layer,
             label_keys=tuple(keys) if labelled else (),
             drop_labels=(),
         ),

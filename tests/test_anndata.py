@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 from conftest import ROOT, accelerate_launcher
@@ -207,3 +208,36 @@ def test_normalized_x_names_the_layers_and_allow_non_integer_holds_from_training
     assert np.isfinite(z).all() and len(z) == adata.n_obs
     emb = zarr.open_group(str(model.embed(adata, tmp_path / "norm.emb", progress=False)))
     assert np.allclose(emb["obsm/X_bigatlas"][:], z, atol=1e-5)
+
+
+def test_a_query_with_its_counts_in_another_matrix_is_read_with_layer(copies, tmp_path):
+    """X normalized and the counts in a layer, on a model trained on X: refused, naming `layer=` and the layer;
+    `layer=` gives every reader, embed and map-query the counts, read as the same cells with counts in X
+    are; and a model trained on a layer reads a query's X with layer="X"."""
+    adata = copies["memory"].copy()
+    train = {"max_epochs": 1, "batch_size": 64, "seed": 5}
+    model = AtlasVAE(adata, batch_key="dataset_id", train=train).fit(tmp_path / "run")
+    z = model.get_latent_representation(adata)
+    query = adata.copy()
+    query.layers["umi"] = query.X.copy()
+    lib = np.asarray(query.X.sum(1)).ravel()
+    query.X = query.X.multiply(1e4 / np.maximum(lib, 1)[:, None]).tocsr()
+    with pytest.raises(ValueError, match=r"non-integer value .*layer=.*also has umi"):
+        model.get_latent_representation(query)
+    np.testing.assert_array_equal(model.get_latent_representation(query, layer="umi"), z)
+    np.testing.assert_array_equal(model.get_latent(query, layer="umi"), z)
+    expr = model.get_normalized_expression(adata)
+    pd.testing.assert_frame_equal(model.get_normalized_expression(query, layer="umi"), expr)
+    emb = zarr.open_group(str(model.embed(query, tmp_path / "q.emb", layer="umi", progress=False)))
+    np.testing.assert_allclose(emb["obsm/X_bigatlas"][:], z, atol=1e-5)
+    mapped = model.map_query(query, tmp_path / "mapped", layer="umi", epochs=1)
+    assert mapped.config.data.layer == "umi"
+    assert np.isfinite(mapped.get_latent_representation(query)).all()  # the mapped run reads its query's layer
+
+    in_layer = adata.copy()
+    in_layer.layers["counts"] = in_layer.X.copy()
+    in_layer.X = query.X
+    on_layer = AtlasVAE(in_layer, batch_key="dataset_id", layer="counts", train=train).fit(tmp_path / "on_layer")
+    np.testing.assert_array_equal(
+        on_layer.get_latent_representation(adata, layer="X"), on_layer.get_latent_representation()
+    )
