@@ -230,6 +230,9 @@ def test_a_query_with_its_counts_in_another_matrix_is_read_with_layer(copies, tm
     pd.testing.assert_frame_equal(model.get_normalized_expression(query, layer="umi"), expr)
     emb = zarr.open_group(str(model.embed(query, tmp_path / "q.emb", layer="umi", progress=False)))
     np.testing.assert_allclose(emb["obsm/X_bigatlas"][:], z, atol=1e-5)
+    model.embed(query, tmp_path / "q.emb", layer="umi", progress=False)  # complete: the same settings
+    with pytest.raises(ValueError, match="other settings"):  # another matrix is not the same output
+        model.embed(query, tmp_path / "q.emb", progress=False)
     mapped = model.map_query(query, tmp_path / "mapped", layer="umi", epochs=1)
     assert mapped.config.data.layer == "umi"
     assert np.isfinite(mapped.get_latent_representation(query)).all()  # the mapped run reads its query's layer
