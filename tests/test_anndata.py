@@ -141,7 +141,6 @@ def test_a_model_without_label_keys_keeps_its_16_latent_dimensions_through_embed
 def test_review_labels_reviews_the_labelled_cells_of_an_anndata_in_its_order(copies, tmp_path, monkeypatch):
     """review_labels() = label_review.review of the latent's labelled cells, indexed by their names (the
     'undefined' ones left out); a missing column is named."""
-    import pandas as pd
 
     from bigatlas.label_review import review
 
