@@ -124,7 +124,7 @@ class AtlasVAE:
         file written for the fit, which goes (a later fit reads the copy)."""
         if not self._drop_files:
             return
-        copies = {key: f"{key}={run.dropped_labels / f'{key}.csv'}" for key in self._drop_files}
+        copies = {key: f"{key}={run.dropped_labels_of(key)}" for key in self._drop_files}
         specs = tuple(copies.get(parse_drop(spec)[0], spec) for spec in self.config.data.drop_labels)
         self.config = self.config.override("data", drop_labels=specs)
         for written in self._drop_files.values():

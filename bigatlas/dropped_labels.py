@@ -104,15 +104,14 @@ def apply(store, run, data_cfg, *, fresh: bool, main: bool) -> list[str]:
     """Drop the listed labels on `store` (Store.mask_obs); one line per key for the log. fresh: read the
     user's files (the main process copies them into the RunDir `run`); else the run dir's copies."""
     lines = []
-    folder = run.dropped_labels
     for spec in data_cfg.drop_labels:
         key, given = parse(spec)
-        copy = folder / f"{key}.csv"
+        copy = run.dropped_labels_of(key)
         source = given if fresh or not copy.exists() else copy
         listed = read_cells(source)
         store.mask_obs(key, listed_cells(store, listed, source))
         if fresh and main:
-            folder.mkdir(parents=True, exist_ok=True)
+            run.dropped_labels.mkdir(parents=True, exist_ok=True)
             tmp = copy.with_name(copy.name + ".tmp")
             listed.to_csv(tmp, index=False)
             os.replace(tmp, copy)

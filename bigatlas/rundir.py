@@ -70,6 +70,10 @@ class RunDir:
         self.weights_file = self.path / "model.safetensors"
         self.dropped_labels = self.path / "dropped_labels"
 
+    def dropped_labels_of(self, key: str) -> Path:
+        """The run's copy of the cells trained without label `key` (--drop-labels)."""
+        return self.dropped_labels / f"{key}.csv"
+
     # -- config and vocab -------------------------------------------------------------------------
     def write_config(self, cfg: RunConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
