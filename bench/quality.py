@@ -19,6 +19,8 @@ against and, 20% hidden per seed, the labels bigatlas_labels and scANVI train on
 scvi-tools is optional (`pip install scvi-tools`); without it only bigatlas rows are made. Epochs: the
 same number on both sides (--epochs; 0: each method's own rule; scANVI adds its default fine-tuning after
 scVI). `--only scatlasvae` adds the original scAtlasVAE without labels (its package, its defaults).
+`--covariate-keys donor_id` gives every method a nested key beside the study, as the README advises for bigatlas
+(scVI/scANVI take it as a categorical covariate); those rows are their own atlas, `<preset>+cov_donor_id`.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ def add_arguments(p) -> None:
         "row TAG's latent (saved by an earlier run on the same atlas and seed) flags: the README's recipe for noisy "
         "labels",
     )  # fmt: skip
+    p.add_argument(
+        "--covariate-keys", nargs="*", default=[], metavar="KEY",
+        help="obs columns every method also corrects for beside the study (bigatlas --covariate-keys, scVI/scANVI "
+        "categorical_covariate_keys; e.g. donor_id, nested in the study); rows name the atlas <preset>+cov_<KEY>",
+    )  # fmt: skip
     p.add_argument("--only", nargs="*", default=None, help=f"subset of {' '.join(METHODS)}")
     p.add_argument("--tag", default="default", help="name of this bigatlas variant in the results")
     p.add_argument("--model", nargs="*", default=[], help="ModelConfig overrides, key=value")
@@ -115,9 +122,12 @@ def atlas(a, preset: str, seed: int):
     """The preset's atlas (built once under --data-dir), or --data's cells, in memory, with the hidden-label
     column (drawn by the seed)."""
     if a.data:
-        adata = user_data(a.data, a.batch_key, a.label_key, a.layer).copy()  # read once, a copy per seed
+        adata = user_data(a.data, a.batch_key, a.label_key, a.layer, tuple(getattr(a, "covariate_keys", ()))).copy()
     else:
         adata = preset_atlas(a.data_dir, preset, seed, a.cells, a.genes)
+        for key in getattr(a, "covariate_keys", ()):
+            if key not in adata.obs:
+                raise ValueError(f"--covariate-keys: the {preset} atlas has no obs column {key!r}")
     rng = np.random.default_rng(seed)
     labelled = (adata.obs.cell_type != "undefined").to_numpy()
     hidden = labelled & (rng.random(adata.n_obs) < a.hidden_fraction)
@@ -165,10 +175,11 @@ def data_name(path) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def user_data(path, batch_key: str, label_key: str, layer=None):
-    """The benchmark's AnnData from a user's file: its raw counts as float32 CSR, the batch as BATCH_KEY and the
-    labels as the truth and as cell_type (what the hidden-label column is drawn from). One ValueError naming
-    the file and the column or layer when one is missing, a cell has no label or a value is not a count."""
+def user_data(path, batch_key: str, label_key: str, layer=None, covariate_keys: tuple = ()):
+    """The benchmark's AnnData from a user's file: its raw counts as float32 CSR, the batch as BATCH_KEY, the
+    covariate columns as they are named, and the labels as the truth and as cell_type (what the hidden-label
+    column is drawn from). One ValueError naming the file and the column or layer when one is missing, a cell has
+    no label, batch or covariate, or a value is not a count."""
     import anndata as ad
     import scipy.sparse as sp
 
@@ -178,7 +189,8 @@ def user_data(path, batch_key: str, label_key: str, layer=None):
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file or directory")
     src = ad.read_zarr(path) if path.suffix == ".zarr" or path.is_dir() else ad.read_h5ad(path)
-    for flag, key in (("--batch-key", batch_key), ("--label-key", label_key)):
+    flags = (("--batch-key", batch_key), ("--label-key", label_key), *(("--covariate-keys", k) for k in covariate_keys))
+    for flag, key in flags:
         if key not in src.obs:
             raise ValueError(f"{path}: no obs column {key!r} ({flag}); obs has {', '.join(map(str, src.obs.columns))}")
     if layer is not None and layer not in src.layers:
@@ -191,9 +203,10 @@ def user_data(path, batch_key: str, label_key: str, layer=None):
             f"{path}: {where} holds {int(bad.sum()):,} values that are not counts (e.g. {x.data[bad][0]!r}): the "
             "benchmark trains every method on raw counts (--layer names a layer of them)"
         )
-    no_batch = src.obs[batch_key].isna().to_numpy()
-    if no_batch.any():
-        raise ValueError(f"{path}: obs column {batch_key!r} (--batch-key) is missing for {int(no_batch.sum()):,} cells")
+    for flag, key in (("--batch-key", batch_key), *(("--covariate-keys", k) for k in covariate_keys)):
+        absent = src.obs[key].isna().to_numpy()
+        if absent.any():
+            raise ValueError(f"{path}: obs column {key!r} ({flag}) is missing for {int(absent.sum()):,} cells")
     labels = src.obs[label_key].astype("string")
     missing = labels.isna().to_numpy() | labels.isin(UNLABELED).to_numpy()
     if missing.any():
@@ -203,7 +216,12 @@ def user_data(path, batch_key: str, label_key: str, layer=None):
         )
     truth = pd.Categorical(labels.to_numpy(dtype=str))
     obs = pd.DataFrame(
-        {BATCH_KEY: pd.Categorical(src.obs[batch_key].astype(str).to_numpy()), TRUTH: truth, "cell_type": truth},
+        {
+            BATCH_KEY: pd.Categorical(src.obs[batch_key].astype(str).to_numpy()),
+            **{k: pd.Categorical(src.obs[k].astype(str).to_numpy()) for k in covariate_keys},
+            TRUTH: truth,
+            "cell_type": truth,
+        },
         index=src.obs_names,
     )
     return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=src.var_names))
@@ -238,8 +256,9 @@ def run_bigatlas(adata, a, seed: int, labels: bool):
 
     train = {"seed": seed, "checkpoint_every_steps": 0, **overrides(a.train)}
     model = AtlasVAE(
-        adata, batch_key=BATCH_KEY, label_keys=[LABELS] if labels else [], model=overrides(a.model), train=train
-    )
+        adata, batch_key=BATCH_KEY, covariate_keys=a.covariate_keys, label_keys=[LABELS] if labels else [],
+        model=overrides(a.model), train=train,
+    )  # fmt: skip
     model.fit(max_epochs=a.epochs or None)
     z = model.get_latent_representation()
     pred = model.predict()[f"{LABELS}_pred"].astype(str).to_numpy() if labels else None
@@ -270,7 +289,9 @@ def run_scvi(adata, a, seed: int, labels: bool, cache: dict):
     if "scvi" not in cache:
         t = time.perf_counter()
         data = adata.copy()
-        scvi.model.SCVI.setup_anndata(data, batch_key=BATCH_KEY, labels_key=LABELS)
+        scvi.model.SCVI.setup_anndata(
+            data, batch_key=BATCH_KEY, labels_key=LABELS, categorical_covariate_keys=a.covariate_keys or None
+        )
         model = scvi.model.SCVI(data)
         model.train(max_epochs=a.epochs or None, accelerator="cpu", enable_progress_bar=False)
         cache["scvi"], cache["scvi_seconds"] = model, time.perf_counter() - t
@@ -477,6 +498,8 @@ def run(a) -> dict:
 
     torch.set_num_threads(a.threads)
     methods = a.only or list(METHODS[:4])
+    if a.covariate_keys and "scatlasvae" in methods:
+        raise ValueError("--covariate-keys: the scatlasvae row corrects for the study only; leave it out (--only)")
     out = Path(a.out)
     old = json.loads(out.read_text())["rows"] if out.exists() else []
     new = []
@@ -484,6 +507,7 @@ def run(a) -> dict:
     latent_dir.mkdir(parents=True, exist_ok=True)
     for preset in [data_name(a.data)] if a.data else a.presets:
         name = f"{preset}+mislabel{a.mislabel_fraction:g}" if a.mislabel_fraction else preset
+        name += "".join(f"+cov_{k}" for k in a.covariate_keys)
         for seed in a.seeds:
             adata = atlas(a, preset, seed)
             cache: dict = {}

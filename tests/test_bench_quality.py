@@ -179,3 +179,41 @@ def test_own_rule_table_pairs_the_peers_own_rule_rows_with_bigatlas_on_the_same_
     assert lines == {"scvi": ["1", "0.100"], "bigatlas (default)": ["1", "0.100"], "scanvi": ["1", "0.000"]}
     everything = table(rows, ["default"]).splitlines()[2:]
     assert len(everything) == 4 and "| rare | scvi | 3 |" in "\n".join(everything)
+
+
+def test_covariate_rows_are_their_own_atlas_and_every_method_gets_the_covariate(user_h5ad, tmp_path, monkeypatch):
+    """--covariate-keys: bigatlas trains with them as covariate keys (scVI as categorical covariates), the rows
+    name the atlas <name>+cov_<key>, the clean rows stay; a column the data lacks is named before any training."""
+    import argparse
+
+    import bigatlas.api
+
+    theirs = ad.read_h5ad(user_h5ad)
+    theirs.obs["donor"] = theirs.obs.study.astype(str) + np.where(np.arange(theirs.n_obs) % 2, "_a", "_b")
+    path = tmp_path / "pbmc_like.h5ad"
+    theirs.write_h5ad(path)
+    given = []
+    init = bigatlas.api.AtlasVAE.__init__
+
+    def recording(self, *args, **kwargs):
+        given.append(tuple(kwargs.get("covariate_keys") or ()))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(bigatlas.api.AtlasVAE, "__init__", recording)
+    out = tmp_path / "q.json"
+    argv = ["--data", str(path), "--batch-key", "study", "--label-key", "celltype", "--layer", "counts"]
+    argv += ["--only", "bigatlas", "--seeds", "0", "--epochs", "2", "--threads", "1", "--out", str(out)]
+    argv += ["--data-dir", str(tmp_path)]
+    main("", add_arguments, run, argv)
+    main("", add_arguments, run, argv + ["--covariate-keys", "donor"])
+    assert given == [(), ("donor",)]
+    assert [r["preset"] for r in json.loads(out.read_text())["rows"]] == ["pbmc_like", "pbmc_like+cov_donor"]
+    a = argparse.Namespace(data=str(path), batch_key="study", label_key="celltype", layer="counts", hidden_fraction=0.2)
+    a.covariate_keys = ["donor"]
+    cov = atlas(a, "pbmc_like", seed=0)
+    assert (cov.obs["donor"].astype(str).to_numpy() == theirs.obs.donor.to_numpy()).all()
+    with pytest.raises(ValueError, match="no obs column 'sample' \\(--covariate-keys\\)"):
+        main("", add_arguments, run, argv + ["--covariate-keys", "sample"])
+    small = ["--presets", "subtle", "--cells", "600", "--genes", "100", "--covariate-keys", "sample"]
+    with pytest.raises(ValueError, match="the subtle atlas has no obs column 'sample'"):
+        main("", add_arguments, run, argv[argv.index("--only") :] + small)
