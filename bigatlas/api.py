@@ -158,7 +158,7 @@ class AtlasVAE:
             raise ValueError(f"the model was trained on an {d.data}; pass that AnnData (adata=...)")
         return (d.data if self.data is None else self.data), (obs_filter or d.obs_filter)
 
-    def _batches(self, data, obs_filter, batch_size, layer=None, with_batch_codes=False):
+    def _batches(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False, with_batch_codes=False):
         """(store, ModelInputs in store order) of `layer` (default: the one the model was trained on; "X" for
         X); genes the data lacks are zero-filled (with a warning), as in `embed`."""
         self._need_fit()
@@ -177,7 +177,7 @@ class AtlasVAE:
             colmap=colmap,
             obs_keys=keys,
             prefetch_next_epoch=False,
-            validate="finite" if d.allow_non_integer else "counts",
+            validate="finite" if allow_non_integer or d.allow_non_integer else "counts",
         )
         device = next(self.module.parameters()).device
         to_input = ToModelInput(self.vocab, store, device, batch_keys=keys, panels=stream.gene_panels())
@@ -198,26 +198,33 @@ class AtlasVAE:
         return AtlasVAE.load(out)
 
     @torch.no_grad()
-    def _latent(self, data, obs_filter, batch_size, layer=None) -> tuple:
+    def _latent(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False) -> tuple:
         """(store, posterior means as a numpy array in the store's cell order)."""
         self._need_fit()
         self.module.eval()
-        store, batches = self._batches(data, obs_filter, batch_size, layer)
+        store, batches = self._batches(data, obs_filter, batch_size, layer, allow_non_integer)
         return store, np.concatenate(
             [self.module.latent(inp.counts, measured=inp.measured).cpu().numpy() for inp in batches]
         )
 
     def get_latent_representation(
-        self, adata=None, *, obs_filter=None, layer: str | None = None, batch_size: int = 4096
+        self,
+        adata=None,
+        *,
+        obs_filter=None,
+        layer: str | None = None,
+        allow_non_integer: bool = False,
+        batch_size: int = 4096,
     ) -> np.ndarray:
         """Posterior means (cells × n_latent) of `adata` (an AnnData or a store path; default: the data
         the model was set up with), in its cell order: `adata.obsm["X_bigatlas"] = ...`. `layer` names the
-        matrix of raw counts where it is not the one the model was trained on ("X", "raw" or a layer); every
-        reader of this class takes it."""
-        return self._latent(adata, obs_filter, batch_size, layer)[1]
+        matrix of raw counts where it is not the one the model was trained on ("X", "raw" or a layer);
+        `allow_non_integer=True` reads values that are not whole (normalized or ambient-corrected; still finite and
+        >= 0) where the model was trained on counts. Every reader of this class takes both."""
+        return self._latent(adata, obs_filter, batch_size, layer, allow_non_integer)[1]
 
     def review_labels(
-        self, label_key: str, adata=None, *, obs_filter=None, layer: str | None = None,
+        self, label_key: str, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
         min_agreement: float = MIN_AGREEMENT, batch_size: int = 4096,
     ) -> pd.DataFrame:  # fmt: skip
         """Label review (bigatlas.label_review) of the obs column `label_key` of `adata` (default: the data
@@ -228,7 +235,7 @@ class AtlasVAE:
         cell names repeat). `AtlasVAE(..., drop_labels={label_key: table[table.flagged]})` trains without the
         flagged labels. Most telling with a model trained without `label_key`: one trained
         on it pulls each cell toward its given label, wrong ones too."""
-        store, z = self._latent(adata, obs_filter, batch_size, layer)
+        store, z = self._latent(adata, obs_filter, batch_size, layer, allow_non_integer)
         labels = defined_labels(*store.obs_codes(label_key), self.config.data.unlabeled_categories)
         keep = np.asarray(labels.codes) >= 0
         if keep.sum() < 2:
@@ -238,28 +245,45 @@ class AtlasVAE:
         table.insert(0, "row", store.cell_ids(np.flatnonzero(keep)))  # drop_labels finds cells by it
         return table
 
-    def get_latent(self, data=None, *, obs_filter=None, layer: str | None = None, batch_size: int = 4096) -> np.ndarray:
+    def get_latent(
+        self,
+        data=None,
+        *,
+        obs_filter=None,
+        layer: str | None = None,
+        allow_non_integer: bool = False,
+        batch_size: int = 4096,
+    ) -> np.ndarray:
         """The first API's name for get_latent_representation()."""
-        return self.get_latent_representation(data, obs_filter=obs_filter, layer=layer, batch_size=batch_size)
+        return self.get_latent_representation(
+            data, obs_filter=obs_filter, layer=layer, allow_non_integer=allow_non_integer, batch_size=batch_size
+        )
 
     @torch.no_grad()
-    def _transfer(self, data, obs_filter, batch_size, layer=None, predictor=None):
+    def _transfer(self, data, obs_filter, batch_size, layer=None, predictor=None, allow_non_integer=False):
         """(store, {label key: transfer.KeyResult}, reference-UMAP coordinates or None)."""
         self._need_fit()
         self.module.eval()
         reference = read_reference(self.run_dir) if self.run_dir is not None else None
         transfer = LabelTransfer(self.module, self.vocab, reference, predictor=predictor)
-        store, batches = self._batches(data, obs_filter, batch_size, layer)
+        store, batches = self._batches(data, obs_filter, batch_size, layer, allow_non_integer)
         z = torch.cat([self.module.latent(inp.counts, measured=inp.measured) for inp in batches])
         results, umap = transfer(z)
         return store, results, umap
 
     def predict_labels(
-        self, data=None, *, obs_filter=None, layer: str | None = None, batch_size: int = 4096, predictor=None
+        self,
+        data=None,
+        *,
+        obs_filter=None,
+        layer: str | None = None,
+        allow_non_integer: bool = False,
+        batch_size: int = 4096,
+        predictor=None,
     ) -> dict:
         """Per label key: {'label': predicted class names, 'probability': its probability,
         'probabilities': cells × classes, 'uncertainty'}, in the data's cell order."""
-        _, results, _ = self._transfer(data, obs_filter, batch_size, layer, predictor)
+        _, results, _ = self._transfer(data, obs_filter, batch_size, layer, predictor, allow_non_integer)
         out = {}
         for k, r in results.items():
             classes = np.asarray(self.vocab.label_classes[k])
@@ -268,14 +292,14 @@ class AtlasVAE:
         return out
 
     def predict(
-        self, adata=None, *, obs_filter=None, layer: str | None = None, unknown_threshold: float = DEFAULT_UNKNOWN,
-        batch_size: int = 4096, predictor: str | None = None,
+        self, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
+        unknown_threshold: float = DEFAULT_UNKNOWN, batch_size: int = 4096, predictor: str | None = None,
     ):  # fmt: skip
         """A DataFrame indexed by cell name, in the data's cell order, with the columns `embed` writes per
         label key: `<key>_pred`, `_prob`, `_uncertainty`, `_unknown` (uncertainty above unknown_threshold)
         and `_pred_filtered` ('Unknown' there): `adata.obs = adata.obs.join(model.predict())`. Labels come
         from the run's reference (calibrated head + kNN vote) when it has one, else the calibrated head."""
-        store, results, _ = self._transfer(adata, obs_filter, batch_size, layer, predictor)
+        store, results, _ = self._transfer(adata, obs_filter, batch_size, layer, predictor, allow_non_integer)
         columns = {}
         for k, r in results.items():
             classes = list(self.vocab.label_classes[k])
@@ -290,22 +314,28 @@ class AtlasVAE:
         return pd.DataFrame(columns, index=_cell_names(store))
 
     def get_reference_umap(
-        self, adata=None, *, obs_filter=None, layer: str | None = None, batch_size: int = 4096
+        self,
+        adata=None,
+        *,
+        obs_filter=None,
+        layer: str | None = None,
+        allow_non_integer: bool = False,
+        batch_size: int = 4096,
     ) -> np.ndarray:
         """Each cell placed on the reference's UMAP by its reference neighbours (cells × 2), as embed's
         `obsm/X_umap_ref`; needs a reference with a UMAP layout."""
-        _, _, umap = self._transfer(adata, obs_filter, batch_size, layer)
+        _, _, umap = self._transfer(adata, obs_filter, batch_size, layer, None, allow_non_integer)
         if umap is None:
             raise ValueError(f"{self.run_dir} has no reference UMAP: `bigatlas reference --run {self.run_dir}`")
         return umap
 
     @torch.no_grad()
-    def _decoded(self, data, obs_filter, library_size, batch_size, layer=None):
+    def _decoded(self, data, obs_filter, library_size, batch_size, layer=None, allow_non_integer=False):
         """(store, decoded means cells × genes)."""
         self._need_fit()
         self.module.eval()
         out = []
-        store, batches = self._batches(data, obs_filter, batch_size, layer, with_batch_codes=True)
+        store, batches = self._batches(data, obs_filter, batch_size, layer, allow_non_integer, with_batch_codes=True)
         for inp in batches:
             lib = inp.counts.library
             if library_size is not None:
@@ -317,13 +347,20 @@ class AtlasVAE:
         return store, np.concatenate(out)
 
     def get_reconstructed_expression(
-        self, data=None, *, obs_filter=None, layer: str | None = None, library_size=None, batch_size: int = 1024
+        self,
+        data=None,
+        *,
+        obs_filter=None,
+        layer: str | None = None,
+        allow_non_integer: bool = False,
+        library_size=None,
+        batch_size: int = 1024,
     ) -> np.ndarray:
         """Decoded NB/ZINB means (cells × genes) from the posterior mean, each cell decoded with its own
         batch; library_size=None uses the observed total counts, a number rescales every cell to it. Genes a
         cell's store did not measure (a query's, or a store's in an outer join) get the model's prediction: with
         the observed total, the means of its measured genes sum to it."""
-        return self._decoded(data, obs_filter, library_size, batch_size, layer)[1]
+        return self._decoded(data, obs_filter, library_size, batch_size, layer, allow_non_integer)[1]
 
     def get_normalized_expression(
         self,
@@ -331,12 +368,13 @@ class AtlasVAE:
         *,
         obs_filter=None,
         layer: str | None = None,
+        allow_non_integer: bool = False,
         library_size: float = 1.0,
         batch_size: int = 1024,
     ) -> pd.DataFrame:
         """Denoised expression (cells × the model's genes) at a common library size (1.0: fractions;
         1e4 for counts per 10k), as a DataFrame indexed by cell name in the data's cell order."""
-        store, mu = self._decoded(adata, obs_filter, library_size, batch_size, layer)
+        store, mu = self._decoded(adata, obs_filter, library_size, batch_size, layer, allow_non_integer)
         return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(self.vocab.genes))
 
 

@@ -243,3 +243,31 @@ def test_a_query_with_its_counts_in_another_matrix_is_read_with_layer(copies, tm
     np.testing.assert_array_equal(
         on_layer.get_latent_representation(adata, layer="X"), on_layer.get_latent_representation()
     )
+
+
+def test_a_model_trained_on_counts_reads_non_integer_values_only_when_a_call_allows_them(copies, tmp_path):
+    """Ambient-corrected values (not whole) on a model trained on counts: every reader refuses them, naming
+    allow_non_integer=True; with it, each reads them as embed(allow_non_integer=True) does, and the next call
+    without it refuses again (a call's switch is not the model's)."""
+    adata = copies["memory"].copy()
+    model = AtlasVAE(adata, batch_key="dataset_id", train={"max_epochs": 1, "batch_size": 64, "seed": 5})
+    model.fit(tmp_path / "run")
+    corrected = adata.copy()
+    corrected.X = (corrected.X * 0.9).tocsr()
+    readers = {
+        "latent": lambda **kw: model.get_latent_representation(corrected, **kw),
+        "get_latent": lambda **kw: model.get_latent(corrected, **kw),
+        "normalized": lambda **kw: model.get_normalized_expression(corrected, **kw).to_numpy(),
+        "reconstructed": lambda **kw: model.get_reconstructed_expression(corrected, **kw),
+        "predict_labels": lambda **kw: model.predict_labels(corrected, **kw),
+    }
+    for name, read in readers.items():
+        with pytest.raises(ValueError, match=r"non-integer value .*allow_non_integer=True"):
+            read()
+        assert read(allow_non_integer=True) is not None, name
+    with pytest.raises(ValueError, match="non-integer value"):
+        model.get_latent_representation(corrected)  # the switch held for its call only
+    z = model.get_latent_representation(corrected, allow_non_integer=True)
+    assert not np.allclose(z, model.get_latent_representation(adata), atol=1e-3)  # read as they are, not rounded
+    emb = zarr.open_group(str(model.embed(corrected, tmp_path / "c.emb", allow_non_integer=True, progress=False)))
+    np.testing.assert_allclose(emb["obsm/X_bigatlas"][:], z, atol=1e-5)
