@@ -217,3 +217,19 @@ def test_covariate_rows_are_their_own_atlas_and_every_method_gets_the_covariate(
     small = ["--presets", "subtle", "--cells", "600", "--genes", "100", "--covariate-keys", "sample"]
     with pytest.raises(ValueError, match="the subtle atlas has no obs column 'sample'"):
         main("", add_arguments, run, argv[argv.index("--only") :] + small)
+
+
+def test_condition_kept_sees_the_treatment_whether_the_latent_mixes_donors_or_keeps_them_apart():
+    from bench.quality import condition_kept
+
+    rng = np.random.default_rng(0)
+    fine = np.repeat(["a.0", "a.1", "b.0", "b.1"], 480)
+    donor = np.tile(np.repeat(np.arange(16), 30), 4)
+    treated, affected = donor % 2 == 1, np.char.startswith(fine, "a")
+    for spread in (0.5, 2.0):  # donors mixed, or each donor apart from the next
+        base = rng.normal(0, spread, (16, 4))[donor] + rng.normal(0, 1, (len(fine), 4))
+        shifted = base + np.where((treated & affected)[:, None], [5.0, 0, 0, 0], 0.0)
+        assert condition_kept(shifted, treated, donor, fine, affected) > 0.2
+        assert abs(condition_kept(base, treated, donor, fine, affected)) < 0.05
+        everywhere = base + np.where(treated[:, None], [5.0, 0, 0, 0], 0.0)  # an arm effect in every type: no biology
+        assert abs(condition_kept(everywhere, treated, donor, fine, affected)) < 0.05
