@@ -50,22 +50,11 @@ class AtlasVAE:
     >= 0), in training and in what the model reads later."""
 
     def __init__(
-        self,
-        data=None,
-        *,
-        batch_key: str | None = None,
-        label_keys=(),
-        covariate_keys=(),
-        obs_filter=None,
-        layer=None,
-        genes=None,
-        gene_join: str = "inner",
-        drop_labels: dict | None = None,
-        unlabeled_categories=UNLABELED,
-        allow_non_integer: bool = False,
-        model: dict | None = None,
+        self, data=None, *, batch_key: str | None = None, label_keys=(), covariate_keys=(), obs_filter=None,
+        layer=None, genes=None, gene_join: str = "inner", drop_labels: dict | None = None,
+        unlabeled_categories=UNLABELED, allow_non_integer: bool = False, model: dict | None = None,
         train: dict | None = None,
-    ):
+    ):  # fmt: skip
         self.data = data
         drops = {key: _drop_spec(key, cells) for key, cells in (drop_labels or {}).items()}
         self._drop_files = {key: written for key, (_, written) in drops.items() if written is not None}
@@ -208,14 +197,9 @@ class AtlasVAE:
         )
 
     def get_latent_representation(
-        self,
-        adata=None,
-        *,
-        obs_filter=None,
-        layer: str | None = None,
-        allow_non_integer: bool = False,
+        self, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
         batch_size: int = 4096,
-    ) -> np.ndarray:
+    ) -> np.ndarray:  # fmt: skip
         """Posterior means (cells × n_latent) of `adata` (an AnnData or a store path; default: the data
         the model was set up with), in its cell order: `adata.obsm["X_bigatlas"] = ...`. `layer` names the
         matrix of raw counts where it is not the one the model was trained on ("X", "raw" or a layer);
@@ -246,14 +230,9 @@ class AtlasVAE:
         return table
 
     def get_latent(
-        self,
-        data=None,
-        *,
-        obs_filter=None,
-        layer: str | None = None,
-        allow_non_integer: bool = False,
+        self, data=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
         batch_size: int = 4096,
-    ) -> np.ndarray:
+    ) -> np.ndarray:  # fmt: skip
         """The first API's name for get_latent_representation()."""
         return self.get_latent_representation(
             data, obs_filter=obs_filter, layer=layer, allow_non_integer=allow_non_integer, batch_size=batch_size
@@ -272,15 +251,9 @@ class AtlasVAE:
         return store, results, umap
 
     def predict_labels(
-        self,
-        data=None,
-        *,
-        obs_filter=None,
-        layer: str | None = None,
-        allow_non_integer: bool = False,
-        batch_size: int = 4096,
-        predictor=None,
-    ) -> dict:
+        self, data=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
+        batch_size: int = 4096, predictor=None,
+    ) -> dict:  # fmt: skip
         """Per label key: {'label': predicted class names, 'probability': its probability,
         'probabilities': cells × classes, 'uncertainty'}, in the data's cell order."""
         _, results, _ = self._transfer(data, obs_filter, batch_size, layer, predictor, allow_non_integer)
@@ -314,14 +287,9 @@ class AtlasVAE:
         return pd.DataFrame(columns, index=_cell_names(store))
 
     def get_reference_umap(
-        self,
-        adata=None,
-        *,
-        obs_filter=None,
-        layer: str | None = None,
-        allow_non_integer: bool = False,
+        self, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
         batch_size: int = 4096,
-    ) -> np.ndarray:
+    ) -> np.ndarray:  # fmt: skip
         """Each cell placed on the reference's UMAP by its reference neighbours (cells × 2), as embed's
         `obsm/X_umap_ref`; needs a reference with a UMAP layout."""
         _, _, umap = self._transfer(adata, obs_filter, batch_size, layer, None, allow_non_integer)
@@ -347,15 +315,9 @@ class AtlasVAE:
         return store, np.concatenate(out)
 
     def get_reconstructed_expression(
-        self,
-        data=None,
-        *,
-        obs_filter=None,
-        layer: str | None = None,
-        allow_non_integer: bool = False,
-        library_size=None,
-        batch_size: int = 1024,
-    ) -> np.ndarray:
+        self, data=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
+        library_size=None, batch_size: int = 1024,
+    ) -> np.ndarray:  # fmt: skip
         """Decoded NB/ZINB means (cells × genes) from the posterior mean, each cell decoded with its own
         batch; library_size=None uses the observed total counts, a number rescales every cell to it. Genes a
         cell's store did not measure (a query's, or a store's in an outer join) get the model's prediction: with
@@ -363,15 +325,9 @@ class AtlasVAE:
         return self._decoded(data, obs_filter, library_size, batch_size, layer, allow_non_integer)[1]
 
     def get_normalized_expression(
-        self,
-        adata=None,
-        *,
-        obs_filter=None,
-        layer: str | None = None,
-        allow_non_integer: bool = False,
-        library_size: float = 1.0,
-        batch_size: int = 1024,
-    ) -> pd.DataFrame:
+        self, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
+        library_size: float = 1.0, batch_size: int = 1024,
+    ) -> pd.DataFrame:  # fmt: skip
         """Denoised expression (cells × the model's genes) at a common library size (1.0: fractions;
         1e4 for counts per 10k), as a DataFrame indexed by cell name in the data's cell order."""
         store, mu = self._decoded(adata, obs_filter, library_size, batch_size, layer, allow_non_integer)
