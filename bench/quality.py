@@ -121,11 +121,12 @@ def preset_atlas(data_dir, preset: str, seed: int, cells: int, genes: int):
 def atlas(a, preset: str, seed: int):
     """The preset's atlas (built once under --data-dir), or --data's cells, in memory, with the hidden-label
     column (drawn by the seed)."""
+    covariates = tuple(getattr(a, "covariate_keys", ()))  # benches that reuse atlas() may not have the flag
     if a.data:
-        adata = user_data(a.data, a.batch_key, a.label_key, a.layer, tuple(getattr(a, "covariate_keys", ()))).copy()
+        adata = user_data(a.data, a.batch_key, a.label_key, a.layer, covariates).copy()  # read once, a copy per seed
     else:
         adata = preset_atlas(a.data_dir, preset, seed, a.cells, a.genes)
-        for key in getattr(a, "covariate_keys", ()):
+        for key in covariates:
             if key not in adata.obs:
                 raise ValueError(f"--covariate-keys: the {preset} atlas has no obs column {key!r}")
     rng = np.random.default_rng(seed)
@@ -376,6 +377,11 @@ def condition_kept(z, treated: np.ndarray, donor: np.ndarray, fine: np.ndarray, 
     each donor apart scores as one that mixes them), the share in its arm; the mean over cells of the affected
     types minus that over the other types, where the arm is no biology (about 0.48 either way). 0: the latent
     holds no more of the treatment than of an arm drawn at random; higher: it keeps the treatment's effect."""
+    import torch
+
+    from bigatlas.knn import LatentIndex
+
+    z = torch.as_tensor(np.asarray(z), dtype=torch.float32)
     share = np.full(len(z), np.nan)
     for t in np.unique(fine):
         cells = np.flatnonzero(fine == t)
@@ -383,8 +389,7 @@ def condition_kept(z, treated: np.ndarray, donor: np.ndarray, fine: np.ndarray, 
             query, ref = cells[donor[cells] == d], cells[donor[cells] != d]
             if len(ref) < k:
                 continue
-            dist = ((z[query, None, :] - z[None, ref, :]) ** 2).sum(-1)
-            nn = ref[np.argpartition(dist, k - 1, axis=1)[:, :k]]
+            nn = ref[LatentIndex(z[ref], exact=True).search(z[query], k)[1].numpy()]
             share[query] = (treated[nn] == treated[query, None]).mean(1)
     return float(np.nanmean(share[affected]) - np.nanmean(share[~affected]))
 
