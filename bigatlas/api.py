@@ -239,7 +239,7 @@ class AtlasVAE:
         )
 
     @torch.no_grad()
-    def _transfer(self, data, obs_filter, batch_size, layer=None, predictor=None, allow_non_integer=False):
+    def _transfer(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False, predictor=None):
         """(store, {label key: transfer.KeyResult}, reference-UMAP coordinates or None)."""
         self._need_fit()
         self.module.eval()
@@ -256,7 +256,7 @@ class AtlasVAE:
     ) -> dict:  # fmt: skip
         """Per label key: {'label': predicted class names, 'probability': its probability,
         'probabilities': cells × classes, 'uncertainty'}, in the data's cell order."""
-        _, results, _ = self._transfer(data, obs_filter, batch_size, layer, predictor, allow_non_integer)
+        _, results, _ = self._transfer(data, obs_filter, batch_size, layer, allow_non_integer, predictor)
         out = {}
         for k, r in results.items():
             classes = np.asarray(self.vocab.label_classes[k])
@@ -272,7 +272,7 @@ class AtlasVAE:
         label key: `<key>_pred`, `_prob`, `_uncertainty`, `_unknown` (uncertainty above unknown_threshold)
         and `_pred_filtered` ('Unknown' there): `adata.obs = adata.obs.join(model.predict())`. Labels come
         from the run's reference (calibrated head + kNN vote) when it has one, else the calibrated head."""
-        store, results, _ = self._transfer(adata, obs_filter, batch_size, layer, predictor, allow_non_integer)
+        store, results, _ = self._transfer(adata, obs_filter, batch_size, layer, allow_non_integer, predictor)
         columns = {}
         for k, r in results.items():
             classes = list(self.vocab.label_classes[k])
@@ -292,7 +292,7 @@ class AtlasVAE:
     ) -> np.ndarray:  # fmt: skip
         """Each cell placed on the reference's UMAP by its reference neighbours (cells × 2), as embed's
         `obsm/X_umap_ref`; needs a reference with a UMAP layout."""
-        _, _, umap = self._transfer(adata, obs_filter, batch_size, layer, None, allow_non_integer)
+        _, _, umap = self._transfer(adata, obs_filter, batch_size, layer, allow_non_integer)
         if umap is None:
             raise ValueError(f"{self.run_dir} has no reference UMAP: `bigatlas reference --run {self.run_dir}`")
         return umap
