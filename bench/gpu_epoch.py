@@ -104,6 +104,8 @@ def counted_syncs(on: bool):
 def trainer_epoch(a, batch: int, precision: str) -> dict:
     """Seconds, cells/s and host syncs of bigatlas.train._epoch over a.cells cells at this batch size and
     precision ('no' or 'bf16'), after a short compiling epoch; a pool of the store's batches replayed."""
+    from accelerate.state import AcceleratorState
+
     from bench.common import ensure_store, train_config
     from bench.train import Replay
     from bigatlas.checkpoint import Progress
@@ -115,6 +117,7 @@ def trainer_epoch(a, batch: int, precision: str) -> dict:
     run_dir = Path(a.data_dir) / "gpu_trainer_run"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = train_config(data, 1, batch, compile_loss=a.compile_loss, mixed_precision=precision)
+    AcceleratorState._reset_state(reset_partial_state=True)  # each row its own precision, in one process
     s = set_up(cfg, run_dir, False, make_accelerator(cfg), None)
     s.stream.set_epoch(0)
     pool = [b for _, b in zip(range(a.pool), s.stream)]
@@ -143,8 +146,38 @@ def trainer_epoch(a, batch: int, precision: str) -> dict:
     if cuda:
         row["host_syncs_per_step_seen"] = round(sum(sites.values()) / steps, 3)
         row["sync_sites"] = dict(sites.most_common(10))
+        try:
+            row["backward_sync"] = backward_sync(s, pool[0])
+        except Exception as e:  # the timing row stands without it
+            row["backward_sync"] = f"not found: {type(e).__name__}: {e}"[:300]
     shutil.rmtree(run_dir, ignore_errors=True)
     return row
+
+
+def backward_sync(s, batch) -> str:
+    """The backward op that makes the host wait, with the forward line that made it: one training forward
+    under anomaly mode (which keeps each op's forward traceback), then its backward with host syncs raised
+    as errors. 'none' when the backward makes no sync."""
+    inp = s.to_input(batch)
+    with warnings.catch_warnings(record=True) as caught, torch.autograd.detect_anomaly(check_nan=False):
+        warnings.simplefilter("always")
+        with s.acc.autocast():
+            out = s.model(inp.counts, inp.codes, inp.labels)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out.total.backward()
+            return "none"
+        except RuntimeError as e:
+            error = str(e).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            for p in s.params:
+                p.grad = None
+    traces = [str(w.message) for w in caught if "Traceback of forward call" in str(w.message)]
+    lines = traces[-1].splitlines() if traces else []
+    node = [ln for ln in lines[:1] if ln.startswith("Error detected in")]  # names the backward op
+    frames = [f"{ln.strip()}: {nxt.strip()}" for ln, nxt in zip(lines, lines[1:]) if "bigatlas/" in ln]
+    return " | ".join([error[:200], *node, *frames[-4:]])
 
 
 def main() -> None:
@@ -162,7 +195,16 @@ def main() -> None:
     p.add_argument("--store-cells", type=int, default=20_000, help="--trainer: cells of the generated store")
     p.add_argument("--pool", type=int, default=64, help="--trainer: batches read from it and replayed")
     p.add_argument("--data-dir", default="bench/data")
+    p.add_argument(
+        "--gpu-dense-max", type=int, default=None,
+        help="bigatlas.model.GPU_DENSE_MAX for this run: cells × genes up to which the first layer reads a batch "
+        "dense (0: always the sparse matmul, as before 2026-12-04)",
+    )  # fmt: skip
     a = p.parse_args()
+    if a.gpu_dense_max is not None:
+        import bigatlas.model
+
+        bigatlas.model.GPU_DENSE_MAX = a.gpu_dense_max
     if a.trainer:
         return run_trainer(a)
     dev = torch.device("cuda")
@@ -189,9 +231,12 @@ def main() -> None:
 
 
 def run_trainer(a) -> None:
+    import bigatlas.model as model_module
+
     res = {"mode": "trainer", "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "cells": a.cells, "genes": a.genes, "store_cells": a.store_cells,
-           "pool": a.pool, "compile_loss": a.compile_loss, "runs": []}  # fmt: skip
+           "pool": a.pool, "compile_loss": a.compile_loss, "gpu_dense_max": model_module.GPU_DENSE_MAX,
+           "runs": []}  # fmt: skip
     for batch in a.batch_sizes:
         for precision in a.precisions:
             try:

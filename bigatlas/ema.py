@@ -47,8 +47,12 @@ class WeightAverage:
         are not a multiple of `every` leave it."""
         if step % self.every:
             return
-        weight = (1.0 - skipped) * (1.0 - self.decay_at(step))  # a device scalar: no sync
-        torch._foreach_lerp_(self.shadow, self.params, weight)
+        weight = (1.0 - skipped) * (1.0 - self.decay_at(step))  # a device scalar
+        # shadow + weight·(params − shadow), lerp's own formula for weights below 0.5 (here ≤ 1/3); lerp_ itself
+        # takes its weight as a Python number and read it off the GPU every update (a host sync per 4 steps)
+        step_to = torch._foreach_sub(self.params, self.shadow)
+        torch._foreach_mul_(step_to, weight)
+        torch._foreach_add_(self.shadow, step_to)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:

@@ -28,25 +28,26 @@ class DeviceSums:
     def __init__(self):
         self.keys: list[str] | None = None
         self.vec: torch.Tensor | None = None
-        self.weight_of: torch.Tensor | None = None  # per key: 0 = × cells, 1 = × validation cells, 2 = as it is
+        self.weight_of: list[int] | None = None  # per key: 0 = × cells, 1 = × validation cells, 2 = as it is
 
     def add(self, terms: dict, skip: torch.Tensor) -> None:
-        """A handful of device ops per step whatever the number of terms (one stack, one gather of the
+        """A handful of device ops per step whatever the number of terms (a stack of the terms, one of their
         weights), not a few per term."""
         n = terms["n"]
         if self.keys is None:
             self.keys = list(terms)
-            which = [2 if k in ("n", "val_n") else 1 if k.startswith("val_") else 0 for k in self.keys]
-            self.weight_of = torch.tensor(which, device=n.device)
-        weights = torch.stack([n, terms.get("val_n", n), torch.ones_like(n)])[self.weight_of]
+            self.weight_of = [2 if k in ("n", "val_n") else 1 if k.startswith("val_") else 0 for k in self.keys]
+        per = (n, terms.get("val_n", n), torch.ones_like(n))
+        weights = torch.stack([per[w] for w in self.weight_of])  # one kernel; no index tensor to copy to a GPU
         v = (torch.stack([terms[k] for k in self.keys]) * weights).double()
         v = torch.where(skip > 0, torch.zeros_like(v), v)
         self.vec = v if self.vec is None else self.vec + v
 
-    def fold(self, sums: dict) -> None:
-        """Add to `sums` (one host sync) and start again from zero."""
+    def fold(self, sums: dict, values: list[float] | None = None) -> None:
+        """Add to `sums` and start again from zero: `values`, the running sums (`vec`) already read off the
+        device with other values, or read here (one host sync)."""
         if self.vec is not None:
-            for k, x in zip(self.keys, self.vec.tolist()):
+            for k, x in zip(self.keys, self.vec.tolist() if values is None else values):
                 sums[k] = sums.get(k, 0.0) + x
             self.vec = None
 
@@ -92,9 +93,10 @@ class MetricsLog:
                 print("TensorBoard events skipped (pip install 'bigatlas[tensorboard]'); metrics.csv has them")
 
     def step(self, step: int, terms: dict, kl_weight: float) -> None:
+        """The step's loss terms (numbers) to TensorBoard, every 50th step."""
         if self.tb is not None and step % 50 == 0:
             for k, v in terms.items():
-                self.tb.add_scalar(f"step/{k}", float(v), step)
+                self.tb.add_scalar(f"step/{k}", v, step)
             self.tb.add_scalar("step/kl_weight", kl_weight, step)
 
     def epoch(self, row: dict) -> None:

@@ -367,20 +367,25 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
 
 
 def _sync(s: Session, progress: Progress, sums: DeviceSums, terms: dict, kl_weight: float, bar, log) -> None:
-    """The loop's host sync: the running sums come over, and all ranks agree on whether a loss went
-    non-finite (then the state after the last good step is saved and the run stops) and on SIGTERM."""
+    """The loop's host sync, one read of the device: the running sums come over with the step's loss terms
+    (progress bar, TensorBoard), and all ranks agree on whether a loss went non-finite (then the state after
+    the last good step is saved and the run stops) and on SIGTERM."""
     acc = s.acc
-    sums.fold(progress.sums)
-    flags = torch.stack([s.guard.stop, torch.tensor(float(s.preempt.requested), device=acc.device)])
+    # a fill on the device, not a copy from the host (which on a GPU would wait as a sync of its own)
+    flags = torch.stack([s.guard.stop, torch.full((), float(s.preempt.requested), device=acc.device)])
     if acc.num_processes > 1:  # every rank stops together, none waits on a dead collective
         flags = acc.reduce(flags, reduction="sum")
-    bad, term = flags.tolist()
+    keys = list(terms)
+    now = torch.stack([terms[k].reshape(()).double() for k in keys])
+    host = torch.cat([flags.double(), now, *([] if sums.vec is None else [sums.vec])]).tolist()
+    (bad, term), now = host[:2], dict(zip(keys, host[2 : 2 + len(keys)]))
+    sums.fold(progress.sums, host[2 + len(keys) :])
     if bad > 0:
-        _non_finite(s, progress, terms)
+        _non_finite(s, progress, now)
     s.preempt.agreed = term > 0  # the loop then checkpoints and stops
     if bar is not None:
-        bar.set_postfix(loss=f"{float(terms['loss']):.4g}", kl_w=f"{kl_weight:.2f}", refresh=False)
-    log.step(progress.step, terms, kl_weight)
+        bar.set_postfix(loss=f"{now['loss']:.4g}", kl_w=f"{kl_weight:.2f}", refresh=False)
+    log.step(progress.step, now, kl_weight)
 
 
 def _non_finite(s: Session, progress: Progress, terms: dict):

@@ -166,6 +166,23 @@ def test_csr_first_layer_equals_the_dense_encoder_on_both_paths(monkeypatch):
                         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_a_gpu_batch_reaches_the_first_layer_dense_up_to_its_size_limit():
+    """On a GPU the sparse matmul's weight gradient makes the host wait every step: a batch of up to
+    GPU_DENSE_MAX cells × genes is read dense, a larger one keeps the sparse matmul (the device and shape
+    are all the rule reads; a stand-in batch carries them)."""
+    from types import SimpleNamespace
+
+    import bigatlas.model as model_module
+
+    def on_gpu(cells, genes):
+        return SimpleNamespace(device=torch.device("cuda", 0), shape=(cells, genes))
+
+    limit = model_module.GPU_DENSE_MAX
+    assert model_module._dense_is_faster(on_gpu(limit // 2000, 2000))
+    assert model_module._dense_is_faster(on_gpu(128, 60_000))  # a whole-genome panel at the default batch size
+    assert not model_module._dense_is_faster(on_gpu(limit // 2000 + 1, 2000))
+
+
 def test_bf16_linear_multiplies_bfloat16_operands_into_float32():
     torch.manual_seed(0)
     layer = torch.nn.Linear(300, 40)

@@ -4,6 +4,7 @@ the model learns an integrated latent space, and bad launches fail loudly."""
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -206,13 +207,14 @@ def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
 
 def test_training_steps_never_wait_on_the_device(small_atlas, tmp_path, monkeypatch):
     """No host sync inside a step: a tensor read to Python (bool, float, int, item, tolist, numpy)
-    would stall a GPU every step. The loop reads its flags every SYNC_EVERY steps instead (_sync)."""
+    would stall a GPU every step. The loop reads its flags every SYNC_EVERY steps instead (_sync), and
+    there once, whatever the number of loss terms."""
     import torch
 
     from bigatlas.checkpoint import Progress
     from bigatlas.config import DataConfig, RunConfig, TrainConfig
-    from bigatlas.metrics_log import DeviceSums
-    from bigatlas.train import make_accelerator, set_up, train_step
+    from bigatlas.metrics_log import DeviceSums, MetricsLog, new_sums
+    from bigatlas.train import _sync, make_accelerator, set_up, train_step
 
     cfg = RunConfig(
         train=TrainConfig(max_epochs=1, batch_size=64),
@@ -234,9 +236,18 @@ def test_training_steps_never_wait_on_the_device(small_atlas, tmp_path, monkeypa
     for inp in inputs[1:]:
         out = train_step(s, progress, inp, 0.5, 1.0)
         sums.add(out.terms, s.guard.stop)
-    monkeypatch.undo()
     assert reads == []
-    assert progress.step == 6 and s.guard.first_bad_step() == 0
+    # the loop's sync point reads the device once: the flags, the step's terms and the running sums together
+    log, bar = MetricsLog(s.run, True), SimpleNamespace(set_postfix=lambda **k: bars.append(k))
+    log.tb, bars, progress.sums = SimpleNamespace(add_scalar=lambda *a: logged.append(a)), [], new_sums()
+    logged, progress.step = [], 50  # a step TensorBoard logs
+    _sync(s, progress, sums, out.terms, 0.5, bar, log)
+    monkeypatch.undo()
+    assert reads == ["tolist"]
+    assert progress.sums["n"] == sum(len(inp) - inp.val.sum() for inp in inputs[1:])
+    assert bars[0]["loss"] == f"{float(out.terms['loss']):.4g}"
+    assert {a[0] for a in logged} == {f"step/{k}" for k in out.terms} | {"step/kl_weight"}
+    assert progress.step == 50 and s.guard.first_bad_step() == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
