@@ -159,7 +159,7 @@ class VAEModule(nn.Module):
 
     def encode(self, x, fill: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x) from a dense tensor, a sparse CSR tensor or Counts (CSR used when it has one: the
-        first layer is then a sparse matmul over the nonzeros, with no dense copy of the input). `fill`
+        first layer then reads the nonzeros, densified where that is faster, see _dense_is_faster). `fill`
         (cells × genes, 0 where a gene was measured) stands in for the genes a cell's store did not measure,
         which are 0 in x: the first layer is linear, so their input adds W · log1p(fill) (with normalize_total,
         which divides by the filled cell's total, x + fill is encoded as one)."""
