@@ -153,7 +153,7 @@ class AtlasVAE:
         self._need_fit()
         d = self.config.data
         source, obs_filter = self._source(data, obs_filter)
-        layer = layer or d.layer
+        layer, allow_non_integer = d.read_as(layer, allow_non_integer)
         store = open_store(source, obs_filter=obs_filter, layer=layer, genes=self.vocab.genes, gene_join="outer")
         keys = d.batch_keys if with_batch_codes else ()
         colmap = store.gene_map(self.vocab.genes, missing="zero-fill", what="model's")
@@ -166,7 +166,7 @@ class AtlasVAE:
             colmap=colmap,
             obs_keys=keys,
             prefetch_next_epoch=False,
-            validate="finite" if allow_non_integer or d.allow_non_integer else "counts",
+            validate="finite" if allow_non_integer else "counts",
         )
         device = next(self.module.parameters()).device
         to_input = ToModelInput(self.vocab, store, device, batch_keys=keys, panels=stream.gene_panels())

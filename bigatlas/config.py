@@ -260,6 +260,11 @@ class DataConfig:
         """Keys embedded in the decoder: the batch key first, then covariates."""
         return (self.batch_key, *self.covariate_keys)
 
+    def read_as(self, layer: str | None = None, allow_non_integer: bool = False) -> tuple[str | None, bool]:
+        """How a trained model reads new data: a call's own matrix (layer) and leave for non-whole values, else
+        those the model was trained with."""
+        return layer or self.layer, allow_non_integer or self.allow_non_integer
+
 
 @dataclass(frozen=True)
 class RunConfig:

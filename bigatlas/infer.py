@@ -367,7 +367,8 @@ def embed(
     leave_at_exit()
     faults = Faults()
     model = load_run(run_dir)
-    allow_non_integer = allow_non_integer or model.config.data.allow_non_integer  # as the model was trained
+    # as the model was trained, unless the call says otherwise (the output's settings keep the call's own layer)
+    read_layer, allow_non_integer = model.config.data.read_as(layer, allow_non_integer)
     device = state.device if torch.cuda.is_available() else torch.device("cpu")
     module = model.module.to(device).eval()
     transfer = LabelTransfer(module, model.vocab, read_reference(run_dir), predictor=predictor, k=k)
@@ -375,7 +376,7 @@ def embed(
         transfer.index.to(device)
     genes = model.vocab.genes  # a collection aligns each store to the model's genes (zero-filling)
     store = open_store(
-        data, obs_filter=obs_filter, layer=layer or model.config.data.layer, genes=genes, gene_join="outer",
+        data, obs_filter=obs_filter, layer=read_layer, genes=genes, gene_join="outer",
         min_gene_overlap=min_gene_overlap,
     )  # fmt: skip
     with warnings.catch_warnings():

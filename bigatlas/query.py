@@ -195,7 +195,7 @@ def map_query(
     layer), where it is not the one the reference was trained on."""
     reference = load_run(run_dir)
     ref = reference.config
-    layer = layer or ref.data.layer  # the query's matrix of raw counts: unset, the reference's
+    layer, _ = ref.data.read_as(layer)  # the query's matrix of raw counts: unset, the reference's
     keys = list(reference.vocab.label_classes)
     have = set(open_store(query, obs_filter=obs_filter, layer=layer).obs_columns) if keys else set()
     labelled = bool(keys) and all(k in have for k in keys)
