@@ -51,6 +51,29 @@ def _commit(partial: Path, path: Path) -> None:
     os.replace(partial, path)
 
 
+def _plain_strings(df: pd.DataFrame) -> pd.DataFrame:
+    """obs/var with pandas' string dtype (the default from pandas 3) as object columns and categories: written
+    as anndata's plain string arrays, which every anndata reads (anndata 0.12 refuses the nullable-string
+    encoding unless a setting opts in, and versions before 0.11 cannot read it)."""
+
+    def plain(col: pd.Series) -> pd.Series:
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            cats = col.cat.categories
+            return col.cat.rename_categories(pd.Index(cats, dtype=object)) if _is_str(cats.dtype) else col
+        return col.astype(object) if _is_str(col.dtype) else col
+
+    out = df.copy(deep=False)
+    for col in out.columns:
+        out[col] = plain(out[col])
+    if _is_str(out.index.dtype):
+        out.index = pd.Index(out.index, dtype=object, name=out.index.name)
+    return out
+
+
+def _is_str(dtype) -> bool:
+    return isinstance(dtype, pd.StringDtype)
+
+
 def _writes(method):
     """A write of the store failing with an OSError (a full disk, an I/O error) becomes one error naming
     the store; errors of whatever feeds the writer (a source's reads) pass through unchanged."""
@@ -192,8 +215,8 @@ class ZarrWriter(_PartialStore):
         self._x.attrs["shape"] = [self.n_obs, self.n_vars]
         with warnings.catch_warnings():  # anndata announces a future sharding default on every write
             warnings.filterwarnings("ignore", message=".*autosharding.*")
-            write_elem(self.root, "obs", obs)
-            write_elem(self.root, "var", var)
+            write_elem(self.root, "obs", _plain_strings(obs))
+            write_elem(self.root, "var", _plain_strings(var))
         self.root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         _commit(self.partial, self.path)
         return self.path

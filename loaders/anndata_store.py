@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .csr import CSR, merge_ranges, row_ranges, take_rows
-from .store import GroupObsStore, Store, StoreError, filtered_positions, layer_names, layer_path, read_elem
+from .store import GroupObsStore, Store, StoreError, filtered_positions, layer_names, layer_path, obs_index, read_elem
 
 # An .h5ad whose X is compressed (write_h5ad(compression="gzip")) or dense decodes shuffled blocks
 # several times slower than the layout `bigatlas prepare --convert` writes; an uncompressed sparse
@@ -111,11 +111,14 @@ class H5adStore(GroupObsStore):
             )
 
     def obs_names(self, rows: np.ndarray) -> np.ndarray:
-        index = self._obs[self._obs.attrs.get("_index", "_index")].asstr()
+        index = obs_index(self._obs).asstr()
         rows = self.store_rows(np.asarray(rows, dtype=np.int64))
         if len(rows) and rows[-1] - rows[0] == len(rows) - 1:
             return np.asarray(index[int(rows[0]) : int(rows[-1]) + 1], dtype=object)
-        return np.asarray(index[rows], dtype=object) if len(rows) else np.zeros(0, object)
+        if not len(rows):
+            return np.zeros(0, object)
+        unique, back = np.unique(rows, return_inverse=True)  # h5py selects increasing rows only
+        return np.asarray(index[unique], dtype=object)[back]
 
     def read(self, rows: np.ndarray) -> CSR:
         rows = self.store_rows(np.asarray(rows, dtype=np.int64))

@@ -67,6 +67,13 @@ def read_elem(node):
     return read(node)
 
 
+def obs_index(obs):
+    """The array of an AnnData obs group's names: the index itself, or the `values` of anndata's
+    nullable-string encoding (a pandas-3 str index, as anndata writes it once opted in)."""
+    node = obs[obs.attrs.get("_index", "_index")]
+    return node["values"] if node.attrs.get("encoding-type") == "nullable-string-array" else node
+
+
 def _positions(names) -> dict[str, list[int]]:
     """Each name's column positions (usually one)."""
     out: dict[str, list[int]] = {}

@@ -14,7 +14,7 @@ import zarr
 from zarr.core.sync import sync
 
 from .csr import CSR, row_ranges
-from .store import GroupObsStore, StoreError, filtered_positions, layer_names, layer_path, read_elem
+from .store import GroupObsStore, StoreError, filtered_positions, layer_names, layer_path, obs_index, read_elem
 
 
 class ZarrStore(GroupObsStore):
@@ -65,7 +65,7 @@ class ZarrStore(GroupObsStore):
         self.blocks_per_request = 128
 
     def obs_names(self, rows: np.ndarray) -> np.ndarray:
-        index = self._obs[self._obs.attrs.get("_index", "_index")]
+        index = obs_index(self._obs)
         rows = self.store_rows(np.asarray(rows, dtype=np.int64))
         if len(rows) and rows[-1] - rows[0] == len(rows) - 1:  # contiguous: one slice
             return np.asarray(index[int(rows[0]) : int(rows[-1]) + 1]).astype(object)

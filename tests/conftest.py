@@ -30,6 +30,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # past torch's limit of 8 recompilations the later variants would run uncompiled (decoder_nll's fallback), untested
 torch._dynamo.config.recompile_limit = 64
 
+# pandas 3 makes str the default string dtype, which anndata 0.12 writes only once opted in: the stores the tests
+# write with anndata itself are then what a pandas-3 user's anndata writes (bigatlas's own writers need no opt-in)
+if int(pd.__version__.split(".")[0]) >= 3:
+    import anndata
+
+    anndata.settings.allow_write_nullable_strings = True
+
 # the longest files (minutes of launches, kills and resumes) start first: under pytest -n --dist loadfile
 # a file runs on one worker, and a long file handed out last is the whole suite's tail
 LONG_FILES = ("test_train.py", "test_multinode.py", "test_transfer.py", "test_reliability.py", "test_preemption.py",

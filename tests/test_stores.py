@@ -4,10 +4,13 @@ import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
+import zarr
 from conftest import N_OBS, N_VARS, position_frames, position_rows
 
+from bigatlas.write_store import ZarrWriter
 from loaders import StoreError, open_store
 
 
@@ -29,6 +32,44 @@ def test_anndata_written_stores_of_both_formats(tmp_path, zarr_format):
     assert store.n_obs == N_OBS and list(store.var_names[:2]) == ["G0", "G1"]
     codes, cats = store.obs_codes("cell_type")
     assert list(cats) == [f"t{i}" for i in range(8)] and codes[0] == 0 and codes[-1] == 7
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5ad"])
+def test_stores_with_pandas_string_columns_as_anndata_writes_them(tmp_path, fmt):
+    """pandas 3's default str dtype, as anndata writes it (its nullable-string encoding, once opted in)."""
+    obs, var = position_frames()
+    obs.index = pd.Index(obs.index, dtype="string")
+    obs["sample"] = pd.array([f"s{v % 3}" for v in range(N_OBS)], dtype="string")
+    var["feature_name"] = var["feature_name"].astype("string")
+    path = tmp_path / f"strings.{fmt}"
+    with ad.settings.override(allow_write_nullable_strings=True):
+        getattr(ad.AnnData(reference(), obs=obs, var=var), f"write_{fmt}")(path)
+    store = open_store(str(path), obs_filter="sample == 's1'")
+    assert store._obs[store._obs.attrs["_index"]].attrs["encoding-type"] == "nullable-string-array"
+    rows = np.array([0, 1, 2, 100])
+    assert list(store.obs_names(rows)) == [f"c{3 * i + 1}" for i in rows]
+    assert list(store.obs_names(np.array([5, 2]))) == ["c16", "c7"]
+    codes, cats = store.obs_codes("sample")
+    assert set(np.asarray(cats)[codes]) == {"s1"} and store.n_obs == len(range(1, N_OBS, 3))
+    assert list(store.var_names[:2]) == ["G0", "G1"]  # feature_name, a nullable string column
+    assert (store.read(rows).to_scipy() != reference()[3 * rows + 1]).nnz == 0
+
+
+def test_our_writer_stores_pandas_strings_as_plain_string_arrays(tmp_path):
+    obs, var = position_frames(n_obs=50)
+    obs.index = pd.Index(obs.index, dtype="string")
+    obs["sample"] = pd.array([f"s{v % 3}" for v in range(50)], dtype="string")
+    obs["cell_type"] = obs["cell_type"].cat.rename_categories(pd.Index(obs["cell_type"].cat.categories, dtype="string"))
+    writer = ZarrWriter(tmp_path / "w.zarr", N_VARS)
+    writer.append(*position_rows(0, 50))
+    path = writer.finish(obs, var)
+    root = zarr.open_group(path, mode="r")
+    assert root["obs/_index"].attrs["encoding-type"] == "string-array"
+    assert root["obs/sample"].attrs["encoding-type"] == "string-array"
+    assert root["obs/cell_type/categories"].attrs["encoding-type"] == "string-array"
+    back = ad.read_zarr(path)
+    assert list(back.obs_names[:2]) == ["c0", "c1"] and list(back.obs["sample"][:4]) == ["s0", "s1", "s2", "s0"]
+    assert list(back.obs["cell_type"].cat.categories) == list(obs["cell_type"].cat.categories)
 
 
 def test_our_zarr_is_anndata_readable(position_stores):
