@@ -1,14 +1,18 @@
 """Label-review speed at atlas scale: `bigatlas review` of every labelled cell (label_review.review).
 
 A latent of `--cells` cells (`--classes` Gaussian clusters in `--dims` dimensions; a `--noise` share of the
-labels moved to another class) is reviewed once as `bigatlas review` does it, and its inverted-file
-partition is built both ways side by side: limited (at most label_review.MAX_PARTITION_CELLS partition
-cells, k-means fitted on label_review.FIT_POINTS cells, every cell then assigned) and as a reference index is
-built (one partition cell per 256 cells, k-means on all of them). Reported: seconds of each, their ratio, the
-recall of the 15 nearest neighbours against the exact search (for a sample of cells) with either partition,
-and the review's recall / precision of the moved labels.
+labels moved to another class) is reviewed once as `bigatlas review` does it (label_review.review), and its
+inverted-file index is built side by side three ways: two-level (the review's: at most
+label_review.MAX_COARSE_CELLS coarse cells fitted on label_review.FIT_POINTS cells, each split into cells of
+~256), one level limited to 4,096 cells fitted on the same sample (the review's index before: its cells grow
+with the atlas), and as a reference index is built (one cell per 256 cells, k-means on all of them; up to
+1,000,000 cells, beyond that too slow to wait for). Reported per index: seconds to build, its cells, the seconds
+to search the neighbours of SEARCHED cells (and the cells/s that makes), and the recall of the 15 nearest
+neighbours against the exact search for SAMPLE cells; and the whole review's seconds and its recall / precision
+of the moved labels, and the process's peak memory up to the review's end (the latent and the review).
 
-    python -m bench.review                      # 1,000,000 cells; bench/results/review.json
+    python -m bench.review                      # 1,000,000 cells; bench/results/review.json (one row per size)
+    python -m bench.review --cells 4000000      # another size: its row replaces that size's
 
 `--recipe` runs the review recipe end to end on the command line instead, on a `--preset` atlas of
 `--recipe-cells` whose visible labels are a `--noise` share wrong (bench.quality's sibling-subtype errors):
@@ -22,6 +26,8 @@ cells whose label was wrong, and over the cells without a label (never seen).
 
 from __future__ import annotations
 
+import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,6 +40,7 @@ import numpy as np
 from bench.common import main, write_results
 
 SAMPLE = 2000  # cells whose neighbours are compared with the exact search
+SEARCHED = 50_000  # cells whose neighbours each index's search is timed on
 
 
 def add_arguments(p) -> None:
@@ -51,11 +58,28 @@ def add_arguments(p) -> None:
     p.add_argument("--data-dir", default="bench/data", help="where the recipe's atlas is built or reused")
 
 
-def _recall(index, z, exact) -> float:
+def _exact(z, k: int) -> np.ndarray:
+    """The exact k nearest other cells of the first SAMPLE cells, 64 queries at a time (memory: 64 × cells)."""
     import torch
 
-    got = index.search(torch.as_tensor(z[:SAMPLE]), exact.shape[1] + 1)[1].numpy()
-    return round(float(np.mean([len(set(g) & set(e)) / len(e) for g, e in zip(got[:, 1:], exact)])), 4)
+    from bigatlas.knn import LatentIndex
+
+    index = LatentIndex(z, exact=True)
+    q = torch.as_tensor(z[:SAMPLE])
+    return np.concatenate([index.search(q[lo : lo + 64], k + 1)[1].numpy()[:, 1:] for lo in range(0, len(q), 64)])
+
+
+def _measure(index, z, exact) -> dict:
+    import torch
+
+    q = torch.as_tensor(z[:SEARCHED])
+    index.search(q[:100], exact.shape[1] + 1)  # compiled on first use
+    t = time.perf_counter()
+    got = index.search(q, exact.shape[1] + 1)[1].numpy()
+    seconds = time.perf_counter() - t
+    recall = np.mean([len(set(g) & set(e)) / len(e) for g, e in zip(got[:SAMPLE, 1:], exact)])
+    return {"search_seconds": round(seconds, 2), "search_cells_per_second": round(len(q) / seconds),
+            "neighbour_recall": round(float(recall), 4)}  # fmt: skip
 
 
 def run(a) -> dict:
@@ -80,26 +104,42 @@ def run(a) -> dict:
     t = time.perf_counter()
     table = label_review.review(z, labels)
     review_s = time.perf_counter() - t
+    review_rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # the latent and the review
     flagged = table.flagged.to_numpy()
 
-    exact = LatentIndex(z).search(torch.as_tensor(z[:SAMPLE]), K_SMALL + 1)[1].numpy()[:, 1:]
+    exact = _exact(z, K_SMALL)
     row = {"cells": a.cells, "dims": a.dims, "classes": a.classes, "noise": a.noise, "threads": a.threads}
-    for name, kwargs in (
-        ("limited", {"max_cells": label_review.MAX_PARTITION_CELLS, "fit_points": label_review.FIT_POINTS}),
-        ("reference_style", {}),
-    ):
+    fit, coarse = label_review.FIT_POINTS, label_review.MAX_COARSE_CELLS
+    builds = {
+        "two_level": lambda: LatentIndex.partition_two_level(z, max_coarse=coarse, fit_points=fit),
+        "one_level": lambda: (*LatentIndex.partition(z, max_cells=4096, fit_points=fit), None),
+    }  # fmt: skip
+    if a.cells <= 1_000_000:
+        builds["reference_style"] = lambda: (*LatentIndex.partition(z), None)
+    for name, build in builds.items():
         t = time.perf_counter()
-        clusters, centroids = LatentIndex.partition(z, **kwargs)
+        clusters, centroids, groups = build()
         row[f"partition_seconds_{name}"] = round(time.perf_counter() - t, 1)
         row[f"partition_cells_{name}"] = len(centroids)
-        row[f"neighbour_recall_{name}"] = _recall(LatentIndex(z, clusters, centroids), z, exact)
-    row["partition_ratio"] = round(row["partition_seconds_reference_style"] / row["partition_seconds_limited"], 1)
+        index = LatentIndex(z, clusters, centroids, groups=groups)
+        row.update({f"{key}_{name}": v for key, v in _measure(index, z, exact).items()})
+    row["search_ratio_two_level_vs_one_level"] = round(
+        row["search_cells_per_second_two_level"] / row["search_cells_per_second_one_level"], 2
+    )
     row["review_seconds"] = round(review_s, 1)
     row["review_cells_per_second"] = round(a.cells / review_s)
     row["flagged"] = int(flagged.sum())
     row["review_recall"] = round(float(flagged[moved].mean()), 4)
     row["review_precision"] = round(float(moved[flagged].mean()), 4) if flagged.any() else None
-    return write_results({"setup": vars(a), "rows": [row]}, a.out or "bench/results/review.json")
+    row["review_peak_rss_gb"] = review_rss
+    out = Path(a.out or "bench/results/review.json")
+    old = json.loads(out.read_text()) if out.exists() else {"setup": {}, "rows": []}
+    rows = sorted([*(r for r in old["rows"] if r["cells"] != a.cells), row], key=lambda r: r["cells"])
+    command = "python -m bench.review " + " ".join(sys.argv[1:])
+    setup = {k: vars(a)[k] for k in ("dims", "classes", "noise", "threads", "seed")} | {
+        "commands": list(dict.fromkeys([*old["setup"].get("commands", []), command.strip()]))
+    }
+    return write_results({"setup": setup, "rows": rows}, out)
 
 
 def noisy_atlas(a) -> tuple[Path, np.ndarray]:

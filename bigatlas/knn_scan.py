@@ -35,3 +35,30 @@ def scan(q, zs, sqs, offsets, probes, k):  # pragma: no cover - compiled
                     best_d[m] = dist
                     best_i[m] = j
     return out_d, out_i
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def probe_cells(q, coarse_top, first, centroids, csq, probe):  # pragma: no cover - compiled
+    """Per query, the `probe` nearest partition cells among those of its coarse cells `coarse_top` (the cells of
+    coarse cell g are first[g]..first[g + 1] - 1), nearest first."""
+    n, d = q.shape
+    out = np.zeros((n, probe), dtype=np.int64)
+    for i in numba.prange(n):
+        best_d = np.full(probe, np.inf, dtype=np.float32)
+        best_c = out[i]
+        for t in range(coarse_top.shape[1]):
+            g = coarse_top[i, t]
+            for c in range(first[g], first[g + 1]):
+                acc = np.float32(0.0)
+                for u in range(d):
+                    acc += q[i, u] * centroids[c, u]
+                dist = csq[c] - 2.0 * acc
+                if dist < best_d[probe - 1]:
+                    m = probe - 1
+                    while m > 0 and best_d[m - 1] > dist:
+                        best_d[m] = best_d[m - 1]
+                        best_c[m] = best_c[m - 1]
+                        m -= 1
+                    best_d[m] = dist
+                    best_c[m] = c
+    return out

@@ -27,21 +27,24 @@ MIN_AGREEMENT = 0.2  # flagged: fewer than 3 of the 15 nearest cells share the l
 # not resolved by the latent rather than mislabelled (a rare subtype inside its sibling's cluster): its cells
 # are not flagged, the class is reported
 CHUNK = 1 << 16  # cells whose neighbour votes are counted at once
-# above knn.EXACT_MAX cells: at most this many partition cells, fitted on a sample of FIT_POINTS cells (1M cells of
-# 16 dimensions: a partition in ~10 s, not the ~2 min of one partition cell per 256 cells fitted on all)
-MAX_PARTITION_CELLS = 4096
+# above knn.EXACT_MAX cells: a two-level partition (knn.LatentIndex.partition_two_level), at most this many coarse
+# cells fitted on a sample of FIT_POINTS cells, each split into cells of ~256: the scan per cell stays the same at
+# any size (one level of 4,096 cells, the review's index before, scans ~12,000 candidates per probe at 50M cells);
+# 1,024 coarse cells assign and rank faster than 4,096 at the same recall (bench/results/review.json)
+MAX_COARSE_CELLS = 1024
 FIT_POINTS = 1 << 18
 
 
 def neighbour_chunks(z: np.ndarray, k: int):
     """(first cell, the k nearest other cells of its chunk's cells), chunk by chunk: exact (one chunk) up to
-    knn.EXACT_MAX cells, above that through the inverted-file index that label transfer uses (each cell is
-    found in its own partition cell and dropped). Chunks keep memory flat: 50M cells × 15 neighbours would
+    knn.EXACT_MAX cells, above that through label transfer's inverted-file search on a two-level partition
+    (each cell is found in its own partition cell and dropped). Chunks keep memory flat: 50M cells × 15 neighbours would
     be 6 GB at once."""
     if len(z) <= EXACT_MAX:
         yield 0, knn(z, k)
         return
-    index = LatentIndex(z, *LatentIndex.partition(z, max_cells=MAX_PARTITION_CELLS, fit_points=FIT_POINTS))
+    clusters, centroids, groups = LatentIndex.partition_two_level(z, max_coarse=MAX_COARSE_CELLS, fit_points=FIT_POINTS)
+    index = LatentIndex(z, clusters, centroids, groups=groups)
     k = min(k, len(z) - 1)
     for lo in range(0, len(z), CHUNK):
         _, idx = index.search(torch.as_tensor(z[lo : lo + CHUNK], dtype=torch.float32), k + 1)

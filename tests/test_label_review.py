@@ -91,7 +91,7 @@ def test_inverted_file_neighbours_exclude_the_cell_itself(monkeypatch, max_cells
     monkeypatch.setattr(label_review, "EXACT_MAX", 1000)
     monkeypatch.setattr(knn_module, "EXACT_MAX", 1000)
     if max_cells is not None:
-        monkeypatch.setattr(label_review, "MAX_PARTITION_CELLS", max_cells)
+        monkeypatch.setattr(label_review, "MAX_COARSE_CELLS", max_cells)
         monkeypatch.setattr(label_review, "FIT_POINTS", fit_points)
     got = other_neighbours(z, 15)
     assert got.shape == (len(z), 15)
@@ -114,6 +114,47 @@ def test_a_partition_fitted_on_a_sample_assigns_every_point_to_its_nearest_centr
     assert (assign == nearest).float().mean() > 0.999  # float ties aside
     whole, _ = knn_module.LatentIndex.partition(z, 32)
     assert len(torch.unique(whole)) > 20  # unlimited: one partition cell per 32 points
+
+
+def test_a_two_level_partition_keeps_its_cell_size_and_probes_the_nearest_cells_of_the_nearest_coarse_cells(
+    monkeypatch,
+):
+    z, _ = clusters(n_per=4000, n_classes=5, seed=5)
+    q = torch.from_numpy(z[::7])
+    cells, centroids, (coarse, first) = knn_module.LatentIndex.partition_two_level(z, 64, max_coarse=8, fit_points=4000)
+    assert len(coarse) == 8 and first[0] == 0 and first[-1] == len(centroids)
+    assert 0.8 < len(z) / 64 / len(centroids) < 1.25  # ~64 points a cell, not 20,000 / 8
+    coarse_of = torch.cdist(torch.from_numpy(z), coarse).argmin(1)
+    lo, hi = first[coarse_of], first[coarse_of + 1]
+    assert ((cells >= lo) & (cells < hi)).float().mean() > 0.999  # a point's cell is one of its coarse cell's
+    d = torch.cdist(torch.from_numpy(z), centroids)
+    within = torch.where(
+        (torch.arange(len(centroids)) >= lo[:, None]) & (torch.arange(len(centroids)) < hi[:, None]), d, torch.inf
+    )
+    assert (within.argmin(1) == cells).float().mean() > 0.999  # ... its nearest one there
+    index = knn_module.LatentIndex(z, cells, centroids, groups=(coarse, first), exact=False)
+    top = torch.cdist(q, coarse).topk(knn_module.COARSE_PROBE, dim=1, largest=False).indices
+    ranked = torch.full((len(q), len(centroids)), torch.inf)
+    for j in range(knn_module.COARSE_PROBE):  # only the cells of the COARSE_PROBE nearest coarse cells compete
+        mask = (torch.arange(len(centroids)) >= first[top[:, j], None]) & (
+            torch.arange(len(centroids)) < first[top[:, j] + 1, None]
+        )
+        ranked = torch.where(mask, torch.cdist(q, centroids), ranked)
+    want = ranked.topk(4, dim=1, largest=False).indices
+    assert (torch.from_numpy(index._probes(q)) == want).float().mean() > 0.999
+    exact = torch.cdist(q, torch.from_numpy(z)).topk(15, largest=False).indices
+
+    def recall(ix):
+        return np.mean([len(set(a.tolist()) & set(b.tolist())) / 15 for a, b in zip(ix.search(q, 15)[1], exact)])
+
+    # as good as one level of cells of the same size fitted on every point (whose ranking costs points × cells)
+    one_level = knn_module.LatentIndex(z, *knn_module.LatentIndex.partition(z, 64), exact=False)
+    assert recall(index) > recall(one_level) - 0.02 > 0.7
+    assert (index._inverted_file_torch(q, 15)[1] == index._inverted_file(q, 15)[1]).float().mean() > 0.999
+    with pytest.raises(ValueError, match="probe 9"):
+        knn_module.LatentIndex(z, cells, centroids, groups=(coarse, first), exact=False, probe=9)
+    monkeypatch.setattr(knn_module, "COARSE_PROBE", 2)  # fewer coarse cells ranked: other probes
+    assert (torch.from_numpy(index._probes(q)) != want).any()
 
 
 def test_a_class_the_latent_does_not_separate_is_unresolved_not_flagged():
