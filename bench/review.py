@@ -4,12 +4,13 @@ A latent of `--cells` cells (`--classes` Gaussian clusters in `--dims` dimension
 labels moved to another class) is reviewed once as `bigatlas review` does it (label_review.review), and its
 inverted-file index is built side by side three ways: two-level (the review's: at most
 label_review.MAX_COARSE_CELLS coarse cells fitted on label_review.FIT_POINTS cells, each split into cells of
-~256), one level limited to 4,096 cells fitted on the same sample (the review's index before: its cells grow
-with the atlas), and as a reference index is built (one cell per 256 cells, k-means on all of them; up to
-1,000,000 cells, beyond that too slow to wait for). Reported per index: seconds to build, its cells, the seconds
-to search the neighbours of SEARCHED cells (and the cells/s that makes), and the recall of the 15 nearest
-neighbours against the exact search for SAMPLE cells; and the whole review's seconds and its recall / precision
-of the moved labels, and the process's peak memory up to the review's end (the latent and the review).
+~256, label_review.PROBE of them scanned per cell), one level limited to 4,096 cells fitted on the same sample
+(the review's index before, 4 scanned: its cells grow with the atlas), and as a reference index is built (one
+cell per 256 cells, k-means on all of them; up to 1,000,000 cells, beyond that too slow to wait for). Reported
+per index: seconds to build, its cells, the seconds to search the neighbours of SEARCHED cells (and the cells/s
+that makes), and the recall of the 15 nearest neighbours against the exact search for SAMPLE cells; and the
+whole review's seconds, its recall / precision of the moved labels, and the process's peak memory up to the
+review's end (the latent and the review).
 
     python -m bench.review                      # 1,000,000 cells; bench/results/review.json (one row per size)
     python -m bench.review --cells 4000000      # another size: its row replaces that size's
@@ -121,7 +122,8 @@ def run(a) -> dict:
         clusters, centroids, groups = build()
         row[f"partition_seconds_{name}"] = round(time.perf_counter() - t, 1)
         row[f"partition_cells_{name}"] = len(centroids)
-        index = LatentIndex(z, clusters, centroids, groups=groups)
+        probe = label_review.PROBE if name == "two_level" else 4  # the review's; one level as the review had it
+        index = LatentIndex(z, clusters, centroids, groups=groups, probe=probe)
         row.update({f"{key}_{name}": v for key, v in _measure(index, z, exact).items()})
     row["search_ratio_two_level_vs_one_level"] = round(
         row["search_cells_per_second_two_level"] / row["search_cells_per_second_one_level"], 2

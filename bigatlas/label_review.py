@@ -33,6 +33,9 @@ CHUNK = 1 << 16  # cells whose neighbour votes are counted at once
 # 1,024 coarse cells assign and rank faster than 4,096 at the same recall (bench/results/review.json)
 MAX_COARSE_CELLS = 1024
 FIT_POINTS = 1 << 18
+# partition cells scanned per cell: 8 of ~256 keep the neighbour recall of the one-level index at 1M cells (4 of
+# ~256: 0.41 against 0.57 at 4M cells, bench/results/review.json), at a cost per cell that does not grow
+PROBE = 8
 
 
 def neighbour_chunks(z: np.ndarray, k: int):
@@ -44,7 +47,7 @@ def neighbour_chunks(z: np.ndarray, k: int):
         yield 0, knn(z, k)
         return
     clusters, centroids, groups = LatentIndex.partition_two_level(z, max_coarse=MAX_COARSE_CELLS, fit_points=FIT_POINTS)
-    index = LatentIndex(z, clusters, centroids, groups=groups)
+    index = LatentIndex(z, clusters, centroids, groups=groups, probe=PROBE)
     k = min(k, len(z) - 1)
     for lo in range(0, len(z), CHUNK):
         _, idx = index.search(torch.as_tensor(z[lo : lo + CHUNK], dtype=torch.float32), k + 1)
