@@ -30,11 +30,11 @@ CHUNK = 1 << 16  # cells whose neighbour votes are counted at once
 # above knn.EXACT_MAX cells: a two-level partition (knn.LatentIndex.partition_two_level), at most this many coarse
 # cells fitted on a sample of FIT_POINTS cells, each split into cells of ~256: the scan per cell stays the same at
 # any size (one level of 4,096 cells, the review's index before, scans ~12,000 candidates per probe at 50M cells);
-# 1,024 coarse cells assign and rank faster than 4,096 at the same recall (bench/results/review.json)
+# 1,024 coarse cells rather than 4,096: at 3M cells a partition in 11 s against 63 s, the same neighbour recall
 MAX_COARSE_CELLS = 1024
 FIT_POINTS = 1 << 18
-# partition cells scanned per cell: 8 of ~256 keep the neighbour recall of the one-level index at 1M cells (4 of
-# ~256: 0.41 against 0.57 at 4M cells, bench/results/review.json), at a cost per cell that does not grow
+# partition cells scanned per cell: 8 of ~256 find 0.72 / 0.57 / 0.50 of the 15 nearest at 1M / 4M / 16M cells,
+# 0.54 for the one-level index at 1M (4 of ~256: 0.53 / 0.41 / 0.35; bench/results/review.json and its note)
 PROBE = 8
 
 
