@@ -80,6 +80,12 @@ class ModelConfig:
         "class e / K (0: the plain cross-entropy)",
     )  # fmt: skip
 
+    batch_adversary: float = opt(
+        0.0, "weight of a batch adversary: a small classifier learns the first batch key's category from each "
+        "cell's latent while the encoder learns, at this weight, to leave its predictions no better than the "
+        "minibatch's average (0: off)",
+    )  # fmt: skip
+
     def latent_size(self, labelled: bool) -> int:
         """The latent size: the configured one, or the default for a model with or without labels."""
         return self.n_latent if self.n_latent is not None else (10 if labelled else 16)
@@ -105,6 +111,8 @@ class ModelConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
         if self.label_smoothing and self.label_gce_q:
             raise ValueError("label_smoothing and label_gce_q are two different label losses: set one of them")
+        if self.batch_adversary < 0:
+            raise ValueError(f"batch_adversary must be at least 0 (0: off), not {self.batch_adversary}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
 

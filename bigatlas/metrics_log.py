@@ -11,8 +11,8 @@ import torch
 from .rundir import RunDir
 
 FIELDS = [
-    "epoch", "step", "loss", "recon", "kl", "gate", "label", "val_loss", "val_recon", "val_kl", "val_gate",
-    "val_label", "kl_weight", "lr", "cells", "seconds", "cells_per_s",
+    "epoch", "step", "loss", "recon", "kl", "gate", "label", "adversary", "val_loss", "val_recon", "val_kl",
+    "val_gate", "val_label", "val_adversary", "kl_weight", "lr", "cells", "seconds", "cells_per_s",
 ]  # fmt: skip
 
 
@@ -63,7 +63,7 @@ def epoch_row(acc, sums: dict, epoch: int, step: int, kl_weight: float, lr: floa
     row = {"epoch": epoch, "step": step}
     for prefix in ("", "val_"):
         n = agg.get(prefix + "n", 0.0)
-        for k in ("loss", "recon", "kl", "gate", "label"):
+        for k in ("loss", "recon", "kl", "gate", "label", "adversary"):
             if prefix + k in agg:
                 row[prefix + k] = agg[prefix + k] / n if n else None
     seconds = time.time() - sums["t0"]
@@ -103,11 +103,15 @@ class MetricsLog:
         if not self.main:
             return
         new = not self.path.exists()
+        fields = FIELDS
+        if not new:  # a resumed run's file keeps its own columns (a run from before a column was added)
+            with open(self.path, newline="") as f:
+                fields = next(csv.reader(f), None) or FIELDS
         with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:
                 w.writeheader()
-            w.writerow({k: row.get(k) for k in FIELDS})
+            w.writerow({k: row.get(k) for k in fields})
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":

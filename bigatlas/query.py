@@ -72,6 +72,8 @@ class Surgery:
         own = model.state_dict()
         old_rows = {}
         for name, value in ref_state.items():
+            if name.startswith("adversary."):
+                continue  # the query's model has none (map_query): it only shaped the reference's training
             if name.startswith("class_weight_") and own[name].shape != value.shape:
                 continue  # a grown head: recomputed from the grown vocab's class counts
             if name.startswith(("embeddings.", "heads.")) and own[name].shape[0] > value.shape[0]:
@@ -206,7 +208,7 @@ def map_query(
             flush=True,
         )
     cfg = RunConfig(
-        model=ref.model,
+        model=replace(ref.model, batch_adversary=0.0),  # only the new batches' rows train: nothing to hide
         train=replace(
             ref.train,
             max_epochs=epochs,

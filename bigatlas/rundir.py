@@ -53,6 +53,7 @@ ADDED_MODEL_SETTINGS = {
     "norm": "batch",  # BatchNorm was the only normalisation
     "label_gce_q": 0.0,  # the label loss was the cross-entropy
     "label_smoothing": 0.0,  # ... without smoothing
+    "batch_adversary": 0.0,  # no batch adversary
 }
 
 # [data] settings added since, likewise
