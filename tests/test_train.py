@@ -206,18 +206,20 @@ def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
     assert np.array_equal(np.sort(single), train_cells)
 
 
-def test_training_steps_never_wait_on_the_device(small_atlas, tmp_path, monkeypatch):
+@pytest.mark.parametrize("adversary", [0.0, 5.0])
+def test_training_steps_never_wait_on_the_device(small_atlas, tmp_path, monkeypatch, adversary):
     """No host sync inside a step: a tensor read to Python (bool, float, int, item, tolist, numpy)
     would stall a GPU every step. The loop reads its flags every SYNC_EVERY steps instead (_sync), and
-    there once, whatever the number of loss terms."""
+    there once, whatever the number of loss terms (the batch adversary's too)."""
     import torch
 
     from bigatlas.checkpoint import Progress
-    from bigatlas.config import DataConfig, RunConfig, TrainConfig
+    from bigatlas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from bigatlas.metrics_log import DeviceSums, MetricsLog, new_sums
     from bigatlas.train import _sync, make_accelerator, set_up, train_step
 
     cfg = RunConfig(
+        model=ModelConfig(batch_adversary=adversary),
         train=TrainConfig(max_epochs=1, batch_size=64),
         data=DataConfig(data=small_atlas, batch_key="donor_id", label_keys=("cell_type",)),
     )
@@ -636,3 +638,26 @@ def test_a_run_from_before_the_unmeasured_gene_list_keeps_reading_missing_genes_
         del saved["unmeasured_genes"]
         run.vocab_file.write_text(json.dumps(saved))
         assert run.read_vocab().unmeasured_genes == want
+
+
+def test_a_resumed_runs_metrics_file_keeps_its_columns(tmp_path):
+    """metrics.csv written before a column was added (the batch adversary's) gets its next rows under its own
+    header, each value under its name, not shifted by the new column."""
+    from bigatlas.metrics_log import FIELDS, MetricsLog
+    from bigatlas.rundir import RunDir
+
+    old = [f for f in FIELDS if "adversary" not in f]
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    (run.path / "metrics.csv").write_text(",".join(old) + "\n")
+    log = MetricsLog(run, True)
+    log.tb = None
+    log.epoch({"epoch": 3, "step": 30, "loss": 1.5, "adversary": 0.7, "val_loss": 2.5, "cells_per_s": 10})
+    rows = list(csv.DictReader((run.path / "metrics.csv").open()))
+    assert list(rows[0]) == old and rows[0]["val_loss"] == "2.5" and rows[0]["loss"] == "1.5"
+    new = RunDir(tmp_path / "n")
+    new.path.mkdir()
+    fresh = MetricsLog(new, True)
+    fresh.tb = None
+    fresh.epoch({"epoch": 0, "step": 1, "loss": 1.0, "adversary": 0.7, "cells_per_s": 1})
+    assert next(csv.DictReader((new.path / "metrics.csv").open()))["adversary"] == "0.7"
