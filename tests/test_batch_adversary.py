@@ -62,8 +62,7 @@ def test_the_adversary_fits_the_batch_and_the_encoder_learns_its_confusion():
     (w * confusion).backward(retain_graph=True)
     from_confusion = m.z_mean.weight.grad.clone()
     m.zero_grad()
-    with torch.no_grad():
-        m.cfg = ModelConfig(batch_adversary=0.0)  # the same weights, the model's own loss only
+    m.cfg = ModelConfig(batch_adversary=0.0)  # the same weights, confusion × 0: the encoder gets the model's own
     torch.manual_seed(1)
     m(counts, codes, cell_mask=~held_out, eval_mask=held_out, kl_weight=0.3).total.backward()
     assert torch.allclose(got["z_mean.weight"], m.z_mean.weight.grad + from_confusion, atol=1e-4)
