@@ -83,6 +83,10 @@ class MetricsLog:
     def __init__(self, run: RunDir, main: bool):
         self.main = main
         self.path = run.path / "metrics.csv"
+        self.fields = FIELDS
+        if self.main and self.path.exists():  # a resumed run's file keeps its own columns (from before one was added)
+            with open(self.path, newline="") as f:
+                self.fields = next(csv.reader(f), None) or FIELDS
         self.tb = None
         if self.main:
             try:
@@ -103,15 +107,11 @@ class MetricsLog:
         if not self.main:
             return
         new = not self.path.exists()
-        fields = FIELDS
-        if not new:  # a resumed run's file keeps its own columns (a run from before a column was added)
-            with open(self.path, newline="") as f:
-                fields = next(csv.reader(f), None) or FIELDS
         with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
             if new:
                 w.writeheader()
-            w.writerow({k: row.get(k) for k in fields})
+            w.writerow({k: row.get(k) for k in self.fields})
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":
