@@ -86,6 +86,11 @@ class ModelConfig:
         "minibatch's average (0: off)",
     )  # fmt: skip
 
+    batch_align: float = opt(
+        0.0, "weight of a batch alignment: each cell's latent mean is pulled towards its mutual nearest neighbours "
+        "of other categories of the first batch key among the latest cells (0: off)",
+    )  # fmt: skip
+
     def latent_size(self, labelled: bool) -> int:
         """The latent size: the configured one, or the default for a model with or without labels."""
         return self.n_latent if self.n_latent is not None else (10 if labelled else 16)
@@ -113,6 +118,8 @@ class ModelConfig:
             raise ValueError("label_smoothing and label_gce_q are two different label losses: set one of them")
         if self.batch_adversary < 0:
             raise ValueError(f"batch_adversary must be at least 0 (0: off), not {self.batch_adversary}")
+        if self.batch_align < 0:
+            raise ValueError(f"batch_align must be at least 0 (0: off), not {self.batch_align}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
 

@@ -72,8 +72,8 @@ class Surgery:
         own = model.state_dict()
         old_rows = {}
         for name, value in ref_state.items():
-            if name.startswith("adversary."):
-                continue  # the query's model has none (map_query): it only shaped the reference's training
+            if name.startswith(("adversary.", "align_")):
+                continue  # the query's model has neither (map_query): they only shaped the reference's training
             if name.startswith("class_weight_") and own[name].shape != value.shape:
                 continue  # a grown head: recomputed from the grown vocab's class counts
             if name.startswith(("embeddings.", "heads.")) and own[name].shape[0] > value.shape[0]:
@@ -208,7 +208,8 @@ def map_query(
             flush=True,
         )
     cfg = RunConfig(
-        model=replace(ref.model, batch_adversary=0.0),  # only the new batches' rows train: nothing to hide
+        # only the new batches' rows train: nothing to hide or to align
+        model=replace(ref.model, batch_adversary=0.0, batch_align=0.0),
         train=replace(
             ref.train,
             max_epochs=epochs,

@@ -54,6 +54,7 @@ ADDED_MODEL_SETTINGS = {
     "label_gce_q": 0.0,  # the label loss was the cross-entropy
     "label_smoothing": 0.0,  # ... without smoothing
     "batch_adversary": 0.0,  # no batch adversary
+    "batch_align": 0.0,  # no batch alignment
 }
 
 # [data] settings added since, likewise

@@ -56,16 +56,17 @@ def weights(run):
 
 
 @pytest.mark.parametrize(
-    "fault,compile_loss,precision",
+    "fault,compile_loss,precision,extra",
     [
-        ("after_step:40", "off", "no"),
-        ("checkpoint_written:35", "off", "no"),
-        ("after_step:40", "on", "no"),
-        ("after_step:40", "off", "bf16"),  # on the CPU: the wide layers' bfloat16 products (bf16_linear)
+        ("after_step:40", "off", "no", []),
+        ("checkpoint_written:35", "off", "no", []),
+        ("after_step:40", "on", "no", []),
+        ("after_step:40", "off", "bf16", []),  # on the CPU: the wide layers' bfloat16 products (bf16_linear)
+        ("after_step:40", "off", "no", ["--batch-align", "10"]),  # its pool of latest cells is in the checkpoint
     ],
 )
-def test_resume_after_sigkill_is_bit_identical(small_atlas, tmp_path, fault, compile_loss, precision):
-    settings = ["--compile-loss", compile_loss, "--mixed-precision", precision]
+def test_resume_after_sigkill_is_bit_identical(small_atlas, tmp_path, fault, compile_loss, precision, extra):
+    settings = ["--compile-loss", compile_loss, "--mixed-precision", precision, *extra]
     ref = tmp_path / "ref"
     run_train([*base_args(small_atlas, ref), *settings])
     cut = tmp_path / "cut"
@@ -206,11 +207,11 @@ def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
     assert np.array_equal(np.sort(single), train_cells)
 
 
-@pytest.mark.parametrize("adversary", [0.0, 5.0])
-def test_training_steps_never_wait_on_the_device(small_atlas, tmp_path, monkeypatch, adversary):
+@pytest.mark.parametrize("model", [{}, {"batch_adversary": 5.0}, {"batch_align": 10.0}])
+def test_training_steps_never_wait_on_the_device(small_atlas, tmp_path, monkeypatch, model):
     """No host sync inside a step: a tensor read to Python (bool, float, int, item, tolist, numpy)
     would stall a GPU every step. The loop reads its flags every SYNC_EVERY steps instead (_sync), and
-    there once, whatever the number of loss terms (the batch adversary's too)."""
+    there once, whatever the number of loss terms (the batch adversary's and alignment's too)."""
     import torch
 
     from bigatlas.checkpoint import Progress
@@ -219,7 +220,7 @@ def test_training_steps_never_wait_on_the_device(small_atlas, tmp_path, monkeypa
     from bigatlas.train import _sync, make_accelerator, set_up, train_step
 
     cfg = RunConfig(
-        model=ModelConfig(batch_adversary=adversary),
+        model=ModelConfig(**model),
         train=TrainConfig(max_epochs=1, batch_size=64),
         data=DataConfig(data=small_atlas, batch_key="donor_id", label_keys=("cell_type",)),
     )
