@@ -391,8 +391,11 @@ class VAEModule(nn.Module):
         cols = torch.where(pool_code < 0, trash, pool_code)
         inf = torch.tensor(float("inf"), device=mu.device)
 
-        def nearest_by_batch(rows):  # distances from pool[rows] to the pool, each row's least per batch
-            d = torch.cdist(pool[rows], pool).index_put_((torch.arange(len(rows), device=rows.device), rows), inf)
+        square = (pool * pool).sum(1)
+
+        def nearest_by_batch(rows):  # squared distances from pool[rows] to the pool, each row's least per batch
+            d = torch.addmm(square[None, :], pool[rows], pool.T, alpha=-2).add_(square[rows, None]).clamp_min_(0)
+            d.index_put_((torch.arange(len(rows), device=rows.device), rows), inf)
             near = torch.full((len(rows), trash + 1), float("inf"), device=d.device)
             return d, near.scatter_reduce_(1, cols[None, :].expand(len(rows), size), d, "amin")
 
