@@ -2,29 +2,16 @@
 loss leaves it out, that it takes the batch out of the latent, and that a query maps onto a model trained
 with it."""
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from batch_toy import reference_and_query, toy, toy_scores
 
 from bigatlas import AtlasVAE
 from bigatlas.config import ModelConfig
-from bigatlas.distributions import Counts
 from bigatlas.model import VAEModule
-from bigatlas.synth import synth
-
-
-def toy(seed=0, cells=600, genes=40):
-    """Three types; the second of two batches quadruples half the genes."""
-    g = torch.Generator().manual_seed(seed)
-    types = torch.randint(0, 3, (cells,), generator=g)
-    batch = torch.randint(0, 2, (cells,), generator=g)
-    programme = torch.rand(3, genes, generator=g) * 3 + 0.2
-    shift = torch.ones(2, genes)
-    shift[1, : genes // 2] = 4.0
-    return Counts.from_dense(torch.poisson(programme[types] * shift[batch], generator=g)), batch[:, None], types
 
 
 def test_the_adversary_fits_the_batch_and_the_encoder_learns_its_confusion():
@@ -69,43 +56,13 @@ def test_the_adversary_fits_the_batch_and_the_encoder_learns_its_confusion():
     assert from_confusion.abs().sum() > 0
 
 
-def probe(z, y, steps=300) -> float:
-    """Held-out accuracy of a fresh small classifier of y from z (trained on one half, scored on the other)."""
-    torch.manual_seed(0)
-    n = len(z) // 2
-    clf = torch.nn.Sequential(torch.nn.Linear(z.shape[1], 32), torch.nn.ReLU(), torch.nn.Linear(32, int(y.max()) + 1))
-    opt = torch.optim.Adam(clf.parameters(), 1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(clf(z[:n]), y[:n]).backward()
-        opt.step()
-    return float((clf(z[n:]).argmax(1) == y[n:]).float().mean())
-
-
 @pytest.mark.parametrize("seed", [1, 2])
 def test_the_adversary_takes_the_batch_out_of_the_latent_and_keeps_the_types(seed):
     """With a KL weight low enough that the latent keeps the batch (a fresh classifier tells it apart 77-86% of
     the time on seeds 1-3), the adversary at weight 10 leaves 63-66% (chance: ~50%) and every type as separable.
     A reversed gradient in its place (the encoder maximising the adversary's loss; at weights 3 and 10, on this toy
     at KL weight 0.1 and 4 latent dimensions) left 99.7-100%: the encoder made the adversary confidently wrong."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the docstring's numbers were measured on one thread (an xdist worker's)
-    try:
-        counts, codes, types = toy(seed)
-        scores = {}
-        for w in (0.0, 10.0):
-            torch.manual_seed(0)
-            m = VAEModule(40, [2], [], ModelConfig(batch_adversary=w, n_latent=8)).train()
-            opt = torch.optim.Adam(m.parameters(), 3e-3)
-            for _ in range(300):
-                i = torch.randint(0, len(types), (128,))
-                opt.zero_grad()
-                m(Counts.from_dense(counts.dense[i]), codes[i], kl_weight=0.01).total.backward()
-                opt.step()
-            z = m.eval().latent(counts)
-            scores[w] = probe(z, codes[:, 0]), probe(z, types)
-    finally:
-        torch.set_num_threads(threads)
+    scores = {w: toy_scores(seed, batch_adversary=w) for w in (0.0, 10.0)}
     assert scores[0.0][0] >= 0.72, scores  # the latent without the adversary holds the batch
     assert scores[10.0][0] <= min(0.70, scores[0.0][0] - 0.08), scores
     assert scores[10.0][1] >= 0.95 and scores[0.0][1] >= 0.95, scores
@@ -114,11 +71,7 @@ def test_the_adversary_takes_the_batch_out_of_the_latent_and_keeps_the_types(see
 def test_a_run_with_the_adversary_logs_it_and_maps_a_query_without_it(tmp_path):
     """Training writes the adversary's loss per epoch; surgery on such a run leaves the reference's latents as
     they were and gives the query's model no adversary (only the new batches' rows train)."""
-    data, query = tmp_path / "ref.zarr", tmp_path / "query.zarr"
-    synth(data, 400, 60, "zarr", seed=3, n_studies=3, donors_per_study=2)
-    synth(query, 200, 60, "zarr", seed=5, n_studies=2, donors_per_study=1)
-    query = ad.read_zarr(query)
-    query.obs["dataset_id"] = ("q_" + query.obs["dataset_id"].astype(str)).astype("category")  # new studies
+    data, query = reference_and_query(tmp_path)
     settings = {"model": {"batch_adversary": 5.0}, "train": {"max_epochs": 2}}
     model = AtlasVAE(str(data), batch_key="dataset_id", **settings).fit(tmp_path / "run")
     log = pd.read_csv(tmp_path / "run" / "metrics.csv")
