@@ -1,15 +1,12 @@
 """The batch alignment (ModelConfig.batch_align): its pairs are the mutual nearest neighbours of other batches,
 its gradient pulls each cell's latent mean to its partners', training steps fill its pool with their training
-cells, the held-out loss leaves it out, it takes the batch out of the latent and keeps the types, and a query
-maps onto a model trained with it."""
+cells, the held-out loss leaves it out, and it takes the batch out of the latent and keeps the types (a whole
+run and a query: test_batch_options)."""
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
-from batch_toy import reference_and_query, toy, toy_scores
+from batch_toy import toy, toy_scores
 
-from bigatlas import AtlasVAE
 from bigatlas.config import ModelConfig
 from bigatlas.model import ALIGN_POOL, VAEModule
 
@@ -98,20 +95,3 @@ def test_the_alignment_takes_the_batch_out_of_the_latent_and_keeps_the_types(see
     assert scores[0.0][0] >= 0.72, scores  # the latent without the alignment holds the batch
     assert scores[10.0][0] <= min(0.70, scores[0.0][0] - 0.08), scores
     assert scores[10.0][1] >= 0.95 and scores[0.0][1] >= 0.95, scores
-
-
-def test_a_run_with_the_alignment_logs_it_and_maps_a_query_without_it(tmp_path):
-    """Training writes the term per epoch; surgery on such a run leaves the reference's latents as they were and
-    gives the query's model no alignment (only the new batches' rows train)."""
-    data, query = reference_and_query(tmp_path)
-    settings = {"model": {"batch_align": 10.0}, "train": {"max_epochs": 2}}
-    model = AtlasVAE(str(data), batch_key="dataset_id", **settings).fit(tmp_path / "run")
-    log = pd.read_csv(tmp_path / "run" / "metrics.csv")
-    assert log["align"].notna().all() and (log["align"] > 0).all()
-    assert "align_pool" in model.module.state_dict()
-    before = model.get_latent(str(data))
-    mapped = model.map_query(query, tmp_path / "mapped", epochs=1)
-    assert mapped.config.model.batch_align == 0.0 and not hasattr(mapped.module, "align_pool")
-    assert np.array_equal(mapped.get_latent(str(data)), before)
-    with pytest.raises(ValueError, match="batch_align must be at least 0"):
-        ModelConfig(batch_align=-1.0)

@@ -1,0 +1,33 @@
+"""The batch-mixing options (batch_adversary, batch_align) in a whole run: training logs each one's term per
+epoch, the weights or buffers it adds are in the model, surgery maps a query without it and leaves the
+reference's latents as they were, and a negative weight is refused."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from batch_toy import reference_and_query
+
+from bigatlas import AtlasVAE
+from bigatlas.config import ModelConfig
+
+
+@pytest.mark.parametrize(
+    "setting,weight,column,state,attribute",
+    [
+        ("batch_adversary", 5.0, "adversary", "adversary.0.weight", "adversary"),
+        ("batch_align", 10.0, "align", "align_pool", "align_pool"),
+    ],
+)
+def test_a_run_with_the_option_logs_it_and_maps_a_query_without_it(tmp_path, setting, weight, column, state, attribute):
+    data, query = reference_and_query(tmp_path)
+    settings = {"model": {setting: weight}, "train": {"max_epochs": 2}}
+    model = AtlasVAE(str(data), batch_key="dataset_id", **settings).fit(tmp_path / "run")
+    log = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert log[column].notna().all() and (log[column] > 0).all()
+    assert state in model.module.state_dict()
+    before = model.get_latent(str(data))
+    mapped = model.map_query(query, tmp_path / "mapped", epochs=1)  # only the new batches' rows train
+    assert getattr(mapped.config.model, setting) == 0.0 and not hasattr(mapped.module, attribute)
+    assert np.array_equal(mapped.get_latent(str(data)), before)
+    with pytest.raises(ValueError, match=f"{setting} must be at least 0"):
+        ModelConfig(**{setting: -1.0})
