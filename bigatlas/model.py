@@ -312,11 +312,11 @@ class VAEModule(nn.Module):
         w = mask / n[0].clamp_min(1)  # each cell's weight in the loss's per-cell means
         recon, gate_pen, fused = self._reconstruction(z, batch_codes, counts, w, gate_weight * w, measured)
         kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
-        adversary = self._adversary_terms(z, batch_codes)
+        extra = list(self._adversary_terms(z, batch_codes) or ())  # the batch options' per-cell terms
         align = self._align_term(q_mu, batch_codes, mask)
         if align is not None:
-            adversary = [align] if adversary is None else [*adversary, align]
-        per_mask = self._terms(recon, kl, gate_pen, z, labels, masks, n, adversary)
+            extra.append(align)
+        per_mask = self._terms(recon, kl, gate_pen, z, labels, masks, n, extra)
         weights = (gate_weight, label_weight)
         in_fused = fused is not None and gate_pen is not None and gate_pen.dim() == 1  # the gate's term in it
         train = per_mask[0]
@@ -387,10 +387,9 @@ class VAEModule(nn.Module):
         mu = q_mu.detach().float()
         code = torch.where(mask, batch_codes[:, 0].long(), -1)
         pool, pool_code = torch.cat([mu, self.align_pool]), torch.cat([code, self.align_codes])
-        b, size, trash = len(mu), len(pool), self.n_align  # cells outside the pool's use reduce into 'trash'
+        b, size, trash = len(mu), len(pool), self.n_align  # code −1 (unused slots, held-out cells): column 'trash'
         cols = torch.where(pool_code < 0, trash, pool_code)
         inf = torch.tensor(float("inf"), device=mu.device)
-
         square = (pool * pool).sum(1)
 
         def nearest_by_batch(rows):  # squared distances from pool[rows] to the pool, each row's least per batch
@@ -426,16 +425,16 @@ class VAEModule(nn.Module):
                 self.align_next.copy_((self.align_next + keep) % ALIGN_POOL)
         return loss
 
-    def _terms(self, recon, kl, gate_pen, z, labels, masks, n, adversary=None) -> list[dict]:
+    def _terms(self, recon, kl, gate_pen, z, labels, masks, n, extra=()) -> list[dict]:
         """Per row of masks (rows, cells), over its n cells: the per-cell means of the NLL, KL, gate
-        penalty and the batch adversary's two terms, the label loss (label_loss) and 'n'; every row's sums in
-        one matrix product (the training and the held-out cells of a batch)."""
+        penalty and the batch options' terms (extra: the adversary's two, then the alignment's), the label loss
+        (label_loss) and 'n'; every row's sums in one matrix product (the training and the held-out cells of a
+        batch)."""
         cols = [recon, kl]
         per_cell_gate = gate_pen is not None and gate_pen.dim() == 1
         if per_cell_gate:
             cols.append(gate_pen)
-        if adversary is not None:
-            cols += adversary
+        cols += extra
         n_means = len(cols)
         heads = len(self.heads) and labels is not None
         if heads:
@@ -443,14 +442,14 @@ class VAEModule(nn.Module):
         m = masks.to(kl.dtype)
         sums = m @ torch.stack(cols, 1)  # (rows, columns)
         means = sums[:, :n_means] / n.clamp_min(1).unsqueeze(1)
+        names = (["adversary", "confusion"] if hasattr(self, "adversary") else []) + (
+            ["align"] if hasattr(self, "align_pool") else []
+        )  # extra's columns, the last of the means
         out = []
         for r in range(len(masks)):
             terms = {"recon": means[r, 0], "kl": means[r, 1], "n": n[r]}
             if gate_pen is not None:
                 terms["gate"] = means[r, 2] if per_cell_gate else gate_pen
-            names = (["adversary", "confusion"] if hasattr(self, "adversary") else []) + (
-                ["align"] if hasattr(self, "align_pool") else []
-            )
             for j, name in enumerate(names):
                 terms[name] = means[r, n_means - len(names) + j]
             if heads:
