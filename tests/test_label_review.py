@@ -150,7 +150,18 @@ def test_a_two_level_partition_keeps_its_cell_size_and_probes_the_nearest_cells_
     # as good as one level of cells of the same size fitted on every point (whose ranking costs points × cells)
     one_level = knn_module.LatentIndex(z, *knn_module.LatentIndex.partition(z, 64), exact=False)
     assert recall(index) > recall(one_level) - 0.02 > 0.7
-    assert (index._inverted_file_torch(q, 15)[1] == index._inverted_file(q, 15)[1]).float().mean() > 0.999
+    # the numba scan finds what the torch reference finds: the same 15 distances in order (to a few float32 units
+    # of the largest), and the same neighbours except where two of them tie at that precision (45 of 42,870
+    # slots differed so with numba 0.68.1 / torch 2.13.0 / numpy 2.4.6, every one at such a tie)
+    (d_ref, i_ref), (d_scan, i_scan) = index._inverted_file_torch(q, 15), index._inverted_file(q, 15)
+    tol = 8 * torch.finfo(torch.float32).eps * d_ref.abs().max()
+    assert ((d_ref - d_scan).abs() <= tol).all()
+    close = (d_ref[:, 1:] - d_ref[:, :-1]).abs() <= tol
+    tied = torch.zeros_like(close[:, :1]).expand(-1, 15).clone()
+    tied[:, 1:] |= close
+    tied[:, :-1] |= close
+    tied[:, -1] = True  # the 15th may tie with a 16th neither returns
+    assert ((i_ref == i_scan) | tied).all() and tied[:, :-1].float().mean() < 0.05
     with pytest.raises(ValueError, match="probe 9"):
         knn_module.LatentIndex(z, cells, centroids, groups=(coarse, first), exact=False, probe=9)
     monkeypatch.setattr(knn_module, "COARSE_PROBE", 2)  # fewer coarse cells ranked: other probes
