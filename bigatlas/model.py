@@ -312,10 +312,13 @@ class VAEModule(nn.Module):
         w = mask / n[0].clamp_min(1)  # each cell's weight in the loss's per-cell means
         recon, gate_pen, fused = self._reconstruction(z, batch_codes, counts, w, gate_weight * w, measured)
         kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
-        extra = list(self._adversary_terms(z, batch_codes) or ())  # the batch options' per-cell terms
+        extra = {}  # the batch options' per-cell terms, by name
+        adversary = self._adversary_terms(z, batch_codes)
+        if adversary is not None:
+            extra["adversary"], extra["confusion"] = adversary
         align = self._align_term(q_mu, batch_codes, mask)
         if align is not None:
-            extra.append(align)
+            extra["align"] = align
         per_mask = self._terms(recon, kl, gate_pen, z, labels, masks, n, extra)
         weights = (gate_weight, label_weight)
         in_fused = fused is not None and gate_pen is not None and gate_pen.dim() == 1  # the gate's term in it
@@ -400,7 +403,7 @@ class VAEModule(nn.Module):
 
         d, near = nearest_by_batch(torch.arange(b, device=mu.device))
         other = (pool_code[None, :] >= 0) & (pool_code[None, :] != code[:, None]) & (code[:, None] >= 0)
-        nearest = (d <= near.gather(1, cols[None, :].expand(b, size))) & other & torch.isfinite(d)
+        nearest = (d <= near.gather(1, cols[None, :].expand(b, size))) & other  # a row's own column: not 'other'
         k = min(size, b * max(trash - 1, 1))  # each cell has at most one nearest per other batch (ties aside)
         candidates = torch.topk(nearest.sum(0).float(), k).indices
         d_c, near_c = nearest_by_batch(candidates)
@@ -425,16 +428,16 @@ class VAEModule(nn.Module):
                 self.align_next.copy_((self.align_next + keep) % ALIGN_POOL)
         return loss
 
-    def _terms(self, recon, kl, gate_pen, z, labels, masks, n, extra=()) -> list[dict]:
+    def _terms(self, recon, kl, gate_pen, z, labels, masks, n, extra=None) -> list[dict]:
         """Per row of masks (rows, cells), over its n cells: the per-cell means of the NLL, KL, gate
-        penalty and the batch options' terms (extra: the adversary's two, then the alignment's), the label loss
-        (label_loss) and 'n'; every row's sums in one matrix product (the training and the held-out cells of a
-        batch)."""
+        penalty and the batch options' terms (extra: per-cell columns by name), the label loss (label_loss) and
+        'n'; every row's sums in one matrix product (the training and the held-out cells of a batch)."""
+        extra = extra or {}
         cols = [recon, kl]
         per_cell_gate = gate_pen is not None and gate_pen.dim() == 1
         if per_cell_gate:
             cols.append(gate_pen)
-        cols += extra
+        cols += extra.values()
         n_means = len(cols)
         heads = len(self.heads) and labels is not None
         if heads:
@@ -442,16 +445,13 @@ class VAEModule(nn.Module):
         m = masks.to(kl.dtype)
         sums = m @ torch.stack(cols, 1)  # (rows, columns)
         means = sums[:, :n_means] / n.clamp_min(1).unsqueeze(1)
-        names = (["adversary", "confusion"] if hasattr(self, "adversary") else []) + (
-            ["align"] if hasattr(self, "align_pool") else []
-        )  # extra's columns, the last of the means
         out = []
         for r in range(len(masks)):
             terms = {"recon": means[r, 0], "kl": means[r, 1], "n": n[r]}
             if gate_pen is not None:
                 terms["gate"] = means[r, 2] if per_cell_gate else gate_pen
-            for j, name in enumerate(names):
-                terms[name] = means[r, n_means - len(names) + j]
+            for j, name in enumerate(extra):  # extra's columns: the last of the means
+                terms[name] = means[r, n_means - len(extra) + j]
             if heads:
                 terms["label"] = self.label_loss(sums[r, n_means:])
             out.append(terms)

@@ -157,7 +157,7 @@ def test_a_two_level_partition_keeps_its_cell_size_and_probes_the_nearest_cells_
     tol = 8 * torch.finfo(torch.float32).eps * d_ref.abs().max()
     assert ((d_ref - d_scan).abs() <= tol).all()
     close = (d_ref[:, 1:] - d_ref[:, :-1]).abs() <= tol
-    tied = torch.zeros_like(close[:, :1]).expand(-1, 15).clone()
+    tied = torch.zeros(len(q), 15, dtype=torch.bool)
     tied[:, 1:] |= close
     tied[:, :-1] |= close
     tied[:, -1] = True  # the 15th may tie with a 16th neither returns
