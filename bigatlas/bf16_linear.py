@@ -23,6 +23,9 @@ class _BF16Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, keep: bool):
         xc, wc = x.to(DTYPE), weight.to(DTYPE)
         ctx.save_for_backward(xc, wc)
+        if bias is None:
+            out = torch.mm(xc, wc.t())
+            return out if keep else out.float()
         if keep:
             return torch.addmm(bias.to(DTYPE), xc, wc.t())
         return torch.mm(xc, wc.t()).float().add_(bias)
@@ -43,7 +46,8 @@ def bf16_linear(x: torch.Tensor, layer: torch.nn.Linear, keep: bool = False) -> 
     """layer(x) with its products on bfloat16 operands and its gradients float32. x: (cells, in) in float32
     or already bfloat16. The result is float32, or with keep the product's own bfloat16 (bias added in
     bfloat16) for a consumer that reads it as float32 itself: the fused loss, which then hands back its
-    gradient in bfloat16 too (two casts of cells × genes fewer per head and step)."""
+    gradient in bfloat16 too (two casts of cells × genes fewer per head and step). A layer without a bias
+    adds none."""
     return _BF16Linear.apply(x, layer.weight, layer.bias, keep)
 
 

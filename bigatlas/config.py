@@ -91,6 +91,16 @@ class ModelConfig:
         "of other categories of the first batch key among the latest cells (0: off)",
     )  # fmt: skip
 
+    batch_interaction: bool = opt(
+        False, "a batch-by-state term in the decoder: the mean's logits also read the outer product of the batch "
+        "embeddings and z through one linear layer (zero at the start), so each batch has its own linear map from "
+        "the latent to the genes beside the shared decoder, for batch effects that differ by cell type",
+    )  # fmt: skip
+    batch_interaction_penalty: float = opt(
+        0.1, "with batch_interaction: weight of the penalty on the term's size, the mean over training cells of "
+        "its squared logit shifts summed over genes",
+    )  # fmt: skip
+
     def latent_size(self, labelled: bool) -> int:
         """The latent size: the configured one, or the default for a model with or without labels."""
         return self.n_latent if self.n_latent is not None else (10 if labelled else 16)
@@ -120,6 +130,8 @@ class ModelConfig:
             raise ValueError(f"batch_adversary must be at least 0 (0: off), not {self.batch_adversary}")
         if self.batch_align < 0:
             raise ValueError(f"batch_align must be at least 0 (0: off), not {self.batch_align}")
+        if self.batch_interaction_penalty < 0:
+            raise ValueError(f"batch_interaction_penalty must be at least 0, not {self.batch_interaction_penalty}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
 

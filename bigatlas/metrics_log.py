@@ -11,8 +11,9 @@ import torch
 from .rundir import RunDir
 
 FIELDS = [
-    "epoch", "step", "loss", "recon", "kl", "gate", "label", "adversary", "align", "val_loss", "val_recon", "val_kl",
-    "val_gate", "val_label", "val_adversary", "val_align", "kl_weight", "lr", "cells", "seconds", "cells_per_s",
+    "epoch", "step", "loss", "recon", "kl", "gate", "label", "adversary", "align", "interaction", "val_loss",
+    "val_recon", "val_kl", "val_gate", "val_label", "val_adversary", "val_align", "val_interaction", "kl_weight", "lr",
+    "cells", "seconds", "cells_per_s",
 ]  # fmt: skip
 
 
@@ -63,7 +64,7 @@ def epoch_row(acc, sums: dict, epoch: int, step: int, kl_weight: float, lr: floa
     row = {"epoch": epoch, "step": step}
     for prefix in ("", "val_"):
         n = agg.get(prefix + "n", 0.0)
-        for k in ("loss", "recon", "kl", "gate", "label", "adversary", "align"):
+        for k in ("loss", "recon", "kl", "gate", "label", "adversary", "align", "interaction"):
             if prefix + k in agg:
                 row[prefix + k] = agg[prefix + k] / n if n else None
     seconds = time.time() - sums["t0"]

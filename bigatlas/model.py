@@ -16,6 +16,10 @@ alignment (batch_align > 0): each training cell's latent mean is pulled, weighte
 mean of its mutual nearest neighbours of other batches of the first key (as in MNN correction, Haghverdi et al.
 2018) among the step's cells and a ring buffer of the latest training cells' means (ALIGN_POOL). In a
 multi-process run DDP broadcasts buffers from the main process, so every rank reads the main process's pool.
+Batch-by-state term (batch_interaction): the mean's logits plus a bias-free Linear (zero at the start) of the
+outer product of the batch embeddings (all keys) and z, so each batch has its own linear map from the latent to
+the genes beside the shared decoder (a batch effect that differs by cell type or state); the mean over training
+cells of its squared logit shifts, summed over genes, is added to the training loss at batch_interaction_penalty.
 """
 
 from __future__ import annotations
@@ -132,6 +136,9 @@ class VAEModule(nn.Module):
         # the mean head's inputs beside the hidden layer: the batch embeddings (batch_in_heads)
         beside = cfg.embedding_dim * len(n_batch_categories) if cfg.batch_in_heads else 0
         self.px_scale = nn.Linear(h + beside, n_genes)
+        if cfg.batch_interaction and n_batch_categories:  # zero at the start: the shared decoder's model
+            self.interaction = nn.Linear(k * cfg.embedding_dim * len(n_batch_categories), n_genes, bias=False)
+            nn.init.zeros_(self.interaction.weight)
         if cfg.dispersion == "gene-cell":
             self.px_r = nn.Linear(h, n_genes)
         elif cfg.dispersion == "gene":
@@ -245,23 +252,37 @@ class VAEModule(nn.Module):
         return bf16_linear(h, layer, keep=self.compiled_loss)
 
     def _hidden(self, z: torch.Tensor, batch_codes: torch.Tensor | None):
-        """The decoder's hidden layer, and the mean head's input; batch_codes None: the batch-average cell, every
-        key's mean row over the categories the model was trained on (average_rows)."""
+        """The decoder's hidden layer and the batch embeddings per cell, all keys side by side (None without
+        keys); batch_codes None: the batch-average cell, every key's mean row over the categories the model was
+        trained on (average_rows)."""
         if batch_codes is None:
             rows = zip(self.embeddings, self.average_rows)
             parts = [z] + [emb.weight[:n].mean(0).expand(len(z), -1) for emb, n in rows]
         else:
             parts = [z] + [emb(batch_codes[:, i]) for i, emb in enumerate(self.embeddings)]
-        h = self.decoder(torch.cat(parts, dim=1))
-        return h, (torch.cat([h, *parts[1:]], dim=1) if self.cfg.batch_in_heads and len(parts) > 1 else h)
+        return self.decoder(torch.cat(parts, dim=1)), (torch.cat(parts[1:], dim=1) if len(parts) > 1 else None)
+
+    def _mean_head(self, z, h, emb) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mean's logits, and the batch-by-state term's part of them (None without the term): the hidden
+        layer's head (beside it the embeddings, with batch_in_heads) plus the interaction layer on emb ⊗ z."""
+        beside = self.cfg.batch_in_heads and emb is not None
+        logits = self._wide(self.px_scale, torch.cat([h, emb], dim=1) if beside else h)
+        if not hasattr(self, "interaction"):
+            return logits, None
+        shift = self._wide(self.interaction, (emb[:, :, None] * z[:, None, :]).flatten(1))
+        return logits + shift, shift
 
     def _mean_logits(self, z: torch.Tensor, batch_codes: torch.Tensor | None) -> torch.Tensor:
-        return self._wide(self.px_scale, self._hidden(z, batch_codes)[1])
+        return self._mean_head(z, *self._hidden(z, batch_codes))[0]
 
     def decoder_outputs(self, z: torch.Tensor, batch_codes: torch.Tensor):
         """The decoder's raw outputs: mean logits, log inverse dispersion (before its clamp) and gate
         logits (None for NB), each per cell and gene or per gene."""
-        h, h_mean = self._hidden(z, batch_codes)
+        return self._decoder_outputs(z, batch_codes)[:3]
+
+    def _decoder_outputs(self, z: torch.Tensor, batch_codes: torch.Tensor):
+        """decoder_outputs, and the batch-by-state term's part of the mean logits (None without the term)."""
+        h, emb = self._hidden(z, batch_codes)
         if self.cfg.dispersion == "gene-cell":
             log_theta = self._wide(self.px_r, h)
         elif self.cfg.dispersion == "gene":
@@ -271,7 +292,8 @@ class VAEModule(nn.Module):
         gate = None
         if self.cfg.likelihood == "zinb":
             gate = self.gate if self.cfg.zi_gate == "gene" else self._wide(self.gate, h)
-        return self._wide(self.px_scale, h_mean), log_theta, gate
+        logits, shift = self._mean_head(z, h, emb)
+        return logits, log_theta, gate, shift
 
     def decode(self, z: torch.Tensor, batch_codes: torch.Tensor, library: torch.Tensor):
         """Mean, inverse dispersion and gate logits (None for NB) for each cell and gene."""
@@ -310,9 +332,11 @@ class VAEModule(nn.Module):
         masks = mask[None] if eval_mask is None else torch.stack([mask, eval_mask])
         n = masks.sum(1, dtype=torch.float32)
         w = mask / n[0].clamp_min(1)  # each cell's weight in the loss's per-cell means
-        recon, gate_pen, fused = self._reconstruction(z, batch_codes, counts, w, gate_weight * w, measured)
+        recon, gate_pen, fused, shift = self._reconstruction(z, batch_codes, counts, w, gate_weight * w, measured)
         kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
         extra = {}  # the batch options' per-cell terms, by name
+        if shift is not None:  # the batch-by-state term's size: its squared logit shifts, summed over genes
+            extra["interaction"] = (shift.float() ** 2).sum(1)
         adversary = self._adversary_terms(z, batch_codes)
         if adversary is not None:
             extra["adversary"], extra["confusion"] = adversary
@@ -328,6 +352,8 @@ class VAEModule(nn.Module):
             total = total + train["adversary"] + self.cfg.batch_adversary * train["confusion"]
         if "align" in train:
             total = total + self.cfg.batch_align * train["align"]
+        if "interaction" in train:
+            total = total + self.cfg.batch_interaction_penalty * train["interaction"]
         terms = {k: v.detach() for k, v in train.items()}
         terms["loss"] = total.detach()
         if eval_mask is not None:
@@ -338,13 +364,14 @@ class VAEModule(nn.Module):
 
     def _reconstruction(self, z, batch_codes, counts: Counts, w, w_pen, measured=None):
         """Per-cell NLL and ZI gate penalty (per cell; one scalar for a per-gene gate; None for NB), in float32,
-        and where the loss is fused (decoder_nll) their weighted sum Σ w·NLL + Σ w_pen·penalty (the per-cell
-        penalty's only), which alone carries the gradient (None otherwise).
+        where the loss is fused (decoder_nll) their weighted sum Σ w·NLL + Σ w_pen·penalty (the per-cell
+        penalty's only), which alone carries the gradient (None otherwise), and the batch-by-state term's part
+        of the mean logits (None without it).
 
         Genes a cell's store did not measure get a mean logit of −inf: the softmax then spreads the cell's
         library over the genes it measured (as if the model had those genes only), and a zero count at mean 0
         has likelihood 1 under NB and ZINB alike, so those genes add nothing to the loss or its gradient."""
-        logits, log_theta, gate = self.decoder_outputs(z, batch_codes)
+        logits, log_theta, gate, shift = self._decoder_outputs(z, batch_codes)
         if measured is not None:
             logits = logits.masked_fill(~measured, float("-inf"))
         per_cell_gate = gate is not None and gate.dim() == 2
@@ -359,7 +386,7 @@ class VAEModule(nn.Module):
                 recon, penalty = nll(counts, mu, theta, gate), None
             if gate is not None and not (per_cell_gate and self.compiled_loss):
                 penalty = torch.sigmoid(gate.float()).sum(-1)
-        return recon, penalty, fused
+        return recon, penalty, fused, shift
 
     def _adversary_terms(self, z, batch_codes) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per cell (None without an adversary): the adversary's cross-entropy on the cell's batch, whose gradient

@@ -33,7 +33,7 @@ from .train import make_accelerator, train
 from .vocab import Vocab, apply_lut, class_counts, defined_labels
 
 ENCODER = ("encoder", "z_mean", "z_logvar")
-DECODER = ("decoder", "px_scale", "px_r", "gate")
+DECODER = ("decoder", "px_scale", "px_r", "gate", "interaction")
 
 
 @dataclass

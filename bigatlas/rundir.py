@@ -55,6 +55,8 @@ ADDED_MODEL_SETTINGS = {
     "label_smoothing": 0.0,  # ... without smoothing
     "batch_adversary": 0.0,  # no batch adversary
     "batch_align": 0.0,  # no batch alignment
+    "batch_interaction": False,  # no batch-by-state term
+    "batch_interaction_penalty": 0.1,  # (its default; read only with the term)
 }
 
 # [data] settings added since, likewise

@@ -217,12 +217,26 @@ def test_bf16_linear_multiplies_bfloat16_operands_into_float32():
     assert not torch.equal(layer.bias.grad, exact.float())  # rounded, not float32's sum
 
 
-@pytest.mark.parametrize("layout", ["csr", "dense"])
-def test_bf16_products_in_training_only_and_near_float32(layout):
+def test_bf16_linear_without_a_bias_adds_none():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(300, 40, bias=False)
+    x = torch.randn(64, 300)
+    ref = x.bfloat16().double() @ layer.weight.detach().bfloat16().double().T
+    out = bf16_linear(x, layer)
+    assert out.dtype == torch.float32 and (out.double() - ref).abs().max() / ref.abs().max() < 2**-8
+    kept = bf16_linear(x, layer, keep=True)
+    assert kept.dtype == torch.bfloat16 and torch.allclose(kept.float(), out, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout,settings", [("csr", {}), ("dense", {}), ("csr", {"batch_interaction": True})])
+def test_bf16_products_in_training_only_and_near_float32(layout, settings):
     counts, codes, labels = batch()
     if layout == "csr":  # the trainer's CPU minibatches
         counts = Counts.from_sparse_csr(counts.dense.to_sparse_csr())
-    m = model().train()
+    m = model(**settings).train()
+    if settings:  # the batch-by-state term's layer (no bias) goes through bf16_linear too: make it matter
+        with torch.no_grad():
+            m.interaction.weight.normal_(0, 0.1)
     outs, grads = {}, {}
     for bf16 in (False, True):
         m.bf16_matmul = bf16
@@ -310,7 +324,7 @@ def test_genes_a_cell_did_not_measure_leave_the_likelihood(likelihood, compiled)
     counts = Counts.from_sparse_csr(x.to_sparse_csr())
     z = torch.randn(12, m.z_mean.out_features, generator=g)
     w = torch.full((12,), 1 / 12)
-    recon, _, _ = m._reconstruction(z, codes, counts, w, w, measured)
+    recon = m._reconstruction(z, codes, counts, w, w, measured)[0]
     logits, log_theta, gate = m.decoder_outputs(z, codes)
     for i in range(12):
         keep = measured[i]
@@ -320,7 +334,7 @@ def test_genes_a_cell_did_not_measure_leave_the_likelihood(likelihood, compiled)
         ref = nll(sub, mu, theta, None if gate is None else gate[i : i + 1, keep])
         torch.testing.assert_close(recon[i : i + 1], ref, rtol=1e-5, atol=1e-3)
     m.zero_grad()
-    recon, _, fused_loss = m._reconstruction(z, codes, counts, w, w, measured)
+    recon, _, fused_loss, _ = m._reconstruction(z, codes, counts, w, w, measured)
     (fused_loss if fused_loss is not None else (w * recon).sum()).backward()
     assert float(m.px_scale.weight.grad[4].abs().sum()) == 0.0 and float(m.px_scale.bias.grad[4]) == 0.0
     assert m.px_scale.weight.grad[~panels.any(0)].abs().sum() == 0 and m.px_scale.weight.grad.abs().sum() > 0
