@@ -97,8 +97,13 @@ class ModelConfig:
         "the latent to the genes beside the shared decoder, for batch effects that differ by cell type",
     )  # fmt: skip
     batch_interaction_penalty: float = opt(
-        0.1, "with batch_interaction: weight of the penalty on the term's size, the mean over training cells of "
+        0.0, "with batch_interaction: weight of the penalty on the term's size, the mean over training cells of "
         "its squared logit shifts summed over genes",
+    )  # fmt: skip
+    batch_interaction_detach: bool = opt(
+        True, "with batch_interaction: the term reads z without passing its gradient to the encoder, so the maps "
+        "explain each batch's effect on the states the encoder finds and the encoder gains nothing from placing "
+        "a state's cells apart by batch (off: the encoder also learns through the term)",
     )  # fmt: skip
 
     def latent_size(self, labelled: bool) -> int:

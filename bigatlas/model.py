@@ -18,8 +18,11 @@ mean of its mutual nearest neighbours of other batches of the first key (as in M
 multi-process run DDP broadcasts buffers from the main process, so every rank reads the main process's pool.
 Batch-by-state term (batch_interaction): the mean's logits plus a bias-free Linear (zero at the start) of the
 outer product of the batch embeddings (all keys) and z, so each batch has its own linear map from the latent to
-the genes beside the shared decoder (a batch effect that differs by cell type or state); the mean over training
-cells of its squared logit shifts, summed over genes, is added to the training loss at batch_interaction_penalty.
+the genes beside the shared decoder (a batch effect that differs by cell type or state). With
+batch_interaction_detach (the default) the term reads z detached: the maps fit each batch's effect on the states
+the encoder finds, and the encoder's gradient comes through the shared decoder alone, so placing one state's
+cells apart by batch gains it nothing. The mean over training cells of the term's squared logit shifts, summed
+over genes, is added to the training loss at batch_interaction_penalty.
 """
 
 from __future__ import annotations
@@ -269,7 +272,8 @@ class VAEModule(nn.Module):
         logits = self._wide(self.px_scale, torch.cat([h, emb], dim=1) if beside else h)
         if not hasattr(self, "interaction"):
             return logits, None
-        shift = self._wide(self.interaction, (emb[:, :, None] * z[:, None, :]).flatten(1))
+        zi = z.detach() if self.cfg.batch_interaction_detach else z  # the encoder's gradient skips the term
+        shift = self._wide(self.interaction, (emb[:, :, None] * zi[:, None, :]).flatten(1))
         return logits + shift, shift
 
     def _mean_logits(self, z: torch.Tensor, batch_codes: torch.Tensor | None) -> torch.Tensor:

@@ -106,6 +106,39 @@ def test_its_size_is_penalised_in_training_and_left_out_of_the_held_out_loss():
         ModelConfig(batch_interaction_penalty=-0.1)
 
 
+def test_detached_the_encoder_learns_through_the_shared_decoder_alone():
+    """With batch_interaction_detach (the default) the term's gradient stops at z: the encoder's gradients are
+    those of a model whose term reads a detached copy of z, and differ from the attached term's; the loss and the
+    maps' gradients are the same either way."""
+    g = torch.Generator().manual_seed(5)
+    counts = Counts.from_dense(torch.poisson(torch.rand(16, GENES, generator=g) * 4))
+    codes = torch.stack([torch.arange(16) % 3, torch.arange(16) % 4], dim=1)
+
+    def grads(model):
+        model.zero_grad()
+        torch.manual_seed(6)
+        out = model(counts, codes)
+        out.total.backward()
+        return out.total.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    detached = module()
+    assert detached.cfg.batch_interaction_detach
+    randomise(detached)
+    attached = module(batch_interaction_detach=False)
+    attached.load_state_dict(detached.state_dict())
+    by_copy = module(batch_interaction_detach=False)
+    by_copy.load_state_dict(detached.state_dict())
+    linear = by_copy.interaction
+    by_copy._wide = lambda layer, x: (layer(x.detach()) if layer is linear else VAEModule._wide(by_copy, layer, x))
+    cut, want = grads(detached), grads(by_copy)
+    full = grads(attached)
+    assert cut[0] == pytest.approx(full[0], rel=1e-6) == want[0]
+    encoder = [n for n in cut[1] if n.startswith(("encoder", "z_mean", "z_logvar"))]
+    assert encoder and all(torch.allclose(cut[1][n], want[1][n], atol=1e-6) for n in encoder)
+    assert any(not torch.allclose(cut[1][n], full[1][n], atol=1e-4) for n in encoder)
+    assert torch.allclose(cut[1]["interaction.weight"], full[1]["interaction.weight"], atol=1e-6)
+
+
 def test_a_run_logs_the_term_and_a_mapped_query_keeps_the_references_maps(tmp_path):
     data, query = reference_and_query(tmp_path)
     settings = {"model": {"batch_interaction": True}, "train": {"max_epochs": 2}}
