@@ -75,7 +75,9 @@ def add_arguments(p) -> None:
         help="obs columns every method also corrects for beside the study (bigatlas --covariate-keys, scVI/scANVI "
         "categorical_covariate_keys; e.g. donor_id, nested in the study); rows name the atlas <preset>+cov_<KEY>",
     )  # fmt: skip
-    p.add_argument("--only", nargs="*", default=None, help=f"subset of {' '.join(METHODS)}")
+    p.add_argument(
+        "--only", nargs="*", default=None, help=f"subset of {' '.join(METHODS)} (with --table: the methods shown)"
+    )
     p.add_argument("--tag", default="default", help="name of this bigatlas variant in the results")
     p.add_argument("--model", nargs="*", default=[], help="ModelConfig overrides, key=value")
     p.add_argument("--train", nargs="*", default=[], help="TrainConfig overrides, key=value")
@@ -493,12 +495,12 @@ TABLE = (
 PEER = {"bigatlas": "scvi", "bigatlas_labels": "scanvi"}  # each bigatlas method's peer
 
 
-def table(rows: list[dict], tags, own_rule: bool = False) -> str:
-    """Markdown: per atlas, the mean over seeds of every method (bigatlas variants in `tags`). own_rule: the
-    peers' rows trained at their own epoch rule (max_epochs 0) only, and bigatlas rows where its peer has one
-    on the same atlas and seed, so every line pairs the same cells."""
+def table(rows: list[dict], tags, own_rule: bool = False, methods=None) -> str:
+    """Markdown: per atlas, the mean over seeds of every method (bigatlas variants in `tags`; only `methods`,
+    when given). own_rule: the peers' rows trained at their own epoch rule (max_epochs 0) only, and bigatlas
+    rows where its peer has one on the same atlas and seed, so every line pairs the same cells."""
     df = pd.DataFrame(rows)
-    df = df[(df.tag == "peer") | df.tag.isin(tags)]
+    df = df[((df.tag == "peer") | df.tag.isin(tags)) & (df.method.isin(methods) if methods else True)]
     if own_rule:
         own = df[(df.tag == "peer") & (df.get("max_epochs", pd.Series(np.nan, df.index)) == 0)]
         pairs = {(m, p, s) for m, p, s in zip(own.method, own.preset, own.seed)}
@@ -528,7 +530,7 @@ def run(a) -> dict:
 
     a.out = a.out or (f"bench/results/quality_{data_name(a.data)}.json" if a.data else "bench/results/quality.json")
     if a.table:
-        print(table(json.loads(Path(a.out).read_text())["rows"], a.tags, a.own_rule))
+        print(table(json.loads(Path(a.out).read_text())["rows"], a.tags, a.own_rule, a.only))
         return {}
 
     torch.set_num_threads(a.threads)

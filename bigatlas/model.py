@@ -139,7 +139,7 @@ class VAEModule(nn.Module):
         # the mean head's inputs beside the hidden layer: the batch embeddings (batch_in_heads)
         beside = cfg.embedding_dim * len(n_batch_categories) if cfg.batch_in_heads else 0
         self.px_scale = nn.Linear(h + beside, n_genes)
-        if cfg.batch_interaction and n_batch_categories:  # zero at the start: the shared decoder's model
+        if cfg.interaction(labelled) and n_batch_categories:  # zero at the start: the shared decoder's model
             self.interaction = nn.Linear(k * cfg.embedding_dim * len(n_batch_categories), n_genes, bias=False)
             nn.init.zeros_(self.interaction.weight)
         if cfg.dispersion == "gene-cell":

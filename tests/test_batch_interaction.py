@@ -3,6 +3,7 @@ mean's logits beside the shared decoder, zero at the start, its size penalised i
 out of the held-out loss, logged per epoch, and frozen with the decoder when a query is mapped (trained with it
 when the decoder is unfrozen)."""
 
+import argparse
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from batch_toy import reference_and_query
 from bigatlas import AtlasVAE
 from bigatlas.config import ModelConfig
 from bigatlas.distributions import Counts
+from bigatlas.flags import add_config_flags, config_values
 from bigatlas.model import VAEModule
 
 GENES, KEYS = 30, [3, 4]
@@ -106,6 +108,22 @@ def test_its_size_is_penalised_in_training_and_left_out_of_the_held_out_loss():
         ModelConfig(batch_interaction_penalty=-0.1)
 
 
+def test_on_by_default_without_label_keys_off_with_them():
+    """Unset, the term is there when the model has no label keys and not with them; either can be chosen."""
+    unset = ModelConfig()
+    assert unset.batch_interaction is None and unset.interaction(False) and not unset.interaction(True)
+    assert hasattr(VAEModule(GENES, KEYS, [], unset), "interaction")
+    assert not hasattr(VAEModule(GENES, KEYS, [4], unset), "interaction")
+    assert not hasattr(VAEModule(GENES, [], [], unset), "interaction")  # no batch key: nothing to map
+    assert not hasattr(VAEModule(GENES, KEYS, [], ModelConfig(batch_interaction=False)), "interaction")
+    assert hasattr(VAEModule(GENES, KEYS, [4], ModelConfig(batch_interaction=True)), "interaction")
+    p = argparse.ArgumentParser()
+    add_config_flags(p, ModelConfig, "model")
+    for flags, want in (([], {}), (["--no-batch-interaction"], False), (["--batch-interaction"], True)):
+        got = config_values(p.parse_args(flags), ModelConfig)
+        assert got == ({} if want == {} else {"batch_interaction": want})
+
+
 def test_detached_the_encoder_learns_through_the_shared_decoder_alone():
     """With batch_interaction_detach (the default) the term's gradient stops at z: the encoder's gradients are
     those of a model whose term reads a detached copy of z, and differ from the attached term's; the loss and the
@@ -129,7 +147,7 @@ def test_detached_the_encoder_learns_through_the_shared_decoder_alone():
     by_copy = module(batch_interaction_detach=False)
     by_copy.load_state_dict(detached.state_dict())
     linear = by_copy.interaction
-    by_copy._wide = lambda layer, x: (layer(x.detach()) if layer is linear else VAEModule._wide(by_copy, layer, x))
+    by_copy._wide = lambda layer, x: layer(x.detach()) if layer is linear else VAEModule._wide(by_copy, layer, x)
     cut, want = grads(detached), grads(by_copy)
     full = grads(attached)
     assert cut[0] == pytest.approx(full[0], rel=1e-6) == want[0]
