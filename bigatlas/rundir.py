@@ -56,7 +56,7 @@ ADDED_MODEL_SETTINGS = {
     "batch_adversary": 0.0,  # no batch adversary
     "batch_align": 0.0,  # no batch alignment
     "batch_interaction": False,  # no batch-by-state term
-    "batch_interaction_penalty": 0.1,  # (its default then; read only with the term)
+    "batch_interaction_penalty": 0.1,  # (its default; read only with the term)
     "batch_interaction_detach": False,  # the encoder learned through the term too
 }
 
