@@ -1,7 +1,8 @@
 """The batch-by-state term (ModelConfig.batch_interaction): each batch's own linear map from the latent to the
-mean's logits beside the shared decoder, zero at the start, its size penalised in the training loss and left
-out of the held-out loss, logged per epoch, and frozen with the decoder when a query is mapped (trained with it
-when the decoder is unfrozen)."""
+mean's logits beside the shared decoder, zero at the start, on by default without label keys, read from a detached
+z (the encoder learns through the shared decoder alone), its size penalised in the training loss and left out of
+the held-out loss, logged per epoch, and frozen with the decoder when a query is mapped (trained with it when the
+decoder is unfrozen)."""
 
 import argparse
 from dataclasses import replace
