@@ -1,5 +1,5 @@
 """The batch-by-state term (ModelConfig.batch_interaction): each batch's own linear map from the latent to the
-mean's logits beside the shared decoder, zero at the start, on by default without label keys, read from a detached
+mean's logits beside the shared decoder, zero at the start, on by default, read from a detached
 z (the encoder learns through the shared decoder alone), its size penalised in the training loss and left out of
 the held-out loss, logged per epoch, and frozen with the decoder when a query is mapped (trained with it when the
 decoder is unfrozen)."""
@@ -110,20 +110,37 @@ def test_its_size_is_penalised_in_training_and_left_out_of_the_held_out_loss():
         ModelConfig(batch_interaction_penalty=-0.1)
 
 
-def test_on_by_default_without_label_keys_off_with_them():
-    """Unset, the term is there when the model has no label keys and not with them; either can be chosen."""
-    unset = ModelConfig()
-    assert unset.batch_interaction is None and unset.interaction(False) and not unset.interaction(True)
+def test_on_by_default_and_unset_means_the_rule_of_run_dirs_saved_while_it_was_the_default():
+    """The term is on by default, with label keys or without. Unset (run dirs saved while that was the default)
+    it is on without label keys and off with them, as they were trained. Either can be chosen."""
+    on = ModelConfig()
+    assert on.batch_interaction is True and on.interaction(False) and on.interaction(True)
+    assert hasattr(VAEModule(GENES, KEYS, [], on), "interaction") and hasattr(
+        VAEModule(GENES, KEYS, [4], on), "interaction"
+    )
+    assert not hasattr(VAEModule(GENES, [], [], on), "interaction")  # no batch key: nothing to map
+    unset = ModelConfig(batch_interaction=None)
+    assert unset.interaction(False) and not unset.interaction(True)
     assert hasattr(VAEModule(GENES, KEYS, [], unset), "interaction")
     assert not hasattr(VAEModule(GENES, KEYS, [4], unset), "interaction")
-    assert not hasattr(VAEModule(GENES, [], [], unset), "interaction")  # no batch key: nothing to map
-    assert not hasattr(VAEModule(GENES, KEYS, [], ModelConfig(batch_interaction=False)), "interaction")
-    assert hasattr(VAEModule(GENES, KEYS, [4], ModelConfig(batch_interaction=True)), "interaction")
+    assert not hasattr(VAEModule(GENES, KEYS, [4], ModelConfig(batch_interaction=False)), "interaction")
     p = argparse.ArgumentParser()
     add_config_flags(p, ModelConfig, "model")
     for flags, want in (([], {}), (["--no-batch-interaction"], False), (["--batch-interaction"], True)):
         got = config_values(p.parse_args(flags), ModelConfig)
         assert got == ({} if want == {} else {"batch_interaction": want})
+
+
+def test_a_labelled_run_dir_saved_with_the_term_unset_loads_without_it(tmp_path):
+    """A run dir whose config.json has batch_interaction unset and label keys was trained without the term: it
+    loads without it and embeds as it did."""
+    data, _ = reference_and_query(tmp_path)
+    settings = {"model": {"batch_interaction": None}, "train": {"max_epochs": 1}}
+    model = AtlasVAE(str(data), batch_key="dataset_id", label_keys=["cell_type"], **settings).fit(tmp_path / "run")
+    assert not hasattr(model.module, "interaction")
+    loaded = AtlasVAE.load(tmp_path / "run")
+    assert loaded.config.model.batch_interaction is None and not hasattr(loaded.module, "interaction")
+    assert np.array_equal(loaded.get_latent(str(data)), model.get_latent(str(data)))
 
 
 def test_detached_the_encoder_learns_through_the_shared_decoder_alone():
