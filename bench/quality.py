@@ -507,12 +507,14 @@ def table(rows: list[dict], tags, own_rule: bool = False, methods=None) -> str:
         mine = [(PEER.get(m), p, s) in pairs for m, p, s in zip(df.method, df.preset, df.seed)]
         df = df[((df.tag != "peer") & np.array(mine, bool)) | df.index.isin(own.index)]
     df["name"] = np.where(df.tag == "peer", df.method, df.method + " (" + df.tag + ")")
-    order = {m: i for i, m in enumerate(METHODS)}
+    pair = {m: i for i, item in enumerate(PEER.items()) for m in item}  # each bigatlas method, then its peer
     cols = [(k, h) for k, h in TABLE if k in df and df[k].notna().any()]
     lines = ["| atlas | method | seeds | " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * (len(cols) + 3)]
     for preset in dict.fromkeys(df.preset):
         sub = df[df.preset == preset]
-        names = sorted(dict.fromkeys(sub.name), key=lambda n: (order[n.split(" ")[0]] // 2, n.split(" ")[0], n))
+        names = sorted(
+            dict.fromkeys(sub.name), key=lambda n: (pair.get(m := n.split(" ")[0], len(PEER)), m not in PEER, n)
+        )
         for name in names:
             g = sub[sub.name == name]
             cells = [
