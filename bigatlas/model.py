@@ -22,7 +22,7 @@ the genes beside the shared decoder (a batch effect that differs by cell type or
 batch_interaction_detach (the default) the term reads z detached: the maps fit each batch's effect on the states
 the encoder finds, and the encoder's gradient comes through the shared decoder alone, so placing one state's
 cells apart by batch gains it nothing. The mean over training cells of the term's squared logit shifts, summed
-over genes, is added to the training loss at batch_interaction_penalty.
+over the genes each cell measured, is added to the training loss at batch_interaction_penalty.
 """
 
 from __future__ import annotations
@@ -339,8 +339,9 @@ class VAEModule(nn.Module):
         recon, gate_pen, fused, shift = self._reconstruction(z, batch_codes, counts, w, gate_weight * w, measured)
         kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
         extra = {}  # the batch options' per-cell terms, by name
-        if shift is not None:  # the batch-by-state term's size: its squared logit shifts, summed over genes
-            extra["interaction"] = (shift.float() ** 2).sum(1)
+        if shift is not None:  # the term's size: its squared logit shifts, summed over the genes the cell measured
+            size = shift.float() ** 2  # (a gene the cell lacks has mean 0 whatever the shift, as in the likelihood)
+            extra["interaction"] = (size if measured is None else size * measured).sum(1)
         adversary = self._adversary_terms(z, batch_codes)
         if adversary is not None:
             extra["adversary"], extra["confusion"] = adversary

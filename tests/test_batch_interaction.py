@@ -110,6 +110,26 @@ def test_its_size_is_penalised_in_training_and_left_out_of_the_held_out_loss():
         ModelConfig(batch_interaction_penalty=-0.1)
 
 
+def test_the_penalty_counts_only_the_genes_each_cells_store_measured():
+    """With an outer gene join a cell's store may lack genes: their mean is 0 whatever the term's shift, so the
+    penalty sums the squared shifts over the genes the cell measured only."""
+    m = module()
+    randomise(m)
+    g = torch.Generator().manual_seed(5)
+    measured = torch.rand(24, GENES, generator=g) > 0.3
+    counts = Counts.from_dense(torch.poisson(torch.rand(24, GENES, generator=g) * 4) * measured)
+    codes = torch.stack([torch.arange(24) % 3, torch.arange(24) % 4], dim=1)
+    torch.manual_seed(6)
+    out = m(counts, codes, measured=measured)
+    q_mu, q_var = m.encode(counts)
+    torch.manual_seed(6)
+    z = q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu)
+    emb = torch.cat([e(codes[:, i]) for i, e in enumerate(m.embeddings)], dim=1)
+    size = by_hand(m, z, emb).detach() ** 2
+    assert out.terms["interaction"].item() == pytest.approx((size * measured).sum(1).mean().item(), rel=1e-4)
+    assert out.terms["interaction"].item() < 0.8 * size.sum(1).mean().item()  # the lacking genes' shifts left out
+
+
 def test_on_by_default_and_unset_means_the_rule_of_run_dirs_saved_while_it_was_the_default():
     """The term is on by default, with label keys or without. Unset (run dirs saved while that was the default)
     it is on without label keys and off with them, as they were trained. Either can be chosen."""
