@@ -92,8 +92,8 @@ class ModelConfig:
     )  # fmt: skip
 
     # without labels it kept more biology on six of seven atlases and mixed more on five; with labels more
-    # biology on six, held-out accuracy within 0.004 (bench.quality, detached.json *detach*). None: the rule of
-    # run dirs saved while it was unset by default (on without label keys, off with them)
+    # biology on all seven, held-out accuracy within 0.002 (bench.quality, detached.json *detach* / *before*).
+    # None: the rule of run dirs saved while it was unset by default (on without label keys, off with them)
     batch_interaction: bool | None = opt(
         True, "a batch-by-state term in the decoder: the mean's logits also read the outer product of the batch "
         "embeddings and z through one linear layer (zero at the start), so each batch has its own linear map from "

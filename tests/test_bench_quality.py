@@ -179,6 +179,8 @@ def test_own_rule_table_pairs_the_peers_own_rule_rows_with_bigatlas_on_the_same_
     assert lines == {"scvi": ["1", "0.100"], "bigatlas (default)": ["1", "0.100"], "scanvi": ["1", "0.000"]}
     everything = table(rows, ["default"]).splitlines()[2:]
     assert len(everything) == 4 and "| rare | scvi | 3 |" in "\n".join(everything)
+    order = [line.split("|")[2].strip() for line in everything]  # each bigatlas method, then its peer
+    assert order == ["bigatlas (default)", "scvi", "bigatlas_labels (default)", "scanvi"]
     labelled = table(rows, ["default"], methods=["bigatlas_labels", "scanvi"]).splitlines()[2:]
     assert sorted(line.split("|")[2].strip() for line in labelled) == ["bigatlas_labels (default)", "scanvi"]
 
