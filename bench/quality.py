@@ -98,9 +98,13 @@ def add_arguments(p) -> None:
 
 
 def overrides(pairs) -> dict:
+    """key=value pairs as config values: Python literals, true / false (any case) as booleans, else the string."""
     out = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
+        if value.lower() in ("true", "false"):  # a string would be truthy either way
+            out[key] = value.lower() == "true"
+            continue
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -124,7 +128,7 @@ def atlas(a, preset: str, seed: int):
     """The preset's atlas (built once under --data-dir), or --data's cells, in memory, with the hidden-label
     column (drawn by the seed)."""
     covariates = tuple(getattr(a, "covariate_keys", ()))  # benches that reuse atlas() may not have the flag
-    if a.data:
+    if getattr(a, "data", None):  # benches that reuse atlas() (bench.transfer) have no --data
         adata = user_data(a.data, a.batch_key, a.label_key, a.layer, covariates).copy()  # read once, a copy per seed
     else:
         adata = preset_atlas(a.data_dir, preset, seed, a.cells, a.genes)

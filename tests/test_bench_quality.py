@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from bench.common import main
-from bench.quality import LABELS, TRUTH, add_arguments, atlas, run, user_data
+from bench.quality import LABELS, TRUTH, add_arguments, atlas, overrides, run, user_data
 from bigatlas.synth import synth
 
 
@@ -89,6 +89,24 @@ def test_user_data_errors_name_the_problem(user_h5ad, tmp_path, change, match):
     with pytest.raises(ValueError, match=match) as e:
         user_data(str(path), **kwargs)
     assert path.name in str(e.value)
+
+
+def test_the_transfer_bench_reads_its_atlases_and_model_overrides_as_quality_does(tmp_path):
+    """bench.transfer's flags (no --data) build the preset atlas through atlas(); --model's true / false are
+    booleans, not strings (a string 'false' would turn a flag on)."""
+    import argparse
+
+    from bench.transfer import add_arguments as transfer_arguments
+
+    p = argparse.ArgumentParser()
+    transfer_arguments(p)
+    a = p.parse_args(
+        ["--data-dir", str(tmp_path), "--cells", "600", "--genes", "50", "--model", "batch_interaction=false"]
+    )
+    adata = atlas(a, "rare", seed=0)
+    assert adata.n_obs == 600 and adata.obs["bench_hidden"].any()
+    assert overrides(a.model) == {"batch_interaction": False}
+    assert overrides(["a=TRUE", "b=0.5", "c=(64,)", "d=layer"]) == {"a": True, "b": 0.5, "c": (64,), "d": "layer"}
 
 
 def test_mislabels_are_the_stated_fraction_of_visible_labels_and_a_sibling_subtype(tmp_path):
