@@ -1,8 +1,8 @@
 """The batch-by-state term (ModelConfig.batch_interaction): each batch's own linear map from the latent to the
-mean's logits beside the shared decoder, zero at the start, on by default, read from a detached
-z (the encoder learns through the shared decoder alone), its size penalised in the training loss and left out of
-the held-out loss, logged per epoch, and frozen with the decoder when a query is mapped (trained with it when the
-decoder is unfrozen)."""
+mean's logits beside the shared decoder, zero at the start, on by default, read from a detached z (the encoder
+learns through the shared decoder alone), its size penalised in the training loss and left out of the held-out
+loss, logged per epoch, and frozen with the decoder when a query is mapped (trained with it when the decoder is
+unfrozen)."""
 
 import argparse
 from dataclasses import replace
@@ -135,9 +135,8 @@ def test_on_by_default_and_unset_means_the_rule_of_run_dirs_saved_while_it_was_t
     it is on without label keys and off with them, as they were trained. Either can be chosen."""
     on = ModelConfig()
     assert on.batch_interaction is True and on.interaction(False) and on.interaction(True)
-    assert hasattr(VAEModule(GENES, KEYS, [], on), "interaction") and hasattr(
-        VAEModule(GENES, KEYS, [4], on), "interaction"
-    )
+    assert hasattr(VAEModule(GENES, KEYS, [], on), "interaction")
+    assert hasattr(VAEModule(GENES, KEYS, [4], on), "interaction")
     assert not hasattr(VAEModule(GENES, [], [], on), "interaction")  # no batch key: nothing to map
     unset = ModelConfig(batch_interaction=None)
     assert unset.interaction(False) and not unset.interaction(True)
