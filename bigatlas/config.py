@@ -129,6 +129,7 @@ class ModelConfig:
         return self.norm if self.norm is not None else ("layer" if labelled else "batch")
 
     def __post_init__(self):
+        _check_flags(self)
         _check("likelihood", self.likelihood, LIKELIHOODS)
         _check("dispersion", self.dispersion, DISPERSIONS)
         _check("zi_gate", self.zi_gate, GATES)
@@ -229,6 +230,7 @@ class TrainConfig:
     reference_umap: bool = opt(True, "lay the reference index out with UMAP (queries are placed on it)")
 
     def __post_init__(self):
+        _check_flags(self)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), not {self.ema_decay}")
         if self.min_epochs < 0:
@@ -279,6 +281,7 @@ class DataConfig:
                          "a gene a store lacks is left out of its cells' likelihood)", choices=GENE_JOINS)  # fmt: skip
 
     def __post_init__(self):
+        _check_flags(self)
         if not isinstance(self.data, str):  # several stores: a tuple; one: its string
             data = tuple(map(str, self.data))
             object.__setattr__(self, "data", data[0] if len(data) == 1 else data)
@@ -349,6 +352,18 @@ def _build(cls, d: dict):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} option(s) {sorted(unknown)} (have: {', '.join(sorted(names))})")
     return cls(**d)
+
+
+def _check_flags(config) -> None:
+    """A yes/no option must be a boolean (None where unset is allowed): a config file's string "false" would
+    otherwise be truthy and turn the option on."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.type in ("bool", "bool | None") and not isinstance(value, bool):
+            if value is None and f.type == "bool | None":
+                continue
+            kind = "true or false" + (" (or unset)" if f.type == "bool | None" else "")
+            raise ValueError(f"{type(config).__name__}.{f.name} must be {kind}, not {value!r}")
 
 
 def _check(name, value, allowed):

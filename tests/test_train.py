@@ -466,6 +466,30 @@ def test_the_likelihood_is_compiled_for_long_runs_only():
         TrainConfig(compile_loss="yes")
 
 
+def test_a_yes_no_option_must_be_a_boolean(tmp_path):
+    """A config file's "false" is a string, which is truthy: every yes/no option of the three sections refuses a
+    non-boolean by name (an unset batch_interaction, a run dir's null, stays allowed)."""
+    import json
+
+    from bigatlas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    assert ModelConfig(batch_interaction=None).batch_interaction is None
+    assert ModelConfig(batch_in_heads=True).batch_in_heads is True
+    for section, name, cls in (
+        ("model", "batch_in_heads", ModelConfig),
+        ("model", "batch_interaction", ModelConfig),
+        ("model", "batch_interaction_detach", ModelConfig),
+        ("train", "reference_umap", TrainConfig),
+        ("data", "allow_non_integer", DataConfig),
+    ):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({section: {name: "false"}}))
+        with pytest.raises(ValueError, match=f"{cls.__name__}.{name} must be true or false.*not 'false'"):
+            RunConfig.from_file(path)
+        with pytest.raises(ValueError, match=f"{cls.__name__}.{name} must be"):
+            cls(**{name: 1})
+
+
 def test_optimizer_steps_with_the_configured_epsilon():
     """The first AdamW step moves a parameter by lr · g / (|g| + eps): eps is the config's, not torch's."""
     import torch
