@@ -47,6 +47,10 @@ def add_arguments(p) -> None:
     p.add_argument("--data-dir", default="bench/data", help="where atlases and stores are built or reused")
     p.add_argument("--out", default="bench/results/transfer.json", help="JSON result file")
     p.add_argument("--table", action="store_true", help="print the result file's tables (markdown) and exit")
+    p.add_argument(
+        "--tag", default=None, help="label the quality rows (a setting beside the defaults); with --table, print the "
+        "means of the rows of this tag instead of the file's summary",
+    )  # fmt: skip
 
 
 def _fit(adata, a, seed, run_dir):
@@ -109,6 +113,8 @@ def quality(a) -> list[dict]:
                 rare = list(counts.index[counts < 0.01 * len(truth)])
                 classes = model.vocab.label_classes[LABELS]
                 row = {"preset": preset, "seed": seed, "default": default, "seconds": round(time.perf_counter() - t, 1)}
+                if a.tag:
+                    row["tag"] = a.tag
                 row.update({name: _scores(p[hidden], truth, classes, rare) for name, p in probs.items()})
                 row["default_scores"] = row[default]
             row["novel"] = novel_row(adata, a, seed, _fit, _predictors)
@@ -191,7 +197,14 @@ NAMES = {"head_uncalibrated": "head, uncalibrated (before)", "head": "head, cali
          "both": "both (mean)", "default_scores": "**default** (chosen per run)"}  # fmt: skip
 
 
-def table(result: dict) -> str:
+def table(result: dict, tag: str | None = None) -> str:
+    """The file's summary as markdown; with a tag, the means of that tag's rows (every seed the file has)."""
+    if tag is not None:
+        rows = [r for r in result.get("rows", []) if r.get("tag") == tag]
+        if not rows:
+            tags = sorted({str(r.get("tag")) for r in result.get("rows", [])})
+            raise SystemExit(f"no rows tagged {tag!r} (the file's tags: {', '.join(tags) or 'none'})")
+        result = {"summary": summary(rows)}
     lines = ["| atlas | predictor | accuracy | macro-F1 | ECE | rare recall |", "|---|---|---|---|---|---|"]
     for preset, e in result["summary"].items():
         for name, label in NAMES.items():
@@ -220,7 +233,7 @@ def run(a) -> dict:
     import torch
 
     if a.table:
-        print(table(json.loads(Path(a.out).read_text())))
+        print(table(json.loads(Path(a.out).read_text()), a.tag))
         return {}
 
     torch.set_num_threads(a.threads)

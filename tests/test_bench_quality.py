@@ -109,6 +109,29 @@ def test_the_transfer_bench_reads_its_atlases_and_model_overrides_as_quality_doe
     assert overrides(["a=TRUE", "b=0.5", "c=(64,)", "d=layer"]) == {"a": True, "b": 0.5, "c": (64,), "d": "layer"}
 
 
+def test_the_transfer_table_of_a_tag_is_the_mean_of_that_tags_rows_only():
+    """bench.transfer --table --tag T: the means over T's rows (every seed), not the file's summary nor another tag's
+    rows; a tag the file lacks is one error naming the tags it has."""
+    from bench.transfer import summary, table
+    from bench.transfer_novel import THRESHOLDS
+
+    def row(tag, seed, acc, auroc):
+        scores = {"accuracy": acc, "macro_f1": acc - 0.1, "ece": 0.01}
+        novel = {"auroc": auroc, "unknown_novel": {}, "unknown_known": {}, "accuracy_known_not_unknown": {}}
+        for key in ("unknown_novel", "unknown_known", "accuracy_known_not_unknown"):
+            novel[key] = {str(t): 0.5 for t in THRESHOLDS}
+        names = ("head_uncalibrated", "head", "knn", "both", "default_scores")
+        return {"preset": "subtle", "seed": seed, "tag": tag, "novel": novel, **{n: dict(scores) for n in names}}
+
+    rows = [row("on", 0, 0.80, 0.90), row("on", 5, 0.70, 0.96), row("off", 0, 0.20, 0.10)]
+    result = {"rows": rows, "summary": summary(rows)}
+    on = table(result, "on")
+    assert "| subtle | kNN vote | 0.750 | 0.650 |" in on and "| subtle | 0.930 |" in on
+    assert "0.200" not in on and "| subtle | kNN vote | 0.567 |" in table(result)  # untagged: the file's summary
+    with pytest.raises(SystemExit, match="no rows tagged 'x'.*off, on"):
+        table(result, "x")
+
+
 def test_mislabels_are_the_stated_fraction_of_visible_labels_and_a_sibling_subtype(tmp_path):
     import argparse
 
