@@ -62,7 +62,7 @@ def _fit(adata, a, seed, run_dir):
 
 
 def _predictors(model, z):
-    """{name: probabilities} for every predictor, and the default's uncertainty."""
+    """{name: probabilities} for every predictor, the in-distribution factor per cell and the default's name."""
     import torch
 
     from bigatlas.reference import read_reference
@@ -78,7 +78,7 @@ def _predictors(model, z):
     results, _ = transfer(zt)
     probs = {"head_uncalibrated": raw}
     probs.update({name: transfer.combine(LABELS, head, knn, name) for name in ("head", "knn", "both")})
-    return probs, results[LABELS].uncertainty, transfer.predictors[LABELS]
+    return probs, results[LABELS].in_dist, transfer.predictors[LABELS]
 
 
 def _scores(probs, truth, classes, rare) -> dict:

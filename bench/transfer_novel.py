@@ -14,7 +14,10 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def novel_row(adata, a, seed, fit, predictors) -> dict:
-    """AUROC of the uncertainty (novel cells vs hidden known cells) and Unknown shares per threshold."""
+    """AUROC of the default predictor's uncertainty (novel cells vs hidden known cells) and Unknown shares per
+    threshold; under by_predictor, the AUROC and the shares at the default threshold of every predictor's own
+    uncertainty (1 − its winner's probability × the in-distribution factor, as embed writes it)."""
+    from bigatlas.transfer import DEFAULT_UNKNOWN
     from bigatlas.transfer_report import auroc
 
     truth = adata.obs[TRUTH].astype(str).to_numpy()
@@ -23,7 +26,9 @@ def novel_row(adata, a, seed, fit, predictors) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = fit(adata[~novel].copy(), a, seed, Path(tmp) / "run")
         z = model.get_latent_representation(adata)
-        probs, uncertainty, default = predictors(model, z)
+        probs, in_dist, default = predictors(model, z)
+    uncertain = {name: 1.0 - p.max(1) * in_dist for name, p in probs.items()}
+    uncertainty = uncertain[default]
     classes = np.asarray(model.vocab.label_classes[LABELS])
     pred = classes[probs[default].argmax(1)]
     sel = novel | known
@@ -33,4 +38,12 @@ def novel_row(adata, a, seed, fit, predictors) -> dict:
     row["accuracy_known_not_unknown"] = {
         str(t): round(float((pred[known] == truth[known])[uncertainty[known] <= t].mean()), 4) for t in THRESHOLDS
     }
+    at = str(DEFAULT_UNKNOWN)
+    row["by_predictor"] = {}
+    for name, u in uncertain.items():
+        row["by_predictor"][name] = {
+            "auroc": round(auroc(novel[sel], u[sel]), 4),
+            f"unknown_novel_{at}": round(float((u[novel] > DEFAULT_UNKNOWN).mean()), 4),
+            f"unknown_known_{at}": round(float((u[known] > DEFAULT_UNKNOWN).mean()), 4),
+        }
     return row
