@@ -3,9 +3,12 @@
 Quality (bench.quality's atlases and hidden labels: 80% of the labels seen, 20% hidden and scored), per
 preset × seed, one bigatlas run with labels, and each predictor on the hidden cells: accuracy, macro-F1,
 ECE and rare-class recall of the uncalibrated head (what embed wrote before), the calibrated head, the
-kNN vote and both. Novel types: the same atlas trained without one coarse type; AUROC of the
-uncertainty for that type's cells against the hidden known cells, and the share of each called Unknown
-at several thresholds.
+kNN vote and both: labels hidden inside the training set (scANVI's setting; the hidden cells are
+unlabelled training cells, in the reference index). Novel types and queries: the same atlas trained
+without one coarse type and without the hidden known cells, so both are cells the model never saw, as a
+new data set's are; AUROC of the uncertainty for the novel type's cells against the known ones, the
+share of each called Unknown at several thresholds, and each predictor on the known cells (rows with
+`known_cells: query`; before 2026-12-05 the known cells of this run were training cells).
 
 Speed: the reference index of 200,000 cells of a 1,000,000-cell store (build seconds, UMAP included),
 then that store embedded to disk twice in one run: without a reference (the head alone: embed before
@@ -117,7 +120,7 @@ def quality(a) -> list[dict]:
                     row["tag"] = a.tag
                 row.update({name: _scores(p[hidden], truth, classes, rare) for name, p in probs.items()})
                 row["default_scores"] = row[default]
-            row["novel"] = novel_row(adata, a, seed, _fit, _predictors)
+            row["novel"] = novel_row(adata, a, seed, _fit, _predictors, _scores)
             print(row, flush=True)
             rows.append(row)
     return rows
@@ -132,6 +135,11 @@ def summary(rows: list[dict]) -> dict:
             entry[name] = {m: round(float(np.mean([r[name][m] for r in mine if m in r[name]])), 4)
                            for m in ("accuracy", "macro_f1", "ece", "rare_recall") if m in mine[0][name]}  # fmt: skip
         novel = [r["novel"] for r in mine if r.get("novel")]
+        query = [n["query"] for n in novel if "query" in n]
+        if query:  # the hidden known cells as queries (out of training), where the rows have them
+            entry["query"] = {name: {m: round(float(np.mean([q[name][m] for q in query if m in q[name]])), 4)
+                                     for m in ("accuracy", "macro_f1", "ece", "rare_recall") if m in query[0][name]}
+                              for name in query[0]}  # fmt: skip
         if novel:
             entry["novel_auroc"] = round(float(np.mean([n["auroc"] for n in novel])), 4)
             for key in ("unknown_novel", "unknown_known", "accuracy_known_not_unknown"):
@@ -197,6 +205,18 @@ NAMES = {"head_uncalibrated": "head, uncalibrated (before)", "head": "head, cali
          "both": "both (mean)", "default_scores": "**default** (chosen per run)"}  # fmt: skip
 
 
+def _predictor_lines(preset: str, scores: dict) -> list[str]:
+    lines = []
+    for name, label in NAMES.items():
+        if name in scores:
+            m = scores[name]
+            rare = f"{m['rare_recall']:.3f}" if "rare_recall" in m else "–"
+            lines.append(
+                f"| {preset} | {label} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['ece']:.3f} | {rare} |"
+            )
+    return lines
+
+
 def table(result: dict, tag: str | None = None) -> str:
     """The file's summary as markdown; with a tag, the means of that tag's rows (every seed the file has)."""
     if tag is not None:
@@ -205,15 +225,14 @@ def table(result: dict, tag: str | None = None) -> str:
             tags = sorted({str(r.get("tag")) for r in result.get("rows", [])})
             raise SystemExit(f"no rows tagged {tag!r} (the file's tags: {', '.join(tags) or 'none'})")
         result = {"summary": summary(rows)}
-    lines = ["| atlas | predictor | accuracy | macro-F1 | ECE | rare recall |", "|---|---|---|---|---|---|"]
+    header = "| atlas | {}predictor | accuracy | macro-F1 | ECE | rare recall |"
+    lines = [header.format(""), "|---|---|---|---|---|---|"]
     for preset, e in result["summary"].items():
-        for name, label in NAMES.items():
-            if name in e:
-                m = e[name]
-                rare = f"{m['rare_recall']:.3f}" if "rare_recall" in m else "–"
-                lines.append(
-                    f"| {preset} | {label} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['ece']:.3f} | {rare} |"
-                )
+        lines += _predictor_lines(preset, e)
+    if any("query" in e for e in result["summary"].values()):
+        lines += ["", header.format("query cells, out of training: "), "|---|---|---|---|---|---|"]
+        for preset, e in result["summary"].items():
+            lines += _predictor_lines(preset, e.get("query", {}))
     lines += [
         "",
         "| atlas | novel type: AUROC | Unknown at 0.4 / 0.5 / 0.6: novel cells | known cells |",

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from bench.quality import LABELS, TRUTH
 
@@ -13,10 +14,13 @@ NOVEL = "type_1"
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def novel_row(adata, a, seed, fit, predictors) -> dict:
-    """AUROC of the default predictor's uncertainty (novel cells vs hidden known cells) and Unknown shares per
-    threshold; under by_predictor, the AUROC and the shares at the default threshold of every predictor's own
-    uncertainty (1 − its winner's probability × the in-distribution factor, as embed writes it)."""
+def novel_row(adata, a, seed, fit, predictors, scores) -> dict:
+    """The model trained without the novel type's cells and without the hidden known cells, so both are queries it
+    never saw (out of training and of the reference index, as a new data set's cells are): AUROC of the default
+    predictor's uncertainty (novel cells vs hidden known cells) and Unknown shares per threshold; under
+    by_predictor, the AUROC and the shares at the default threshold of every predictor's own uncertainty (1 − its
+    winner's probability × the in-distribution factor, as embed writes it); under query, every predictor's scores
+    on the known cells."""
     from bigatlas.transfer import DEFAULT_UNKNOWN
     from bigatlas.transfer_report import auroc
 
@@ -24,7 +28,7 @@ def novel_row(adata, a, seed, fit, predictors) -> dict:
     novel = np.char.startswith(truth.astype(str), NOVEL + ".")
     known = adata.obs["bench_hidden"].to_numpy() & ~novel
     with tempfile.TemporaryDirectory() as tmp:
-        model = fit(adata[~novel].copy(), a, seed, Path(tmp) / "run")
+        model = fit(adata[~novel & ~known].copy(), a, seed, Path(tmp) / "run")
         z = model.get_latent_representation(adata)
         probs, in_dist, default = predictors(model, z)
     uncertain = {name: 1.0 - p.max(1) * in_dist for name, p in probs.items()}
@@ -32,7 +36,8 @@ def novel_row(adata, a, seed, fit, predictors) -> dict:
     classes = np.asarray(model.vocab.label_classes[LABELS])
     pred = classes[probs[default].argmax(1)]
     sel = novel | known
-    row = {"novel_type": NOVEL, "novel_cells": int(novel.sum()), "auroc": round(auroc(novel[sel], uncertainty[sel]), 4)}
+    row = {"novel_type": NOVEL, "novel_cells": int(novel.sum()), "known_cells": "query"}
+    row["auroc"] = round(auroc(novel[sel], uncertainty[sel]), 4)
     row["unknown_novel"] = {str(t): round(float((uncertainty[novel] > t).mean()), 4) for t in THRESHOLDS}
     row["unknown_known"] = {str(t): round(float((uncertainty[known] > t).mean()), 4) for t in THRESHOLDS}
     row["accuracy_known_not_unknown"] = {
@@ -46,4 +51,7 @@ def novel_row(adata, a, seed, fit, predictors) -> dict:
             f"unknown_novel_{at}": round(float((u[novel] > DEFAULT_UNKNOWN).mean()), 4),
             f"unknown_known_{at}": round(float((u[known] > DEFAULT_UNKNOWN).mean()), 4),
         }
+    counts = pd.Series(truth[known]).value_counts()
+    rare = list(counts.index[counts < 0.01 * known.sum()])
+    row["query"] = {name: scores(p[known], truth[known], classes, rare) for name, p in probs.items()}
     return row

@@ -132,6 +132,50 @@ def test_the_transfer_table_of_a_tag_is_the_mean_of_that_tags_rows_only():
         table(result, "x")
 
 
+def test_the_novel_type_run_never_sees_its_test_cells_and_scores_the_known_ones_as_queries():
+    """bench.transfer's novel-type run trains without the novel type's cells and without the hidden known cells
+    (both are then queries, out of training and of the reference), and scores every predictor on the known ones."""
+    from types import SimpleNamespace
+
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from bench.transfer import _scores, summary, table
+    from bench.transfer_novel import NOVEL, novel_row
+
+    rng = np.random.default_rng(0)
+    truth = rng.choice([f"{NOVEL}.a", "type_0.a", "type_0.b", "type_2.a"], 400)
+    obs = pd.DataFrame({TRUTH: truth, "bench_hidden": rng.random(400) < 0.3}, index=[f"c{i}" for i in range(400)])
+    adata = ad.AnnData(np.zeros((400, 3), np.float32), obs=obs)
+    seen = {}
+
+    def fit(cells, a, seed, run_dir):
+        seen["cells"] = set(cells.obs_names)
+        vocab = SimpleNamespace(label_classes={LABELS: ["type_0.a", "type_0.b", "type_2.a"]})
+        return SimpleNamespace(vocab=vocab, get_latent_representation=lambda data: np.zeros((data.n_obs, 2)))
+
+    def predictors(model, z):
+        right = pd.Categorical(truth, categories=model.vocab.label_classes[LABELS]).codes
+        sure = np.eye(3)[np.clip(right, 0, None)] * 0.9 + 0.1 / 3  # right on the known cells, 0.93 sure
+        sure[right < 0] = 1 / 3  # the novel cells: unsure
+        return {"head": sure, "both": sure}, np.ones(len(z)), "both"
+
+    row = novel_row(adata, SimpleNamespace(), 0, fit, predictors, _scores)
+    novel = np.char.startswith(truth.astype(str), NOVEL + ".")
+    known = obs["bench_hidden"].to_numpy() & ~novel
+    assert seen["cells"] == set(obs.index[~novel & ~known]) and row["known_cells"] == "query"
+    assert row["auroc"] == 1.0 and row["unknown_novel"]["0.5"] == 1.0 and row["unknown_known"]["0.5"] == 0.0
+    assert set(row["query"]) == {"head", "both"} and row["query"]["head"]["accuracy"] == 1.0
+    assert row["by_predictor"]["head"]["auroc"] == 1.0
+    scores = {"accuracy": 0.5, "macro_f1": 0.4, "ece": 0.1}
+    names = ("head_uncalibrated", "head", "knn", "both", "default_scores")
+    result = {"rows": [{"preset": "p", "seed": 0, "novel": row, **{n: dict(scores) for n in names}}]}
+    printed = table({"summary": summary(result["rows"])})
+    assert "| atlas | query cells, out of training: predictor |" in printed
+    assert "| p | head, calibrated | 1.000 |" in printed  # the query table's row (the main table's is 0.500)
+
+
 def test_mislabels_are_the_stated_fraction_of_visible_labels_and_a_sibling_subtype(tmp_path):
     import argparse
 
