@@ -8,6 +8,7 @@ handle opened before a fork deadlocks the child.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +26,17 @@ def _soma():
 
 READ_CELLS = 8192
 SUBREAD_THREADS = 2
+# TileDB contexts and handles are created one at a time in a process: two reader threads creating theirs at
+# once aborted a test process once (a native abort inside SOMATileDBContext.native_context, no Python error)
+_OPEN_LOCK = threading.Lock()
+
+
+def _new_open_lock() -> None:  # a fork copies the lock as it is, held if a thread was opening: a fresh one
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_open_lock)
 
 
 class SomaStore(Store):
@@ -44,7 +56,8 @@ class SomaStore(Store):
         self._tiledb_config = dict(tiledb_config or {})  # e.g. anonymous S3 access for the Census
         self._var_coords = None  # all genes; restrict_columns narrows reads to the model's genes
         try:
-            exp = soma.Experiment.open(self.uri, context=self._context())
+            with _OPEN_LOCK:
+                exp = soma.Experiment.open(self.uri, context=self._context())
         except Exception as e:
             raise StoreError(f"{self.uri} is not a SOMA experiment ({type(e).__name__}: {e})") from None
         with exp:
@@ -105,7 +118,9 @@ class SomaStore(Store):
         if column == "soma_joinid":
             return self._joinids.copy()
         soma = _soma()
-        with soma.Experiment.open(self.uri, context=self._context()) as exp:
+        with _OPEN_LOCK:
+            exp = soma.Experiment.open(self.uri, context=self._context())  # its native context is made here
+        with exp:
             table = exp.obs.read(coords=(self._joinids,), column_names=["soma_joinid", column]).concat()
         values = table.to_pandas().set_index("soma_joinid")[column]
         return values.reindex(self._joinids).array
@@ -123,7 +138,8 @@ class SomaStore(Store):
             soma = _soma()
             # smaller result buffers than the 1 GiB default: a request arrives in a few pieces
             ctx = self._context(**{"soma.init_buffer_bytes": 32 << 20})
-            x = soma.SparseNDArray.open(f"{self.uri}/ms/{self.measurement}/X/{self.layer}", context=ctx)
+            with _OPEN_LOCK:
+                x = soma.SparseNDArray.open(f"{self.uri}/ms/{self.measurement}/X/{self.layer}", context=ctx)
             self._local.x = x
         return x
 
