@@ -84,7 +84,8 @@ def _predictors(model, z):
     return probs, results[LABELS].in_dist, transfer.predictors[LABELS]
 
 
-def _scores(probs, truth, classes, rare) -> dict:
+def _scores(probs, truth, classes) -> dict:
+    """Accuracy, macro-F1 and ECE of one predictor on the scored cells, and recall of the types under 1% of them."""
     from bigatlas.calibration import ece
     from bigatlas.metrics import confusion, prediction_scores
 
@@ -94,7 +95,8 @@ def _scores(probs, truth, classes, rare) -> dict:
     ok = y >= 0
     row = {"accuracy": round(s["accuracy"], 4), "macro_f1": round(s["macro_f1"], 4),
            "ece": round(ece(probs[ok], y[ok]), 4)}  # fmt: skip
-    is_rare = np.isin(truth, rare)
+    counts = pd.Series(truth).value_counts()
+    is_rare = np.isin(truth, counts.index[counts < 0.01 * len(truth)])
     if is_rare.any():
         row["rare_recall"] = round(float((pred[is_rare] == truth[is_rare]).mean()), 4)
     return row
@@ -112,13 +114,11 @@ def quality(a) -> list[dict]:
                 probs, _, default = _predictors(model, z)
                 hidden = adata.obs["bench_hidden"].to_numpy()
                 truth = adata.obs[TRUTH].astype(str).to_numpy()[hidden]
-                counts = pd.Series(truth).value_counts()
-                rare = list(counts.index[counts < 0.01 * len(truth)])
                 classes = model.vocab.label_classes[LABELS]
                 row = {"preset": preset, "seed": seed, "default": default, "seconds": round(time.perf_counter() - t, 1)}
                 if a.tag:
                     row["tag"] = a.tag
-                row.update({name: _scores(p[hidden], truth, classes, rare) for name, p in probs.items()})
+                row.update({name: _scores(p[hidden], truth, classes) for name, p in probs.items()})
                 row["default_scores"] = row[default]
             row["novel"] = novel_row(adata, a, seed, _fit, _predictors, _scores)
             print(row, flush=True)
@@ -126,20 +126,22 @@ def quality(a) -> list[dict]:
     return rows
 
 
+def _mean_scores(rows: list[dict], names) -> dict:
+    """Per predictor name, the mean of each score over the rows that have it."""
+    return {name: {m: round(float(np.mean([r[name][m] for r in rows if m in r[name]])), 4)
+                   for m in ("accuracy", "macro_f1", "ece", "rare_recall") if m in rows[0][name]}
+            for name in names}  # fmt: skip
+
+
 def summary(rows: list[dict]) -> dict:
     out = {}
     for preset in dict.fromkeys(r["preset"] for r in rows):
         mine = [r for r in rows if r["preset"] == preset]
-        entry = {}
-        for name in ("head_uncalibrated", "head", "knn", "both", "default_scores"):
-            entry[name] = {m: round(float(np.mean([r[name][m] for r in mine if m in r[name]])), 4)
-                           for m in ("accuracy", "macro_f1", "ece", "rare_recall") if m in mine[0][name]}  # fmt: skip
+        entry = _mean_scores(mine, ("head_uncalibrated", "head", "knn", "both", "default_scores"))
         novel = [r["novel"] for r in mine if r.get("novel")]
         query = [n["query"] for n in novel if "query" in n]
         if query:  # the hidden known cells as queries (out of training), where the rows have them
-            entry["query"] = {name: {m: round(float(np.mean([q[name][m] for q in query if m in q[name]])), 4)
-                                     for m in ("accuracy", "macro_f1", "ece", "rare_recall") if m in query[0][name]}
-                              for name in query[0]}  # fmt: skip
+            entry["query"] = _mean_scores(query, tuple(query[0]))
         if novel:
             entry["novel_auroc"] = round(float(np.mean([n["auroc"] for n in novel])), 4)
             for key in ("unknown_novel", "unknown_known", "accuracy_known_not_unknown"):

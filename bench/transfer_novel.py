@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from bench.quality import LABELS, TRUTH
 
@@ -51,7 +50,5 @@ def novel_row(adata, a, seed, fit, predictors, scores) -> dict:
             f"unknown_novel_{at}": round(float((u[novel] > DEFAULT_UNKNOWN).mean()), 4),
             f"unknown_known_{at}": round(float((u[known] > DEFAULT_UNKNOWN).mean()), 4),
         }
-    counts = pd.Series(truth[known]).value_counts()
-    rare = list(counts.index[counts < 0.01 * known.sum()])
-    row["query"] = {name: scores(p[known], truth[known], classes, rare) for name, p in probs.items()}
+    row["query"] = {name: scores(p[known], truth[known], classes) for name, p in probs.items()}
     return row
