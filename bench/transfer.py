@@ -65,13 +65,15 @@ def _fit(adata, a, seed, run_dir):
 
 
 def _predictors(model, z):
-    """{name: probabilities} for every predictor, the in-distribution factor per cell and the default's name."""
+    """{name: probabilities} for every predictor, the in-distribution factor per cell, the default's name and the
+    reference's validation scores of each predictor (accuracy, ECE, NLL)."""
     import torch
 
     from bigatlas.reference import read_reference
     from bigatlas.transfer import LabelTransfer
 
-    transfer = LabelTransfer(model.module, model.vocab, read_reference(model.run_dir))
+    reference = read_reference(model.run_dir)
+    transfer = LabelTransfer(model.module, model.vocab, reference)
     zt = torch.from_numpy(z)
     with torch.no_grad():
         raw = torch.softmax(model.module.label_logits(zt)[0].float(), 1).numpy()
@@ -81,20 +83,25 @@ def _predictors(model, z):
     results, _ = transfer(zt)
     probs = {"head_uncalibrated": raw}
     probs.update({name: transfer.combine(LABELS, head, knn, name) for name in ("head", "knn", "both")})
-    return probs, results[LABELS].in_dist, transfer.predictors[LABELS]
+    validation = reference.info.get("validation", {}).get(LABELS)
+    return probs, results[LABELS].in_dist, transfer.predictors[LABELS], validation
 
 
 def _scores(probs, truth, classes) -> dict:
-    """Accuracy, macro-F1 and ECE of one predictor on the scored cells, and recall of the types under 1% of them."""
+    """Accuracy, macro-F1, ECE, NLL (of the true class) and AURC (the winner's probability ranking the errors) of
+    one predictor on the scored cells, and recall of the types under 1% of them."""
     from bigatlas.calibration import ece
     from bigatlas.metrics import confusion, prediction_scores
+    from bigatlas.transfer_report import risk_coverage_area
 
     pred = np.asarray(classes)[probs.argmax(1)]
     s = prediction_scores(confusion(pd.Categorical(truth), pd.Categorical(pred)))
     y = pd.Categorical(truth, categories=classes).codes
     ok = y >= 0
-    row = {"accuracy": round(s["accuracy"], 4), "macro_f1": round(s["macro_f1"], 4),
-           "ece": round(ece(probs[ok], y[ok]), 4)}  # fmt: skip
+    p, yy = probs[ok], y[ok]
+    row = {"accuracy": round(s["accuracy"], 4), "macro_f1": round(s["macro_f1"], 4), "ece": round(ece(p, yy), 4),
+           "nll": round(float(-np.log(np.clip(p[np.arange(len(yy)), yy], 1e-12, 1.0)).mean()), 4),
+           "aurc": round(risk_coverage_area(-p.max(1), p.argmax(1) == yy), 4)}  # fmt: skip
     counts = pd.Series(truth).value_counts()
     is_rare = np.isin(truth, counts.index[counts < 0.01 * len(truth)])
     if is_rare.any():
@@ -111,7 +118,7 @@ def quality(a) -> list[dict]:
                 t = time.perf_counter()
                 model = _fit(adata, a, seed, Path(tmp) / "run")
                 z = model.get_latent_representation()
-                probs, _, default = _predictors(model, z)
+                probs, _, default, validation = _predictors(model, z)
                 hidden = adata.obs["bench_hidden"].to_numpy()
                 truth = adata.obs[TRUTH].astype(str).to_numpy()[hidden]
                 classes = model.vocab.label_classes[LABELS]
@@ -120,6 +127,7 @@ def quality(a) -> list[dict]:
                     row["tag"] = a.tag
                 row.update({name: _scores(p[hidden], truth, classes) for name, p in probs.items()})
                 row["default_scores"] = row[default]
+                row["validation"] = validation
             row["novel"] = novel_row(adata, a, seed, _fit, _predictors, _scores)
             print(row, flush=True)
             rows.append(row)
@@ -128,9 +136,17 @@ def quality(a) -> list[dict]:
 
 def _mean_scores(rows: list[dict], names) -> dict:
     """Per predictor name, the mean of each score over the rows that have it."""
+    metrics = ("accuracy", "macro_f1", "ece", "nll", "aurc", "rare_recall")
     return {name: {m: round(float(np.mean([r[name][m] for r in rows if m in r[name]])), 4)
-                   for m in ("accuracy", "macro_f1", "ece", "rare_recall") if m in rows[0][name]}
+                   for m in metrics if any(m in r[name] for r in rows)}
             for name in names}  # fmt: skip
+
+
+def _means(dicts: list[dict]) -> dict:
+    """Per key, the mean of the values the dicts have (None: none)."""
+    keys = dict.fromkeys(k for d in dicts for k in d)
+    return {k: round(float(np.mean(v)), 4) if (v := [d[k] for d in dicts if d.get(k) is not None]) else None
+            for k in keys}  # fmt: skip
 
 
 def summary(rows: list[dict]) -> dict:
@@ -146,6 +162,15 @@ def summary(rows: list[dict]) -> dict:
             entry["novel_auroc"] = round(float(np.mean([n["auroc"] for n in novel])), 4)
             for key in ("unknown_novel", "unknown_known", "accuracy_known_not_unknown"):
                 entry[key] = {str(t): round(float(np.mean([n[key][str(t)] for n in novel])), 4) for t in THRESHOLDS}
+        by = [n for n in novel if "by_predictor" in n]
+        if by:  # each predictor's own uncertainty, and its validation NLL (what --predictor auto picks by)
+            entry["by_predictor"] = {
+                name: _means([n["by_predictor"][name] for n in by]) for name in by[0]["by_predictor"]
+            }
+            for name, e in entry["by_predictor"].items():
+                nll = [n["validation"][name]["nll"] for n in by if name in (n.get("validation") or {})]
+                if nll:
+                    e["validation_nll"] = round(float(np.mean(nll)), 4)
         out[preset] = entry
     return out
 
@@ -212,9 +237,11 @@ def _predictor_lines(preset: str, scores: dict) -> list[str]:
     for name, label in NAMES.items():
         if name in scores:
             m = scores[name]
-            rare = f"{m['rare_recall']:.3f}" if "rare_recall" in m else "–"
+            more = " | ".join(
+                f"{m[k]:.{4 if k == 'aurc' else 3}f}" if k in m else "–" for k in ("nll", "aurc", "rare_recall")
+            )
             lines.append(
-                f"| {preset} | {label} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['ece']:.3f} | {rare} |"
+                f"| {preset} | {label} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['ece']:.3f} | {more} |"
             )
     return lines
 
@@ -227,12 +254,13 @@ def table(result: dict, tag: str | None = None) -> str:
             tags = sorted({str(r.get("tag")) for r in result.get("rows", [])})
             raise SystemExit(f"no rows tagged {tag!r} (the file's tags: {', '.join(tags) or 'none'})")
         result = {"summary": summary(rows)}
-    header = "| atlas | {}predictor | accuracy | macro-F1 | ECE | rare recall |"
-    lines = [header.format(""), "|---|---|---|---|---|---|"]
+    header = "| atlas | {}predictor | accuracy | macro-F1 | ECE | NLL | AURC | rare recall |"
+    rule = "|---|---|---|---|---|---|---|---|"
+    lines = [header.format(""), rule]
     for preset, e in result["summary"].items():
         lines += _predictor_lines(preset, e)
     if any("query" in e for e in result["summary"].values()):
-        lines += ["", header.format("query cells, out of training: "), "|---|---|---|---|---|---|"]
+        lines += ["", header.format("query cells, out of training: "), rule]
         for preset, e in result["summary"].items():
             lines += _predictor_lines(preset, e.get("query", {}))
     lines += [
@@ -245,6 +273,19 @@ def table(result: dict, tag: str | None = None) -> str:
             nov = " / ".join(f"{e['unknown_novel'][t]:.2f}" for t in ("0.4", "0.5", "0.6"))
             kno = " / ".join(f"{e['unknown_known'][t]:.3f}" for t in ("0.4", "0.5", "0.6"))
             lines.append(f"| {preset} | {e['novel_auroc']:.3f} | {nov} | {kno} |")
+    if any("by_predictor" in e for e in result["summary"].values()):
+        lines += ["", "| atlas | predictor (its own uncertainty) | novel type: AUROC | novel cells Unknown at 0.5 "
+                  "| known cells Unknown | known cells kept: accuracy | known cells: AURC | validation NLL |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for preset, e in result["summary"].items():
+            for name, m in e.get("by_predictor", {}).items():
+                cells = [
+                    m.get(k) for k in ("auroc", "unknown_novel_0.5", "unknown_known_0.5", "accuracy_known_kept_0.5")
+                ]
+                cells = [f"{v:.3f}" if v is not None else "–" for v in cells]
+                aurc, nll = m.get("aurc_known"), m.get("validation_nll")
+                cells += [f"{aurc:.4f}" if aurc is not None else "–", f"{nll:.3f}" if nll is not None else "–"]
+                lines.append(f"| {preset} | {NAMES.get(name, name)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

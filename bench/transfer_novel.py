@@ -18,10 +18,12 @@ def novel_row(adata, a, seed, fit, predictors, scores) -> dict:
     never saw (out of training and of the reference index, as a new data set's cells are): AUROC of the default
     predictor's uncertainty (novel cells vs hidden known cells) and Unknown shares per threshold; under
     by_predictor, the AUROC and the shares at the default threshold of every predictor's own uncertainty (1 − its
-    winner's probability × the in-distribution factor, as embed writes it); under query, every predictor's scores
-    on the known cells."""
+    winner's probability × the in-distribution factor, as embed writes it), and on the known cells the accuracy of
+    those it keeps at that threshold and the AURC of that uncertainty; under query, every predictor's scores on the
+    known cells; under validation, each calibrated predictor's scores on the run's validation cells (what
+    `--predictor auto` chooses by)."""
     from bigatlas.transfer import DEFAULT_UNKNOWN
-    from bigatlas.transfer_report import auroc
+    from bigatlas.transfer_report import auroc, risk_coverage_area
 
     truth = adata.obs[TRUTH].astype(str).to_numpy()
     novel = np.char.startswith(truth.astype(str), NOVEL + ".")
@@ -29,7 +31,7 @@ def novel_row(adata, a, seed, fit, predictors, scores) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = fit(adata[~novel & ~known].copy(), a, seed, Path(tmp) / "run")
         z = model.get_latent_representation(adata)
-        probs, in_dist, default = predictors(model, z)
+        probs, in_dist, default, validation = predictors(model, z)
     uncertain = {name: 1.0 - p.max(1) * in_dist for name, p in probs.items()}
     uncertainty = uncertain[default]
     classes = np.asarray(model.vocab.label_classes[LABELS])
@@ -45,10 +47,15 @@ def novel_row(adata, a, seed, fit, predictors, scores) -> dict:
     at = str(DEFAULT_UNKNOWN)
     row["by_predictor"] = {}
     for name, u in uncertain.items():
+        right = classes[probs[name].argmax(1)][known] == truth[known]
+        kept = u[known] <= DEFAULT_UNKNOWN
         row["by_predictor"][name] = {
             "auroc": round(auroc(novel[sel], u[sel]), 4),
             f"unknown_novel_{at}": round(float((u[novel] > DEFAULT_UNKNOWN).mean()), 4),
-            f"unknown_known_{at}": round(float((u[known] > DEFAULT_UNKNOWN).mean()), 4),
+            f"unknown_known_{at}": round(float((~kept).mean()), 4),
+            f"accuracy_known_kept_{at}": round(float(right[kept].mean()), 4) if kept.any() else None,
+            "aurc_known": round(risk_coverage_area(u[known], right), 4),
         }
     row["query"] = {name: scores(p[known], truth[known], classes) for name, p in probs.items()}
+    row["validation"] = validation
     return row

@@ -130,16 +130,17 @@ def _review_lines(review: dict | None, label_key: str) -> list[str]:
 
 def _transfer_lines(transfer: dict) -> list[str]:
     """The label-transfer section: per predictor accuracy / macro-F1 on cells of classes the run knows,
-    calibration, Unknown calls and unseen-class detection."""
+    calibration, Unknown calls (with the accuracy of the cells kept), the uncertainty's ranking of errors (AURC) and
+    unseen-class detection."""
     if not transfer:
         return []
     lines = [
         "",
         "## Label transfer (cells of classes the run was trained on)",
         "",
-        "| prediction vs known | chosen acc / F1 | head acc / F1 | kNN acc / F1 | ECE | Unknown | unseen classes: "
-        "AUROC, Unknown |",
-        "|---|---|---|---|---|---|---|",
+        "| prediction vs known | chosen acc / F1 | head acc / F1 | kNN acc / F1 | ECE | Unknown | acc. not Unknown | "
+        "AURC | unseen classes: AUROC, Unknown |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in transfer.items():
         pair = [
@@ -150,7 +151,8 @@ def _transfer_lines(transfer: dict) -> list[str]:
             names = ", ".join(s["unseen_classes"])
             unseen = f"{_fmt(s.get('unseen_auroc'))}, {_fmt(s.get('unknown_fraction_unseen'))} ({names})"
         lines.append(
-            f"| {name} | {' | '.join(pair)} | {_fmt(s.get('ece'))} | {_fmt(s.get('unknown_fraction'))} | {unseen} |"
+            f"| {name} | {' | '.join(pair)} | {_fmt(s.get('ece'))} | {_fmt(s.get('unknown_fraction'))} | "
+            f"{_fmt(s.get('accuracy_not_unknown'))} | {_fmt(s.get('aurc'))} | {unseen} |"
         )
     for name, s in transfer.items():
         recall = ", ".join(f"{c} {r:.3f}" for c, r in s["recall_per_class"].items())

@@ -4,7 +4,10 @@ For a predicted key against a truth column: accuracy and macro-F1 of the chosen 
 calibrated head (`_pred_head`) and the kNN vote (`_pred_knn`); ECE of `_prob` with a reliability
 diagram; recall per class; the share of cells called Unknown; and when the truth has classes the run
 never saw, how well `_uncertainty` separates their cells from the rest (AUROC) and how many of them are
-called Unknown. With a reference UMAP the query is drawn on it (reference in grey).
+called Unknown. How well `_uncertainty` ranks the known-class cells' errors: the accuracy of the cells not
+called Unknown, and the area under the risk-coverage curve (AURC: the error rate of the most certain cells,
+averaged over every coverage; lower is better, the error rate itself when uncertainty ranks nothing). With a
+reference UMAP the query is drawn on it (reference in grey).
 """
 
 from __future__ import annotations
@@ -27,6 +30,21 @@ def auroc(positive: np.ndarray, score: np.ndarray) -> float | None:
         return None
     ranks = rankdata(score)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def risk_coverage_area(uncertainty: np.ndarray, correct: np.ndarray) -> float | None:
+    """AURC: cells sorted from the most to the least certain, the mean over n = 1..N of the error rate among
+    the first n (ties in uncertainty share their errors evenly)."""
+    n = len(correct)
+    if n == 0:
+        return None
+    u = np.asarray(uncertainty, float)
+    wrong = (~np.asarray(correct, bool)).astype(float)
+    order = np.argsort(u, kind="stable")
+    u, wrong = u[order], wrong[order]
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])  # ties: each cell of a group gets the group's mean
+    wrong = np.repeat(np.add.reduceat(wrong, starts) / np.diff(np.r_[starts, n]), np.diff(np.r_[starts, n]))
+    return float((np.cumsum(wrong) / np.arange(1, n + 1)).mean())
 
 
 def transfer_scores(columns: dict, truth: pd.Categorical, run_classes) -> tuple[dict, list]:
@@ -55,8 +73,13 @@ def transfer_scores(columns: dict, truth: pd.Categorical, run_classes) -> tuple[
         for c in run_classes
         if (known_class & (t == c)).any()
     }
+    if "uncertainty" in columns and known_class.any():
+        a = risk_coverage_area(np.asarray(columns["uncertainty"], float)[known_class], correct[known_class])
+        out["aurc"] = round(a, 4)
     if "unknown" in columns:
         unknown = np.asarray(columns["unknown"], bool)
+        kept = known_class & ~unknown
+        out["accuracy_not_unknown"] = round(float(correct[kept].mean()), 4) if kept.any() else None
         out["unknown_fraction"] = round(float(unknown[defined].mean()), 4) if defined.any() else None
         if novel.any():
             out["unseen_classes"] = sorted(set(t[novel]))

@@ -117,9 +117,29 @@ def test_evaluate_reports_transfer_and_unseen_class_detection(novel, tmp_path):
     for p in ("chosen", "head", "knn"):
         assert t[p]["accuracy"] >= 0.95  # on cells of classes the run knows
     assert 0 <= t["ece"] <= 0.1 and min(t["recall_per_class"].values()) >= 0.8
+    # the uncertainty ranks the known cells' errors: those kept are at least as accurate, and the risk-coverage area
+    # is below the error rate (what an uncertainty that ranks nothing gives)
+    assert t["accuracy_not_unknown"] >= t["chosen"]["accuracy"] and t["aurc"] <= 1 - t["chosen"]["accuracy"]
     files = {p.name for p in (tmp_path / "report").iterdir()}
     assert "reliability_cell_type_pred_vs_true_cell_type.png" in files
     assert "Label transfer" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_risk_coverage_area_is_the_error_rate_without_ranking_and_least_when_errors_are_the_least_certain():
+    from bigatlas.transfer_report import risk_coverage_area
+
+    rng = np.random.default_rng(0)
+    n, e = 200, 30
+    correct = np.ones(n, bool)
+    correct[rng.choice(n, e, replace=False)] = False
+    assert risk_coverage_area(np.full(n, 0.3), correct) == pytest.approx(e / n)  # all tied: no ranking
+    best = risk_coverage_area(np.where(correct, 0.1, 0.9) + rng.random(n) * 0.01, correct)
+    kept = np.arange(1, n + 1)  # the most certain first: no error among the first n - e
+    assert best == pytest.approx(np.mean(np.clip(kept - (n - e), 0, None) / kept))
+    worst = risk_coverage_area(np.where(correct, 0.9, 0.1), correct)
+    noisy = risk_coverage_area(np.where(correct, 0.1, 0.9) + rng.normal(0, 0.5, n), correct)
+    assert best < noisy < e / n < worst
+    assert risk_coverage_area(np.zeros(0), np.zeros(0, bool)) is None
 
 
 def test_reference_rebuilds_identically_and_reports_calibration(novel):
