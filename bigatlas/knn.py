@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .threads import torch_threads_kept
+
 EXACT_MAX = 20_000  # references up to this size are searched exactly on CPU as well
 QUERY_BLOCK = 1024  # queries per distance matmul in the exact search
 COARSE_PROBE = 8  # in a two-level partition, the coarse cells whose partition cells a query ranks
@@ -149,7 +151,11 @@ class LatentIndex:
         """(distances, indices) of the k nearest reference cells of each query, nearest first."""
         q = q.to(torch.float32)
         k = min(k, len(self.z))
-        d2, idx = self._exact(q, k) if self.exact else self._inverted_file(q, k)
+        if self.exact:
+            d2, idx = self._exact(q, k)
+        else:
+            with torch_threads_kept():  # numba's scan would leave torch on its thread count
+                d2, idx = self._inverted_file(q, k)
         return torch.sqrt((d2 + (q * q).sum(1, keepdim=True)).clamp_min(0)), idx
 
     def _exact(self, q, k):

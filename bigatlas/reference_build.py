@@ -25,6 +25,7 @@ from .calibration import ece, fit_calibration
 from .knn import EXACT_MAX, LatentIndex
 from .reference import Reference, read_reference, stratified_sample, write_reference
 from .rundir import RunDir, load_run
+from .threads import torch_threads_kept
 from .transfer import DEFAULT_K, DEFAULT_PREDICTOR, PREDICTORS, LabelTransfer, fit_novelty
 from .vocab import apply_lut
 
@@ -273,6 +274,6 @@ def _umap(latent: np.ndarray, seed: int) -> np.ndarray:
 
     import umap
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch_threads_kept():  # numba would leave torch on its thread count
         warnings.simplefilter("ignore")  # n_jobs overridden by random_state; tbb/numba notices
         return umap.UMAP(n_neighbors=15, random_state=seed).fit_transform(latent).astype(np.float32)

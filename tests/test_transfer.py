@@ -46,6 +46,24 @@ def test_knn_exact_is_brute_force_and_inverted_file_recall(tmp_path):
     assert (i4 == i3).float().mean() >= 0.999
 
 
+def test_a_knn_search_leaves_torch_on_the_thread_count_it_had():
+    """numba's parallel scan runs on torch's OpenMP runtime and would leave torch on numba's count (every CPU): a
+    process limited to one thread went on training on two after a reference build."""
+    numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here: its count and torch's cannot differ")
+    z = torch.randn(3000, 8, generator=torch.Generator().manual_seed(1))
+    ivf = LatentIndex(z, *LatentIndex.partition(z, cell_size=64, seed=0), exact=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ivf.search(z[:100], 5)
+        assert torch.get_num_threads() == 1
+        assert numba.get_num_threads() == 1  # the scan ran within torch's limit
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_stratified_sample_keeps_rare_classes_and_weights_restore_proportions():
     rng = np.random.default_rng(0)
     codes = rng.choice([0, 1, 2, -1], size=50_000, p=[0.897, 0.08, 0.003, 0.02])
