@@ -168,7 +168,7 @@ def summary(rows: list[dict]) -> dict:
                 name: _means([n["by_predictor"][name] for n in by]) for name in by[0]["by_predictor"]
             }
             for name, e in entry["by_predictor"].items():
-                nll = [n["validation"][name]["nll"] for n in by if name in (n.get("validation") or {})]
+                nll = [n["validation"][name]["nll"] for n in by if "nll" in (n.get("validation") or {}).get(name, {})]
                 if nll:
                     e["validation_nll"] = round(float(np.mean(nll)), 4)
         out[preset] = entry

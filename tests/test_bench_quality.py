@@ -159,7 +159,7 @@ def test_the_novel_type_run_never_sees_its_test_cells_and_scores_the_known_ones_
         right = pd.Categorical(truth, categories=model.vocab.label_classes[LABELS]).codes
         sure = np.eye(3)[np.clip(right, 0, None)] * 0.9 + 0.1 / 3  # right on the known cells, 0.93 sure
         sure[right < 0] = 1 / 3  # the novel cells: unsure
-        return {"head": sure, "both": sure}, np.ones(len(z)), "both", {"head": {"nll": 0.1}}
+        return {"head": sure, "both": sure}, np.ones(len(z)), "both", {"head": {"nll": 0.1}, "both": {"ece": 0.2}}
 
     row = novel_row(adata, SimpleNamespace(), 0, fit, predictors, _scores)
     novel = np.char.startswith(truth.astype(str), NOVEL + ".")
@@ -170,7 +170,7 @@ def test_the_novel_type_run_never_sees_its_test_cells_and_scores_the_known_ones_
     assert row["query"]["head"]["nll"] == round(-np.log(0.9 + 0.1 / 3), 4) and row["query"]["head"]["aurc"] == 0.0
     head = row["by_predictor"]["head"]
     assert head["auroc"] == 1.0 and head["accuracy_known_kept_0.5"] == 1.0 and head["aurc_known"] == 0.0
-    assert row["validation"] == {"head": {"nll": 0.1}}  # the query run's reference's, what --predictor auto reads
+    assert row["validation"]["head"] == {"nll": 0.1}  # the query run's reference's, what --predictor auto reads
     scores = {"accuracy": 0.5, "macro_f1": 0.4, "ece": 0.1}
     names = ("head_uncalibrated", "head", "knn", "both", "default_scores")
     result = {"rows": [{"preset": "p", "seed": 0, "novel": row, **{n: dict(scores) for n in names}}]}
@@ -178,7 +178,7 @@ def test_the_novel_type_run_never_sees_its_test_cells_and_scores_the_known_ones_
     assert "| atlas | query cells, out of training: predictor |" in printed
     assert "| p | head, calibrated | 1.000 |" in printed  # the query table's row (the main table's is 0.500)
     assert "| p | head, calibrated | 1.000 | 1.000 | 0.000 | 1.000 | 0.0000 | 0.100 |" in printed  # by predictor
-    assert "| p | both (mean) | 1.000 | 1.000 | 0.000 | 1.000 | 0.0000 | – |" in printed  # no validation score
+    assert "| p | both (mean) | 1.000 | 1.000 | 0.000 | 1.000 | 0.0000 | – |" in printed  # no validation NLL
 
 
 def test_mislabels_are_the_stated_fraction_of_visible_labels_and_a_sibling_subtype(tmp_path):
