@@ -118,8 +118,8 @@ def _embed(p):
         "unknown_threshold": "flag <key>_unknown (and 'Unknown' in <key>_pred_filtered) when <key>_uncertainty "
         "is above this",
         "predictor": (
-            "labels from: both (calibrated head + kNN vote), head or knn (unset: the reference's "
-            "choice per label key; head without a reference)",
+            "labels from: head (calibrated), both (calibrated head + kNN vote) or knn (unset: the reference's "
+            "choice per label key, head unless it was built with another; head without a reference)",
             str,
         ),
         "k": ("reference neighbours per kNN vote (unset: the reference's)", int),
@@ -140,8 +140,8 @@ def _reference(p):
         "max_cells": "training cells in the index (label-stratified)",
         "umap": "lay the index out with UMAP (for X_umap_ref)",
         "k": "neighbours per kNN vote",
-        "predictor": "embed's default predictor: both (head + kNN mean), head, knn, or auto (per label key the "
-        "lowest validation NLL)",
+        "predictor": "embed's default predictor: head (the calibrated label head), both (head + kNN mean), knn, "
+        "or auto (per label key the lowest validation NLL)",
     }
     add_signature_flags(p, build_reference, helps)
 

@@ -137,7 +137,7 @@ def test_evaluate_reports_transfer_and_unseen_class_detection(novel, tmp_path):
     assert 0 <= t["ece"] <= 0.1 and min(t["recall_per_class"].values()) >= 0.8
     # the uncertainty ranks the known cells' errors: those kept are at least as accurate, and the risk-coverage area
     # is below the error rate (what an uncertainty that ranks nothing gives)
-    assert t["accuracy_not_unknown"] >= t["chosen"]["accuracy"] and t["aurc"] <= 1 - t["chosen"]["accuracy"]
+    assert t["accuracy_not_unknown"] >= t["chosen"]["accuracy"] and t["aurc"] <= 1 - t["chosen"]["accuracy"] + 1e-4
     files = {p.name for p in (tmp_path / "report").iterdir()}
     assert "reliability_cell_type_pred_vs_true_cell_type.png" in files
     assert "Label transfer" in (tmp_path / "report" / "report.md").read_text()
@@ -194,7 +194,7 @@ def test_reference_cli_umap_and_query_placement(tmp_path, monkeypatch):
     assert 1400 <= ref.n_cells <= 1500 and ref.arrays["umap"].shape == (ref.n_cells, 2)
     out = ad.read_zarr(embed(tmp_path / "run", tmp_path / "a.zarr", tmp_path / "emb.zarr", progress=False))
     placed = out.obsm["X_umap_ref"]
-    pred = out.obs["cell_type_pred"].astype(str).to_numpy()
+    pred = out.obs["cell_type_pred_knn"].astype(str).to_numpy()  # the vote of the neighbours that place the cell
     classes = np.asarray(AtlasVAE.load(tmp_path / "run").vocab.label_classes["cell_type"])
     ref_labels = classes[ref.arrays["labels"][:, 0]]
     # each cell lands among reference cells of its type: most of its 15 nearest reference cells on the UMAP
@@ -228,4 +228,6 @@ def test_labelled_query_mapping_learns_a_new_class(novel, tmp_path):
     before = reference.predict(ref_cells)["cell_type_pred"].astype(str).to_numpy()
     after = mapped.predict(ref_cells)["cell_type_pred"].astype(str).to_numpy()
     assert (before == after).mean() >= 0.99
+    # the new class's head row never saw a reference cell: the mapped reference answers with head + kNN vote
+    assert read_reference(tmp_path / "mapped").info["predictors"]["cell_type"] == "both"
     assert np.array_equal(mapped.get_latent_representation(ref_cells), reference.get_latent_representation(ref_cells))
