@@ -10,6 +10,14 @@ likelihood of their true labels:
 
 prior_shift = class_weighting's exponent (1 for inverse frequency) undoes the weighting exactly;
 fitting it lets the validation cells say how much to undo.
+
+The fit is a maximum a posteriori one: log temperature and prior shift each have a normal prior of
+standard deviation PRIOR_SD around 0 (the raw logits), weighed as one cell against the validation cells'
+mean NLL. With many validation cells it is the likelihood's fit; with a few hundred that the head gets all
+right (a rare type's atlas), the likelihood alone drives the temperature to 0 (it fitted 0.02 with the
+shift at its bound −2): every later cell would be called certain, a wrong one included. On bench.transfer's
+rare atlas the prior took the queries' NLL from 0.180 / 0.036 to 0.024 / 0.009 (ECE 0.008 / 0.002 to
+0.005 / 0.005); on the subtle atlas, where the validation cells are informative, both fits agree.
 """
 
 from __future__ import annotations
@@ -18,17 +26,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+PRIOR_SD = 0.5  # of log temperature and of the prior shift (module doc)
+
 
 def fit_calibration(logits: torch.Tensor, y: torch.Tensor, log_counts: torch.Tensor) -> dict:
-    """Temperature and prior shift minimising the NLL of labels y (class indices) given logits."""
+    """Temperature and prior shift minimising the NLL of labels y (class indices) given logits, plus the
+    prior's penalty (module doc)."""
     logits, log_counts = logits.double(), log_counts.double()
     log_counts = torch.where(torch.isfinite(log_counts), log_counts, torch.zeros_like(log_counts))
     params = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # log temperature, prior shift
     opt = torch.optim.LBFGS([params], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    prior_weight = 1.0 / (2 * PRIOR_SD**2 * max(len(y), 1))
 
     def closure():
         opt.zero_grad()
         loss = F.cross_entropy(calibrate(logits, log_counts, params[0].exp(), params[1]), y)
+        loss = loss + prior_weight * (params**2).sum()
         loss.backward()
         return loss
 

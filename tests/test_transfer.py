@@ -97,6 +97,21 @@ def test_calibration_recovers_temperature_and_prior_shift():
     assert ece(after.numpy(), y.numpy()) < 0.02 < ece(before, y.numpy())
 
 
+def test_calibration_on_validation_cells_all_right_keeps_a_finite_temperature():
+    """A few hundred validation cells the head gets all right: the likelihood alone drives the temperature to 0
+    (every later cell called certain); the prior keeps it near the raw logits'."""
+    rng = np.random.default_rng(2)
+    n, k = 250, 6
+    y = torch.as_tensor(rng.integers(0, k, n))
+    logits = torch.as_tensor(rng.normal(0, 1, (n, k)))
+    logits[torch.arange(n), y] += 4.0  # every cell right, none by much more than its neighbours
+    counts = torch.as_tensor(np.log(rng.integers(20, 2000, k).astype(float)))
+    fit = fit_calibration(logits, y, counts)
+    assert 0.2 < fit["temperature"] <= 1.0 and abs(fit["prior_shift"]) < 0.5  # the likelihood alone: 0.018
+    p = torch.softmax(calibrate(logits, counts, fit["temperature"], fit["prior_shift"]), 1)
+    assert p.max(1).values.min() < 0.999  # not every cell called certain
+
+
 @pytest.fixture(scope="module")
 def novel(tmp_path_factory):
     """A model trained on an atlas without one coarse type; every cell embedded."""
