@@ -44,8 +44,8 @@ demo: install
 		print('scIB total: bigatlas %.3f, PCA of counts %.3f' % (s['bigatlas']['total'], s['pca_baseline']['total'])); \
 		print('cell_type accuracy vs truth: all %.3f, query study_5 (not trained on) %.3f' % (p['accuracy'], p['query_accuracy'])); \
 		t = m['label_transfer']['cell_type_pred vs true_cell_type']; \
-		print('label transfer: accuracy head %.3f, kNN %.3f, both (default) %.3f; ECE %.3f; Unknown %.1f%% of cells' % \
-			(t['head']['accuracy'], t['knn']['accuracy'], t['chosen']['accuracy'], t['ece'], 100 * t['unknown_fraction']))"
+		print('label transfer: accuracy %.3f (head %.3f, the default; kNN %.3f); ECE %.3f; AURC %.4f; Unknown %.1f%% of cells, the rest %.3f accurate' % \
+			(t['chosen']['accuracy'], t['head']['accuracy'], t['knn']['accuracy'], t['ece'], t['aurc'], 100 * t['unknown_fraction'], t['accuracy_not_unknown']))"
 	@echo "report: $(DEMO)/run/report/report.html  (also report.md; metrics.json, PNGs beside it;"
 	@echo "        reference_umap.png: every cell placed on the reference UMAP, by prediction and uncertainty)"
 	@echo "The demo atlas is easy. On the hard ones (python -m bench.quality; 8,000 cells), the defaults beside scVI / scANVI"
