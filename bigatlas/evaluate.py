@@ -91,10 +91,9 @@ def _umap(z: np.ndarray, seed: int) -> np.ndarray:
     n = len(z)
     idx = np.hstack([np.arange(n)[:, None], idx[:, :14]])  # umap's kNN lists each point first
     dist = np.hstack([np.zeros((n, 1), np.float32), dist[:, :14]])
+    layout = umap.UMAP(n_neighbors=15, precomputed_knn=(idx, dist, None), random_state=seed, n_jobs=1)
     with torch_threads_kept():  # UMAP's numba code would leave torch on numba's thread count
-        return umap.UMAP(n_neighbors=15, precomputed_knn=(idx, dist, None), random_state=seed, n_jobs=1).fit_transform(
-            z
-        )
+        return layout.fit_transform(z)
 
 
 def _same_data(a, b) -> bool:

@@ -43,7 +43,8 @@ def risk_coverage_area(uncertainty: np.ndarray, correct: np.ndarray) -> float | 
     order = np.argsort(u, kind="stable")
     u, wrong = u[order], wrong[order]
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])  # ties: each cell of a group gets the group's mean
-    wrong = np.repeat(np.add.reduceat(wrong, starts) / np.diff(np.r_[starts, n]), np.diff(np.r_[starts, n]))
+    sizes = np.diff(np.r_[starts, n])
+    wrong = np.repeat(np.add.reduceat(wrong, starts) / sizes, sizes)
     return float((np.cumsum(wrong) / np.arange(1, n + 1)).mean())
 
 
