@@ -26,8 +26,8 @@ NAMES = {
 ROWS = [*BIO, "knn_label_accuracy", *BATCH, "batch_mixing", "bio_conservation", "batch_correction", "total"]
 
 
-def _fmt(v) -> str:
-    return "–" if v is None or v != v else f"{v:.3f}"
+def _fmt(v, digits: int = 3) -> str:
+    return "–" if v is None or v != v else f"{v:.{digits}f}"
 
 
 def markdown(result: dict, run: Path | None) -> str:
@@ -152,7 +152,7 @@ def _transfer_lines(transfer: dict) -> list[str]:
             unseen = f"{_fmt(s.get('unseen_auroc'))}, {_fmt(s.get('unknown_fraction_unseen'))} ({names})"
         lines.append(
             f"| {name} | {' | '.join(pair)} | {_fmt(s.get('ece'))} | {_fmt(s.get('unknown_fraction'))} | "
-            f"{_fmt(s.get('accuracy_not_unknown'))} | {_fmt(s.get('aurc'))} | {unseen} |"
+            f"{_fmt(s.get('accuracy_not_unknown'))} | {_fmt(s.get('aurc'), 4)} | {unseen} |"
         )
     for name, s in transfer.items():
         recall = ", ".join(f"{c} {r:.3f}" for c, r in s["recall_per_class"].items())

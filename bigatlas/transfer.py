@@ -13,9 +13,9 @@ default then. The calibrated head is the default because on bench.transfer's har
 model never saw (seeds 0–3), it was as accurate as the mean, better calibrated (ECE 0.034 against 0.050
 on subtle), kept rare types the kNN vote loses (recall 0.89 against 0.72 on rare), had the lowest NLL,
 ranked its errors as well (AURC), and a left-out type was found as well (AUROC 0.994 / 0.999 / 0.998
-either way); the mean called fewer known cells Unknown only by being surer than it was right. The kNN vote and the mean get
-a temperature of their own, fitted on the validation cells like the head's (softmax(log p / T): the
-winner never changes, only how sure it says it is).
+either way); the mean called fewer known cells Unknown only by being surer than it was right. The kNN
+vote and the mean get a temperature of their own, fitted on the validation cells like the head's
+(softmax(log p / T): the winner never changes, only how sure it says it is).
 Uncertainty = 1 − (probability of the winner) × in-distribution factor. ρ is the query's mean
 neighbour distance over its neighbours' own (their `radius`): a local outlier ratio, ~1 inside the
 reference. Its upper tail over the validation cells (cells the reference never saw, of known types)
