@@ -243,6 +243,11 @@ def test_labelled_query_mapping_learns_a_new_class(novel, tmp_path):
     before = reference.predict(ref_cells)["cell_type_pred"].astype(str).to_numpy()
     after = mapped.predict(ref_cells)["cell_type_pred"].astype(str).to_numpy()
     assert (before == after).mean() >= 0.99
-    # the new class's head row never saw a reference cell: the mapped reference answers with head + kNN vote
+    # the new class's head rows are fitted against the reference index's cells as well as the query's: fitted on
+    # the query alone they claimed 3% of the reference's cells (the head's own answer, not the default's)
+    head_before = reference.predict(ref_cells, predictor="head")["cell_type_pred"].astype(str).to_numpy()
+    head_after = mapped.predict(ref_cells, predictor="head")["cell_type_pred"].astype(str).to_numpy()
+    assert (head_before == head_after).mean() >= 0.99
+    # and the mapped reference answers that key with head + kNN vote (none of those cells changed)
     assert read_reference(tmp_path / "mapped").info["predictors"]["cell_type"] == "both"
     assert np.array_equal(mapped.get_latent_representation(ref_cells), reference.get_latent_representation(ref_cells))
