@@ -90,7 +90,7 @@ def _predictors(model, z):
 def _scores(probs, truth, classes) -> dict:
     """Accuracy, macro-F1, ECE, NLL (of the true class) and AURC (the winner's probability ranking the errors) of
     one predictor on the scored cells, and recall of the types under 1% of them."""
-    from bigatlas.calibration import ece
+    from bigatlas.calibration import ece, nll
     from bigatlas.metrics import confusion, prediction_scores
     from bigatlas.transfer_report import risk_coverage_area
 
@@ -100,7 +100,7 @@ def _scores(probs, truth, classes) -> dict:
     ok = y >= 0
     p, yy = probs[ok], y[ok]
     row = {"accuracy": round(s["accuracy"], 4), "macro_f1": round(s["macro_f1"], 4), "ece": round(ece(p, yy), 4),
-           "nll": round(float(-np.log(np.clip(p[np.arange(len(yy)), yy], 1e-12, 1.0)).mean()), 4),
+           "nll": round(nll(p, yy), 4),
            "aurc": round(risk_coverage_area(-p.max(1), p.argmax(1) == yy), 4)}  # fmt: skip
     counts = pd.Series(truth).value_counts()
     is_rare = np.isin(truth, counts.index[counts < 0.01 * len(truth)])
@@ -136,10 +136,7 @@ def quality(a) -> list[dict]:
 
 def _mean_scores(rows: list[dict], names) -> dict:
     """Per predictor name, the mean of each score over the rows that have it."""
-    metrics = ("accuracy", "macro_f1", "ece", "nll", "aurc", "rare_recall")
-    return {name: {m: round(float(np.mean([r[name][m] for r in rows if m in r[name]])), 4)
-                   for m in metrics if any(m in r[name] for r in rows)}
-            for name in names}  # fmt: skip
+    return {name: _means([r[name] for r in rows]) for name in names}
 
 
 def _means(dicts: list[dict]) -> dict:

@@ -57,6 +57,11 @@ def calibrate(logits, log_counts, temperature, prior_shift):
     return logits / temperature + prior_shift * log_counts
 
 
+def nll(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log probability of the true classes y (probabilities clipped at 1e-12)."""
+    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)).mean())
+
+
 def ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
     """Expected calibration error of the top class: Σ_bins |accuracy − confidence| · share of cells."""
     table = reliability(probs.max(1), probs.argmax(1) == y, bins)

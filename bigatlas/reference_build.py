@@ -21,7 +21,7 @@ from loaders.csr import select_columns
 
 from . import dropped_labels
 from .batches import Measured, holdout_all
-from .calibration import ece, fit_calibration
+from .calibration import ece, fit_calibration, nll
 from .knn import EXACT_MAX, LatentIndex
 from .reference import Reference, read_reference, stratified_sample, write_reference
 from .rundir import RunDir, load_run
@@ -268,10 +268,10 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
             for name, p in scores.items()
         }
         v = info["validation"][key]
-        nll = {name: _nll(scores[name], y[keep]) for name in PREDICTORS}
+        nll_of = {name: nll(scores[name], y[keep]) for name in PREDICTORS}
         for name in PREDICTORS:
-            v[name]["nll"] = round(nll[name], 4)
-        best = min(PREDICTORS, key=lambda n: (nll[n], n != DEFAULT_PREDICTOR))
+            v[name]["nll"] = round(nll_of[name], 4)
+        best = min(PREDICTORS, key=lambda n: (nll_of[n], n != DEFAULT_PREDICTOR))
         info["predictors"][key] = best if info["predictor"] == "auto" else info["predictor"]
         log(
             f"label key {key!r} on {int(keep.sum()):,} validation cells: ECE {v['head_uncalibrated']['ece']:.3f} -> "
@@ -279,10 +279,6 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
             f"{info['calibration'][key]['prior_shift']:.2f}); accuracy head {v['head']['accuracy']:.3f}, "
             f"kNN {v['knn']['accuracy']:.3f}, both {v['both']['accuracy']:.3f}; predictor {info['predictors'][key]}"
         )
-
-
-def _nll(p: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)).mean())
 
 
 def _umap(latent: np.ndarray, seed: int) -> np.ndarray:
