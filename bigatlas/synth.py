@@ -317,19 +317,43 @@ def _cells(spec: SynthSpec, rng: np.random.Generator):
         perm = np.lexsort((donor, study))
     else:
         raise ValueError(f"order must be study, cell_type or random, not {spec.order!r}")
-    return study[perm], donor[perm], ctype[perm]
+    return study[perm], donor[perm], ctype[perm], comp
 
 
-def generate(spec: SynthSpec, writer, chunk_cells: int = 8192) -> None:
-    """Draw the atlas and stream it into `writer` (write_store.ZarrWriter or SomaWriter)."""
-    rng = np.random.default_rng(spec.seed)
+@dataclass
+class Draws:
+    """Everything `generate` draws before the counts: gene programmes and effects, each cell's study, donor
+    and type, and the nuisances the counts are drawn around (`cell_probs`)."""
+
+    logits: np.ndarray  # fine types x genes: log-means before any effect
+    theta: np.ndarray  # per gene: NB inverse dispersion
+    gate: np.ndarray  # per gene: structural-zero probability
+    study_fx: np.ndarray
+    donor_fx: np.ndarray
+    study_lib: np.ndarray  # per study: log mean library size
+    study: np.ndarray
+    donor: np.ndarray
+    ctype: np.ndarray  # each cell's fine type
+    comp: np.ndarray  # studies x fine types: the composition each study's types were drawn from
+    treated: np.ndarray
+    condition_fx: np.ndarray  # coarse types x genes: the treatment's effect
+    type_fx: np.ndarray | None  # studies x coarse types x genes
+    state_fx: np.ndarray
+    pos: np.ndarray | None  # per cell: position on its coarse type's path (continuous)
+    state: np.ndarray | None  # per cell: activation level
+    shares: np.ndarray  # per study: mean ambient share
+    soups: np.ndarray | None
+
+
+def draw(spec: SynthSpec, rng: np.random.Generator) -> Draws:
+    """The draws of `generate` from its main stream `rng` (seeded with spec.seed) and the options' own."""
     logits, theta, gate, _ = _programs(spec, rng)
     logits = _resident_programs(spec, logits)[0]
     G, n_donors = spec.n_genes, spec.n_studies * spec.donors_per_study
     study_fx = rng.normal(0, spec.study_effect, (spec.n_studies, G))
     donor_fx = rng.normal(0, spec.donor_effect, (n_donors, G))
     study_lib = np.log(spec.mean_library) + rng.normal(0, spec.study_library_sd, spec.n_studies)
-    study, donor, ctype = _cells(spec, rng)
+    study, donor, ctype, comp = _cells(spec, rng)
     extra = _extra_rng(spec)
     response, response_lfc = _condition(spec, extra)
     condition_fx = np.zeros((spec.n_coarse, G), np.float32)  # treated cells of affected coarse types
@@ -337,47 +361,74 @@ def generate(spec: SynthSpec, writer, chunk_cells: int = 8192) -> None:
     type_fx = None
     if spec.type_batch_effect > 0:
         type_fx = extra.normal(0, spec.type_batch_effect, (spec.n_studies, spec.n_coarse, G)).astype(np.float32)
-    treated = _treated(spec, donor)
     crng_cont = _continuous_rng(spec)
     state_genes, state_lfc = _state_programme(spec, crng_cont)
     state_fx = np.zeros(G, np.float32)
     state_fx[state_genes] = state_lfc
     pos, state = _positions(spec, crng_cont, study, ctype)
-    shares = _ambient_shares(spec)
     soups = _soups(spec, logits, study_fx, study, ctype) if spec.ambient > 0 else None
+    return Draws(
+        logits, theta, gate, study_fx, donor_fx, study_lib, study, donor, ctype, comp, _treated(spec, donor),
+        condition_fx, type_fx, state_fx, pos, state, _ambient_shares(spec), soups,
+    )  # fmt: skip
+
+
+def cell_probs(spec: SynthSpec, d: Draws, lo: int, hi: int, t: np.ndarray, pos: np.ndarray | None) -> np.ndarray:
+    """Expression profiles (rows sum to 1) of cells lo..hi of the chunk that starts at lo, were their fine
+    types `t` and their path positions `pos` (continuous; else None); every other draw is theirs."""
+    s, dn = d.study[lo:hi], d.donor[lo:hi]
+    eta = (d.logits[t] if pos is None else _blend(spec, d.logits, t, pos)) + (d.study_fx[s] + d.donor_fx[dn])
+    eta = eta.astype(np.float32)
+    if d.state is not None:
+        eta += d.state[lo:hi, None] * d.state_fx
+    coarse = t // spec.n_fine_per_coarse
+    if spec.condition_types:
+        eta += d.condition_fx[coarse] * d.treated[lo:hi, None]
+    if d.type_fx is not None:
+        eta += d.type_fx[s, coarse]
+    eta -= eta.max(axis=1, keepdims=True)
+    p = np.exp(eta)
+    p /= p.sum(axis=1, keepdims=True)
+    if d.soups is not None:  # each cell's share of soup: Beta around its study's (own stream: other draws stay)
+        m = d.shares[s]
+        a = np.random.default_rng([spec.seed, lo, 0xA3B1]).beta(8.0 * m, 8.0 * (1.0 - m)).astype(np.float32)
+        p = (1.0 - a[:, None]) * p + a[:, None] * d.soups[s]
+    return p
+
+
+def chunk_library(spec: SynthSpec, d: Draws, lo: int, hi: int, crng: np.random.Generator) -> np.ndarray:
+    """The library sizes of cells lo..hi: the first draw of the chunk's own stream `crng`."""
+    return np.exp(d.study_lib[d.study[lo:hi]] + crng.normal(0, spec.library_sd, hi - lo)).astype(np.float32)
+
+
+def chunk_rng(spec: SynthSpec, lo: int) -> np.random.Generator:
+    """The stream of the chunk that starts at cell lo: output independent of chunking order."""
+    return np.random.default_rng([spec.seed, lo])
+
+
+CHUNK_CELLS = 8192  # cells a chunk: each chunk draws from its own stream, so this is part of the atlas's identity
+
+
+def generate(spec: SynthSpec, writer, chunk_cells: int = CHUNK_CELLS) -> None:
+    """Draw the atlas and stream it into `writer` (write_store.ZarrWriter or SomaWriter)."""
+    rng = np.random.default_rng(spec.seed)
+    d = draw(spec, rng)
     for lo in range(0, spec.n_cells, chunk_cells):
         hi = min(lo + chunk_cells, spec.n_cells)
-        crng = np.random.default_rng([spec.seed, lo])  # chunk-local stream: output independent of chunking order
-        s, d, t = study[lo:hi], donor[lo:hi], ctype[lo:hi]
-        eta = (logits[t] if pos is None else _blend(spec, logits, t, pos[lo:hi])) + (study_fx[s] + donor_fx[d])
-        eta = eta.astype(np.float32)
-        if state is not None:
-            eta += state[lo:hi, None] * state_fx
-        coarse = t // spec.n_fine_per_coarse
-        if spec.condition_types:
-            eta += condition_fx[coarse] * treated[lo:hi, None]
-        if type_fx is not None:
-            eta += type_fx[s, coarse]
-        eta -= eta.max(axis=1, keepdims=True)
-        p = np.exp(eta)
-        p /= p.sum(axis=1, keepdims=True)
-        if soups is not None:  # each cell's share of soup: Beta around its study's (own stream: other draws stay)
-            m = shares[s]
-            a = np.random.default_rng([spec.seed, lo, 0xA3B1]).beta(8.0 * m, 8.0 * (1.0 - m)).astype(np.float32)
-            p = (1.0 - a[:, None]) * p + a[:, None] * soups[s]
-        lib = np.exp(study_lib[s] + crng.normal(0, spec.library_sd, hi - lo)).astype(np.float32)
-        mu = p * lib[:, None]
-        counts = crng.negative_binomial(theta, theta / (theta + mu)).astype(np.float32)
-        counts[crng.random(counts.shape, dtype=np.float32) < gate] = 0
+        crng = chunk_rng(spec, lo)
+        p = cell_probs(spec, d, lo, hi, d.ctype[lo:hi], None if d.pos is None else d.pos[lo:hi])
+        mu = p * chunk_library(spec, d, lo, hi, crng)[:, None]
+        counts = crng.negative_binomial(d.theta, d.theta / (d.theta + mu)).astype(np.float32)
+        counts[crng.random(counts.shape, dtype=np.float32) < d.gate] = 0
         rows, cols = np.nonzero(counts)
         indptr = np.zeros(hi - lo + 1, np.int64)
         np.cumsum(np.bincount(rows, minlength=hi - lo), out=indptr[1:])
         writer.append(indptr, cols, counts[rows, cols])
-    obs, var = _frames(spec, study, donor, ctype, rng, treated)
-    if pos is not None:
-        obs["true_pseudotime"] = pos
-    if state is not None:
-        obs["true_state"] = state
+    obs, var = _frames(spec, d.study, d.donor, d.ctype, rng, d.treated)
+    if d.pos is not None:
+        obs["true_pseudotime"] = d.pos
+    if d.state is not None:
+        obs["true_state"] = d.state
     writer.finish(obs, var)
 
 
