@@ -27,6 +27,7 @@ from bigatlas.synth import preset as synth_spec
 from bigatlas.synth_oracle import bound_scores, type_posterior
 
 METHODS = ("bigatlas", "scvi", "bigatlas_labels", "scanvi")
+KEYS = ("accuracy", "nll", "rare_recall")  # the learned classifier's scores kept
 PRESETS = ["subtle", "rare", "condition", "continuous", "ambient", "tissues", "hard"]
 
 
@@ -116,9 +117,8 @@ def atlas_row(a, preset: str, seed: int) -> dict:
         row[name]["floor_accuracy"] = round(floor_accuracy(d.comp, d.study[cells], true_idx[cells]), 4)
     visible = (adata.obs["cell_type"] != "undefined").to_numpy() & ~hidden
     counts_post = count_classifier(adata.X, d.study, true_idx, visible, spec.n_fine)
-    row["hidden"]["count_classifier_accuracy"] = round(
-        float((counts_post[hidden].argmax(1) == true_idx[hidden]).mean()), 4
-    )
+    learned = bound_scores(counts_post[hidden], truth[hidden], spec.fine_names)
+    row["hidden"].update({f"count_classifier_{k}": round(v, 4) for k, v in learned.items() if k in KEYS})
     bound, floor = row["hidden"]["accuracy"], row["hidden"]["floor_accuracy"]
     kbound, kfloor = row["all"]["accuracy"], row["all"]["floor_accuracy"]
     models = {}
@@ -127,6 +127,7 @@ def atlas_row(a, preset: str, seed: int) -> dict:
         models[method] = {
             "heldout_accuracy": held,
             "heldout_share_of_bound": covered(held, floor, bound),
+            "heldout_rare_recall": r.get("heldout_rare_recall"),
             "knn_label_accuracy": knn,
             # a labelled method's kNN accuracy counts its training labels' own neighbours: no bound applies
             "knn_share_of_bound": covered(knn, kfloor, kbound) if held is None else None,
@@ -146,8 +147,8 @@ def summary(rows) -> dict:
             **{
                 f"{part}_{k}": round(float(np.mean([r[part][k] for r in mine])), 4)
                 for part in ("hidden", "all")
-                for k in ("accuracy", "floor_accuracy", "nll", "count_classifier_accuracy")
-                if k in mine[0][part]
+                for k in ("accuracy", "floor_accuracy", "nll", "rare_recall", *(f"count_classifier_{k}" for k in KEYS))
+                if all(k in r[part] for r in mine)
             },
         }
         for method in dict.fromkeys(m for r in mine for m in r["models"]):

@@ -35,6 +35,9 @@ of a type every study has (`Truth.twin`; the k-th from the end copies coarse typ
 programme of its own (`resident_genes` genes, `Truth.resident_genes`), as alveolar macrophages are monocyte-
 derived cells found in lung studies only. Told apart from its twin by a difference that goes with the tissue,
 hence with the study: a model that removes too much of the study folds the resident type into its twin.
+
+`draw` returns everything drawn before the counts and `cell_probs` a chunk's expression profiles for any types,
+so `synth_oracle` can compute each cell's exact posterior over its type (the atlas's Bayes bound).
 """
 
 from __future__ import annotations
