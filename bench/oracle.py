@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.special import softmax
 
 from bench.common import main, write_results
 from bench.quality import TRUTH, atlas
@@ -73,12 +74,9 @@ def count_classifier(x, study: np.ndarray, y: np.ndarray, train: np.ndarray, n_t
     for lo in range(0, x.shape[0], 4096):
         rows, xs = slice(lo, lo + 4096), x[lo : lo + 4096].toarray()
         for k in range(n_types):
-            mu = e[study[rows]] * r[k] * lib[rows, None]
+            mu = np.maximum(e[study[rows]] * r[k] * lib[rows, None], 1e-12)  # a gene no visible cell expressed
             loglik[rows, k] = (xs * np.log(mu) - (theta + xs) * np.log(theta + mu)).sum(1)
-    joint = loglik + prior[study]
-    joint -= joint.max(1, keepdims=True)
-    post = np.exp(joint)
-    return post / post.sum(1, keepdims=True)
+    return softmax(loglik + prior[study], axis=1)
 
 
 def model_rows(path, tags, preset: str, seed: int) -> dict:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scipy.special import softmax
 
+from .calibration import nll
 from .distributions import log_zinb_dense
 from .synth import CHUNK_CELLS, SynthSpec, cell_probs, chunk_library, chunk_rng, draw
 
@@ -51,23 +53,20 @@ def type_posterior(spec: SynthSpec, counts, chunk_cells: int = CHUNK_CELLS) -> n
                 per_place.append(log_zinb_dense(x, mu, theta, gate_logits).sum(1).numpy())
             ll = np.stack(per_place)
             loglik[:, k] = np.logaddexp.reduce(ll, axis=0) - np.log(len(places))
-        joint = loglik + log_prior[d.study[lo:hi]]
-        joint -= joint.max(axis=1, keepdims=True)
-        post = np.exp(joint)
-        out[lo:hi] = post / post.sum(axis=1, keepdims=True)
+        out[lo:hi] = softmax(loglik + log_prior[d.study[lo:hi]], axis=1)
     return out
 
 
 def bound_scores(posterior: np.ndarray, true_type: np.ndarray, names: list[str]) -> dict:
-    """The Bayes classifier's accuracy, mean NLL of the true type and mean top probability on the cells
-    given (`true_type`: their fine types' names); the rarest types' recall where some are under 1%."""
+    """A posterior's (cells x types, `names`' order) accuracy, mean NLL of the true type and mean top
+    probability on the cells given (`true_type`: their types' names); the rarest types' recall where some are
+    under 1% of those cells."""
     idx = {n: i for i, n in enumerate(names)}
     y = np.array([idx[str(t)] for t in true_type])
     pred = posterior.argmax(1)
-    p_true = np.clip(posterior[np.arange(len(y)), y], 1e-12, 1.0)
     scores = {
         "accuracy": float((pred == y).mean()),
-        "nll": float(-np.log(p_true).mean()),
+        "nll": nll(posterior, y),
         "mean_top_probability": float(posterior.max(1).mean()),
     }
     counts = np.bincount(y, minlength=len(names))
