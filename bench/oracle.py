@@ -86,7 +86,7 @@ def model_rows(path, tags, preset: str, seed: int) -> dict:
     rows = json.loads(Path(path).read_text())["rows"]
     found = {}
     for r in rows:
-        if r["preset"] == preset and r["seed"] == seed and r["method"] in METHODS:
+        if r["preset"] == preset and r["seed"] == seed and r.get("method") in METHODS:  # bench.quality rows only
             if r["tag"] == "peer" or r["tag"] in tags:
                 found[r["method"] if r["tag"] == "peer" else f"{r['method']} ({r['tag']})"] = r
     return found

@@ -99,6 +99,7 @@ def test_the_bench_sets_the_bound_beside_the_models_rows(tmp_path):
          "knn_label_accuracy": 0.95},
         {"preset": "rare", "seed": 1, "method": "scvi", "tag": "peer", "knn_label_accuracy": 0.8},
         {"preset": "rare", "seed": 1, "method": "scvi", "tag": "other", "knn_label_accuracy": 0.1},
+        {"preset": "rare", "seed": 1, "tag": "mine", "head": {"accuracy": 0.5}},  # a bench.transfer row: not read
     ]  # fmt: skip
     against.write_text(json.dumps({"rows": rows}))
     a_ = argparse.Namespace(
