@@ -1,12 +1,13 @@
 """The Bayes bound of bench.quality's atlases beside what the models reached on them.
 
 Per preset × seed: bench.quality's atlas and hidden cells (the same files and draw), the posterior of each
-cell's fine type given its counts and every other draw of the generator (`bigatlas.synth_oracle`), and its
-argmax's accuracy on the hidden cells (the ceiling of a held-out accuracy) and on every cell (of a kNN
-accuracy), its mean NLL of the true type, and the accuracy of the study's composition alone (the floor: the
-commonest type of the cell's study). Beside them, the rows of a bench.quality result file on the same atlas
-and seed (`--against`, `--tags`; the peers' rows are tagged `peer`): held-out accuracy of the labelled
-methods, kNN accuracy of every method, and the share of the way from floor to bound each covers.
+cell's fine type given its counts and every other draw of the generator (`bigatlas.synth_oracle`), scored as
+bench.transfer scores a predictor (accuracy, macro-F1, ECE, NLL, AURC, rare recall) on the hidden cells (its
+accuracy the ceiling of a held-out accuracy) and on every cell (of a kNN accuracy), and the accuracy of the
+study's composition alone (the floor: the commonest type of the cell's study). Beside them, the rows of a
+bench.quality result file on the same atlas and seed (`--against`, `--tags`; the peers' rows are tagged
+`peer`): held-out accuracy of the labelled methods, kNN accuracy of every method, and the share of the way
+from floor to bound each covers.
 
     python -m bench.oracle --presets subtle hard --seeds 5 6 --against bench/results/detached.json --tags head detach
 """
@@ -23,9 +24,10 @@ from scipy.special import softmax
 
 from bench.common import main, write_results
 from bench.quality import TRUTH, atlas
+from bench.transfer import predictor_scores
 from bigatlas.synth import draw
 from bigatlas.synth import preset as synth_spec
-from bigatlas.synth_oracle import bound_scores, type_posterior
+from bigatlas.synth_oracle import type_posterior
 
 METHODS = ("bigatlas", "scvi", "bigatlas_labels", "scanvi")
 KEYS = ("accuracy", "nll", "rare_recall")  # the learned classifier's scores kept
@@ -79,11 +81,8 @@ def count_classifier(x, study: np.ndarray, y: np.ndarray, train: np.ndarray, n_t
     return softmax(loglik + prior[study], axis=1)
 
 
-def model_rows(path, tags, preset: str, seed: int) -> dict:
-    """{method (tag): row} of the result file's rows on this atlas and seed."""
-    if not Path(path).exists():
-        return {}
-    rows = json.loads(Path(path).read_text())["rows"]
+def model_rows(rows: list[dict], tags, preset: str, seed: int) -> dict:
+    """{method (tag): row} of a bench.quality file's rows on this atlas and seed."""
     found = {}
     for r in rows:
         if r["preset"] == preset and r["seed"] == seed and r.get("method") in METHODS:  # bench.quality rows only
@@ -96,7 +95,7 @@ def covered(acc, floor: float, bound: float):
     return None if acc is None else round((acc - floor) / (bound - floor), 4)
 
 
-def atlas_row(a, preset: str, seed: int) -> dict:
+def atlas_row(a, preset: str, seed: int, against: list[dict]) -> dict:
     adata = atlas(a, preset, seed)
     spec = synth_spec(preset, a.cells, a.genes, seed=seed)
     t = time.perf_counter()
@@ -110,17 +109,16 @@ def atlas_row(a, preset: str, seed: int) -> dict:
         raise ValueError(f"{preset} seed {seed}: the stored atlas's types are not the ones its spec draws")
     row = {"preset": preset, "seed": seed, "seconds": round(seconds, 1)}
     for name, cells in (("hidden", hidden), ("all", np.ones(len(truth), bool))):
-        s = bound_scores(post[cells], truth[cells], spec.fine_names)
-        row[name] = {k: round(v, 4) for k, v in s.items()}
+        row[name] = predictor_scores(post[cells], truth[cells], spec.fine_names)
         row[name]["floor_accuracy"] = round(floor_accuracy(d.comp, d.study[cells], true_idx[cells]), 4)
     visible = (adata.obs["cell_type"] != "undefined").to_numpy() & ~hidden
     counts_post = count_classifier(adata.X, d.study, true_idx, visible, spec.n_fine)
-    learned = bound_scores(counts_post[hidden], truth[hidden], spec.fine_names)
-    row["hidden"].update({f"count_classifier_{k}": round(v, 4) for k, v in learned.items() if k in KEYS})
+    learned = predictor_scores(counts_post[hidden], truth[hidden], spec.fine_names)
+    row["hidden"].update({f"count_classifier_{k}": v for k, v in learned.items() if k in KEYS})
     bound, floor = row["hidden"]["accuracy"], row["hidden"]["floor_accuracy"]
     kbound, kfloor = row["all"]["accuracy"], row["all"]["floor_accuracy"]
     models = {}
-    for method, r in model_rows(a.against, a.tags, preset, seed).items():
+    for method, r in model_rows(against, a.tags, preset, seed).items():
         held, knn = r.get("heldout_accuracy"), r.get("knn_label_accuracy")
         models[method] = {
             "heldout_accuracy": held,
@@ -162,7 +160,8 @@ def summary(rows) -> dict:
 
 
 def run(a) -> dict:
-    rows = [atlas_row(a, preset, seed) for preset in a.presets for seed in a.seeds]
+    against = json.loads(Path(a.against).read_text())["rows"] if Path(a.against).exists() else []
+    rows = [atlas_row(a, preset, seed, against) for preset in a.presets for seed in a.seeds]
     setup = {k: getattr(a, k) for k in ("cells", "genes", "hidden_fraction", "against", "tags")}
     return write_results({"setup": setup, "rows": rows, "summary": summary(rows)}, a.out)
 

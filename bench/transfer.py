@@ -87,7 +87,7 @@ def _predictors(model, z):
     return probs, results[LABELS].in_dist, transfer.predictors[LABELS], validation
 
 
-def _scores(probs, truth, classes) -> dict:
+def predictor_scores(probs, truth, classes) -> dict:
     """Accuracy, macro-F1, ECE, NLL (of the true class) and AURC (the winner's probability ranking the errors) of
     one predictor on the scored cells, and recall of the types under 1% of them."""
     from bigatlas.calibration import ece, nll
@@ -125,10 +125,10 @@ def quality(a) -> list[dict]:
                 row = {"preset": preset, "seed": seed, "default": default, "seconds": round(time.perf_counter() - t, 1)}
                 if a.tag:
                     row["tag"] = a.tag
-                row.update({name: _scores(p[hidden], truth, classes) for name, p in probs.items()})
+                row.update({name: predictor_scores(p[hidden], truth, classes) for name, p in probs.items()})
                 row["default_scores"] = row[default]
                 row["validation"] = validation
-            row["novel"] = novel_row(adata, a, seed, _fit, _predictors, _scores)
+            row["novel"] = novel_row(adata, a, seed, _fit, _predictors, predictor_scores)
             print(row, flush=True)
             rows.append(row)
     return rows

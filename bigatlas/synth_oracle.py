@@ -16,7 +16,6 @@ import scipy.sparse as sp
 import torch
 from scipy.special import softmax
 
-from .calibration import nll
 from .distributions import log_zinb_dense
 from .synth import CHUNK_CELLS, SynthSpec, cell_probs, chunk_library, chunk_rng, draw
 
@@ -55,22 +54,3 @@ def type_posterior(spec: SynthSpec, counts, chunk_cells: int = CHUNK_CELLS) -> n
             loglik[:, k] = np.logaddexp.reduce(ll, axis=0) - np.log(len(places))
         out[lo:hi] = softmax(loglik + log_prior[d.study[lo:hi]], axis=1)
     return out
-
-
-def bound_scores(posterior: np.ndarray, true_type: np.ndarray, names: list[str]) -> dict:
-    """A posterior's (cells x types, `names`' order) accuracy, mean NLL of the true type and mean top
-    probability on the cells given (`true_type`: their types' names); the rarest types' recall where some are
-    under 1% of those cells."""
-    idx = {n: i for i, n in enumerate(names)}
-    y = np.array([idx[str(t)] for t in true_type])
-    pred = posterior.argmax(1)
-    scores = {
-        "accuracy": float((pred == y).mean()),
-        "nll": nll(posterior, y),
-        "mean_top_probability": float(posterior.max(1).mean()),
-    }
-    counts = np.bincount(y, minlength=len(names))
-    rare = (counts > 0) & (counts < 0.01 * len(y))
-    if rare.any():
-        scores["rare_recall"] = float((pred == y)[rare[y]].mean())
-    return scores

@@ -141,7 +141,7 @@ def test_the_novel_type_run_never_sees_its_test_cells_and_scores_the_known_ones_
     import numpy as np
     import pandas as pd
 
-    from bench.transfer import _scores, summary, table
+    from bench.transfer import predictor_scores, summary, table
     from bench.transfer_novel import NOVEL, novel_row
 
     rng = np.random.default_rng(0)
@@ -161,7 +161,7 @@ def test_the_novel_type_run_never_sees_its_test_cells_and_scores_the_known_ones_
         sure[right < 0] = 1 / 3  # the novel cells: unsure
         return {"head": sure, "both": sure}, np.ones(len(z)), "both", {"head": {"nll": 0.1}, "both": {"ece": 0.2}}
 
-    row = novel_row(adata, SimpleNamespace(), 0, fit, predictors, _scores)
+    row = novel_row(adata, SimpleNamespace(), 0, fit, predictors, predictor_scores)
     novel = np.char.startswith(truth.astype(str), NOVEL + ".")
     known = obs["bench_hidden"].to_numpy() & ~novel
     assert seen["cells"] == set(obs.index[~novel & ~known]) and row["known_cells"] == "query"

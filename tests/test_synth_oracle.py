@@ -9,8 +9,8 @@ import pytest
 from scipy import stats
 
 from bench.oracle import count_classifier, run
-from bigatlas.synth import CHUNK_CELLS, chunk_library, chunk_rng, draw, preset, synth
-from bigatlas.synth_oracle import bound_scores, type_posterior
+from bigatlas.synth import CHUNK_CELLS, cell_probs, chunk_library, chunk_rng, draw, preset, synth
+from bigatlas.synth_oracle import type_posterior
 
 
 def _atlas(tmp_path, name, cells, genes, seed, **kw):
@@ -40,8 +40,6 @@ def test_the_posterior_is_bayes_rule_on_the_zinb_likelihood_scipy_computes(tmp_p
     spec, a = _atlas(tmp_path, "subtle", 300, 60, 2)
     post = type_posterior(spec, a.X)
     d = draw(spec, np.random.default_rng(spec.seed))
-    from bigatlas.synth import cell_probs
-
     lib = chunk_library(spec, d, 0, 300, chunk_rng(spec, 0)).astype(np.float64)
     x = a.X.toarray()
     loglik = np.zeros((300, spec.n_fine))
@@ -66,8 +64,7 @@ def test_identical_subtypes_get_their_studys_proportions_and_distinct_coarse_typ
     within = post.reshape(len(post), spec.n_coarse, F)[np.arange(len(post)), c]
     comp = d.comp.reshape(spec.n_studies, spec.n_coarse, F)[d.study, c]
     np.testing.assert_allclose(within / within.sum(1, keepdims=True), comp / comp.sum(1, keepdims=True), atol=1e-3)
-    scores = bound_scores(post, np.asarray(spec.fine_names)[d.ctype], spec.fine_names)
-    assert scores["accuracy"] < 0.8  # the siblings cannot be told apart
+    assert (post.argmax(1) == d.ctype).mean() < 0.8  # the siblings cannot be told apart
 
 
 def test_on_a_path_the_bound_does_not_know_where_a_cell_sits(tmp_path):
