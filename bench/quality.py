@@ -438,6 +438,10 @@ def score(adata, z, pred) -> dict:
         scores = prediction_scores(confusion(t, pd.Categorical(pred[hidden])))
         row["heldout_accuracy"] = round(scores["accuracy"], 4)
         row["heldout_macro_f1"] = round(scores["macro_f1"], 4)
+        # the cells trained on (visible labels), against their truth: above heldout_accuracy by what the
+        # predictor learnt of its training cells that does not carry over to cells like them
+        seen = (adata.obs[LABELS].astype(str) != "undefined").to_numpy() & ~hidden
+        row["visible_accuracy"] = round(float((pred[seen] == truth.astype(str).to_numpy()[seen]).mean()), 4)
         rare = t.categories[np.bincount(t.codes, minlength=len(t.categories)) < 0.01 * len(t)]
         is_rare = np.isin(np.asarray(t), rare)
         if is_rare.any():

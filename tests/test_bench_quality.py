@@ -1,5 +1,6 @@
 """bench.quality on a user's own AnnData (--data): the same comparison, scored against its labels."""
 
+import argparse
 import json
 
 import anndata as ad
@@ -9,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from bench.common import main
-from bench.quality import LABELS, TRUTH, add_arguments, atlas, overrides, run, user_data
+from bench.quality import LABELS, TRUTH, add_arguments, atlas, overrides, run, score, user_data
 from bigatlas.synth import synth
 
 
@@ -59,6 +60,22 @@ def test_quality_rows_on_user_data(user_h5ad, tmp_path):
         assert 0 <= r["bio_conservation"] <= 1 and 0 <= r["batch_correction"] <= 1
     assert "heldout_accuracy" in rows[1] and "heldout_accuracy" not in rows[0]
     assert json.loads(out.read_text())["setup"]["label_key"] == "celltype"
+
+
+def test_visible_accuracy_scores_the_cells_whose_label_was_visible_and_heldout_the_hidden_ones(user_h5ad):
+    a = argparse.Namespace(
+        data=str(user_h5ad), batch_key="study", label_key="celltype", layer="counts", hidden_fraction=0.2
+    )
+    adata = atlas(a, "", 0)
+    hidden = adata.obs["bench_hidden"].to_numpy()
+    truth = adata.obs[TRUTH].astype(str).to_numpy()
+    other = np.roll(adata.obs[TRUTH].cat.categories.to_numpy(), 1)
+    wrong = other[adata.obs[TRUTH].cat.codes.to_numpy()]  # every cell named another type
+    z = np.random.default_rng(0).normal(size=(adata.n_obs, 4)).astype(np.float32)
+    row = score(adata, z, np.where(hidden, wrong, truth))  # right on every visible cell, wrong on every hidden one
+    assert (row["visible_accuracy"], row["heldout_accuracy"]) == (1.0, 0.0)
+    row = score(adata, z, np.where(hidden, truth, wrong))
+    assert (row["visible_accuracy"], row["heldout_accuracy"]) == (0.0, 1.0)
 
 
 @pytest.mark.parametrize(
