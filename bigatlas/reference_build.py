@@ -253,6 +253,7 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
             temps[name] = fit_calibration(logp, yt, torch.zeros(logp.shape[1], dtype=torch.float64))["temperature"]
         info["vote_temperature"][key] = temps
     transfer.vote_temperature = info["vote_temperature"]
+    info["training_accuracy"] = _training_accuracy(transfer, ref, info["calibration"])
     for i, key in enumerate(transfer.keys):
         if key not in info["calibration"]:
             continue
@@ -276,9 +277,27 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
         log(
             f"label key {key!r} on {int(keep.sum()):,} validation cells: ECE {v['head_uncalibrated']['ece']:.3f} -> "
             f"{v['head']['ece']:.3f} (temperature {info['calibration'][key]['temperature']:.2f}, prior shift "
-            f"{info['calibration'][key]['prior_shift']:.2f}); accuracy head {v['head']['accuracy']:.3f}, "
+            f"{info['calibration'][key]['prior_shift']:.2f}); accuracy head {v['head']['accuracy']:.3f} (on its "
+            f"training cells {info['training_accuracy'][key]:.3f}), "
             f"kNN {v['knn']['accuracy']:.3f}, both {v['both']['accuracy']:.3f}; predictor {info['predictors'][key]}"
         )
+
+
+def _training_accuracy(transfer: LabelTransfer, ref: Reference, keys) -> dict[str, float]:
+    """Per label key in `keys`, the calibrated head's accuracy on the reference's labelled training cells, each
+    weighted by its sample weight (so the store's cells count, not the label-stratified sample). Beside the
+    validation cells' accuracy it shows how much of what the head learnt of its training cells carries over to
+    cells it was not shown (docs/quality.md, "The head's generalisation gap")."""
+    device = next(transfer.module.parameters()).device
+    probs = transfer.head_probs(torch.from_numpy(ref.arrays["latent"]).to(device))
+    out = {}
+    for i, key in enumerate(transfer.keys):
+        y = ref.arrays["labels"][:, i]
+        keep = y >= 0
+        if key in keys and keep.any():
+            right = probs[key][keep].argmax(1) == y[keep]
+            out[key] = round(float(np.average(right, weights=ref.arrays["weight"][keep])), 4)
+    return out
 
 
 def _umap(latent: np.ndarray, seed: int) -> np.ndarray:

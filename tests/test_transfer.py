@@ -188,9 +188,18 @@ def test_reference_rebuilds_identically_and_reports_calibration(novel):
     # the run was trained in memory: rebuilding needs that AnnData; a store path rebuilds from the CLI
     atlas = ad.read_zarr(root / "atlas.zarr")
     held = atlas.obs["true_cell_type"].astype(str).str.startswith(NOVEL + ".").to_numpy()
+    # the head's accuracy on its labelled training cells: the reference holds every training cell (weights 1), and
+    # predict(), which streams the cells through the encoder again, names as many of them right
+    train = atlas[~held].copy()
+    assert np.all(first.arrays["weight"] == 1)
+    pred = AtlasVAE.load(root / "run").predict(train)["cell_type_pred"].astype(str).to_numpy()[positions]
+    given = train.obs["cell_type"].astype(str).to_numpy()[positions]
+    labelled = first.arrays["labels"][:, 0] >= 0
+    assert labelled.sum() > 100 and np.all(given[labelled] != "undefined")
+    assert info["training_accuracy"]["cell_type"] == round(float((pred == given)[labelled].mean()), 4)
     from bigatlas.reference_build import build_reference
 
-    build_reference(root / "run", atlas[~held].copy(), umap=False, log=lambda *_: None)
+    build_reference(root / "run", train, umap=False, log=lambda *_: None)
     second = read_reference(root / "run")
     assert second.id == first.id
     assert all(np.array_equal(first.arrays[k], second.arrays[k]) for k in first.arrays)
