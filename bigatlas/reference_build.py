@@ -274,12 +274,13 @@ def _calibrate(ref: Reference, module, vocab, z_val, y_val, log) -> None:
             v[name]["nll"] = round(nll_of[name], 4)
         best = min(PREDICTORS, key=lambda n: (nll_of[n], n != DEFAULT_PREDICTOR))
         info["predictors"][key] = best if info["predictor"] == "auto" else info["predictor"]
+        trained = info["training_accuracy"].get(key)  # None: no labelled training cell in the reference's sample
         log(
             f"label key {key!r} on {int(keep.sum()):,} validation cells: ECE {v['head_uncalibrated']['ece']:.3f} -> "
             f"{v['head']['ece']:.3f} (temperature {info['calibration'][key]['temperature']:.2f}, prior shift "
-            f"{info['calibration'][key]['prior_shift']:.2f}); accuracy head {v['head']['accuracy']:.3f} (on its "
-            f"training cells {info['training_accuracy'][key]:.3f}), "
-            f"kNN {v['knn']['accuracy']:.3f}, both {v['both']['accuracy']:.3f}; predictor {info['predictors'][key]}"
+            f"{info['calibration'][key]['prior_shift']:.2f}); accuracy head {v['head']['accuracy']:.3f}"
+            + (f" (on its training cells {trained:.3f})" if trained is not None else "")
+            + f", kNN {v['knn']['accuracy']:.3f}, both {v['both']['accuracy']:.3f}; predictor {info['predictors'][key]}"
         )
 
 
