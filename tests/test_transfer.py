@@ -205,6 +205,23 @@ def test_reference_rebuilds_identically_and_reports_calibration(novel):
     assert all(np.array_equal(first.arrays[k], second.arrays[k]) for k in first.arrays)
 
 
+def test_training_accuracy_weighs_each_cell_by_its_sample_weight_and_skips_a_key_with_no_labelled_cell():
+    from types import SimpleNamespace
+
+    from bigatlas.reference_build import _training_accuracy
+
+    # two label keys: 'a' has 4 labelled cells of 5 (the first two named right), 'b' none
+    probs = {"a": np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4], [0.5, 0.5]]), "b": np.full((5, 3), 1 / 3)}
+    transfer = SimpleNamespace(
+        keys=["a", "b"], module=torch.nn.Linear(1, 1), head_probs=lambda z: {k: v[: len(z)] for k, v in probs.items()}
+    )
+    labels = np.array([[0, -1], [1, -1], [1, -1], [1, -1], [-1, -1]])
+    weight = np.array([1.0, 3.0, 2.0, 1.0, 100.0])  # unweighted 0.5; the unlabelled cell must not count
+    ref = SimpleNamespace(arrays={"latent": np.zeros((5, 2), np.float32), "labels": labels, "weight": weight})
+    assert _training_accuracy(transfer, ref, {"a", "b"}) == {"a": round(4 / 7, 4)}
+    assert _training_accuracy(transfer, ref, {"b"}) == {}  # 'a' was not calibrated: no number for it
+
+
 def test_reference_cli_umap_and_query_placement(tmp_path, monkeypatch):
     monkeypatch.setenv("BIGATLAS_REFERENCE_UMAP", "1")
     synth(tmp_path / "a.zarr", 2500, 200, seed=5)
