@@ -2,6 +2,7 @@
 Zarr copy does (same seed, same results); `-m bigatlas.train` runs from outside the checkout on two
 processes and covers every cell once; the README's notebook example runs."""
 
+import json
 import os
 import re
 import subprocess
@@ -116,6 +117,8 @@ def test_readme_notebook_example_runs(tmp_path, monkeypatch):
     assert ns["expr"].shape == (3000, 300) and np.allclose(ns["expr"].sum(1), 1e4, rtol=1e-3)
     assert ns["query_latent"].shape == ((adata.obs.dataset_id == "study_1").sum(), k)
     assert Path("run/model.safetensors").exists()
+    # a reference trained with label keys averages its weights over longer than other runs (config.TrainConfig)
+    assert json.loads(Path("run/config.json").read_text())["config"]["train"]["ema_decay"] == 0.9997
 
 
 def test_a_model_without_label_keys_keeps_its_16_latent_dimensions_through_embedding_and_mapping(copies, tmp_path):
@@ -127,7 +130,9 @@ def test_a_model_without_label_keys_keeps_its_16_latent_dimensions_through_embed
     model = AtlasVAE(adata, batch_key="dataset_id", train={"max_epochs": 1, "batch_size": 64, "seed": 5}).fit(
         tmp_path / "run"
     )
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]["model"]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert saved["train"]["ema_decay"] == 0.999  # the weight average of a run without label keys
+    saved = saved["model"]
     assert saved["n_latent"] == 16 and model.module.n_latent == 16 and not model.vocab.label_classes
     assert model.get_latent_representation().shape == (N, 16)
     emb = zarr.open_group(str(model.embed(copies["zarr"], tmp_path / "e.zarr", progress=False)))

@@ -686,3 +686,24 @@ def test_a_resumed_runs_metrics_file_keeps_its_columns(tmp_path):
     fresh.tb = None
     fresh.epoch({"epoch": 0, "step": 1, "loss": 1.0, "adversary": 0.7, "cells_per_s": 1})
     assert next(csv.DictReader((new.path / "metrics.csv").open()))["adversary"] == "0.7"
+
+
+def test_an_unset_weight_average_is_the_labelled_or_unlabelled_default_and_a_resumed_run_keeps_its_own(tmp_path):
+    """Unset, the decay is 0.9997 with label keys and 0.999 without; a run dir saved with another (a labelled
+    run from before the longer default) resumes with its own, so the resume check does not refuse it."""
+    from dataclasses import replace
+
+    from bigatlas.config import DataConfig, RunConfig
+    from bigatlas.rundir import RunDir
+    from bigatlas.train import _resolved_average
+
+    labelled = RunConfig(data=DataConfig(data="x.zarr", label_keys=("cell_type",)))
+    unlabelled = replace(labelled, data=replace(labelled.data, label_keys=()))
+    run = RunDir(tmp_path / "run")
+    assert _resolved_average(labelled, run, resume=False).train.ema_decay == 0.9997
+    assert _resolved_average(unlabelled, run, resume=False).train.ema_decay == 0.999
+    run.write_config(replace(labelled, train=replace(labelled.train, ema_decay=0.999)))
+    assert _resolved_average(labelled, run, resume=True).train.ema_decay == 0.999
+    assert _resolved_average(labelled, run, resume=False).train.ema_decay == 0.9997  # a fresh run: the default
+    set_value = replace(labelled, train=replace(labelled.train, ema_decay=0.5))
+    assert _resolved_average(set_value, run, resume=True).train.ema_decay == 0.5

@@ -1,6 +1,8 @@
 """Label transfer: the kNN search, the stratified reference sample, calibration, novel-type detection,
 the reference index (rebuild, UMAP placement) and labelled query mapping."""
 
+import json
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -258,6 +260,12 @@ def test_labelled_query_mapping_learns_a_new_class(novel, tmp_path):
     scoring.obs["dataset_id"] = ("q_" + scoring.obs["dataset_id"].astype(str)).astype("category")
     reference = AtlasVAE.load(root / "run")
     mapped = reference.map_query(query, tmp_path / "mapped", epochs=15)
+    # the reference, trained with label keys, averaged its weights over ~3,300 steps; the query inherits that
+    decay = [
+        json.loads((d / "config.json").read_text())["config"]["train"]["ema_decay"]
+        for d in (root / "run", tmp_path / "mapped")
+    ]
+    assert decay == [0.9997, 0.9997]
     classes = mapped.vocab.label_classes["cell_type"]
     old = reference.vocab.label_classes["cell_type"]
     assert classes[: len(old)] == old and classes[len(old) :] == [NOVEL]  # one new class
