@@ -42,6 +42,7 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=60, help="training epochs")
     p.add_argument("--hidden-fraction", type=float, default=0.2, help="labelled cells whose label is hidden")
     p.add_argument("--model", nargs="*", default=[], help="ModelConfig overrides, key=value (quality runs)")
+    p.add_argument("--train", nargs="*", default=[], help="TrainConfig overrides, key=value (quality runs)")
     p.add_argument("--skip-quality", action="store_true", help="speed only")
     p.add_argument("--skip-speed", action="store_true", help="quality only")
     p.add_argument("--query-cells", type=int, default=1_000_000, help="cells embedded for K1")
@@ -59,7 +60,7 @@ def add_arguments(p) -> None:
 def _fit(adata, a, seed, run_dir):
     from bigatlas.api import AtlasVAE
 
-    train = {"seed": seed, "checkpoint_every_steps": 0}
+    train = {**overrides(a.train), "seed": seed, "checkpoint_every_steps": 0}
     model = AtlasVAE(adata, batch_key=BATCH_KEY, label_keys=[LABELS], model=overrides(a.model), train=train)
     return model.fit(run_dir, max_epochs=a.epochs)
 

@@ -110,7 +110,7 @@ def test_user_data_errors_name_the_problem(user_h5ad, tmp_path, change, match):
 
 def test_the_transfer_bench_reads_its_atlases_and_model_overrides_as_quality_does(tmp_path):
     """bench.transfer's flags (no --data) build the preset atlas through atlas(); --model's true / false are
-    booleans, not strings (a string 'false' would turn a flag on)."""
+    booleans, not strings (a string 'false' would turn a flag on); --train's values are numbers."""
     import argparse
 
     from bench.transfer import add_arguments as transfer_arguments
@@ -119,10 +119,11 @@ def test_the_transfer_bench_reads_its_atlases_and_model_overrides_as_quality_doe
     transfer_arguments(p)
     a = p.parse_args(
         ["--data-dir", str(tmp_path), "--cells", "600", "--genes", "50", "--model", "batch_interaction=false"]
+        + ["--train", "ema_decay=0.999"]
     )
     adata = atlas(a, "rare", seed=0)
     assert adata.n_obs == 600 and adata.obs["bench_hidden"].any()
-    assert overrides(a.model) == {"batch_interaction": False}
+    assert overrides(a.model) == {"batch_interaction": False} and overrides(a.train) == {"ema_decay": 0.999}
     assert overrides(["a=TRUE", "b=0.5", "c=(64,)", "d=layer"]) == {"a": True, "b": 0.5, "c": (64,), "d": "layer"}
 
 
