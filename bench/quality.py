@@ -404,6 +404,7 @@ def score(adata, z, pred) -> dict:
     from bigatlas.metrics import BIO, confusion, prediction_scores, scib_scores
 
     truth = adata.obs[TRUTH]
+    names = truth.astype(str).to_numpy()  # each cell's true type
     batch = adata.obs[BATCH_KEY]
     codes = truth.cat.codes.to_numpy()
     s = scib_scores(z, codes, batch.cat.codes.to_numpy(), seed=0)  # kmeans_mean reuses this draw as its seed 0
@@ -427,28 +428,28 @@ def score(adata, z, pred) -> dict:
         row["condition_kept"] = round(
             condition_kept(
                 np.asarray(z, np.float32), treated, adata.obs["donor_id"].astype(str).to_numpy(),
-                truth.astype(str).to_numpy(), np.isin(coarse, hit),
+                names, np.isin(coarse, hit),
             ),
             4,
         )  # fmt: skip
     row.update(review_scores(adata, z))
     if pred is not None:
         hidden = adata.obs["bench_hidden"].to_numpy()
-        t = pd.Categorical(truth.astype(str).to_numpy()[hidden])
+        t = pd.Categorical(names[hidden])
         scores = prediction_scores(confusion(t, pd.Categorical(pred[hidden])))
         row["heldout_accuracy"] = round(scores["accuracy"], 4)
         row["heldout_macro_f1"] = round(scores["macro_f1"], 4)
         # the cells trained on (visible labels), against their truth: above heldout_accuracy by what the
         # predictor learnt of its training cells that does not carry over to cells like them
         seen = (adata.obs[LABELS].astype(str) != "undefined").to_numpy() & ~hidden
-        row["visible_accuracy"] = round(float((pred[seen] == truth.astype(str).to_numpy()[seen]).mean()), 4)
+        row["visible_accuracy"] = round(float((pred[seen] == names[seen]).mean()), 4)
         rare = t.categories[np.bincount(t.codes, minlength=len(t.categories)) < 0.01 * len(t)]
         is_rare = np.isin(np.asarray(t), rare)
         if is_rare.any():
             row["heldout_rare_recall"] = round(float((pred[hidden][is_rare] == np.asarray(t)[is_rare]).mean()), 4)
         wrong = adata.obs["bench_mislabelled"].to_numpy()
         if wrong.any():  # the cells trained on a wrong label: predicted as what they are, or as they were told
-            row["mislabelled_corrected"] = round(float((pred[wrong] == truth.astype(str).to_numpy()[wrong]).mean()), 4)
+            row["mislabelled_corrected"] = round(float((pred[wrong] == names[wrong]).mean()), 4)
             given = adata.obs[LABELS].astype(str).to_numpy()[wrong]
             row["mislabelled_kept"] = round(float((pred[wrong] == given).mean()), 4)
     return row
