@@ -20,6 +20,7 @@ COMPILE_LOSS = ("auto", "on", "off")
 PRECISIONS = ("auto", "no", "bf16")
 MISSING_GENES = ("masked", "zero")
 COMPILE_MIN_STEPS = 5000
+AVERAGE_CELLS = 128  # cells a step at which the weight average's default decays were chosen (TrainConfig)
 UNLABELED = ("undefined",)  # label values that mean "no label" unless the user names others
 
 
@@ -196,10 +197,16 @@ class TrainConfig:
     # kept more biology on all seven atlases (+0.003 to +0.023; label silhouette and isolated labels up on all
     # seven) at the same held-out accuracy (within 0.002), batch correction -0.034 to +0.010 (bench.quality,
     # seeds 5-6, detached.json ema9997); 0.999 without, where 0.9997 mixed less (-0.017 to -0.053) and 0.995
-    # mixed more for the treatment kept (ema995). config.json records the decay a run used.
+    # mixed more for the treatment kept (ema995). config.json records the decay a run used. Those are the
+    # decays at AVERAGE_CELLS a step; at more cells a step (a larger batch, more processes) the unset decay
+    # is raised to (cells a step / AVERAGE_CELLS), so the average spans the same cells: every larger-batch
+    # recipe screened so did (512 / 1,024 / 2,048 / 4,096; docs/quality.md), and with label keys at 32,000
+    # cells 0.9997**8 at batch 1,024 kept the treatment (0.321 against 0.264 with 0.999**8) and bio (0.823
+    # against 0.816), as 0.9997**16 at 2,048 did (0.315 against 0.139; size_32k.json, b1024l / b2048l).
     ema_decay: float | None = opt(
         None, "decay of the moving average of the weights written at the end (0: the last step's; unset: 0.9997 "
-        "with label keys, 0.999 without; a query mapped onto a reference takes the reference's)",
+        "with label keys, 0.999 without, at 128 cells a step, raised to (batch size x processes / 128) so the "
+        "average spans as many cells; a query mapped onto a reference takes the reference's)",
     )  # fmt: skip
     # 4: a quarter of the average's memory traffic for the same latent as every step (kNN accuracy, label
     # silhouette, isolated labels within 0.001 on the hard atlases; bench/results/defaults.json, tag ema4)
@@ -252,9 +259,13 @@ class TrainConfig:
     def compiles_loss(self, planned_steps: int) -> bool:
         return self.compile_loss == "on" or (self.compile_loss == "auto" and planned_steps >= COMPILE_MIN_STEPS)
 
-    def average_decay(self, labelled: bool) -> float:
-        """The weight average's decay: the configured one, or the default for a model with or without labels."""
-        return self.ema_decay if self.ema_decay is not None else (0.9997 if labelled else 0.999)
+    def average_decay(self, labelled: bool, processes: int = 1) -> float:
+        """The weight average's decay: the configured one, or the default for a model with or without labels,
+        over the cells that AVERAGE_CELLS a step would average (`processes` ranks of batch_size cells a step)."""
+        if self.ema_decay is not None:
+            return self.ema_decay
+        base = 0.9997 if labelled else 0.999
+        return round(base ** (self.batch_size * processes / AVERAGE_CELLS), 6)
 
     def warmup_epochs(self, max_epochs: int) -> float:
         return min(self.kl_warmup_epochs, 0.5 * max_epochs)

@@ -167,7 +167,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
     run = RunDir(run_dir)
     cfg = _resolved_precision(cfg, run, resume, acc.device.type)
     cfg = _resolved_latent(cfg, run, resume, surgery)
-    cfg = _resolved_average(cfg, run, resume)
+    cfg = _resolved_average(cfg, run, resume, acc.num_processes)
     t, d = cfg.train, cfg.data
     set_seed(t.seed)
     store = open_store(
@@ -272,14 +272,15 @@ def _resolved_latent(cfg: RunConfig, run: RunDir, resume: bool, surgery) -> RunC
     return replace(cfg, model=replace(cfg.model, n_latent=int(saved)))
 
 
-def _resolved_average(cfg: RunConfig, run: RunDir, resume: bool) -> RunConfig:
+def _resolved_average(cfg: RunConfig, run: RunDir, resume: bool, processes: int = 1) -> RunConfig:
     """cfg with an unset weight-average decay made the one this run uses, as config.json records it: a resumed
-    run's own, else the default with label keys or without (a query mapping inherits its reference's, set)."""
+    run's own, else the default with label keys or without for this run's cells a step (a query mapping
+    inherits its reference's, set)."""
     if cfg.train.ema_decay is not None:
         return cfg
     saved = run.saved_setting("train", "ema_decay") if resume else None
     if saved is None:
-        saved = cfg.train.average_decay(labelled=bool(cfg.data.label_keys))
+        saved = cfg.train.average_decay(labelled=bool(cfg.data.label_keys), processes=processes)
     return replace(cfg, train=replace(cfg.train, ema_decay=float(saved)))
 
 

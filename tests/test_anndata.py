@@ -131,7 +131,8 @@ def test_a_model_without_label_keys_keeps_its_16_latent_dimensions_through_embed
         tmp_path / "run"
     )
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
-    assert saved["train"]["ema_decay"] == 0.999  # the weight average of a run without label keys
+    # a run without label keys averages as 0.999 does at 128 cells a step: at 64, over as many cells
+    assert saved["train"]["ema_decay"] == round(0.999**0.5, 6)
     saved = saved["model"]
     assert saved["n_latent"] == 16 and model.module.n_latent == 16 and not model.vocab.label_classes
     assert model.get_latent_representation().shape == (N, 16)

@@ -707,3 +707,27 @@ def test_an_unset_weight_average_is_the_labelled_or_unlabelled_default_and_a_res
     assert _resolved_average(labelled, run, resume=False).train.ema_decay == 0.9997  # a fresh run: the default
     set_value = replace(labelled, train=replace(labelled.train, ema_decay=0.5))
     assert _resolved_average(set_value, run, resume=True).train.ema_decay == 0.5
+
+
+def test_an_unset_weight_average_spans_the_same_cells_at_any_batch_size_and_number_of_processes(tmp_path):
+    """At k times 128 cells a step (a larger batch, or k processes) the unset decay is the default's to the k:
+    after n steps of 128k cells the average keeps the weight the default keeps after nk steps of 128. A set
+    decay is used as it is, whatever the batch."""
+    from dataclasses import replace
+
+    from bigatlas.config import DataConfig, RunConfig, TrainConfig
+    from bigatlas.rundir import RunDir
+    from bigatlas.train import _resolved_average
+
+    for labelled, base in ((True, 0.9997), (False, 0.999)):
+        for batch, processes in ((128, 1), (1024, 1), (2048, 1), (256, 4), (64, 1)):
+            k = batch * processes / 128
+            d = TrainConfig(batch_size=batch).average_decay(labelled, processes)
+            assert d == pytest.approx(base**k, abs=1e-6)
+            assert d**1000 == pytest.approx(base ** (1000 * k), rel=1e-3)  # the same cells' weight
+    assert TrainConfig(batch_size=1024).average_decay(True) != TrainConfig(batch_size=1024).average_decay(False)
+    cfg = RunConfig(data=DataConfig(data="x.zarr", label_keys=("cell_type",)), train=TrainConfig(batch_size=1024))
+    run = RunDir(tmp_path / "run")
+    assert _resolved_average(cfg, run, resume=False, processes=2).train.ema_decay == round(0.9997**16, 6)
+    set_value = replace(cfg, train=replace(cfg.train, ema_decay=0.999))
+    assert _resolved_average(set_value, run, resume=False, processes=2).train.ema_decay == 0.999
