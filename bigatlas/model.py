@@ -108,15 +108,6 @@ def early_learning(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return torch.log1p(-(p * teacher.float()).sum(1).clamp(max=ELR_CAP))
 
 
-def distillation(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Per cell, KL(t || p): how far the head's probabilities p are from t, the weight average's for the same cell
-    (a mean teacher, Tarvainen & Valpola 2017). Its gradient in the logits is p - t: it pulls p to the average's
-    prediction and no further, so it does not sharpen as early_learning does; on an unlabelled cell it is the
-    only label term."""
-    t = teacher.float()
-    return (t * (torch.log(t.clamp_min(1e-12)) - F.log_softmax(logits.float(), dim=-1))).sum(1)
-
-
 # the batch adversary's hidden width
 ADVERSARY_HIDDEN = 64
 # the batch alignment's pool: the latent means of the latest training cells (a ring buffer) beside the step's own;
@@ -386,8 +377,8 @@ class VAEModule(nn.Module):
             total = total + self.cfg.batch_align * train["align"]
         if "interaction" in train:
             total = total + self.cfg.batch_interaction_penalty * train["interaction"]
-        for name in self._teacher_terms(teacher):  # training only: early stopping reads the label loss itself
-            total = total + label_weight * getattr(self.cfg, name) * train[name]
+        if "label_elr" in train:  # training only: early stopping reads the label loss itself
+            total = total + label_weight * self.cfg.label_elr * train["label_elr"]
         terms = {k: v.detach() for k, v in train.items()}
         terms["loss"] = total.detach()
         if eval_mask is not None:
@@ -517,24 +508,15 @@ class VAEModule(nn.Module):
             if heads:
                 pairs = 2 * len(self.heads)
                 terms["label"] = self.label_loss(sums[r, n_means : n_means + pairs])
-                for j, name in enumerate(self._teacher_terms(teacher)):
-                    at = n_means + (j + 1) * pairs
-                    terms[name] = self.label_loss(sums[r, at : at + pairs])
+                if teacher is not None:
+                    terms["label_elr"] = self.label_loss(sums[r, n_means + pairs :])
             out.append(terms)
         return out
 
-    def _teacher_terms(self, teacher) -> list[str]:
-        """The terms read off the weight average's predictions, in _label_columns' order."""
-        if teacher is None:
-            return []
-        return [name for name in ("label_elr", "label_distill") if getattr(self.cfg, name)]
-
     def _label_columns(self, z, labels, teacher=None) -> list[torch.Tensor]:
         """Per label key, each cell's class weight × cross-entropy and its class weight (0 if unlabelled); with
-        teacher, then per key the same pairs for the early-learning term (early_learning; labelled cells, class
-        weights) and the distillation term (distillation; every cell, weight 1), those set."""
-        cols, elr, distill = [], [], []
-        names = self._teacher_terms(teacher)
+        teacher, then per key the same pair for the early-learning term (early_learning)."""
+        cols, elr = [], []
         for i, logits in enumerate(self.label_logits(z)):
             y = labels[:, i]
             w = getattr(self, f"class_weight_{i}")[y.clamp_min(0)] * (y >= 0)
@@ -542,11 +524,9 @@ class VAEModule(nn.Module):
                 logits.float(), y.clamp_min(0), reduction="none", label_smoothing=self.cfg.label_smoothing
             )
             cols += [w * (gce(ce, self.cfg.label_gce_q) if self.cfg.label_gce_q else ce), w]
-            if "label_elr" in names:
+            if teacher is not None:
                 elr += [w * early_learning(logits, teacher[i]), w]
-            if "label_distill" in names:
-                distill += [distillation(logits, teacher[i]), torch.ones_like(w)]
-        return cols + elr + distill
+        return cols + elr
 
     @staticmethod
     def label_loss(sums: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,6 @@ ADDED_MODEL_SETTINGS = {
     "label_gce_q": 0.0,  # the label loss was the cross-entropy
     "label_smoothing": 0.0,  # ... without smoothing
     "label_elr": 0.0,  # ... and without the early-learning term
-    "label_distill": 0.0,  # ... or the distillation term
     "batch_adversary": 0.0,  # no batch adversary
     "batch_align": 0.0,  # no batch alignment
     "batch_interaction": False,  # no batch-by-state term

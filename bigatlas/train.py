@@ -429,7 +429,7 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
     train_mask = to_device(torch.from_numpy(~inp.val), acc.device)
     with acc.autocast():
         teacher = None
-        if (s.cfg.model.label_elr or s.cfg.model.label_distill) and inp.labels is not None:  # the average's predictions
+        if s.cfg.model.label_elr and inp.labels is not None:  # the weight average's predictions (early learning)
             teacher = s.average.label_probs(inp.counts, inp.measured)
         out = s.model(
             inp.counts, inp.codes, inp.labels, cell_mask=train_mask, eval_mask=~train_mask, kl_weight=kl_weight,
