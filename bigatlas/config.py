@@ -76,11 +76,6 @@ class ModelConfig:
         "of the given label's probability p, whose pull on a cell the model finds unlikely under its label "
         "(a mislabelled one) shrinks as p^q",
     )  # fmt: skip
-    label_elr: float = opt(
-        0.0, "weight of an early-learning term beside the label loss (needs the weight average, --ema-decay above "
-        "0): log(1 - <p, t>) pulls each labelled cell's predicted probabilities p towards t, the weight average's "
-        "for the same cell, which learnt the types before the model could fit wrong labels (0: off)",
-    )  # fmt: skip
     label_smoothing: float = opt(
         0.0, "label smoothing of the label loss: the given label's target probability 1 - e + e / K, every other "
         "class e / K (0: the plain cross-entropy)",
@@ -146,8 +141,6 @@ class ModelConfig:
             raise ValueError(f"label_gce_q must be in [0, 1], not {self.label_gce_q}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
-        if self.label_elr < 0:
-            raise ValueError(f"label_elr must be >= 0, not {self.label_elr}")
         if self.label_smoothing and self.label_gce_q:
             raise ValueError("label_smoothing and label_gce_q are two different label losses: set one of them")
         if self.batch_adversary < 0:
@@ -346,11 +339,6 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-
-    def __post_init__(self):
-        if self.model.label_elr and self.train.ema_decay == 0:
-            raise ValueError("label_elr reads the weight average's predictions: it needs ema_decay above 0 (unset: "
-                             "the default's), not 0")  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -29,7 +29,7 @@ FILE = "bigatlas_weight_average.safetensors"
 
 class WeightAverage:
     def __init__(self, module: nn.Module, decay: float, every: int = 1):
-        self.decay, self.every, self.module = decay, every, module
+        self.decay, self.every = decay, every
         names, params = zip(*module.named_parameters())
         # detached views of the parameters (the optimizer updates them in place): made once, not per step
         self.names, self.params = names, [p.detach() for p in params]
@@ -53,22 +53,6 @@ class WeightAverage:
         step_to = torch._foreach_sub(self.params, self.shadow)
         torch._foreach_mul_(step_to, weight)
         torch._foreach_add_(self.shadow, step_to)
-
-    @torch.no_grad()
-    def label_probs(self, counts, measured: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The averaged weights' label probabilities of a batch, per label key (the early-learning term's target,
-        model.early_learning): the module's encoder and heads read with the average in place of its weights, in eval
-        mode (no dropout; BatchNorm reads its running statistics and leaves them), with no copy of the weights."""
-        from torch.func import functional_call
-
-        module = self.module
-        was = module.training
-        module.eval()
-        try:
-            return functional_call(_Teacher(module), {f"module.{n}": s for n, s in zip(self.names, self.shadow)},
-                                   (counts, measured))  # fmt: skip
-        finally:
-            module.train(was)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
@@ -100,17 +84,3 @@ class WeightAverage:
             raise ValueError(f"{path}: weights {sorted(set(saved) ^ set(self.names))} do not match the model's")
         for n, s in zip(self.names, self.shadow):
             s.copy_(saved[n])
-
-
-class _Teacher(nn.Module):
-    """A module's label probabilities as its forward (functional_call swaps in the weights of a forward)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, counts, measured):
-        m = self.module
-        fill = m.fill_in_training and measured is not None
-        q_mu = (m.encode_measured(counts, measured) if fill else m.encode(counts))[0]
-        return m.label_probs(q_mu)

@@ -92,22 +92,6 @@ def gce(ce: torch.Tensor, q: float) -> torch.Tensor:
     return -torch.expm1(-q * ce) / q
 
 
-# early_learning's cap on the probabilities: its pull on a cell ends once the head gives the target's class this much
-# (the paper's 1 - 1e-4 drove the held-out cells' cross-entropy up, and early stopping ended clean runs at ~22 epochs)
-ELR_CAP = 0.99
-
-
-def early_learning(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Early-learning regularisation (Liu et al. 2020), per cell: log(1 - <p, t>) of the head's probabilities p
-    (clamped to [1e-4, ELR_CAP]) and a target t the model learnt before it could fit wrong labels, here
-    the weight average's probabilities of the same cell. Its gradient pulls p towards t: on a cell whose label
-    agrees it adds to the cross-entropy's pull (which fades as p nears 1); on a mislabelled one whose type the
-    average still knows, it pulls against the label, so the head and the latent learn the wrong label late or
-    never."""
-    p = F.softmax(logits.float(), dim=-1).clamp(1e-4, ELR_CAP)
-    return torch.log1p(-(p * teacher.float()).sum(1).clamp(max=ELR_CAP))
-
-
 # the batch adversary's hidden width
 ADVERSARY_HIDDEN = 64
 # the batch alignment's pool: the latent means of the latest training cells (a ring buffer) beside the step's own;
@@ -338,14 +322,12 @@ class VAEModule(nn.Module):
         gate_weight: float = 1.0,
         label_weight: float = 1.0,
         measured: torch.Tensor | None = None,
-        teacher: list[torch.Tensor] | None = None,
     ) -> LossOutput:
         """Loss as a per-cell mean over the cells in cell_mask (all if None), so a short last batch
         weighs each cell like a full one. labels: (cells, label keys), -1 = unlabelled/undefined.
         Cells in eval_mask are scored from the same forward pass into LossOutput.terms['val_*']
         (no gradient), with eval_kl_weight. measured: (cells or 1, genes) bool, the genes each cell's store
-        measured (None: all); the others are zero-filled, and the likelihood leaves them out. teacher: per label
-        key, the weight average's label probabilities of these cells (label_elr; WeightAverage.label_probs)."""
+        measured (None: all); the others are zero-filled, and the likelihood leaves them out."""
         fill = self.fill_in_training and measured is not None
         q_mu, q_var = self.encode_measured(counts, measured) if fill else self.encode(counts)
         z = q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu)
@@ -366,7 +348,7 @@ class VAEModule(nn.Module):
         align = self._align_term(q_mu, batch_codes, mask)
         if align is not None:
             extra["align"] = align
-        per_mask = self._terms(recon, kl, gate_pen, z, labels, masks, n, extra, teacher)
+        per_mask = self._terms(recon, kl, gate_pen, z, labels, masks, n, extra)
         weights = (gate_weight, label_weight)
         in_fused = fused is not None and gate_pen is not None and gate_pen.dim() == 1  # the gate's term in it
         train = per_mask[0]
@@ -377,8 +359,6 @@ class VAEModule(nn.Module):
             total = total + self.cfg.batch_align * train["align"]
         if "interaction" in train:
             total = total + self.cfg.batch_interaction_penalty * train["interaction"]
-        if "label_elr" in train:  # training only: early stopping reads the label loss itself
-            total = total + label_weight * self.cfg.label_elr * train["label_elr"]
         terms = {k: v.detach() for k, v in train.items()}
         terms["loss"] = total.detach()
         if eval_mask is not None:
@@ -480,11 +460,10 @@ class VAEModule(nn.Module):
                 self.align_next.copy_((self.align_next + keep) % ALIGN_POOL)
         return loss
 
-    def _terms(self, recon, kl, gate_pen, z, labels, masks, n, extra=None, teacher=None) -> list[dict]:
+    def _terms(self, recon, kl, gate_pen, z, labels, masks, n, extra=None) -> list[dict]:
         """Per row of masks (rows, cells), over its n cells: the per-cell means of the NLL, KL, gate
-        penalty and the batch options' terms (extra: per-cell columns by name), the label loss (label_loss), with
-        teacher the early-learning term (label_elr) and 'n'; every row's sums in one matrix product (the training
-        and the held-out cells of a batch)."""
+        penalty and the batch options' terms (extra: per-cell columns by name), the label loss (label_loss) and
+        'n'; every row's sums in one matrix product (the training and the held-out cells of a batch)."""
         extra = extra or {}
         cols = [recon, kl]
         per_cell_gate = gate_pen is not None and gate_pen.dim() == 1
@@ -494,7 +473,7 @@ class VAEModule(nn.Module):
         n_means = len(cols)
         heads = len(self.heads) and labels is not None
         if heads:
-            cols += self._label_columns(z, labels, teacher)
+            cols += self._label_columns(z, labels)
         m = masks.to(kl.dtype)
         sums = m @ torch.stack(cols, 1)  # (rows, columns)
         means = sums[:, :n_means] / n.clamp_min(1).unsqueeze(1)
@@ -506,17 +485,13 @@ class VAEModule(nn.Module):
             for j, name in enumerate(extra):  # extra's columns: the last of the means
                 terms[name] = means[r, n_means - len(extra) + j]
             if heads:
-                pairs = 2 * len(self.heads)
-                terms["label"] = self.label_loss(sums[r, n_means : n_means + pairs])
-                if teacher is not None:
-                    terms["label_elr"] = self.label_loss(sums[r, n_means + pairs :])
+                terms["label"] = self.label_loss(sums[r, n_means:])
             out.append(terms)
         return out
 
-    def _label_columns(self, z, labels, teacher=None) -> list[torch.Tensor]:
-        """Per label key, each cell's class weight × cross-entropy and its class weight (0 if unlabelled); with
-        teacher, then per key the same pair for the early-learning term (early_learning)."""
-        cols, elr = [], []
+    def _label_columns(self, z, labels) -> list[torch.Tensor]:
+        """Per label key, each cell's class weight × cross-entropy and its class weight (0 if unlabelled)."""
+        cols = []
         for i, logits in enumerate(self.label_logits(z)):
             y = labels[:, i]
             w = getattr(self, f"class_weight_{i}")[y.clamp_min(0)] * (y >= 0)
@@ -524,9 +499,7 @@ class VAEModule(nn.Module):
                 logits.float(), y.clamp_min(0), reduction="none", label_smoothing=self.cfg.label_smoothing
             )
             cols += [w * (gce(ce, self.cfg.label_gce_q) if self.cfg.label_gce_q else ce), w]
-            if teacher is not None:
-                elr += [w * early_learning(logits, teacher[i]), w]
-        return cols + elr
+        return cols
 
     @staticmethod
     def label_loss(sums: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,6 @@ ADDED_MODEL_SETTINGS = {
     "norm": "batch",  # BatchNorm was the only normalisation
     "label_gce_q": 0.0,  # the label loss was the cross-entropy
     "label_smoothing": 0.0,  # ... without smoothing
-    "label_elr": 0.0,  # ... and without the early-learning term
     "batch_adversary": 0.0,  # no batch adversary
     "batch_align": 0.0,  # no batch alignment
     "batch_interaction": False,  # no batch-by-state term

@@ -428,13 +428,9 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
     t, acc = s.cfg.train, s.acc
     train_mask = to_device(torch.from_numpy(~inp.val), acc.device)
     with acc.autocast():
-        teacher = None
-        if s.cfg.model.label_elr and inp.labels is not None:  # the weight average's predictions (early learning)
-            teacher = s.average.label_probs(inp.counts, inp.measured)
         out = s.model(
             inp.counts, inp.codes, inp.labels, cell_mask=train_mask, eval_mask=~train_mask, kl_weight=kl_weight,
             eval_kl_weight=t.kl_weight, gate_weight=t.gate_weight, label_weight=label_weight, measured=inp.measured,
-            teacher=teacher,
         )  # fmt: skip
     reduce = (lambda x: acc.reduce(x, reduction="sum")) if acc.num_processes > 1 else None
     s.guard.check(out.total, progress.step + 1, s.faults.at("nan_loss", progress.step + 1), reduce)

@@ -307,46 +307,6 @@ def test_label_smoothing_is_its_formula_and_off_by_default():
         ModelConfig(label_smoothing=0.1, label_gce_q=0.7)
 
 
-def test_the_early_learning_term_is_its_formula_pulls_towards_the_target_and_is_left_out_of_the_held_out_loss():
-    from bigatlas.config import RunConfig, TrainConfig
-    from bigatlas.model import ELR_CAP, early_learning
-
-    counts, codes, labels = batch()
-    labels[:5] = -1  # unlabelled cells carry no term
-    g = torch.Generator().manual_seed(5)
-    teacher = [torch.softmax(3 * torch.randn(40, 4, generator=g), -1)]
-    m = model(label_elr=2.0)
-    z = torch.randn(40, m.n_latent, generator=torch.Generator().manual_seed(2))
-    ce_w, w, elr_w, w2 = m._label_columns(z, labels, teacher)
-    logits = m.label_logits(z)[0]
-    p = torch.softmax(logits.double(), -1).clamp(1e-4, ELR_CAP)
-    torch.testing.assert_close(elr_w.double(), w.double() * torch.log(1 - (p * teacher[0].double()).sum(1)))
-    assert torch.equal(w, w2) and bool((w[:5] == 0).all())
-    assert len(model()._label_columns(z, labels)) == 2  # without a teacher: the label loss's pair alone
-    # a step down its gradient raises the probability of the target's class, whatever the label says, until the
-    # head gives the target's class ELR_CAP (no pull beyond: it does not sharpen without end)
-    lg = logits.detach().requires_grad_()
-    (grad,) = torch.autograd.grad(early_learning(lg, teacher[0]).sum(), lg)
-    after = torch.softmax(lg.detach() - 0.01 * grad, -1)
-    moved = ((after - torch.softmax(lg.detach(), -1)) * teacher[0]).sum(1)
-    assert bool((moved > 0).all())
-    sure = torch.nn.functional.one_hot(torch.arange(40) % 4, 4).float()
-    lg = (8 * sure).requires_grad_()  # the target's class at p = 0.999
-    (grad,) = torch.autograd.grad(early_learning(lg, sure).sum(), lg)
-    assert float(grad.abs().max()) == 0.0
-    # in the training loss at label_weight x label_elr; the held-out loss (early stopping) is the model's own
-    train, val = torch.arange(40) < 30, torch.arange(40) >= 30
-    kw = dict(cell_mask=train, eval_mask=val, label_weight=0.5)
-    with_t, without = loss(m, counts, codes, labels, teacher=teacher, **kw), loss(m, counts, codes, labels, **kw)
-    assert "label_elr" in with_t.terms and "label_elr" not in without.terms
-    torch.testing.assert_close(with_t.total, without.total + 0.5 * 2.0 * with_t.terms["label_elr"])
-    torch.testing.assert_close(with_t.terms["val_loss"], without.terms["val_loss"])
-    with pytest.raises(ValueError, match="label_elr must be >= 0"):
-        ModelConfig(label_elr=-1)
-    with pytest.raises(ValueError, match="needs ema_decay above 0"):
-        RunConfig(model=ModelConfig(label_elr=1.0), train=TrainConfig(ema_decay=0.0))
-
-
 @pytest.mark.parametrize("likelihood,compiled", [("zinb", False), ("nb", False), ("zinb", True)])
 def test_genes_a_cell_did_not_measure_leave_the_likelihood(likelihood, compiled):
     """With `measured`, each cell's NLL is the model's NLL on its measured genes alone: the softmax spread

@@ -15,8 +15,7 @@ from conftest import accelerate_launcher, run_script
 from safetensors.numpy import load_file
 
 from bigatlas.batches import holdout_mask
-from bigatlas.config import ModelConfig, TrainConfig
-from bigatlas.distributions import Counts
+from bigatlas.config import TrainConfig
 from bigatlas.reference import read_reference
 from bigatlas.reference_build import build_reference
 from bigatlas.synth import synth
@@ -64,7 +63,6 @@ def weights(run):
         ("after_step:40", "on", "no", []),
         ("after_step:40", "off", "bf16", []),  # on the CPU: the wide layers' bfloat16 products (bf16_linear)
         ("after_step:40", "off", "no", ["--batch-align", "10"]),  # its pool of latest cells is in the checkpoint
-        ("after_step:40", "off", "no", ["--label-elr", "1"]),  # its target: the average the checkpoint carries
     ],
 )
 def test_resume_after_sigkill_is_bit_identical(small_atlas, tmp_path, fault, compile_loss, precision, extra):
@@ -545,32 +543,6 @@ def test_weight_average_follows_its_recurrence_and_skips_guarded_steps(tmp_path,
     with pytest.warns(UserWarning, match="no bigatlas_weight_average.safetensors"):
         other.load(tmp_path / "missing")  # a checkpoint from before the average: restarts at the weights
     assert torch.equal(other.shadow[0], m.weight.detach())
-
-
-def test_the_weight_averages_label_probabilities_are_a_copy_of_the_model_with_those_weights():
-    """label_probs reads the module with the average's weights in eval mode (no dropout), and leaves the
-    module's own weights and training mode as they were."""
-    import copy
-
-    from bigatlas.ema import WeightAverage
-    from bigatlas.model import VAEModule
-
-    torch.manual_seed(0)
-    m = VAEModule(30, [3], [4, 2], ModelConfig(dropout=0.5, norm="batch")).train()
-    avg = WeightAverage(m, 0.9)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p))
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    x = torch.poisson(torch.rand(16, 30) * 3)
-    probs = avg.label_probs(Counts.from_dense(x))
-    assert m.training and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
-    avg_twin = copy.deepcopy(m).eval()
-    for p, s in zip(avg_twin.parameters(), avg.shadow):
-        p.data.copy_(s)
-    expect = avg_twin.label_probs(avg_twin.latent(x))
-    assert len(probs) == 2 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(probs, expect))
-    assert not torch.allclose(probs[0], m.eval().label_probs(m.latent(x))[0])  # not the module's own weights
 
 
 @pytest.mark.parametrize("decay", ["0.99", "0"])
