@@ -345,3 +345,35 @@ def test_condition_kept_sees_the_treatment_whether_the_latent_mixes_donors_or_ke
         assert abs(condition_kept(base, treated, donor, fine, affected)) < 0.05
         everywhere = base + np.where(treated[:, None], [5.0, 0, 0, 0], 0.0)  # an arm effect in every type: no biology
         assert abs(condition_kept(everywhere, treated, donor, fine, affected)) < 0.05
+
+
+def test_runs_started_side_by_side_build_the_preset_atlas_once(tmp_path, monkeypatch):
+    """Two threads asking for the same atlas at once: one builds it, the other waits and reads the same cells (two
+    builders shared one .partial folder and one of them failed)."""
+    import threading
+
+    import bigatlas.synth
+    from bench.quality import preset_atlas
+
+    built, real = [], bigatlas.synth.synth
+
+    def counted(*args, **kw):
+        built.append(args[0])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bigatlas.synth, "synth", counted)
+    got, errors = [], []
+
+    def ask():
+        try:
+            got.append(preset_atlas(tmp_path, "subtle", 0, 300, 50))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(built) == 1 and len(got) == 2
+    assert (got[0].X != got[1].X).nnz == 0 and got[0].n_obs == 300
