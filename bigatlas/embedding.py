@@ -33,13 +33,19 @@ class Embedding:
             )
         self.n_obs = int(self.meta["n_obs"])
 
+    def _soma_experiment(self):
+        """The SOMA output, opened on the process's TileDB context (loaders.soma_store.soma_context)."""
+        import tiledbsoma as soma
+
+        from loaders.soma_store import soma_context
+
+        return soma.Experiment.open(str(self.path), context=soma_context())
+
     def _read_meta(self) -> dict:
         try:
             if self.format == "zarr":
                 return dict(zarr.open_group(str(self.path), mode="r").attrs["bigatlas"])
-            import tiledbsoma as soma
-
-            with soma.Experiment.open(str(self.path)) as exp:
+            with self._soma_experiment() as exp:
                 return json.loads(exp.metadata["bigatlas"])
         except Exception as e:
             raise EmbeddingError(f"{self.path} is not a bigatlas embedding ({type(e).__name__}: {e})") from None
@@ -47,9 +53,7 @@ class Embedding:
     def has_obsm(self, name: str) -> bool:
         if self.format == "zarr":
             return name in zarr.open_group(str(self.path), mode="r")["obsm"]
-        import tiledbsoma as soma
-
-        with soma.Experiment.open(str(self.path)) as exp:
+        with self._soma_experiment() as exp:
             return name in exp.ms["RNA"].obsm
 
     @property
@@ -58,9 +62,7 @@ class Embedding:
         if self.format == "zarr":
             cols = zarr.open_group(str(self.path), mode="r")["obs"].attrs["column-order"]
         else:
-            import tiledbsoma as soma
-
-            with soma.Experiment.open(str(self.path)) as exp:
+            with self._soma_experiment() as exp:
                 cols = [f.name for f in exp.obs.schema]
         return [c[: -len("_pred")] for c in cols if c.endswith("_pred")]
 
@@ -70,9 +72,7 @@ class Embedding:
         if self.format == "zarr":
             arr = zarr.open_group(str(self.path), mode="r")[f"obsm/{name}"]
             return np.asarray(arr.get_orthogonal_selection((np.asarray(positions), slice(None))), np.float32)
-        import tiledbsoma as soma
-
-        with soma.Experiment.open(str(self.path)) as exp:
+        with self._soma_experiment() as exp:
             x = exp.ms["RNA"].obsm[name]
             t = x.read(coords=(np.asarray(row_ids, np.int64),)).tables().concat()
             d = int(x.shape[1])
@@ -94,9 +94,7 @@ class Embedding:
     def has_column(self, name: str) -> bool:
         if self.format == "zarr":
             return name in zarr.open_group(str(self.path), mode="r")["obs"].attrs["column-order"]
-        import tiledbsoma as soma
-
-        with soma.Experiment.open(str(self.path)) as exp:
+        with self._soma_experiment() as exp:
             return name in [f.name for f in exp.obs.schema]
 
     def column(self, name: str, row_ids: np.ndarray | None = None):
@@ -108,9 +106,8 @@ class Embedding:
             value = read_elem(zarr.open_group(str(self.path), mode="r")[f"obs/{name}"])
             return pd.Categorical(value) if isinstance(value, pd.Categorical) else np.asarray(value)
         import pyarrow as pa
-        import tiledbsoma as soma
 
-        with soma.Experiment.open(str(self.path)) as exp:
+        with self._soma_experiment() as exp:
             t = exp.obs.read(column_names=["soma_joinid", name]).concat()
         joinids = t["soma_joinid"].to_numpy()
         order = np.argsort(joinids)

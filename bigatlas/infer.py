@@ -27,6 +27,7 @@ from accelerate import PartialState
 
 from loaders import data_name, detect_format, open_store
 from loaders.csr import check_counts, select_columns
+from loaders.soma_store import soma_context
 
 from .batches import Measured
 from .device_copy import csr_to_device
@@ -219,13 +220,11 @@ class SomaOutput:
         self.path = Path(path)
 
     def prepare(self, meta: dict, model, n_chunks: int, overwrite: bool, n_rows: int = 0) -> bool:
-        import tiledbsoma as soma
-
         if self.path.exists() and overwrite:
             shutil.rmtree(self.path)
         if self.path.exists():
             try:
-                with soma.Experiment.open(str(self.path)) as exp:
+                with self._exp() as exp:
                     saved = json.loads(exp.metadata["bigatlas"])
             except Exception as e:
                 raise ValueError(
@@ -244,7 +243,7 @@ class SomaOutput:
         arrow = {np.float32: pa.float32(), bool: pa.bool_()}
         for key, suffix, kind in _label_columns(model.vocab.label_classes, meta["k"] is not None):
             fields.append(pa.field(f"{key}_{suffix}", pa.large_string() if isinstance(kind, list) else arrow[kind]))
-        with soma.Experiment.create(str(path)) as exp:
+        with soma.Experiment.create(str(path), context=soma_context()) as exp:
             exp.metadata["bigatlas"] = json.dumps({**meta, "complete": False})
             exp.add_new_dataframe(
                 "obs", schema=pa.schema(fields), index_column_names=["soma_joinid"], domain=[(0, n_rows - 1)]
@@ -264,7 +263,7 @@ class SomaOutput:
     def _exp(self, mode="r"):
         import tiledbsoma as soma
 
-        return soma.Experiment.open(str(self.path), mode)
+        return soma.Experiment.open(str(self.path), mode, context=soma_context())
 
     def complete(self) -> bool:
         with self._exp() as exp:

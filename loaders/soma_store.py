@@ -2,12 +2,13 @@
 
 A read request's rows are fetched as ONE point-list read of their soma_joinids in row-major order;
 the result arrives sorted by row, so indptr is built by counting rows, never by sorting COO.
-Handles are opened lazily per reader thread: TileDB handles are not shared across threads, and a
-handle opened before a fork deadlocks the child.
+Handles are opened lazily per reader thread (TileDB handles are not shared across threads); they share
+the process's one TileDB context per configuration, which a forked child never uses or frees.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,14 +30,42 @@ SUBREAD_THREADS = 2
 # TileDB contexts and handles are created one at a time in a process: two reader threads creating theirs at
 # once aborted a test process once (a native abort inside SOMATileDBContext.native_context, no Python error)
 _OPEN_LOCK = threading.Lock()
+# One TileDB context per process and configuration, shared by every store, handle and reader thread (a
+# context is thread-safe; a handle is not). A fresh context per handle and per open made and freed a
+# context with its thread pools for every store opened and every reader thread, and under that churn the
+# heap was corrupted: `python -m bench.soma_stress` (6 stores opened again and again, each read from its
+# own thread) aborted in glibc's malloc checks in 6 of 6 runs of 4 minutes that way, 0 of 6 shared.
+_CONTEXTS: dict[tuple, object] = {}
 
 
-def _new_open_lock() -> None:  # a fork copies the lock as it is, held if a thread was opening: a fresh one
+def _shared_context(config: dict):
+    """The process's context for this TileDB configuration; call it holding _OPEN_LOCK."""
+    key = tuple(sorted((str(k), str(v)) for k, v in config.items()))
+    ctx = _CONTEXTS.get(key)
+    if ctx is None:
+        ctx = _CONTEXTS[key] = _soma().SOMATileDBContext(tiledb_config=dict(config))
+    return ctx
+
+
+def soma_context(tiledb_config: dict | None = None):
+    """The process's TileDB context for this configuration, for every SOMA experiment bigatlas opens
+    (stores, the embedding's output, written atlases): none is made and freed per open."""
+    with _OPEN_LOCK:
+        return _shared_context(tiledb_config or {})
+
+
+def _after_fork_in_child() -> None:
+    """A fork copies the lock as it is (held if a thread was opening) and the parent's contexts, whose
+    thread pools the child does not have: freeing one would wait on those threads forever, so they are
+    leaked (never freed) rather than dropped."""
     global _OPEN_LOCK
     _OPEN_LOCK = threading.Lock()
+    for ctx in _CONTEXTS.values():
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(ctx))  # never freed, not even at interpreter exit
+    _CONTEXTS.clear()
 
 
-os.register_at_fork(after_in_child=_new_open_lock)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SomaStore(Store):
@@ -102,8 +131,8 @@ class SomaStore(Store):
         self._local = threading.local()
         self._executor = None
 
-    def _context(self, **extra):
-        return _soma().SOMATileDBContext(tiledb_config={**self._tiledb_config, **extra})
+    def _context(self, **extra):  # hold _OPEN_LOCK
+        return _shared_context({**self._tiledb_config, **extra})
 
     @property
     def obs_columns(self) -> list[str]:
@@ -119,7 +148,7 @@ class SomaStore(Store):
             return self._joinids.copy()
         soma = _soma()
         with _OPEN_LOCK:
-            exp = soma.Experiment.open(self.uri, context=self._context())  # its native context is made here
+            exp = soma.Experiment.open(self.uri, context=self._context())
         with exp:
             table = exp.obs.read(coords=(self._joinids,), column_names=["soma_joinid", column]).concat()
         values = table.to_pandas().set_index("soma_joinid")[column]
@@ -136,9 +165,9 @@ class SomaStore(Store):
         x = getattr(self._local, "x", None)
         if x is None:
             soma = _soma()
-            # smaller result buffers than the 1 GiB default: a request arrives in a few pieces
-            ctx = self._context(**{"soma.init_buffer_bytes": 32 << 20})
             with _OPEN_LOCK:
+                # smaller result buffers than the 1 GiB default: a request arrives in a few pieces
+                ctx = self._context(**{"soma.init_buffer_bytes": 32 << 20})
                 x = soma.SparseNDArray.open(f"{self.uri}/ms/{self.measurement}/X/{self.layer}", context=ctx)
             self._local.x = x
         return x
