@@ -114,8 +114,9 @@ def overrides(pairs) -> dict:
 
 def preset_atlas(data_dir, preset: str, seed: int, cells: int, genes: int):
     """The preset's atlas of that seed and size, built once under data_dir and read into memory. Runs started side
-    by side (one preset and seed per process) build it once: the first holds a lock on `<atlas>.lock` while it
-    builds, the others wait on it and then read what it built (two builders would share one `.partial` folder)."""
+    by side (one preset and seed per process) build it once: the first holds a lock on `<atlas>.build.lock` while
+    it builds, the others wait on it and then read what it built (the writer's own `<atlas>.lock` refuses a
+    second writer rather than wait)."""
     import fcntl
 
     import anndata as ad
@@ -125,7 +126,7 @@ def preset_atlas(data_dir, preset: str, seed: int, cells: int, genes: int):
     path = Path(data_dir) / f"quality_{preset}_{seed}_{cells}x{genes}.zarr"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "w") as lock:
+        with open(path.with_name(path.name + ".build.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             if not path.exists():
                 synth(path, cells, genes, "zarr", seed=seed, preset_name=preset)

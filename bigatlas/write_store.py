@@ -22,6 +22,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .faults import Faults
+from .lock import OutputLock
 
 # 2**15 elements ≈ 50 cells at 650 nonzeros; blocks of a few chunks waste < one chunk of decode.
 DEFAULT_CHUNK_ELEMS = 1 << 15
@@ -90,19 +91,29 @@ def _writes(method):
 
 class _PartialStore:
     """A store written under `<path>.partial`; finish() renames it into place, an exception inside
-    the `with` block removes it."""
+    the `with` block removes it. One writer per output: a second one (another `synth` or `prepare
+    --convert` to the same path) is refused while the first holds `<path>.lock`; it would delete the
+    first's `.partial` and both would write into one folder."""
 
     def __init__(self, path, overwrite: bool):
         self.path = Path(path)
-        self.partial = _prepare_target(self.path, overwrite)
+        self._lock = OutputLock(self.path.with_name(self.path.name + ".lock"), f"output {self.path}")
+        try:
+            self.partial = _prepare_target(self.path, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
         self._faults, self._appends = Faults(), 0
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *_):
-        if exc_type is not None and self.partial.exists():
-            shutil.rmtree(self.partial, ignore_errors=True)
+        try:
+            if exc_type is not None and self.partial.exists():
+                shutil.rmtree(self.partial, ignore_errors=True)
+        finally:
+            self._lock.release()
         return False
 
     def _count_append(self) -> None:

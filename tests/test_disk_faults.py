@@ -95,6 +95,29 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(atlas,
     assert cli(args).returncode == 0 and out.exists()
 
 
+@pytest.mark.parametrize("command", ["prepare", "synth"])
+def test_a_second_writer_of_a_store_is_refused_and_leaves_the_firsts_partial_alone(atlas, tmp_path, command):
+    """Two writers to one output would share `<out>.partial`: the second deleted the first's folder and
+    both wrote into one, which the first then renamed into place as if complete."""
+    out = tmp_path / "s.zarr"
+    if command == "prepare":
+        args = ["prepare", atlas, "--out", str(tmp_path / "p"), "--convert", str(out), "--n-top-genes", "0"]
+    else:
+        args = ["synth", str(out), "--cells", "500", "--genes", "50"]
+    first = tmp_path / "s.zarr.partial"
+    first.mkdir()
+    (first / "being_written").write_text("the first writer's")
+    holder = hold(tmp_path / "s.zarr.lock")
+    try:
+        line = one_error(cli(args), command)
+        assert f"output {out} is in use by process {holder.pid}" in line
+        assert (first / "being_written").exists() and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli(args).returncode == 0 and out.exists() and not first.exists()
+
+
 def test_train_on_a_run_dir_in_use_is_refused(atlas, tmp_path):
     out = tmp_path / "r"
     holder = hold(out / ".lock")
