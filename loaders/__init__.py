@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import zarr
 
 from .census import census_spec
@@ -13,6 +15,11 @@ try:  # Rust codec pipeline: decodes a request's chunks in parallel, 2-4x zarr-p
     import zarrs  # noqa: F401
 
     zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+    # its thread pool does not survive a fork: a forked child's first read waited on it forever, so a child
+    # (e.g. of a multiprocessing pool) opens stores with zarr's own pipeline
+    os.register_at_fork(
+        after_in_child=lambda: zarr.config.set({"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline"})
+    )
 except ImportError:  # still correct with zarr's default pipeline, only slower
     pass
 

@@ -1,4 +1,5 @@
-"""TileDB contexts of SOMA stores: one per process and configuration, and none carried into a fork."""
+"""TileDB contexts of SOMA stores: one per process and configuration, and none carried into a fork; and
+reading in a forked child after the parent read (SOMA and Zarr)."""
 
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 import threading
 
 import numpy as np
+import pytest
 from conftest import ROOT
 
 from loaders import open_store, soma_store
@@ -71,13 +73,15 @@ print("FORKED READS MATCH", flush=True)
 """
 
 
-def test_fork_children_read_a_store_their_parent_has_read(position_stores):
-    """A fork (a DataLoader's workers, a multiprocessing pool) after the parent read: the children make
-    their own contexts and never free the parent's, whose thread pools they do not have (freeing one
-    waited on them forever: the child hung on its first read)."""
+@pytest.mark.parametrize("fmt", ["soma", "zarr"])
+def test_fork_children_read_a_store_their_parent_has_read(position_stores, fmt):
+    """A fork (a multiprocessing pool) after the parent read, each child opening the store itself. SOMA:
+    the children make their own contexts and never free the parent's, whose thread pools they do not
+    have (freeing one waited on them forever). Zarr: the children decode with zarr's own pipeline, not
+    zarrs', whose thread pool they do not have. Either child hung on its first read before."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
-        [sys.executable, "-c", FORK_SCRIPT, position_stores["soma"]], env=env, capture_output=True, text=True,
+        [sys.executable, "-c", FORK_SCRIPT, position_stores[fmt]], env=env, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
