@@ -23,8 +23,8 @@ from loaders import open_store, soma_store
 
 uri, mode, seconds, n_stores, reads = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 if mode == "per-open":  # the loader before shared contexts: a fresh context for every open and handle
-    soma_store.SomaStore._context = lambda self, **extra: soma_store._soma().SOMATileDBContext(
-        tiledb_config={**self._tiledb_config, **extra}
+    soma_store.soma_context = lambda tiledb_config=None: soma_store._soma().SOMATileDBContext(
+        tiledb_config=dict(tiledb_config or {})
     )
 
 

@@ -34,12 +34,10 @@ class Embedding:
         self.n_obs = int(self.meta["n_obs"])
 
     def _soma_experiment(self):
-        """The SOMA output, opened on the process's TileDB context (loaders.soma_store.soma_context)."""
-        import tiledbsoma as soma
+        """The SOMA output, opened on the process's TileDB context."""
+        from loaders.soma_store import open_experiment
 
-        from loaders.soma_store import soma_context
-
-        return soma.Experiment.open(str(self.path), context=soma_context())
+        return open_experiment(self.path)
 
     def _read_meta(self) -> dict:
         try:

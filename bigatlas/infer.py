@@ -27,7 +27,7 @@ from accelerate import PartialState
 
 from loaders import data_name, detect_format, open_store
 from loaders.csr import check_counts, select_columns
-from loaders.soma_store import soma_context
+from loaders.soma_store import open_experiment, soma_context
 
 from .batches import Measured
 from .device_copy import csr_to_device
@@ -261,9 +261,7 @@ class SomaOutput:
         """Nothing to hold open: each write opens the experiment itself (TileDB handles per call)."""
 
     def _exp(self, mode="r"):
-        import tiledbsoma as soma
-
-        return soma.Experiment.open(str(self.path), mode, context=soma_context())
+        return open_experiment(self.path, mode)
 
     def complete(self) -> bool:
         with self._exp() as exp:

@@ -28,8 +28,9 @@ def _soma():
 READ_CELLS = 8192
 SUBREAD_THREADS = 2
 # TileDB contexts and handles are created one at a time in a process: two reader threads creating theirs at
-# once aborted a test process once (a native abort inside SOMATileDBContext.native_context, no Python error)
-_OPEN_LOCK = threading.Lock()
+# once aborted a test process once (a native abort inside SOMATileDBContext.native_context, no Python error);
+# reentrant, so an open holding it can fetch the shared context
+_OPEN_LOCK = threading.RLock()
 # One TileDB context per process and configuration, shared by every store, handle and reader thread (a
 # context is thread-safe; a handle is not). A fresh context per handle and per open made and freed a
 # context with its thread pools for every store opened and every reader thread, and under that churn the
@@ -38,20 +39,22 @@ _OPEN_LOCK = threading.Lock()
 _CONTEXTS: dict[tuple, object] = {}
 
 
-def _shared_context(config: dict):
-    """The process's context for this TileDB configuration; call it holding _OPEN_LOCK."""
-    key = tuple(sorted((str(k), str(v)) for k, v in config.items()))
-    ctx = _CONTEXTS.get(key)
-    if ctx is None:
-        ctx = _CONTEXTS[key] = _soma().SOMATileDBContext(tiledb_config=dict(config))
-    return ctx
-
-
 def soma_context(tiledb_config: dict | None = None):
     """The process's TileDB context for this configuration, for every SOMA experiment bigatlas opens
     (stores, the embedding's output, written atlases): none is made and freed per open."""
+    config = tiledb_config or {}
+    key = tuple(sorted((str(k), str(v)) for k, v in config.items()))
     with _OPEN_LOCK:
-        return _shared_context(tiledb_config or {})
+        ctx = _CONTEXTS.get(key)
+        if ctx is None:
+            ctx = _CONTEXTS[key] = _soma().SOMATileDBContext(tiledb_config=dict(config))
+        return ctx
+
+
+def open_experiment(uri, mode: str = "r", tiledb_config: dict | None = None):
+    """A SOMA experiment opened on the process's shared context, one open at a time."""
+    with _OPEN_LOCK:
+        return _soma().Experiment.open(str(uri), mode, context=soma_context(tiledb_config))
 
 
 def _after_fork_in_child() -> None:
@@ -59,7 +62,7 @@ def _after_fork_in_child() -> None:
     thread pools the child does not have: freeing one would wait on those threads forever, so they are
     leaked (never freed) rather than dropped."""
     global _OPEN_LOCK
-    _OPEN_LOCK = threading.Lock()
+    _OPEN_LOCK = threading.RLock()
     for ctx in _CONTEXTS.values():
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(ctx))  # never freed, not even at interpreter exit
     _CONTEXTS.clear()
@@ -78,15 +81,13 @@ class SomaStore(Store):
         measurement: str = "RNA",
         tiledb_config: dict | None = None,
     ):
-        soma = _soma()
         self.uri = str(uri)
         self.layer = layer or "raw"
         self.measurement = measurement
         self._tiledb_config = dict(tiledb_config or {})  # e.g. anonymous S3 access for the Census
         self._var_coords = None  # all genes; restrict_columns narrows reads to the model's genes
         try:
-            with _OPEN_LOCK:
-                exp = soma.Experiment.open(self.uri, context=self._context())
+            exp = open_experiment(self.uri, tiledb_config=self._tiledb_config)
         except Exception as e:
             raise StoreError(f"{self.uri} is not a SOMA experiment ({type(e).__name__}: {e})") from None
         with exp:
@@ -131,9 +132,6 @@ class SomaStore(Store):
         self._local = threading.local()
         self._executor = None
 
-    def _context(self, **extra):  # hold _OPEN_LOCK
-        return _shared_context({**self._tiledb_config, **extra})
-
     @property
     def obs_columns(self) -> list[str]:
         return list(self._obs_cols)
@@ -146,10 +144,7 @@ class SomaStore(Store):
     def _read_obs(self, column):
         if column == "soma_joinid":
             return self._joinids.copy()
-        soma = _soma()
-        with _OPEN_LOCK:
-            exp = soma.Experiment.open(self.uri, context=self._context())
-        with exp:
+        with open_experiment(self.uri, tiledb_config=self._tiledb_config) as exp:
             table = exp.obs.read(coords=(self._joinids,), column_names=["soma_joinid", column]).concat()
         values = table.to_pandas().set_index("soma_joinid")[column]
         return values.reindex(self._joinids).array
@@ -167,7 +162,7 @@ class SomaStore(Store):
             soma = _soma()
             with _OPEN_LOCK:
                 # smaller result buffers than the 1 GiB default: a request arrives in a few pieces
-                ctx = self._context(**{"soma.init_buffer_bytes": 32 << 20})
+                ctx = soma_context({**self._tiledb_config, "soma.init_buffer_bytes": 32 << 20})
                 x = soma.SparseNDArray.open(f"{self.uri}/ms/{self.measurement}/X/{self.layer}", context=ctx)
             self._local.x = x
         return x
