@@ -26,6 +26,7 @@ from .config import UNLABELED
 from .embedding import EmbeddingError, latents_of, open_embedded
 from .errors import require_extra
 from .label_review import MIN_AGREEMENT, flagged_cells, review, summary
+from .lock import OutputLock
 from .metrics import K_LISI, confusion, knn, prediction_scores, scib_scores
 from .rundir import RunDir
 from .vocab import apply_lut, defined_labels, label_lut
@@ -204,100 +205,106 @@ def evaluate(
     t0 = time.perf_counter()
     emb, store, data, obs_filter = open_embedded(emb_path, data, obs_filter)
     run = Path(run or emb.meta.get("run", "")) if (run or emb.meta.get("run")) else None
-    run_data = RunDir(run).data_config() if run is not None else None  # the run's [data] section
-    if unlabeled_categories is None:
-        unlabeled_categories = (run_data or {}).get("unlabeled_categories", UNLABELED)
-    labels = _labels(store, label_key, unlabeled_categories)
-    batch_codes, batch_cats = store.obs_codes(batch_key)
-    batch = pd.Categorical.from_codes(batch_codes, categories=batch_cats)
-    # cells with a defined label and a batch: every metric uses both
-    sample = stratified_subsample(np.where(batch_codes >= 0, labels.codes, -1), n_cells, seed)
-    if len(sample) < 20:
-        raise EmbeddingError(
-            f"only {len(sample)} cells of {data} have a defined {label_key!r} label; evaluation needs labelled cells"
-        )
-    z = latents_of(emb, store, sample, "the evaluated cells")
-    lab = pd.Categorical(labels[sample]).remove_unused_categories()
-    bat = pd.Categorical(batch[sample]).remove_unused_categories()
-    lab_codes, bat_codes = np.asarray(lab.codes), np.asarray(bat.codes)
-    log(
-        f"evaluating {len(sample)} of {store.n_obs} cells ({len(lab.categories)} {label_key} classes, "
-        f"{len(bat.categories)} {batch_key} batches)"
-    )
-    neighbours = knn(z, K_LISI, return_distances=True)  # the scIB metrics' and the label review's
-    result = {
-        "embedding": str(emb.path),
-        "data": data_name(data),
-        "obs_filter": obs_filter,
-        "label_key": label_key,
-        "batch_key": batch_key,
-        "n_obs": int(store.n_obs),
-        "n_evaluated": int(len(sample)),
-        "seed": seed,
-        "scores": {"bigatlas": scib_scores(z, lab_codes, bat_codes, seed, neighbours)},
-    }
-    flagged = None
-    if review_min_agreement > 0:
-        table = review(z, lab, min_agreement=review_min_agreement, neighbours=neighbours[0])
-        result["label_review"] = summary(table, min_agreement=review_min_agreement)
-        result["label_review"]["trained_on_labels"] = label_key in emb.label_keys
-        table.insert(1, batch_key, bat)  # after the label
-        flagged = flagged_cells(table, store, sample)
-    if baseline:
-        base = pca_baseline(read_counts(store, sample), z.shape[1])
-        result["scores"]["pca_baseline"] = scib_scores(base, lab_codes, bat_codes, seed)
-    reference = reference_mask(run_data, data, store)
-    if reference is not None:
-        result["reference_query"] = {"reference_cells": int(reference.sum()), "query_cells": int((~reference).sum())}
-    row_ids = store.store_rows(np.arange(store.n_obs)) if emb.format == "soma" else None
-    predicted = {key: emb.predictions(key, row_ids) for key in emb.label_keys}  # position order, every cell
-    preds = _prediction_report(predicted, store, batch, label_key, truth_keys, reference, unlabeled_categories)
-    result["predictions"] = {k: v["scores"] for k, v in preds.items()}
-    transfer = _transfer_section(emb, store, predicted, label_key, truth_keys, row_ids, unlabeled_categories)
-    if transfer:
-        result["label_transfer"] = {name: scores for name, (scores, _) in transfer.items()}
-    if store.segments is not None:  # a collection: the same scores within each store
-        result["per_source"] = _per_source(
-            store, z, sample, lab_codes, bat_codes, labels, predicted.get(label_key), seed
-        )
-
     out = (
         Path(out)
         if out
         else (run / "report" if run and run.exists() else emb.path.with_name(emb.path.name + ".report"))
     )
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    figures = _figures(
-        tmp,
-        z,
-        sample,
-        lab,
-        bat,
-        predicted.get(label_key),
-        preds,
-        run,
-        label_key,
-        batch_key,
-        umap_cells,
-        seed,
-        None if reference is None else reference[sample],
-    )
-    figures.update(_transfer_figures(tmp, emb, store, transfer, label_key, run, row_ids, umap_cells, seed))
-    result["figures"] = figures
-    if flagged is not None:
-        flagged.to_csv(tmp / "label_review.csv", index=False)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    from .report import write_report
+    # one writer per report: two evaluations into one OUT would share <OUT>.partial
+    with OutputLock(out.with_name(out.name + ".lock"), f"output {out}"):
+        run_data = RunDir(run).data_config() if run is not None else None  # the run's [data] section
+        if unlabeled_categories is None:
+            unlabeled_categories = (run_data or {}).get("unlabeled_categories", UNLABELED)
+        labels = _labels(store, label_key, unlabeled_categories)
+        batch_codes, batch_cats = store.obs_codes(batch_key)
+        batch = pd.Categorical.from_codes(batch_codes, categories=batch_cats)
+        # cells with a defined label and a batch: every metric uses both
+        sample = stratified_subsample(np.where(batch_codes >= 0, labels.codes, -1), n_cells, seed)
+        if len(sample) < 20:
+            raise EmbeddingError(
+                f"only {len(sample)} cells of {data} have a defined {label_key!r} label; "
+                "evaluation needs labelled cells"
+            )
+        z = latents_of(emb, store, sample, "the evaluated cells")
+        lab = pd.Categorical(labels[sample]).remove_unused_categories()
+        bat = pd.Categorical(batch[sample]).remove_unused_categories()
+        lab_codes, bat_codes = np.asarray(lab.codes), np.asarray(bat.codes)
+        log(
+            f"evaluating {len(sample)} of {store.n_obs} cells ({len(lab.categories)} {label_key} classes, "
+            f"{len(bat.categories)} {batch_key} batches)"
+        )
+        neighbours = knn(z, K_LISI, return_distances=True)  # the scIB metrics' and the label review's
+        result = {
+            "embedding": str(emb.path),
+            "data": data_name(data),
+            "obs_filter": obs_filter,
+            "label_key": label_key,
+            "batch_key": batch_key,
+            "n_obs": int(store.n_obs),
+            "n_evaluated": int(len(sample)),
+            "seed": seed,
+            "scores": {"bigatlas": scib_scores(z, lab_codes, bat_codes, seed, neighbours)},
+        }
+        flagged = None
+        if review_min_agreement > 0:
+            table = review(z, lab, min_agreement=review_min_agreement, neighbours=neighbours[0])
+            result["label_review"] = summary(table, min_agreement=review_min_agreement)
+            result["label_review"]["trained_on_labels"] = label_key in emb.label_keys
+            table.insert(1, batch_key, bat)  # after the label
+            flagged = flagged_cells(table, store, sample)
+        if baseline:
+            base = pca_baseline(read_counts(store, sample), z.shape[1])
+            result["scores"]["pca_baseline"] = scib_scores(base, lab_codes, bat_codes, seed)
+        reference = reference_mask(run_data, data, store)
+        if reference is not None:
+            result["reference_query"] = {
+                "reference_cells": int(reference.sum()),
+                "query_cells": int((~reference).sum()),
+            }
+        row_ids = store.store_rows(np.arange(store.n_obs)) if emb.format == "soma" else None
+        predicted = {key: emb.predictions(key, row_ids) for key in emb.label_keys}  # position order, every cell
+        preds = _prediction_report(predicted, store, batch, label_key, truth_keys, reference, unlabeled_categories)
+        result["predictions"] = {k: v["scores"] for k, v in preds.items()}
+        transfer = _transfer_section(emb, store, predicted, label_key, truth_keys, row_ids, unlabeled_categories)
+        if transfer:
+            result["label_transfer"] = {name: scores for name, (scores, _) in transfer.items()}
+        if store.segments is not None:  # a collection: the same scores within each store
+            result["per_source"] = _per_source(
+                store, z, sample, lab_codes, bat_codes, labels, predicted.get(label_key), seed
+            )
 
-    write_report(tmp, result, run)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    log(f"metrics: {out / 'metrics.json'}")
-    log(f"report: {out / 'report.html'}")
-    return result
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        figures = _figures(
+            tmp,
+            z,
+            sample,
+            lab,
+            bat,
+            predicted.get(label_key),
+            preds,
+            run,
+            label_key,
+            batch_key,
+            umap_cells,
+            seed,
+            None if reference is None else reference[sample],
+        )
+        figures.update(_transfer_figures(tmp, emb, store, transfer, label_key, run, row_ids, umap_cells, seed))
+        result["figures"] = figures
+        if flagged is not None:
+            flagged.to_csv(tmp / "label_review.csv", index=False)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        from .report import write_report
+
+        write_report(tmp, result, run)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        log(f"metrics: {out / 'metrics.json'}")
+        log(f"report: {out / 'report.html'}")
+        return result
 
 
 def _transfer_section(emb, store, predicted, label_key, truth_keys, row_ids, unlabeled) -> dict:

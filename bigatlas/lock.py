@@ -1,6 +1,6 @@
 """One writer per output: `train` holds RUN_DIR/.lock, `embed` holds <OUT>.lock, for as long as the
 process runs (main process only; the other ranks belong to the same run); a store writer (`synth`,
-`prepare --convert`) holds <OUT>.lock while it writes. The lock is an flock on
+`prepare --convert`) and `evaluate` hold <OUT>.lock while they write. The lock is an flock on
 the file, so the kernel drops it when its holder dies: a stale lock from a killed process is simply
 taken over. flock needs a file system that supports it (local disks do; some network file systems
 and object stores do not, and there a second writer is not detected)."""

@@ -318,3 +318,20 @@ def test_label_review_lists_the_cells_whose_label_was_changed(embedded, tmp_path
     bad = tmp_path / "bad" / "review.csv"
     argv = ["review", "--emb", str(emb), "--label-key", "cell_type", "--out", str(bad)]
     assert main([*argv, "--obs-filter", "dataset_id == 'study_0'"]) == 2 and not bad.exists()
+
+
+def test_a_second_evaluation_into_one_report_is_refused_and_leaves_the_firsts_partial_alone(embedded, tmp_path, capsys):
+    """Two evaluations into one OUT would share <OUT>.partial: the second deleted the first's folder."""
+    from bigatlas.lock import OutputLock
+
+    data, run, emb = embedded
+    out = tmp_path / "report"
+    first = tmp_path / "report.partial"
+    first.mkdir()
+    (first / "being_written").write_text("the first evaluation's")
+    args = ["evaluate", "--emb", str(emb), "--label-key", "cell_type", "--batch-key", "dataset_id"]
+    with OutputLock(tmp_path / "report.lock", "held by this test"):
+        assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"output {out} is in use by process" in err and len(err.strip().splitlines()) == 1, err
+    assert (first / "being_written").exists() and not out.exists()
