@@ -8,7 +8,6 @@ the process's one TileDB context per configuration, which a forked child never u
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .csr import CSR, compact, concat, empty, take_rows
-from .store import Store, StoreError, filter_columns
+from .store import Store, StoreError, filter_columns, leak
 
 
 def _soma():
@@ -64,7 +63,7 @@ def _after_fork_in_child() -> None:
     global _OPEN_LOCK
     _OPEN_LOCK = threading.RLock()
     for ctx in _CONTEXTS.values():
-        ctypes.pythonapi.Py_IncRef(ctypes.py_object(ctx))  # never freed, not even at interpreter exit
+        leak(ctx)
     _CONTEXTS.clear()
 
 
@@ -131,6 +130,7 @@ class SomaStore(Store):
         self._n_store_rows = n_rows
         self._local = threading.local()
         self._executor = None
+        self._pid = os.getpid()  # the process whose reader threads and handles these are
 
     @property
     def obs_columns(self) -> list[str]:
@@ -178,9 +178,22 @@ class SomaStore(Store):
         return concat(list(self._pool().map(self._read_ids, pieces)))
 
     def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:  # created on first read, never before a fork
+        if self._pid != os.getpid():
+            self._after_fork()
+        if self._executor is None:  # created on first read
             self._executor = ThreadPoolExecutor(SUBREAD_THREADS, thread_name_prefix="soma-read")
         return self._executor
+
+    def _after_fork(self) -> None:
+        """A store object inherited by a forked child (a multiprocessing pool, a DataLoader's workers): the
+        parent's reader threads are not here (a read queued for them waited forever) and its handles are on
+        the parent's contexts; both are leaked, and the child opens its own on its own context."""
+        with _OPEN_LOCK:
+            if self._pid != os.getpid():
+                leak(self._local)
+                if self._executor is not None:
+                    leak(self._executor)
+                self._local, self._executor, self._pid = threading.local(), None, os.getpid()
 
     def _read_ids(self, ids: np.ndarray) -> CSR:
         try:

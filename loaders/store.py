@@ -6,6 +6,7 @@ to their own row ids (Zarr row numbers, SOMA soma_joinids) and read CSR rows.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import warnings
 
@@ -13,6 +14,13 @@ import numpy as np
 import pandas as pd
 
 from .csr import CSR
+
+
+def leak(obj) -> None:
+    """Never free obj, not even at interpreter exit: what a forked child inherits of its parent's native
+    readers (TileDB contexts and handles, zarrs pipelines, reader threads' executors) waits on thread pools
+    the child does not have, so freeing it could hang the child; the child makes its own instead."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
 class StoreError(ValueError):

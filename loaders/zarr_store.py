@@ -8,13 +8,23 @@ Ranges closer than one storage chunk are merged: the chunk between them is decod
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync
 
 from .csr import CSR, row_ranges
-from .store import GroupObsStore, StoreError, filtered_positions, layer_names, layer_path, obs_index, read_elem
+from .store import (
+    GroupObsStore,
+    StoreError,
+    filtered_positions,
+    layer_names,
+    layer_path,
+    leak,
+    obs_index,
+    read_elem,
+)
 
 
 class ZarrStore(GroupObsStore):
@@ -39,7 +49,7 @@ class ZarrStore(GroupObsStore):
                 f"{self.uri}:{x_path} is {enc}, not csr_matrix; rows cannot be streamed "
                 "(rewrite it as CSR with `bigatlas prepare`)"
             )
-        self._data, self._indices = x["data"], x["indices"]
+        self._arrays, self._pid = (x["data"], x["indices"]), os.getpid()
         self._indptr = np.asarray(x["indptr"][:], dtype=np.int64)
         self.n_vars = int(x.attrs["shape"][1])
         if not np.issubdtype(self._data.dtype, np.number):
@@ -63,6 +73,25 @@ class ZarrStore(GroupObsStore):
         chunk_rows = int(max(1, round(self._chunk_elems / mean_nnz)))
         self.block_rows = min(max(chunk_rows, 256), 4096)
         self.blocks_per_request = 128
+
+    @property
+    def _data(self) -> zarr.Array:
+        return self._x_arrays()[0]
+
+    @property
+    def _indices(self) -> zarr.Array:
+        return self._x_arrays()[1]
+
+    def _x_arrays(self) -> tuple[zarr.Array, zarr.Array]:
+        """X's data and indices arrays, opened in this process: a store object inherited by a forked child
+        (a multiprocessing pool, a DataLoader's workers) holds arrays bound to the parent's zarrs pipeline,
+        whose thread pool the child does not have (its first read waited forever); the child leaks them and
+        opens its own, which decode with zarr's own pipeline there."""
+        if self._pid != os.getpid():
+            leak(self._arrays)
+            x = zarr.open_group(self.uri, mode="r")[self._x_path]
+            self._arrays, self._pid = (x["data"], x["indices"]), os.getpid()
+        return self._arrays
 
     def obs_names(self, rows: np.ndarray) -> np.ndarray:
         index = obs_index(self._obs)

@@ -60,29 +60,35 @@ import numpy as np
 from loaders import open_store
 
 rows = np.arange(0, 300, 3)
+parent = open_store(sys.argv[1])
 
 def child_read(uri):
-    return open_store(uri).read(rows).to_scipy().toarray()
+    store = parent if uri == "inherited" else open_store(uri)
+    return store.read(rows).to_scipy().toarray(), np.asarray(store.obs_names(rows[:5]))
 
-parent = open_store(sys.argv[1])
 mine = parent.read(rows).to_scipy().toarray()  # the parent has contexts and reader threads when it forks
 with mp.get_context("fork").Pool(2) as pool:
-    theirs = pool.map(child_read, [sys.argv[1]] * 2)
-assert all(np.array_equal(t, mine) for t in theirs)
+    theirs = pool.map(child_read, [sys.argv[2]] * 2)
+assert all(np.array_equal(t, mine) for t, _ in theirs)
+assert all(np.array_equal(n, parent.obs_names(rows[:5])) for _, n in theirs)
+assert np.array_equal(parent.read(rows).to_scipy().toarray(), mine)  # and the parent reads on
 print("FORKED READS MATCH", flush=True)
 """
 
 
 @pytest.mark.parametrize("fmt", ["soma", "zarr"])
-def test_fork_children_read_a_store_their_parent_has_read(position_stores, fmt):
-    """A fork (a multiprocessing pool) after the parent read, each child opening the store itself. SOMA:
-    the children make their own contexts and never free the parent's, whose thread pools they do not
-    have (freeing one waited on them forever). Zarr: the children decode with zarr's own pipeline, not
-    zarrs', whose thread pool they do not have. Either child hung on its first read before."""
+@pytest.mark.parametrize("opened", ["in the child", "inherited"])
+def test_fork_children_read_a_store_their_parent_has_read(position_stores, fmt, opened):
+    """A fork (a multiprocessing pool, a DataLoader's workers) after the parent read, each child opening the
+    store itself or reading the store object it inherited. SOMA: the children make their own contexts,
+    handles and reader threads and never free the parent's, whose thread pools they do not have (freeing
+    one waited on them forever). Zarr: the children decode with zarr's own pipeline, not zarrs', whose
+    thread pool they do not have. Either child hung on its first read before."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    arg = position_stores[fmt] if opened == "in the child" else "inherited"
     res = subprocess.run(
-        [sys.executable, "-c", FORK_SCRIPT, position_stores[fmt]], env=env, capture_output=True, text=True,
-        timeout=120,
+        [sys.executable, "-c", FORK_SCRIPT, position_stores[fmt], arg], env=env, capture_output=True, text=True,
+        timeout=60,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "FORKED READS MATCH" in res.stdout
