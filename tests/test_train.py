@@ -55,6 +55,9 @@ def weights(run):
     return load_file(str(Path(run) / "model.safetensors"))
 
 
+_UNINTERRUPTED: dict[tuple, Path] = {}
+
+
 @pytest.mark.parametrize(
     "fault,compile_loss,precision,extra",
     [
@@ -65,10 +68,14 @@ def weights(run):
         ("after_step:40", "off", "no", ["--batch-align", "10"]),  # its pool of latest cells is in the checkpoint
     ],
 )
-def test_resume_after_sigkill_is_bit_identical(small_atlas, tmp_path, fault, compile_loss, precision, extra):
+def test_resume_after_sigkill_is_bit_identical(
+    small_atlas, tmp_path, tmp_path_factory, fault, compile_loss, precision, extra
+):
     settings = ["--compile-loss", compile_loss, "--mixed-precision", precision, *extra]
-    ref = tmp_path / "ref"
-    run_train([*base_args(small_atlas, ref), *settings])
+    ref = _UNINTERRUPTED.get(tuple(settings))
+    if ref is None:  # one uninterrupted run per settings, for every fault
+        ref = _UNINTERRUPTED[tuple(settings)] = tmp_path_factory.mktemp("uninterrupted") / "ref"
+        run_train([*base_args(small_atlas, ref), *settings])
     cut = tmp_path / "cut"
     res = run_train([*base_args(small_atlas, cut), *settings], {"BIGATLAS_FAULT": fault}, check=False)
     assert res.returncode == -9, res.stderr[-2000:]
