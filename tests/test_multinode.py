@@ -96,12 +96,15 @@ def test_two_nodes_cover_every_cell_once_and_match_one_node(atlas, tmp_path, kin
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")) == []
 
 
+EPOCHS_KILLED = 10  # ~150 steps: the kill lands at step 10-15, long before the end
+
+
 def test_resume_after_one_node_is_killed(atlas, tmp_path):
     kind, run = "accelerate", tmp_path / "run"
     full = tmp_path / "full"
     args = ("--checkpoint-every-steps", "5")
-    finish(start(kind, free_port(), train_args(atlas, full, *args, epochs=25), tmp_path))
-    procs = start(kind, free_port(), train_args(atlas, run, *args, epochs=25), tmp_path)
+    finish(start(kind, free_port(), train_args(atlas, full, *args, epochs=EPOCHS_KILLED), tmp_path))
+    procs = start(kind, free_port(), train_args(atlas, run, *args, epochs=EPOCHS_KILLED), tmp_path)
     deadline = time.time() + 300
     while not any(p.name.startswith("step-") and int(p.name[5:]) >= 10 for p in _checkpoints(run)):
         assert time.time() < deadline and all(p.poll() is None for p in procs)
@@ -111,7 +114,7 @@ def test_resume_after_one_node_is_killed(atlas, tmp_path):
     kill_tree(procs[0])  # the scheduler then ends the job
 
     assert not (run / "model.safetensors").exists()
-    finish(start(kind, free_port(), train_args(atlas, run, *args, "--resume", epochs=25), tmp_path))
+    finish(start(kind, free_port(), train_args(atlas, run, *args, "--resume", epochs=EPOCHS_KILLED), tmp_path))
     a, b = load_file(str(run / "model.safetensors")), load_file(str(full / "model.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
