@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from .config import UNLABELED
 from .errors import reported
@@ -146,8 +147,11 @@ def _reference(p):
     add_signature_flags(p, build_reference, helps)
 
     def run(a):
+        from .lock import OutputLock
+
         data = a.data if a.data is None or len(a.data) > 1 else a.data[0]
-        build_reference(a.run, data, **signature_values(a, helps))
+        with OutputLock(Path(a.run) / ".lock", f"RUN_DIR {a.run}"):  # not while training writes it, nor twice
+            build_reference(a.run, data, **signature_values(a, helps))
 
     return run
 

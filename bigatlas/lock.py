@@ -1,9 +1,10 @@
 """One writer per output: `train` holds RUN_DIR/.lock, `embed` holds <OUT>.lock, for as long as the
 process runs (main process only; the other ranks belong to the same run); a store writer (`synth`,
-`prepare --convert`) and `evaluate` hold <OUT>.lock while they write. The lock is an flock on
-the file, so the kernel drops it when its holder dies: a stale lock from a killed process is simply
-taken over. flock needs a file system that supports it (local disks do; some network file systems
-and object stores do not, and there a second writer is not detected)."""
+`prepare --convert`) and `evaluate` hold <OUT>.lock while they write, and `reference` holds
+RUN_DIR/.lock. The lock is an flock on the file, so the kernel drops it when its holder dies: a stale
+lock from a killed process is simply taken over. flock needs a file system that supports it (local
+disks do; some network file systems and object stores do not, and there a second writer is not
+detected)."""
 
 from __future__ import annotations
 

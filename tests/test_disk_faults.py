@@ -5,6 +5,7 @@ process is taken over."""
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import zarr
@@ -93,6 +94,21 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(atlas,
         holder.wait()
     assert (tmp_path / "e.zarr.lock").exists()
     assert cli(args).returncode == 0 and out.exists()
+
+
+def test_rebuilding_the_reference_of_a_run_dir_in_use_is_refused(run):
+    """`bigatlas reference` rewrites RUN_DIR/reference/ through one reference.tmp: not while training (or another
+    rebuild) holds the run dir."""
+    index = Path(run) / "reference" / "index.safetensors"
+    before = index.stat().st_mtime_ns
+    holder = hold(Path(run) / ".lock")
+    try:
+        line = one_error(cli(["reference", "--run", run]), "reference")
+        assert f"RUN_DIR {run} is in use by process {holder.pid}" in line
+        assert index.stat().st_mtime_ns == before and not (Path(run) / "reference.tmp").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_second_writer_of_a_store_is_refused_and_leaves_the_firsts_partial_alone(tmp_path):
