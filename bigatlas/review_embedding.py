@@ -62,7 +62,7 @@ def review_embedding(
     summary_file = out.with_suffix(".json")
     for path, write in ((out, lambda p: flagged.to_csv(p, index=False)),
                         (summary_file, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))):  # fmt: skip
-        tmp = path.with_name(path.name + ".partial")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")  # each writer its own: never a torn file
         write(tmp)
         os.replace(tmp, path)
     for line in _lines(result, out):
