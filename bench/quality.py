@@ -344,12 +344,14 @@ def run_scatlasvae(adata, a, seed: int):
 KMEANS_SEEDS = 10
 
 
-def kmeans_mean(z, labels, first: dict, seeds: int = KMEANS_SEEDS) -> dict:
-    """ARI and NMI of k-means against the labels averaged over k-means seeds 0..seeds-1, with seed 0's
-    (scIB's single draw) taken from first, the scib_scores already computed. One draw moves by up to ~0.2
-    ARI between seeds on the same latent, and by ~0.06 between two runs whose latents agree on every
+def kmeans_mean(z, labels, first: dict, seeds: int | None = None) -> dict:
+    """ARI and NMI of k-means against the labels averaged over k-means seeds 0..seeds-1 (KMEANS_SEEDS), with
+    seed 0's (scIB's single draw) taken from first, the scib_scores already computed. One draw moves by up to
+    ~0.2 ARI between seeds on the same latent, and by ~0.06 between two runs whose latents agree on every
     other metric: too much to choose defaults by."""
     from bigatlas.metrics import kmeans_scores
+
+    seeds = seeds or KMEANS_SEEDS
 
     rest = kmeans_scores(z, labels, range(1, seeds))
     return {f"{k}_k{seeds}": (first[k] + (seeds - 1) * rest[k]) / seeds for k in ("ari", "nmi")}

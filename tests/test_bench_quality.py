@@ -14,6 +14,15 @@ from bench.quality import LABELS, TRUTH, add_arguments, atlas, overrides, run, s
 from bigatlas.synth import synth
 
 
+@pytest.fixture(autouse=True)
+def two_kmeans_draws(monkeypatch):
+    """Rows here score with 2 k-means draws, not 10: the same code path, and each draw is ~1 s of the
+    tests' time (test_evaluate.py checks the draws' average itself)."""
+    import bench.quality
+
+    monkeypatch.setattr(bench.quality, "KMEANS_SEEDS", 2)
+
+
 @pytest.fixture(scope="module")
 def user_h5ad(tmp_path_factory):
     """A small atlas as a user would hand it over: counts in a layer, log-normalised X, their own column names."""
