@@ -73,9 +73,10 @@ def test_resume_after_sigkill_is_bit_identical(
 ):
     settings = ["--compile-loss", compile_loss, "--mixed-precision", precision, *extra]
     ref = _UNINTERRUPTED.get(tuple(settings))
-    if ref is None:  # one uninterrupted run per settings, for every fault
-        ref = _UNINTERRUPTED[tuple(settings)] = tmp_path_factory.mktemp("uninterrupted") / "ref"
+    if ref is None:  # one uninterrupted run per settings, for every fault; kept only once it has finished
+        ref = tmp_path_factory.mktemp("uninterrupted") / "ref"
         run_train([*base_args(small_atlas, ref), *settings])
+        _UNINTERRUPTED[tuple(settings)] = ref
     cut = tmp_path / "cut"
     res = run_train([*base_args(small_atlas, cut), *settings], {"BIGATLAS_FAULT": fault}, check=False)
     assert res.returncode == -9, res.stderr[-2000:]
