@@ -27,7 +27,7 @@ from accelerate import PartialState
 
 from loaders import data_name, detect_format, open_store
 from loaders.csr import check_counts, select_columns
-from loaders.soma_store import open_experiment, soma_context
+from loaders.soma_store import create_experiment, open_experiment
 
 from .batches import Measured
 from .device_copy import csr_to_device
@@ -243,7 +243,7 @@ class SomaOutput:
         arrow = {np.float32: pa.float32(), bool: pa.bool_()}
         for key, suffix, kind in _label_columns(model.vocab.label_classes, meta["k"] is not None):
             fields.append(pa.field(f"{key}_{suffix}", pa.large_string() if isinstance(kind, list) else arrow[kind]))
-        with soma.Experiment.create(str(path), context=soma_context()) as exp:
+        with create_experiment(path) as exp:
             exp.metadata["bigatlas"] = json.dumps({**meta, "complete": False})
             exp.add_new_dataframe(
                 "obs", schema=pa.schema(fields), index_column_names=["soma_joinid"], domain=[(0, n_rows - 1)]

@@ -260,11 +260,11 @@ class SomaWriter(_PartialStore):
         import pyarrow as pa
         import tiledbsoma as soma
 
-        from loaders.soma_store import soma_context
+        from loaders.soma_store import create_experiment
 
         super().__init__(path, overwrite)
         self.n_obs, self.n_vars, self.measurement, self.layer = n_obs, n_vars, measurement, layer
-        self.exp = soma.Experiment.create(str(self.partial), context=soma_context())
+        self.exp = create_experiment(self.partial)
         ms = self.exp.add_new_collection("ms")
         self.rna = ms.add_new_collection(measurement, soma.Measurement)
         xcoll = self.rna.add_new_collection("X")

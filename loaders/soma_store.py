@@ -56,6 +56,13 @@ def open_experiment(uri, mode: str = "r", tiledb_config: dict | None = None):
         return _soma().Experiment.open(str(uri), mode, context=soma_context(tiledb_config))
 
 
+def create_experiment(uri):
+    """A new SOMA experiment (bigatlas's outputs and written stores) on the process's shared context, made
+    one at a time like every open."""
+    with _OPEN_LOCK:
+        return _soma().Experiment.create(str(uri), context=soma_context())
+
+
 def _after_fork_in_child() -> None:
     """A fork copies the lock as it is (held if a thread was opening) and the parent's contexts, whose
     thread pools the child does not have: freeing one would wait on those threads forever, so they are
