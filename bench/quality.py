@@ -43,7 +43,10 @@ METHODS = ("bigatlas", "bigatlas_labels", "scvi", "scanvi", "scatlasvae")  # sca
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--presets", nargs="+", default=["subtle", "rare", "condition"], help="synth presets")
+    p.add_argument(
+        "--presets", nargs="+", default=["subtle", "rare", "condition"],
+        help="synth presets, or pbmc: real PBMCs split into studies with technical effects (bench/pbmc.py)",
+    )  # fmt: skip
     p.add_argument(
         "--data", default=None,
         help="an AnnData of raw counts (.h5ad or .zarr) instead of the synthetic presets; rows name it by its file "
@@ -121,14 +124,18 @@ def preset_atlas(data_dir, preset: str, seed: int, cells: int, genes: int):
 
     import anndata as ad
 
+    from bench.pbmc import pbmc_atlas
     from bigatlas.synth import synth
 
-    path = Path(data_dir) / f"quality_{preset}_{seed}_{cells}x{genes}.zarr"
+    size = "" if preset == "pbmc" else f"_{cells}x{genes}"  # the real cells: always all of scanpy's sample
+    path = Path(data_dir) / f"quality_{preset}_{seed}{size}.zarr"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_name(path.name + ".build.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            if not path.exists():
+            if not path.exists() and preset == "pbmc":
+                pbmc_atlas(path, seed)
+            elif not path.exists():
                 synth(path, cells, genes, "zarr", seed=seed, preset_name=preset)
     return ad.read_zarr(path)
 

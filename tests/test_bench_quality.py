@@ -386,3 +386,37 @@ def test_runs_started_side_by_side_build_the_preset_atlas_once(tmp_path, monkeyp
         t.join()
     assert not errors and len(built) == 1 and len(got) == 2
     assert (got[0].X != got[1].X).nnz == 0 and got[0].n_obs == 300
+
+
+def test_the_pbmc_atlas_holds_the_shipped_cells_raw_counts_thinned_by_each_studys_capture(tmp_path):
+    """bench.pbmc's claims: a cell's smallest value in scanpy's sample is one count (so the counts times the cell's
+    normalisation give back the shipped values, with the cell total the sample records), and each study's counts
+    are the cells' counts kept at that study's capture of each gene."""
+    from importlib.resources import files
+
+    from bench.pbmc import shipped, thinned
+    from bench.quality import preset_atlas
+
+    counts, labels, genes = shipped()
+    src = ad.read_h5ad(files("scanpy") / "datasets" / "10x_pbmc68k_reduced.h5ad")
+    logged = src.raw.X.toarray() if hasattr(src.raw.X, "toarray") else np.asarray(src.raw.X)
+    normalised = counts * (1e4 / src.obs["n_counts"].to_numpy())[:, None]
+    np.testing.assert_allclose(np.log1p(normalised), logged, rtol=2e-3, atol=2e-3)
+    assert (counts > 0).sum() == (logged > 0).sum() and len(set(labels)) == 10
+
+    study, x, capture = thinned(counts, seed=0)
+    assert (x <= counts).all() and x.sum() < counts.sum()
+    for s in range(capture.shape[0]):  # each (study, gene) with enough counts keeps its capture's share
+        before, after = counts[study == s].sum(0), x[study == s].sum(0)
+        enough = before >= 200
+        p = capture[s, enough]
+        z = (after[enough] - p * before[enough]) / np.sqrt(before[enough] * p * (1 - p) + 1e-9)
+        assert enough.sum() > 50 and np.abs(z).max() < 5.5, (s, np.abs(z).max())
+
+    atlas = preset_atlas(tmp_path, "pbmc", 1, 8000, 1000)
+    again = preset_atlas(tmp_path, "pbmc", 1, 8000, 1000)
+    other = preset_atlas(tmp_path, "pbmc", 2, 8000, 1000)
+    assert atlas.shape == (len(labels), len(genes)) and list(atlas.var_names) == list(genes)
+    assert (atlas.obs["true_cell_type"].astype(str).to_numpy() == labels).all()
+    assert (atlas.X != again.X).nnz == 0 and (atlas.X != other.X).nnz > 0
+    assert atlas.obs["dataset_id"].nunique() == capture.shape[0]

@@ -1,0 +1,80 @@
+"""Real cells, technical batches: bench.quality's `pbmc` atlas.
+
+scanpy ships a sample of 10x Genomics' fresh PBMCs (Zheng et al. 2017, donor A; `scanpy.datasets.pbmc68k_reduced`:
+700 cells x 765 genes, each cell with the FACS-sorted population it correlates best with, `bulk_labels`). Its `.raw`
+holds log1p(counts / cell total x 10,000), so each cell's smallest non-zero value is one count and the raw counts
+come back exactly: every value is within 0.12 of an integer (the stored floats' rounding).
+
+The cells are one donor's in one run: no batch. The atlas splits them at random into studies, so every study holds
+every type in the sample's proportions and complete mixing is the right answer, and gives each study a technical
+effect by binomial thinning: gene g is captured in study s with probability min(1, capture x exp(effect[s, g] +
+depth[s])), effect ~ N(0, study_effect) per gene, depth ~ N(0, depth_sd) per study, and each count is kept with that
+probability. The biology is real; the batch effect is known (`uns["capture"]`: studies x genes) and technical only.
+obs as the synthetic atlases': dataset_id, cell_type and true_cell_type (the sorted population).
+
+    python -m bench.quality --presets pbmc --seeds 0 1 2 3 4 --epochs 0
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+N_STUDIES = 3
+STUDY_EFFECT = 0.6  # the synthetic atlases' sd of per-study gene log-fold changes
+DEPTH_SD = 0.4  # the synthetic atlases' sd of log mean library size between studies
+CAPTURE = 0.6  # a study's median capture of a count
+
+
+def shipped():
+    """scanpy's PBMC sample: (raw counts as int64 cells x genes, the sorted populations, the gene names)."""
+    import warnings
+    from importlib.resources import files
+
+    import anndata as ad
+
+    with warnings.catch_warnings():  # the file predates today's AnnData layout, which reads it as it is
+        warnings.simplefilter("ignore")
+        src = ad.read_h5ad(files("scanpy") / "datasets" / "10x_pbmc68k_reduced.h5ad")
+    logged = src.raw.X.toarray() if hasattr(src.raw.X, "toarray") else np.asarray(src.raw.X)
+    scaled = np.expm1(logged.astype(np.float64))
+    one = np.where(scaled > 0, scaled, np.inf).min(1, keepdims=True)  # one count of each cell
+    counts = scaled / one
+    off = np.abs(counts - np.round(counts)).max()
+    if off > 0.25:
+        raise ValueError(f"scanpy's pbmc68k_reduced: its raw values are not log-normalised counts (off by {off:.2f})")
+    return np.round(counts).astype(np.int64), src.obs["bulk_labels"].astype(str).to_numpy(), src.raw.var_names
+
+
+def thinned(counts: np.ndarray, seed: int, n_studies=N_STUDIES, study_effect=STUDY_EFFECT, depth_sd=DEPTH_SD):
+    """Each cell's study (at random) and its counts thinned by its study's capture: (study, thinned, capture)."""
+    rng = np.random.default_rng(seed)
+    study = rng.integers(0, n_studies, counts.shape[0])
+    effect = rng.normal(0, study_effect, (n_studies, counts.shape[1]))
+    depth = rng.normal(0, depth_sd, (n_studies, 1))
+    capture = np.minimum(1.0, CAPTURE * np.exp(effect + depth))
+    return study, rng.binomial(counts, capture[study]), capture
+
+
+def pbmc_atlas(path, seed: int) -> Path:
+    """Write the seed's atlas to `path` (.zarr), whole or not at all (built beside it, then renamed)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    counts, labels, genes = shipped()
+    study, x, capture = thinned(counts, seed)
+    types = pd.Categorical(labels)
+    obs = pd.DataFrame(
+        {"dataset_id": pd.Categorical([f"study_{s}" for s in study]), "cell_type": types, "true_cell_type": types},
+        index=pd.Index([f"cell_{i}" for i in range(len(labels))]),
+    )
+    out = ad.AnnData(sp.csr_matrix(x.astype(np.float32)), obs=obs, var=pd.DataFrame(index=genes))
+    out.uns["capture"] = capture.astype(np.float32)
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    out.write_zarr(tmp)
+    tmp.rename(path)
+    return path
