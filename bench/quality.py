@@ -133,10 +133,11 @@ def preset_atlas(data_dir, preset: str, seed: int, cells: int, genes: int):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_name(path.name + ".build.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            if not path.exists() and preset == "pbmc":
-                pbmc_atlas(path, seed)
-            elif not path.exists():
-                synth(path, cells, genes, "zarr", seed=seed, preset_name=preset)
+            if not path.exists():
+                if preset == "pbmc":
+                    pbmc_atlas(path, seed)
+                else:
+                    synth(path, cells, genes, "zarr", seed=seed, preset_name=preset)
     return ad.read_zarr(path)
 
 
