@@ -414,7 +414,7 @@ def test_the_pbmc_atlas_holds_the_shipped_cells_raw_counts_thinned_by_each_study
         assert enough.sum() > 50 and np.abs(z).max() < 5.5, (s, np.abs(z).max())
 
     atlas = preset_atlas(tmp_path, "pbmc", 1, 8000, 1000)
-    again = preset_atlas(tmp_path, "pbmc", 1, 8000, 1000)
+    again = preset_atlas(tmp_path / "again", "pbmc", 1, 8000, 1000)  # built once more from the same seed
     other = preset_atlas(tmp_path, "pbmc", 2, 8000, 1000)
     assert atlas.shape == (len(labels), len(genes)) and list(atlas.var_names) == list(genes)
     assert (atlas.obs["true_cell_type"].astype(str).to_numpy() == labels).all()
