@@ -9,15 +9,15 @@ The cells are one donor's in one run: no batch. The atlas splits them at random 
 every type in the sample's proportions and complete mixing is the right answer, and gives each study a technical
 effect by binomial thinning: gene g is captured in study s with probability min(1, capture x exp(effect[s, g] +
 depth[s])), effect ~ N(0, study_effect) per gene, depth ~ N(0, depth_sd) per study, and each count is kept with that
-probability. The biology is real; the batch effect is known (`uns["capture"]`: studies x genes) and technical only.
-obs as the synthetic atlases': dataset_id, cell_type and true_cell_type (the sorted population).
+probability. The biology is real; the batch effect is known (var `capture_<study>`: each gene's capture there) and
+technical only. obs as the synthetic atlases': dataset_id, cell_type and true_cell_type (the sorted population). The
+store is written as `bigatlas synth` writes its atlases (bigatlas.write_store.ZarrWriter).
 
     python -m bench.quality --presets pbmc --seeds 0 1 2 3 4 --epochs 0
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,8 @@ DEPTH_SD = 0.4  # the synthetic atlases' sd of log mean library size between stu
 CAPTURE = 0.6  # a study's median capture of a count
 
 
-def shipped():
-    """scanpy's PBMC sample: (raw counts as int64 cells x genes, the sorted populations, the gene names)."""
+def sample():
+    """scanpy's PBMC sample as it ships: (log-normalised values as float64 cells x genes, obs, the gene names)."""
     import warnings
     from importlib.resources import files
 
@@ -40,13 +40,19 @@ def shipped():
         warnings.simplefilter("ignore")
         src = ad.read_h5ad(files("scanpy") / "datasets" / "10x_pbmc68k_reduced.h5ad")
     logged = src.raw.X.toarray() if hasattr(src.raw.X, "toarray") else np.asarray(src.raw.X)
-    scaled = np.expm1(logged.astype(np.float64))
+    return logged.astype(np.float64), src.obs, src.raw.var_names
+
+
+def shipped():
+    """scanpy's PBMC sample: (raw counts as int64 cells x genes, the sorted populations, the gene names)."""
+    logged, obs, genes = sample()
+    scaled = np.expm1(logged)
     one = np.where(scaled > 0, scaled, np.inf).min(1, keepdims=True)  # one count of each cell
     counts = scaled / one
     off = np.abs(counts - np.round(counts)).max()
     if off > 0.25:
         raise ValueError(f"scanpy's pbmc68k_reduced: its raw values are not log-normalised counts (off by {off:.2f})")
-    return np.round(counts).astype(np.int64), src.obs["bulk_labels"].astype(str).to_numpy(), src.raw.var_names
+    return np.round(counts).astype(np.int64), obs["bulk_labels"].astype(str).to_numpy(), genes
 
 
 def thinned(counts: np.ndarray, seed: int, n_studies=N_STUDIES, study_effect=STUDY_EFFECT, depth_sd=DEPTH_SD):
@@ -60,21 +66,21 @@ def thinned(counts: np.ndarray, seed: int, n_studies=N_STUDIES, study_effect=STU
 
 
 def pbmc_atlas(path, seed: int) -> Path:
-    """Write the seed's atlas to `path` (.zarr), whole or not at all (built beside it, then renamed)."""
-    import anndata as ad
+    """Write the seed's atlas to `path` (.zarr), whole or not at all (ZarrWriter builds it beside, then renames)."""
     import scipy.sparse as sp
+
+    from bigatlas.write_store import ZarrWriter
 
     counts, labels, genes = shipped()
     study, x, capture = thinned(counts, seed)
+    names = [f"study_{s}" for s in range(capture.shape[0])]
     types = pd.Categorical(labels)
     obs = pd.DataFrame(
-        {"dataset_id": pd.Categorical([f"study_{s}" for s in study]), "cell_type": types, "true_cell_type": types},
+        {"dataset_id": pd.Categorical([names[s] for s in study]), "cell_type": types, "true_cell_type": types},
         index=pd.Index([f"cell_{i}" for i in range(len(labels))]),
     )
-    out = ad.AnnData(sp.csr_matrix(x.astype(np.float32)), obs=obs, var=pd.DataFrame(index=genes))
-    out.uns["capture"] = capture.astype(np.float32)
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    out.write_zarr(tmp)
-    tmp.rename(path)
-    return path
+    var = pd.DataFrame({f"capture_{n}": c.astype(np.float32) for n, c in zip(names, capture)}, index=genes)
+    x = sp.csr_matrix(x)
+    with ZarrWriter(path, len(genes)) as writer:
+        writer.append(x.indptr, x.indices, x.data)
+        return writer.finish(obs, var)

@@ -392,15 +392,12 @@ def test_the_pbmc_atlas_holds_the_shipped_cells_raw_counts_thinned_by_each_study
     """bench.pbmc's claims: a cell's smallest value in scanpy's sample is one count (so the counts times the cell's
     normalisation give back the shipped values, with the cell total the sample records), and each study's counts
     are the cells' counts kept at that study's capture of each gene."""
-    from importlib.resources import files
-
-    from bench.pbmc import shipped, thinned
+    from bench.pbmc import sample, shipped, thinned
     from bench.quality import preset_atlas
 
     counts, labels, genes = shipped()
-    src = ad.read_h5ad(files("scanpy") / "datasets" / "10x_pbmc68k_reduced.h5ad")
-    logged = src.raw.X.toarray() if hasattr(src.raw.X, "toarray") else np.asarray(src.raw.X)
-    normalised = counts * (1e4 / src.obs["n_counts"].to_numpy())[:, None]
+    logged, obs, _ = sample()
+    normalised = counts * (1e4 / obs["n_counts"].to_numpy())[:, None]
     np.testing.assert_allclose(np.log1p(normalised), logged, rtol=2e-3, atol=2e-3)
     assert (counts > 0).sum() == (logged > 0).sum() and len(set(labels)) == 10
 
@@ -420,3 +417,5 @@ def test_the_pbmc_atlas_holds_the_shipped_cells_raw_counts_thinned_by_each_study
     assert (atlas.obs["true_cell_type"].astype(str).to_numpy() == labels).all()
     assert (atlas.X != again.X).nnz == 0 and (atlas.X != other.X).nnz > 0
     assert atlas.obs["dataset_id"].nunique() == capture.shape[0]
+    _, _, capture = thinned(counts, seed=1)
+    np.testing.assert_allclose(atlas.var[[f"capture_study_{s}" for s in range(3)]].to_numpy().T, capture, rtol=1e-6)
