@@ -45,7 +45,8 @@ METHODS = ("bigatlas", "bigatlas_labels", "scvi", "scanvi", "scatlasvae")  # sca
 def add_arguments(p) -> None:
     p.add_argument(
         "--presets", nargs="+", default=["subtle", "rare", "condition"],
-        help="synth presets, or pbmc: real PBMCs split into studies with technical effects (bench/pbmc.py)",
+        help="synth presets, or pbmc: real PBMCs split into studies with technical effects (bench/pbmc.py; always its "
+        "700 cells x 765 genes, whatever --cells and --genes)",
     )  # fmt: skip
     p.add_argument(
         "--data", default=None,
