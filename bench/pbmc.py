@@ -13,7 +13,14 @@ probability. The biology is real; the batch effect is known (var `capture_<study
 technical only. obs as the synthetic atlases': dataset_id, cell_type and true_cell_type (the sorted population). The
 store is written as `bigatlas synth` writes its atlases (bigatlas.write_store.ZarrWriter).
 
-    python -m bench.quality --presets pbmc --seeds 0 1 2 3 4 --epochs 0
+`pbmc_skewed` is the same cells and technical effects, but each study has its own type composition, as the synthetic
+atlases' studies do (drawn from Dirichlet(0.8) over the types, some types nearly absent from a study): a cell of
+type t goes to study s with probability proportional to that study's share of t. Mixing is still the right answer
+within each type, but a model that aligns the studies' whole distributions pulls one study's cells onto another's
+types. The study sizes differ; var `capture_<study>` and the effects are drawn as `pbmc`'s (the same seed gives the
+same capture).
+
+    python -m bench.quality --presets pbmc pbmc_skewed --seeds 0 1 2 3 4 --epochs 0
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ N_STUDIES = 3
 STUDY_EFFECT = 0.6  # the synthetic atlases' sd of per-study gene log-fold changes
 DEPTH_SD = 0.4  # the synthetic atlases' sd of log mean library size between studies
 CAPTURE = 0.6  # a study's median capture of a count
+COMPOSITION = 0.8  # pbmc_skewed: the Dirichlet concentration of each study's type composition, as synth's
+PRESETS = ("pbmc", "pbmc_skewed")
 
 
 def sample():
@@ -55,24 +64,42 @@ def shipped():
     return np.round(counts).astype(np.int64), obs["bulk_labels"].astype(str).to_numpy(), genes
 
 
-def thinned(counts: np.ndarray, seed: int, n_studies=N_STUDIES, study_effect=STUDY_EFFECT, depth_sd=DEPTH_SD):
-    """Each cell's study (at random) and its counts thinned by its study's capture: (study, thinned, capture)."""
+def thinned(
+    counts: np.ndarray,
+    seed: int,
+    n_studies=N_STUDIES,
+    study_effect=STUDY_EFFECT,
+    depth_sd=DEPTH_SD,
+    labels: np.ndarray | None = None,
+):
+    """Each cell's study and its counts thinned by its study's capture: (study, thinned, capture). The study is drawn
+    at random, or with `labels` by each study's own type composition (pbmc_skewed); either way the effects are the
+    seed's same draws."""
     rng = np.random.default_rng(seed)
     study = rng.integers(0, n_studies, counts.shape[0])
     effect = rng.normal(0, study_effect, (n_studies, counts.shape[1]))
     depth = rng.normal(0, depth_sd, (n_studies, 1))
     capture = np.minimum(1.0, CAPTURE * np.exp(effect + depth))
+    if labels is not None:
+        types, code = np.unique(labels, return_inverse=True)
+        comp = rng.dirichlet(np.full(len(types), COMPOSITION), n_studies)  # studies x types
+        odds = comp[:, code].T  # cells x studies: P(study | type) up to the type's normaliser
+        cum = np.cumsum(odds / odds.sum(1, keepdims=True), 1)
+        study = np.minimum((rng.random((len(code), 1)) > cum).sum(1), n_studies - 1)
     return study, rng.binomial(counts, capture[study]), capture
 
 
-def pbmc_atlas(path, seed: int) -> Path:
-    """Write the seed's atlas to `path` (.zarr), whole or not at all (ZarrWriter builds it beside, then renames)."""
+def pbmc_atlas(path, seed: int, preset: str = "pbmc") -> Path:
+    """Write the seed's atlas of that preset (pbmc or pbmc_skewed) to `path` (.zarr), whole or not at all
+    (ZarrWriter builds it beside, then renames)."""
     import scipy.sparse as sp
 
     from bigatlas.write_store import ZarrWriter
 
+    if preset not in PRESETS:
+        raise ValueError(f"bench.pbmc: no preset {preset!r}, only {', '.join(PRESETS)}")
     counts, labels, genes = shipped()
-    study, x, capture = thinned(counts, seed)
+    study, x, capture = thinned(counts, seed, labels=labels if preset == "pbmc_skewed" else None)
     names = [f"study_{s}" for s in range(capture.shape[0])]
     types = pd.Categorical(labels)
     obs = pd.DataFrame(

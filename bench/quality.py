@@ -45,8 +45,8 @@ METHODS = ("bigatlas", "bigatlas_labels", "scvi", "scanvi", "scatlasvae")  # sca
 def add_arguments(p) -> None:
     p.add_argument(
         "--presets", nargs="+", default=["subtle", "rare", "condition"],
-        help="synth presets, or pbmc: real PBMCs split into studies with technical effects (bench/pbmc.py; always its "
-        "700 cells x 765 genes, whatever --cells and --genes)",
+        help="synth presets, or pbmc: real PBMCs split into studies with technical effects, pbmc_skewed: the same with "
+        "a type composition per study (bench/pbmc.py; always its 700 cells x 765 genes, whatever --cells and --genes)",
     )  # fmt: skip
     p.add_argument(
         "--data", default=None,
@@ -125,18 +125,18 @@ def preset_atlas(data_dir, preset: str, seed: int, cells: int, genes: int):
 
     import anndata as ad
 
-    from bench.pbmc import pbmc_atlas
+    from bench.pbmc import PRESETS, pbmc_atlas
     from bigatlas.synth import synth
 
-    size = "" if preset == "pbmc" else f"_{cells}x{genes}"  # the real cells: always all of scanpy's sample
+    size = "" if preset in PRESETS else f"_{cells}x{genes}"  # the real cells: always all of scanpy's sample
     path = Path(data_dir) / f"quality_{preset}_{seed}{size}.zarr"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_name(path.name + ".build.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             if not path.exists():
-                if preset == "pbmc":
-                    pbmc_atlas(path, seed)
+                if preset in PRESETS:
+                    pbmc_atlas(path, seed, preset)
                 else:
                     synth(path, cells, genes, "zarr", seed=seed, preset_name=preset)
     return ad.read_zarr(path)

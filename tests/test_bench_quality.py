@@ -419,3 +419,27 @@ def test_the_pbmc_atlas_holds_the_shipped_cells_raw_counts_thinned_by_each_study
     assert atlas.obs["dataset_id"].nunique() == capture.shape[0]
     _, _, capture = thinned(counts, seed=1)
     np.testing.assert_allclose(atlas.var[[f"capture_study_{s}" for s in range(3)]].to_numpy().T, capture, rtol=1e-6)
+
+
+def test_the_skewed_pbmc_atlas_gives_each_study_its_own_type_composition_with_pbmcs_capture(tmp_path):
+    """pbmc_skewed: the same cells and the same seed's capture as pbmc, but the study a cell lands in depends on its
+    type (each study its own composition), where pbmc's random split does not; an unknown preset is refused."""
+    from scipy.stats import chi2_contingency
+
+    from bench.pbmc import pbmc_atlas
+    from bench.quality import preset_atlas
+
+    plain = preset_atlas(tmp_path, "pbmc", 3, 8000, 1000)
+    skewed = preset_atlas(tmp_path, "pbmc_skewed", 3, 8000, 1000)
+    assert skewed.shape == plain.shape and (skewed.obs["true_cell_type"] == plain.obs["true_cell_type"]).all()
+    columns = [f"capture_study_{s}" for s in range(3)]
+    np.testing.assert_array_equal(skewed.var[columns].to_numpy(), plain.var[columns].to_numpy())
+    p = {}
+    for name, a in (("pbmc", plain), ("pbmc_skewed", skewed)):
+        table = pd.crosstab(a.obs["true_cell_type"], a.obs["dataset_id"])
+        assert table.shape == (10, 3), name
+        p[name] = chi2_contingency(table.to_numpy())[1]
+    assert p["pbmc_skewed"] < 1e-12 and p["pbmc"] > 1e-3, p
+    with pytest.raises(ValueError, match="no preset 'pbmc_tilted'"):
+        pbmc_atlas(tmp_path / "x.zarr", 0, "pbmc_tilted")
+    assert not (tmp_path / "x.zarr").exists()
