@@ -86,6 +86,11 @@ class ModelConfig:
         "cell's latent while the encoder learns, at this weight, to leave its predictions no better than the "
         "minibatch's average (0: off)",
     )  # fmt: skip
+    batch_adversary_by_label: bool = opt(
+        False, "the batch adversary's target per label: no better than the average of the minibatch's cells of the "
+        "same label (the first label key; the head's prediction where a cell has none) rather than of all its "
+        "cells, so a type some studies lack is not pulled onto other types to look like every study's",
+    )  # fmt: skip
 
     batch_align: float = opt(
         0.0, "weight of a batch alignment: each cell's latent mean is pulled towards its mutual nearest neighbours "

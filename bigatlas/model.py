@@ -342,7 +342,7 @@ class VAEModule(nn.Module):
         if shift is not None:  # the term's size: its squared logit shifts, summed over the genes the cell measured
             size = shift.float() ** 2  # (a gene the cell lacks has mean 0 whatever the shift, as in the likelihood)
             extra["interaction"] = (size if measured is None else size * measured).sum(1)
-        adversary = self._adversary_terms(z, batch_codes)
+        adversary = self._adversary_terms(z, batch_codes, labels)
         if adversary is not None:
             extra["adversary"], extra["confusion"] = adversary
         align = self._align_term(q_mu, batch_codes, mask)
@@ -393,7 +393,7 @@ class VAEModule(nn.Module):
                 penalty = torch.sigmoid(gate.float()).sum(-1)
         return recon, penalty, fused, shift
 
-    def _adversary_terms(self, z, batch_codes) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _adversary_terms(self, z, batch_codes, labels=None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per cell (None without an adversary): the adversary's cross-entropy on the cell's batch, whose gradient
         trains the adversary alone; and the confusion loss, whose gradient reaches z alone: the cross-entropy of
         the adversary's prediction against the minibatch's average prediction, least when z tells no cell's batch
@@ -401,14 +401,27 @@ class VAEModule(nn.Module):
         of ~3 the encoder made the adversary confidently wrong, which takes a latent that holds the batch. On the
         sample, not the posterior mean: on the mean the encoder fooled the adversary of the moment and a fresh
         classifier still told the batch 84% of the time (tests/test_batch_adversary.py's toy, seed 1), on the
-        sample 64% (chance 50%)."""
+        sample 64% (chance 50%). With batch_adversary_by_label (and a label head) the target is the average over
+        the minibatch's cells of the cell's label instead: each cell weighs in by its given label, or the first
+        head's probabilities where it has none, so the target is what a mixed latent leaves of the batch: the
+        batches' shares of that type."""
         if not hasattr(self, "adversary"):
             return None
         fit = F.cross_entropy(self.adversary(z.detach()).float(), batch_codes[:, 0].long(), reduction="none")
         fixed = {name: p.detach() for name, p in self.adversary.named_parameters()}
         log_p = F.log_softmax(torch.func.functional_call(self.adversary, fixed, (z,)).float(), dim=-1)
-        average = log_p.detach().exp().mean(0)
-        return fit, -(log_p * average).sum(1)
+        p = log_p.detach().exp()
+        if self.cfg.batch_adversary_by_label and len(self.heads) and labels is not None:
+            with torch.no_grad():
+                y = labels[:, 0]
+                soft = F.softmax(self.heads[0](z).float(), dim=-1)
+                given = F.one_hot(y.clamp_min(0).long(), soft.shape[1]).to(soft.dtype)
+                soft = torch.where((y >= 0).unsqueeze(1), given, soft)  # cells x classes
+                by_class = (soft.T @ p) / soft.sum(0).clamp_min(1e-12).unsqueeze(1)  # classes x batches
+                target = soft @ by_class
+        else:
+            target = p.mean(0, keepdim=True)
+        return fit, -(log_p * target).sum(1)
 
     def _align_term(self, q_mu, batch_codes, mask) -> torch.Tensor | None:
         """Per cell (None without alignment): the squared distance from its latent mean to the mean of its mutual

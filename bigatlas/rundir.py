@@ -54,6 +54,7 @@ ADDED_MODEL_SETTINGS = {
     "label_gce_q": 0.0,  # the label loss was the cross-entropy
     "label_smoothing": 0.0,  # ... without smoothing
     "batch_adversary": 0.0,  # no batch adversary
+    "batch_adversary_by_label": False,  # (its target the whole minibatch's average; read only with an adversary)
     "batch_align": 0.0,  # no batch alignment
     "batch_interaction": False,  # no batch-by-state term
     "batch_interaction_penalty": 0.1,  # (its default; read only with the term)

@@ -63,3 +63,46 @@ def test_the_adversary_takes_the_batch_out_of_the_latent_and_keeps_the_types(see
     assert scores[0.0][0] >= 0.72, scores  # the latent without the adversary holds the batch
     assert scores[10.0][0] <= min(0.70, scores[0.0][0] - 0.08), scores
     assert scores[10.0][1] >= 0.95 and scores[0.0][1] >= 0.95, scores
+
+
+def test_by_label_the_confusion_target_is_the_average_prediction_among_the_cells_of_each_cells_label():
+    """batch_adversary_by_label: each cell's target is the adversary's average prediction over the minibatch's cells
+    of its label, a cell without a label weighing into every label's average and taking its target by the first
+    head's probabilities (no gradient through either); without a label head it is the whole minibatch's average."""
+    counts, codes, types = toy(cells=48)
+    labels = types[:, None].clone()
+    labels[::5] = -1  # some cells without a label
+    held_out = torch.arange(48) % 6 == 0
+    torch.manual_seed(0)
+    m = VAEModule(40, [2], [3], ModelConfig(batch_adversary=5.0, batch_adversary_by_label=True)).eval()
+    torch.manual_seed(1)
+    t = m(counts, codes, labels=labels, cell_mask=~held_out, eval_mask=held_out).terms
+
+    with torch.no_grad():
+        torch.manual_seed(1)
+        mean, var = m.encode(counts)
+        z = mean + torch.sqrt(var) * torch.randn_like(mean)
+        log_p = F.log_softmax(m.adversary(z), dim=-1)
+        soft = F.softmax(m.heads[0](z), dim=-1)
+        for i in range(48):
+            if labels[i, 0] >= 0:
+                soft[i] = F.one_hot(labels[i, 0], 3).float()
+        targets = torch.zeros(48, 2)
+        for i in range(48):
+            for c in range(3):
+                share = (soft[:, c, None] * log_p.exp()).sum(0) / soft[:, c].sum()
+                targets[i] += soft[i, c] * share
+        want = -(log_p * targets).sum(1)[~held_out].mean()
+        plain = -(log_p * log_p.exp().mean(0)).sum(1)[~held_out].mean()
+    assert torch.isclose(t["confusion"], want, atol=1e-5), (t["confusion"], want)
+    assert not torch.isclose(t["confusion"], plain, atol=1e-3)  # the option changes the target
+
+    torch.manual_seed(0)
+    no_head = VAEModule(40, [2], [], ModelConfig(batch_adversary=5.0, batch_adversary_by_label=True)).eval()
+    torch.manual_seed(0)
+    plain_model = VAEModule(40, [2], [], ModelConfig(batch_adversary=5.0)).eval()
+    got = []
+    for model in (no_head, plain_model):
+        torch.manual_seed(1)
+        got.append(model(counts, codes, cell_mask=~held_out, eval_mask=held_out).terms["confusion"])
+    assert torch.equal(got[0], got[1])
