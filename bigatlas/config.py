@@ -150,6 +150,8 @@ class ModelConfig:
             raise ValueError("label_smoothing and label_gce_q are two different label losses: set one of them")
         if self.batch_adversary < 0:
             raise ValueError(f"batch_adversary must be at least 0 (0: off), not {self.batch_adversary}")
+        if self.batch_adversary_by_label and not self.batch_adversary:
+            raise ValueError("batch_adversary_by_label sets the batch adversary's target: set batch_adversary too")
         if self.batch_align < 0:
             raise ValueError(f"batch_align must be at least 0 (0: off), not {self.batch_align}")
         if self.batch_interaction_penalty < 0:

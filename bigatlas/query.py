@@ -232,7 +232,7 @@ def map_query(
         )
     cfg = RunConfig(
         # only the new batches' rows train: nothing to hide or to align
-        model=replace(ref.model, batch_adversary=0.0, batch_align=0.0),
+        model=replace(ref.model, batch_adversary=0.0, batch_adversary_by_label=False, batch_align=0.0),
         train=replace(
             ref.train,
             max_epochs=epochs,

@@ -106,3 +106,10 @@ def test_by_label_the_confusion_target_is_the_average_prediction_among_the_cells
         torch.manual_seed(1)
         got.append(model(counts, codes, cell_mask=~held_out, eval_mask=held_out).terms["confusion"])
     assert torch.equal(got[0], got[1])
+
+
+def test_the_target_by_label_without_an_adversary_is_refused_by_name():
+    """batch_adversary_by_label only sets the adversary's target: alone it would do nothing, so it is refused."""
+    with pytest.raises(ValueError, match="batch_adversary_by_label .* set batch_adversary too"):
+        ModelConfig(batch_adversary_by_label=True)
+    assert ModelConfig(batch_adversary=1.0, batch_adversary_by_label=True).batch_adversary_by_label
