@@ -155,9 +155,12 @@ class VAEModule(nn.Module):
                 self.gate = nn.Linear(h, n_genes)
         self.heads = nn.ModuleList(nn.Linear(k, n) for n in n_label_classes)
         if cfg.batch_adversary > 0 and n_batch_categories:
-            self.adversary = nn.Sequential(
-                nn.Linear(k, ADVERSARY_HIDDEN), nn.ReLU(), nn.Linear(ADVERSARY_HIDDEN, n_batch_categories[0])
-            )
+            # drawn from a fork of the random stream, so the rest of the run (dropout, z's noise, a later module's
+            # init) draws what it draws without the adversary, and the option pairs with the default seed by seed
+            with torch.random.fork_rng(devices=[]):
+                self.adversary = nn.Sequential(
+                    nn.Linear(k, ADVERSARY_HIDDEN), nn.ReLU(), nn.Linear(ADVERSARY_HIDDEN, n_batch_categories[0])
+                )
         if cfg.batch_align > 0 and n_batch_categories:
             self.n_align = n_batch_categories[0]
             self.register_buffer("align_pool", torch.zeros(ALIGN_POOL, k))
