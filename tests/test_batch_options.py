@@ -11,6 +11,19 @@ from bigatlas import AtlasVAE
 from bigatlas.config import ModelConfig
 
 
+def run_and_map(tmp_path, model_settings: dict, label_keys=()):
+    """A 2-epoch reference run with the model settings, its metrics.csv, and a query mapped by surgery (one
+    epoch; only the new batches' rows train), checked to leave the reference's latents as they were."""
+    data, query = reference_and_query(tmp_path)
+    settings = {"model": model_settings, "train": {"max_epochs": 2}}
+    model = AtlasVAE(str(data), batch_key="dataset_id", label_keys=list(label_keys), **settings).fit(tmp_path / "run")
+    log = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    before = model.get_latent(str(data))
+    mapped = model.map_query(query, tmp_path / "mapped", epochs=1)
+    assert np.array_equal(mapped.get_latent(str(data)), before)
+    return model, log, mapped
+
+
 @pytest.mark.parametrize(
     "setting,weight,column,state,attribute",
     [
@@ -19,16 +32,10 @@ from bigatlas.config import ModelConfig
     ],
 )
 def test_a_run_with_the_option_logs_it_and_maps_a_query_without_it(tmp_path, setting, weight, column, state, attribute):
-    data, query = reference_and_query(tmp_path)
-    settings = {"model": {setting: weight}, "train": {"max_epochs": 2}}
-    model = AtlasVAE(str(data), batch_key="dataset_id", **settings).fit(tmp_path / "run")
-    log = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    model, log, mapped = run_and_map(tmp_path, {setting: weight})
     assert log[column].notna().all() and (log[column] > 0).all()
     assert state in model.module.state_dict()
-    before = model.get_latent(str(data))
-    mapped = model.map_query(query, tmp_path / "mapped", epochs=1)  # only the new batches' rows train
     assert getattr(mapped.config.model, setting) == 0.0 and not hasattr(mapped.module, attribute)
-    assert np.array_equal(mapped.get_latent(str(data)), before)
     with pytest.raises(ValueError, match=f"{setting} must be at least 0"):
         ModelConfig(**{setting: -1.0})
 
@@ -36,13 +43,8 @@ def test_a_run_with_the_option_logs_it_and_maps_a_query_without_it(tmp_path, set
 def test_a_labelled_run_with_the_adversarys_target_by_label_logs_it_and_maps_a_query_without_it(tmp_path):
     """batch_adversary_by_label in a whole labelled run: the adversary's terms are logged, and surgery maps a
     query with the adversary and its target both off (the config it writes is valid) and the reference as it was."""
-    data, query = reference_and_query(tmp_path)
-    settings = {"model": {"batch_adversary": 5.0, "batch_adversary_by_label": True}, "train": {"max_epochs": 2}}
-    model = AtlasVAE(str(data), batch_key="dataset_id", label_keys=["cell_type"], **settings).fit(tmp_path / "run")
-    log = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    settings = {"batch_adversary": 5.0, "batch_adversary_by_label": True}
+    model, log, mapped = run_and_map(tmp_path, settings, label_keys=["cell_type"])
     assert (log["adversary"] > 0).all() and (log["label"] > 0).all()
     assert model.config.model.batch_adversary_by_label and "adversary.0.weight" in model.module.state_dict()
-    before = model.get_latent(str(data))
-    mapped = model.map_query(query, tmp_path / "mapped", epochs=1)
     assert mapped.config.model.batch_adversary == 0.0 and not mapped.config.model.batch_adversary_by_label
-    assert np.array_equal(mapped.get_latent(str(data)), before)
