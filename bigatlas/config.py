@@ -6,6 +6,7 @@ A config file (TOML or JSON) has sections [model], [train], [data]; command-line
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ GENE_JOINS = ("inner", "outer")
 CLASS_WEIGHTINGS = ("inverse", "sqrt-inverse", "none")
 COMPILE_LOSS = ("auto", "on", "off")
 PRECISIONS = ("auto", "no", "bf16")
+EMA_STARTS = ("run", "warmup")
 MISSING_GENES = ("masked", "zero")
 COMPILE_MIN_STEPS = 5000
 AVERAGE_CELLS = 128  # cells a step at which the weight average's default decays were chosen (TrainConfig)
@@ -220,6 +222,10 @@ class TrainConfig:
     ema_every: int = opt(
         4, "optimizer steps between updates of the weight average (its decay raised to this power: the same span)"
     )
+    ema_start: str = opt(
+        "run", "where the weight average begins: run (its first step) or warmup (the end of the KL warm-up: the "
+        "weights of the warm-up leave no trace in those written)", choices=EMA_STARTS,
+    )  # fmt: skip
     # auto = bf16 on CPUs with bfloat16 matrix units: the quality benchmark's atlases (subtle, rare, condition,
     # continuous, hard; 3 seeds, with and without labels) scored within seed noise of float32 (bio -0.005 to
     # +0.005, held-out accuracy -0.000 to +0.002; bench/results/kmeans10.json, continuous.json, hard.json, tag
@@ -260,6 +266,7 @@ class TrainConfig:
         if self.ema_every < 1:
             raise ValueError(f"ema_every must be at least 1, not {self.ema_every}")
         _check("compile_loss", self.compile_loss, COMPILE_LOSS)
+        _check("ema_start", self.ema_start, EMA_STARTS)
         _check("mixed_precision", self.mixed_precision, PRECISIONS)
         _check("missing_genes", self.missing_genes, MISSING_GENES)
 
@@ -276,6 +283,13 @@ class TrainConfig:
 
     def warmup_epochs(self, max_epochs: int) -> float:
         return min(self.kl_warmup_epochs, 0.5 * max_epochs)
+
+    def average_start(self, max_epochs: int, steps_per_epoch: int) -> int:
+        """The optimizer step after which the weight average begins (ema_start): with warmup the first at which
+        the KL weight is full."""
+        if self.ema_start == "run":
+            return 0
+        return math.ceil(self.warmup_epochs(max_epochs) * steps_per_epoch - 1e-9)
 
     def epochs_for(self, n_cells: int) -> int:
         if self.max_epochs is not None:

@@ -28,8 +28,10 @@ FILE = "bigatlas_weight_average.safetensors"
 
 
 class WeightAverage:
-    def __init__(self, module: nn.Module, decay: float, every: int = 1):
-        self.decay, self.every = decay, every
+    def __init__(self, module: nn.Module, decay: float, every: int = 1, start: int = 0):
+        """start: the optimizer step after which the average begins (0: the first); until then it follows the
+        weights (decay 0), so the steps before it leave no trace in the written weights."""
+        self.decay, self.every, self.start = decay, every, start
         names, params = zip(*module.named_parameters())
         # detached views of the parameters (the optimizer updates them in place): made once, not per step
         self.names, self.params = names, [p.detach() for p in params]
@@ -37,7 +39,9 @@ class WeightAverage:
 
     def decay_at(self, step: int) -> float:
         """The decay applied by the update after optimizer step `step` (1-based, a multiple of every)."""
-        n = step // self.every  # the updates so far, this one included
+        if step <= self.start:
+            return 0.0
+        n = (step - self.start) // self.every  # the updates since the start, this one included
         return min(self.decay**self.every, (1.0 + n) / (2.0 + n))
 
     @torch.no_grad()
@@ -62,7 +66,8 @@ class WeightAverage:
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({n: s.cpu().contiguous() for n, s in zip(self.names, self.shadow)}, str(directory / FILE))
+        tensors = {n: s.cpu().contiguous() for n, s in zip(self.names, self.shadow)}
+        save_file(tensors, str(directory / FILE), metadata={"start": str(self.start)})
 
     @torch.no_grad()
     def load(self, directory: Path) -> None:
@@ -77,8 +82,12 @@ class WeightAverage:
             for p, s in zip(self.params, self.shadow):
                 s.copy_(p)
             return
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
+        # the start it was saved with: an elastic resume changes an epoch's steps, not where the average began
+        with safe_open(str(path), "pt") as f:
+            self.start = int((f.metadata() or {}).get("start", 0))
         saved = load_file(str(path))
         if sorted(saved) != sorted(self.names):
             raise ValueError(f"{path}: weights {sorted(set(saved) ^ set(self.names))} do not match the model's")

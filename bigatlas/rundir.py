@@ -41,6 +41,7 @@ ADDED_SETTINGS = {
     "adam_eps": 1e-8,  # torch's default
     "ema_decay": 0.0,  # the last step's weights
     "ema_every": 1,
+    "ema_start": "run",
     "compile_loss": "off",
     "lr_plateau_patience": 0,
     "lr_plateau_factor": 0.5,

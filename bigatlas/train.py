@@ -228,7 +228,8 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
         print("note: this CPU has no bfloat16 matrix units (AMX or AVX-512 BF16): --mixed-precision bf16 is "
               "emulated there and slower than float32", flush=True)  # fmt: skip
     guard = NanGuard(model, optimizer, acc.device)
-    average = WeightAverage(module, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
+    start = t.average_start(max_epochs, len(stream))
+    average = WeightAverage(module, t.ema_decay, t.ema_every, start) if t.ema_decay > 0 else None
     return Session(
         cfg,
         acc,

@@ -66,6 +66,7 @@ _UNINTERRUPTED: dict[tuple, Path] = {}
         ("after_step:40", "on", "no", []),
         ("after_step:40", "off", "bf16", []),  # on the CPU: the wide layers' bfloat16 products (bf16_linear)
         ("after_step:40", "off", "no", ["--batch-align", "10"]),  # its pool of latest cells is in the checkpoint
+        ("after_step:40", "off", "no", ["--ema-start", "warmup"]),  # the average's start is in the checkpoint
     ],
 )
 def test_resume_after_sigkill_is_bit_identical(
@@ -514,18 +515,19 @@ def test_optimizer_steps_with_the_configured_epsilon():
     assert abs(float(p.detach()[0]) + 0.05) < 1e-6  # with torch's 1e-8 it would be -0.3
 
 
-@pytest.mark.parametrize("every", [1, 3])
-def test_weight_average_follows_its_recurrence_and_skips_guarded_steps(tmp_path, every):
-    """At steps t that are multiples of `every` (n = t / every): s = d s + (1 - d) p_t with
-    d = min(decay^every, (1 + n) / (2 + n)), other steps leave it; a step the NaN guard flagged leaves
-    it; a checkpoint round trip restores it exactly."""
+@pytest.mark.parametrize("every,start", [(1, 0), (3, 0), (3, 10)])
+def test_weight_average_follows_its_recurrence_and_skips_guarded_steps(tmp_path, every, start):
+    """At steps t that are multiples of `every` (n = (t - start) / every): s = d s + (1 - d) p_t with
+    d = min(decay^every, (1 + n) / (2 + n)), and d = 0 up to step `start` (the average begins after it); other
+    steps leave it; a step the NaN guard flagged leaves it; a checkpoint round trip restores it and its start
+    exactly."""
     import torch
 
     from bigatlas.ema import WeightAverage
 
     torch.manual_seed(0)
     m = torch.nn.Linear(4, 3)
-    avg = WeightAverage(m, 0.9, every)
+    avg = WeightAverage(m, 0.9, every, start)
     expect = [p.detach().clone().double() for p in m.parameters()]
     for t in range(1, 40):
         with torch.no_grad():
@@ -534,16 +536,19 @@ def test_weight_average_follows_its_recurrence_and_skips_guarded_steps(tmp_path,
         skipped = t == 18
         avg.update(t, torch.tensor(1.0 if skipped else 0.0))
         if not skipped and t % every == 0:
-            n = t // every
-            d = min(0.9**every, (1 + n) / (2 + n))
+            n = (t - start) // every
+            d = 0.0 if t <= start else min(0.9**every, (1 + n) / (2 + n))
             expect = [d * e + (1 - d) * p.detach().double() for e, p in zip(expect, m.parameters())]
+        if t <= start and t % every == 0:  # the weights of the steps before leave no trace
+            assert all(torch.allclose(s, p.detach(), atol=1e-6) for s, p in zip(avg.shadow, m.parameters()))
     for s, e in zip(avg.shadow, expect):
         assert torch.allclose(s.double(), e, atol=1e-5)
     assert not torch.allclose(avg.shadow[0], m.weight.detach())  # an average, not the last weights
     avg.save(tmp_path)
-    other = WeightAverage(m, 0.9)
+    other = WeightAverage(m, 0.9, every)
     other.load(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(avg.shadow, other.shadow))
+    assert other.start == start and other.decay_at(39 // every * every) == avg.decay_at(39 // every * every)
     other.copy_to_model()
     assert torch.equal(m.weight.detach(), avg.shadow[0])
     with torch.no_grad():
@@ -739,3 +744,20 @@ def test_an_unset_weight_average_spans_the_same_cells_at_any_batch_size_and_numb
     assert _resolved_average(cfg, run, resume=False, processes=2).train.ema_decay == round(0.9997**16, 6)
     set_value = replace(cfg, train=replace(cfg.train, ema_decay=0.999))
     assert _resolved_average(set_value, run, resume=False, processes=2).train.ema_decay == 0.999
+
+
+def test_an_average_from_the_warm_up_begins_where_the_kl_weight_reaches_its_value():
+    """--ema-start warmup: the average begins at the step where the KL warm-up ends (its weight full there,
+    below it a step before), at most half the run as the warm-up is; run: at the first step."""
+    from bigatlas.config import TrainConfig
+    from bigatlas.train import loss_weights
+
+    for epochs, steps in ((400, 6), (30, 57), (4, 20), (1, 13)):
+        t = TrainConfig(ema_start="warmup", kl_warmup_epochs=10)
+        start = t.average_start(epochs, steps)
+        assert 0 < start < epochs * steps / 2 + 1
+        assert loss_weights(t, 0, start / steps, epochs)[0] == pytest.approx(t.kl_weight)
+        assert loss_weights(t, 0, (start - 1) / steps, epochs)[0] < t.kl_weight
+        assert TrainConfig(ema_start="run").average_start(epochs, steps) == 0
+    with pytest.raises(ValueError, match="ema_start"):
+        TrainConfig(ema_start="later")
