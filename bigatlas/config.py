@@ -222,6 +222,9 @@ class TrainConfig:
     ema_every: int = opt(
         4, "optimizer steps between updates of the weight average (its decay raised to this power: the same span)"
     )
+    # run: warmup kept more of the types with labels on pbmc's ~400-step runs (bio +0.002 to +0.008) and mixed more
+    # without (+0.013 to +0.029, bio -0.000 to -0.003), but took bio with labels on the 8,000-cell synthetic atlases
+    # (-0.003, 12 of 14 down; bench/results/average_start.json, pbmc.json, pbmc_skewed.json, tag ewarm)
     ema_start: str = opt(
         "run", "where the weight average begins: run (its first step) or warmup (the end of the KL warm-up: the "
         "weights of the warm-up leave no trace in those written)", choices=EMA_STARTS,
