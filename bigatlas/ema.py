@@ -10,6 +10,8 @@ min(decay, (1 + t) / (2 + t)): the plain mean of every step so far until that re
 +0.005 over no average, against +0.021). Updates run on the device with no host sync; a step the NaN
 guard skipped leaves the average where it was. Every rank holds the same parameters (data parallel),
 so every rank keeps the same average; checkpoints carry it, so a resumed run ends with the same weights.
+With --ema-start warmup the average begins where the KL warm-up ends (it follows the weights until then), and the
+checkpoint carries that start too (docs/quality.md, "Where the average begins").
 
 The average moves every `every` optimizer steps, by the decay raised to that power (and the plain
 mean over those samples until then): the same span of steps for a quarter of the memory traffic at 4
