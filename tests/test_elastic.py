@@ -6,6 +6,7 @@ Bit-identical results across world sizes are impossible (the gradient sums run o
 minibatches); the partition property is what holds."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -109,11 +110,13 @@ def atlas(tmp_path_factory):
 @pytest.mark.parametrize("new_world", [1, 3])
 def test_training_killed_on_two_processes_resumes_on_another_number(atlas, tmp_path, new_world):
     args = ["--data", atlas, "--batch-key", "dataset_id", "--out", str(tmp_path / "run"), "--max-epochs", "2",
-            "--batch-size", "64", "--checkpoint-every-steps", "5", "--trace-cells"]  # fmt: skip
+            "--batch-size", "64", "--checkpoint-every-steps", "5", "--trace-cells",
+            "--ema-start", "warmup"]  # fmt: skip
     res = run_script("train.py", args, {"BIGATLAS_FAULT": "after_step:12"}, accelerate_launcher(2), check=False)
     assert res.returncode != 0 and not (tmp_path / "run" / "model.safetensors").exists()
     ckpt = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     state = json.loads((ckpt / "bigatlas_rank0.json").read_text())["stream"]
+    began = _average_start(ckpt)  # read now: the resumed run keeps the latest checkpoints only
     assert state["consumed"] > 0 and state["world_size"] == 2  # killed mid-epoch
     launcher = accelerate_launcher(new_world) if new_world > 1 else ()
     out = run_script("train.py", [*args, "--resume"], launcher=launcher)
@@ -130,6 +133,20 @@ def test_training_killed_on_two_processes_resumes_on_another_number(atlas, tmp_p
     )
     assert np.array_equal(np.sort(nxt), train_cells)  # then full epochs on the new world
     assert (tmp_path / "run" / "model.safetensors").exists()
+    # the weight average keeps the start it began with (the warm-up's end in 2 processes' steps), not the new world's
+    last = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    kept = _average_start(last)
+    assert began == kept == math.ceil(2400 / 2 / 64)  # one epoch of warm-up (half of 2), of 2 processes' steps
+    assert kept != math.ceil(2400 / new_world / 64)
+
+
+def _average_start(checkpoint) -> int:
+    from safetensors import safe_open
+
+    from bigatlas.ema import FILE
+
+    with safe_open(str(checkpoint / FILE), "pt") as f:
+        return int(f.metadata()["start"])
 
 
 def test_a_small_remainder_reaches_every_new_rank(position_stores):
