@@ -85,13 +85,12 @@ class WeightAverage:
                 s.copy_(p)
             return
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
-        # the start it was saved with: an elastic resume changes an epoch's steps, not where the average began
-        with safe_open(str(path), "pt") as f:
-            self.start = int((f.metadata() or {}).get("start", 0))
-        saved = load_file(str(path))
+        with safe_open(str(path), "pt") as f:  # the weights and, in its metadata, the start: one read
+            saved = {n: f.get_tensor(n) for n in f.keys()}
+            start = int((f.metadata() or {}).get("start", 0))
         if sorted(saved) != sorted(self.names):
             raise ValueError(f"{path}: weights {sorted(set(saved) ^ set(self.names))} do not match the model's")
         for n, s in zip(self.names, self.shadow):
             s.copy_(saved[n])
+        self.start = start  # the start it was saved with: an elastic resume changes an epoch's steps, not this

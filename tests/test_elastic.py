@@ -13,6 +13,7 @@ import pytest
 from conftest import N_OBS, accelerate_launcher, run_script
 
 from bigatlas.batches import holdout_mask
+from bigatlas.rundir import RunDir
 from bigatlas.synth import synth
 from loaders import CellStream, open_store, sampling
 
@@ -114,7 +115,7 @@ def test_training_killed_on_two_processes_resumes_on_another_number(atlas, tmp_p
             "--ema-start", "warmup"]  # fmt: skip
     res = run_script("train.py", args, {"BIGATLAS_FAULT": "after_step:12"}, accelerate_launcher(2), check=False)
     assert res.returncode != 0 and not (tmp_path / "run" / "model.safetensors").exists()
-    ckpt = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    ckpt = RunDir(tmp_path / "run").latest()
     state = json.loads((ckpt / "bigatlas_rank0.json").read_text())["stream"]
     began = _average_start(ckpt)  # read now: the resumed run keeps the latest checkpoints only
     assert state["consumed"] > 0 and state["world_size"] == 2  # killed mid-epoch
@@ -134,8 +135,7 @@ def test_training_killed_on_two_processes_resumes_on_another_number(atlas, tmp_p
     assert np.array_equal(np.sort(nxt), train_cells)  # then full epochs on the new world
     assert (tmp_path / "run" / "model.safetensors").exists()
     # the weight average keeps the start it began with (the warm-up's end in 2 processes' steps), not the new world's
-    last = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
-    kept = _average_start(last)
+    kept = _average_start(RunDir(tmp_path / "run").latest())
     assert began == kept == math.ceil(2400 / 2 / 64)  # one epoch of warm-up (half of 2), of 2 processes' steps
     assert kept != math.ceil(2400 / new_world / 64)
 
