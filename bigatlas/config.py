@@ -119,6 +119,11 @@ class ModelConfig:
         "a state's cells apart by batch (off: the encoder also learns through the term)",
     )  # fmt: skip
 
+    prior_components: int = opt(
+        0, "components of a Gaussian-mixture prior on z (learned means, variances and weights; the KL term is then "
+        "estimated from each cell's sample); 0: the standard normal prior",
+    )  # fmt: skip
+
     def latent_size(self, labelled: bool) -> int:
         """The latent size: the configured one, or the default for a model with or without labels."""
         return self.n_latent if self.n_latent is not None else (10 if labelled else 16)
@@ -156,6 +161,10 @@ class ModelConfig:
             raise ValueError("batch_adversary_by_label sets the batch adversary's target: set batch_adversary too")
         if self.batch_align < 0:
             raise ValueError(f"batch_align must be at least 0 (0: off), not {self.batch_align}")
+        if self.prior_components < 0:
+            raise ValueError(
+                f"prior_components must be at least 0 (0: the standard normal prior), not {self.prior_components}"
+            )
         if self.batch_interaction_penalty < 0:
             raise ValueError(f"batch_interaction_penalty must be at least 0, not {self.batch_interaction_penalty}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))

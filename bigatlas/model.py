@@ -27,6 +27,7 @@ over the genes each cell measured, is added to the training loss at batch_intera
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ from .distributions import Counts, nll, write_at
 # Bounds on log-scale outputs: exp() of a runaway logit is what turns a real-data run into NaN.
 LOGVAR_MAX = 15.0
 LOG_THETA_RANGE = (-12.0, 12.0)
+PRIOR_LOGVAR_RANGE = (-8.0, 4.0)  # a mixture prior's components' log variances
 
 
 @dataclass
@@ -166,6 +168,11 @@ class VAEModule(nn.Module):
             self.register_buffer("align_pool", torch.zeros(ALIGN_POOL, k))
             self.register_buffer("align_codes", torch.full((ALIGN_POOL,), -1, dtype=torch.long))
             self.register_buffer("align_next", torch.zeros((), dtype=torch.long))
+        if cfg.prior_components:  # drawn from a fork of the random stream, as the adversary's init
+            with torch.random.fork_rng(devices=[]):
+                self.prior_means = nn.Parameter(torch.randn(cfg.prior_components, k))
+            self.prior_logvar = nn.Parameter(torch.zeros(cfg.prior_components, k))
+            self.prior_logits = nn.Parameter(torch.zeros(cfg.prior_components))
         for i, n in enumerate(n_label_classes):
             counts = torch.as_tensor(class_counts[i]) if class_counts is not None else torch.ones(n)
             self.register_buffer(f"class_weight_{i}", class_weights(counts, cfg.class_weighting))
@@ -340,7 +347,7 @@ class VAEModule(nn.Module):
         n = masks.sum(1, dtype=torch.float32)
         w = mask / n[0].clamp_min(1)  # each cell's weight in the loss's per-cell means
         recon, gate_pen, fused, shift = self._reconstruction(z, batch_codes, counts, w, gate_weight * w, measured)
-        kl = 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
+        kl = self._kl(z, q_mu, q_var)
         extra = {}  # the batch options' per-cell terms, by name
         if shift is not None:  # the term's size: its squared logit shifts, summed over the genes the cell measured
             size = shift.float() ** 2  # (a gene the cell lacks has mean 0 whatever the shift, as in the likelihood)
@@ -369,6 +376,18 @@ class VAEModule(nn.Module):
             val["loss"] = _weighted(val, val["recon"], eval_kl_weight, *weights, False)
             terms.update({f"val_{k}": v for k, v in val.items()})
         return LossOutput(total, terms, terms["n"])
+
+    def _kl(self, z, q_mu, q_var) -> torch.Tensor:
+        """Per cell, KL(q(z|x) || p(z)): in closed form for the standard normal prior; for the mixture, the
+        posterior's entropy in closed form and the prior's log density at the cell's sample z."""
+        if not hasattr(self, "prior_means"):
+            return 0.5 * (q_var + q_mu**2 - 1.0 - torch.log(q_var)).sum(1)
+        log_2pi = math.log(2 * math.pi)
+        entropy = 0.5 * (torch.log(q_var) + 1.0 + log_2pi).sum(1)
+        logvar = self.prior_logvar.clamp(*PRIOR_LOGVAR_RANGE)
+        d = (z.float()[:, None, :] - self.prior_means[None]) ** 2 * torch.exp(-logvar)[None]
+        log_comp = -0.5 * (d + logvar[None] + log_2pi).sum(2) + F.log_softmax(self.prior_logits, 0)[None]
+        return -entropy - torch.logsumexp(log_comp, dim=1)
 
     def _reconstruction(self, z, batch_codes, counts: Counts, w, w_pen, measured=None):
         """Per-cell NLL and ZI gate penalty (per cell; one scalar for a per-gene gate; None for NB), in float32,
