@@ -60,6 +60,7 @@ ADDED_MODEL_SETTINGS = {
     "batch_interaction": False,  # no batch-by-state term
     "batch_interaction_penalty": 0.1,  # (its default; read only with the term)
     "batch_interaction_detach": False,  # the encoder learned through the term too
+    "prior_components": 0,  # the standard normal prior
 }
 
 # [data] settings added since, likewise
