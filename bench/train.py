@@ -137,7 +137,7 @@ def in_memory_epochs(data, a, run_dir) -> list[float]:
                 torch.from_numpy(rows.data), rows.shape,
             )  # fmt: skip
             inp = ModelInput(Counts.from_sparse_csr(csr), codes[idx], labels[idx], idx.numpy(), val[idx.numpy()])
-            kl, lw = loss_weights(cfg.train, epoch, epoch + lo / store.n_obs, s.max_epochs)
+            kl, lw = loss_weights(s.cfg.train, epoch, epoch + lo / store.n_obs, s.max_epochs)
             train_step(s, progress, inp, kl, lw)
         seconds.append(time.perf_counter() - t)
     return seconds
@@ -177,7 +177,7 @@ def prebuilt_epoch(data, a, run_dir) -> float:
     s.model.train()
     t = time.perf_counter()
     for inp in inputs:
-        train_step(s, progress, inp, cfg.train.kl_weight, cfg.train.label_weight)
+        train_step(s, progress, inp, s.cfg.train.kl_weight, s.cfg.train.label_weight)
     return time.perf_counter() - t
 
 
@@ -194,7 +194,7 @@ def loop_overhead(data, a, run_dir) -> dict:
     s.stream.set_epoch(0)
     s.stream = Replay([b for _, b in zip(range(a.o1_steps), s.stream)])
     inputs = [s.to_input(b) for b in s.stream.batches]
-    model, opt, t = s.model, torch_optimizer(s.optimizer), cfg.train  # the torch AdamW itself
+    model, opt, t = s.model, torch_optimizer(s.optimizer), s.cfg.train  # the torch AdamW itself
     loop, bare = [], []
     for rep in range(5):
         progress, log = Progress(epoch=rep), MetricsLog(s.run, True)

@@ -23,6 +23,9 @@ batch_interaction_detach (the default) the term reads z detached: the maps fit e
 the encoder finds, and the encoder's gradient comes through the shared decoder alone, so placing one state's
 cells apart by batch gains it nothing. The mean over training cells of the term's squared logit shifts, summed
 over the genes each cell measured, is added to the training loss at batch_interaction_penalty.
+Prior (prior_components > 0; the default without label keys): a mixture of Gaussians with learned means, variances
+and weights instead of N(0, I); the KL term is the posterior's entropy in closed form minus the mixture's log density
+at the cell's sample z.
 """
 
 from __future__ import annotations
@@ -168,11 +171,12 @@ class VAEModule(nn.Module):
             self.register_buffer("align_pool", torch.zeros(ALIGN_POOL, k))
             self.register_buffer("align_codes", torch.full((ALIGN_POOL,), -1, dtype=torch.long))
             self.register_buffer("align_next", torch.zeros((), dtype=torch.long))
-        if cfg.prior_components:  # drawn from a fork of the random stream, as the adversary's init
+        components = cfg.mixture_components(labelled)
+        if components:  # drawn from a fork of the random stream, as the adversary's init
             with torch.random.fork_rng(devices=[]):
-                self.prior_means = nn.Parameter(torch.randn(cfg.prior_components, k))
-            self.prior_logvar = nn.Parameter(torch.zeros(cfg.prior_components, k))
-            self.prior_logits = nn.Parameter(torch.zeros(cfg.prior_components))
+                self.prior_means = nn.Parameter(torch.randn(components, k))
+            self.prior_logvar = nn.Parameter(torch.zeros(components, k))
+            self.prior_logits = nn.Parameter(torch.zeros(components))
         for i, n in enumerate(n_label_classes):
             counts = torch.as_tensor(class_counts[i]) if class_counts is not None else torch.ones(n)
             self.register_buffer(f"class_weight_{i}", class_weights(counts, cfg.class_weighting))

@@ -166,7 +166,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
 
     run = RunDir(run_dir)
     cfg = _resolved_precision(cfg, run, resume, acc.device.type)
-    cfg = _resolved_latent(cfg, run, resume, surgery)
+    cfg = _resolved_by_labels(cfg, run, resume, surgery)
     cfg = _resolved_average(cfg, run, resume, acc.num_processes)
     t, d = cfg.train, cfg.data
     set_seed(t.seed)
@@ -261,16 +261,23 @@ def _resolved_precision(cfg: RunConfig, run: RunDir, resume: bool, device_type: 
     return replace(cfg, train=replace(cfg.train, mixed_precision=value))
 
 
-def _resolved_latent(cfg: RunConfig, run: RunDir, resume: bool, surgery) -> RunConfig:
-    """cfg with an unset latent size made the one this run's model has, as config.json records it: a resumed
-    run's own, else the default for a model with label heads or without (a query's heads are its reference's)."""
-    if cfg.model.n_latent is not None:
-        return cfg
-    saved = run.saved_setting("model", "n_latent") if resume else None
-    if saved is None:
-        heads = bool(cfg.data.label_keys) or (surgery is not None and bool(surgery.reference.vocab.label_classes))
-        saved = cfg.model.latent_size(labelled=heads)
-    return replace(cfg, model=replace(cfg.model, n_latent=int(saved)))
+def _resolved_by_labels(cfg: RunConfig, run: RunDir, resume: bool, surgery) -> RunConfig:
+    """cfg with the unset settings whose default depends on label heads (the latent size, the prior's components,
+    the KL weight) made the ones this run's model has, as config.json records them: a resumed run's own, else the
+    default for a model with label heads or without (a query's heads are its reference's)."""
+    heads = bool(cfg.data.label_keys) or (surgery is not None and bool(surgery.reference.vocab.label_classes))
+    for section, key, default in (
+        ("model", "n_latent", cfg.model.latent_size),
+        ("model", "prior_components", cfg.model.mixture_components),
+        ("train", "kl_weight", cfg.train.kl),
+    ):
+        part = getattr(cfg, section)
+        if getattr(part, key) is not None:
+            continue
+        saved = run.saved_setting(section, key) if resume else None
+        value = type(default(heads))(default(heads) if saved is None else saved)
+        cfg = replace(cfg, **{section: replace(part, **{key: value})})
+    return cfg
 
 
 def _resolved_average(cfg: RunConfig, run: RunDir, resume: bool, processes: int = 1) -> RunConfig:

@@ -72,6 +72,12 @@ def test_the_prior_learns_and_the_default_model_is_unchanged():
         torch.testing.assert_close(mixed[k], v)
 
 
+def test_the_default_mixture_is_for_models_without_labels():
+    torch.manual_seed(0)
+    assert VAEModule(30, [3], [], ModelConfig()).prior_means.shape == (32, 16)
+    assert not hasattr(VAEModule(30, [3], [4], ModelConfig()), "prior_means")
+
+
 def test_a_negative_number_of_components_is_refused():
     with pytest.raises(ValueError, match="prior_components"):
         ModelConfig(prior_components=-1)

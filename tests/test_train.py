@@ -164,31 +164,38 @@ def test_mixed_precision_auto_is_resolved_and_a_resumed_run_keeps_its_own(tmp_pa
         TrainConfig(mixed_precision="fp16")
 
 
-def test_an_unset_latent_size_is_resolved_by_the_label_keys_and_a_resumed_run_keeps_its_own(tmp_path):
-    """config.json records the latent size the model has: 10 with label keys, 16 without, a query's by its
-    reference's heads; a resumed run keeps the size it was trained with (runs before this default: 10)."""
+def test_unset_label_dependent_settings_are_resolved_by_the_label_keys_and_a_resumed_run_keeps_its_own(tmp_path):
+    """config.json records the latent size, the prior's components and the KL weight the run has: 10 / 0 / 0.1 with
+    label keys, 16 / 32 / 0.3 without, a query's by its reference's heads; a resumed run keeps its own (runs before
+    these defaults: the standard normal prior, their saved size and weight)."""
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from bigatlas.config import DataConfig, ModelConfig, RunConfig
+    from bigatlas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from bigatlas.rundir import RunDir
-    from bigatlas.train import _resolved_latent
+    from bigatlas.train import _resolved_by_labels
+
+    def settings(cfg):
+        return cfg.model.n_latent, cfg.model.prior_components, cfg.train.kl_weight
 
     plain = RunConfig(data=DataConfig(data="x.zarr", batch_key="study"))
     labelled = replace(plain, data=replace(plain.data, label_keys=("cell_type",)))
     run = RunDir(tmp_path / "r")
-    assert plain.model.n_latent is None
-    assert _resolved_latent(plain, run, False, None).model.n_latent == 16
-    assert _resolved_latent(labelled, run, False, None).model.n_latent == 10
+    assert settings(plain) == (None, None, None)
+    assert settings(_resolved_by_labels(plain, run, False, None)) == (16, 32, 0.3)
+    assert settings(_resolved_by_labels(labelled, run, False, None)) == (10, 0, 0.1)
     query = SimpleNamespace(reference=SimpleNamespace(vocab=SimpleNamespace(label_classes={"cell_type": ["a"]})))
-    assert _resolved_latent(plain, run, False, query).model.n_latent == 10  # an unlabelled query keeps the heads
-    run.write_config(replace(plain, model=ModelConfig(n_latent=10)))  # a run trained before the default
-    resumed = _resolved_latent(plain, run, True, None)
-    assert resumed.model.n_latent == 10
+    assert settings(_resolved_by_labels(plain, run, False, query)) == (10, 0, 0.1)  # an unlabelled query: the heads
+    run.write_config(replace(plain, model=ModelConfig(n_latent=10), train=TrainConfig(kl_weight=0.1)))
+    saved = json.loads(run.config_file.read_text())
+    del saved["config"]["model"]["prior_components"]  # a run trained before the mixture prior
+    run.config_file.write_text(json.dumps(saved))
+    resumed = _resolved_by_labels(plain, run, True, None)
+    assert settings(resumed) == (10, 0, 0.1)
     run.check_resumable(resumed)
-    assert _resolved_latent(plain, run, False, None).model.n_latent == 16  # a new run in that dir: the default
-    explicit = replace(plain, model=ModelConfig(n_latent=7))
-    assert _resolved_latent(explicit, run, True, None) is explicit
+    assert settings(_resolved_by_labels(plain, run, False, None)) == (16, 32, 0.3)  # a new run in that dir
+    explicit = replace(plain, model=ModelConfig(n_latent=7, prior_components=4), train=TrainConfig(kl_weight=0.5))
+    assert _resolved_by_labels(explicit, run, True, None) is explicit
 
 
 def test_two_processes_partition_the_cells_and_agree(small_atlas, tmp_path):
@@ -753,7 +760,7 @@ def test_an_average_from_the_warm_up_begins_where_the_kl_weight_reaches_its_valu
     from bigatlas.train import loss_weights
 
     for epochs, steps in ((400, 6), (30, 57), (4, 20), (1, 13)):
-        t = TrainConfig(ema_start="warmup", kl_warmup_epochs=10)
+        t = TrainConfig(ema_start="warmup", kl_warmup_epochs=10, kl_weight=0.3)
         start = t.average_start(epochs, steps)
         assert 0 < start < epochs * steps / 2 + 1
         assert loss_weights(t, 0, start / steps, epochs)[0] == pytest.approx(t.kl_weight)
