@@ -194,7 +194,7 @@ class TrainConfig:
     # 0.1, not 1: the latent kept subtypes apart (kNN accuracy 0.50 -> 0.61 on the subtle atlas) at
     # almost the same batch mixing (bench.quality)
     # unset: 0.1 with label keys; 0.3 without, beside the mixture prior (ModelConfig.prior_components): at 0.3 with
-    # the standard normal prior bio -0.007 +- 0.003 (1 of 9 up), the mixture gives back +0.004 and mixes +0.008 more
+    # the standard normal prior bio -0.005 +- 0.004 (2 of 11 up); the mixture gives back +0.003 and mixes +0.009 more
     kl_weight: float | None = opt(
         None, "weight of the KL term after warm-up; unset: 0.1 when the model has label keys, 0.3 without"
     )
