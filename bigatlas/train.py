@@ -275,7 +275,8 @@ def _resolved_by_labels(cfg: RunConfig, run: RunDir, resume: bool, surgery) -> R
         if getattr(part, key) is not None:
             continue
         saved = run.saved_setting(section, key) if resume else None
-        value = type(default(heads))(default(heads) if saved is None else saved)
+        fallback = default(heads)
+        value = fallback if saved is None else type(fallback)(saved)  # config.json's JSON number as the field's type
         cfg = replace(cfg, **{section: replace(part, **{key: value})})
     return cfg
 
