@@ -23,6 +23,9 @@ EMA_STARTS = ("run", "warmup")
 MISSING_GENES = ("masked", "zero")
 COMPILE_MIN_STEPS = 5000
 AVERAGE_CELLS = 128  # cells a step at which the weight average's default decays were chosen (TrainConfig)
+# early stopping's floor without label keys, in training cells: at 700 cells the epoch rule's 400 epochs (scVI's
+# length), at 8,000 cells 40 epochs, fewer than any early-stopped benchmark run
+MIN_CELLS_UNLABELLED = 300_000
 UNLABELED = ("undefined",)  # label values that mean "no label" unless the user names others
 
 
@@ -215,6 +218,11 @@ class TrainConfig:
     )
     early_stopping_min_delta: float = opt(0.0, "improvement (relative to the best validation loss) that counts")
     min_epochs: int = opt(0, "early stopping does not stop a run before this many epochs (0: any after the KL warm-up)")
+    # unset: MIN_CELLS_UNLABELLED without label keys, 0 with (docs/quality.md, "A floor on the cells trained on")
+    min_cells: int | None = opt(
+        None, "early stopping does not stop a run before its epochs have held this many training cells in all "
+        f"(unset: {MIN_CELLS_UNLABELLED:,} without label keys, 0 with)",
+    )  # fmt: skip
     lr_plateau_patience: int = opt(
         0, "multiply the learning rate by lr_plateau_factor after every this many epochs (after the KL warm-up) "
         "without validation improvement (0: off)"
@@ -286,8 +294,9 @@ class TrainConfig:
         _check_flags(self)
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), not {self.ema_decay}")
-        if self.min_epochs < 0:
-            raise ValueError(f"min_epochs must be at least 0, not {self.min_epochs}")
+        for key in ("min_epochs", "min_cells"):
+            if (getattr(self, key) or 0) < 0:
+                raise ValueError(f"{key} must be at least 0, not {getattr(self, key)}")
         if self.ema_every < 1:
             raise ValueError(f"ema_every must be at least 1, not {self.ema_every}")
         _check("compile_loss", self.compile_loss, COMPILE_LOSS)
@@ -301,6 +310,15 @@ class TrainConfig:
     def kl(self, labelled: bool) -> float:
         """The KL term's weight: the configured one, or the default for a model with or without labels."""
         return self.kl_weight if self.kl_weight is not None else (0.1 if labelled else 0.3)
+
+    def cell_floor(self, labelled: bool) -> int:
+        """min_cells: the configured one, or the default for a model with or without labels."""
+        return self.min_cells if self.min_cells is not None else (0 if labelled else MIN_CELLS_UNLABELLED)
+
+    def floor_epochs(self, n_train: int) -> int:
+        """The epochs before which early stopping does not stop: min_epochs, and as many as min_cells takes at
+        n_train training cells an epoch."""
+        return max(self.min_epochs, math.ceil((self.min_cells or 0) / max(n_train, 1)))
 
     def average_decay(self, labelled: bool, processes: int = 1) -> float:
         """The weight average's decay: the configured one, or the default for a model with or without labels,

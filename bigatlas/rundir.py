@@ -30,8 +30,8 @@ from .vocab import Vocab
 FORMAT_VERSION = 1
 # how long to train may change on resume; nothing that shapes the run may
 RESUMABLE_CHANGES = (
-    "max_epochs", "max_steps", "early_stopping_patience", "early_stopping_min_delta", "min_epochs", "num_workers",
-    "reference_cells", "reference_umap",
+    "max_epochs", "max_steps", "early_stopping_patience", "early_stopping_min_delta", "min_epochs", "min_cells",
+    "num_workers", "reference_cells", "reference_umap",
 )  # num_workers: elastic; the reference is built after training  # fmt: skip
 
 
@@ -46,6 +46,7 @@ ADDED_SETTINGS = {
     "lr_plateau_patience": 0,
     "lr_plateau_factor": 0.5,
     "min_epochs": 0,  # early stopping from the warm-up's end
+    "min_cells": 0,  # ... at any number of cells
     "missing_genes": "zero",  # zero-filled genes counted as observed zeros
 }
 # [model] settings added since, likewise (a run dir written before them has the model they describe)

@@ -111,6 +111,7 @@ class Session:
     surgery: object = None
     average: WeightAverage | None = None  # of the weights, written at the end (ema_decay > 0)
     params: list | None = None  # the trained parameters, listed once (walking the modules every step: ~20 µs)
+    floor_epochs: int = 0  # early stopping does not stop before (TrainConfig.floor_epochs)
 
 
 def train(
@@ -246,6 +247,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
         surgery,
         average,
         [p for p in model.parameters() if p.requires_grad],
+        t.floor_epochs(n_train),
     )
 
 
@@ -263,13 +265,15 @@ def _resolved_precision(cfg: RunConfig, run: RunDir, resume: bool, device_type: 
 
 def _resolved_by_labels(cfg: RunConfig, run: RunDir, resume: bool, surgery) -> RunConfig:
     """cfg with the unset settings whose default depends on label heads (the latent size, the prior's components,
-    the KL weight) made the ones this run's model has, as config.json records them: a resumed run's own, else the
-    default for a model with label heads or without (a query's heads are its reference's)."""
+    the KL weight, early stopping's floor) made the ones this run's model has, as config.json records them: a
+    resumed run's own, else the default for a model with label heads or without (a query's heads are its
+    reference's)."""
     heads = bool(cfg.data.label_keys) or (surgery is not None and bool(surgery.reference.vocab.label_classes))
     for section, key, default in (
         ("model", "n_latent", cfg.model.latent_size),
         ("model", "prior_components", cfg.model.mixture_components),
         ("train", "kl_weight", cfg.train.kl),
+        ("train", "min_cells", cfg.train.cell_floor),
     ):
         part = getattr(cfg, section)
         if getattr(part, key) is not None:
@@ -377,7 +381,7 @@ def _epoch(s: Session, progress: Progress, log: MetricsLog, trace_cells: bool) -
         )
     row = epoch_row(acc, progress.sums, epoch, progress.step, kl_weight, s.optimizer.param_groups[0]["lr"])
     log.epoch(row)
-    stop = _early_stop(t, progress, row.get("val_loss"), s.max_epochs)
+    stop = _early_stop(t, progress, row.get("val_loss"), s.max_epochs, s.floor_epochs)
     if not stop and _lr_cut_due(t, progress, row.get("val_loss"), s.max_epochs):
         for group in s.optimizer.param_groups:
             group["lr"] *= t.lr_plateau_factor
@@ -458,9 +462,9 @@ def train_step(s: Session, progress: Progress, inp: ModelInput, kl_weight: float
     return out
 
 
-def _early_stop(t: TrainConfig, progress: Progress, val_loss: float | None, max_epochs: int) -> bool:
+def _early_stop(t: TrainConfig, progress: Progress, val_loss: float | None, max_epochs: int, floor: int) -> bool:
     """True after `early_stopping_patience` epochs in a row without a validation loss below the best
-    so far by more than early_stopping_min_delta (relative), once the run has trained min_epochs. Epochs
+    so far by more than early_stopping_min_delta (relative), once the run has trained `floor` epochs. Epochs
     of the KL warm-up do not count: the loss is still falling there for a reason that ends."""
     if val_loss is None:
         return False
@@ -472,7 +476,7 @@ def _early_stop(t: TrainConfig, progress: Progress, val_loss: float | None, max_
         return False
     progress.bad_epochs += 1
     patience = t.early_stopping_patience
-    return bool(patience) and progress.bad_epochs >= patience and progress.epoch + 1 >= t.min_epochs
+    return bool(patience) and progress.bad_epochs >= patience and progress.epoch + 1 >= floor
 
 
 def _counted(t: TrainConfig, progress: Progress, max_epochs: int) -> bool:

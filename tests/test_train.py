@@ -165,36 +165,41 @@ def test_mixed_precision_auto_is_resolved_and_a_resumed_run_keeps_its_own(tmp_pa
 
 
 def test_unset_label_dependent_settings_are_resolved_by_the_label_keys_and_a_resumed_run_keeps_its_own(tmp_path):
-    """config.json records the latent size, the prior's components and the KL weight the run has: 10 / 0 / 0.1 with
-    label keys, 16 / 32 / 0.3 without, a query's by its reference's heads; a resumed run keeps its own (runs before
-    these defaults: the standard normal prior, their saved size and weight)."""
+    """config.json records the latent size, the prior's components, the KL weight and early stopping's floor in cells
+    the run has: 10 / 0 / 0.1 / 0 with label keys, 16 / 32 / 0.3 / MIN_CELLS_UNLABELLED without, a query's by its
+    reference's heads; a resumed run keeps its own (runs before these defaults: the standard normal prior, no floor,
+    their saved size and weight)."""
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from bigatlas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from bigatlas.config import MIN_CELLS_UNLABELLED, DataConfig, ModelConfig, RunConfig, TrainConfig
     from bigatlas.rundir import RunDir
     from bigatlas.train import _resolved_by_labels
 
     def settings(cfg):
-        return cfg.model.n_latent, cfg.model.prior_components, cfg.train.kl_weight
+        return cfg.model.n_latent, cfg.model.prior_components, cfg.train.kl_weight, cfg.train.min_cells
 
     plain = RunConfig(data=DataConfig(data="x.zarr", batch_key="study"))
     labelled = replace(plain, data=replace(plain.data, label_keys=("cell_type",)))
     run = RunDir(tmp_path / "r")
-    assert settings(plain) == (None, None, None)
-    assert settings(_resolved_by_labels(plain, run, False, None)) == (16, 32, 0.3)
-    assert settings(_resolved_by_labels(labelled, run, False, None)) == (10, 0, 0.1)
+    floor = MIN_CELLS_UNLABELLED
+    assert settings(plain) == (None, None, None, None)
+    assert settings(_resolved_by_labels(plain, run, False, None)) == (16, 32, 0.3, floor)
+    assert settings(_resolved_by_labels(labelled, run, False, None)) == (10, 0, 0.1, 0)
     query = SimpleNamespace(reference=SimpleNamespace(vocab=SimpleNamespace(label_classes={"cell_type": ["a"]})))
-    assert settings(_resolved_by_labels(plain, run, False, query)) == (10, 0, 0.1)  # an unlabelled query: the heads
+    assert settings(_resolved_by_labels(plain, run, False, query)) == (10, 0, 0.1, 0)  # an unlabelled query: heads
     run.write_config(replace(plain, model=ModelConfig(n_latent=10), train=TrainConfig(kl_weight=0.1)))
     saved = json.loads(run.config_file.read_text())
     del saved["config"]["model"]["prior_components"]  # a run trained before the mixture prior
+    del saved["config"]["train"]["min_cells"]  # ... and the floor
     run.config_file.write_text(json.dumps(saved))
     resumed = _resolved_by_labels(plain, run, True, None)
-    assert settings(resumed) == (10, 0, 0.1)
+    assert settings(resumed) == (10, 0, 0.1, 0)
     run.check_resumable(resumed)
-    assert settings(_resolved_by_labels(plain, run, False, None)) == (16, 32, 0.3)  # a new run in that dir
-    explicit = replace(plain, model=ModelConfig(n_latent=7, prior_components=4), train=TrainConfig(kl_weight=0.5))
+    assert settings(_resolved_by_labels(plain, run, False, None)) == (16, 32, 0.3, floor)  # a new run in that dir
+    explicit = replace(
+        plain, model=ModelConfig(n_latent=7, prior_components=4), train=TrainConfig(kl_weight=0.5, min_cells=9)
+    )
     assert _resolved_by_labels(explicit, run, True, None) is explicit
 
 
@@ -396,11 +401,11 @@ def test_early_stopping_counts_epochs_without_improvement_after_the_warm_up():
     from bigatlas.config import TrainConfig
     from bigatlas.train import _early_stop
 
-    def stop_epoch(losses, **kw):
+    def stop_epoch(losses, n_train=100, **kw):
         t, progress = TrainConfig(kl_warmup_epochs=3, **kw), Progress()
         for epoch, loss in enumerate(losses):
             progress.epoch = epoch
-            if _early_stop(t, progress, loss, max_epochs=100):
+            if _early_stop(t, progress, loss, max_epochs=100, floor=t.floor_epochs(n_train)):
                 return epoch
         return None
 
@@ -416,8 +421,28 @@ def test_early_stopping_counts_epochs_without_improvement_after_the_warm_up():
     assert stop_epoch(flat_from_1, early_stopping_patience=4, min_epochs=30) is None  # 22 epochs: below the floor
     with pytest.raises(ValueError, match="min_epochs"):
         TrainConfig(min_epochs=-1)
+    # a floor in cells: 1,101 training cells at 100 an epoch take 12 epochs; 1,100 take 11; the larger floor wins
+    assert stop_epoch(flat_from_1, early_stopping_patience=4, min_cells=1101) == 11
+    assert stop_epoch(flat_from_1, early_stopping_patience=4, min_cells=1100) == 10
+    assert stop_epoch(flat_from_1, early_stopping_patience=4, min_cells=1100, min_epochs=12) == 11
+    assert stop_epoch(flat_from_1, n_train=1000, early_stopping_patience=4, min_cells=1101) == 6  # 2 epochs
+    with pytest.raises(ValueError, match="min_cells"):
+        TrainConfig(min_cells=-1)
     # an improvement just before the floor restarts the count: 4 bad epochs after it (11-14), not the floor
     assert stop_epoch([10.0, 9.0] + [9.5] * 8 + [8.0] + [9.5] * 10, early_stopping_patience=4, min_epochs=12) == 14
+
+
+def test_early_stopping_waits_for_the_floor_in_training_cells(small_atlas, tmp_path):
+    """A relative min delta of 10 makes every epoch after the warm-up (1) a bad one: with a patience of 1 the run
+    stops after 2 epochs, and with --min-cells of 3 epochs' training cells and one more, after 4; config.json
+    records the floor (unset with label keys: none)."""
+    n_train = int(np.count_nonzero(~holdout_mask(np.arange(2400), 0.05, 0)))
+    args = ["--early-stopping-patience", "1", "--early-stopping-min-delta", "10", "--kl-warmup-epochs", "1"]
+    for out, extra, epochs in (("plain", [], 2), ("floor", ["--min-cells", str(3 * n_train + 1)], 4)):
+        run_train([*base_args(small_atlas, tmp_path / out, epochs=6), *args, *extra])
+        assert len(list(csv.DictReader((tmp_path / out / "metrics.csv").open()))) == epochs, out
+    saved = [json.loads((tmp_path / out / "config.json").read_text())["config"]["train"] for out in ("plain", "floor")]
+    assert [c["min_cells"] for c in saved] == [0, 3 * n_train + 1]
 
 
 def test_the_learning_rate_is_cut_every_patience_epochs_of_a_plateau():
@@ -429,7 +454,7 @@ def test_the_learning_rate_is_cut_every_patience_epochs_of_a_plateau():
         t, progress, cuts = TrainConfig(kl_warmup_epochs=3, **kw), Progress(), []
         for epoch, loss in enumerate(losses):
             progress.epoch = epoch
-            if _early_stop(t, progress, loss, max_epochs=100):
+            if _early_stop(t, progress, loss, max_epochs=100, floor=0):
                 break
             if _lr_cut_due(t, progress, loss, max_epochs=100):
                 cuts.append(epoch)
@@ -447,7 +472,7 @@ def test_the_learning_rate_is_cut_every_patience_epochs_of_a_plateau():
     # warm-up again, leaves the count as it was, and cuts nothing
     t = TrainConfig(kl_warmup_epochs=3, lr_plateau_patience=2)
     progress = Progress(epoch=2, best_val=9.0, bad_epochs=2)
-    assert not _early_stop(t, progress, 9.5, max_epochs=100) and progress.bad_epochs == 2
+    assert not _early_stop(t, progress, 9.5, max_epochs=100, floor=0) and progress.bad_epochs == 2
     assert not _lr_cut_due(t, progress, 9.5, max_epochs=100)
 
 
