@@ -26,6 +26,8 @@ AVERAGE_CELLS = 128  # cells a step at which the weight average's default decays
 # early stopping's floor without label keys, in training cells: at 700 cells the epoch rule's 400 epochs (scVI's
 # length), at 8,000 cells 40 epochs, fewer than any early-stopped benchmark run
 MIN_CELLS_UNLABELLED = 300_000
+# training cells over which BatchNorm's statistics are gathered for the weight average a run writes
+NORM_REFRESH_CELLS = 20_000
 UNLABELED = ("undefined",)  # label values that mean "no label" unless the user names others
 
 
@@ -223,6 +225,11 @@ class TrainConfig:
         None, "early stopping does not stop a run before its epochs have held this many training cells in all "
         f"(unset: {MIN_CELLS_UNLABELLED:,} without label keys, 0 with)",
     )  # fmt: skip
+    # docs/quality.md, "BatchNorm statistics for the averaged weights"
+    norm_refresh_cells: int = opt(
+        NORM_REFRESH_CELLS, "after training, BatchNorm's running statistics are gathered anew for the weight "
+        "average over this many training cells (0: the running statistics of the last steps' own weights)",
+    )  # fmt: skip
     lr_plateau_patience: int = opt(
         0, "multiply the learning rate by lr_plateau_factor after every this many epochs (after the KL warm-up) "
         "without validation improvement (0: off)"
@@ -294,7 +301,7 @@ class TrainConfig:
         _check_flags(self)
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), not {self.ema_decay}")
-        for key in ("min_epochs", "min_cells"):
+        for key in ("min_epochs", "min_cells", "norm_refresh_cells"):
             if (getattr(self, key) or 0) < 0:
                 raise ValueError(f"{key} must be at least 0, not {getattr(self, key)}")
         if self.ema_every < 1:

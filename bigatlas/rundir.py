@@ -31,8 +31,8 @@ FORMAT_VERSION = 1
 # how long to train may change on resume; nothing that shapes the run may
 RESUMABLE_CHANGES = (
     "max_epochs", "max_steps", "early_stopping_patience", "early_stopping_min_delta", "min_epochs", "min_cells",
-    "num_workers", "reference_cells", "reference_umap",
-)  # num_workers: elastic; the reference is built after training  # fmt: skip
+    "num_workers", "reference_cells", "reference_umap", "norm_refresh_cells",
+)  # num_workers: elastic; the reference and the BatchNorm statistics are made after training  # fmt: skip
 
 
 # [train] settings added after format version 1, with the value that reproduces what a run dir written
@@ -47,6 +47,7 @@ ADDED_SETTINGS = {
     "lr_plateau_factor": 0.5,
     "min_epochs": 0,  # early stopping from the warm-up's end
     "min_cells": 0,  # ... at any number of cells
+    "norm_refresh_cells": 0,  # the written weights kept training's BatchNorm statistics
     "missing_genes": "zero",  # zero-filled genes counted as observed zeros
 }
 # [model] settings added since, likewise (a run dir written before them has the model they describe)

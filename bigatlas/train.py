@@ -13,8 +13,9 @@ validation rows are scored in the same forward pass, so validation costs no extr
 
 from __future__ import annotations
 
+import math
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .faults import Faults
 from .guard import SYNC_EVERY, NanGuard
 from .lock import OutputLock
 from .metrics_log import DeviceSums, MetricsLog, epoch_row, new_sums
+from .norm_refresh import refresh_batch_norms
 from .optim import TINY_EVERY, clip_gradients, make_optimizer, zero_tiny_moments
 from .preempt import Preempted, Preemption
 from .process_group import leave_at_exit
@@ -503,6 +505,7 @@ def _finish(s: Session, stopped_early: bool, trace: bool) -> Path:
     module = acc.unwrap_model(s.model)
     if s.average is not None:  # the last checkpoint keeps the last step's weights and the average apart
         s.average.copy_to_model()
+        _refresh_norms(s, module)
     if trace:  # each rank's own weights, to check that data-parallel ranks stayed identical
         params = torch.cat([p.detach().cpu().double().ravel() for p in module.parameters()])
         np.save(run.path / "trace" / f"rank{acc.process_index}_params.npy", params.numpy())
@@ -515,6 +518,36 @@ def _finish(s: Session, stopped_early: bool, trace: bool) -> Path:
         _reference(s)
     acc.wait_for_everyone()
     return run.weights_file
+
+
+def _refresh_norms(s: Session, module) -> None:
+    """BatchNorm statistics gathered anew for the weight average (norm_refresh.py) over norm_refresh_cells
+    training cells, from the epochs after the last one trained."""
+    t, acc = s.cfg.train, s.acc
+    steps = math.ceil(t.norm_refresh_cells / (t.batch_size * acc.num_processes))
+
+    def forward(batch):
+        inp = s.to_input(batch)
+        with acc.autocast():
+            module(inp.counts, inp.codes, inp.labels, measured=inp.measured)
+
+    reduce = (lambda x: acc.reduce(x, reduction="mean")) if acc.num_processes > 1 else None
+    with closing(_epochs_from(s.stream, s.stream.epoch + (s.stream.consumed > 0))) as batches:
+        used = refresh_batch_norms(module, batches, forward, steps, reduce)
+    if used and acc.is_main_process:
+        print(f"BatchNorm statistics gathered for the weight average over {used} minibatches", flush=True)
+
+
+def _epochs_from(stream: CellStream, epoch: int):
+    """The stream's minibatches from the start of `epoch` on, epoch after epoch (none if an epoch has none)."""
+    while len(stream):
+        stream.set_epoch(epoch)
+        it = iter(stream)
+        try:
+            yield from it
+        finally:
+            it.close()
+        epoch += 1
 
 
 def _reference(s: Session) -> None:

@@ -793,3 +793,25 @@ def test_an_average_from_the_warm_up_begins_where_the_kl_weight_reaches_its_valu
         assert TrainConfig(ema_start="run").average_start(epochs, steps) == 0
     with pytest.raises(ValueError, match="ema_start"):
         TrainConfig(ema_start="later")
+
+
+def test_the_written_batch_norm_statistics_belong_to_the_written_weights(small_atlas, tmp_path):
+    """Without label keys (BatchNorm and a weight average): with --norm-refresh-cells of one epoch's cells in
+    minibatches of one size (2,400 = 30 × 80), the encoder's first BatchNorm holds its input's mean over every
+    cell for the written (averaged) weights; with 0 it holds the last steps' own weights' running mean, which is
+    not that. The parameters are the same either way."""
+    import anndata
+
+    x = anndata.read_zarr(small_atlas).X
+    x = np.log1p(np.asarray(x.todense() if hasattr(x, "todense") else x, dtype=np.float64))
+    args = ["--data", small_atlas, "--batch-key", "donor_id", "--max-epochs", "2", "--batch-size", "80"]
+    error, written = {}, {}
+    for out, cells in (("refresh", 2400), ("kept", 0)):
+        run_train([*args, "--out", str(tmp_path / out), "--norm-refresh-cells", str(cells)])
+        w = written[out] = weights(tmp_path / out)
+        h = x @ w["encoder.0.weight"].T.astype(np.float64) + w["encoder.0.bias"]
+        error[out] = np.abs(w["encoder.1.running_mean"] - h.mean(0)).max() / h.std(0).mean()
+    assert error["refresh"] < 1e-4 < 1e-2 < error["kept"], error
+    for k, v in written["kept"].items():
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            np.testing.assert_array_equal(written["refresh"][k], v, err_msg=k)
