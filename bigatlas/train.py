@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -506,8 +507,9 @@ def _finish(s: Session, stopped_early: bool, trace: bool) -> Path:
     if s.average is not None:  # the last checkpoint keeps the last step's weights and the average apart
         s.average.copy_to_model()
         _refresh_norms(s, module)
-    if trace:  # each rank's own weights, to check that data-parallel ranks stayed identical
-        params = torch.cat([p.detach().cpu().double().ravel() for p in module.parameters()])
+    if trace:  # each rank's own weights and BatchNorm statistics, to check that data-parallel ranks stayed identical
+        state = [v for v in module.state_dict().values() if v.is_floating_point()]
+        params = torch.cat([v.detach().cpu().double().ravel() for v in state])
         np.save(run.path / "trace" / f"rank{acc.process_index}_params.npy", params.numpy())
     if acc.is_main_process:
         out = run.write_weights(module)
@@ -532,10 +534,12 @@ def _refresh_norms(s: Session, module) -> None:
             module(inp.counts, inp.codes, inp.labels, measured=inp.measured)
 
     reduce = (lambda x: acc.reduce(x, reduction="mean")) if acc.num_processes > 1 else None
+    start = time.perf_counter()
     with closing(_epochs_from(s.stream, s.stream.epoch + (s.stream.consumed > 0))) as batches:
         used = refresh_batch_norms(module, batches, forward, steps, reduce)
     if used and acc.is_main_process:
-        print(f"BatchNorm statistics gathered for the weight average over {used} minibatches", flush=True)
+        print(f"BatchNorm statistics gathered for the weight average over {used} minibatches "
+              f"({time.perf_counter() - start:.1f}s)", flush=True)  # fmt: skip
 
 
 def _epochs_from(stream: CellStream, epoch: int):
