@@ -67,6 +67,8 @@ _UNINTERRUPTED: dict[tuple, Path] = {}
         ("after_step:40", "off", "bf16", []),  # on the CPU: the wide layers' bfloat16 products (bf16_linear)
         ("after_step:40", "off", "no", ["--batch-align", "10"]),  # its pool of latest cells is in the checkpoint
         ("after_step:40", "off", "no", ["--ema-start", "warmup"]),  # the average's start is in the checkpoint
+        # BatchNorm: its statistics, gathered anew for the average after training, are the uninterrupted run's
+        ("after_step:40", "off", "no", ["--norm", "batch"]),
     ],
 )
 def test_resume_after_sigkill_is_bit_identical(
