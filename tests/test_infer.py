@@ -183,6 +183,27 @@ def test_surgery_extends_batches_and_keeps_the_reference_fixed(trained, tmp_path
     assert np.isfinite(mapped.get_reconstructed_expression(str(qpath))).all()
 
 
+def test_surgery_on_a_batchnorm_reference_keeps_its_statistics(tmp_path):
+    """A reference without label keys has BatchNorm layers; the mapped run's weight average gets statistics gathered
+    anew only for layers it trains, so the frozen ones keep the reference's, and its latents stay identical."""
+    from safetensors.numpy import load_file
+
+    data, query = tmp_path / "ref.zarr", tmp_path / "query.zarr"
+    synth(data, 600, 100, "zarr", seed=4, n_studies=3, donors_per_study=2)
+    synth(query, 400, 100, "zarr", seed=9, n_studies=2, donors_per_study=2)
+    reference = AtlasVAE.setup(str(data), batch_key="dataset_id", train={"max_epochs": 2})
+    reference.fit(tmp_path / "run")
+    old = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert any(k.endswith("running_mean") for k in old)
+    before = reference.get_latent(str(data))
+    mapped = reference.map_query(renamed_studies(query, tmp_path / "q.zarr"), tmp_path / "mapped", epochs=2)
+    new = load_file(str(tmp_path / "mapped" / "model.safetensors"))
+    for k, v in old.items():
+        if not k.startswith("embeddings."):
+            assert np.array_equal(new[k], v), k
+    assert np.array_equal(mapped.get_latent(str(data)), before)
+
+
 def test_a_query_without_some_genes_is_mapped_on_its_filled_latents(trained, tmp_path):
     """map-query on a query that lacks 20 of the 100 genes: the mapped model embeds it where the reference
     does (frozen encoder), with the missing genes filled in rather than read as zeros, and the mapped run
