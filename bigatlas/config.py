@@ -23,9 +23,10 @@ EMA_STARTS = ("run", "warmup")
 MISSING_GENES = ("masked", "zero")
 COMPILE_MIN_STEPS = 5000
 AVERAGE_CELLS = 128  # cells a step at which the weight average's default decays were chosen (TrainConfig)
-# early stopping's floor without label keys, in training cells: at 700 cells the epoch rule's 400 epochs (scVI's
-# length), at 8,000 cells 40 epochs, fewer than any early-stopped benchmark run
-MIN_CELLS_UNLABELLED = 300_000
+# early stopping's floor without label keys, in training cells: below ~1,100 cells the epoch rule's 400 epochs
+# (scVI's length), at 4,000 cells 119 epochs, at 8,000 cells 60, about where the early-stopped benchmark runs stop
+# (docs/quality.md, "A floor on the cells trained on" and "The floor at 450,000 cells")
+MIN_CELLS_UNLABELLED = 450_000
 # training cells over which BatchNorm's statistics are gathered for the weight average a run writes
 NORM_REFRESH_CELLS = 20_000
 UNLABELED = ("undefined",)  # label values that mean "no label" unless the user names others
