@@ -543,9 +543,11 @@ def _refresh_norms(s: Session, module) -> None:
 
 
 def _epochs_from(stream: CellStream, epoch: int):
-    """The stream's minibatches from the start of `epoch` on, epoch after epoch (none if an epoch has none)."""
-    while len(stream):
+    """The stream's minibatches from the start of `epoch` on, epoch after epoch (ending at an epoch without any)."""
+    while True:
         stream.set_epoch(epoch)
+        if not len(stream):  # the epoch about to be read, not the one before it
+            return
         it = iter(stream)
         try:
             yield from it
