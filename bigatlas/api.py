@@ -13,8 +13,10 @@ only (no pickle is ever unpickled).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ from .infer import UNKNOWN, embed
 from .label_review import MIN_AGREEMENT, review
 from .model import VAEModule
 from .query import map_query
-from .reference import read_reference
+from .reference import read_reference, reference_dir
 from .rundir import RunDir, load_run, save_run
 from .train import make_accelerator, train
 from .transfer import DEFAULT_UNKNOWN, LabelTransfer
@@ -61,6 +63,7 @@ class AtlasVAE:
         self.vocab: Vocab | None = None
         self.module: VAEModule | None = None
         self.run_dir: Path | None = None
+        self._scratch = None  # removes the temporary run dir of a fit() given none (weakref.finalize)
         if data is not None and not batch_key:
             raise ValueError("batch_key is required: the obs column of the batch (e.g. 'sample')")
         self.config = RunConfig(
@@ -95,27 +98,44 @@ class AtlasVAE:
     # -- training / persistence -------------------------------------------------------------------
     def fit(self, run_dir=None, *, max_epochs: int | None = None, resume: bool = False) -> AtlasVAE:
         """Train (streaming, in this process or on every process of an `accelerate launch`) into
-        run_dir (default: a new temporary folder; `save()` copies the model elsewhere), then hold the
-        trained weights."""
+        run_dir, then hold the trained weights. Without run_dir: a new temporary folder, the same on every
+        process, removed with this object or by the next fit(); `save()` keeps the model."""
         if not self.config.data.data:
             raise ValueError("no data to fit: AtlasVAE(adata_or_path, batch_key=...)")
-        run_dir = run_dir or tempfile.mkdtemp(prefix="bigatlas-run-")
+        if resume and run_dir is None:
+            raise ValueError("resume=True needs the run_dir of the run to resume")
         cfg = self.config.override("train", max_epochs=max_epochs)
+        acc = make_accelerator(cfg)
+        scratch = run_dir is None
+        run_dir = _scratch_run_dir(acc) if scratch else run_dir
         in_memory = self.data if is_anndata(self.data) else None
-        train(cfg, run_dir, resume=resume, accelerator=make_accelerator(cfg), data=in_memory)
+        train(cfg, run_dir, resume=resume, accelerator=acc, data=in_memory)
         run = load_run(run_dir)
+        acc.wait_for_everyone()  # every process has read the run before the main one may remove it
+        self._remove_scratch()
         self.config, self.vocab, self.module, self.run_dir = run.config, run.vocab, run.module, run.path
+        if scratch and acc.is_main_process:
+            self._scratch = weakref.finalize(self, shutil.rmtree, str(run.path), ignore_errors=True)
         self._point_drops_at(RunDir(run.path))
         return self
+
+    def _remove_scratch(self, keep: Path | None = None):
+        """Remove the temporary run dir of an earlier fit() (self.run_dir while there is one), unless it is
+        `keep`, which then stays."""
+        if self._scratch is None:
+            return
+        if keep is not None and self.run_dir.resolve() == keep.resolve():
+            self._scratch.detach()
+        else:
+            self._scratch()
+        self._scratch = None
 
     def _point_drops_at(self, run: RunDir):
         """After a fit: the cells drop_labels gave as a table name the run's copy of them, not the temporary
         file written for the fit, which goes (a later fit reads the copy)."""
         if not self._drop_files:
             return
-        copies = {key: f"{key}={run.dropped_labels_of(key)}" for key in self._drop_files}
-        specs = tuple(copies.get(parse_drop(spec)[0], spec) for spec in self.config.data.drop_labels)
-        self.config = self.config.override("data", drop_labels=specs)
+        self.config = _drops_named_in(self.config, run)
         for written in self._drop_files.values():
             shutil.rmtree(written.parent, ignore_errors=True)
         self._drop_files = {}
@@ -129,8 +149,23 @@ class AtlasVAE:
         return cls._from_run(load_run(run_dir))
 
     def save(self, run_dir) -> Path:
+        """Write the model to run_dir with what label transfer reads beside the weights (the reference, the
+        run's copies of the cells trained without labels), so that `AtlasVAE.load(run_dir)` predicts as this
+        model does; checkpoints stay behind. The temporary run dir of a fit() given none is then removed.
+        Under `accelerate launch` the main process writes."""
+        from accelerate import PartialState
+
         self._need_fit()
-        self.run_dir = save_run(run_dir, self.config, self.vocab, self.module)
+        target, state = RunDir(run_dir), PartialState(cpu=not torch.cuda.is_available())
+        if state.is_main_process:
+            config = self.config
+            if self.run_dir is not None and self.run_dir.resolve() != target.path.resolve():
+                config = _copy_transfer_files(RunDir(self.run_dir), target, config)
+            save_run(target.path, config, self.vocab, self.module)
+        state.wait_for_everyone()
+        self.config = target.read_config()
+        self._remove_scratch(keep=target.path)
+        self.run_dir = target.path
         return self.run_dir
 
     # -- inference --------------------------------------------------------------------------------
@@ -332,6 +367,43 @@ class AtlasVAE:
         1e4 for counts per 10k), as a DataFrame indexed by cell name in the data's cell order."""
         store, mu = self._decoded(adata, obs_filter, library_size, batch_size, layer, allow_non_integer)
         return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(self.vocab.genes))
+
+
+def _scratch_run_dir(acc) -> Path:
+    """A new temporary folder for a fit() given no run dir: the main process makes it and tells the others.
+    A temporary folder is one machine's, so a launch over several machines needs a run dir they share."""
+    if acc.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)):
+        raise ValueError(
+            "fit() on several machines needs run_dir=: a folder every machine sees (a temporary folder is one "
+            "machine's)"
+        )
+    made = [tempfile.mkdtemp(prefix="bigatlas-run-") if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(made)
+    return Path(made[0])
+
+
+def _copy_transfer_files(source: RunDir, target: RunDir, config: RunConfig) -> RunConfig:
+    """Make target's reference and copies of the cells trained without labels those of the run dir `source`;
+    returns `config` with those cells named by target's copies."""
+    for src, dst in ((reference_dir(source.path), reference_dir(target.path)), (source.dropped_labels,
+                                                                               target.dropped_labels)):  # fmt: skip
+        shutil.rmtree(dst, ignore_errors=True)
+        if src.exists():
+            shutil.copytree(src, dst)
+    return _drops_named_in(config, target)
+
+
+def _drops_named_in(config: RunConfig, run: RunDir) -> RunConfig:
+    """`config` with each drop_labels entry naming run's copy of its cells, where the run has one."""
+    specs = []
+    for spec in config.data.drop_labels:
+        key = parse_drop(spec)[0]
+        copy = run.dropped_labels_of(key)
+        specs.append(f"{key}={copy}" if copy.exists() else spec)
+    return config.override("data", drop_labels=tuple(specs))
 
 
 def _names(value) -> tuple[str, ...]:

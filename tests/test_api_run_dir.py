@@ -1,0 +1,101 @@
+"""AtlasVAE.fit() without a run dir trains into one temporary folder (the same on every process of a launch)
+that goes with the model; save() writes what label transfer reads beside the weights, so a loaded copy
+predicts as the model did."""
+
+import gc
+import json
+import os
+import subprocess
+import tempfile
+
+import numpy as np
+import pytest
+from conftest import ROOT, accelerate_launcher
+
+from bigatlas import AtlasVAE
+from bigatlas.synth import synth
+
+TRAIN = {"max_epochs": 2, "batch_size": 64, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory):
+    path = tmp_path_factory.mktemp("api_run_dir") / "a.zarr"
+    synth(path, 1100, 80, "zarr", seed=3, n_studies=3, donors_per_study=2)
+    return str(path)
+
+
+@pytest.fixture
+def temp(tmp_path, monkeypatch):
+    """Where tempfile makes folders in this test (fit()'s run dir, drop_labels' table)."""
+    folder = tmp_path / "temp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_save_writes_what_label_transfer_reads_and_removes_the_temporary_run_dir(atlas, temp, tmp_path):
+    dropped = [f"cell_{i}" for i in range(0, 1100, 9)]
+    model = AtlasVAE(atlas, batch_key="dataset_id", label_keys=["cell_type"], drop_labels={"cell_type": dropped},
+                     train=TRAIN)  # fmt: skip
+    model.fit()
+    scratch = model.run_dir
+    assert scratch.parent == temp and (scratch / "reference" / "reference.json").exists()
+    before = model.predict()
+    saved = model.save(tmp_path / "saved")
+    assert not scratch.exists() and list(temp.iterdir()) == []
+    assert (saved / "reference" / "reference.json").exists()
+    (spec,) = model.config.data.drop_labels  # names the saved copy of the cells, which exists
+    assert spec == f"cell_type={saved / 'dropped_labels' / 'cell_type.csv'}"
+    assert (saved / "dropped_labels" / "cell_type.csv").exists()
+    assert json.loads((saved / "config.json").read_text())["config"]["data"]["drop_labels"] == [spec]
+    loaded = AtlasVAE.load(saved).predict()
+    for after in (model.predict(), loaded):  # the reference's kNN vote is part of the prediction
+        np.testing.assert_array_equal(after.cell_type_prob.to_numpy(), before.cell_type_prob.to_numpy())
+        assert (after.cell_type_pred == before.cell_type_pred).all()
+    again = AtlasVAE.load(saved).fit(tmp_path / "again")  # a later fit reads the saved copy of the cells
+    assert again.vocab.class_counts == model.vocab.class_counts
+
+
+def test_the_temporary_run_dir_goes_with_the_model_or_the_next_fit(atlas, temp):
+    model = AtlasVAE(atlas, batch_key="dataset_id", train={**TRAIN, "max_epochs": 1}).fit()
+    first = model.run_dir
+    model.fit()
+    assert not first.exists() and model.run_dir.exists() and model.run_dir != first
+    second = model.run_dir
+    model.save(second)  # saved where it is: kept
+    del model
+    gc.collect()
+    assert (second / "model.safetensors").exists()
+    model = AtlasVAE(atlas, batch_key="dataset_id", train={**TRAIN, "max_epochs": 1}).fit()
+    third = model.run_dir
+    del model
+    gc.collect()
+    assert not third.exists() and list(temp.iterdir()) == [second]
+    with pytest.raises(ValueError, match="resume=True needs the run_dir"):
+        AtlasVAE(atlas, batch_key="dataset_id").fit(resume=True)
+
+
+SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from bigatlas import AtlasVAE
+model = AtlasVAE(sys.argv[1], batch_key="dataset_id", train={"max_epochs": 1, "batch_size": 64})
+model.fit()
+seen = {"run_dir": str(model.run_dir), "trained": (model.run_dir / "model.safetensors").exists()}
+Path(sys.argv[2], f"rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
+"""
+
+
+def test_fit_without_a_run_dir_on_two_processes_trains_one_run_in_one_temporary_folder(atlas, tmp_path):
+    (tmp_path / "fit.py").write_text(SCRIPT)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}, "PYTHONPATH": str(ROOT), "TMPDIR": str(temp)}
+    cmd = [*accelerate_launcher(2), str(tmp_path / "fit.py"), atlas, str(tmp_path)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert len({line["run_dir"] for line in lines}) == 1 and all(line["trained"] for line in lines)
+    assert lines[0]["run_dir"].startswith(str(temp))
+    assert list(temp.glob("bigatlas-*")) == []  # removed when the script ended (the launcher keeps its own)
