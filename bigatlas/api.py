@@ -173,6 +173,14 @@ class AtlasVAE:
         if self.module is None:
             raise RuntimeError("model is not trained: call fit() or AtlasVAE.load(run_dir)")
 
+    def _need_labels(self):
+        self._need_fit()
+        if not self.vocab.label_classes:
+            raise ValueError(
+                "the model was trained without label keys: it has no labels to predict (AtlasVAE(..., "
+                "label_keys=['cell_type']); review_labels() checks a column's labels against this model's latent)"
+            )
+
     def _source(self, data, obs_filter):
         """(what to open, its obs_filter): `data` as given, else the data the model was set up with."""
         if data is not None:
@@ -291,6 +299,7 @@ class AtlasVAE:
     ) -> dict:  # fmt: skip
         """Per label key: {'label': predicted class names, 'probability': its probability,
         'probabilities': cells × classes, 'uncertainty'}, in the data's cell order."""
+        self._need_labels()
         _, results, _ = self._transfer(data, obs_filter, batch_size, layer, allow_non_integer, predictor)
         out = {}
         for k, r in results.items():
@@ -307,6 +316,7 @@ class AtlasVAE:
         label key: `<key>_pred`, `_prob`, `_uncertainty`, `_unknown` (uncertainty above unknown_threshold)
         and `_pred_filtered` ('Unknown' there): `adata.obs = adata.obs.join(model.predict())`. Labels come
         from the run's reference (calibrated head + kNN vote) when it has one, else the calibrated head."""
+        self._need_labels()
         store, results, _ = self._transfer(adata, obs_filter, batch_size, layer, allow_non_integer, predictor)
         columns = {}
         for k, r in results.items():

@@ -72,6 +72,8 @@ def test_the_temporary_run_dir_goes_with_the_model_or_the_next_fit(atlas, temp):
     del model
     gc.collect()
     assert not third.exists() and list(temp.iterdir()) == [second]
+    with pytest.raises(ValueError, match="trained without label keys: it has no labels to predict"):
+        AtlasVAE.load(second).predict()  # not an empty table
     with pytest.raises(ValueError, match="resume=True needs the run_dir"):
         AtlasVAE(atlas, batch_key="dataset_id").fit(resume=True)
 
