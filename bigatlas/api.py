@@ -190,15 +190,15 @@ class AtlasVAE:
             raise ValueError(f"the model was trained on an {d.data}; pass that AnnData (adata=...)")
         return (d.data if self.data is None else self.data), (obs_filter or d.obs_filter)
 
-    def _batches(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False, with_batch_codes=False):
-        """(store, ModelInputs in store order) of `layer` (default: the one the model was trained on; "X" for
-        X); genes the data lacks are zero-filled (with a warning), as in `embed`."""
+    def _batches(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False, keys=()):
+        """(store, ModelInputs in store order, with the model's codes of the batch/covariate `keys`) of `layer`
+        (default: the one the model was trained on; "X" for X); genes the data lacks are zero-filled (with a
+        warning), as in `embed`."""
         self._need_fit()
         d = self.config.data
         source, obs_filter = self._source(data, obs_filter)
         layer, allow_non_integer = d.read_as(layer, allow_non_integer)
         store = open_store(source, obs_filter=obs_filter, layer=layer, genes=self.vocab.genes, gene_join="outer")
-        keys = d.batch_keys if with_batch_codes else ()
         colmap = store.gene_map(self.vocab.genes, missing="zero-fill", what="model's")
         stream = CellStream(
             store,
@@ -343,39 +343,65 @@ class AtlasVAE:
         return umap
 
     @torch.no_grad()
-    def _decoded(self, data, obs_filter, library_size, batch_size, layer=None, allow_non_integer=False):
-        """(store, decoded means cells × genes)."""
+    def _decoded(self, data, obs_filter, library_size, batch_size, layer=None, allow_non_integer=False,
+                 transform_batch=None):  # fmt: skip
+        """(store, decoded means cells × genes): each cell decoded with its own batch, or with each batch of
+        `transform_batch` in turn and averaged (its covariates its own either way)."""
         self._need_fit()
         self.module.eval()
+        keys = self.config.data.batch_keys
+        as_batches = None if transform_batch is None else self._batch_codes(transform_batch)
+        read = keys if as_batches is None else keys[1:]  # the data's own batches are not read (a query's new ones)
+        store, batches = self._batches(data, obs_filter, batch_size, layer, allow_non_integer, keys=read)
         out = []
-        store, batches = self._batches(data, obs_filter, batch_size, layer, allow_non_integer, with_batch_codes=True)
         for inp in batches:
             lib = inp.counts.library
             if library_size is not None:
                 lib = torch.full_like(lib, float(library_size))
-            mu, _, _ = self.module.decode(self.module.latent(inp.counts, measured=inp.measured), inp.codes, lib)
+            z = self.module.latent(inp.counts, measured=inp.measured)
+            if as_batches is None:
+                mu = self.module.decode(z, inp.codes, lib)[0]
+            else:
+                mu = sum(self.module.decode(z, _with_batch(code, inp.codes, len(z)), lib)[0] for code in as_batches)
+                mu = mu / len(as_batches)
             if library_size is None and inp.measured is not None:  # its observed total is its measured genes'
                 mu = mu * (lib / (mu * inp.measured).sum(1).clamp_min(1e-30)).unsqueeze(1)
             out.append(mu.cpu().numpy())
         return store, np.concatenate(out)
 
+    def _batch_codes(self, names) -> list[int]:
+        """The model's codes of the batch key's categories `names` (one name or several)."""
+        key = self.config.data.batch_keys[0]
+        known = self.vocab.batch_categories[key]
+        names = _names(names)
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            shown = ", ".join(known[:8]) + (" …" if len(known) > 8 else "")
+            raise ValueError(f"transform_batch {unknown or names!r}: not a {key!r} the model was trained on ({shown})")
+        return [known.index(n) for n in names]
+
     def get_reconstructed_expression(
         self, data=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
-        library_size=None, batch_size: int = 1024,
+        library_size=None, batch_size: int = 1024, transform_batch=None,
     ) -> np.ndarray:  # fmt: skip
         """Decoded NB/ZINB means (cells × genes) from the posterior mean, each cell decoded with its own
         batch; library_size=None uses the observed total counts, a number rescales every cell to it. Genes a
         cell's store did not measure (a query's, or a store's in an outer join) get the model's prediction: with
-        the observed total, the means of its measured genes sum to it."""
-        return self._decoded(data, obs_filter, library_size, batch_size, layer, allow_non_integer)[1]
+        the observed total, the means of its measured genes sum to it. transform_batch: as in
+        get_normalized_expression."""
+        return self._decoded(data, obs_filter, library_size, batch_size, layer, allow_non_integer, transform_batch)[1]
 
     def get_normalized_expression(
         self, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
-        library_size: float = 1.0, batch_size: int = 1024,
+        library_size: float = 1.0, batch_size: int = 1024, transform_batch=None,
     ) -> pd.DataFrame:  # fmt: skip
         """Denoised expression (cells × the model's genes) at a common library size (1.0: fractions;
-        1e4 for counts per 10k), as a DataFrame indexed by cell name in the data's cell order."""
-        store, mu = self._decoded(adata, obs_filter, library_size, batch_size, layer, allow_non_integer)
+        1e4 for counts per 10k), as a DataFrame indexed by cell name in the data's cell order.
+        transform_batch: a category of the batch key (or a list of them, averaged) every cell is decoded as, for
+        expression without the batch effect (scvi-tools' name); the data's own batches are then not read, so a
+        query from batches the model has not seen needs no map_query. Unset: each cell's own batch."""
+        store, mu = self._decoded(adata, obs_filter, library_size, batch_size, layer, allow_non_integer,
+                                  transform_batch)  # fmt: skip
         return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(self.vocab.genes))
 
 
@@ -414,6 +440,12 @@ def _drops_named_in(config: RunConfig, run: RunDir) -> RunConfig:
         copy = run.dropped_labels_of(key)
         specs.append(f"{key}={copy}" if copy.exists() else spec)
     return config.override("data", drop_labels=tuple(specs))
+
+
+def _with_batch(code: int, covariates, n: int) -> torch.Tensor:
+    """Codes of n cells with `code` as the batch key's (first column) beside their covariates' codes."""
+    column = torch.full((n, 1), code, dtype=torch.long, device=None if covariates is None else covariates.device)
+    return column if covariates is None else torch.cat([column, covariates.to(torch.long)], 1)
 
 
 def _names(value) -> tuple[str, ...]:

@@ -77,6 +77,8 @@ def test_results_come_back_in_the_anndatas_order(copies, tmp_path):
     in_study = shuffled.obs_names[shuffled.obs.dataset_id == "study_1"]
     assert list(expr.index) == list(in_study) and list(expr.columns) == list(model.vocab.genes)
     assert np.allclose(expr.sum(1), 1.0, atol=1e-4)  # fractions of a common library size
+    as_1 = model.get_normalized_expression(shuffled, transform_batch="study_1")  # covariates stay each cell's own
+    assert np.allclose(as_1.loc[in_study], model.get_normalized_expression(shuffled).loc[in_study], rtol=1e-5)
     old = AtlasVAE.load(tmp_path / "run")
     with pytest.raises(ValueError, match="trained on an AnnData .* pass that AnnData"):
         old.get_latent_representation()
@@ -277,3 +279,34 @@ def test_a_model_trained_on_counts_reads_non_integer_values_only_when_a_call_all
     assert not np.allclose(z, model.get_latent_representation(adata), atol=1e-3)  # read as they are, not rounded
     emb = zarr.open_group(str(model.embed(corrected, tmp_path / "c.emb", allow_non_integer=True, progress=False)))
     np.testing.assert_allclose(emb["obsm/X_bigatlas"][:], z, atol=1e-5)
+
+
+def test_transform_batch_decodes_every_cell_as_the_named_batch(copies, tmp_path):
+    """get_normalized_expression(transform_batch=): a cell of that batch is unchanged, the others move; a query
+    from a batch the model has not seen is decoded as if it carried the named one (no map_query); a list
+    averages; a name the model does not know is refused."""
+    adata = copies["memory"]
+    ref = adata[adata.obs.dataset_id != "study_2"].copy()
+    model = AtlasVAE(ref, batch_key="dataset_id", train={"max_epochs": 1, "batch_size": 64, "seed": 5})
+    model.fit(tmp_path / "run")
+    own = model.get_normalized_expression(ref).to_numpy()
+    as_0 = model.get_normalized_expression(ref, transform_batch="study_0").to_numpy()
+    in_0 = (ref.obs.dataset_id == "study_0").to_numpy()
+    np.testing.assert_allclose(as_0[in_0], own[in_0], rtol=1e-5)
+    assert np.abs(np.log(as_0[~in_0] / own[~in_0])).mean() > 0.01  # the other study's effect is taken out
+    as_1 = model.get_normalized_expression(ref, transform_batch="study_1").to_numpy()
+    both = model.get_normalized_expression(ref, transform_batch=["study_0", "study_1"]).to_numpy()
+    np.testing.assert_allclose(both, (as_0 + as_1) / 2, rtol=1e-5)
+
+    query = adata[adata.obs.dataset_id == "study_2"].copy()
+    with pytest.raises(ValueError, match="categories the model was not trained on"):
+        model.get_normalized_expression(query)
+    relabelled = query.copy()
+    relabelled.obs["dataset_id"] = "study_0"
+    expr = model.get_normalized_expression(query, transform_batch="study_0")
+    assert list(expr.index) == list(query.obs_names)
+    np.testing.assert_allclose(expr.to_numpy(), model.get_normalized_expression(relabelled).to_numpy(), rtol=1e-5)
+    counts = model.get_reconstructed_expression(query, transform_batch="study_0")
+    np.testing.assert_allclose(counts.sum(1), np.asarray(query.X.sum(1)).ravel(), rtol=1e-4)  # observed totals
+    with pytest.raises(ValueError, match=r"\['study_9'\].*not a 'dataset_id' the model was trained on"):
+        model.get_normalized_expression(ref, transform_batch="study_9")
