@@ -109,7 +109,12 @@ class AtlasVAE:
         scratch = run_dir is None
         run_dir = _scratch_run_dir(acc) if scratch else run_dir
         in_memory = self.data if is_anndata(self.data) else None
-        train(cfg, run_dir, resume=resume, accelerator=acc, data=in_memory)
+        try:
+            train(cfg, run_dir, resume=resume, accelerator=acc, data=in_memory)
+        except BaseException:
+            if scratch and acc.is_main_process:  # a temporary folder nobody can name again
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         run = load_run(run_dir)
         acc.wait_for_everyone()  # every process has read the run before the main one may remove it
         self._remove_scratch()

@@ -74,6 +74,9 @@ def test_the_temporary_run_dir_goes_with_the_model_or_the_next_fit(atlas, temp):
     assert not third.exists() and list(temp.iterdir()) == [second]
     with pytest.raises(ValueError, match="trained without label keys: it has no labels to predict"):
         AtlasVAE.load(second).predict()  # not an empty table
+    with pytest.raises(Exception, match="no_such_label"):  # a fit that fails leaves no temporary folder
+        AtlasVAE(atlas, batch_key="dataset_id", label_keys=["no_such_label"], train=TRAIN).fit()
+    assert list(temp.iterdir()) == [second]
     with pytest.raises(ValueError, match="resume=True needs the run_dir"):
         AtlasVAE(atlas, batch_key="dataset_id").fit(resume=True)
 
