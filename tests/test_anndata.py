@@ -138,6 +138,8 @@ def test_a_model_without_label_keys_keeps_its_16_latent_dimensions_through_embed
     saved = saved["model"]
     assert saved["n_latent"] == 16 and model.module.n_latent == 16 and not model.vocab.label_classes
     assert model.get_latent_representation().shape == (N, 16)
+    with pytest.raises(ValueError, match="trained without label keys: it has no labels to predict"):
+        model.predict()  # not an empty table
     emb = zarr.open_group(str(model.embed(copies["zarr"], tmp_path / "e.zarr", progress=False)))
     assert emb["obsm/X_bigatlas"].shape == (N, 16)
     query = adata[adata.obs.dataset_id == "study_1"].copy()

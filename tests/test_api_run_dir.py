@@ -57,7 +57,7 @@ def test_save_writes_what_label_transfer_reads_and_removes_the_temporary_run_dir
     assert again.vocab.class_counts == model.vocab.class_counts
 
 
-def test_the_temporary_run_dir_goes_with_the_model_or_the_next_fit(atlas, temp):
+def test_the_temporary_run_dir_goes_with_the_model_the_next_fit_or_a_failed_one(atlas, temp):
     model = AtlasVAE(atlas, batch_key="dataset_id", train={**TRAIN, "max_epochs": 1}).fit()
     first = model.run_dir
     model.fit()
@@ -72,8 +72,6 @@ def test_the_temporary_run_dir_goes_with_the_model_or_the_next_fit(atlas, temp):
     del model
     gc.collect()
     assert not third.exists() and list(temp.iterdir()) == [second]
-    with pytest.raises(ValueError, match="trained without label keys: it has no labels to predict"):
-        AtlasVAE.load(second).predict()  # not an empty table
     with pytest.raises(Exception, match="no_such_label"):  # a fit that fails leaves no temporary folder
         AtlasVAE(atlas, batch_key="dataset_id", label_keys=["no_such_label"], train=TRAIN).fit()
     assert list(temp.iterdir()) == [second]
