@@ -13,6 +13,7 @@ only (no pickle is ever unpickled).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from .dropped_labels import parse as parse_drop
 from .infer import UNKNOWN, embed
 from .label_review import MIN_AGREEMENT, review
 from .model import VAEModule
+from .process_group import at_exit_after_peers
 from .query import map_query
 from .reference import read_reference, reference_dir
 from .rundir import RunDir, load_run, save_run
@@ -99,7 +101,8 @@ class AtlasVAE:
     def fit(self, run_dir=None, *, max_epochs: int | None = None, resume: bool = False) -> AtlasVAE:
         """Train (streaming, in this process or on every process of an `accelerate launch`) into
         run_dir, then hold the trained weights. Without run_dir: a new temporary folder, the same on every
-        process, removed with this object or by the next fit(); `save()` keeps the model."""
+        process, removed with this object or by the next fit() (under a launch: when every process has ended);
+        `save()` keeps the model."""
         if not self.config.data.data:
             raise ValueError("no data to fit: AtlasVAE(adata_or_path, batch_key=...)")
         if resume and run_dir is None:
@@ -119,7 +122,10 @@ class AtlasVAE:
         acc.wait_for_everyone()  # every process has read the run before the main one may remove it
         self._remove_scratch()
         self.config, self.vocab, self.module, self.run_dir = run.config, run.vocab, run.module, run.path
-        if scratch and acc.is_main_process:
+        if scratch and acc.num_processes > 1:  # the others may still read it when this model goes
+            remove = functools.partial(shutil.rmtree, run.path, ignore_errors=True)
+            at_exit_after_peers(remove if acc.is_main_process else lambda: None)
+        elif scratch:
             self._scratch = weakref.finalize(self, shutil.rmtree, str(run.path), ignore_errors=True)
         self._point_drops_at(RunDir(run.path))
         return self

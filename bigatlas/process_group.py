@@ -45,3 +45,19 @@ def leave_at_exit() -> None:
 
     sys.excepthook = hook
     atexit.register(lambda: None if _failed else leave_process_group())
+
+
+def at_exit_after_peers(action) -> None:
+    """At interpreter exit, once every process of the group has reached its own exit, run `action` (the main
+    process removing what every process read). Registered after leave_at_exit, so it runs while the group is
+    still there; skipped after an uncaught exception, where a peer may never arrive."""
+
+    def run():
+        if _failed:
+            return
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        action()
+
+    atexit.register(run)

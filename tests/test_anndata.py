@@ -260,7 +260,8 @@ def test_a_model_trained_on_counts_reads_non_integer_values_only_when_a_call_all
     allow_non_integer=True; with it, each reads them as embed(allow_non_integer=True) does, and the next call
     without it refuses again (a call's switch is not the model's)."""
     adata = copies["memory"].copy()
-    model = AtlasVAE(adata, batch_key="dataset_id", train={"max_epochs": 1, "batch_size": 64, "seed": 5})
+    model = AtlasVAE(adata, batch_key="dataset_id", label_keys=["cell_type"],
+                     train={"max_epochs": 1, "batch_size": 64, "seed": 5})  # fmt: skip
     model.fit(tmp_path / "run")
     corrected = adata.copy()
     corrected.X = (corrected.X * 0.9).tocsr()

@@ -80,11 +80,13 @@ def test_the_temporary_run_dir_goes_with_the_model_the_next_fit_or_a_failed_one(
 
 
 SCRIPT = """
-import json, os, sys
+import json, os, sys, time
 from pathlib import Path
 from bigatlas import AtlasVAE
 model = AtlasVAE(sys.argv[1], batch_key="dataset_id", train={"max_epochs": 1, "batch_size": 64})
 model.fit()
+if os.environ["RANK"] == "1":
+    time.sleep(3)  # rank 0 reaches its end first: the folder must outlive it while rank 1 still reads it
 seen = {"run_dir": str(model.run_dir), "trained": (model.run_dir / "model.safetensors").exists()}
 Path(sys.argv[2], f"rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
 """
