@@ -119,7 +119,6 @@ class AtlasVAE:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         run = load_run(run_dir)
-        acc.wait_for_everyone()  # every process has read the run before the main one may remove it
         self._remove_scratch()
         self.config, self.vocab, self.module, self.run_dir = run.config, run.vocab, run.module, run.path
         if scratch and acc.num_processes > 1:  # the others may still read it when this model goes
