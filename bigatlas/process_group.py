@@ -4,7 +4,8 @@ Left to interpreter exit, gloo's threads can be destroyed while still joinable, 
 after its work is written ("terminate called without an active exception", SIGABRT): the launcher reports a
 failed run. Every command ends the group when it is done (errors.reported); a script of the notebook API
 under `accelerate launch` ends it at exit (leave_at_exit). Neither does after an error: a peer may still be
-inside a collective with this rank.
+inside a collective with this rank. at_exit_after_peers runs a last action once every process has reached its exit
+(the notebook API's temporary run dir, which every process read, is removed then).
 """
 
 from __future__ import annotations
