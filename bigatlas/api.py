@@ -372,7 +372,7 @@ class AtlasVAE:
             if as_batches is None:
                 mu = self.module.decode(z, inp.codes, lib)[0]
             else:
-                mu = sum(self.module.decode(z, _with_batch(code, inp.codes, len(z)), lib)[0] for code in as_batches)
+                mu = sum(self.module.decode(z, _with_batch(code, inp.codes, z), lib)[0] for code in as_batches)
                 mu = mu / len(as_batches)
             if library_size is None and inp.measured is not None:  # its observed total is its measured genes'
                 mu = mu * (lib / (mu * inp.measured).sum(1).clamp_min(1e-30)).unsqueeze(1)
@@ -434,8 +434,8 @@ def _scratch_run_dir(acc) -> Path:
 def _copy_transfer_files(source: RunDir, target: RunDir, config: RunConfig) -> RunConfig:
     """Make target's reference and copies of the cells trained without labels those of the run dir `source`;
     returns `config` with those cells named by target's copies."""
-    for src, dst in ((reference_dir(source.path), reference_dir(target.path)), (source.dropped_labels,
-                                                                               target.dropped_labels)):  # fmt: skip
+    folders = [(reference_dir(source.path), reference_dir(target.path)), (source.dropped_labels, target.dropped_labels)]
+    for src, dst in folders:
         shutil.rmtree(dst, ignore_errors=True)
         if src.exists():
             shutil.copytree(src, dst)
@@ -452,10 +452,11 @@ def _drops_named_in(config: RunConfig, run: RunDir) -> RunConfig:
     return config.override("data", drop_labels=tuple(specs))
 
 
-def _with_batch(code: int, covariates, n: int) -> torch.Tensor:
-    """Codes of n cells with `code` as the batch key's (first column) beside their covariates' codes."""
-    column = torch.full((n, 1), code, dtype=torch.long, device=None if covariates is None else covariates.device)
-    return column if covariates is None else torch.cat([column, covariates.to(torch.long)], 1)
+def _with_batch(code: int, covariates, z: torch.Tensor) -> torch.Tensor:
+    """Codes of the cells of latent `z` with `code` as the batch key's (first column) beside their covariates'
+    codes (int64, as ToModelInput makes them), on z's device."""
+    column = torch.full((len(z), 1), code, dtype=torch.int64, device=z.device)
+    return column if covariates is None else torch.cat([column, covariates], 1)
 
 
 def _names(value) -> tuple[str, ...]:
