@@ -98,9 +98,12 @@ class AtlasVAE:
         return model
 
     # -- training / persistence -------------------------------------------------------------------
-    def fit(self, run_dir=None, *, max_epochs: int | None = None, resume: bool = False) -> AtlasVAE:
+    def fit(
+        self, run_dir=None, *, max_epochs: int | None = None, resume: bool = False, overwrite: bool = False
+    ) -> AtlasVAE:
         """Train (streaming, in this process or on every process of an `accelerate launch`) into
-        run_dir, then hold the trained weights. Without run_dir: a new temporary folder, the same on every
+        run_dir, then hold the trained weights. A run_dir that holds an earlier run is refused: `resume=True`
+        continues it, `overwrite=True` replaces it. Without run_dir: a new temporary folder, the same on every
         process, removed with this object or by the next fit() (under a launch: when every process has ended);
         `save()` keeps the model."""
         if not self.config.data.data:
@@ -113,7 +116,7 @@ class AtlasVAE:
         run_dir = _scratch_run_dir(acc) if scratch else run_dir
         in_memory = self.data if is_anndata(self.data) else None
         try:
-            train(cfg, run_dir, resume=resume, accelerator=acc, data=in_memory)
+            train(cfg, run_dir, resume=resume, overwrite=overwrite, accelerator=acc, data=in_memory)
         except BaseException:
             if scratch and acc.is_main_process:  # a temporary folder nobody can name again
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -161,7 +164,8 @@ class AtlasVAE:
     def save(self, run_dir) -> Path:
         """Write the model to run_dir with what label transfer reads beside the weights (the reference, the
         run's copies of the cells trained without labels), so that `AtlasVAE.load(run_dir)` predicts as this
-        model does; checkpoints stay behind. The temporary run dir of a fit() given none is then removed.
+        model does, and the training's epoch rows (`history`); checkpoints stay behind. The temporary run dir of a
+        fit() given none is then removed.
         Under `accelerate launch` the main process writes."""
         from accelerate import PartialState
 
@@ -170,13 +174,24 @@ class AtlasVAE:
         if state.is_main_process:
             config = self.config
             if self.run_dir is not None and self.run_dir.resolve() != target.path.resolve():
-                config = _copy_transfer_files(RunDir(self.run_dir), target, config)
+                config = _copy_run_files(RunDir(self.run_dir), target, config)
             save_run(target.path, config, self.vocab, self.module)
         state.wait_for_everyone()
         self.config = target.read_config()
         self._remove_scratch(keep=target.path)
         self.run_dir = target.path
         return self.run_dir
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """The training's epoch rows (metrics.csv), indexed by epoch: the loss and its terms per training cell
+        (`loss`, `recon`, `kl`, `label`, …), the same on the validation cells (`val_…`), `kl_weight`, `lr`,
+        `step`, `cells_per_s`. scvi-tools' `history` by columns of one table instead of a dict of tables."""
+        self._need_fit()
+        path = RunDir(self.run_dir).metrics if self.run_dir is not None else None
+        if path is None or not path.exists():
+            raise ValueError(f"{self.run_dir} has no metrics.csv: the model was saved without its training history")
+        return pd.read_csv(path, index_col="epoch")
 
     # -- inference --------------------------------------------------------------------------------
     def _need_fit(self):
@@ -431,14 +446,17 @@ def _scratch_run_dir(acc) -> Path:
     return Path(made[0])
 
 
-def _copy_transfer_files(source: RunDir, target: RunDir, config: RunConfig) -> RunConfig:
-    """Make target's reference and copies of the cells trained without labels those of the run dir `source`;
-    returns `config` with those cells named by target's copies."""
+def _copy_run_files(source: RunDir, target: RunDir, config: RunConfig) -> RunConfig:
+    """Make target's reference, copies of the cells trained without labels and epoch rows those of the run dir
+    `source`; returns `config` with those cells named by target's copies."""
     folders = [(reference_dir(source.path), reference_dir(target.path)), (source.dropped_labels, target.dropped_labels)]
     for src, dst in folders:
         shutil.rmtree(dst, ignore_errors=True)
         if src.exists():
             shutil.copytree(src, dst)
+    target.metrics.unlink(missing_ok=True)
+    if source.metrics.exists():
+        shutil.copyfile(source.metrics, target.metrics)
     return _drops_named_in(config, target)
 
 

@@ -170,6 +170,7 @@ def _map_query(p):
         "unfreeze_decoder": "also train the decoder",
         "batch_size": ("cells per minibatch (unset: the reference run's)", int),
         "lr": ("learning rate (unset: the reference run's)", float),
+        "overwrite": "replace an earlier run in --out",
     }
     add_signature_flags(p, map_query, helps)
     return lambda a: map_query(a.run, data_arg(a), a.out, **signature_values(a, helps))

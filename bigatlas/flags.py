@@ -84,6 +84,10 @@ def add_train_arguments(p) -> None:
     p.add_argument("--out", required=True, help="RUN_DIR to write")
     p.add_argument("--config", default=None, help="TOML/JSON with [model], [train], [data] sections")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/latest")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in RUN_DIR (its weights, checkpoints, "
+        "metrics and reference) instead of refusing the folder",
+    )  # fmt: skip
     add_organism(p)
     add_config_flags(p, DataConfig, "data")
     add_config_flags(p, TrainConfig, "training")

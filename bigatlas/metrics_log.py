@@ -4,6 +4,7 @@ and where it goes (metrics.csv, TensorBoard, one printed line), main process onl
 from __future__ import annotations
 
 import csv
+import os
 import time
 
 import torch
@@ -78,16 +79,35 @@ def epoch_row(acc, sums: dict, epoch: int, step: int, kl_weight: float, lr: floa
     return row
 
 
+def _keep_rows_before(path, epoch: int) -> list[str] | None:
+    """Rewrite metrics.csv `path` without its rows of `epoch` and later; returns its columns (None: no header)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        path.unlink()
+        return None
+    at = rows[0].index("epoch")
+    kept = [row for row in rows[1:] if row and int(row[at]) < epoch]
+    if len(kept) < len(rows) - 1:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([rows[0], *kept])
+        os.replace(tmp, path)
+    return rows[0]
+
+
 class MetricsLog:
     """metrics.csv (one row per epoch) and TensorBoard scalars, main process only."""
 
-    def __init__(self, run: RunDir, main: bool):
+    def __init__(self, run: RunDir, main: bool, first_epoch: int = 0):
+        """The run's rows from `first_epoch` on (a resumed run's) follow those before it in the file, which keeps
+        its own columns (from before one was added); rows of that epoch and later already there (written by a
+        run killed before that epoch's checkpoint) are dropped, so the file holds one row per epoch."""
         self.main = main
-        self.path = run.path / "metrics.csv"
+        self.path = run.metrics
         self.fields = FIELDS
-        if self.main and self.path.exists():  # a resumed run's file keeps its own columns (from before one was added)
-            with open(self.path, newline="") as f:
-                self.fields = next(csv.reader(f), None) or FIELDS
+        if self.main and self.path.exists():
+            self.fields = _keep_rows_before(self.path, first_epoch) or FIELDS
         self.tb = None
         if self.main:
             try:

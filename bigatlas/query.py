@@ -213,11 +213,15 @@ def map_query(
     unfreeze_decoder: bool = False,
     batch_size: int | None = None,
     lr: float | None = None,
+    overwrite: bool = False,
     accelerator=None,
 ) -> Path:
     """Fine-tune the model in run_dir on `query` (a store path, an .h5ad or an AnnData object) by
-    surgery; writes a new RUN_DIR at `out`. `layer`: the query's matrix of raw counts ("X", "raw" or a
-    layer), where it is not the one the reference was trained on."""
+    surgery; writes a new RUN_DIR at `out` (one that holds an earlier run only with `overwrite`; never
+    run_dir itself). `layer`: the query's matrix of raw counts ("X", "raw" or a layer), where it is not the one
+    the reference was trained on."""
+    if Path(out).resolve() == Path(run_dir).resolve():
+        raise ValueError(f"the query's RUN_DIR {out} is the reference's: map into a new folder")
     reference = load_run(run_dir)
     ref = reference.config
     layer, _ = ref.data.read_as(layer)  # the query's matrix of raw counts: unset, the reference's
@@ -251,4 +255,5 @@ def map_query(
     )
     surgery = Surgery(reference, unfreeze_encoder, unfreeze_decoder, labelled)
     in_memory = query if is_anndata(query) else None
-    return train(cfg, out, accelerator=accelerator or make_accelerator(cfg), surgery=surgery, data=in_memory)
+    acc = accelerator or make_accelerator(cfg)
+    return train(cfg, out, overwrite=overwrite, accelerator=acc, surgery=surgery, data=in_memory)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .config import RunConfig
 from .model import VAEModule
+from .reference import DIR_NAME as REFERENCE
 from .vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -71,6 +72,12 @@ ADDED_DATA_SETTINGS = {
 }
 
 
+# what a run writes beside config.json and vocab.json (which a new run rewrites) and its copies of the dropped
+# labels (rewritten too; a --drop-labels may name them): a new run over an earlier one removes these first
+# (train --overwrite), so that none of the earlier run's checkpoints, epoch rows or reference pass for the new one's
+OUTPUTS = ("checkpoints", "model.safetensors", "metrics.csv", "tb", "loss_curves.png", REFERENCE, "report", "trace")
+
+
 class RunDir:
     def __init__(self, path):
         self.path = Path(path)
@@ -79,10 +86,20 @@ class RunDir:
         self.vocab_file = self.path / "vocab.json"
         self.weights_file = self.path / "model.safetensors"
         self.dropped_labels = self.path / "dropped_labels"
+        self.metrics = self.path / "metrics.csv"
 
     def dropped_labels_of(self, key: str) -> Path:
         """The run's copy of the cells trained without label `key` (--drop-labels)."""
         return self.dropped_labels / f"{key}.csv"
+
+    def outputs(self) -> list[str]:
+        """The names of what a run left here (OUTPUTS): empty for a folder that holds no run."""
+        return [name for name in OUTPUTS if (self.path / name).exists()]
+
+    def remove_outputs(self) -> None:
+        for name in self.outputs():
+            target = self.path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
 
     # -- config and vocab -------------------------------------------------------------------------
     def write_config(self, cfg: RunConfig) -> None:

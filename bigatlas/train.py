@@ -122,22 +122,26 @@ def train(
     run_dir,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     accelerator=None,
     trace_cells: bool = False,
     surgery=None,
     data=None,
 ) -> Path:
-    """Train and write RUN_DIR; returns the path of model.safetensors. `surgery` (query.Surgery)
+    """Train and write RUN_DIR; returns the path of model.safetensors. Without `resume`, a RUN_DIR that holds an
+    earlier run is refused unless `overwrite`, which removes that run's outputs first. `surgery` (query.Surgery)
     starts from a reference model with grown embedding tables instead of a fresh model. `data` (an
     AnnData object, in memory or backed) is read in place of cfg.data.data, which then only names it."""
     acc = accelerator or make_accelerator(cfg)
     lock = OutputLock(Path(run_dir) / ".lock", f"RUN_DIR {run_dir}") if acc.is_main_process else nullcontext()
     with lock, Preemption() as preempt, flush_denormals():  # one writer per RUN_DIR; SIGTERM acted on per step
+        if not resume:
+            _start_afresh(RunDir(run_dir), overwrite, acc)
         s = set_up(cfg, run_dir, resume, acc, surgery, data, preempt)
         progress = Progress()
         if resume and s.run.latest() is not None:
             _resume(s, progress)
-        log = MetricsLog(s.run, acc.is_main_process)
+        log = MetricsLog(s.run, acc.is_main_process, progress.epoch)
         stopped_early = False
         try:
             while progress.epoch < s.max_epochs and not stopped_early:
@@ -145,6 +149,23 @@ def train(
         finally:  # also when preempted or stopped by an error
             log.close()
         return _finish(s, stopped_early, trace_cells)
+
+
+def _start_afresh(run: RunDir, overwrite: bool, acc) -> None:
+    """A run started without resume: refuse a RUN_DIR that holds an earlier run unless `overwrite`, which removes
+    that run's outputs first (its checkpoints would otherwise pass for this run's: `latest` named a checkpoint
+    the pruning of the earlier run's later steps removed). Every process has looked before the main one removes."""
+    earlier = run.outputs()
+    if earlier and not overwrite:
+        raise ValueError(
+            f"RUN_DIR {run.path} holds an earlier run ({', '.join(earlier)}): continue it with --resume "
+            "(fit(resume=True)), replace it with --overwrite (fit(overwrite=True)), or train into a new folder"
+        )
+    acc.wait_for_everyone()
+    if earlier and acc.is_main_process:
+        run.remove_outputs()
+        print(f"{run.path}: the earlier run's {', '.join(earlier)} removed (--overwrite)", flush=True)
+    acc.wait_for_everyone()
 
 
 @contextmanager
@@ -515,7 +536,7 @@ def _finish(s: Session, stopped_early: bool, trace: bool) -> Path:
         out = run.write_weights(module)
         from .plots import loss_curves  # matplotlib: only the main process, only at the end
 
-        loss_curves(run.path / "metrics.csv", run.path / "loss_curves.png")
+        loss_curves(run.metrics, run.path / "loss_curves.png")
         print(f"wrote {out}{' (stopped early)' if stopped_early else ''}", flush=True)
         _reference(s)
     acc.wait_for_everyone()
@@ -584,7 +605,7 @@ def train_from_args(a) -> Path:
     """train() as the command line asks for it (flags of flags.add_train_arguments)."""
     from .flags import config_from_args
 
-    return train(config_from_args(a), a.out, resume=a.resume, trace_cells=a.trace_cells)
+    return train(config_from_args(a), a.out, resume=a.resume, overwrite=a.overwrite, trace_cells=a.trace_cells)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import ROOT, accelerate_launcher
 
@@ -41,7 +42,8 @@ def test_save_writes_what_label_transfer_reads_and_removes_the_temporary_run_dir
     model.fit()
     scratch = model.run_dir
     assert scratch.parent == temp and (scratch / "reference" / "reference.json").exists()
-    before = model.predict()
+    before, history = model.predict(), model.history
+    assert list(history.index) == [0, 1] and np.isfinite(history[["loss", "val_loss", "kl_weight"]].to_numpy()).all()
     saved = model.save(tmp_path / "saved")
     assert not scratch.exists() and list(temp.iterdir()) == []
     assert (saved / "reference" / "reference.json").exists()
@@ -53,6 +55,10 @@ def test_save_writes_what_label_transfer_reads_and_removes_the_temporary_run_dir
     for after in (model.predict(), loaded):  # the reference's kNN vote is part of the prediction
         np.testing.assert_array_equal(after.cell_type_prob.to_numpy(), before.cell_type_prob.to_numpy())
         assert (after.cell_type_pred == before.cell_type_pred).all()
+    pd.testing.assert_frame_equal(AtlasVAE.load(saved).history, history)
+    with pytest.raises(ValueError, match="holds an earlier run .*fit.overwrite=True"):  # its files stay as saved
+        AtlasVAE.load(saved).fit(saved)
+    np.testing.assert_array_equal(AtlasVAE.load(saved).predict().cell_type_prob.to_numpy(), before.cell_type_prob)
     again = AtlasVAE.load(saved).fit(tmp_path / "again")  # a later fit reads the saved copy of the cells
     assert again.vocab.class_counts == model.vocab.class_counts
 

@@ -169,6 +169,10 @@ def test_surgery_extends_batches_and_keeps_the_reference_fixed(trained, tmp_path
     assert mapped.vocab.batch_categories["dataset_id"][:3] == reference.vocab.batch_categories["dataset_id"]
     assert mapped.vocab.batch_categories["dataset_id"][3:] == ["q_study_0", "q_study_1"]
     assert np.array_equal(mapped.get_latent(data), before)  # frozen encoder: reference latents identical
+    with pytest.raises(ValueError, match="is the reference's"):  # never over the reference itself
+        reference.map_query(str(qpath), run, epochs=2, overwrite=True)
+    with pytest.raises(ValueError, match="holds an earlier run"):  # nor over an earlier mapping, unless asked
+        reference.map_query(str(qpath), tmp_path / "mapped", epochs=2)
     old, new = (
         load_file(str(Path(run) / "model.safetensors")),
         load_file(str(tmp_path / "mapped" / "model.safetensors")),

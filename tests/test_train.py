@@ -63,6 +63,8 @@ _UNINTERRUPTED: dict[tuple, Path] = {}
     [
         ("after_step:40", "off", "no", []),
         ("checkpoint_written:35", "off", "no", []),
+        # the epoch's end (step 38): its row written, its checkpoint not; the resumed run writes that row once
+        ("checkpoint_written:38", "off", "no", []),
         ("after_step:40", "on", "no", []),
         ("after_step:40", "off", "bf16", []),  # on the CPU: the wide layers' bfloat16 products (bf16_linear)
         ("after_step:40", "off", "no", ["--batch-align", "10"]),  # its pool of latest cells is in the checkpoint
@@ -99,9 +101,29 @@ def test_resume_after_sigkill_is_bit_identical(
     for k in a:
         assert np.array_equal(a[k], b[k]), k
     assert read_reference(ref).id == read_reference(cut).id  # the resumed run's reference index is the same
-    rows_ref = (ref / "metrics.csv").read_text().splitlines()
-    rows_cut = (cut / "metrics.csv").read_text().splitlines()
-    assert len(rows_ref) == len(rows_cut) == 3
+    rows_ref, rows_cut = (list(csv.DictReader((run / "metrics.csv").open())) for run in (ref, cut))
+    assert [r["epoch"] for r in rows_cut] == [r["epoch"] for r in rows_ref] == ["0", "1"]
+    assert [r["loss"] for r in rows_cut] == [r["loss"] for r in rows_ref]
+
+
+def test_a_run_dir_holding_a_run_is_refused_and_with_overwrite_replaced_whole(small_atlas, tmp_path):
+    """A new run over an earlier one: refused, the earlier one untouched; with --overwrite none of the earlier
+    run's epoch rows or checkpoints is left (its later steps' checkpoints pruned the new run's, and `latest` named
+    a checkpoint that was gone)."""
+    run = tmp_path / "r"
+    quick = ["--no-reference-umap", "--reference-cells", "500"]
+    run_train([*base_args(small_atlas, run), *quick])
+    weights = (run / "model.safetensors").read_bytes()
+    res = run_train([*base_args(small_atlas, run, epochs=1), *quick], check=False)
+    assert res.returncode == 2 and "holds an earlier run" in res.stderr and "--overwrite" in res.stderr, res.stderr
+    assert (run / "model.safetensors").read_bytes() == weights
+    run_train([*base_args(small_atlas, run, epochs=1), *quick, "--overwrite"])
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["0"]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    assert (run / "checkpoints" / latest).is_dir() and steps[-1] == int(latest.split("-")[1]) == int(rows[0]["step"])
+    assert (run / "model.safetensors").read_bytes() != weights and (run / "reference").is_dir()
 
 
 def test_resume_with_other_settings_is_refused(small_atlas, tmp_path):
