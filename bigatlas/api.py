@@ -369,11 +369,13 @@ class AtlasVAE:
 
     @torch.no_grad()
     def _decoded(self, data, obs_filter, library_size, batch_size, layer=None, allow_non_integer=False,
-                 transform_batch=None):  # fmt: skip
-        """(store, decoded means cells × genes): each cell decoded with its own batch, or with each batch of
-        `transform_batch` in turn and averaged (its covariates its own either way)."""
+                 transform_batch=None, gene_list=None):  # fmt: skip
+        """(store, decoded means cells × genes, the genes' names): each cell decoded with its own batch, or with
+        each batch of `transform_batch` in turn and averaged (its covariates its own either way); only the genes
+        of `gene_list` kept, in its order, where given."""
         self._need_fit()
         self.module.eval()
+        genes, columns = self._gene_columns(gene_list)
         keys = self.config.data.batch_keys
         as_batches = None if transform_batch is None else self._batch_codes(transform_batch)
         read = keys if as_batches is None else keys[1:]  # the data's own batches are not read (a query's new ones)
@@ -391,8 +393,20 @@ class AtlasVAE:
                 mu = mu / len(as_batches)
             if library_size is None and inp.measured is not None:  # its observed total is its measured genes'
                 mu = mu * (lib / (mu * inp.measured).sum(1).clamp_min(1e-30)).unsqueeze(1)
-            out.append(mu.cpu().numpy())
-        return store, np.concatenate(out)
+            out.append((mu if columns is None else mu[:, columns.to(mu.device)]).cpu().numpy())
+        return store, np.concatenate(out), genes
+
+    def _gene_columns(self, gene_list) -> tuple[list[str], torch.Tensor | None]:
+        """(the genes' names, their columns among the model's, None for all of them) of `gene_list` (one name or
+        several; None: every gene of the model)."""
+        if gene_list is None:
+            return list(self.vocab.genes), None
+        names, at = _names(gene_list), {g: i for i, g in enumerate(self.vocab.genes)}
+        unknown = [g for g in names if g not in at]
+        if unknown or not names:
+            shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+            raise ValueError(f"gene_list: {shown or 'no gene'} not among the model's {len(at)} genes")
+        return list(names), torch.tensor([at[g] for g in names])
 
     def _batch_codes(self, names) -> list[int]:
         """The model's codes of the batch key's categories `names` (one name or several)."""
@@ -407,27 +421,30 @@ class AtlasVAE:
 
     def get_reconstructed_expression(
         self, data=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
-        library_size=None, batch_size: int = 1024, transform_batch=None,
+        library_size=None, batch_size: int = 1024, transform_batch=None, gene_list=None,
     ) -> np.ndarray:  # fmt: skip
         """Decoded NB/ZINB means (cells × genes) from the posterior mean, each cell decoded with its own
         batch; library_size=None uses the observed total counts, a number rescales every cell to it. Genes a
         cell's store did not measure (a query's, or a store's in an outer join) get the model's prediction: with
-        the observed total, the means of its measured genes sum to it. transform_batch: as in
+        the observed total, the means of its measured genes sum to it. transform_batch, gene_list: as in
         get_normalized_expression."""
-        return self._decoded(data, obs_filter, library_size, batch_size, layer, allow_non_integer, transform_batch)[1]
+        return self._decoded(data, obs_filter, library_size, batch_size, layer, allow_non_integer, transform_batch,
+                             gene_list)[1]  # fmt: skip
 
     def get_normalized_expression(
         self, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
-        library_size: float = 1.0, batch_size: int = 1024, transform_batch=None,
+        library_size: float = 1.0, batch_size: int = 1024, transform_batch=None, gene_list=None,
     ) -> pd.DataFrame:  # fmt: skip
         """Denoised expression (cells × the model's genes) at a common library size (1.0: fractions;
         1e4 for counts per 10k), as a DataFrame indexed by cell name in the data's cell order.
         transform_batch: a category of the batch key (or a list of them, averaged) every cell is decoded as, for
         expression without the batch effect (scvi-tools' name); the data's own batches are then not read, so a
-        query from batches the model has not seen needs no map_query. Unset: each cell's own batch."""
-        store, mu = self._decoded(adata, obs_filter, library_size, batch_size, layer, allow_non_integer,
-                                  transform_batch)  # fmt: skip
-        return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(self.vocab.genes))
+        query from batches the model has not seen needs no map_query. Unset: each cell's own batch.
+        gene_list: only these of the model's genes, in this order (a million cells × 2,000 genes is 8 GB; a few
+        markers are not)."""
+        store, mu, genes = self._decoded(adata, obs_filter, library_size, batch_size, layer, allow_non_integer,
+                                         transform_batch, gene_list)  # fmt: skip
+        return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(genes))
 
 
 def _scratch_run_dir(acc) -> Path:

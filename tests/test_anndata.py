@@ -300,6 +300,14 @@ def test_transform_batch_decodes_every_cell_as_the_named_batch(copies, tmp_path)
     as_1 = model.get_normalized_expression(ref, transform_batch="study_1").to_numpy()
     both = model.get_normalized_expression(ref, transform_batch=["study_0", "study_1"]).to_numpy()
     np.testing.assert_allclose(both, (as_0 + as_1) / 2, rtol=1e-5)
+    genes = [model.vocab.genes[i] for i in (7, 2, 30)]  # gene_list: those columns, in its order
+    some = model.get_normalized_expression(ref, transform_batch="study_0", gene_list=genes)
+    assert list(some.columns) == genes
+    np.testing.assert_allclose(some.to_numpy(), as_0[:, [7, 2, 30]], rtol=1e-6)
+    full = model.get_reconstructed_expression(ref)
+    np.testing.assert_allclose(model.get_reconstructed_expression(ref, gene_list=genes[0]), full[:, [7]], rtol=1e-6)
+    with pytest.raises(ValueError, match="gene_list: not_a_gene not among the model's"):
+        model.get_normalized_expression(ref, gene_list=[genes[0], "not_a_gene"])
 
     query = adata[adata.obs.dataset_id == "study_2"].copy()
     with pytest.raises(ValueError, match="categories the model was not trained on"):
