@@ -58,8 +58,9 @@ class Vocab:
             classes = list(defined.categories)
             if not classes:
                 raise ValueError(
-                    f"label key {key!r} has only unlabelled values ({', '.join(map(str, cats))}); "
-                    "name the unlabelled categories with --unlabeled-category"
+                    f"label key {key!r} has no labelled cell: its values ({', '.join(map(str, cats))}) all mean "
+                    "'no label'; train without that key, or, where one of them is a class, name the values that mean "
+                    "no label with --unlabeled-category (unlabeled_categories=)"
                 )
             labels[key] = classes
             counts[key] = class_counts(np.asarray(defined.codes), train_mask, len(classes)).tolist()

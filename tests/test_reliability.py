@@ -148,7 +148,7 @@ def test_nan_loss_stops_with_the_step_and_a_checkpoint_of_the_last_good_state(at
         (
             "only undefined labels",
             ["--label-keys", "all_undefined"],
-            "label key 'all_undefined' has only unlabelled values",
+            "label key 'all_undefined' has no labelled cell",
         ),
         ("filter matching nothing", ["--obs-filter", "tissue_general == 'brain'"], "matches 0 of 1200 cells"),
         ("unknown genes", ["--genes", "GENES"], "2 requested genes not in store"),
