@@ -161,19 +161,28 @@ class AtlasVAE:
     def load(cls, run_dir) -> AtlasVAE:
         return cls._from_run(load_run(run_dir))
 
-    def save(self, run_dir) -> Path:
+    def save(self, run_dir, *, overwrite: bool = False) -> Path:
         """Write the model to run_dir with what label transfer reads beside the weights (the reference, the
         run's copies of the cells trained without labels), so that `AtlasVAE.load(run_dir)` predicts as this
-        model does, and the training's epoch rows (`history`); checkpoints stay behind. The temporary run dir of a
-        fit() given none is then removed.
-        Under `accelerate launch` the main process writes."""
+        model does, and the training's epoch rows (`history`); checkpoints stay behind. A run_dir that holds
+        another run is refused unless `overwrite` (its checkpoints, reference and report go first). The
+        temporary run dir of a fit() given none is then removed. Under `accelerate launch` the main process
+        writes."""
         from accelerate import PartialState
 
         self._need_fit()
         target, state = RunDir(run_dir), PartialState(cpu=not torch.cuda.is_available())
+        elsewhere = self.run_dir.resolve() != target.path.resolve()
+        if elsewhere and target.outputs() and not overwrite:
+            raise ValueError(
+                f"{target.path} holds another run ({', '.join(target.outputs())}): save(..., overwrite=True) "
+                "replaces it"
+            )
+        state.wait_for_everyone()  # every process has looked before the main one writes
         if state.is_main_process:
             config = self.config
-            if self.run_dir is not None and self.run_dir.resolve() != target.path.resolve():
+            if elsewhere:
+                target.remove_outputs()
                 config = _copy_run_files(RunDir(self.run_dir), target, config)
             save_run(target.path, config, self.vocab, self.module)
         state.wait_for_everyone()

@@ -56,11 +56,20 @@ def test_save_writes_what_label_transfer_reads_and_removes_the_temporary_run_dir
         np.testing.assert_array_equal(after.cell_type_prob.to_numpy(), before.cell_type_prob.to_numpy())
         assert (after.cell_type_pred == before.cell_type_pred).all()
     pd.testing.assert_frame_equal(AtlasVAE.load(saved).history, history)
+    (tmp_path / "kept.safetensors").write_bytes((saved / "model.safetensors").read_bytes())
+    (saved / "report").mkdir()  # what `bigatlas evaluate` writes of this model
+    (saved / "checkpoints").mkdir()
     with pytest.raises(ValueError, match="holds an earlier run .*fit.overwrite=True"):  # its files stay as saved
         AtlasVAE.load(saved).fit(saved)
     np.testing.assert_array_equal(AtlasVAE.load(saved).predict().cell_type_prob.to_numpy(), before.cell_type_prob)
     again = AtlasVAE.load(saved).fit(tmp_path / "again")  # a later fit reads the saved copy of the cells
     assert again.vocab.class_counts == model.vocab.class_counts
+    with pytest.raises(ValueError, match="holds another run .*overwrite=True"):
+        again.save(saved)
+    assert (saved / "model.safetensors").read_bytes() == (tmp_path / "kept.safetensors").read_bytes()
+    again.save(saved, overwrite=True)  # the other run's files go: none of its checkpoints or report stays
+    assert not (saved / "report").exists() and not (saved / "checkpoints").exists()
+    assert (saved / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
 
 
 def test_the_temporary_run_dir_goes_with_the_model_the_next_fit_or_a_failed_one(atlas, temp):
