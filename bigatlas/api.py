@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,9 @@ from .rundir import RunDir, load_run, save_run
 from .train import make_accelerator, train
 from .transfer import DEFAULT_UNKNOWN, LabelTransfer
 from .vocab import Vocab, defined_labels
+
+# scvi-tools' TrainingPlan keywords (train(plan_kwargs=...)) → TrainConfig fields
+PLAN_KWARGS = {"lr": "lr", "weight_decay": "weight_decay", "eps": "adam_eps", "n_epochs_kl_warmup": "kl_warmup_epochs"}
 
 
 class AtlasVAE:
@@ -99,18 +103,26 @@ class AtlasVAE:
 
     # -- training / persistence -------------------------------------------------------------------
     def fit(
-        self, run_dir=None, *, max_epochs: int | None = None, resume: bool = False, overwrite: bool = False
-    ) -> AtlasVAE:
+        self, run_dir=None, *, max_epochs: int | None = None, resume: bool = False, overwrite: bool = False,
+        **options,
+    ) -> AtlasVAE:  # fmt: skip
         """Train (streaming, in this process or on every process of an `accelerate launch`) into
         run_dir, then hold the trained weights. A run_dir that holds an earlier run is refused: `resume=True`
         continues it, `overwrite=True` replaces it. Without run_dir: a new temporary folder, the same on every
         process, removed with this object or by the next fit() (under a launch: when every process has ended);
-        `save()` keeps the model."""
+        `save()` keeps the model. Other keywords set training options for this fit (the fields of `train={...}`,
+        e.g. batch_size=256, lr=1e-3)."""
         if not self.config.data.data:
             raise ValueError("no data to fit: AtlasVAE(adata_or_path, batch_key=...)")
         if resume and run_dir is None:
             raise ValueError("resume=True needs the run_dir of the run to resume")
-        cfg = self.config.override("train", max_epochs=max_epochs)
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(
+                f"fit(): unknown training option(s) {', '.join(unknown)} (have: {', '.join(sorted(known))})"
+            )
+        cfg = self.config.override("train", max_epochs=max_epochs, **options)
         acc = make_accelerator(cfg)
         scratch = run_dir is None
         run_dir = _scratch_run_dir(acc) if scratch else run_dir
@@ -153,8 +165,23 @@ class AtlasVAE:
             shutil.rmtree(written.parent, ignore_errors=True)
         self._drop_files = {}
 
-    def train(self, max_epochs: int | None = None, run_dir=None, **kwargs) -> AtlasVAE:
-        """scvi-tools' name for fit()."""
+    def train(
+        self, max_epochs: int | None = None, run_dir=None, *, train_size: float | None = None,
+        early_stopping: bool | None = None, plan_kwargs: dict | None = None, **kwargs,
+    ) -> AtlasVAE:  # fmt: skip
+        """scvi-tools' name for fit(), with its keywords: `train_size` (the share of cells trained on, the rest
+        validate), `early_stopping=False` (train every epoch; early stopping is on by default here), `plan_kwargs`
+        with lr, weight_decay, eps or n_epochs_kl_warmup; anything else as fit() takes it."""
+        if train_size is not None:
+            if not 0 < train_size <= 1:
+                raise ValueError(f"train_size must be in (0, 1], not {train_size}")
+            kwargs["val_fraction"] = 1.0 - train_size
+        if early_stopping is False:
+            kwargs["early_stopping_patience"] = 0
+        for name, value in (plan_kwargs or {}).items():
+            if name not in PLAN_KWARGS:
+                raise TypeError(f"train(): plan_kwargs {name!r} is not one of {', '.join(PLAN_KWARGS)}")
+            kwargs[PLAN_KWARGS[name]] = value
         return self.fit(run_dir, max_epochs=max_epochs, **kwargs)
 
     @classmethod

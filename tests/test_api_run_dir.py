@@ -119,3 +119,17 @@ def test_fit_without_a_run_dir_on_two_processes_trains_one_run_in_one_temporary_
     assert len({line["run_dir"] for line in lines}) == 1 and all(line["trained"] for line in lines)
     assert lines[0]["run_dir"].startswith(str(temp))
     assert list(temp.glob("bigatlas-*")) == []  # removed when the script ended (the launcher keeps its own)
+
+
+def test_train_takes_training_options_and_scvi_tools_keywords(atlas, temp):
+    """fit()/train() keywords set training options for that fit: TrainConfig's names, and scvi-tools' train_size,
+    early_stopping and plan_kwargs; an unknown one is refused by name before anything trains."""
+    model = AtlasVAE(atlas, batch_key="dataset_id", train={**TRAIN, "reference_umap": False})
+    model.train(1, batch_size=32, train_size=0.8, early_stopping=False, plan_kwargs={"lr": 1e-3, "eps": 1e-6})
+    t = model.config.train
+    assert (t.batch_size, t.lr, t.adam_eps, t.early_stopping_patience) == (32, 1e-3, 1e-6, 0)
+    assert t.val_fraction == pytest.approx(0.2) and model.history.step.iloc[0] == -(-1100 // 32)
+    with pytest.raises(TypeError, match="unknown training option.s. batch_szie"):
+        model.fit(batch_szie=32)
+    with pytest.raises(TypeError, match="plan_kwargs 'lr_scheduler'"):
+        model.train(plan_kwargs={"lr_scheduler": "plateau"})
