@@ -185,8 +185,12 @@ class AtlasVAE:
         return self.fit(run_dir, max_epochs=max_epochs, **kwargs)
 
     @classmethod
-    def load(cls, run_dir) -> AtlasVAE:
-        return cls._from_run(load_run(run_dir))
+    def load(cls, run_dir, adata=None) -> AtlasVAE:
+        """The model saved in run_dir; `adata` (an AnnData or a store path, scvi-tools' keyword) becomes the data
+        the readers take when given none, as the data a model was set up with."""
+        model = cls._from_run(load_run(run_dir))
+        model.data = adata
+        return model
 
     def save(self, run_dir, *, overwrite: bool = False) -> Path:
         """Write the model to run_dir with what label transfer reads beside the weights (the reference, the
@@ -248,7 +252,10 @@ class AtlasVAE:
             return data, obs_filter
         d = self.config.data
         if self.data is None and d.data.startswith("AnnData ("):
-            raise ValueError(f"the model was trained on an {d.data}; pass that AnnData (adata=...)")
+            raise ValueError(
+                f"the model was trained on an {d.data}; pass that AnnData (adata=..., or AtlasVAE.load(run_dir, "
+                "adata=...) once)"
+            )
         return (d.data if self.data is None else self.data), (obs_filter or d.obs_filter)
 
     def _batches(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False, keys=()):

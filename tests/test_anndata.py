@@ -83,6 +83,7 @@ def test_results_come_back_in_the_anndatas_order(copies, tmp_path):
     with pytest.raises(ValueError, match="trained on an AnnData .* pass that AnnData"):
         old.get_latent_representation()
     assert np.array_equal(old.get_latent_representation(adata), z)
+    assert np.array_equal(AtlasVAE.load(tmp_path / "run", adata=shuffled).predict().index, shuffled.obs_names)
 
 
 def test_module_entry_point_trains_on_two_processes_from_outside_the_checkout(copies, tmp_path):
