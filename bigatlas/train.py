@@ -132,6 +132,8 @@ def train(
     earlier run is refused unless `overwrite`, which removes that run's outputs first. `surgery` (query.Surgery)
     starts from a reference model with grown embedding tables instead of a fresh model. `data` (an
     AnnData object, in memory or backed) is read in place of cfg.data.data, which then only names it."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in RUN_DIR and --overwrite replaces it: pass one of them")
     acc = accelerator or make_accelerator(cfg)
     lock = OutputLock(Path(run_dir) / ".lock", f"RUN_DIR {run_dir}") if acc.is_main_process else nullcontext()
     with lock, Preemption() as preempt, flush_denormals():  # one writer per RUN_DIR; SIGTERM acted on per step

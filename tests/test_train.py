@@ -124,6 +124,8 @@ def test_a_run_dir_holding_a_run_is_refused_and_with_overwrite_replaced_whole(sm
     steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert (run / "checkpoints" / latest).is_dir() and steps[-1] == int(latest.split("-")[1]) == int(rows[0]["step"])
     assert (run / "model.safetensors").read_bytes() != weights and (run / "reference").is_dir()
+    res = run_train([*base_args(small_atlas, run, epochs=1), "--overwrite", "--resume"], check=False)
+    assert res.returncode == 2 and "pass one of them" in res.stderr, res.stderr
 
 
 def test_resume_with_other_settings_is_refused(small_atlas, tmp_path):
