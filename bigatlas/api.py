@@ -251,10 +251,12 @@ class AtlasVAE:
         if data is not None:
             return data, obs_filter
         d = self.config.data
-        if self.data is None and d.data.startswith("AnnData ("):
+        names = [d.data] if isinstance(d.data, str) else list(d.data)  # a collection's: one per store
+        in_memory = [name for name in names if name.startswith("AnnData (")]
+        if self.data is None and in_memory:
             raise ValueError(
-                f"the model was trained on an {d.data}; pass that AnnData (adata=..., or AtlasVAE.load(run_dir, "
-                "adata=...) once)"
+                f"the model was trained on an {' and an '.join(in_memory)}; pass that data (adata=..., or "
+                "AtlasVAE.load(run_dir, adata=...) once)"
             )
         return (d.data if self.data is None else self.data), (obs_filter or d.obs_filter)
 

@@ -238,6 +238,10 @@ def test_training_on_a_collection_equals_training_on_the_merged_copy(atlases, tm
     assert np.flatnonzero(listed_cells(both, rows, "l.csv")).tolist() == [5, 645]
     with pytest.raises(ValueError, match="not unique"):
         listed_cells(both, rows[["cell"]].iloc[:1], "l.csv")
+    # trained on the two paths: the same model, and loaded it reads them again (its config lists both)
+    train = {**keys["train"], "reference_umap": False}
+    AtlasVAE(paths, genes=genes, **{**keys, "train": train}).fit(tmp_path / "p")
+    assert np.array_equal(AtlasVAE.load(tmp_path / "p").get_latent_representation(), z_merged)
 
 
 def test_two_atlases_with_other_panels_and_columns_train_embed_and_evaluate(atlases, tmp_path):
