@@ -112,7 +112,7 @@ class AtlasVAE:
         process, removed with this object or by the next fit() (under a launch: when every process has ended);
         `save()` keeps the model. Other keywords set training options for this fit (the fields of `train={...}`,
         e.g. batch_size=256, lr=1e-3)."""
-        if not self.config.data.data:
+        if not self.config.data.data and self.data is None:
             raise ValueError("no data to fit: AtlasVAE(adata_or_path, batch_key=...)")
         if resume and run_dir is None:
             raise ValueError("resume=True needs the run_dir of the run to resume")
@@ -123,6 +123,8 @@ class AtlasVAE:
                 f"fit(): unknown training option(s) {', '.join(unknown)} (have: {', '.join(sorted(known))})"
             )
         cfg = self.config.override("train", max_epochs=max_epochs, **options)
+        if self.data is not None:  # load(run_dir, adata=...): that data, not the one the run was trained on
+            cfg = cfg.override("data", data=data_name(self.data))
         acc = make_accelerator(cfg)
         scratch = run_dir is None
         run_dir = _scratch_run_dir(acc) if scratch else run_dir

@@ -80,10 +80,12 @@ def test_results_come_back_in_the_anndatas_order(copies, tmp_path):
     as_1 = model.get_normalized_expression(shuffled, transform_batch="study_1")  # covariates stay each cell's own
     assert np.allclose(as_1.loc[in_study], model.get_normalized_expression(shuffled).loc[in_study], rtol=1e-5)
     old = AtlasVAE.load(tmp_path / "run")
-    with pytest.raises(ValueError, match="trained on an AnnData .* pass that AnnData"):
+    with pytest.raises(ValueError, match=r"trained on an AnnData .* AtlasVAE.load\(run_dir, adata="):
         old.get_latent_representation()
     assert np.array_equal(old.get_latent_representation(adata), z)
     assert np.array_equal(AtlasVAE.load(tmp_path / "run", adata=shuffled).predict().index, shuffled.obs_names)
+    refit = AtlasVAE.load(tmp_path / "run", adata=shuffled[:300].copy()).fit(tmp_path / "refit", max_epochs=1)
+    assert "(300 cells x" in refit.config.data.data  # trained on the data given to load(), not the run's
 
 
 def test_module_entry_point_trains_on_two_processes_from_outside_the_checkout(copies, tmp_path):
