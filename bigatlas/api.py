@@ -206,11 +206,9 @@ class AtlasVAE:
         self._need_fit()
         target, state = RunDir(run_dir), PartialState(cpu=not torch.cuda.is_available())
         elsewhere = self.run_dir.resolve() != target.path.resolve()
-        if elsewhere and target.outputs() and not overwrite:
-            raise ValueError(
-                f"{target.path} holds another run ({', '.join(target.outputs())}): save(..., overwrite=True) "
-                "replaces it"
-            )
+        other = target.outputs() if elsewhere else []
+        if other and not overwrite:
+            raise ValueError(f"{target.path} holds another run ({', '.join(other)}): overwrite=True replaces it")
         state.wait_for_everyone()  # every process has looked before the main one writes
         if state.is_main_process:
             config = self.config
@@ -230,8 +228,8 @@ class AtlasVAE:
         (`loss`, `recon`, `kl`, `label`, …), the same on the validation cells (`val_…`), `kl_weight`, `lr`,
         `step`, `cells_per_s`. scvi-tools' `history` by columns of one table instead of a dict of tables."""
         self._need_fit()
-        path = RunDir(self.run_dir).metrics if self.run_dir is not None else None
-        if path is None or not path.exists():
+        path = RunDir(self.run_dir).metrics
+        if not path.exists():
             raise ValueError(f"{self.run_dir} has no metrics.csv: the model was saved without its training history")
         return pd.read_csv(path, index_col="epoch")
 
@@ -511,14 +509,13 @@ def _scratch_run_dir(acc) -> Path:
 
 
 def _copy_run_files(source: RunDir, target: RunDir, config: RunConfig) -> RunConfig:
-    """Make target's reference, copies of the cells trained without labels and epoch rows those of the run dir
-    `source`; returns `config` with those cells named by target's copies."""
+    """Copy the run dir `source`'s reference, epoch rows and copies of the cells trained without labels into
+    target, whose outputs (RunDir.outputs) are gone; returns `config` with those cells named by target's copies."""
+    shutil.rmtree(target.dropped_labels, ignore_errors=True)  # not an output: a drop_labels may name it
     folders = [(reference_dir(source.path), reference_dir(target.path)), (source.dropped_labels, target.dropped_labels)]
     for src, dst in folders:
-        shutil.rmtree(dst, ignore_errors=True)
         if src.exists():
             shutil.copytree(src, dst)
-    target.metrics.unlink(missing_ok=True)
     if source.metrics.exists():
         shutil.copyfile(source.metrics, target.metrics)
     return _drops_named_in(config, target)

@@ -64,7 +64,7 @@ def test_save_writes_what_label_transfer_reads_and_removes_the_temporary_run_dir
     np.testing.assert_array_equal(AtlasVAE.load(saved).predict().cell_type_prob.to_numpy(), before.cell_type_prob)
     again = AtlasVAE.load(saved).fit(tmp_path / "again")  # a later fit reads the saved copy of the cells
     assert again.vocab.class_counts == model.vocab.class_counts
-    with pytest.raises(ValueError, match="holds another run .*overwrite=True"):
+    with pytest.raises(ValueError, match="holds another run .*: overwrite=True replaces it"):
         again.save(saved)
     assert (saved / "model.safetensors").read_bytes() == (tmp_path / "kept.safetensors").read_bytes()
     again.save(saved, overwrite=True)  # the other run's files go: none of its checkpoints or report stays
