@@ -381,13 +381,20 @@ class AtlasVAE:
     def predict(
         self, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
         unknown_threshold: float = DEFAULT_UNKNOWN, batch_size: int = 4096, predictor: str | None = None,
+        soft: bool = False,
     ):  # fmt: skip
         """A DataFrame indexed by cell name, in the data's cell order, with the columns `embed` writes per
         label key: `<key>_pred`, `_prob`, `_uncertainty`, `_unknown` (uncertainty above unknown_threshold)
         and `_pred_filtered` ('Unknown' there): `adata.obs = adata.obs.join(model.predict())`. Labels come
-        from the run's reference (calibrated head + kNN vote) when it has one, else the calibrated head."""
+        from the run's reference (calibrated head + kNN vote) when it has one, else the calibrated head.
+        soft=True (scvi-tools' keyword): each class's probability instead, cells × classes (a dict of them by
+        label key for a model with several)."""
         self._need_labels()
         store, results, _ = self._transfer(adata, obs_filter, batch_size, layer, allow_non_integer, predictor)
+        if soft:
+            tables = {k: pd.DataFrame(r.probs, index=_cell_names(store), columns=list(self.vocab.label_classes[k]))
+                      for k, r in results.items()}  # fmt: skip
+            return next(iter(tables.values())) if len(tables) == 1 else tables
         columns = {}
         for k, r in results.items():
             classes = list(self.vocab.label_classes[k])

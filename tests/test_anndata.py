@@ -71,6 +71,11 @@ def test_results_come_back_in_the_anndatas_order(copies, tmp_path):
     assert list(pred.columns) == [f"cell_type_{c}" for c in cols]
     assert list(pred.cell_type_pred.cat.categories) == list(model.vocab.label_classes["cell_type"])
     assert np.array_equal(pred.cell_type_unknown, pred.cell_type_uncertainty > 0.5)
+    soft = model.predict(shuffled, soft=True)  # the probabilities behind the call: its class is the largest one
+    assert list(soft.columns) == list(model.vocab.label_classes["cell_type"]) and list(soft.index) == list(pred.index)
+    assert (soft.idxmax(1) == pred.cell_type_pred.astype(str)).all()
+    np.testing.assert_allclose(soft.max(1), pred.cell_type_prob, rtol=1e-6)
+    np.testing.assert_allclose(soft.sum(1), 1.0, rtol=1e-5)
     z_pred = model.predict(adata).loc[shuffled.obs_names]  # kNN votes of a cell do not depend on the others
     assert z_pred.astype(str).equals(pred.astype(str))
     expr = model.get_normalized_expression(shuffled, obs_filter="dataset_id == 'study_1'", library_size=1.0)
