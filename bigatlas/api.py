@@ -90,6 +90,21 @@ class AtlasVAE:
             ),
         )
 
+    def __repr__(self) -> str:
+        """What the model is: its data and keys, and once trained its size, classes and run dir."""
+        d, vocab = self.config.data, self.vocab
+        data = d.data if isinstance(d.data, str) else " + ".join(d.data)
+        keys = ", ".join(f"{k} ({len(vocab.batch_categories[k])})" if vocab else k for k in d.batch_keys)
+        labels = ", ".join(f"{k} ({len(vocab.label_classes[k])} classes)" if vocab else k for k in d.label_keys)
+        lines = [f"AtlasVAE on {data or 'no data'}", f"  batch/covariate keys: {keys or '-'}",
+                 f"  label keys: {labels or '- (no label prediction)'}"]  # fmt: skip
+        if self.module is None:
+            return "\n".join([*lines, "  not trained: fit(run_dir)"])
+        metrics = RunDir(self.run_dir).metrics
+        epochs = f", {len(self.history)} epochs" if metrics.exists() else ""
+        lines.append(f"  {len(vocab.genes):,} genes, {self.module.z_mean.out_features}-d latent{epochs}")
+        return "\n".join([*lines, f"  run dir: {self.run_dir}"])
+
     @classmethod
     def setup(cls, data, **kwargs) -> AtlasVAE:
         """Same as AtlasVAE(data, **kwargs) (the name the first API had)."""

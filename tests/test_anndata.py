@@ -71,6 +71,11 @@ def test_results_come_back_in_the_anndatas_order(copies, tmp_path):
     assert list(pred.columns) == [f"cell_type_{c}" for c in cols]
     assert list(pred.cell_type_pred.cat.categories) == list(model.vocab.label_classes["cell_type"])
     assert np.array_equal(pred.cell_type_unknown, pred.cell_type_uncertainty > 0.5)
+    shown = repr(model)  # what print(model) tells: data, keys, classes, size, epochs, run dir
+    classes = len(model.vocab.label_classes["cell_type"])
+    for part in ("in memory", "dataset_id (", "donor_id (", f"cell_type ({classes} classes)", "-d latent, 2 epochs"):
+        assert part in shown, shown
+    assert str(tmp_path / "run") in shown and "not trained" in repr(AtlasVAE(adata, batch_key="dataset_id"))
     soft = model.predict(shuffled, soft=True)  # the probabilities behind the call: its class is the largest one
     assert list(soft.columns) == list(model.vocab.label_classes["cell_type"]) and list(soft.index) == list(pred.index)
     assert (soft.idxmax(1) == pred.cell_type_pred.astype(str)).all()
