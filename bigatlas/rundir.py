@@ -93,8 +93,15 @@ class RunDir:
         return self.dropped_labels / f"{key}.csv"
 
     def outputs(self) -> list[str]:
-        """The names of what a run left here (OUTPUTS): empty for a folder that holds no run."""
-        return [name for name in OUTPUTS if (self.path / name).exists()]
+        """The names of what a run left here (OUTPUTS): empty for a folder that holds no run. Such names in a
+        folder without config.json (which a run writes before any of them) are not a run's: refused."""
+        found = [name for name in OUTPUTS if (self.path / name).exists()]
+        if found and not self.config_file.exists():
+            raise ValueError(
+                f"{self.path} holds {', '.join(found)} but no config.json: not a bigatlas run dir, so nothing in it "
+                "is replaced; choose another folder"
+            )
+        return found
 
     def remove_outputs(self) -> None:
         for name in self.outputs():

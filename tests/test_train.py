@@ -126,6 +126,10 @@ def test_a_run_dir_holding_a_run_is_refused_and_with_overwrite_replaced_whole(sm
     assert (run / "model.safetensors").read_bytes() != weights and (run / "reference").is_dir()
     res = run_train([*base_args(small_atlas, run, epochs=1), "--overwrite", "--resume"], check=False)
     assert res.returncode == 2 and "pass one of them" in res.stderr, res.stderr
+    mine = tmp_path / "mine"  # a user's folder that has a `report` of its own: never removed
+    (mine / "report").mkdir(parents=True)
+    res = run_train([*base_args(small_atlas, mine, epochs=1), "--overwrite"], check=False)
+    assert res.returncode == 2 and "not a bigatlas run dir" in res.stderr and (mine / "report").is_dir(), res.stderr
 
 
 def test_resume_with_other_settings_is_refused(small_atlas, tmp_path):
