@@ -315,25 +315,26 @@ class AtlasVAE:
         return AtlasVAE.load(out)
 
     @torch.no_grad()
-    def _latent(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False) -> tuple:
-        """(store, posterior means as a numpy array in the store's cell order)."""
+    def _latent(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False, sample=False) -> tuple:
+        """(store, posterior means, or one draw each with `sample`, as a numpy array in the store's cell order)."""
         self._need_fit()
         self.module.eval()
         store, batches = self._batches(data, obs_filter, batch_size, layer, allow_non_integer)
         return store, np.concatenate(
-            [self.module.latent(inp.counts, measured=inp.measured).cpu().numpy() for inp in batches]
+            [self.module.latent(inp.counts, sample, measured=inp.measured).cpu().numpy() for inp in batches]
         )
 
     def get_latent_representation(
         self, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
-        batch_size: int = 4096,
+        batch_size: int = 4096, give_mean: bool = True,
     ) -> np.ndarray:  # fmt: skip
         """Posterior means (cells × n_latent) of `adata` (an AnnData or a store path; default: the data
         the model was set up with), in its cell order: `adata.obsm["X_bigatlas"] = ...`. `layer` names the
         matrix of raw counts where it is not the one the model was trained on ("X", "raw" or a layer);
         `allow_non_integer=True` reads values that are not whole (normalized or ambient-corrected; still finite and
-        >= 0) where the model was trained on counts. Every reader of this class takes both."""
-        return self._latent(adata, obs_filter, batch_size, layer, allow_non_integer)[1]
+        >= 0) where the model was trained on counts. Every reader of this class takes both. give_mean=False
+        (scvi-tools' keyword): one draw from each cell's posterior instead of its mean (torch's random stream)."""
+        return self._latent(adata, obs_filter, batch_size, layer, allow_non_integer, not give_mean)[1]
 
     def review_labels(
         self, label_key: str, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,

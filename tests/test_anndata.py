@@ -13,6 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import zarr
 from conftest import ROOT, accelerate_launcher
 
@@ -65,6 +66,11 @@ def test_results_come_back_in_the_anndatas_order(copies, tmp_path):
     shuffled = adata[np.random.default_rng(0).permutation(N)].copy()  # another order of the same cells
     z = model.get_latent_representation()
     assert np.allclose(model.get_latent_representation(shuffled), z[shuffled.obs_names.map(adata.obs_names.get_loc)])
+    torch.manual_seed(0)
+    draws = np.stack([model.get_latent_representation(give_mean=False) for _ in range(16)])  # one per cell a call
+    assert not np.allclose(draws[0], draws[1]) and not np.allclose(draws[0], z)
+    one, averaged = (np.sqrt(np.mean((d - z) ** 2)) for d in (draws[0], draws.mean(0)))
+    assert averaged < 0.35 * one  # draws around the mean: 16 of them average to it at about a quarter the spread
     pred = model.predict(shuffled)
     assert list(pred.index) == list(shuffled.obs_names)
     cols = ["pred", "prob", "uncertainty", "unknown", "pred_filtered"]
