@@ -41,8 +41,13 @@ class _Cells:
 
     def __init__(self, source, data_cfg, vocab, module, run_dir):
         d = data_cfg
-        if isinstance(source, str) and source.startswith("AnnData ("):
-            raise ValueError(f"the run was trained on an {source}; build its reference from that AnnData (data=...)")
+        names = list(source) if isinstance(source, list | tuple) else [source]  # a collection's: one per store
+        in_memory = [name for name in names if isinstance(name, str) and name.startswith("AnnData (")]
+        if in_memory:
+            raise ValueError(
+                f"the run was trained on an {' and an '.join(in_memory)}; build its reference from that data "
+                "(--data, or data= in Python)"
+            )
         self.store = open_store(source, obs_filter=d.obs_filter, layer=d.layer, genes=d.genes, gene_join=d.gene_join)
         dropped_labels.apply(self.store, RunDir(run_dir), d, fresh=False, main=False)  # the run's, not kNN voters
         self.vocab, self.module, self.batch_keys = vocab, module, d.batch_keys
