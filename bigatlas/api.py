@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from loaders import CellStream, data_name, is_anndata, open_store
+from loaders import CellStream, data_name, in_memory_names, is_anndata, open_store
 
 from .batches import ToModelInput
 from .config import UNLABELED, DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -266,8 +266,7 @@ class AtlasVAE:
         if data is not None:
             return data, obs_filter
         d = self.config.data
-        names = [d.data] if isinstance(d.data, str) else list(d.data)  # a collection's: one per store
-        in_memory = [name for name in names if name.startswith("AnnData (")]
+        in_memory = in_memory_names(d.data)
         if self.data is None and in_memory:
             raise ValueError(
                 f"the model was trained on an {' and an '.join(in_memory)}; pass that data (adata=..., or "

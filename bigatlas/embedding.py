@@ -134,12 +134,13 @@ def recorded_data(value):
 def open_embedded(emb_path, data=None, obs_filter=None):
     """(Embedding, the store it was made from, data, obs_filter): data and obs_filter default to those the
     embedding records; a store with another number of cells is refused."""
-    from loaders import open_store
+    from loaders import in_memory_names, open_store
 
     emb = Embedding(emb_path)
     data = data or recorded_data(emb.meta["data"])
-    if str(data).startswith("AnnData ("):  # embedded from an object in memory: nothing to reopen
-        raise EmbeddingError(f"{emb.path} was embedded from an {data}; pass its file with --data")
+    if in_memory_names(data):  # embedded from an object in memory: nothing to reopen
+        raise EmbeddingError(f"{emb.path} was embedded from an {' and an '.join(in_memory_names(data))}; pass its "
+                             "file with --data")  # fmt: skip
     obs_filter = obs_filter if obs_filter is not None else emb.meta.get("obs_filter")
     store = open_store(data, obs_filter=obs_filter)
     if store.n_obs != emb.n_obs:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loaders import open_store
+from loaders import in_memory_names, open_store
 from loaders.csr import select_columns
 
 from . import dropped_labels
@@ -41,8 +41,7 @@ class _Cells:
 
     def __init__(self, source, data_cfg, vocab, module, run_dir):
         d = data_cfg
-        names = list(source) if isinstance(source, list | tuple) else [source]  # a collection's: one per store
-        in_memory = [name for name in names if isinstance(name, str) and name.startswith("AnnData (")]
+        in_memory = in_memory_names(source)
         if in_memory:
             raise ValueError(
                 f"the run was trained on an {' and an '.join(in_memory)}; build its reference from that data "

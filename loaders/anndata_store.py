@@ -24,9 +24,12 @@ CONVERTED_FACTOR = 4.5
 _WARNED: set[str] = set()
 
 
+MEMORY_PREFIX = "AnnData ("
+
+
 def memory_name(adata) -> str:
     """How an AnnData in memory is named in messages and in what a run records as its data."""
-    return f"AnnData ({adata.n_obs} cells x {adata.n_vars} genes, in memory)"
+    return f"{MEMORY_PREFIX}{adata.n_obs} cells x {adata.n_vars} genes, in memory)"
 
 
 def _dense_rows(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

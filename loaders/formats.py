@@ -148,3 +148,12 @@ def data_name(data):
     from .anndata_store import memory_name
 
     return str(data.filename) if data.isbacked else memory_name(data)
+
+
+def in_memory_names(recorded) -> list[str]:
+    """The names among data_name()'s value (one name, or a collection's list) that describe an AnnData in memory:
+    data a run recorded but cannot reopen."""
+    from .anndata_store import MEMORY_PREFIX
+
+    names = list(recorded) if isinstance(recorded, list | tuple) else [recorded]
+    return [name for name in names if isinstance(name, str) and name.startswith(MEMORY_PREFIX)]
