@@ -468,23 +468,23 @@ class AtlasVAE:
         several; None: every gene of the model)."""
         if gene_list is None:
             return list(self.vocab.genes), None
-        names, at = _names(gene_list), {g: i for i, g in enumerate(self.vocab.genes)}
-        unknown = [g for g in names if g not in at]
+        names = _names(gene_list)
+        columns, unknown = _positions(names, self.vocab.genes)
         if unknown or not names:
             shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-            raise ValueError(f"gene_list: {shown or 'no gene'} not among the model's {len(at)} genes")
-        return list(names), torch.tensor([at[g] for g in names])
+            raise ValueError(f"gene_list: {shown or 'no gene'} not among the model's {len(self.vocab.genes)} genes")
+        return list(names), torch.tensor(columns)
 
     def _batch_codes(self, names) -> list[int]:
         """The model's codes of the batch key's categories `names` (one name or several)."""
         key = self.config.data.batch_keys[0]
         known = self.vocab.batch_categories[key]
         names = _names(names)
-        unknown = [n for n in names if n not in known]
+        codes, unknown = _positions(names, known)
         if unknown or not names:
             shown = ", ".join(known[:8]) + (" …" if len(known) > 8 else "")
             raise ValueError(f"transform_batch {unknown or names!r}: not a {key!r} the model was trained on ({shown})")
-        return [known.index(n) for n in names]
+        return codes
 
     def get_reconstructed_expression(
         self, data=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
@@ -558,6 +558,12 @@ def _with_batch(code: int, covariates, z: torch.Tensor) -> torch.Tensor:
     codes (int64, as ToModelInput makes them), on z's device."""
     column = torch.full((len(z), 1), code, dtype=torch.int64, device=z.device)
     return column if covariates is None else torch.cat([column, covariates], 1)
+
+
+def _positions(names, known) -> tuple[list[int], list[str]]:
+    """(the positions in `known` of `names` that are in it, in their order; the names that are not)."""
+    at = {name: i for i, name in enumerate(known)}
+    return [at[n] for n in names if n in at], [n for n in names if n not in at]
 
 
 def _names(value) -> tuple[str, ...]:

@@ -138,9 +138,9 @@ def open_embedded(emb_path, data=None, obs_filter=None):
 
     emb = Embedding(emb_path)
     data = data or recorded_data(emb.meta["data"])
-    if in_memory_names(data):  # embedded from an object in memory: nothing to reopen
-        raise EmbeddingError(f"{emb.path} was embedded from an {' and an '.join(in_memory_names(data))}; pass its "
-                             "file with --data")  # fmt: skip
+    in_memory = in_memory_names(data)
+    if in_memory:  # embedded from an object in memory: nothing to reopen
+        raise EmbeddingError(f"{emb.path} was embedded from an {' and an '.join(in_memory)}; pass its file with --data")
     obs_filter = obs_filter if obs_filter is not None else emb.meta.get("obs_filter")
     store = open_store(data, obs_filter=obs_filter)
     if store.n_obs != emb.n_obs:
