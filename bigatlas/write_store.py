@@ -2,7 +2,7 @@
 
 Both take CSR row chunks in order and never hold more than one chunk plus one storage chunk.
 Zarr output is an AnnData store (format v3) with the fast layout of docs/design.md ("Storage layout"): blosc-lz4 + byte
-shuffle, narrow index dtype, element chunks sized to ~a few hundred cells. It is written under
+shuffle, int32 indices, element chunks sized to ~a few hundred cells. It is written under
 `<path>.partial` and renamed into place only when complete, so a killed writer never leaves
 something that looks like a finished store (on object stores, where rename is a copy, the absence
 of `<path>/zarr.json` until the end plays that role).
@@ -29,7 +29,12 @@ DEFAULT_CHUNK_ELEMS = 1 << 15
 
 
 def index_dtype_for(n_vars: int):
-    return np.int16 if n_vars <= np.iinfo(np.int16).max else np.int32
+    """int32 column indices (int64 past 2**31 genes), as scipy makes them: anndata reads a store's index dtypes as
+    they are, and scipy and scikit-learn take only int32 / int64 indices alike with the indptr (the int16 indices
+    and int64 indptr that stores written here had made scanpy's PCA fail with "ambiguous argument types" and
+    scipy's reversed column slice crash). Byte shuffle compresses the zero bytes away (the indices on disk 1.008x
+    the int16 ones), and the loader widened them to int32 after each read anyway (python -m bench.index_dtype)."""
+    return np.int32 if n_vars <= np.iinfo(np.int32).max else np.int64
 
 
 def _compressor(dtype) -> BloscCodec:
@@ -218,10 +223,13 @@ class ZarrWriter(_PartialStore):
             raise ValueError(f"obs/var have {len(obs)}/{len(var)} rows, X is {self.n_obs} x {self.n_vars}")
         self._data.close()
         self._indices.close()
-        indptr = np.concatenate(self._indptr)
+        # indptr in the indices' dtype while the nonzeros fit it, as scipy makes them: scikit-learn's sparse
+        # functions (scanpy's PCA) refuse int32 indices beside an int64 indptr
+        wide = self.nnz > np.iinfo(self._indices.arr.dtype).max
+        indptr = np.concatenate(self._indptr).astype(np.int64 if wide else self._indices.arr.dtype)
         chunks = (min(max(len(indptr), 1), 1 << 20),)
         self._x.create_array(
-            "indptr", shape=indptr.shape, chunks=chunks, dtype=np.int64, compressors=_compressor(np.int64)
+            "indptr", shape=indptr.shape, chunks=chunks, dtype=indptr.dtype, compressors=_compressor(indptr.dtype)
         )[:] = indptr
         self._x.attrs["shape"] = [self.n_obs, self.n_vars]
         with warnings.catch_warnings():  # anndata announces a future sharding default on every write

@@ -104,6 +104,23 @@ def test_h5ad_conversion_round_trips_filtered_cells(atlas, tmp_path, shard):
     assert np.array_equal(np.sort(seen), np.arange(want.n_obs))
 
 
+def test_written_stores_read_by_anndata_work_in_scipy_and_scikit_learn(atlas, tmp_path):
+    """A store synth or prepare --convert writes, read whole by anndata, is a matrix scipy and scikit-learn take
+    (scanpy's PCA, a reversed column slice): indices and indptr of one dtype, int32 or int64."""
+    from sklearn.utils.sparsefuncs import mean_variance_axis
+
+    root, adata = atlas
+    convert(open_source(str(root / "a.soma")), tmp_path / "c.zarr", block=700, workers=1, **quiet)
+    dense = adata.X.toarray()
+    for path in (root / "a.zarr", tmp_path / "c.zarr"):
+        x = ad.read_zarr(path).X
+        assert x.indices.dtype == x.indptr.dtype and x.indices.dtype in (np.int32, np.int64), path
+        mean, var = mean_variance_axis(x, axis=0)
+        np.testing.assert_allclose(mean, dense.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(var, dense.var(0), rtol=1e-4)
+        assert np.array_equal(x[:50, ::-1].toarray(), dense[:50, ::-1])
+
+
 def test_soma_slice_converts_with_listed_genes_only(atlas, tmp_path):
     root, adata = atlas
     genes = list(adata.var.feature_id.to_numpy()[[17, 3, 250, 99]])
