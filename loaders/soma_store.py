@@ -26,9 +26,11 @@ def _soma():
 
 READ_CELLS = 8192
 SUBREAD_THREADS = 2
-# TileDB contexts and handles are created one at a time in a process: two reader threads creating theirs at
-# once aborted a test process once (a native abort inside SOMATileDBContext.native_context, no Python error);
-# reentrant, so an open holding it can fetch the shared context
+# TileDB contexts and handles are created, and queries set up, one at a time in a process: two reader threads
+# creating theirs at once aborted a test process once (a native abort inside SOMATileDBContext.native_context, no
+# Python error), and so did a reader thread reading its handle's schema to set up a query while another's ran
+# (once in six CI runs; once in ~80 minutes of a stream stress beside training); reentrant, so an open holding it
+# can fetch the shared context
 _OPEN_LOCK = threading.RLock()
 # One TileDB context per process and configuration, shared by every store, handle and reader thread (a
 # context is thread-safe; a handle is not). A fresh context per handle and per open made and freed a
@@ -137,6 +139,7 @@ class SomaStore(Store):
         self._n_store_rows = n_rows
         self._local = threading.local()
         self._executor = None
+        self._pool_lock = threading.Lock()
         self._pid = os.getpid()  # the process whose reader threads and handles these are
 
     @property
@@ -187,9 +190,10 @@ class SomaStore(Store):
     def _pool(self) -> ThreadPoolExecutor:
         if self._pid != os.getpid():
             self._after_fork()
-        if self._executor is None:  # created on first read
-            self._executor = ThreadPoolExecutor(SUBREAD_THREADS, thread_name_prefix="soma-read")
-        return self._executor
+        with self._pool_lock:  # created on first read, once: two stream readers may read at once
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(SUBREAD_THREADS, thread_name_prefix="soma-read")
+            return self._executor
 
     def _after_fork(self) -> None:
         """A store object inherited by a forked child (a multiprocessing pool, a DataLoader's workers): the
@@ -201,12 +205,16 @@ class SomaStore(Store):
                 if self._executor is not None:
                     leak(self._executor)
                 self._local, self._executor, self._pid = threading.local(), None, os.getpid()
+                self._pool_lock = threading.Lock()  # the parent's may have been held at the fork
 
     def _read_ids(self, ids: np.ndarray) -> CSR:
         try:
             # unordered: asking TileDB for row-major order costs 5-7x the read itself
             coords = (ids,) if self._var_coords is None else (ids, self._var_coords)
-            tables = list(self._x().read(coords=coords, result_order="auto").tables())
+            x = self._x()
+            with _OPEN_LOCK:  # the query is set up (schema, coordinates) one at a time, like every open
+                pieces = x.read(coords=coords, result_order="auto").tables()
+            tables = list(pieces)  # the reads themselves run at once
         except Exception as e:
             raise StoreError(f"{self.uri}: reading X/{self.layer} rows {ids[0]}…{ids[-1]} failed: {e}") from e
         dim0 = _column(tables, "soma_dim_0", np.int64)
