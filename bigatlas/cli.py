@@ -109,7 +109,9 @@ def _embed(p):
         help="trained RUN_DIR (--run-dir under torchrun, whose own --run-path swallows --run)",
     )
     add_data(p, "query: " + DATA_HELP)
-    p.add_argument("--out", required=True, help="output AnnData-Zarr store (obsm/X_bigatlas, obs/<key>_pred …)")
+    p.add_argument(
+        "--out", required=True, help="output AnnData-Zarr store (obsm/X_bigatlas, obs/<key>_pred …), or SOMA experiment"
+    )
     helps = {
         "chunk_size": "cells per output chunk (resume unit)",
         "batch_size": "cells per forward pass",
@@ -127,6 +129,11 @@ def _embed(p):
         "min_gene_overlap": "refuse a query sharing fewer of the model's genes than this fraction",
         "overwrite": "recompute a complete or different output",
         "allow_non_integer": "accept non-integer values (a model trained with --allow-non-integer accepts them)",
+        "out_format": (
+            "zarr or soma (unset: an existing output's, else what --out's name ends in, .zarr or .soma, else the "
+            "query's: SOMA for a SOMA query, Zarr otherwise; a SOMA output of other data is indexed by store row)",
+            str,
+        ),
     }
     add_signature_flags(p, embed, helps)
     return lambda a: embed(a.run, data_arg(a), a.out, **signature_values(a, helps))

@@ -25,7 +25,7 @@ import torch
 import zarr
 from accelerate import PartialState
 
-from loaders import data_name, detect_format, open_store
+from loaders import StoreError, data_name, detect_format, open_store
 from loaders.csr import check_counts, select_columns
 from loaders.soma_store import create_experiment, open_experiment
 
@@ -339,6 +339,28 @@ def _check_meta(path, saved: dict, meta: dict) -> bool:
     return not complete
 
 
+OUT_FORMATS = ("zarr", "soma")
+
+
+def output_format(data, out: Path, out_format: str | None, overwrite: bool) -> str:
+    """The embedding's format: `out_format`; else an existing output's (a rerun resumes it); else the one the
+    output's name says (.zarr, .soma); else the query's (a SOMA experiment for SOMA, AnnData-Zarr otherwise)."""
+    if out_format is not None:
+        if out_format not in OUT_FORMATS:
+            raise ValueError(f"out_format {out_format!r}: use one of {', '.join(OUT_FORMATS)}")
+        return out_format
+    if out.exists() and not overwrite:
+        try:
+            existing = detect_format(str(out))
+        except StoreError:
+            existing = None  # not a store: prepare() says so
+        if existing in OUT_FORMATS:
+            return existing
+    if out.suffix in (".zarr", ".soma"):
+        return out.suffix[1:]
+    return "soma" if detect_format(data) == "soma" else "zarr"
+
+
 def embed(
     run_dir,
     data,
@@ -358,8 +380,8 @@ def embed(
     out_format: str | None = None,
     allow_non_integer: bool = False,
 ) -> Path:
-    """Embed `data` (a store path, an .h5ad or an AnnData object) with the model in `run_dir` into `out`:
-    a SOMA experiment for SOMA input, AnnData-Zarr otherwise (out_format overrides). See the module doc."""
+    """Embed `data` (a store path, an .h5ad or an AnnData object) with the model in `run_dir` into `out`: an
+    AnnData-Zarr store or a SOMA experiment, as output_format chooses. See the module doc."""
     state = PartialState(cpu=not torch.cuda.is_available())
     leave_at_exit()
     faults = Faults()
@@ -390,9 +412,12 @@ def embed(
         run_dir, data_name(data), obs_filter, n, c, full_probabilities, unknown_threshold, transfer, sources, layer
     )
     meta["umap"] = transfer.has_umap
-    fmt = out_format or ("soma" if detect_format(data) == "soma" else "zarr")
+    fmt = output_format(data, out, out_format, overwrite)
     if fmt == "soma" and sources is not None:
-        raise ValueError("a collection embeds to AnnData-Zarr (its cells have no common soma_joinid); drop out_format")
+        raise ValueError(
+            f"a collection embeds to AnnData-Zarr (its cells have no common soma_joinid): name the output .zarr "
+            f"(not {out.name}) or pass out_format='zarr'"
+        )
     output = SomaOutput(out) if fmt == "soma" else ZarrOutput(out)
     lock = OutputLock(out.with_name(out.name + ".lock"), f"output {out}") if state.is_main_process else nullcontext()
     with lock:  # one writer per output; released when this returns or the process dies

@@ -228,7 +228,7 @@ def test_a_query_without_some_genes_is_mapped_on_its_filled_latents(trained, tmp
     assert np.isfinite(z).all() and not np.allclose(z, zeros, atol=1e-3)
 
 
-def test_soma_query_gets_a_soma_output_aligned_by_joinid(trained, tmp_path):
+def test_soma_query_gets_a_soma_output_aligned_by_joinid_and_the_output_name_sets_the_format(trained, tmp_path):
     import tiledbsoma
 
     data, run = trained
@@ -248,6 +248,20 @@ def test_soma_query_gets_a_soma_output_aligned_by_joinid(trained, tmp_path):
     assert np.array_equal(obs["cell_type_prob"].to_numpy(), zarr_out["prob"])
     again = embed(run, str(soma_path), out, chunk_size=256, obs_filter=expr, progress=False)
     assert again == out
+    # the output's name, not the query's format, says what it is: .soma holds a SOMA experiment, .zarr an
+    # AnnData-Zarr store, each with the same cells and latents; an unnamed one follows the query
+    kw = dict(chunk_size=256, obs_filter=expr, progress=False)
+    from_soma = arrays(embed(run, str(soma_path), tmp_path / "from_soma.zarr", **kw))
+    assert np.array_equal(from_soma["row"], zarr_out["row"]) and np.allclose(from_soma["z"], zarr_out["z"], atol=1e-5)
+    with tiledbsoma.Experiment.open(str(embed(run, data, tmp_path / "from_zarr.soma", **kw))) as exp:
+        got = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
+    assert got.reset_index(drop=True).equals(obs.reset_index(drop=True))
+    assert tiledbsoma.Experiment.exists(str(embed(run, str(soma_path), tmp_path / "plain", **kw)))
+    # an output written before the name decided (a SOMA experiment named .zarr) resumes as what it is
+    old = embed(run, str(soma_path), tmp_path / "old.zarr", out_format="soma", **kw)
+    assert tiledbsoma.Experiment.exists(str(old)) and embed(run, str(soma_path), old, **kw) == old
+    with pytest.raises(ValueError, match="out_format 'h5ad': use one of zarr, soma"):
+        embed(run, data, tmp_path / "x", out_format="h5ad", **kw)
 
 
 def test_an_output_that_recorded_a_collection_as_text_resumes_and_reads_back_as_the_list():
