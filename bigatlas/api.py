@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
 
@@ -567,8 +568,10 @@ def _positions(names, known) -> tuple[list[int], list[str]]:
 
 
 def _names(value) -> tuple[str, ...]:
-    """A keyword that takes one name or several, as a tuple."""
-    return (value,) if isinstance(value, str) else tuple(value)
+    """A keyword that takes one name or several, as a tuple of strings, as the model keeps its categories and
+    genes (a batch column of integers or booleans: transform_batch=3 or True)."""
+    one = isinstance(value, str) or not isinstance(value, Iterable)
+    return (str(value),) if one else tuple(str(v) for v in value)
 
 
 def _drop_spec(key: str, cells) -> tuple[str, Path | None]:

@@ -340,3 +340,19 @@ def test_transform_batch_decodes_every_cell_as_the_named_batch(copies, tmp_path)
     np.testing.assert_allclose(counts.sum(1), np.asarray(query.X.sum(1)).ravel(), rtol=1e-4)  # observed totals
     with pytest.raises(ValueError, match=r"\['study_9'\].*not a 'dataset_id' the model was trained on"):
         model.get_normalized_expression(ref, transform_batch="study_9")
+
+
+def test_transform_batch_takes_the_batch_column_own_values(copies, tmp_path):
+    """A batch column of integers is named by its integers (transform_batch=1, a numpy one, a list of them), as by
+    their text."""
+    adata = copies["memory"][::4].copy()
+    adata.obs["study"] = adata.obs.dataset_id.cat.codes.astype(np.int64)
+    model = AtlasVAE(adata, batch_key="study", train={"max_epochs": 1, "batch_size": 64, "seed": 5})
+    model.fit(tmp_path / "run")
+    as_text = model.get_normalized_expression(adata, transform_batch="1").to_numpy()
+    np.testing.assert_array_equal(model.get_normalized_expression(adata, transform_batch=1).to_numpy(), as_text)
+    np.testing.assert_array_equal(
+        model.get_normalized_expression(adata, transform_batch=np.int64(1)).to_numpy(), as_text
+    )
+    both = model.get_normalized_expression(adata, transform_batch=[0, 1]).to_numpy()
+    np.testing.assert_array_equal(both, model.get_normalized_expression(adata, transform_batch=["0", "1"]).to_numpy())
