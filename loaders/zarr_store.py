@@ -50,7 +50,13 @@ class ZarrStore(GroupObsStore):
                 "(rewrite it as CSR with `bigatlas prepare`)"
             )
         self._arrays, self._pid = (x["data"], x["indices"]), os.getpid()
+        # a chunk every value of which is the fill value (0) need not be written: the indptr of a store without
+        # values, the indices of a one-gene store; elsewhere a missing chunk was lost
+        n_values, one_gene = x["data"].shape[0], int(x.attrs["shape"][1]) == 1
+        for name in ("data", *(() if one_gene else ("indices",)), *(("indptr",) if n_values else ())):
+            _check_chunks_present(x[name], f"{self.uri}:{x_path}/{name}")
         self._indptr = np.asarray(x["indptr"][:], dtype=np.int64)
+        _check_indptr(self._indptr, x["data"].shape[0], x["indices"].shape[0], f"{self.uri}:{x_path}")
         self.n_vars = int(x.attrs["shape"][1])
         if not np.issubdtype(self._data.dtype, np.number):
             raise StoreError(f"{self.uri}:{x_path}/data has dtype {self._data.dtype}, not numeric counts")
@@ -150,6 +156,53 @@ class ZarrStore(GroupObsStore):
                     )
         return (
             f"{self.uri}:{self._x_path}: reading {len(ranges)} element ranges failed: {type(error).__name__}: {error}"
+        )
+
+
+def missing_chunks(arr: zarr.Array) -> np.ndarray:
+    """Numbers of the storage objects (chunks, or shards) of a 1-D array on a local disk that are not there. zarr
+    reads a missing one as its fill value, so a store copied part way reads as zeros where it was cut. Arrays in
+    other stores (object stores, zip files) are not listed: empty."""
+    from zarr.storage import LocalStore
+
+    store, n = arr.store_path.store, -(-arr.shape[0] // (arr.shards or arr.chunks)[0])
+    if not isinstance(store, LocalStore) or n == 0:
+        return np.zeros(0, np.int64)
+    key = arr.metadata.encode_chunk_key((0,))  # 1-D: a fixed prefix and the number ("c/7" in v3, "7" in v2)
+    prefix = key[:-1]
+    if arr.metadata.encode_chunk_key((n - 1,)) != prefix + str(n - 1):
+        return np.zeros(0, np.int64)  # a key layout this does not know
+    folder = os.path.join(str(store.root), arr.store_path.path, os.path.dirname(prefix))
+    stem = os.path.basename(prefix)
+    try:
+        names = [e.name[len(stem) :] for e in os.scandir(folder) if e.name.startswith(stem)]
+    except FileNotFoundError:
+        names = []
+    present = np.array([int(v) for v in names if v.isdigit()], dtype=np.int64)
+    return np.setdiff1d(np.arange(n, dtype=np.int64), present)
+
+
+def _check_chunks_present(arr: zarr.Array, what: str) -> None:
+    gone = missing_chunks(arr)
+    if len(gone):
+        c = (arr.shards or arr.chunks)[0]
+        shown = ", ".join(f"{k} (elements {k * c}:{(k + 1) * c})" for k in gone[:3].tolist())
+        raise StoreError(
+            f"{what}: {len(gone)} of {-(-arr.shape[0] // c)} chunk files are missing ({shown}"
+            f"{' …' if len(gone) > 3 else ''}), which zarr reads as zeros: a copy cut short? Copy the store again"
+        )
+
+
+def _check_indptr(indptr: np.ndarray, n_data: int, n_indices: int, what: str) -> None:
+    """X's indptr starts at 0, never decreases and ends at the number of stored values."""
+    bad = len(indptr) == 0 or indptr[0] != 0 or n_data != n_indices or indptr[-1] != n_data
+    if not bad and len(indptr) > 1:
+        bad = bool((indptr[1:] < indptr[:-1]).any())
+    if bad:
+        end = int(indptr[-1]) if len(indptr) else None
+        raise StoreError(
+            f"{what}/indptr is not a CSR row index of its {n_data} values (starts at "
+            f"{int(indptr[0]) if len(indptr) else None}, ends at {end}, {n_indices} indices): the store is damaged"
         )
 
 

@@ -203,6 +203,33 @@ def test_corrupt_chunk_is_named(atlas, tmp_path):
         store.read(np.arange(store.n_obs))
 
 
+@pytest.mark.parametrize("array", ["data", "indices", "indptr"])
+def test_a_store_copied_part_way_is_refused_naming_the_missing_chunk(atlas, tmp_path, array):
+    """zarr reads a chunk file that is not there as zeros, so a store whose copy stopped part way (a chunk of
+    X/data, X/indices or X/indptr missing) read as zeros there, silently. It is refused at open, naming the array
+    and the chunk. A damaged indptr (two rows swapped: decreasing) is refused too."""
+    import zarr
+
+    a = ad.read_zarr(atlas)
+    path = tmp_path / "cut.zarr"
+    with ZarrWriter(path, a.n_vars, chunk_elems=64) as w:  # several chunks of X/data and X/indices
+        w.append(a.X.indptr, a.X.indices, a.X.data)
+        w.finish(a.obs, a.var)
+    g = zarr.open_group(str(path / "X"), mode="r+")
+    if array == "indptr":  # the writer gives indptr one chunk: rewrite it in chunks of 64 rows
+        indptr = g["indptr"][:]
+        del g["indptr"]
+        g.create_array("indptr", shape=indptr.shape, chunks=(64,), dtype=indptr.dtype)[:] = indptr
+    open_store(path)  # whole, it opens
+    (path / "X" / array / "c" / "2").unlink()
+    with pytest.raises(StoreError, match=rf"X/{array}: 1 of \d+ chunk files are missing \(2 \(elements 128:192\)\)"):
+        open_store(path)
+    if array == "indptr":
+        g["indptr"][:] = indptr[np.r_[0:5, 6, 5, 7 : len(indptr)]]
+        with pytest.raises(StoreError, match="X/indptr is not a CSR row index"):
+            open_store(path)
+
+
 def test_wrong_reader_for_the_format_says_so(atlas, tmp_path):
     soma_path = tmp_path / "a.soma"
     synth(soma_path, 100, 20, "soma")
