@@ -239,6 +239,11 @@ def _evaluate(p):
         "obs_filter": ("filter the embedding was made with (default: recorded)", str),
         "run": ("RUN_DIR of the model (default: recorded); the report goes there", str),
         "out": ("report folder (default RUN_DIR/report)", str),
+        "layer": (
+            "the data's matrix of raw counts for the PCA baseline: X, raw or a layers/ name (default: the one the "
+            "recorded data was embedded from)",
+            str,
+        ),
         "umap_cells": "cells drawn in the UMAP",
         "seed": "subsample / UMAP / k-means seed (k-means 0: scib-metrics' own draw)",
         "review_min_agreement": "label review: list the evaluated cells with fewer than this share of their 15 "

@@ -20,10 +20,10 @@ import pandas as pd
 
 from loaders import data_name, open_store
 from loaders.census import is_census
-from loaders.csr import concat
+from loaders.csr import check_counts, concat
 
 from .config import UNLABELED
-from .embedding import EmbeddingError, latents_of, open_embedded
+from .embedding import EmbeddingError, latents_of, open_embedded, recorded_data
 from .errors import require_extra
 from .label_review import MIN_AGREEMENT, flagged_cells, review, summary
 from .lock import OutputLock
@@ -49,9 +49,37 @@ def stratified_subsample(labels: np.ndarray, n: int, seed: int = 0, floor: int =
     return np.sort(np.concatenate(chosen))
 
 
-def read_counts(store, positions: np.ndarray, piece: int = 8192):
-    """scipy CSR of the cells at ascending positions (all genes)."""
-    return concat([store.read(positions[i : i + piece]) for i in range(0, len(positions), piece)]).to_scipy()
+def read_counts(store, positions: np.ndarray, piece: int = 8192, integer: bool = True):
+    """scipy CSR of the cells at ascending positions (all genes), refused unless they are counts (whole unless
+    `integer` is False; finite and >= 0 always)."""
+    parts = []
+    for i in range(0, len(positions), piece):
+        rows = positions[i : i + piece]
+        parts.append(store.read(rows))
+        try:
+            check_counts(parts[-1], store, integer=integer, positions=rows)
+        except ValueError as e:
+            what = str(e).split("; the model needs")[0]  # the value and where; the hint below is evaluate's
+            others = getattr(store, "other_layers", ())
+            also = f" (the data also has {', '.join(others)})" if others else ""
+            raise EmbeddingError(
+                f"the PCA baseline reads raw counts: {what}; --layer (layer=) names the data's matrix of counts"
+                f"{also}, --no-baseline (baseline=False) skips the baseline"
+            ) from None
+    return concat(parts).to_scipy()
+
+
+def counts_matrix(layer, emb, run_data: dict | None, data) -> tuple[str | None, bool]:
+    """(the data's matrix of raw counts, whether values need not be whole) for the PCA baseline: `layer` when
+    given; for the data the embedding records, the matrix it was embedded from (the embed call's, else the
+    run's); X of other data."""
+    run_data = run_data or {}
+    allow = bool(run_data.get("allow_non_integer", False))
+    if layer is not None:
+        return layer, allow
+    if "data" in emb.meta and _same_data(data, recorded_data(emb.meta["data"])):
+        return emb.meta.get("layer") or run_data.get("layer"), allow
+    return None, allow
 
 
 def pca_baseline(counts, n_components: int, n_genes: int = BASELINE_GENES) -> np.ndarray:
@@ -189,12 +217,14 @@ def evaluate(
     umap_cells: int = 20_000,
     seed: int = 0,
     baseline: bool = True,
+    layer: str | None = None,
     unlabeled_categories=None,
     review_min_agreement: float = MIN_AGREEMENT,
     log=print,
 ) -> dict:
     """Score an embedding from `bigatlas embed`; returns metrics.json's content. `data`, `obs_filter`
-    and `run` default to those recorded in the embedding; unlabeled_categories to the run's.
+    and `run` default to those recorded in the embedding; unlabeled_categories to the run's; layer (the data's
+    matrix of raw counts, for the PCA baseline) to the one the recorded data was embedded from (counts_matrix).
     review_min_agreement: evaluated cells with fewer than this share of their 15 nearest evaluated cells
     under their own label are listed in label_review.csv (label_review.py; 0: no review)."""
     require_extra(
@@ -226,6 +256,11 @@ def evaluate(
                 "evaluation needs labelled cells"
             )
         z = latents_of(emb, store, sample, "the evaluated cells")
+        counts = None  # the baseline's, read (and checked) before anything is scored
+        if baseline:
+            matrix, allow = counts_matrix(layer, emb, run_data, data)
+            counts_store = store if matrix is None else open_store(data, obs_filter=obs_filter, layer=matrix)
+            counts = read_counts(counts_store, sample, integer=not allow)
         lab = pd.Categorical(labels[sample]).remove_unused_categories()
         bat = pd.Categorical(batch[sample]).remove_unused_categories()
         lab_codes, bat_codes = np.asarray(lab.codes), np.asarray(bat.codes)
@@ -253,7 +288,7 @@ def evaluate(
             table.insert(1, batch_key, bat)  # after the label
             flagged = flagged_cells(table, store, sample)
         if baseline:
-            base = pca_baseline(read_counts(store, sample), z.shape[1])
+            base = pca_baseline(counts, z.shape[1])
             result["scores"]["pca_baseline"] = scib_scores(base, lab_codes, bat_codes, seed)
         reference = reference_mask(run_data, data, store)
         if reference is not None:

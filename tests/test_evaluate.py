@@ -335,3 +335,27 @@ def test_a_second_evaluation_into_one_report_is_refused_and_leaves_the_firsts_pa
     err = capsys.readouterr().err
     assert f"output {out} is in use by process" in err and len(err.strip().splitlines()) == 1, err
     assert (first / "being_written").exists() and not out.exists()
+
+
+def test_the_pca_baseline_reads_the_counts_the_run_was_trained_on(embedded, tmp_path):
+    """A run trained on a layer of counts (X normalized): the baseline reads that layer, not X, so it equals the
+    baseline of the same cells stored as counts in X; told to read X, it is refused, naming the fix."""
+    import anndata as ad
+
+    data, _, _ = embedded
+    counts = ad.read_zarr(data)[::8].copy()
+    counts.write_zarr(tmp_path / "counts.zarr")
+    norm = counts.copy()
+    norm.layers["counts"] = counts.X.copy()
+    norm.X = norm.X.multiply(1e4 / np.asarray(norm.X.sum(1))).tocsr().log1p()
+    norm.write_h5ad(tmp_path / "norm.h5ad")
+    run = tmp_path / "run"
+    AtlasVAE(str(tmp_path / "norm.h5ad"), batch_key="dataset_id", layer="counts", train={"max_epochs": 1}).fit(run)
+    emb = embed(run, str(tmp_path / "norm.h5ad"), tmp_path / "emb.zarr", progress=False)
+    kw = dict(label_key="cell_type", batch_key="dataset_id", n_cells=400, umap_cells=100, review_min_agreement=0)
+    base = evaluate(emb, out=tmp_path / "r1", log=lambda *_: None, **kw)["scores"]["pca_baseline"]
+    other = evaluate(emb, data=str(tmp_path / "counts.zarr"), out=tmp_path / "r2", log=lambda *_: None, **kw)
+    assert base == other["scores"]["pca_baseline"]
+    with pytest.raises(EmbeddingError, match=r"non-integer value .*--layer \(layer=\) names .*also has counts"):
+        evaluate(emb, layer="X", out=tmp_path / "r3", log=lambda *_: None, **kw)
+    assert not (tmp_path / "r3").exists()
