@@ -17,7 +17,7 @@ import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from accelerate import PartialState
 from loaders import StoreError, data_name, detect_format, open_store
 from loaders.csr import check_counts, select_columns
 from loaders.soma_store import create_experiment, open_experiment
+from loaders.tiledb_gate import alone as tiledb_alone
 
 from .batches import Measured
 from .device_copy import csr_to_device
@@ -260,8 +261,12 @@ class SomaOutput:
     def open(self) -> None:
         """Nothing to hold open: each write opens the experiment itself (TileDB handles per call)."""
 
+    @contextmanager
     def _exp(self, mode="r"):
-        return open_experiment(self.path, mode)
+        """The experiment, opened for one call; its writes and reads run while the query's SOMA reads pause
+        (loaders.tiledb_gate: TileDB set-up beside another thread's read crashed)."""
+        with tiledb_alone(), open_experiment(self.path, mode) as exp:
+            yield exp
 
     def complete(self) -> bool:
         with self._exp() as exp:

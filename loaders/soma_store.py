@@ -16,6 +16,7 @@ import numpy as np
 
 from .csr import CSR, compact, concat, empty, take_rows
 from .store import Store, StoreError, filter_columns, leak
+from .tiledb_gate import alone, together
 
 
 def _soma():
@@ -26,12 +27,6 @@ def _soma():
 
 READ_CELLS = 8192
 SUBREAD_THREADS = 2
-# TileDB contexts and handles are created, and queries set up, one at a time in a process: two reader threads
-# creating theirs at once aborted a test process once (a native abort inside SOMATileDBContext.native_context, no
-# Python error), and so did a reader thread reading its handle's schema to set up a query while another's ran
-# (once in six CI runs; once in ~80 minutes of a stream stress beside training); reentrant, so an open holding it
-# can fetch the shared context
-_OPEN_LOCK = threading.RLock()
 # One TileDB context per process and configuration, shared by every store, handle and reader thread (a
 # context is thread-safe; a handle is not). A fresh context per handle and per open made and freed a
 # context with its thread pools for every store opened and every reader thread, and under that churn the
@@ -45,7 +40,7 @@ def soma_context(tiledb_config: dict | None = None):
     (stores, the embedding's output, written atlases): none is made and freed per open."""
     config = tiledb_config or {}
     key = tuple(sorted((str(k), str(v)) for k, v in config.items()))
-    with _OPEN_LOCK:
+    with alone():
         ctx = _CONTEXTS.get(key)
         if ctx is None:
             ctx = _CONTEXTS[key] = _soma().SOMATileDBContext(tiledb_config=dict(config))
@@ -54,23 +49,20 @@ def soma_context(tiledb_config: dict | None = None):
 
 def open_experiment(uri, mode: str = "r", tiledb_config: dict | None = None):
     """A SOMA experiment opened on the process's shared context, one open at a time."""
-    with _OPEN_LOCK:
+    with alone():
         return _soma().Experiment.open(str(uri), mode, context=soma_context(tiledb_config))
 
 
 def create_experiment(uri):
     """A new SOMA experiment (bigatlas's outputs and written stores) on the process's shared context, made
     one at a time like every open."""
-    with _OPEN_LOCK:
+    with alone():
         return _soma().Experiment.create(str(uri), context=soma_context())
 
 
 def _after_fork_in_child() -> None:
-    """A fork copies the lock as it is (held if a thread was opening) and the parent's contexts, whose
-    thread pools the child does not have: freeing one would wait on those threads forever, so they are
-    leaked (never freed) rather than dropped."""
-    global _OPEN_LOCK
-    _OPEN_LOCK = threading.RLock()
+    """A fork copies the parent's contexts, whose thread pools the child does not have: freeing one would wait
+    on those threads forever, so they are leaked (never freed) rather than dropped."""
     for ctx in _CONTEXTS.values():
         leak(ctx)
     _CONTEXTS.clear()
@@ -94,39 +86,41 @@ class SomaStore(Store):
         self.measurement = measurement
         self._tiledb_config = dict(tiledb_config or {})  # e.g. anonymous S3 access for the Census
         self._var_coords = None  # all genes; restrict_columns narrows reads to the model's genes
-        try:
-            exp = open_experiment(self.uri, tiledb_config=self._tiledb_config)
-        except Exception as e:
-            raise StoreError(f"{self.uri} is not a SOMA experiment ({type(e).__name__}: {e})") from None
-        with exp:
-            if measurement not in exp.ms:
-                raise StoreError(f"{self.uri} has no measurement {measurement!r} (have: {', '.join(exp.ms.keys())})")
-            ms = exp.ms[measurement]
-            if "X" not in ms or self.layer not in ms.X:
-                have = ", ".join(ms.X.keys()) if "X" in ms else "none"
-                raise StoreError(
-                    f"{self.uri}: measurement {measurement!r} has no X layer {self.layer!r} (have: {have})"
-                )
-            self.other_layers = tuple(name for name in ms.X.keys() if name != self.layer)
-            x = ms.X[self.layer]
-            if x.soma_type != "SOMASparseNDArray":
-                raise StoreError(f"{self.uri}: X layer {self.layer!r} is {x.soma_type}, not sparse")
-            n_rows, self.n_vars = (int(s) for s in x.shape)
-            var = ms.var.read().concat().to_pandas()
-            self._obs_cols = [f.name for f in exp.obs.schema]
-            value_filter = None
-            if obs_filter:
-                filter_columns(obs_filter, self._obs_cols)
-                value_filter = obs_filter
+        with alone():  # opened and read while no other thread's TileDB read runs (tiledb_gate)
             try:
-                ids = exp.obs.read(column_names=["soma_joinid"], value_filter=value_filter).concat()
+                exp = open_experiment(self.uri, tiledb_config=self._tiledb_config)
             except Exception as e:
-                raise StoreError(f"obs_filter {obs_filter!r} failed on {self.uri}: {e}") from None
-            self._joinids = np.sort(ids["soma_joinid"].to_numpy().astype(np.int64))
-            # TileDB decodes whole data tiles: point reads of 128-row blocks ran at 40k cells/s,
-            # 512-row blocks at 57-60k, 1024 at 66k (200k x 2000 atlas); 64 blocks of 512 keep the
-            # per-minibatch label mix at ~0.96 of random with a 32k-cell request
-            self.block_rows, self.blocks_per_request = 512, 64
+                raise StoreError(f"{self.uri} is not a SOMA experiment ({type(e).__name__}: {e})") from None
+            with exp:
+                if measurement not in exp.ms:
+                    have = ", ".join(exp.ms.keys())
+                    raise StoreError(f"{self.uri} has no measurement {measurement!r} (have: {have})")
+                ms = exp.ms[measurement]
+                if "X" not in ms or self.layer not in ms.X:
+                    have = ", ".join(ms.X.keys()) if "X" in ms else "none"
+                    raise StoreError(
+                        f"{self.uri}: measurement {measurement!r} has no X layer {self.layer!r} (have: {have})"
+                    )
+                self.other_layers = tuple(name for name in ms.X.keys() if name != self.layer)
+                x = ms.X[self.layer]
+                if x.soma_type != "SOMASparseNDArray":
+                    raise StoreError(f"{self.uri}: X layer {self.layer!r} is {x.soma_type}, not sparse")
+                n_rows, self.n_vars = (int(s) for s in x.shape)
+                var = ms.var.read().concat().to_pandas()
+                self._obs_cols = [f.name for f in exp.obs.schema]
+                value_filter = None
+                if obs_filter:
+                    filter_columns(obs_filter, self._obs_cols)
+                    value_filter = obs_filter
+                try:
+                    ids = exp.obs.read(column_names=["soma_joinid"], value_filter=value_filter).concat()
+                except Exception as e:
+                    raise StoreError(f"obs_filter {obs_filter!r} failed on {self.uri}: {e}") from None
+                self._joinids = np.sort(ids["soma_joinid"].to_numpy().astype(np.int64))
+                # TileDB decodes whole data tiles: point reads of 128-row blocks ran at 40k cells/s,
+                # 512-row blocks at 57-60k, 1024 at 66k (200k x 2000 atlas); 64 blocks of 512 keep the
+                # per-minibatch label mix at ~0.96 of random with a 32k-cell request
+                self.block_rows, self.blocks_per_request = 512, 64
         if len(self._joinids) == 0:
             what = f"obs_filter {obs_filter!r} matches" if obs_filter else "store has"
             raise StoreError(f"{what} 0 cells in {self.uri}")
@@ -154,7 +148,7 @@ class SomaStore(Store):
     def _read_obs(self, column):
         if column == "soma_joinid":
             return self._joinids.copy()
-        with open_experiment(self.uri, tiledb_config=self._tiledb_config) as exp:
+        with alone(), open_experiment(self.uri, tiledb_config=self._tiledb_config) as exp:
             table = exp.obs.read(coords=(self._joinids,), column_names=["soma_joinid", column]).concat()
         values = table.to_pandas().set_index("soma_joinid")[column]
         return values.reindex(self._joinids).array
@@ -170,7 +164,7 @@ class SomaStore(Store):
         x = getattr(self._local, "x", None)
         if x is None:
             soma = _soma()
-            with _OPEN_LOCK:
+            with alone():
                 # smaller result buffers than the 1 GiB default: a request arrives in a few pieces
                 ctx = soma_context({**self._tiledb_config, "soma.init_buffer_bytes": 32 << 20})
                 x = soma.SparseNDArray.open(f"{self.uri}/ms/{self.measurement}/X/{self.layer}", context=ctx)
@@ -199,7 +193,7 @@ class SomaStore(Store):
         """A store object inherited by a forked child (a multiprocessing pool, a DataLoader's workers): the
         parent's reader threads are not here (a read queued for them waited forever) and its handles are on
         the parent's contexts; both are leaked, and the child opens its own on its own context."""
-        with _OPEN_LOCK:
+        with alone():
             if self._pid != os.getpid():
                 leak(self._local)
                 if self._executor is not None:
@@ -212,9 +206,15 @@ class SomaStore(Store):
             # unordered: asking TileDB for row-major order costs 5-7x the read itself
             coords = (ids,) if self._var_coords is None else (ids, self._var_coords)
             x = self._x()
-            with _OPEN_LOCK:  # the query is set up (schema, coordinates) one at a time, like every open
+            with alone():  # the query's set-up (its handle's schema, columns, coordinates): see tiledb_gate
                 pieces = x.read(coords=coords, result_order="auto").tables()
-            tables = list(pieces)  # the reads themselves run at once
+            tables = []
+            while True:
+                with together():  # reads of all threads at once
+                    table = next(pieces, None)
+                if table is None:
+                    break
+                tables.append(table)
         except Exception as e:
             raise StoreError(f"{self.uri}: reading X/{self.layer} rows {ids[0]}…{ids[-1]} failed: {e}") from e
         dim0 = _column(tables, "soma_dim_0", np.int64)
