@@ -1,6 +1,6 @@
 """AnnData behind the Store interface: an `.h5ad` file read through h5py in row blocks (never loaded
-whole), and an AnnData object in memory (sparse or dense X, a layer, or raw). A backed AnnData
-(`read_h5ad(..., backed="r")`) is read as its file.
+whole), and an AnnData object in memory (sparse or dense X, a layer, or raw; a lazy one's dask X in slices of
+consecutive rows). A backed AnnData (`read_h5ad(..., backed="r")`) is read as its file.
 
 Both give the stream what the Zarr and SOMA stores give: positions after an obs_filter, obs codes,
 genes by feature id or name, CSR rows by ascending position.
@@ -176,6 +176,7 @@ class AnnDataStore(Store):
             raise StoreError(f"{self.uri} has no layer {layer!r} (have: {', '.join(have) or 'no matrix'})")
         if x is None:
             raise StoreError(f"{self.uri} has no X; pass layer= ({', '.join(have) or 'no other matrix'})")
+        self._lazy = None
         if sp.issparse(x):
             if x.format != "csr":
                 warnings.warn(f"{self.uri}: {x.format.upper()} matrix converted to CSR for row reads", stacklevel=3)
@@ -184,14 +185,16 @@ class AnnDataStore(Store):
             self._csr, self._dense = CSR(x.indptr.astype(idx.dtype), idx, x.data, x.shape[1]), None
         elif isinstance(x, np.ndarray) and x.ndim == 2:
             self._csr, self._dense = None, x
+        elif _is_dask(x) and x.ndim == 2:  # a lazy AnnData (anndata.experimental.read_lazy): read in row slices
+            self._csr, self._dense, self._lazy = None, None, x
         else:
-            raise StoreError(f"{self.uri}: X of type {type(x).__name__} is not supported (scipy sparse or numpy)")
+            raise StoreError(f"{self.uri}: X of type {type(x).__name__} is not supported (scipy sparse, numpy or dask)")
         if not np.issubdtype(x.dtype, np.number):
             raise StoreError(f"{self.uri}: X has dtype {x.dtype}, not numeric counts")
         self.n_vars = x.shape[1]
-        self._obs_frame = adata.obs
+        self._obs_frame = _frame(adata.obs)
         self._index = np.asarray(adata.obs_names, dtype=object)
-        super().__init__(var)
+        super().__init__(_frame(var))
         self._rows = filtered_positions(obs_filter, list(self._obs_frame.columns), self._column, self.uri, n)
         self.n_obs = n if self._rows is None else len(self._rows)
         if self.n_obs == 0:
@@ -218,8 +221,38 @@ class AnnDataStore(Store):
 
     def read(self, rows: np.ndarray) -> CSR:
         rows = self.store_rows(np.asarray(rows, dtype=np.int64))
+        if self._lazy is not None:
+            return self._read_lazy(rows)
         if self._dense is not None:
             indptr, indices, data = _dense_rows(np.asarray(self._dense[rows]))
             return _as_csr(indptr, indices, data, self.n_vars)
         m = take_rows(self._csr, rows)
         return _as_csr(m.indptr.astype(np.int64), m.indices, m.data, self.n_vars)
+
+    def _read_lazy(self, rows: np.ndarray) -> CSR:
+        """Rows of a dask X: each run of consecutive rows one slice, all of them computed at once."""
+        import dask
+        import scipy.sparse as sp
+
+        if len(rows) == 0:
+            return _as_csr(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), self.n_vars)
+        rows_sorted = np.unique(rows)
+        cut = np.flatnonzero(np.diff(rows_sorted) != 1) + 1
+        starts = rows_sorted[np.r_[0, cut]]
+        ends = rows_sorted[np.r_[cut - 1, len(rows_sorted) - 1]] + 1
+        blocks = dask.compute(*(self._lazy[int(a) : int(b)] for a, b in zip(starts, ends, strict=True)))
+        m = sp.vstack([sp.csr_matrix(b) for b in blocks], format="csr")
+        whole = CSR(m.indptr.astype(np.int64), m.indices, m.data, self.n_vars)
+        picked = take_rows(whole, np.searchsorted(rows_sorted, rows))
+        return _as_csr(picked.indptr.astype(np.int64), picked.indices, picked.data, self.n_vars)
+
+
+def _is_dask(x) -> bool:
+    import dask.array
+
+    return isinstance(x, dask.array.Array)  # a lazy AnnData's views wrap it in a subclass
+
+
+def _frame(table) -> pd.DataFrame:
+    """obs / var as a DataFrame: a lazy AnnData's (an xarray-backed Dataset2D) loaded once."""
+    return table if isinstance(table, pd.DataFrame) else table.to_memory()

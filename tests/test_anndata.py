@@ -356,3 +356,19 @@ def test_transform_batch_takes_the_batch_column_own_values(copies, tmp_path):
     )
     both = model.get_normalized_expression(adata, transform_batch=[0, 1]).to_numpy()
     np.testing.assert_array_equal(both, model.get_normalized_expression(adata, transform_batch=["0", "1"]).to_numpy())
+
+
+def test_a_lazy_anndata_trains_and_reads_as_the_same_cells_in_memory(copies, tmp_path):
+    """anndata.experimental.read_lazy (X a dask array, obs and var xarray-backed): read in row slices, it trains
+    the same model as the AnnData in memory, to the last bit, and every reader gives the same values."""
+    lazy = ad.experimental.read_lazy(copies["zarr"])
+    memory = copies["memory"]
+    kw = dict(batch_key="dataset_id", label_keys=["cell_type"], train={"max_epochs": 1, "batch_size": 64, "seed": 5})
+    on_lazy = AtlasVAE(lazy, **kw).fit(tmp_path / "lazy")
+    on_memory = AtlasVAE(memory, **kw).fit(tmp_path / "memory")
+    z = on_memory.get_latent_representation(memory)
+    np.testing.assert_array_equal(on_lazy.get_latent_representation(lazy), z)
+    np.testing.assert_array_equal(on_memory.get_latent_representation(lazy), z)
+    pd.testing.assert_frame_equal(on_lazy.predict(lazy), on_memory.predict(memory))
+    query = lazy[lazy.obs_names[::7]]  # a lazy view: every 7th cell
+    np.testing.assert_array_equal(on_memory.get_latent_representation(query), z[::7])
