@@ -284,7 +284,7 @@ class AtlasVAE:
         source, obs_filter = self._source(data, obs_filter)
         layer, allow_non_integer = d.read_as(layer, allow_non_integer)
         store = open_store(source, obs_filter=obs_filter, layer=layer, genes=self.vocab.genes, gene_join="outer")
-        colmap = store.gene_map(self.vocab.genes, missing="zero-fill", what="model's")
+        colmap = store.gene_map(self.vocab.genes, missing="zero-fill", what="model's", names=self.vocab.gene_names)
         stream = CellStream(
             store,
             batch_size=batch_size,

@@ -64,7 +64,7 @@ class Surgery:
                                  len(classes[key]))  # fmt: skip
                 counts[key] = list(ref.class_counts.get(key, [0] * len(cats))) + [int(c) for c in n[len(cats) :]]
         trained = {k: ref.trained_categories.get(k, len(cats)) for k, cats in ref.batch_categories.items()}
-        return Vocab(list(ref.genes), batch, classes, counts, list(ref.unmeasured_genes), trained)
+        return Vocab(list(ref.genes), batch, classes, counts, list(ref.unmeasured_genes), trained, list(ref.gene_names))
 
     def apply(self, model, vocab: Vocab, store=None) -> None:
         """Copy reference weights into the grown model and freeze what stays fixed; with a labelled
@@ -114,7 +114,7 @@ MAX_FIT_CELLS = 50_000
 
 @torch.no_grad()
 def _latents(model, store, vocab, positions) -> torch.Tensor:
-    colmap = store.gene_map(vocab.genes, missing="zero-fill", what="model's")
+    colmap = store.gene_map(vocab.genes, missing="zero-fill", what="model's", names=vocab.gene_names)
     measured = Measured.of_store(store, colmap, len(vocab.genes), "cpu")
     was = model.training
     model.eval()

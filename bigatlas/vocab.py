@@ -28,6 +28,9 @@ class Vocab:
     # per batch/covariate key, how many of its first categories the model was trained on before any surgery
     # added a query's (the batch-average cell of VAEModule.unmeasured_fill); unset: all of them
     trained_categories: dict[str, int] = field(default_factory=dict)
+    # each gene's feature name in the training data (its id where it had none); [] in older runs. A query whose var
+    # has names only (gene symbols) is matched by these
+    gene_names: list[str] = field(default_factory=list)
 
     @classmethod
     def from_store(cls, store, data: DataConfig, train_mask: np.ndarray | None = None) -> Vocab:
@@ -64,9 +67,12 @@ class Vocab:
                 )
             labels[key] = classes
             counts[key] = class_counts(np.asarray(defined.codes), train_mask, len(classes)).tolist()
-        panels = measured_panels(store, store.gene_map(genes), len(genes)) if store.gene_panels() is not None else None
+        colmap = store.gene_map(genes)
+        panels = measured_panels(store, colmap, len(genes)) if store.gene_panels() is not None else None
         unmeasured = [] if panels is None else [g for g, every in zip(genes, panels.all(0)) if not every]
-        return cls(genes, batch, labels, counts, unmeasured)
+        names = np.array(genes, dtype=object)
+        names[colmap[colmap >= 0]] = np.asarray(store.var_names, dtype=object)[colmap >= 0]
+        return cls(genes, batch, labels, counts, unmeasured, gene_names=[str(n) for n in names])
 
     def batch_luts(self, store, keys) -> dict[str, np.ndarray]:
         """Store code → model code per batch key in `keys` (only those columns are read); -1 where the

@@ -178,7 +178,7 @@ class Store:
 
     # -- genes ------------------------------------------------------------------------------------
     def gene_map(
-        self, genes, *, missing: str = "error", min_overlap: float = 0.5, what: str = "requested"
+        self, genes, *, missing: str = "error", min_overlap: float = 0.5, what: str = "requested", names=None
     ) -> np.ndarray:
         """colmap[store column] = output column of each of `genes` (-1: a store column not asked for).
 
@@ -186,7 +186,9 @@ class Store:
         feature id, else by feature name; a name that appears more than once is ambiguous and refused
         (select it by id). Genes the store lacks are an error (missing="error") or left out of colmap,
         so that their output columns stay zero (missing="zero-fill", with a warning; refused below
-        `min_overlap` of the genes). `what` names the gene list in messages ("model's")."""
+        `min_overlap` of the genes). `what` names the gene list in messages ("model's"). `names`: each gene's other
+        name (a model's recorded feature names, "" where none), tried the same way where the gene is not found:
+        a query whose var holds gene symbols only meets a model trained on feature ids."""
         if missing not in ("error", "zero-fill"):
             raise ValueError(f"missing must be 'error' or 'zero-fill', not {missing!r}")
         genes = [str(g) for g in genes]
@@ -196,8 +198,11 @@ class Store:
         by_id, by_name = _positions(self.var_ids), _positions(self.var_names)
         colmap = np.full(self.n_vars, -1, dtype=np.int64)
         absent = []
-        for out, g in enumerate(genes):
+        other = [str(v) for v in names] if names is not None and len(names) == len(genes) else [""] * len(genes)
+        for out, (g, alias) in enumerate(zip(genes, other, strict=True)):
             hits = by_id.get(g) or by_name.get(g) or []
+            if not hits and alias and alias != g and (by_id.get(alias) or by_name.get(alias)):
+                g, hits = alias, by_id.get(alias) or by_name.get(alias)
             if len(hits) > 1:
                 kind = "feature id" if g in by_id else "gene name"
                 hint = "; select it by feature id" if kind == "gene name" else ""
@@ -213,8 +218,10 @@ class Store:
             overlap = 1 - k / max(n, 1)
             if overlap < min_overlap:
                 raise StoreError(
-                    f"{self.uri} shares {n - k} of the {what} {n} genes ({overlap:.0%}); "
-                    f"below the minimum overlap {min_overlap:.0%}"
+                    f"{self.uri} shares {n - k} of the {what} {n} genes ({overlap:.0%}); below the minimum overlap "
+                    f"{min_overlap:.0%}. Genes are matched by feature id (var column feature_id, else the var index), "
+                    f"then by name (var column feature_name, else the index): the {what} are "
+                    f"{_names_list(genes[:3])}, {self.uri} has {_names_list(self.var_ids[:3])}"
                 )
             warnings.warn(
                 f"{k} of the {what} {n} genes ({k / n:.1%}) are missing from {self.uri}; they are zero-filled",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -154,6 +155,16 @@ def test_query_genes_are_aligned_by_id(trained, tmp_path):
     tiny = write_query(data, tmp_path / "tiny.zarr", np.arange(30))
     with pytest.raises(ValueError, match="30 of the model's 100 genes .* below the minimum overlap 50%"):
         embed(run, tiny, tmp_path / "t.zarr", progress=False)
+    # a query that names its genes by symbol only (var index = feature names, no feature columns, shuffled), as a
+    # 10x file read by scanpy does: matched by the names the model recorded, it embeds as the full store
+    model = AtlasVAE.load(run)
+    symbols = full[:, perm].copy()
+    symbols.var = pd.DataFrame(index=full.var["feature_name"].astype(str).to_numpy()[perm])
+    np.testing.assert_array_equal(model.get_latent_representation(symbols), base["z"])
+    other = symbols.copy()
+    other.var_names = [f"x{v}" for v in other.var_names]
+    with pytest.raises(ValueError, match="shares 0 of the model's 100 genes .* the model's are ENS.*has xGENE"):
+        model.get_latent_representation(other)
 
 
 def test_surgery_extends_batches_and_keeps_the_reference_fixed(trained, tmp_path):
