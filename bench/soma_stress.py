@@ -87,8 +87,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(MODES[:2]),
         help="context modes (shared, per-open), or streams: two streams of two reader threads over one store "
-        "again and again, with the loader's TileDB gate or with set-up beside other threads' reads (streams-ungated; "
-        "crashed ~1 in 25 one-minute runs)",
+        "again and again, with the loader's TileDB gate or with set-up one at a time but beside other threads' reads "
+        "(streams-ungated)",
     )  # fmt: skip
     p.add_argument("--out", default="bench/results/soma_stress.json")
 
