@@ -51,12 +51,14 @@ class ZarrStore(GroupObsStore):
             )
         self._arrays, self._pid = (x["data"], x["indices"]), os.getpid()
         # a chunk every value of which is the fill value (0) need not be written: the indptr of a store without
-        # values, the indices of a one-gene store; elsewhere a missing chunk was lost
-        n_values, one_gene = x["data"].shape[0], int(x.attrs["shape"][1]) == 1
-        for name in ("data", *(() if one_gene else ("indices",)), *(("indptr",) if n_values else ())):
-            _check_chunks_present(x[name], f"{self.uri}:{x_path}/{name}")
+        # values, indices that are all column 0 (no row has two of them); elsewhere a missing chunk was lost
+        where = f"{self.uri}:{x_path}"
+        if x["data"].shape[0]:
+            _check_chunks_present(x["indptr"], f"{where}/indptr")
         self._indptr = np.asarray(x["indptr"][:], dtype=np.int64)
-        _check_indptr(self._indptr, x["data"].shape[0], x["indices"].shape[0], f"{self.uri}:{x_path}")
+        _check_indptr(self._indptr, x["data"].shape[0], x["indices"].shape[0], where)
+        _check_chunks_present(x["data"], f"{where}/data")
+        _check_chunks_present(x["indices"], f"{where}/indices", lambda a, b: _at_most_one_per_row(self._indptr, a, b))
         self.n_vars = int(x.attrs["shape"][1])
         if not np.issubdtype(self._data.dtype, np.number):
             raise StoreError(f"{self.uri}:{x_path}/data has dtype {self._data.dtype}, not numeric counts")
@@ -182,15 +184,28 @@ def missing_chunks(arr: zarr.Array) -> np.ndarray:
     return np.setdiff1d(np.arange(n, dtype=np.int64), present)
 
 
-def _check_chunks_present(arr: zarr.Array, what: str) -> None:
-    gone = missing_chunks(arr)
+def _check_chunks_present(arr: zarr.Array, what: str, may_be_zeros=None) -> None:
+    """Refuse the array if a chunk file is missing; may_be_zeros(lo, hi): whether elements lo:hi could all be 0,
+    so that their chunk was left unwritten."""
+    gone, c = missing_chunks(arr), (arr.shards or arr.chunks)[0]
+    if may_be_zeros is not None:
+        gone = np.array([k for k in gone.tolist() if not may_be_zeros(k * c, min((k + 1) * c, arr.shape[0]))])
     if len(gone):
-        c = (arr.shards or arr.chunks)[0]
         shown = ", ".join(f"{k} (elements {k * c}:{(k + 1) * c})" for k in gone[:3].tolist())
         raise StoreError(
             f"{what}: {len(gone)} of {-(-arr.shape[0] // c)} chunk files are missing ({shown}"
             f"{' …' if len(gone) > 3 else ''}), which zarr reads as zeros: a copy cut short? Copy the store again"
         )
+
+
+def _at_most_one_per_row(indptr: np.ndarray, lo: int, hi: int) -> bool:
+    """Whether no row holds two of the values lo:hi (a row's column indices differ, so only then can they all be
+    column 0)."""
+    first = int(np.searchsorted(indptr, lo, side="right")) - 1
+    last = int(np.searchsorted(indptr, hi - 1, side="right")) - 1
+    rows = indptr[max(first, 0) : last + 2]
+    per_row = np.minimum(rows[1:], hi) - np.maximum(rows[:-1], lo)
+    return bool(per_row.max(initial=0) <= 1)
 
 
 def _check_indptr(indptr: np.ndarray, n_data: int, n_indices: int, what: str) -> None:
