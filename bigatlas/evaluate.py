@@ -20,7 +20,7 @@ import pandas as pd
 
 from loaders import data_name, open_store
 from loaders.census import is_census
-from loaders.csr import check_counts, concat
+from loaders.csr import concat, non_count
 
 from .config import UNLABELED
 from .embedding import EmbeddingError, latents_of, open_embedded, recorded_data
@@ -56,16 +56,13 @@ def read_counts(store, positions: np.ndarray, piece: int = 8192, integer: bool =
     for i in range(0, len(positions), piece):
         rows = positions[i : i + piece]
         parts.append(store.read(rows))
-        try:
-            check_counts(parts[-1], store, integer=integer, positions=rows)
-        except ValueError as e:
-            what = str(e).split("; the model needs")[0]  # the value and where; the hint below is evaluate's
-            others = getattr(store, "other_layers", ())
-            also = f" (the data also has {', '.join(others)})" if others else ""
+        bad = non_count(parts[-1], store, integer=integer, positions=rows)
+        if bad is not None:
+            also = f" (the data also has {', '.join(bad.other_layers)})" if bad.other_layers else ""
             raise EmbeddingError(
-                f"the PCA baseline reads raw counts: {what}; --layer (layer=) names the data's matrix of counts"
+                f"the PCA baseline reads raw counts: {bad}; --layer (layer=) names the data's matrix of counts"
                 f"{also}, --no-baseline (baseline=False) skips the baseline"
-            ) from None
+            )
     return concat(parts).to_scipy()
 
 

@@ -149,36 +149,59 @@ def select_columns(m: CSR, colmap: np.ndarray, n_out: int) -> CSR:
     return CSR(indptr, new_cols[keep], m.data[keep], n_out)
 
 
-def check_counts(m: CSR, store, integer: bool = True, positions: np.ndarray | None = None) -> None:
-    """Raise ValueError unless every stored value is finite, >= 0 and (if integer) whole: raw counts. `m` was
-    read from `store`; positions[row] is the store position of each row (default: row). The message names what
+@dataclass(frozen=True)
+class NonCount:
+    """The first stored value of a read that is not a raw count, where it lies, and its store's other matrices."""
+
+    where: str  # the store holding it (a collection's member)
+    kind: str  # NaN/inf, negative or non-integer
+    value: float
+    position: int  # the cell's position in that store
+    n_bad: int  # such values among the read's cells
+    other_layers: tuple
+
+    def __str__(self) -> str:
+        return (
+            f"{self.where}: {self.kind} value {self.value!r} in the cell at position {self.position} ({self.n_bad} "
+            "such values among these cells)"
+        )
+
+
+def non_count(m: CSR, store, integer: bool = True, positions: np.ndarray | None = None) -> NonCount | None:
+    """The first stored value that is not finite, >= 0 and (if integer) whole, None when all are raw counts. `m` was
+    read from `store`; positions[row] is the store position of each row (default: row). Where it lies is what
     store.locate gives: the store holding the value (a collection's member), the cell's position there, and that
     store's other matrices."""
     d = m.data
     if not len(d):
-        return
+        return None
     # fast path: three reductions (~20 ms per 20M values); NaN fails the first comparison
     if d.min() >= 0 and np.isfinite(d).all() and (not integer or (np.floor(d) == d).all()):
-        return
+        return None
     bad = ~np.isfinite(d) | (d < 0)
     if integer:
         bad |= np.floor(d) != d
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        row = int(np.searchsorted(m.indptr, i, side="right") - 1)
-        v = d[i]
-        kind = "NaN/inf" if not np.isfinite(v) else "negative" if v < 0 else "non-integer"
-        pos = int(positions[row]) if positions is not None else row
-        where, pos, other_layers = store.locate(pos)
-        hints = ["--allow-non-integer (allow_non_integer=True) for normalized or ambient-corrected values"] * (
-            kind == "non-integer"
-        )
-        if other_layers:
-            hints.append(
-                f"--layer (layer=) naming the one of raw counts; this store also has {', '.join(other_layers)}"
-            )
-        hint = f" (pass {', or '.join(hints)})" if hints else ""
-        raise ValueError(
-            f"{where}: {kind} value {float(v)!r} in the cell at position {pos} ({int(bad.sum())} "
-            f"such values among these cells); the model needs raw counts{hint}"
-        )
+    if not bad.any():
+        return None
+    i = int(np.flatnonzero(bad)[0])
+    row = int(np.searchsorted(m.indptr, i, side="right") - 1)
+    v = d[i]
+    kind = "NaN/inf" if not np.isfinite(v) else "negative" if v < 0 else "non-integer"
+    where, pos, other_layers = store.locate(int(positions[row]) if positions is not None else row)
+    return NonCount(where, kind, float(v), pos, int(bad.sum()), tuple(other_layers))
+
+
+def check_counts(m: CSR, store, integer: bool = True, positions: np.ndarray | None = None) -> None:
+    """Raise ValueError at the first value that is not a raw count (non_count), with the options that read such
+    data."""
+    bad = non_count(m, store, integer, positions)
+    if bad is None:
+        return
+    hints = ["--allow-non-integer (allow_non_integer=True) for normalized or ambient-corrected values"] * (
+        bad.kind == "non-integer"
+    )
+    if bad.other_layers:
+        others = ", ".join(bad.other_layers)
+        hints.append(f"--layer (layer=) naming the one of raw counts; this store also has {others}")
+    hint = f" (pass {', or '.join(hints)})" if hints else ""
+    raise ValueError(f"{bad}; the model needs raw counts{hint}")
