@@ -243,8 +243,8 @@ class AnnDataStore(Store):
         blocks = dask.compute(*(self._lazy[int(a) : int(b)] for a, b in zip(starts, ends, strict=True)))
         m = sp.vstack([sp.csr_matrix(b) for b in blocks], format="csr")
         whole = CSR(m.indptr.astype(np.int64), m.indices, m.data, self.n_vars)
-        picked = take_rows(whole, np.searchsorted(rows_sorted, rows))
-        return _as_csr(picked.indptr.astype(np.int64), picked.indices, picked.data, self.n_vars)
+        picked = take_rows(whole, np.searchsorted(rows_sorted, rows))  # int64 indptr, as whole's
+        return _as_csr(picked.indptr, picked.indices, picked.data, self.n_vars)
 
 
 def _is_dask(x) -> bool:

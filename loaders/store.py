@@ -198,11 +198,12 @@ class Store:
         by_id, by_name = _positions(self.var_ids), _positions(self.var_names)
         colmap = np.full(self.n_vars, -1, dtype=np.int64)
         absent = []
-        other = [str(v) for v in names] if names is not None and len(names) == len(genes) else [""] * len(genes)
+        other = [str(v) for v in names] if names else [""] * len(genes)  # a run from before names: []
         for out, (g, alias) in enumerate(zip(genes, other, strict=True)):
             hits = by_id.get(g) or by_name.get(g) or []
-            if not hits and alias and alias != g and (by_id.get(alias) or by_name.get(alias)):
-                g, hits = alias, by_id.get(alias) or by_name.get(alias)
+            found = (by_id.get(alias) or by_name.get(alias)) if not hits and alias and alias != g else None
+            if found:
+                g, hits = alias, found
             if len(hits) > 1:
                 kind = "feature id" if g in by_id else "gene name"
                 hint = "; select it by feature id" if kind == "gene name" else ""

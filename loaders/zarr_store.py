@@ -49,16 +49,17 @@ class ZarrStore(GroupObsStore):
                 f"{self.uri}:{x_path} is {enc}, not csr_matrix; rows cannot be streamed "
                 "(rewrite it as CSR with `bigatlas prepare`)"
             )
-        self._arrays, self._pid = (x["data"], x["indices"]), os.getpid()
+        data, indices, indptr = x["data"], x["indices"], x["indptr"]  # each x[...] reads the array's metadata
+        self._arrays, self._pid = (data, indices), os.getpid()
         # a chunk every value of which is the fill value (0) need not be written: the indptr of a store without
         # values, indices that are all column 0 (no row has two of them); elsewhere a missing chunk was lost
         where = f"{self.uri}:{x_path}"
-        if x["data"].shape[0]:
-            _check_chunks_present(x["indptr"], f"{where}/indptr")
-        self._indptr = np.asarray(x["indptr"][:], dtype=np.int64)
-        _check_indptr(self._indptr, x["data"].shape[0], x["indices"].shape[0], where)
-        _check_chunks_present(x["data"], f"{where}/data")
-        _check_chunks_present(x["indices"], f"{where}/indices", lambda a, b: _at_most_one_per_row(self._indptr, a, b))
+        if data.shape[0]:
+            _check_chunks_present(indptr, f"{where}/indptr")
+        self._indptr = np.asarray(indptr[:], dtype=np.int64)
+        _check_indptr(self._indptr, data.shape[0], indices.shape[0], where)
+        _check_chunks_present(data, f"{where}/data")
+        _check_chunks_present(indices, f"{where}/indices", lambda a, b: _at_most_one_per_row(self._indptr, a, b))
         self.n_vars = int(x.attrs["shape"][1])
         if not np.issubdtype(self._data.dtype, np.number):
             raise StoreError(f"{self.uri}:{x_path}/data has dtype {self._data.dtype}, not numeric counts")
