@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from loaders import CellStream, data_name, in_memory_names, is_anndata, open_store
+from loaders.census import is_census
 
 from .batches import ToModelInput
 from .config import UNLABELED, DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -273,6 +274,8 @@ class AtlasVAE:
                 f"the model was trained on an {' and an '.join(in_memory)}; pass that data (adata=..., or "
                 "AtlasVAE.load(run_dir, adata=...) once)"
             )
+        if self.data is None:
+            _check_recorded_data(d.data, self.run_dir)
         return (d.data if self.data is None else self.data), (obs_filter or d.obs_filter)
 
     def _batches(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False, keys=()):
@@ -565,6 +568,21 @@ def _positions(names, known) -> tuple[list[int], list[str]]:
     """(the positions in `known` of `names` that are in it, in their order; the names that are not)."""
     at = {name: i for i, name in enumerate(known)}
     return [at[n] for n in names if n in at], [n for n in names if n not in at]
+
+
+def _check_recorded_data(recorded, run_dir) -> None:
+    """A local path the run recorded as its data that is not there (moved, or written relative to another
+    working directory by a run from before paths were recorded absolute): say so, and how to pass the data."""
+    missing = [
+        p for p in (recorded if isinstance(recorded, list | tuple) else [recorded])
+        if p and not is_census(p) and "://" not in p and not Path(p).exists()
+    ]  # fmt: skip
+    if missing:
+        raise FileNotFoundError(
+            f"the data this model was trained on, {', '.join(map(repr, missing))} (recorded in {run_dir}/config.json), "
+            f"is not there from {os.getcwd()}; pass the data: model.predict(data) / get_latent_representation(data), "
+            "or AtlasVAE.load(run_dir, adata=...) once"
+        )
 
 
 def _names(value) -> tuple[str, ...]:

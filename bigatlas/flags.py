@@ -11,6 +11,8 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
+from loaders import data_name
+
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
 
@@ -101,6 +103,7 @@ def config_from_args(a):
     if "data" in data:
         data["data"] = census_spec(data["data"], a.organism)
     cfg = cfg.override("data", **data)
+    cfg = cfg.override("data", data=data_name(cfg.data.data))  # recorded absolute: the run reopens it from anywhere
     for name, missing in (("data", not cfg.data.data), ("batch-key", not cfg.data.batch_key)):
         if missing:
             raise ValueError(f"--{name} is required (on the command line or in the --config file's [data])")

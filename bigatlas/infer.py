@@ -333,8 +333,8 @@ def _atomically(path: Path, create) -> None:
 def _check_meta(path, saved: dict, meta: dict) -> bool:
     saved = dict(saved)
     complete = saved.pop("complete", False)
-    if "data" in saved:  # an output started before 2026-12 resumes: its collection's list was recorded as text
-        saved["data"] = recorded_data(saved["data"])
+    if "data" in saved:  # an output started before 2026-12 resumes: its collection's list was recorded as text,
+        saved["data"] = data_name(recorded_data(saved["data"]))  # and before paths were recorded absolute
     if saved != meta:
         diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
         raise ValueError(

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from loaders import data_name
+
 from .config import RunConfig
 from .model import VAEModule
 from .reference import DIR_NAME as REFERENCE
@@ -156,6 +158,8 @@ class RunDir:
         """Refuse to resume with settings that shape the run differently from the saved ones."""
         saved = self._saved().get("config", {})
         now = json.loads(json.dumps(cfg.to_dict()))
+        if saved.get("data", {}).get("data"):  # a run from before paths were recorded absolute: relative to here
+            saved["data"]["data"] = data_name(saved["data"]["data"])
         for c in (saved, now):
             for key in RESUMABLE_CHANGES:
                 c.get("train", {}).pop(key, None)

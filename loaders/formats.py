@@ -139,15 +139,22 @@ def _collection(data, obs_filter, layer, genes, gene_join, min_gene_overlap, kwa
 
 
 def data_name(data):
-    """What a run or an output records as its data: the path given (a list of them for a collection),
-    a backed AnnData's file, or a description of an AnnData in memory (which has no path to reopen)."""
+    """What a run or an output records as its data: the path given, made absolute so that the record reopens
+    from any working directory (URIs and Census specs as given; a list of them for a collection), a backed
+    AnnData's file, or a description of an AnnData in memory (which has no path to reopen)."""
     if isinstance(data, list | tuple):
-        return [str(d) for d in data] if len(data) > 1 else data_name(data[0])
+        return [data_name(d) for d in data] if len(data) > 1 else data_name(data[0])
     if not is_anndata(data):
-        return str(data)
+        return _absolute(str(data))
     from .anndata_store import memory_name
 
-    return str(data.filename) if data.isbacked else memory_name(data)
+    return _absolute(str(data.filename)) if data.isbacked else memory_name(data)
+
+
+def _absolute(uri: str) -> str:
+    if not uri or is_census(uri) or "://" in uri or in_memory_names(uri):
+        return uri
+    return os.path.abspath(uri)
 
 
 def in_memory_names(recorded) -> list[str]:

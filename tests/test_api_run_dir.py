@@ -133,3 +133,49 @@ def test_train_takes_training_options_and_scvi_tools_keywords(atlas, temp):
         model.fit(batch_szie=32)
     with pytest.raises(TypeError, match="plan_kwargs 'lr_scheduler'"):
         model.train(plan_kwargs={"lr_scheduler": "plateau"})
+
+
+def test_a_run_and_an_embedding_given_a_relative_path_reopen_their_data_from_any_working_directory(
+    atlas, tmp_path, monkeypatch
+):
+    import argparse
+
+    from bigatlas.embedding import open_embedded
+    from bigatlas.flags import add_train_arguments, config_from_args
+    from bigatlas.rundir import RunDir
+
+    folder, name = os.path.split(atlas)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(folder)
+    model = AtlasVAE(name, batch_key="dataset_id", train={**TRAIN, "reference_cells": 0})
+    model.fit(tmp_path / "run")
+    before = model.get_latent_representation()
+    config = tmp_path / "run" / "config.json"
+    saved = json.loads(config.read_text())
+    assert saved["config"]["data"]["data"] == atlas  # recorded absolute, though given relative
+    cli = argparse.ArgumentParser()
+    add_train_arguments(cli)
+    for data, recorded in (
+        ([name], atlas),
+        ([name, name], [atlas, atlas]),
+        (["census:stable"], "census:stable/homo_sapiens"),
+    ):
+        a = cli.parse_args(["--data", *data, "--batch-key", "dataset_id", "--out", "o"])
+        assert json.loads(json.dumps(config_from_args(a).to_dict()))["data"]["data"] == recorded  # config.json
+    model.embed(name, tmp_path / "emb.zarr")
+    monkeypatch.chdir(elsewhere)
+    np.testing.assert_array_equal(AtlasVAE.load(tmp_path / "run").get_latent_representation(), before)
+    assert open_embedded(tmp_path / "emb.zarr")[1].n_obs == len(before)  # what `evaluate` reopens
+
+    saved["config"]["data"]["data"] = name  # a run dir written before paths were recorded absolute
+    config.write_text(json.dumps(saved))
+    with pytest.raises(
+        FileNotFoundError, match=f"'{name}' \\(recorded in .*config.json\\), is not there from .*elsewhere"
+    ):
+        AtlasVAE.load(tmp_path / "run").get_latent_representation()
+    with pytest.raises(ValueError, match=r"differs from this run's settings \(data.data\)"):
+        RunDir(tmp_path / "run").check_resumable(model.config)  # from here, its relative path is other data
+    monkeypatch.chdir(folder)
+    RunDir(tmp_path / "run").check_resumable(model.config)  # where it ran, it resumes as the same data
+    np.testing.assert_array_equal(AtlasVAE.load(tmp_path / "run").get_latent_representation(), before)

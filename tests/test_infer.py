@@ -280,8 +280,9 @@ def test_an_output_that_recorded_a_collection_as_text_resumes_and_reads_back_as_
     stores continues it, with other stores is refused, and readers open the list."""
     from bigatlas.embedding import recorded_data
     from bigatlas.infer import _check_meta
+    from loaders import data_name
 
-    meta = {"data": ["a.zarr", "b.zarr"], "n_obs": 3}
+    meta = {"data": data_name(["a.zarr", "b.zarr"]), "n_obs": 3}  # as embed records it now: absolute paths
     assert _check_meta("out.zarr", {"data": "['a.zarr', 'b.zarr']", "n_obs": 3, "complete": False}, meta)
     with pytest.raises(ValueError, match="other settings"):
         _check_meta("out.zarr", {"data": "['a.zarr', 'c.zarr']", "n_obs": 3}, meta)
