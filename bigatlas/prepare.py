@@ -317,7 +317,17 @@ def _prepare(data, out, batch_key, label_keys, obs_filter, layer, genes, n_top_g
         c = _reduce(bag, partial(_clipped, source, batch_key, clip), run)
         nn = m["n"][:, None]
         norm_var = (nn * bmean**2 + c["sumsq"] - 2 * c["sum"] * bmean) / (np.maximum(nn - 1, 1) * reg_std**2)
-        ranked = seurat_v3_rank(norm_var[used], min(n_top_genes, g))
+        repeated = table.index.duplicated(keep=False)  # training cannot select such a gene by its id
+        if repeated.any():
+            ids = list(table.index[repeated].unique())
+            warnings.warn(
+                f"{int(repeated.sum())} genes of {data_name(data)} share a feature id ({', '.join(ids[:8])}"
+                f"{' …' if len(ids) > 8 else ''}); they are left out of hvg.txt. Training refuses a repeated id: "
+                "make the var ids unique (AnnData: var_names_make_unique()) to keep them",
+                stacklevel=2,
+            )
+            norm_var[:, repeated] = -np.inf  # ranked last, never among the top genes
+        ranked = seurat_v3_rank(norm_var[used], min(n_top_genes, g - int(repeated.sum())))
         for col in ranked:
             table[col] = ranked[col].to_numpy()
         hvg_genes = list(table[table.hvg_order >= 0].sort_values("hvg_order").index)  # most variable first

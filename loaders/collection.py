@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .csr import CSR, concat, empty, select_columns
-from .store import Store, StoreError, _names_list, compact_codes
+from .store import Store, StoreError, _names_list, compact_codes, stable_id
 
 SOURCE = "source"
 JOINS = ("inner", "outer")
@@ -153,17 +153,18 @@ class CollectionStore(Store):
         first = self.stores[0]
         ids, names = list(first.var_ids), list(first.var_names)
         if join == "outer":  # the first store's genes, then each later store's new ones
-            known = set(ids) | set(names)
+            known = {stable_id(i) for i in ids} | set(names)
             for s in self.stores[1:]:
                 for i, n in zip(s.var_ids, s.var_names):
-                    if i not in known and n not in known:
+                    if stable_id(i) not in known and n not in known:
                         ids.append(str(i))
                         names.append(str(n))
-                        known.update((i, n))
+                        known.update((stable_id(i), n))
             return ids, names
         keep = np.ones(len(ids), bool)
+        stable = [stable_id(i) for i in ids]  # a feature id meets its other Ensembl versions, as in Store.gene_map
         for s, m in zip(self.stores[1:], self.members[1:]):
-            has = np.isin(ids, s.var_ids) | np.isin(names, s.var_names)
+            has = np.isin(stable, [stable_id(i) for i in s.var_ids]) | np.isin(names, s.var_names)
             if has.sum() < min_overlap * len(ids):  # the intersection would lose most genes
                 raise StoreError(
                     f"store {m.name} ({m.data}) shares {int(has.sum())} genes with {self.members[0].name} "
@@ -177,8 +178,8 @@ class CollectionStore(Store):
 
     @staticmethod
     def _member_colmap(store: Store, ids, names, missing, min_overlap, name) -> np.ndarray:
-        have = set(store.var_ids)
-        keys = [i if i in have else n for i, n in zip(ids, names)]  # by feature id, else by name
+        have = {stable_id(i) for i in store.var_ids}
+        keys = [i if stable_id(i) in have else n for i, n in zip(ids, names)]  # by feature id, else by name
         try:
             return store.gene_map(keys, missing=missing, min_overlap=min_overlap, what="collection's")
         except StoreError as e:

@@ -82,6 +82,16 @@ def obs_index(obs):
     return node["values"] if node.attrs.get("encoding-type") == "nullable-string-array" else node
 
 
+ENSEMBL_VERSION = re.compile(r"(ENS[A-Z]*\d+)\.\d+")
+
+
+def stable_id(feature_id: str) -> str:
+    """An Ensembl feature id without its version (ENSG00000141510.17 -> ENSG00000141510); other ids as they are
+    (a GENCODE PAR copy such as ENSG00000182378.14_PAR_Y keeps its version: it is another gene)."""
+    m = ENSEMBL_VERSION.fullmatch(str(feature_id))
+    return m.group(1) if m else str(feature_id)
+
+
 def _positions(names) -> dict[str, list[int]]:
     """Each name's column positions (usually one)."""
     out: dict[str, list[int]] = {}
@@ -183,12 +193,14 @@ class Store:
         """colmap[store column] = output column of each of `genes` (-1: a store column not asked for).
 
         The one rule that resolves genes everywhere (training, embedding, prepare): a gene is found by
-        feature id, else by feature name; a name that appears more than once is ambiguous and refused
-        (select it by id). Genes the store lacks are an error (missing="error") or left out of colmap,
-        so that their output columns stay zero (missing="zero-fill", with a warning; refused below
-        `min_overlap` of the genes). `what` names the gene list in messages ("model's"). `names`: each gene's other
-        name (a model's recorded feature names, "" where none), tried the same way where the gene is not found:
-        a query whose var holds gene symbols only meets a model trained on feature ids."""
+        feature id, else by feature name, else by its Ensembl id without the version (stable_id); a name
+        that appears more than once is ambiguous and refused (select it by id). Genes the store lacks are an
+        error (missing="error") or left out of colmap, so that their output columns stay zero
+        (missing="zero-fill", with a warning; refused below `min_overlap` of the genes; an ambiguous gene
+        reads as missing there). `what` names the gene
+        list in messages ("model's"). `names`: each gene's other name (a model's recorded feature names, ""
+        where none), tried the same way where the gene is not found: a query whose var holds gene symbols only
+        meets a model trained on feature ids."""
         if missing not in ("error", "zero-fill"):
             raise ValueError(f"missing must be 'error' or 'zero-fill', not {missing!r}")
         genes = [str(g) for g in genes]
@@ -196,22 +208,45 @@ class Store:
             dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
             raise StoreError(f"gene list repeats {_names_list(dup)}")
         by_id, by_name = _positions(self.var_ids), _positions(self.var_names)
+        by_stable = None  # feature ids without their Ensembl version, made where a gene is not found otherwise
         colmap = np.full(self.n_vars, -1, dtype=np.int64)
-        absent = []
+        absent, ambiguous = [], []
         other = [str(v) for v in names] if names else [""] * len(genes)  # a run from before names: []
         for out, (g, alias) in enumerate(zip(genes, other, strict=True)):
             hits = by_id.get(g) or by_name.get(g) or []
             found = (by_id.get(alias) or by_name.get(alias)) if not hits and alias and alias != g else None
             if found:
                 g, hits = alias, found
-            if len(hits) > 1:
+            problem = None
+            if not hits:  # ENSG00000141510 meets ENSG00000141510.17 (a GENCODE-versioned file), either way round
+                by_stable = by_stable or _positions(stable_id(v) for v in self.var_ids)
+                hits = by_stable.get(stable_id(g)) or []
+                if len(hits) > 1:
+                    problem = (
+                        f"feature id {g!r} matches {len(hits)} versions in {self.uri}: "
+                        f"{_names_list(self.var_ids[i] for i in hits)}; select one with the gene list"
+                    )
+            elif len(hits) > 1:
                 kind = "feature id" if g in by_id else "gene name"
                 hint = "; select it by feature id" if kind == "gene name" else ""
-                raise StoreError(f"{kind} {g!r} appears {len(hits)} times in {self.uri}{hint}")
-            if len(hits) == 0:
+                problem = f"{kind} {g!r} appears {len(hits)} times in {self.uri}{hint}"
+            if problem and missing == "error":
+                raise StoreError(problem)
+            if problem:  # a query's (zero-fill): which of the copies is the gene is unknown, so it reads as missing
+                ambiguous.append(g)
+            elif not hits:
                 absent.append(g)
-                continue
-            colmap[hits[0]] = out
+            else:
+                colmap[hits[0]] = out
+        if ambiguous:
+            warnings.warn(
+                f"{len(ambiguous)} of the {what} genes appear more than once in {self.uri} "
+                f"({_names_list(ambiguous)}); which copy is the gene is unknown, so they are read as missing. "
+                "Give the data feature ids (a var column feature_id), or make its var names unique "
+                "(AnnData: var_names_make_unique() keeps the first copy under the name)",
+                stacklevel=2,
+            )
+            absent += ambiguous
         if absent and missing == "error":
             raise StoreError(f"{len(absent)} {what} genes not in store {self.uri}: {_names_list(absent)}")
         if absent:

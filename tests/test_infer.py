@@ -161,6 +161,17 @@ def test_query_genes_are_aligned_by_id(trained, tmp_path):
     symbols = full[:, perm].copy()
     symbols.var = pd.DataFrame(index=full.var["feature_name"].astype(str).to_numpy()[perm])
     np.testing.assert_array_equal(model.get_latent_representation(symbols), base["z"])
+    versioned = full.copy()  # a GENCODE-versioned file: its feature ids with .5, matched without the version
+    versioned.var = pd.DataFrame(index=[f"{v}.5" for v in full.var["feature_id"]])
+    np.testing.assert_array_equal(model.get_latent_representation(versioned), base["z"])
+    twice = symbols.copy()  # read without var_names_make_unique(): a symbol twice, and no feature ids
+    names = list(twice.var_names)
+    names[3] = names[4]
+    twice.var_names = names
+    with pytest.warns(UserWarning, match=f"1 of the model's genes appear more than once .*\\({names[4]}\\)"):
+        got = model.get_latent_representation(twice)
+    without = symbols[:, [i for i in range(g) if i not in (3, 4)]].copy()  # both genes read as missing
+    np.testing.assert_array_equal(got, model.get_latent_representation(without))
     other = symbols.copy()
     other.var_names = [f"x{v}" for v in other.var_names]
     with pytest.raises(ValueError, match="shares 0 of the model's 100 genes .* the model's are ENS.*has xGENE"):

@@ -160,6 +160,26 @@ def test_tiny_batches_are_left_out_of_the_hvg_ranking(atlas, tmp_path):
     assert seurat_v3_fit(np.ones(50), np.r_[np.ones(9), np.zeros(41)]) is None  # 9 variable genes: no fit
 
 
+def test_genes_that_share_a_feature_id_are_left_out_of_hvg_txt_with_a_warning(atlas, tmp_path):
+    """A 10x file read without var_names_make_unique(): training refuses such ids, so hvg.txt must not list them."""
+    root, adata = atlas
+    first = prepare(root / "a.h5ad", tmp_path / "unique", batch_key="dataset_id", n_top_genes=50, **quiet)
+    top = (tmp_path / "unique" / "hvg.txt").read_text().split()
+    ids = list(adata.var.feature_id)
+    twin = ids.index(top[0])
+    other = twin + 1 if twin + 1 < len(ids) else twin - 1
+    lost, ids[other] = ids[other], top[0]  # the most variable gene's id, twice
+    dup = adata.copy()
+    dup.var_names = ids
+    dup.var = dup.var.drop(columns=["feature_id"])
+    dup.write_h5ad(tmp_path / "dup.h5ad")
+    with pytest.warns(UserWarning, match=f"2 genes of .*dup.h5ad share a feature id \\({top[0]}\\); they are left out"):
+        st = prepare(tmp_path / "dup.h5ad", tmp_path / "p", batch_key="dataset_id", n_top_genes=50, **quiet)
+    hvg = (tmp_path / "p" / "hvg.txt").read_text().split()
+    assert len(hvg) == 50 and top[0] not in hvg and len(set(hvg)) == 50 and st["hvg"]["n_top_genes"] == 50
+    assert first["hvg"]["n_top_genes"] == 50 and set(top[1:]) - {lost} <= set(hvg)  # the next in line takes its place
+
+
 def peak_rss(data, out):
     code = (
         "from bigatlas.prepare import prepare; import json, sys; "
