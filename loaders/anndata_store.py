@@ -13,8 +13,18 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from .csr import CSR, merge_ranges, row_ranges, take_rows
-from .store import GroupObsStore, Store, StoreError, filtered_positions, layer_names, layer_path, obs_index, read_elem
+from .csr import CSR, from_dense, merge_ranges, row_ranges, take_rows
+from .store import (
+    GroupObsStore,
+    Store,
+    StoreError,
+    as_csr_recipe,
+    filtered_positions,
+    layer_names,
+    layer_path,
+    obs_index,
+    read_elem,
+)
 
 # An .h5ad whose X is compressed (write_h5ad(compression="gzip")) or dense decodes shuffled blocks
 # several times slower than the layout `bigatlas prepare --convert` writes; an uncompressed sparse
@@ -30,14 +40,6 @@ MEMORY_PREFIX = "AnnData ("
 def memory_name(adata) -> str:
     """How an AnnData in memory is named in messages and in what a run records as its data."""
     return f"{MEMORY_PREFIX}{adata.n_obs} cells x {adata.n_vars} genes, in memory)"
-
-
-def _dense_rows(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """indptr, indices, data of a dense row block."""
-    r, c = np.nonzero(block)
-    indptr = np.zeros(block.shape[0] + 1, np.int64)
-    np.cumsum(np.bincount(r, minlength=block.shape[0]), out=indptr[1:])
-    return indptr, c.astype(np.int32), block[r, c]
 
 
 def _as_csr(indptr, indices, data, n_cols) -> CSR:
@@ -67,8 +69,8 @@ class H5adStore(GroupObsStore):
         enc = enc.decode() if isinstance(enc, bytes) else str(enc)
         if enc == "csc_matrix":
             raise StoreError(
-                f"{self.uri}:{key} is CSC; rows cannot be read in blocks without loading it whole "
-                "(write it as CSR: adata.X = adata.X.tocsr(), or `bigatlas prepare --convert` an in-memory copy)"
+                f"{self.uri}:{key} is CSC: its rows cannot be read in blocks without loading it whole. Rewrite it "
+                f"as CSR once, in memory: {as_csr_recipe(key, 'read_h5ad')}"
             )
         if enc == "csr_matrix":
             self._dense = None
@@ -150,8 +152,7 @@ class H5adStore(GroupObsStore):
         for lo, hi in merge_ranges(np.stack([rows, rows + 1], axis=1), 64).tolist():
             a, b = np.searchsorted(rows, [lo, hi])  # the asked rows inside this span
             parts.append(self._dense[lo:hi][rows[a:b] - lo])
-        indptr, indices, data = _dense_rows(np.concatenate(parts) if parts else np.zeros((0, self.n_vars)))
-        return _as_csr(indptr, indices, data, self.n_vars)
+        return from_dense(np.concatenate(parts) if parts else np.zeros((0, self.n_vars), np.float32))
 
 
 class AnnDataStore(Store):
@@ -224,8 +225,7 @@ class AnnDataStore(Store):
         if self._lazy is not None:
             return self._read_lazy(rows)
         if self._dense is not None:
-            indptr, indices, data = _dense_rows(np.asarray(self._dense[rows]))
-            return _as_csr(indptr, indices, data, self.n_vars)
+            return from_dense(np.asarray(self._dense[rows]))
         m = take_rows(self._csr, rows)
         return _as_csr(m.indptr.astype(np.int64), m.indices, m.data, self.n_vars)
 

@@ -56,6 +56,17 @@ class CSR:
         )
 
 
+def from_dense(block: np.ndarray) -> CSR:
+    """The CSR rows of a dense row block (float32 values, int32 column ids)."""
+    r, c = np.nonzero(block)
+    indptr = np.zeros(block.shape[0] + 1, np.int64)
+    np.cumsum(np.bincount(r, minlength=block.shape[0]), out=indptr[1:])
+    data = block[r, c]
+    return CSR(
+        indptr, c.astype(np.int32), data if data.dtype == np.float32 else data.astype(np.float32), block.shape[1]
+    )
+
+
 def empty(n_cols: int, index_dtype=np.int32) -> CSR:
     return CSR(np.zeros(1, np.int64), np.zeros(0, index_dtype), np.zeros(0, np.float32), n_cols)
 

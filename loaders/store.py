@@ -128,6 +128,13 @@ def layer_path(layer: str | None) -> str:
     return {None: "X", "X": "X", "raw": "raw/X"}.get(layer, f"layers/{layer}")
 
 
+def as_csr_recipe(path: str, reader: str) -> str:
+    """The lines that rewrite the matrix at `path` (layer_path's) of an AnnData file as CSR, for a message."""
+    m = "a.X" if path == "X" else f"a.layers[{path.split('/', 1)[-1]!r}]"
+    fix = "r = a.raw.to_adata(); r.X = r.X.tocsr(); a.raw = r" if path == "raw/X" else f"{m} = {m}.tocsr()"
+    return f"a = anndata.{reader}(PATH); {fix}; a.{reader.replace('read', 'write')}(NEW_PATH)"
+
+
 def layer_names(root) -> list[str]:
     """The `layer=` names of the matrices in an AnnData file's root group (HDF5 or Zarr): X, raw, its layers."""
     return ["X"] + (["raw"] if "raw/X" in root else []) + list(root["layers"].keys() if "layers" in root else [])

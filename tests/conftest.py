@@ -104,8 +104,8 @@ def write_position_store(path, fmt: str, n_obs: int = N_OBS, n_vars: int = N_VAR
 
 @pytest.fixture(scope="session")
 def position_stores(tmp_path_factory):
-    """The same cells as an AnnData-Zarr store, a SOMA experiment, an .h5ad as anndata writes it
-    (sparse; and gzip-compressed, dense), an AnnData in memory and a backed one."""
+    """The same cells as an AnnData-Zarr store (and one with a dense X), a SOMA experiment, an .h5ad as anndata
+    writes it (sparse; and gzip-compressed, dense), an AnnData in memory and a backed one."""
     import anndata as ad
 
     root = tmp_path_factory.mktemp("stores")
@@ -120,6 +120,8 @@ def position_stores(tmp_path_factory):
         warnings.simplefilter("ignore")
         dense.write_h5ad(root / "pos_dense.h5ad", compression="gzip")
     stores["h5ad_dense"] = str(root / "pos_dense.h5ad")
+    dense.write_zarr(root / "pos_dense.zarr", chunks=(128, N_VARS))  # anndata writes a numpy X as a dense array
+    stores["zarr_dense"] = str(root / "pos_dense.zarr")
     stores["backed"] = ad.read_h5ad(root / "pos.h5ad", backed="r")
     return stores
 

@@ -94,7 +94,7 @@ def test_our_soma_is_a_valid_experiment(position_stores):
 def test_unfiltered_reads_agree(position_stores):
     rows = np.array([1, 2, 3, 64, 65, 900])
     spread = np.sort(np.random.default_rng(0).choice(N_OBS, 300, replace=False))  # many ranges in one read
-    for fmt in ("zarr", "soma", "h5ad", "h5ad_dense", "memory", "backed"):
+    for fmt in ("zarr", "zarr_dense", "soma", "h5ad", "h5ad_dense", "memory", "backed"):
         store = open_store(position_stores[fmt])
         for r in (rows, spread, np.arange(N_OBS), rows[:0]):
             assert (store.read(r).to_scipy() != reference()[r]).nnz == 0, fmt
@@ -186,7 +186,7 @@ def test_filtered_read_with_gaps(position_stores, fmt):
         ("bad_column", "obs column 'donr_id' not in store"),
         ("bad_filter_column", "names obs column 'tisue'"),
         ("empty_filter", "matches 0 of"),
-        ("dense_x", "not csr_matrix"),
+        ("csc_x", "csc.zarr:X is csc_matrix, neither csr_matrix nor a dense matrix: .*tocsr"),
     ],
 )
 def test_bad_input_gives_one_clear_error(tmp_path, position_stores, case, pattern):
@@ -202,10 +202,10 @@ def test_bad_input_gives_one_clear_error(tmp_path, position_stores, case, patter
             open_store(position_stores["soma"], obs_filter="tisue == 'blood'")
         elif case == "empty_filter":
             open_store(position_stores["zarr"], obs_filter="tissue_general == 'brain'")
-        elif case == "dense_x":
+        elif case == "csc_x":
             obs, var = position_frames()
-            ad.AnnData(reference().toarray(), obs=obs, var=var).write_zarr(tmp_path / "dense.zarr")
-            open_store(tmp_path / "dense.zarr")
+            ad.AnnData(reference().tocsc(), obs=obs, var=var).write_zarr(tmp_path / "csc.zarr")
+            open_store(tmp_path / "csc.zarr")
 
 
 def test_unknown_and_repeated_genes_are_named(position_stores, fmt):
@@ -233,3 +233,44 @@ def test_coo_runs_out_of_row_order_become_csr():
     order = np.concatenate([np.arange(split, len(dim0)), np.arange(split)])
     m = coo_rows_to_csr(ids, dim0[order], dim1[order].astype(np.int32), data[order], N_VARS)
     assert (m.to_scipy() != ref).nnz == 0
+
+
+def test_ensembl_ids_meet_across_versions_and_par_copies_stay_apart(tmp_path):
+    """A GENCODE-versioned file (ENSG….17) meets a model or store of unversioned ids (the Census's) and the
+    other way round, alone and in a collection; a PAR copy keeps its suffix, two versions of one gene are refused."""
+
+    def store(ids, path=None):
+        x = sp.csr_matrix(np.arange(2 * len(ids), dtype=np.float32).reshape(2, -1))
+        obs = pd.DataFrame({"b": ["x", "y"]}, index=["c0", "c1"])
+        adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=ids))
+        if path is None:
+            return open_store(adata)
+        adata.write_h5ad(path)
+        return str(path)
+
+    versioned = store(["ENSG00000000003.15", "ENSG00000000005.6", "ENSG00000182378.14_PAR_Y", "OTHER"])
+    colmap = versioned.gene_map(["ENSG00000000005", "OTHER", "ENSG00000000003"])
+    np.testing.assert_array_equal(colmap, [2, 0, -1, 1])
+    np.testing.assert_array_equal(store(["ENSG00000000005", "ENSG00000000003"]).gene_map(
+        ["ENSG00000000003.15", "ENSG00000000005.6"]), [1, 0])  # fmt: skip
+    with pytest.raises(StoreError, match="1 requested genes not in store .*ENSG00000182378$"):
+        versioned.gene_map(["ENSG00000182378"])  # the Y copy is another gene than the X one
+    with pytest.raises(
+        StoreError, match="'ENSG00000000003' matches 2 versions in .*ENSG00000000003.15, ENSG00000000003.16"
+    ):
+        store(["ENSG00000000003.15", "ENSG00000000003.16"]).gene_map(["ENSG00000000003"])
+
+    unversioned = store(["ENSG00000000005", "ONLYHERE", "ENSG00000000003"], tmp_path / "u.h5ad")
+    both = open_store([unversioned, store(versioned.var_ids, tmp_path / "v.h5ad")])
+    assert list(both.var_ids) == ["ENSG00000000005", "ENSG00000000003"]  # the intersection, not the empty set
+    x = both.read(np.arange(4)).to_scipy().toarray()
+    np.testing.assert_array_equal(x[:2], open_store(unversioned).read(np.arange(2)).to_scipy().toarray()[:, [0, 2]])
+    np.testing.assert_array_equal(x[2:], versioned.read(np.arange(2)).to_scipy().toarray()[:, [1, 0]])
+    outer = open_store([unversioned, str(tmp_path / "v.h5ad")], gene_join="outer")
+    assert list(outer.var_ids) == [
+        "ENSG00000000005",
+        "ONLYHERE",
+        "ENSG00000000003",
+        "ENSG00000182378.14_PAR_Y",
+        "OTHER",
+    ]

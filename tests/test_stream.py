@@ -268,3 +268,22 @@ def test_counts_are_validated_until_a_whole_epoch_has_been_read(position_stores,
     assert 0 < len(per_epoch[0]) < N_OBS  # the resumed epoch's remaining reads only
     assert np.array_equal(np.unique(per_epoch[1]), np.arange(N_OBS))  # the first whole epoch: every cell
     assert len(per_epoch[2]) == 0  # then no more
+
+
+def test_a_dense_anndata_zarr_streams_as_its_csr_copy(position_stores):
+    """anndata writes a numpy X as a dense Zarr array: read in row blocks, it gives the CSR store's minibatches."""
+    from loaders import zarr_store
+
+    where = "donor_id != 'd2'"
+    zarr_store._WARNED_DENSE.discard(position_stores["zarr_dense"])
+    with pytest.warns(UserWarning, match=r"X is stored dense, slower .*prepare --data .*pos_dense.zarr --convert"):
+        dense = open_store(position_stores["zarr_dense"], obs_filter=where)
+    sparse = open_store(position_stores["zarr"], obs_filter=where)
+    assert dense.dense and not sparse.dense and dense.n_obs == sparse.n_obs < N_OBS
+    got, want = (list(stream(s, num_workers=2, obs_keys=["cell_type"])) for s in (dense, sparse))
+    assert len(got) == len(want) and np.array_equal(np.sort(np.concatenate([b.index.numpy() for b in got])),
+                                                    np.arange(dense.n_obs))  # fmt: skip
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(a.index.numpy(), b.index.numpy())
+        assert np.array_equal(a.x.to_dense().numpy(), b.x.to_dense().numpy())
+        assert np.array_equal(a.obs["cell_type"].numpy(), b.obs["cell_type"].numpy())
