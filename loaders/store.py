@@ -69,10 +69,25 @@ def filtered_positions(obs_filter, columns, read_column, uri: str, n_rows: int) 
 
 
 def read_elem(node):
-    """An AnnData element (obs column, var frame) of a Zarr or HDF5 group, read by anndata."""
+    """An AnnData element (obs column, var frame) of a Zarr or HDF5 group, read by anndata. A categorical column
+    as anndata before 0.8 wrote it (integer codes whose `categories` attribute names the categories' array) is
+    read as the Categorical it is; anndata reads such a column alone as its codes (a missing label as class -1)."""
     from anndata.io import read_elem as read
 
+    if "categories" in node.attrs and not hasattr(node, "keys"):  # an array, not the group of today's encoding
+        categories = _parent(node)[node.attrs["categories"]]
+        codes = np.asarray(read(node))
+        return pd.Categorical.from_codes(codes, read(categories), ordered=bool(categories.attrs.get("ordered", False)))
     return read(node)
+
+
+def _parent(node):
+    """The group that holds an HDF5 dataset or Zarr array."""
+    if hasattr(node, "parent"):  # h5py
+        return node.parent
+    import zarr
+
+    return zarr.open_group(node.store, path=node.path.rpartition("/")[0], mode="r")
 
 
 def obs_index(obs):

@@ -274,3 +274,34 @@ def test_ensembl_ids_meet_across_versions_and_par_copies_stay_apart(tmp_path):
         "ENSG00000182378.14_PAR_Y",
         "OTHER",
     ]
+
+
+def test_categorical_columns_as_anndata_before_0_8_wrote_them_read_as_categories(tmp_path, position_stores):
+    """An anndata 0.7 .h5ad keeps a categorical obs column as integer codes whose `categories` attribute refers to
+    obs/__categories/<column>: read as codes, batches and labels were numbers and a missing label class '-1'."""
+    import h5py
+
+    adata = ad.read_h5ad(position_stores["h5ad"])
+    adata.obs["label"] = pd.Categorical(np.where(np.arange(N_OBS) % 7 == 0, None, adata.obs.donor_id.astype(str)))
+    adata.write_h5ad(tmp_path / "new.h5ad")
+    adata.write_h5ad(tmp_path / "old.h5ad")
+    with h5py.File(tmp_path / "old.h5ad", "a") as f:  # obs rewritten in the dataframe 0.1.0 encoding
+        del f["obs"]
+        g = f.create_group("obs")
+        g.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.1.0", "_index": "_index"})
+        g.attrs.create("column-order", list(adata.obs.columns), dtype=h5py.string_dtype())
+        g.create_dataset("_index", data=list(adata.obs_names), dtype=h5py.string_dtype())
+        for c, s in adata.obs.items():
+            if isinstance(s.dtype, pd.CategoricalDtype):
+                cats = g.create_dataset(f"__categories/{c}", data=list(s.cat.categories), dtype=h5py.string_dtype())
+                g.create_dataset(c, data=s.cat.codes.to_numpy()).attrs["categories"] = cats.ref
+            else:
+                g.create_dataset(c, data=s.to_numpy())
+    assert ad.read_h5ad(tmp_path / "old.h5ad").obs.label.isna().sum() == (np.arange(N_OBS) % 7 == 0).sum()
+    where = "donor_id in ['d1', 'd3']"
+    new, old = (open_store(tmp_path / f"{n}.h5ad", obs_filter=where) for n in ("new", "old"))
+    assert old.n_obs == new.n_obs > 0
+    for column in ("donor_id", "label"):
+        (codes, cats), (want, want_cats) = old.obs_codes(column), new.obs_codes(column)
+        assert list(cats) == list(want_cats) and np.array_equal(codes, want) and "-1" not in list(cats)
+    assert (old.obs_codes("label")[0] < 0).sum() == (new.obs_codes("label")[0] < 0).sum() > 0
