@@ -24,6 +24,7 @@ from .store import (
     layer_path,
     obs_index,
     read_elem,
+    text,
 )
 
 # An .h5ad whose X is compressed (write_h5ad(compression="gzip")) or dense decodes shuffled blocks
@@ -66,7 +67,7 @@ class H5adStore(GroupObsStore):
         self.other_layers = tuple(name for name in have if layer_path(name) != key)
         node = f[key]
         enc = node.attrs.get("encoding-type", "array")
-        enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+        enc = text(enc)
         if enc == "csc_matrix":
             raise StoreError(
                 f"{self.uri}:{key} is CSC: its rows cannot be read in blocks without loading it whole. Rewrite it "
@@ -88,10 +89,8 @@ class H5adStore(GroupObsStore):
         if not np.issubdtype(dtype, np.number):
             raise StoreError(f"{self.uri}:{key} has dtype {dtype}, not numeric counts")
         self._obs = f["obs"]
-        order = self._obs.attrs.get("column-order", [])
-        self._obs_cols = [
-            str(c) for c in (order.tolist() if hasattr(order, "tolist") else order) if str(c) in self._obs
-        ]
+        order = [text(c) for c in np.atleast_1d(self._obs.attrs.get("column-order", [])).tolist()]
+        self._obs_cols = [c for c in order if c in self._obs]
         super().__init__(read_elem(f["raw/var" if key == "raw/X" else "var"]))
         if len(self.var_names) != self.n_vars:
             raise StoreError(f"{self.uri}: var has {len(self.var_names)} rows but {key} has {self.n_vars} columns")

@@ -81,6 +81,11 @@ def read_elem(node):
     return read(node)
 
 
+def text(value) -> str:
+    """An HDF5 attribute's string: a fixed-length one (as R's HDF5 writers make them) comes back as bytes."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _parent(node):
     """The group that holds an HDF5 dataset or Zarr array."""
     if hasattr(node, "parent"):  # h5py
@@ -93,7 +98,7 @@ def _parent(node):
 def obs_index(obs):
     """The array of an AnnData obs group's names: the index itself, or the `values` of anndata's
     nullable-string encoding (a pandas-3 str index, as anndata writes it once opted in)."""
-    node = obs[obs.attrs.get("_index", "_index")]
+    node = obs[text(obs.attrs.get("_index", "_index"))]
     return node["values"] if node.attrs.get("encoding-type") == "nullable-string-array" else node
 
 

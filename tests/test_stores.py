@@ -278,7 +278,8 @@ def test_ensembl_ids_meet_across_versions_and_par_copies_stay_apart(tmp_path):
 
 def test_categorical_columns_as_anndata_before_0_8_wrote_them_read_as_categories(tmp_path, position_stores):
     """An anndata 0.7 .h5ad keeps a categorical obs column as integer codes whose `categories` attribute refers to
-    obs/__categories/<column>: read as codes, batches and labels were numbers and a missing label class '-1'."""
+    obs/__categories/<column>: read as codes, batches and labels were numbers and a missing label class '-1'.
+    Attributes written as fixed-length strings come back as bytes: the columns were not found at all."""
     import h5py
 
     adata = ad.read_h5ad(position_stores["h5ad"])
@@ -288,8 +289,8 @@ def test_categorical_columns_as_anndata_before_0_8_wrote_them_read_as_categories
     with h5py.File(tmp_path / "old.h5ad", "a") as f:  # obs rewritten in the dataframe 0.1.0 encoding
         del f["obs"]
         g = f.create_group("obs")
-        g.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.1.0", "_index": "_index"})
-        g.attrs.create("column-order", list(adata.obs.columns), dtype=h5py.string_dtype())
+        g.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.1.0", "_index": np.bytes_(b"_index")})
+        g.attrs["column-order"] = np.array(list(adata.obs.columns), dtype="S")  # fixed-length, as R's writers do
         g.create_dataset("_index", data=list(adata.obs_names), dtype=h5py.string_dtype())
         for c, s in adata.obs.items():
             if isinstance(s.dtype, pd.CategoricalDtype):
