@@ -211,7 +211,9 @@ class AnnDataStore(Store):
     def _read_obs(self, column):
         values = self._obs_frame[column].array
         values = values if self._rows is None else values[self._rows]
-        return values if isinstance(values, pd.Categorical) else np.asarray(values)
+        if isinstance(values, pd.arrays.NumpyExtensionArray):
+            return np.asarray(values)
+        return values  # a Categorical or a nullable array (Int64 with <NA>) as a file's column reads: not floats
 
     def store_rows(self, rows: np.ndarray) -> np.ndarray:
         return rows if self._rows is None else self._rows[rows]

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .csr import CSR, compact, concat, empty, take_rows
+from .filter_eval import without_not
 from .store import Store, StoreError, filter_columns, leak
 from .tiledb_gate import alone, together
 
@@ -111,7 +112,7 @@ class SomaStore(Store):
                 value_filter = None
                 if obs_filter:
                     filter_columns(obs_filter, self._obs_cols)
-                    value_filter = obs_filter
+                    value_filter = without_not(obs_filter)  # TileDB crashed negating more than one comparison
                 try:
                     ids = exp.obs.read(column_names=["soma_joinid"], value_filter=value_filter).concat()
                 except Exception as e:
@@ -150,7 +151,8 @@ class SomaStore(Store):
             return self._joinids.copy()
         with alone(), open_experiment(self.uri, tiledb_config=self._tiledb_config) as exp:
             table = exp.obs.read(coords=(self._joinids,), column_names=["soma_joinid", column]).concat()
-        values = table.to_pandas().set_index("soma_joinid")[column]
+        nulls = table.column(column).null_count > 0  # an integer column with nulls reads as Int64, not float
+        values = table.to_pandas(types_mapper=_nullable_int if nulls else None).set_index("soma_joinid")[column]
         return values.reindex(self._joinids).array
 
     def store_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -251,3 +253,14 @@ def coo_rows_to_csr(ids: np.ndarray, dim0: np.ndarray, dim1: np.ndarray, data: n
         gathered = take_rows(segments, np.argsort(seg_row, kind="stable"))
         dim1, data = gathered.indices, gathered.data
     return CSR(indptr, dim1, data, n_cols)
+
+
+def _nullable_int(arrow_type):
+    """pandas' nullable integer dtype for an Arrow integer column: one with nulls stays integer (3, <NA>), as the
+    same column reads from an .h5ad or Zarr store, instead of becoming float (3.0, NaN)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    if pa.types.is_integer(arrow_type):
+        return pd.api.types.pandas_dtype(str(arrow_type).replace("uint", "UInt").replace("int", "Int"))
+    return None

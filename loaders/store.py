@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .csr import CSR
+from .filter_eval import evaluate
 
 
 def leak(obj) -> None:
@@ -46,12 +47,12 @@ def filter_columns(expr: str, columns) -> list[str]:
     return sorted(words & set(columns))
 
 
-def eval_filter(expr: str, columns, read_column, uri: str) -> np.ndarray:
-    """Positions matching obs_filter `expr`, evaluated by pandas on the columns it names
-    (`read_column(name)` gives a column's values) — for stores without a query engine of their own."""
-    frame = pd.DataFrame({c: read_column(c) for c in filter_columns(expr, columns)})
+def eval_filter(expr: str, columns, read_column, uri: str, n_rows: int) -> np.ndarray:
+    """Positions matching obs_filter `expr` (SOMA value_filter syntax and null semantics, filter_eval) on the
+    columns it names (`read_column(name)` gives a column's values) — for stores without a query engine of their own."""
+    values = {c: read_column(c) for c in filter_columns(expr, columns)}
     try:
-        mask = np.asarray(frame.eval(expr), dtype=bool)
+        mask = evaluate(expr, values, n_rows)
     except Exception as e:
         raise StoreError(f"obs_filter {expr!r} failed on {uri}: {e}") from None
     return np.flatnonzero(mask).astype(np.int64)
@@ -62,7 +63,7 @@ def filtered_positions(obs_filter, columns, read_column, uri: str, n_rows: int) 
     matching rows; a filter matching no cell is an error naming it."""
     if not obs_filter:
         return None
-    rows = eval_filter(obs_filter, columns, read_column, uri)
+    rows = eval_filter(obs_filter, columns, read_column, uri, n_rows)
     if len(rows) == 0:
         raise StoreError(f"obs_filter {obs_filter!r} matches 0 of {n_rows} cells in {uri}")
     return rows
