@@ -225,10 +225,9 @@ class Store:
         that appears more than once is ambiguous and refused (select it by id). Genes the store lacks are an
         error (missing="error") or left out of colmap, so that their output columns stay zero
         (missing="zero-fill", with a warning; refused below `min_overlap` of the genes; an ambiguous gene
-        reads as missing there). `what` names the gene
-        list in messages ("model's"). `names`: each gene's other name (a model's recorded feature names, ""
-        where none), tried the same way where the gene is not found: a query whose var holds gene symbols only
-        meets a model trained on feature ids."""
+        reads as missing there). `what` names the gene list in messages ("model's"). `names`: each gene's
+        other name (a model's recorded feature names, "" where none), tried the same way where the gene is not
+        found: a query whose var holds gene symbols only meets a model trained on feature ids."""
         if missing not in ("error", "zero-fill"):
             raise ValueError(f"missing must be 'error' or 'zero-fill', not {missing!r}")
         genes = [str(g) for g in genes]
