@@ -362,7 +362,9 @@ class DataConfig:
     covariate_keys: tuple[str, ...] = opt((), "further categorical obs columns to embed")
     label_keys: tuple[str, ...] = opt((), "obs columns with cell-type labels to predict")
     obs_filter: str | None = opt(None, "SOMA value_filter selecting the cells, e.g. \"tissue_general == 'blood'\"")
-    layer: str | None = opt(None, "Zarr layer / SOMA X layer of raw counts (unset: X / raw)")
+    layer: str | None = opt(
+        None, "Zarr layer / SOMA X layer of raw counts (unset: X; for SOMA raw, or its only X layer)"
+    )
     genes: tuple[str, ...] | None = opt(None, "file with one feature id (or name) per line, in model order",
                                         metavar="FILE", from_file=True)  # fmt: skip
     unlabeled_categories: tuple[str, ...] = opt(

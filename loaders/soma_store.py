@@ -97,8 +97,11 @@ class SomaStore(Store):
                     have = ", ".join(exp.ms.keys())
                     raise StoreError(f"{self.uri} has no measurement {measurement!r} (have: {have})")
                 ms = exp.ms[measurement]
-                if "X" not in ms or self.layer not in ms.X:
-                    have = ", ".join(ms.X.keys()) if "X" in ms else "none"
+                layers = list(ms.X.keys()) if "X" in ms else []
+                if layer is None and "raw" not in layers and len(layers) == 1:  # e.g. tiledbsoma.io's "data"
+                    self.layer = layers[0]
+                if self.layer not in layers:
+                    have = ", ".join(layers) or "none"
                     raise StoreError(
                         f"{self.uri}: measurement {measurement!r} has no X layer {self.layer!r} (have: {have})"
                     )

@@ -306,3 +306,19 @@ def test_categorical_columns_as_anndata_before_0_8_wrote_them_read_as_categories
         (codes, cats), (want, want_cats) = old.obs_codes(column), new.obs_codes(column)
         assert list(cats) == list(want_cats) and np.array_equal(codes, want) and "-1" not in list(cats)
     assert (old.obs_codes("label")[0] < 0).sum() == (new.obs_codes("label")[0] < 0).sum() > 0
+
+
+def test_a_soma_experiment_with_one_x_layer_not_named_raw_reads_it(tmp_path, position_stores):
+    """tiledbsoma.io.from_anndata names X's layer "data": a store with that one layer is read without --layer;
+    with several and none of them "raw" the choice is the user's, and the error lists them."""
+    import tiledbsoma.io
+
+    adata = ad.read_h5ad(position_stores["h5ad"])
+    tiledbsoma.io.from_anndata(str(tmp_path / "one.soma"), adata, measurement_name="RNA")
+    store = open_store(str(tmp_path / "one.soma"))
+    assert store.layer == "data" and (store.read(np.arange(N_OBS)).to_scipy() != reference()).nnz == 0
+    adata.layers["counts"] = adata.X.copy()
+    tiledbsoma.io.from_anndata(str(tmp_path / "two.soma"), adata, measurement_name="RNA")
+    with pytest.raises(StoreError, match=r"has no X layer 'raw' \(have: (data, counts|counts, data)\)"):
+        open_store(str(tmp_path / "two.soma"))
+    assert open_store(str(tmp_path / "two.soma"), layer="counts").layer == "counts"
