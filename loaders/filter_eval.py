@@ -59,9 +59,8 @@ def _truth(node, columns: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
             true, unknown, left = true & t, ~(true & t) & ~false, right
         return true, unknown
     if isinstance(node, ast.Name) and node.id in columns:  # a boolean column on its own
-        values = _series(columns[node.id])
-        present = values.notna().to_numpy()
-        return values.astype("boolean").fillna(False).to_numpy(dtype=bool) & present, ~present
+        true, present = _per_cell(pd.Series(columns[node.id]), lambda v: v == True)  # noqa: E712
+        return true & present, ~present
     if isinstance(node, ast.Constant) and isinstance(node.value, bool):
         return np.full(n, node.value), np.zeros(n, bool)
     raise FilterSyntaxError(f"{ast.unparse(node)!r} is not a comparison, `in` list, and / or / not of them")
@@ -72,25 +71,48 @@ def _compare(left, op, right, columns: dict, n: int) -> tuple[np.ndarray, np.nda
         values, options = _operand(left, columns), _literal(right)
         if not isinstance(values, pd.Series) or not isinstance(options, list | tuple):
             raise FilterSyntaxError(f"`in` takes a column and a list: {ast.unparse(left)} in {ast.unparse(right)}")
-        hit, present = values.isin(list(options)).to_numpy(dtype=bool), values.notna().to_numpy()
+        hit, present = _per_cell(values, lambda v: v.isin(list(options)))
         return (hit if isinstance(op, ast.In) else ~hit) & present, ~present
     if type(op) not in COMPARE:
         raise FilterSyntaxError(f"unsupported comparison {type(op).__name__}")
     a, b = _operand(left, columns), _operand(right, columns)
-    result = COMPARE[type(op)](a, b)
-    if not isinstance(result, pd.Series):  # two literals
+    compare = COMPARE[type(op)]
+    if isinstance(a, pd.Series) != isinstance(b, pd.Series):  # a column and a value
+        column, value = (a, b) if isinstance(a, pd.Series) else (b, a)
+        cmp = (lambda v: compare(v, value)) if column is a else (lambda v: compare(value, v))
+        true, present = _per_cell(column, cmp)
+        return true & present, ~present
+    result = compare(_plain(a), _plain(b))
+    if not isinstance(result, pd.Series):  # two values
         return np.full(n, bool(result)), np.zeros(n, bool)
-    present = np.ones(n, bool)
-    for side in (a, b):
-        if isinstance(side, pd.Series):
-            present &= side.notna().to_numpy()
+    present = a.notna().to_numpy() & b.notna().to_numpy()
     return result.astype("boolean").fillna(False).to_numpy(dtype=bool) & present, ~present
+
+
+def _per_cell(column: pd.Series, test) -> tuple[np.ndarray, np.ndarray]:
+    """(test true, value present) per cell; a categorical is tested once per category, by value."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        codes = column.cat.codes.to_numpy()
+        per_category = _bool(test(pd.Series(np.asarray(column.cat.categories, dtype=object))))
+        return np.append(per_category, False)[codes], codes >= 0  # code -1 (missing) takes the appended False
+    return _bool(test(column)), column.notna().to_numpy()
+
+
+def _bool(result: pd.Series) -> np.ndarray:
+    return result.astype("boolean").fillna(False).to_numpy(dtype=bool)
+
+
+def _plain(values):
+    """A categorical column by its values (an unordered one cannot be ordered with < or >)."""
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
+        return pd.Series(np.asarray(values.array, dtype=object))
+    return values
 
 
 def _operand(node, columns: dict):
     if isinstance(node, ast.Name):
         if node.id in columns:
-            return _series(columns[node.id])
+            return pd.Series(columns[node.id])
         if node.id in ("true", "false"):  # TileDB accepts them lower-case too
             return node.id == "true"
         raise FilterSyntaxError(f"unknown name {node.id!r}")
@@ -103,13 +125,6 @@ def _literal(node):
     except ValueError:
         raise FilterSyntaxError(f"{ast.unparse(node)!r} is neither a column nor a value") from None
     return list(value) if isinstance(value, tuple | set) else value
-
-
-def _series(values) -> pd.Series:
-    """A column as a Series that compares by value: a categorical by its categories' values (an unordered one
-    cannot be ordered with < or >), missing values kept missing."""
-    s = pd.Series(values)
-    return pd.Series(np.asarray(s.array, dtype=object)) if isinstance(s.dtype, pd.CategoricalDtype) else s
 
 
 FLIPPED = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.GtE, ast.GtE: ast.Lt, ast.Gt: ast.LtE, ast.LtE: ast.Gt,

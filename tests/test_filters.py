@@ -95,3 +95,30 @@ def test_a_missing_value_of_a_nullable_column_matches_no_filter_as_in_tiledb(tmp
     for name, data in sources.items():
         codes, cats = open_store(data).obs_codes("score")
         assert list(cats) == ["0", "1", "2", "3"] and np.array_equal(codes < 0, np.arange(n) % 5 == 0), name
+
+
+def test_pushing_not_into_the_comparisons_selects_the_same_rows_under_three_valued_logic():
+    """The rewrite SOMA filters get (tiledbsoma crashed negating more than one comparison) is exact, missing
+    values included, and leaves no `not` in front of anything but a plain comparison."""
+    import pandas as pd
+
+    from loaders.filter_eval import evaluate, without_not
+
+    rng = np.random.default_rng(0)
+    n = 500
+    columns = {
+        "a": pd.array(np.where(rng.random(n) < 0.2, None, rng.integers(0, 5, n)), dtype="Int64"),
+        "b": pd.Categorical(np.where(rng.random(n) < 0.2, None, rng.choice(["x", "y", "z"], n))),
+        "c": np.where(rng.random(n) < 0.2, np.nan, rng.random(n)),
+        "d": rng.random(n) < 0.5,
+    }
+    for expr in (
+        "not (a == 1 or b == 'x')", "not (a < 3 and not (b in ['x', 'y'] or c > 0.5))", "not not (c <= 0.3)",
+        "not (b not in ['z'])", "not (1 < a < 4)", "not d or not (a != 2)", "not (d and c >= 0.1)",
+    ):  # fmt: skip
+        rewritten = without_not(expr)
+        assert "not (" not in rewritten and "not not" not in rewritten, rewritten
+        assert np.array_equal(evaluate(rewritten, columns, n), evaluate(expr, columns, n)), (expr, rewritten)
+    missing = np.asarray(pd.isna(columns["a"]))
+    assert not evaluate("a != 1", columns, n)[missing].any() and not evaluate("not a == 1", columns, n)[missing].any()
+    assert evaluate("a == 1 or d", columns, n)[missing & columns["d"]].all()  # unknown or true: true
