@@ -286,7 +286,10 @@ class AtlasVAE:
         d = self.config.data
         source, obs_filter = self._source(data, obs_filter)
         layer, allow_non_integer = d.read_as(layer, allow_non_integer)
-        store = open_store(source, obs_filter=obs_filter, layer=layer, genes=self.vocab.genes, gene_join="outer")
+        store = open_store(
+            source, obs_filter=obs_filter, layer=layer, genes=self.vocab.genes, gene_join="outer",
+            gene_names=self.vocab.gene_names,
+        )  # fmt: skip
         colmap = store.gene_map(self.vocab.genes, missing="zero-fill", what="model's", names=self.vocab.gene_names)
         stream = CellStream(
             store,

@@ -401,7 +401,7 @@ def embed(
     genes = model.vocab.genes  # a collection aligns each store to the model's genes (zero-filling)
     store = open_store(
         data, obs_filter=obs_filter, layer=read_layer, genes=genes, gene_join="outer",
-        min_gene_overlap=min_gene_overlap,
+        min_gene_overlap=min_gene_overlap, gene_names=model.vocab.gene_names,
     )  # fmt: skip
     with warnings.catch_warnings():
         if not state.is_main_process:

@@ -115,6 +115,7 @@ class CollectionStore(Store):
         gene_join: str = "inner",
         min_gene_overlap: float = 0.5,
         uri: str | None = None,
+        gene_names=None,
     ):
         """`stores[i]` is members[i] opened (formats.open_store does it, with member_filter)."""
         if gene_join not in JOINS:
@@ -125,7 +126,7 @@ class CollectionStore(Store):
         self.uri = uri or " + ".join(m.data for m in self.members)
         self.stores = list(stores)
         self.gene_join = gene_join
-        ids, names = self._genes(genes, gene_join, min_gene_overlap)
+        ids, names = self._genes(genes, gene_names, gene_join, min_gene_overlap)
         missing = "error" if gene_join == "inner" else "zero-fill"
         self._colmaps = [
             self._member_colmap(s, ids, names, missing, min_gene_overlap, m.name)
@@ -146,10 +147,11 @@ class CollectionStore(Store):
         self._check_names()
 
     # -- genes ------------------------------------------------------------------------------------
-    def _genes(self, genes, join: str, min_overlap: float) -> tuple[list[str], list[str]]:
-        if genes is not None:
+    def _genes(self, genes, gene_names, join: str, min_overlap: float) -> tuple[list[str], list[str]]:
+        if genes is not None:  # a model's: its ids, and the feature names it recorded ("" where none)
             genes = [str(g) for g in genes]
-            return genes, genes
+            names = [str(n) or g for g, n in zip(genes, gene_names, strict=True)] if gene_names else genes
+            return genes, names
         first = self.stores[0]
         ids, names = list(first.var_ids), list(first.var_names)
         if join == "outer":  # the first store's genes, then each later store's new ones
@@ -178,10 +180,9 @@ class CollectionStore(Store):
 
     @staticmethod
     def _member_colmap(store: Store, ids, names, missing, min_overlap, name) -> np.ndarray:
-        have = {stable_id(i) for i in store.var_ids}
-        keys = [i if stable_id(i) in have else n for i, n in zip(ids, names)]  # by feature id, else by name
+        aliases = [n if n != i else "" for i, n in zip(ids, names)]  # by feature id, else by name (gene_map's rule)
         try:
-            return store.gene_map(keys, missing=missing, min_overlap=min_overlap, what="collection's")
+            return store.gene_map(ids, missing=missing, min_overlap=min_overlap, what="collection's", names=aliases)
         except StoreError as e:
             raise StoreError(f"store {name}: {e}") from None
 

@@ -68,6 +68,7 @@ def open_store(
     genes=None,
     gene_join: str | None = None,
     min_gene_overlap: float | None = None,
+    gene_names=None,
     **kwargs,
 ) -> Store:
     """Open an AnnData `.zarr` store, an `.h5ad` file, an AnnData object (in memory or backed) or a SOMA
@@ -79,7 +80,9 @@ def open_store(
     `census:<version>[/<organism>]` uri opens that CELLxGENE Census release (see loaders.census).
     Several uris, or a manifest (.toml/.json), open as one CollectionStore (see loaders.collection),
     whose genes are `genes` or, by `gene_join`, the stores' intersection or union (a store sharing
-    less than `min_gene_overlap` of them is refused); single stores ignore those three.
+    less than `min_gene_overlap` of them is refused); `gene_names` (each of `genes`' feature name, a model's
+    recorded ones) finds a gene in a store that lacks its id, as Store.gene_map's `names`; single stores ignore
+    these four.
     """
     if isinstance(uri, Store):  # already open (a store of one's own making); its filter is its own
         if obs_filter or layer:
@@ -88,7 +91,7 @@ def open_store(
     if isinstance(uri, list | tuple) and len(uri) == 1:
         uri = uri[0]
     if _several(uri) or is_manifest(uri):
-        return _collection(uri, obs_filter, layer, genes, gene_join, min_gene_overlap, kwargs)
+        return _collection(uri, obs_filter, layer, genes, gene_join, min_gene_overlap, gene_names, kwargs)
     # each backend is imported when its format is opened: tiledbsoma alone takes ~1 s to import
     if is_anndata(uri):
         from .anndata_store import AnnDataStore, H5adStore
@@ -119,7 +122,7 @@ def open_store(
     return SomaStore(uri, obs_filter=obs_filter, layer=layer, **kwargs)
 
 
-def _collection(data, obs_filter, layer, genes, gene_join, min_gene_overlap, kwargs) -> CollectionStore:
+def _collection(data, obs_filter, layer, genes, gene_join, min_gene_overlap, gene_names, kwargs) -> CollectionStore:
     options = {}
     if is_manifest(data):
         members, options = read_manifest(data)
@@ -133,6 +136,7 @@ def _collection(data, obs_filter, layer, genes, gene_join, min_gene_overlap, kwa
     return CollectionStore(
         members, stores, uri=str(data) if is_manifest(data) else None,
         genes=genes if genes is not None else options.get("genes"),
+        gene_names=gene_names if genes is not None else None,
         gene_join=gene_join or options.get("gene_join", "inner"),
         min_gene_overlap=min_gene_overlap or options.get("min_gene_overlap", 0.5),
     )  # fmt: skip

@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pandas as pd
 
 from .csr import CSR, compact, concat, empty, take_rows
 from .filter_eval import without_not
@@ -131,7 +132,9 @@ class SomaStore(Store):
         var_ids = var["soma_joinid"].to_numpy()
         if not np.array_equal(var_ids, np.arange(len(var_ids))) or len(var_ids) != self.n_vars:
             raise StoreError(f"{self.uri}: var soma_joinids are not 0..{self.n_vars - 1}")
-        var = var.set_index(var["feature_id"].astype(str) if "feature_id" in var else var.index.astype(str))
+        # gene ids: the Census's feature_id, else the AnnData var index tiledbsoma.io.from_anndata keeps as var_id
+        ids = next((var[c] for c in ("feature_id", "var_id") if c in var), var.index)
+        var = var.set_index(pd.Index(ids.astype(str), name=None))
         super().__init__(var)
         self.n_obs = len(self._joinids)
         self._n_store_rows = n_rows
@@ -261,7 +264,6 @@ def coo_rows_to_csr(ids: np.ndarray, dim0: np.ndarray, dim1: np.ndarray, data: n
 def _nullable_int(arrow_type):
     """pandas' nullable integer dtype for an Arrow integer column: one with nulls stays integer (3, <NA>), as the
     same column reads from an .h5ad or Zarr store, instead of becoming float (3.0, NaN)."""
-    import pandas as pd
     import pyarrow as pa
 
     if pa.types.is_integer(arrow_type):

@@ -259,3 +259,25 @@ def test_two_atlases_with_other_panels_and_columns_train_embed_and_evaluate(atla
     assert set(m["per_source"]) == {"a", "second"}
     assert all(v["cells"] == 640 and 0 <= v["label_accuracy"] <= 1 for v in m["per_source"].values())
     assert len(json.loads((tmp_path / "r" / "vocab.json").read_text())["genes"]) == 70  # the union
+
+
+def test_a_query_collection_whose_stores_name_genes_otherwise_embeds_as_each_store_alone(atlases, tmp_path):
+    """A model trained on feature ids meets a collection whose stores give symbols only (a 10x file read by scanpy)
+    or versioned ids kept as tiledbsoma.io's var_id (an .h5ad made SOMA): each cell embeds as its store alone."""
+    import pandas as pd
+    import tiledbsoma.io
+
+    from bigatlas import AtlasVAE
+
+    model = AtlasVAE(str(atlases / "a.zarr"), batch_key="dataset_id", train={"max_epochs": 1, "reference_cells": 0})
+    model.fit(tmp_path / "run")
+    a = ad.read_zarr(atlases / "a.zarr")
+    symbols = a.copy()
+    symbols.var = pd.DataFrame(index=a.var["feature_name"].astype(str).to_numpy())
+    symbols.write_h5ad(tmp_path / "symbols.h5ad")
+    versioned = a.copy()
+    versioned.var = pd.DataFrame(index=[f"{v}.7" for v in a.var["feature_id"]])
+    tiledbsoma.io.from_anndata(str(tmp_path / "versioned.soma"), versioned, measurement_name="RNA")
+    alone = model.get_latent_representation(str(atlases / "a.zarr"))
+    together = model.get_latent_representation([str(tmp_path / "symbols.h5ad"), str(tmp_path / "versioned.soma")])
+    np.testing.assert_allclose(together, np.concatenate([alone, alone]), rtol=0, atol=1e-6)
