@@ -32,7 +32,14 @@ def read_gene_list(path) -> tuple[str, ...] | None:
     """A --genes file: one feature id (or name) per line, blank lines ignored; None without a file."""
     if not path:
         return None
-    return tuple(g.strip() for g in Path(path).read_text().splitlines() if g.strip())
+    genes = tuple(g.strip() for g in Path(path).read_text().splitlines() if g.strip())
+    table = next((g for g in genes if "," in g or "\t" in g), None)
+    if table is not None:  # e.g. pandas' Series.to_csv: an index column and a header
+        raise ValueError(
+            f"gene list {path} holds a table (line {table!r}); write one feature id or name per line and nothing "
+            "else, e.g. pandas: pd.Series(genes).to_csv(path, index=False, header=False)"
+        )
+    return genes
 
 
 def _flag_kwargs(hint, default) -> dict:

@@ -15,6 +15,7 @@ def stores(tmp_path_factory):
     synth(root / "a.zarr", 300, 40, "zarr", seed=3, n_studies=2, donors_per_study=2)
     write_position_store(root / "one.zarr", "zarr", n_obs=1)
     (root / "bad.toml").write_text("[train]\nlearning_rate = 0.1\n")
+    (root / "genes.csv").write_text(",0\n0,ENSSYN00000000001\n1,ENSSYN00000000002\n")  # pd.Series.to_csv's
     return root
 
 
@@ -27,6 +28,8 @@ CASES = {  # name: (args with {root}, extra env, fragment of the one error line)
                 "obs column 'donr_id' not in store"),
     "genes file": (train("--data", "{root}/a.zarr", "--out", "{out}", "--genes", "{root}/nope.txt"), {},
                    "No such file or directory"),
+    "genes table": (train("--data", "{root}/a.zarr", "--out", "{out}", "--genes", "{root}/genes.csv"), {},
+                    "gene list {root}/genes.csv holds a table (line ',0'); write one feature id or name per line"),
     "filter column": (train("--data", "{root}/a.zarr", "--out", "{out}", "--obs-filter", "tissue == 'x'"), {},
                       "names obs column 'tissue'"),
     "filter syntax": (train("--data", "{root}/a.zarr", "--out", "{out}", "--obs-filter", "dataset_id =="), {},
