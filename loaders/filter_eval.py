@@ -1,9 +1,9 @@
 """obs_filter for stores without a query engine (AnnData-Zarr, .h5ad, AnnData in memory), evaluated the way
 TileDB evaluates a SOMA value_filter: the same Python-expression syntax (comparisons, `in` / `not in` lists,
-`and` / `or` / `not`, parentheses) and SQL's three-valued logic, in which a comparison with a missing value (NaN,
-None, <NA>) is unknown, `not` of unknown too, and only rows known true are selected: a filter selects the same
-cells whichever format holds them. pandas' own eval selected a missing value wherever a categorical or string
-column was compared with `!=` or `not in`.
+`and` / `or` / `not`, `&` / `|`, parentheses) and SQL's three-valued logic, in which a comparison with a missing
+value (NaN, None, <NA>) is unknown, `not` of unknown too, and only rows known true are selected: a filter selects
+the same cells whichever format holds them. pandas' own eval selected a missing value wherever a categorical or
+string column was compared with `!=` or `not in`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,17 @@ def evaluate(expr: str, columns: dict, n: int) -> np.ndarray:
     return true
 
 
+def _as_boolop(node):
+    """`a & b` / `a | b` (TileDB reads them as `and` / `or`) as the BoolOp they mean; other nodes as they are."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd | ast.BitOr):
+        op = ast.And() if isinstance(node.op, ast.BitAnd) else ast.Or()
+        return ast.BoolOp(op=op, values=[node.left, node.right])
+    return node
+
+
 def _truth(node, columns: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(known true, unknown) per row."""
+    node = _as_boolop(node)
     if isinstance(node, ast.BoolOp):
         parts = [_truth(v, columns, n) for v in node.values]
         true, unknown = parts[0]
@@ -143,6 +152,7 @@ def without_not(expr: str) -> str:
 
 
 def _push(node, negate: bool):
+    node = _as_boolop(node)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         return _push(node.operand, not negate)
     if isinstance(node, ast.BoolOp):

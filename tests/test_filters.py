@@ -23,6 +23,8 @@ SELECT = [
     "not (tissue_general == 'blood' or soma_joinid < 500)",  # tiledbsoma crashed negating all three of these
     "not (tissue_general in ['blood', 'lung'])",
     "not not (is_primary_data == True and soma_joinid >= 1000)",
+    "(tissue_general == 'blood') & (soma_joinid < 1500) | (dataset_id == 'study_2')",  # TileDB's & and |
+    "not ((tissue_general == 'lung') | (soma_joinid < 300))",
 ]
 FAIL = {
     "tissue == 'blood'": "obs_filter \"tissue == 'blood'\" names obs column 'tissue', not in store",
