@@ -129,6 +129,11 @@ def _operand(node, columns: dict):
 
 
 def _literal(node):
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd | ast.BitOr):
+        raise FilterSyntaxError(
+            f"{ast.unparse(node)!r}: & and | bind tighter than comparisons; put each comparison in parentheses, "
+            "or use and / or"
+        )
     try:
         value = ast.literal_eval(node)
     except ValueError:

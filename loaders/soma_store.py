@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .csr import CSR, compact, concat, empty, take_rows
-from .filter_eval import without_not
+from .filter_eval import FilterSyntaxError, evaluate, without_not
 from .store import Store, StoreError, filter_columns, leak
 from .tiledb_gate import alone, together
 
@@ -115,7 +115,13 @@ class SomaStore(Store):
                 self._obs_cols = [f.name for f in exp.obs.schema]
                 value_filter = None
                 if obs_filter:
-                    filter_columns(obs_filter, self._obs_cols)
+                    used = filter_columns(obs_filter, self._obs_cols)
+                    try:  # the syntax the other formats take, with their message: checked on no rows
+                        evaluate(obs_filter, {c: pd.Series([], dtype=object) for c in used}, 0)
+                    except FilterSyntaxError as e:
+                        raise StoreError(f"obs_filter {obs_filter!r} failed on {self.uri}: {e}") from None
+                    except Exception:  # a question of values, for TileDB to answer
+                        pass
                     value_filter = without_not(obs_filter)  # TileDB crashed negating more than one comparison
                 try:
                     ids = exp.obs.read(column_names=["soma_joinid"], value_filter=value_filter).concat()

@@ -27,6 +27,8 @@ SELECT = [
     "not ((tissue_general == 'lung') | (soma_joinid < 300))",
 ]
 FAIL = {
+    "tissue_general == 'blood' & is_primary_data == True": "obs_filter \"tissue_general == 'blood' & is_primary_data "
+    '== True" failed on',  # & binds tighter than ==: the message says so
     "tissue == 'blood'": "obs_filter \"tissue == 'blood'\" names obs column 'tissue', not in store",
     "tissue_general == ": "obs_filter 'tissue_general == ' failed on",
     "tissue_general === 'blood'": "obs_filter \"tissue_general === 'blood'\" failed on",
