@@ -76,7 +76,7 @@ print("FORKED READS MATCH", flush=True)
 """
 
 
-@pytest.mark.parametrize("fmt", ["soma", "zarr"])
+@pytest.mark.parametrize("fmt", ["soma", "zarr", "zarr_dense"])
 @pytest.mark.parametrize("opened", ["in the child", "inherited"])
 def test_fork_children_read_a_store_their_parent_has_read(position_stores, fmt, opened):
     """A fork (a multiprocessing pool, a DataLoader's workers) after the parent read, each child opening the
