@@ -73,6 +73,9 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+OBS_ID = "obs_id"  # where tiledbsoma.io.from_anndata keeps an AnnData's cell names
+
+
 class SomaStore(Store):
     def __init__(
         self,
@@ -171,8 +174,16 @@ class SomaStore(Store):
         return self._joinids[rows]
 
     def obs_names(self, rows: np.ndarray) -> np.ndarray:
-        """soma_joinids as strings: SOMA experiments have no obs index of their own."""
-        return self.store_rows(np.asarray(rows, dtype=np.int64)).astype(str).astype(object)
+        """The cell names tiledbsoma.io.from_anndata keeps in obs_id (the AnnData's obs index), else the
+        soma_joinids as strings (the Census has no obs index of its own)."""
+        ids = self.store_rows(np.asarray(rows, dtype=np.int64))
+        if OBS_ID not in self._obs_cols or len(ids) == 0:
+            return ids.astype(str).astype(object)
+        unique, back = np.unique(ids, return_inverse=True)
+        with alone(), open_experiment(self.uri, tiledb_config=self._tiledb_config) as exp:
+            table = exp.obs.read(coords=(unique,), column_names=["soma_joinid", OBS_ID]).concat()
+        order = np.argsort(table["soma_joinid"].to_numpy())  # TileDB returns them in its own order
+        return np.asarray(table[OBS_ID].to_numpy(zero_copy_only=False)[order], dtype=object)[back]
 
     def _x(self):
         x = getattr(self._local, "x", None)

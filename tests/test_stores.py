@@ -310,13 +310,18 @@ def test_categorical_columns_as_anndata_before_0_8_wrote_them_read_as_categories
 
 def test_a_soma_experiment_with_one_x_layer_not_named_raw_reads_it(tmp_path, position_stores):
     """tiledbsoma.io.from_anndata names X's layer "data": a store with that one layer is read without --layer;
-    with several and none of them "raw" the choice is the user's, and the error lists them."""
+    with several and none of them "raw" the choice is the user's, and the error lists them. Its cells are named
+    by the AnnData's obs index, which it keeps as obs_id."""
     import tiledbsoma.io
 
     adata = ad.read_h5ad(position_stores["h5ad"])
     tiledbsoma.io.from_anndata(str(tmp_path / "one.soma"), adata, measurement_name="RNA")
     store = open_store(str(tmp_path / "one.soma"))
     assert store.layer == "data" and (store.read(np.arange(N_OBS)).to_scipy() != reference()).nnz == 0
+    rows = np.array([9, 2, 700, 2])
+    assert list(store.obs_names(rows)) == [f"c{i}" for i in rows]  # its obs_id: the AnnData's names
+    filtered = open_store(str(tmp_path / "one.soma"), obs_filter="donor_id == 'd3'")
+    assert list(filtered.obs_names(np.arange(3))) == [f"c{i}" for i in filtered.store_rows(np.arange(3))]
     adata.layers["counts"] = adata.X.copy()
     tiledbsoma.io.from_anndata(str(tmp_path / "two.soma"), adata, measurement_name="RNA")
     with pytest.raises(StoreError, match=r"has no X layer 'raw' \(have: (data, counts|counts, data)\)"):
