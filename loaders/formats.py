@@ -75,9 +75,10 @@ def open_store(
     experiment (detected), keeping cells matching obs_filter.
 
     obs_filter uses SOMA value_filter syntax (e.g. "tissue_general == 'blood' and is_primary_data == True"),
-    evaluated by TileDB for SOMA and by pandas for Zarr; layer is the Zarr layer (default X) or the
-    SOMA X layer (default 'raw'). kwargs: `measurement` for SOMA (default 'RNA'). A
-    `census:<version>[/<organism>]` uri opens that CELLxGENE Census release (see loaders.census).
+    evaluated by TileDB for SOMA and by loaders.filter_eval, with TileDB's logic, for the other formats; layer
+    is the Zarr layer (default X) or the SOMA X layer (default 'raw', or the only one). kwargs: `measurement`
+    for SOMA (default 'RNA', or the only one). A `census:<version>[/<organism>]` uri opens that CELLxGENE
+    Census release (see loaders.census).
     Several uris, or a manifest (.toml/.json), open as one CollectionStore (see loaders.collection),
     whose genes are `genes` or, by `gene_join`, the stores' intersection or union (a store sharing
     less than `min_gene_overlap` of them is refused); `gene_names` (each of `genes`' feature name, a model's

@@ -83,12 +83,13 @@ class SomaStore(Store):
         *,
         obs_filter: str | None = None,
         layer: str | None = None,
-        measurement: str = "RNA",
+        measurement: str | None = None,
         tiledb_config: dict | None = None,
     ):
         self.uri = str(uri)
         self.layer = layer or "raw"
-        self.measurement = measurement
+        asked = measurement is not None
+        self.measurement = measurement = measurement or "RNA"
         self._tiledb_config = dict(tiledb_config or {})  # e.g. anonymous S3 access for the Census
         self._var_coords = None  # all genes; restrict_columns narrows reads to the model's genes
         with alone():  # opened and read while no other thread's TileDB read runs (tiledb_gate)
@@ -97,9 +98,11 @@ class SomaStore(Store):
             except Exception as e:
                 raise StoreError(f"{self.uri} is not a SOMA experiment ({type(e).__name__}: {e})") from None
             with exp:
-                if measurement not in exp.ms:
-                    have = ", ".join(exp.ms.keys())
-                    raise StoreError(f"{self.uri} has no measurement {measurement!r} (have: {have})")
+                names = list(exp.ms.keys())
+                if not asked and measurement not in names and len(names) == 1:  # not RNA: the only one there is
+                    self.measurement = measurement = names[0]
+                if measurement not in names:
+                    raise StoreError(f"{self.uri} has no measurement {measurement!r} (have: {', '.join(names)})")
                 ms = exp.ms[measurement]
                 layers = list(ms.X.keys()) if "X" in ms else []
                 if layer is None and "raw" not in layers and len(layers) == 1:  # e.g. tiledbsoma.io's "data"

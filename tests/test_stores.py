@@ -311,7 +311,7 @@ def test_categorical_columns_as_anndata_before_0_8_wrote_them_read_as_categories
 def test_a_soma_experiment_with_one_x_layer_not_named_raw_reads_it(tmp_path, position_stores):
     """tiledbsoma.io.from_anndata names X's layer "data": a store with that one layer is read without --layer;
     with several and none of them "raw" the choice is the user's, and the error lists them. Its cells are named
-    by the AnnData's obs index, which it keeps as obs_id."""
+    by the AnnData's obs index, which it keeps as obs_id. A single measurement not named RNA is read likewise."""
     import tiledbsoma.io
 
     adata = ad.read_h5ad(position_stores["h5ad"])
@@ -327,3 +327,7 @@ def test_a_soma_experiment_with_one_x_layer_not_named_raw_reads_it(tmp_path, pos
     with pytest.raises(StoreError, match=r"has no X layer 'raw' \(have: (data, counts|counts, data)\)"):
         open_store(str(tmp_path / "two.soma"))
     assert open_store(str(tmp_path / "two.soma"), layer="counts").layer == "counts"
+    tiledbsoma.io.from_anndata(str(tmp_path / "rna.soma"), adata, measurement_name="rna")  # its one measurement
+    assert open_store(str(tmp_path / "rna.soma"), layer="data").measurement == "rna"
+    with pytest.raises(StoreError, match=r"has no measurement 'RNA' \(have: rna\)"):
+        open_store(str(tmp_path / "rna.soma"), measurement="RNA")  # asked for by name
