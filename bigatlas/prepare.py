@@ -326,8 +326,9 @@ def _prepare(data, out, batch_key, label_keys, obs_filter, layer, genes, n_top_g
                 "make the var ids unique (AnnData: var_names_make_unique()) to keep them",
                 stacklevel=2,
             )
-            norm_var[:, repeated] = -np.inf  # ranked last, never among the top genes
-        ranked = seurat_v3_rank(norm_var[used], min(n_top_genes, g - int(repeated.sum())))
+        ranking = np.where(repeated, -np.inf, norm_var)  # a repeated id ranks last, never among the top genes
+        ranked = seurat_v3_rank(ranking[used], min(n_top_genes, g - int(repeated.sum())))
+        ranked["variance_norm"] = norm_var[used].mean(0)  # genes.csv keeps every gene's own
         for col in ranked:
             table[col] = ranked[col].to_numpy()
         hvg_genes = list(table[table.hvg_order >= 0].sort_values("hvg_order").index)  # most variable first

@@ -176,6 +176,8 @@ def test_genes_that_share_a_feature_id_are_left_out_of_hvg_txt_with_a_warning(at
     with pytest.warns(UserWarning, match=f"2 genes of .*dup.h5ad share a feature id \\({top[0]}\\); they are left out"):
         st = prepare(tmp_path / "dup.h5ad", tmp_path / "p", batch_key="dataset_id", n_top_genes=50, **quiet)
     hvg = (tmp_path / "p" / "hvg.txt").read_text().split()
+    table, before = (pd.read_csv(tmp_path / d / "genes.csv") for d in ("p", "unique"))
+    np.testing.assert_allclose(table.variance_norm, before.variance_norm)  # the repeated genes' own, not -inf
     assert len(hvg) == 50 and top[0] not in hvg and len(set(hvg)) == 50 and st["hvg"]["n_top_genes"] == 50
     assert first["hvg"]["n_top_genes"] == 50 and set(top[1:]) - {lost} <= set(hvg)  # the next in line takes its place
 
