@@ -48,31 +48,40 @@ def _truth(node, columns: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(known true, unknown) per row."""
     node = _as_boolop(node)
     if isinstance(node, ast.BoolOp):
-        parts = [_truth(v, columns, n) for v in node.values]
-        true, unknown = parts[0]
-        for t, u in parts[1:]:
-            if isinstance(node.op, ast.And):
-                false = (~true & ~unknown) | (~t & ~u)
-                true, unknown = true & t, ~(true & t) & ~false
-            else:
-                true, unknown = true | t, (unknown | u) & ~(true | t)
-        return true, unknown
+        combine = _and if isinstance(node.op, ast.And) else _or
+        out = _truth(node.values[0], columns, n)
+        for v in node.values[1:]:
+            out = combine(out, _truth(v, columns, n))
+        return out
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         true, unknown = _truth(node.operand, columns, n)
         return ~true & ~unknown, unknown
     if isinstance(node, ast.Compare):
-        true, unknown, left = np.ones(n, bool), np.zeros(n, bool), node.left
+        out, left = (np.ones(n, bool), np.zeros(n, bool)), node.left
         for op, right in zip(node.ops, node.comparators, strict=True):  # a < x < b: both comparisons
-            t, u = _compare(left, op, right, columns, n)
-            false = (~true & ~unknown) | (~t & ~u)
-            true, unknown, left = true & t, ~(true & t) & ~false, right
-        return true, unknown
+            out, left = _and(out, _compare(left, op, right, columns, n)), right
+        return out
     if isinstance(node, ast.Name) and node.id in columns:  # a boolean column on its own
         true, present = _per_cell(pd.Series(columns[node.id]), lambda v: v == True)  # noqa: E712
         return true & present, ~present
     if isinstance(node, ast.Constant) and isinstance(node.value, bool):
         return np.full(n, node.value), np.zeros(n, bool)
     raise FilterSyntaxError(f"{ast.unparse(node)!r} is not a comparison, `in` list, and / or / not of them")
+
+
+def _and(a, b):
+    """Kleene's and of two (known true, unknown) pairs: false where either is known false, else unknown where
+    either is unknown."""
+    (ta, ua), (tb, ub) = a, b
+    false = (~ta & ~ua) | (~tb & ~ub)
+    return ta & tb, ~(ta & tb) & ~false
+
+
+def _or(a, b):
+    """Kleene's or: true where either is known true, else unknown where either is unknown."""
+    (ta, ua), (tb, ub) = a, b
+    true = ta | tb
+    return true, (ua | ub) & ~true
 
 
 def _compare(left, op, right, columns: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,9 +175,7 @@ def _push(node, negate: bool):
     if not negate:
         return node
     if isinstance(node, ast.Compare) and all(type(op) in FLIPPED for op in node.ops):
-        pairs = [
-            (left, op, right) for left, op, right in zip([node.left, *node.comparators], node.ops, node.comparators)
-        ]
+        pairs = zip([node.left, *node.comparators], node.ops, node.comparators)  # a < x < b: a < x and x < b
         flipped = [ast.Compare(left=a, ops=[FLIPPED[type(op)]()], comparators=[b]) for a, op, b in pairs]
         return flipped[0] if len(flipped) == 1 else ast.BoolOp(op=ast.Or(), values=flipped)
     if isinstance(node, ast.Constant) and isinstance(node.value, bool):
