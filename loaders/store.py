@@ -103,6 +103,7 @@ def obs_index(obs):
     return node["values"] if node.attrs.get("encoding-type") == "nullable-string-array" else node
 
 
+OTHER_IDS = "gene_ids"  # where scanpy's read_10x_h5 / read_10x_mtx keep the Ensembl ids (symbols in the index)
 ENSEMBL_VERSION = re.compile(r"(ENS[A-Z]*\d+)\.\d+")
 
 
@@ -221,7 +222,9 @@ class Store:
         """colmap[store column] = output column of each of `genes` (-1: a store column not asked for).
 
         The one rule that resolves genes everywhere (training, embedding, prepare): a gene is found by
-        feature id, else by feature name, else by its Ensembl id without the version (stable_id); a name
+        feature id, else by feature name, else in a 10x file's gene_ids column (scanpy puts the symbols in the
+        index and the ids there), else by its other name (`names`), else by its Ensembl id without the version
+        (stable_id); a name
         that appears more than once is ambiguous and refused (select it by id). Genes the store lacks are an
         error (missing="error") or left out of colmap, so that their output columns stay zero
         (missing="zero-fill", with a warning; refused below `min_overlap` of the genes; an ambiguous gene
@@ -235,28 +238,32 @@ class Store:
             dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
             raise StoreError(f"gene list repeats {_names_list(dup)}")
         by_id, by_name = _positions(self.var_ids), _positions(self.var_names)
-        by_stable = None  # feature ids without their Ensembl version, made where a gene is not found otherwise
+        by_stable = by_other = None  # made where a gene is not found otherwise: ids without their Ensembl version
         colmap = np.full(self.n_vars, -1, dtype=np.int64)
         absent, ambiguous = [], []
         other = [str(v) for v in names] if names else [""] * len(genes)  # a run from before names: []
         for out, (g, alias) in enumerate(zip(genes, other, strict=True)):
             hits = by_id.get(g) or by_name.get(g) or []
+            direct = bool(hits)
+            if not hits and OTHER_IDS in self.var.columns:  # a 10x file read by scanpy: symbols, ids in gene_ids
+                by_other = by_other or _positions(stable_id(v) for v in self.var[OTHER_IDS].astype(str))
+                hits = by_other.get(stable_id(g)) or []
             found = (by_id.get(alias) or by_name.get(alias)) if not hits and alias and alias != g else None
             if found:
-                g, hits = alias, found
-            problem = None
+                g, hits, direct = alias, found, True
             if not hits:  # ENSG00000141510 meets ENSG00000141510.17 (a GENCODE-versioned file), either way round
                 by_stable = by_stable or _positions(stable_id(v) for v in self.var_ids)
                 hits = by_stable.get(stable_id(g)) or []
-                if len(hits) > 1:
-                    problem = (
-                        f"feature id {g!r} matches {len(hits)} versions in {self.uri}: "
-                        f"{_names_list(self.var_ids[i] for i in hits)}; select one with the gene list"
-                    )
-            elif len(hits) > 1:
+            problem = None
+            if len(hits) > 1 and direct:
                 kind = "feature id" if g in by_id else "gene name"
                 hint = "; select it by feature id" if kind == "gene name" else ""
                 problem = f"{kind} {g!r} appears {len(hits)} times in {self.uri}{hint}"
+            elif len(hits) > 1:
+                problem = (
+                    f"feature id {g!r} matches {len(hits)} genes of {self.uri} ("
+                    f"{_names_list(self.var_ids[i] for i in hits)}); select one with the gene list"
+                )
             if problem and missing == "error":
                 raise StoreError(problem)
             if problem:  # a query's (zero-fill): which of the copies is the gene is unknown, so it reads as missing
@@ -283,7 +290,8 @@ class Store:
                 raise StoreError(
                     f"{self.uri} shares {n - k} of the {what} {n} genes ({overlap:.0%}); below the minimum overlap "
                     f"{min_overlap:.0%}. Genes are matched by feature id (var column feature_id, else the var index), "
-                    f"then by name (var column feature_name, else the index): the {what} are "
+                    f"then by name (var column feature_name, else the index), then by a {OTHER_IDS} column, each "
+                    f"Ensembl id with or without its version: the {what} are "
                     f"{_names_list(genes[:3])}, {self.uri} has {_names_list(self.var_ids[:3])}"
                 )
             warnings.warn(

@@ -172,6 +172,13 @@ def test_query_genes_are_aligned_by_id(trained, tmp_path):
         got = model.get_latent_representation(twice)
     without = symbols[:, [i for i in range(g) if i not in (3, 4)]].copy()  # both genes read as missing
     np.testing.assert_array_equal(got, model.get_latent_representation(without))
+    tenx = twice.copy()  # as scanpy's read_10x_h5 gives it: the Ensembl ids in gene_ids, symbols of another release
+    tenx.var_names = [f"{v}_other_release" for v in tenx.var_names]
+    tenx.var["gene_ids"] = full.var["feature_id"].astype(str).to_numpy()[perm]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(model.get_latent_representation(tenx), base["z"])
+    assert not [w for w in caught if "missing" in str(w.message)]  # every gene found, by its id
     other = symbols.copy()
     other.var_names = [f"x{v}" for v in other.var_names]
     with pytest.raises(ValueError, match="shares 0 of the model's 100 genes .* the model's are ENS.*has xGENE"):

@@ -256,7 +256,7 @@ def test_ensembl_ids_meet_across_versions_and_par_copies_stay_apart(tmp_path):
     with pytest.raises(StoreError, match="1 requested genes not in store .*ENSG00000182378$"):
         versioned.gene_map(["ENSG00000182378"])  # the Y copy is another gene than the X one
     with pytest.raises(
-        StoreError, match="'ENSG00000000003' matches 2 versions in .*ENSG00000000003.15, ENSG00000000003.16"
+        StoreError, match="'ENSG00000000003' matches 2 genes of .*ENSG00000000003.15, ENSG00000000003.16"
     ):
         store(["ENSG00000000003.15", "ENSG00000000003.16"]).gene_map(["ENSG00000000003"])
 
