@@ -290,7 +290,7 @@ class AtlasVAE:
             source, obs_filter=obs_filter, layer=layer, genes=self.vocab.genes, gene_join="outer",
             gene_names=self.vocab.gene_names,
         )  # fmt: skip
-        colmap = store.gene_map(self.vocab.genes, missing="zero-fill", what="model's", names=self.vocab.gene_names)
+        colmap = self.vocab.colmap(store)
         stream = CellStream(
             store,
             batch_size=batch_size,

@@ -406,10 +406,7 @@ def embed(
     with warnings.catch_warnings():
         if not state.is_main_process:
             warnings.simplefilter("ignore")
-        colmap = store.gene_map(
-            model.vocab.genes, missing="zero-fill", min_overlap=min_gene_overlap, what="model's",
-            names=model.vocab.gene_names,
-        )  # fmt: skip
+        colmap = model.vocab.colmap(store, min_gene_overlap)
     identity = np.array_equal(colmap, np.arange(store.n_vars)) and store.n_vars == len(model.vocab.genes)
     measured = Measured.of_store(store, colmap, len(model.vocab.genes), device)
     out = Path(out)

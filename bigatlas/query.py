@@ -114,7 +114,7 @@ MAX_FIT_CELLS = 50_000
 
 @torch.no_grad()
 def _latents(model, store, vocab, positions) -> torch.Tensor:
-    colmap = store.gene_map(vocab.genes, missing="zero-fill", what="model's", names=vocab.gene_names)
+    colmap = vocab.colmap(store)
     measured = Measured.of_store(store, colmap, len(vocab.genes), "cpu")
     was = model.training
     model.eval()

@@ -50,7 +50,7 @@ class _Cells:
         self.store = open_store(source, obs_filter=d.obs_filter, layer=d.layer, genes=d.genes, gene_join=d.gene_join)
         dropped_labels.apply(self.store, RunDir(run_dir), d, fresh=False, main=False)  # the run's, not kNN voters
         self.vocab, self.module, self.batch_keys = vocab, module, d.batch_keys
-        self.colmap = self.store.gene_map(vocab.genes, missing="zero-fill", what="model's", names=vocab.gene_names)
+        self.colmap = vocab.colmap(self.store)
         self.identity = np.array_equal(self.colmap, np.arange(self.store.n_vars)) and self.store.n_vars == len(
             vocab.genes
         )

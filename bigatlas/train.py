@@ -215,11 +215,7 @@ def set_up(cfg: RunConfig, run_dir, resume: bool, acc, surgery, data=None, preem
         for line in (*dropped, *unlabeled_report(store, d)):
             print(line, flush=True)
     # surgery may zero-fill genes the query lacks; a fresh model requires all of them
-    colmap = (
-        store.gene_map(vocab.genes, missing="zero-fill", what="model's", names=vocab.gene_names)
-        if surgery is not None
-        else None
-    )
+    colmap = vocab.colmap(store) if surgery is not None else None
     stream = CellStream(
         store,
         batch_size=t.batch_size,

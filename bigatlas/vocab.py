@@ -74,6 +74,13 @@ class Vocab:
         names[colmap[colmap >= 0]] = np.asarray(store.var_names, dtype=object)[colmap >= 0]
         return cls(genes, batch, labels, counts, unmeasured, gene_names=[str(n) for n in names])
 
+    def colmap(self, store, min_overlap: float = 0.5) -> np.ndarray:
+        """Where the model's genes lie in `store` (Store.gene_map, by id and the recorded names): genes it lacks are
+        zero-filled with a warning, and a store sharing less than `min_overlap` of them is refused."""
+        return store.gene_map(
+            self.genes, missing="zero-fill", min_overlap=min_overlap, what="model's", names=self.gene_names
+        )
+
     def batch_luts(self, store, keys) -> dict[str, np.ndarray]:
         """Store code → model code per batch key in `keys` (only those columns are read); -1 where the
         store has a category the model lacks."""
