@@ -26,8 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from loaders import CellStream, data_name, in_memory_names, is_anndata, open_store
-from loaders.census import is_census
+from loaders import CellStream, data_name, in_memory_names, is_anndata, is_local_path, open_store
 
 from .batches import ToModelInput
 from .config import UNLABELED, DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -576,10 +575,8 @@ def _positions(names, known) -> tuple[list[int], list[str]]:
 def _check_recorded_data(recorded, run_dir) -> None:
     """A local path the run recorded as its data that is not there (moved, or written relative to another
     working directory by a run from before paths were recorded absolute): say so, and how to pass the data."""
-    missing = [
-        p for p in (recorded if isinstance(recorded, list | tuple) else [recorded])
-        if p and not is_census(p) and "://" not in p and not Path(p).exists()
-    ]  # fmt: skip
+    paths = recorded if isinstance(recorded, list | tuple) else [recorded]
+    missing = [p for p in paths if is_local_path(p) and not Path(p).exists()]
     if missing:
         raise FileNotFoundError(
             f"the data this model was trained on, {', '.join(map(repr, missing))} (recorded in {run_dir}/config.json), "

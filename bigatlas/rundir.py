@@ -158,10 +158,9 @@ class RunDir:
         """Refuse to resume with settings that shape the run differently from the saved ones."""
         saved = self._saved().get("config", {})
         now = json.loads(json.dumps(cfg.to_dict()))
-        for c in (saved, now):  # a run from before paths were recorded absolute: its path relative to here
-            if c.get("data", {}).get("data"):
-                c["data"]["data"] = data_name(c["data"]["data"])
         for c in (saved, now):
+            if c.get("data", {}).get("data"):  # a run from before paths were recorded absolute: relative to here
+                c["data"]["data"] = data_name(c["data"]["data"])
             for key in RESUMABLE_CHANGES:
                 c.get("train", {}).pop(key, None)
         if saved != now:

@@ -8,7 +8,7 @@ import zarr
 
 from .census import census_spec
 from .csr import CSR
-from .formats import data_name, detect_format, in_memory_names, is_anndata, open_store
+from .formats import data_name, detect_format, in_memory_names, is_anndata, is_local_path, open_store
 from .store import Store, StoreError, measured_panels
 
 try:  # Rust codec pipeline: decodes a request's chunks in parallel, 2-4x zarr-python's own
@@ -30,6 +30,7 @@ __all__ = [
     "open_store",
     "detect_format",
     "data_name",
+    "is_local_path",
     "in_memory_names",
     "is_anndata",
     "census_spec",

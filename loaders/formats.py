@@ -157,9 +157,13 @@ def data_name(data):
 
 
 def _absolute(uri: str) -> str:
-    if not uri or is_census(uri) or "://" in uri or in_memory_names(uri):
-        return uri
-    return os.path.abspath(uri)
+    return os.path.abspath(uri) if is_local_path(uri) else uri
+
+
+def is_local_path(uri) -> bool:
+    """A path on this machine's file system, as opposed to a URI, a Census spec or an AnnData in memory's name."""
+    uri = str(uri)
+    return bool(uri) and not is_census(uri) and "://" not in uri and not in_memory_names(uri)
 
 
 def in_memory_names(recorded) -> list[str]:
