@@ -56,14 +56,24 @@ class AtlasVAE:
     with a `cell` column, or a list of cell names. `unlabeled_categories`: the label values that mean "no
     label" (default 'undefined'; missing values always do), e.g. ["unknown"] for a Census slice.
     `allow_non_integer` accepts values that are not whole (normalized or ambient-corrected; still finite and
-    >= 0), in training and in what the model reads later."""
+    >= 0), in training and in what the model reads later. scvi-tools' setup_anndata keywords are taken too:
+    `labels_key` (one label key), `categorical_covariate_keys` and `unlabeled_category`, each in place of this
+    class's name for it."""
 
     def __init__(
         self, data=None, *, batch_key: str | None = None, label_keys=(), covariate_keys=(), obs_filter=None,
         layer=None, genes=None, gene_join: str = "inner", drop_labels: dict | None = None,
         unlabeled_categories=UNLABELED, allow_non_integer: bool = False, model: dict | None = None,
-        train: dict | None = None,
+        train: dict | None = None, labels_key: str | None = None, categorical_covariate_keys=None,
+        unlabeled_category: str | None = None,
     ):  # fmt: skip
+        label_keys = _scvi_keyword("labels_key", labels_key, "label_keys", label_keys, ())
+        covariate_keys = _scvi_keyword(
+            "categorical_covariate_keys", categorical_covariate_keys, "covariate_keys", covariate_keys, ()
+        )
+        unlabeled_categories = _scvi_keyword(
+            "unlabeled_category", unlabeled_category, "unlabeled_categories", unlabeled_categories, UNLABELED
+        )
         self.data = data
         drops = {key: _drop_spec(key, cells) for key, cells in (drop_labels or {}).items()}
         self._drop_files = {key: written for key, (_, written) in drops.items() if written is not None}
@@ -583,6 +593,15 @@ def _check_recorded_data(recorded, run_dir) -> None:
             f"is not there from {os.getcwd()}; pass the data: model.predict(data) / get_latent_representation(data), "
             "or AtlasVAE.load(run_dir, adata=...) once"
         )
+
+
+def _scvi_keyword(scvi_name: str, scvi_value, name: str, value, default):
+    """The value of a keyword given by its scvi-tools name or by this class's, refused when given by both."""
+    if scvi_value is None:
+        return value
+    if _names(value) != _names(default):
+        raise TypeError(f"AtlasVAE(): give {name} or scvi-tools' {scvi_name}, not both")
+    return scvi_value
 
 
 def _names(value) -> tuple[str, ...]:

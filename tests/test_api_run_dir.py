@@ -121,6 +121,21 @@ def test_fit_without_a_run_dir_on_two_processes_trains_one_run_in_one_temporary_
     assert list(temp.glob("bigatlas-*")) == []  # removed when the script ended (the launcher keeps its own)
 
 
+def test_the_constructor_takes_scvi_tools_setup_keywords_for_its_own(atlas):
+    """labels_key, categorical_covariate_keys and unlabeled_category (scvi-tools' setup_anndata names) set the run's
+    config as label_keys, covariate_keys and unlabeled_categories do; one given by both names is refused."""
+    ours = AtlasVAE(atlas, batch_key="dataset_id", label_keys=["cell_type"], covariate_keys=["donor_id"],
+                    unlabeled_categories=["unknown"])  # fmt: skip
+    scvi = AtlasVAE(atlas, batch_key="dataset_id", labels_key="cell_type", categorical_covariate_keys=["donor_id"],
+                    unlabeled_category="unknown")  # fmt: skip
+    assert scvi.config == ours.config and scvi.config.data.label_keys == ("cell_type",)
+    assert scvi.config.data.unlabeled_categories == ("unknown",)
+    with pytest.raises(TypeError, match="label_keys or scvi-tools' labels_key, not both"):
+        AtlasVAE(atlas, batch_key="dataset_id", label_keys=["cell_type"], labels_key="cell_type")
+    with pytest.raises(TypeError, match="unlabeled_categories or scvi-tools' unlabeled_category"):
+        AtlasVAE(atlas, batch_key="dataset_id", unlabeled_categories=["x"], unlabeled_category="unknown")
+
+
 def test_train_takes_training_options_and_scvi_tools_keywords(atlas, temp):
     """fit()/train() keywords set training options for that fit: TrainConfig's names, and scvi-tools' train_size,
     early_stopping and plan_kwargs; an unknown one is refused by name before anything trains."""
