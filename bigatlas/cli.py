@@ -329,10 +329,17 @@ COMMANDS = {  # name: (help, builder(parser) -> run(args))
 }
 
 
+DESCRIPTION = (
+    "scAtlasVAE for atlases of millions of cells: train on raw counts streamed from disk (AnnData-Zarr, .h5ad, "
+    "TileDB-SOMA, the CELLxGENE Census; one process or several), then embed and label query cells in chunks. "
+    "A usual order: prepare (genes, a fast copy) → train → embed → evaluate. `bigatlas COMMAND --help` for each."
+)
+
+
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*autosharding.*")
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="bigatlas", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bigatlas", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, build) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
