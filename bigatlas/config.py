@@ -96,8 +96,9 @@ class ModelConfig:
     )  # fmt: skip
     batch_adversary_by_label: bool = opt(
         False, "the batch adversary's target per label: no better than the average of the minibatch's cells of the "
-        "same label (the first label key; the head's prediction where a cell has none) rather than of all its "
-        "cells, so a type some studies lack is not pulled onto other types to look like every study's",
+        "same label (the first label key; the head's prediction where a cell has none; without label keys, of "
+        "the same component of the mixture prior) rather than of all its cells, so a type some studies lack is "
+        "not pulled onto other types to look like every study's",
     )  # fmt: skip
 
     batch_align: float = opt(

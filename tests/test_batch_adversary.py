@@ -86,7 +86,8 @@ def test_the_adversary_takes_the_batch_out_of_the_latent_and_keeps_the_types(see
 def test_by_label_the_confusion_target_is_the_average_prediction_among_the_cells_of_each_cells_label():
     """batch_adversary_by_label: each cell's target is the adversary's average prediction over the minibatch's cells
     of its label, a cell without a label weighing into every label's average and taking its target by the first
-    head's probabilities (no gradient through either); without a label head it is the whole minibatch's average."""
+    head's probabilities (no gradient through either); without a label head, the same over the mixture prior's
+    components, each cell weighing in by its responsibility, and without either the whole minibatch's average."""
     counts, codes, types = toy(cells=48)
     labels = types[:, None].clone()
     labels[::5] = -1  # some cells without a label
@@ -115,15 +116,32 @@ def test_by_label_the_confusion_target_is_the_average_prediction_among_the_cells
     assert torch.isclose(t["confusion"], want, atol=1e-5), (t["confusion"], want)
     assert not torch.isclose(t["confusion"], plain, atol=1e-3)  # the option changes the target
 
-    torch.manual_seed(0)
-    no_head = VAEModule(40, [2], [], ModelConfig(batch_adversary=5.0, batch_adversary_by_label=True)).eval()
-    torch.manual_seed(0)
-    plain_model = VAEModule(40, [2], [], ModelConfig(batch_adversary=5.0)).eval()
-    got = []
-    for model in (no_head, plain_model):
+    got = {}
+    for by_label in (True, False):
+        for components in (0, None):  # None: the default without label keys, a mixture prior
+            cfg = ModelConfig(batch_adversary=5.0, batch_adversary_by_label=by_label, prior_components=components)
+            torch.manual_seed(0)
+            model = VAEModule(40, [2], [], cfg).eval()
+            torch.manual_seed(1)
+            got[by_label, components] = model(counts, codes, cell_mask=~held_out, eval_mask=held_out).terms
+    assert torch.equal(got[True, 0]["confusion"], got[False, 0]["confusion"])  # no labels, no components
+
+    with torch.no_grad():  # without labels, the mixture's components in their place, weighted by responsibility
+        torch.manual_seed(0)
+        mixture = VAEModule(40, [2], [], ModelConfig(batch_adversary=5.0, batch_adversary_by_label=True)).eval()
+        assert mixture.prior_means.shape[0] == 32
         torch.manual_seed(1)
-        got.append(model(counts, codes, cell_mask=~held_out, eval_mask=held_out).terms["confusion"])
-    assert torch.equal(got[0], got[1])
+        mean, var = mixture.encode(counts)
+        z = mean + torch.sqrt(var) * torch.randn_like(mean)
+        p = F.softmax(mixture.adversary(z), dim=-1)
+        normal = torch.distributions.Normal(mixture.prior_means, torch.exp(0.5 * mixture.prior_logvar))
+        log_density = normal.log_prob(z[:, None, :]).sum(2) + F.log_softmax(mixture.prior_logits, 0)
+        resp = F.softmax(log_density, dim=1)  # cells x components
+        targets = torch.stack([sum(resp[i, c] * (resp[:, c, None] * p).sum(0) / resp[:, c].sum() for c in range(32))
+                               for i in range(48)])  # fmt: skip
+        want = -(p.log() * targets).sum(1)[~held_out].mean()
+    assert torch.isclose(got[True, None]["confusion"], want, atol=1e-5), (got[True, None]["confusion"], want)
+    assert not torch.isclose(got[True, None]["confusion"], got[False, None]["confusion"], atol=1e-4)
 
 
 def test_the_target_by_label_without_an_adversary_is_refused_by_name():
