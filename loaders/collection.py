@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .csr import CSR, concat, empty, select_columns
-from .store import Store, StoreError, _names_list, compact_codes, stable_id
+from .store import Store, StoreError, _names_list, columns_like, compact_codes, stable_id
 
 SOURCE = "source"
 JOINS = ("inner", "outer")
@@ -207,7 +207,7 @@ class CollectionStore(Store):
                 if col not in s.obs_columns:
                     raise StoreError(
                         f"store {m.name}: column {col!r} (mapped to {key!r}) not in {m.data} "
-                        f"(have: {_names_list(s.obs_columns)})"
+                        f"({columns_like(col, s.obs_columns)})"
                     )
 
     @property
@@ -222,9 +222,9 @@ class CollectionStore(Store):
         for i, m in enumerate(self.members):
             if column not in self._available(i):
                 raise StoreError(
-                    f"obs column {column!r} not in store {m.name} ({m.data}; have: "
-                    f"{_names_list(self.stores[i].obs_columns)}); map it to one of its columns or fill it with a "
-                    "constant in a collection manifest (columns = {...} / constants = {...})"
+                    f"obs column {column!r} not in store {m.name} ({m.data}; "
+                    f"{columns_like(column, self.stores[i].obs_columns)}); map it to one of its columns or fill it "
+                    "with a constant in a collection manifest (columns = {...} / constants = {...})"
                 )
 
     def _member_codes(self, i: int, column: str) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ to their own row ids (Zarr row numbers, SOMA soma_joinids) and read CSR rows.
 from __future__ import annotations
 
 import ctypes
+import difflib
 import re
 import warnings
 
@@ -34,6 +35,16 @@ def _names_list(names, limit=8) -> str:
     return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
 
 
+def columns_like(name: str, columns) -> str:
+    """`columns` for a message about the missing column `name`: those that look like it first (a Census slice has
+    dozens of obs columns, and the one meant may be past the first eight), with a guess where one is close."""
+    columns = [str(c) for c in columns]
+    close = difflib.get_close_matches(name, columns, n=3, cutoff=0.6)
+    close += [c for c in columns if name.lower() in c.lower() and c not in close]  # tissue: tissue_general
+    listed = _names_list([*close, *(c for c in columns if c not in close)])
+    return f"did you mean {close[0]!r}? have: {listed}" if close else f"have: {listed}"
+
+
 def filter_columns(expr: str, columns) -> list[str]:
     """Obs columns an obs_filter expression refers to (identifiers outside string literals)."""
     without_strings = re.sub(r"'[^']*'|\"[^\"]*\"", " ", expr)
@@ -42,7 +53,7 @@ def filter_columns(expr: str, columns) -> list[str]:
     unknown = sorted(words - keywords - set(columns))
     if unknown:
         raise StoreError(
-            f"obs_filter {expr!r} names obs column {unknown[0]!r}, not in store (have: {_names_list(columns)})"
+            f"obs_filter {expr!r} names obs column {unknown[0]!r}, not in store ({columns_like(unknown[0], columns)})"
         )
     return sorted(words & set(columns))
 
@@ -193,7 +204,9 @@ class Store:
 
     def _check_column(self, column: str) -> None:
         if column not in self.obs_columns:
-            raise StoreError(f"obs column {column!r} not in store {self.uri} (have: {_names_list(self.obs_columns)})")
+            raise StoreError(
+                f"obs column {column!r} not in store {self.uri} ({columns_like(column, self.obs_columns)})"
+            )
 
     def obs_values(self, column: str):
         """The column's values (any dtype) for the filtered cells, in position order."""

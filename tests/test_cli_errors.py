@@ -25,7 +25,7 @@ def train(*extra):
 
 CASES = {  # name: (args with {root}, extra env, fragment of the one error line)
     "obs key": (train("--data", "{root}/a.zarr", "--out", "{out}", "--batch-key", "donr_id"), {},
-                "obs column 'donr_id' not in store"),
+                "obs column 'donr_id' not in store {root}/a.zarr (did you mean 'donor_id'? have: donor_id, "),
     "genes file": (train("--data", "{root}/a.zarr", "--out", "{out}", "--genes", "{root}/nope.txt"), {},
                    "No such file or directory"),
     "genes table": (train("--data", "{root}/a.zarr", "--out", "{out}", "--genes", "{root}/genes.csv"), {},

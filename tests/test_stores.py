@@ -184,7 +184,7 @@ def test_filtered_read_with_gaps(position_stores, fmt):
         ("missing", "does not exist"),
         ("not_a_store", "neither an AnnData-Zarr store, an .h5ad file nor a TileDB-SOMA"),
         ("bad_column", "obs column 'donr_id' not in store"),
-        ("bad_filter_column", "names obs column 'tisue'"),
+        ("bad_filter_column", "column 'tisue_general', not in store .did you mean 'tissue_general'. have: tissue_g"),
         ("empty_filter", "matches 0 of"),
         ("csc_x", "csc.zarr:X is csc_matrix, neither csr_matrix nor a dense matrix: .*tocsr"),
     ],
@@ -199,7 +199,7 @@ def test_bad_input_gives_one_clear_error(tmp_path, position_stores, case, patter
         elif case == "bad_column":
             open_store(position_stores["zarr"]).obs_codes("donr_id")
         elif case == "bad_filter_column":
-            open_store(position_stores["soma"], obs_filter="tisue == 'blood'")
+            open_store(position_stores["soma"], obs_filter="tisue_general == 'blood'")
         elif case == "empty_filter":
             open_store(position_stores["zarr"], obs_filter="tissue_general == 'brain'")
         elif case == "csc_x":
