@@ -254,6 +254,13 @@ class Run:
 
 def load_run(path) -> Run:
     run = RunDir(path)
+    latest = run.latest() if run.config_file.exists() and not run.weights_file.exists() else None
+    if latest is not None:  # a training stopped before it wrote the weights, or one still running
+        raise FileNotFoundError(
+            f"{run.path} holds a training that has not finished (no {run.weights_file.name}; its latest checkpoint "
+            f"is {latest.name}): resume it with the settings it started with (`bigatlas train --resume --out "
+            f"{run.path} …`, or fit({str(run.path)!r}, resume=True)), or wait for it to end"
+        )
     for f in (run.config_file, run.vocab_file, run.weights_file):
         if not f.exists():
             raise FileNotFoundError(f"{run.path} is not a trained run dir: {f.name} is missing")

@@ -16,6 +16,7 @@ from conftest import ROOT, accelerate_launcher
 from safetensors.numpy import load_file
 
 from bigatlas.preempt import PREEMPTED_EXIT
+from bigatlas.rundir import load_run
 from bigatlas.synth import synth
 
 
@@ -83,6 +84,8 @@ def test_sigterm_checkpoints_exits_and_resumes_bit_identically(atlas, uninterrup
     steps = {line.split("after step ")[1].split(" ")[0] for line in err.splitlines() if "after step" in line}
     assert len(steps) == 1, steps
     assert (run / "checkpoints").exists()
+    with pytest.raises(FileNotFoundError, match=r"has not finished .* resume it"):  # not "vocab.json is missing"
+        load_run(run)
     res = subprocess.run(train_cmd(atlas, run, "--resume"), env=env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     got = weights(run)
