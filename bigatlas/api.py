@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from loaders import CellStream, data_name, in_memory_names, is_anndata, is_local_path, open_store
+from loaders.store import closest
 
 from .batches import ToModelInput
 from .config import UNLABELED, DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -480,16 +481,29 @@ class AtlasVAE:
         return store, np.concatenate(out), genes
 
     def _gene_columns(self, gene_list) -> tuple[list[str], torch.Tensor | None]:
-        """(the genes' names, their columns among the model's, None for all of them) of `gene_list` (one name or
-        several; None: every gene of the model)."""
+        """(the genes' names, their columns among the model's, None for all of them) of `gene_list` (one gene or
+        several, each the model's gene id or the feature name the training data gave it, e.g. a symbol where the
+        model is on Census ids; None: every gene of the model)."""
+        genes = self.vocab.genes
         if gene_list is None:
-            return list(self.vocab.genes), None
+            return list(genes), None
         names = _names(gene_list)
-        columns, unknown = _positions(names, self.vocab.genes)
+        by_id = {g: i for i, g in enumerate(genes)}
+        by_name = {}
+        for i, n in enumerate(self.vocab.gene_names):
+            by_name.setdefault(n, []).append(i)
+        repeated = [n for n in names if n not in by_id and len(by_name.get(n, ())) > 1]
+        if repeated:
+            raise ValueError(f"gene_list: {', '.join(repeated[:8])} names several of the model's genes; give their ids")
+        unknown = [n for n in names if n not in by_id and n not in by_name]
         if unknown or not names:
             shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-            raise ValueError(f"gene_list: {shown or 'no gene'} not among the model's {len(self.vocab.genes)} genes")
-        return list(names), torch.tensor(columns)
+            guess = closest(unknown[0], [*genes, *self.vocab.gene_names]) if unknown else []
+            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+            raise ValueError(
+                f"gene_list: {shown or 'no gene'} not among the model's {len(genes)} genes (ids or names){hint}"
+            )
+        return list(names), torch.tensor([by_id[n] if n in by_id else by_name[n][0] for n in names])
 
     def _batch_codes(self, names) -> list[int]:
         """The model's codes of the batch key's categories `names` (one name or several)."""
@@ -523,8 +537,8 @@ class AtlasVAE:
         transform_batch: a category of the batch key (or a list of them, averaged) every cell is decoded as, for
         expression without the batch effect (scvi-tools' name); the data's own batches are then not read, so a
         query from batches the model has not seen needs no map_query. Unset: each cell's own batch.
-        gene_list: only these of the model's genes, in this order (a million cells × 2,000 genes is 8 GB; a few
-        markers are not)."""
+        gene_list: only these of the model's genes, in this order, by id or by the training data's feature name
+        (a symbol, where the model is on Census ids); a million cells × 2,000 genes is 8 GB, a few markers are not."""
         store, mu, genes = self._decoded(adata, obs_filter, library_size, batch_size, layer, allow_non_integer,
                                          transform_batch, gene_list)  # fmt: skip
         return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(genes))

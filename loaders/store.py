@@ -35,13 +35,19 @@ def _names_list(names, limit=8) -> str:
     return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
 
 
+def closest(name: str, names) -> list[str]:
+    """Those of `names` that look like `name` (a typo, another case, a prefix of it), closest first."""
+    names = [str(n) for n in names]
+    close = [n for n in names if n.lower() == name.lower()]
+    close += [n for n in difflib.get_close_matches(name, names, n=3, cutoff=0.6) if n not in close]
+    return close + [n for n in names if name.lower() in n.lower() and n not in close]  # tissue: tissue_general
+
+
 def columns_like(name: str, columns) -> str:
     """`columns` for a message about the missing column `name`: those that look like it first (a Census slice has
     dozens of obs columns, and the one meant may be past the first eight), with a guess where one is close."""
-    columns = [str(c) for c in columns]
-    close = difflib.get_close_matches(name, columns, n=3, cutoff=0.6)
-    close += [c for c in columns if name.lower() in c.lower() and c not in close]  # tissue: tissue_general
-    listed = _names_list([*close, *(c for c in columns if c not in close)])
+    close = closest(name, columns)
+    listed = _names_list([*close, *(str(c) for c in columns if str(c) not in close)])
     return f"did you mean {close[0]!r}? have: {listed}" if close else f"have: {listed}"
 
 

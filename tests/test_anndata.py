@@ -327,6 +327,13 @@ def test_transform_batch_decodes_every_cell_as_the_named_batch(copies, tmp_path)
     np.testing.assert_allclose(model.get_reconstructed_expression(ref, gene_list=genes[0]), full[:, [7]], rtol=1e-6)
     with pytest.raises(ValueError, match="gene_list: not_a_gene not among the model's"):
         model.get_normalized_expression(ref, gene_list=[genes[0], "not_a_gene"])
+    named = [model.vocab.gene_names[i] for i in (7, 2, 30)]  # the training data's feature names (symbols)
+    assert named != genes
+    by_name = model.get_normalized_expression(ref, transform_batch="study_0", gene_list=named)
+    assert list(by_name.columns) == named
+    np.testing.assert_allclose(by_name.to_numpy(), some.to_numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match=f"{named[0].lower()} not among the model's .*did you mean {named[0]!r}"):
+        model.get_normalized_expression(ref, gene_list=[named[0].lower()])
 
     query = adata[adata.obs.dataset_id == "study_2"].copy()
     with pytest.raises(ValueError, match="categories the model was not trained on"):
