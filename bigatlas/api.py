@@ -14,6 +14,7 @@ only (no pickle is ever unpickled).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import shutil
 import tempfile
@@ -323,10 +324,21 @@ class AtlasVAE:
             raise RuntimeError("embed() streams from a saved run dir: fit(run_dir) or AtlasVAE.load(run_dir)")
         return embed(self.run_dir, data, out, **kwargs)
 
-    def map_query(self, query, out, **kwargs) -> AtlasVAE:
-        """Architecture surgery on `query` (see bigatlas.query.map_query); returns the new model."""
+    def map_query(self, query, out, *, max_epochs: int | None = None, **kwargs) -> AtlasVAE:
+        """Architecture surgery on `query` (see bigatlas.query.map_query: epochs, obs_filter, layer,
+        unfreeze_encoder, unfreeze_decoder, batch_size, lr, overwrite); returns the new model. `max_epochs` is
+        `epochs` by fit()'s and scvi-tools' name."""
         if self.run_dir is None:
             raise RuntimeError("map_query() starts from a saved run dir: fit(run_dir) or AtlasVAE.load(run_dir)")
+        if max_epochs is not None:
+            if "epochs" in kwargs:
+                raise TypeError("map_query(): give epochs or max_epochs, not both")
+            kwargs["epochs"] = max_epochs
+        known = set(inspect.signature(map_query).parameters) - {"run_dir", "query", "out"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            shown = ", ".join(sorted(known - {"accelerator"}))
+            raise TypeError(f"map_query(): unknown option(s) {', '.join(unknown)} (have: {shown})")
         map_query(self.run_dir, query, out, **kwargs)
         return AtlasVAE.load(out)
 

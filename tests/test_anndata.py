@@ -163,8 +163,11 @@ def test_a_model_without_label_keys_keeps_its_16_latent_dimensions_through_embed
     assert emb["obsm/X_bigatlas"].shape == (N, 16)
     query = adata[adata.obs.dataset_id == "study_1"].copy()
     query.obs["dataset_id"] = query.obs["dataset_id"].cat.rename_categories({"study_1": "new_study"})
-    mapped = model.map_query(query, tmp_path / "mapped", epochs=1)
+    with pytest.raises(TypeError, match=r"map_query\(\): unknown option\(s\) epoch \(have: batch_size, epochs, "):
+        model.map_query(query, tmp_path / "mapped", epoch=2)
+    mapped = model.map_query(query, tmp_path / "mapped", max_epochs=2)  # fit()'s and scvi-tools' name for epochs
     assert mapped.module.n_latent == 16 and mapped.get_latent_representation(query).shape == (query.n_obs, 16)
+    assert mapped.config.train.max_epochs == 2
 
 
 def test_review_labels_reviews_the_labelled_cells_of_an_anndata_in_its_order(copies, tmp_path, monkeypatch):
