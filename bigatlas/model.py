@@ -448,14 +448,10 @@ class VAEModule(nn.Module):
                 y = labels[:, 0]
                 soft = F.softmax(self.heads[0](z).float(), dim=-1)
                 given = F.one_hot(y.clamp_min(0).long(), soft.shape[1]).to(soft.dtype)
-                soft = torch.where((y >= 0).unsqueeze(1), given, soft)  # cells x classes
-                by_class = (soft.T @ p) / soft.sum(0).clamp_min(1e-12).unsqueeze(1)  # classes x batches
-                target = soft @ by_class
+                target = _group_target(torch.where((y >= 0).unsqueeze(1), given, soft), p)
         elif self.cfg.batch_adversary_by_label and hasattr(self, "prior_means"):
             with torch.no_grad():
-                soft = F.softmax(self._log_components(z.detach()), dim=1)
-                by_comp = (soft.T @ p) / soft.sum(0).clamp_min(1e-12).unsqueeze(1)
-                target = soft @ by_comp
+                target = _group_target(F.softmax(self._log_components(z.detach()), dim=1), p)
         else:
             target = p.mean(0, keepdim=True)
         return fit, -(log_p * target).sum(1)
@@ -596,3 +592,11 @@ def _weighted(terms: dict, recon, kl_weight: float, gate_weight: float, label_we
     if "label" in terms:
         total = total + label_weight * terms["label"]
     return total
+
+
+def _group_target(member: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The adversary's target per cell (cells x batches) where cells belong to groups (`member`: cells x groups,
+    rows summing to 1; a label, or a mixture component): each group's average prediction `p` over the minibatch's
+    cells, weighted by membership, and each cell's mix of its groups' averages."""
+    by_group = (member.T @ p) / member.sum(0).clamp_min(1e-12).unsqueeze(1)  # groups x batches
+    return member @ by_group
