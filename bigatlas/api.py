@@ -289,6 +289,19 @@ class AtlasVAE:
             _check_recorded_data(d.data, self.run_dir)
         return (d.data if self.data is None else self.data), (obs_filter or d.obs_filter)
 
+    def _cells(self, data, indices):
+        """`data` (default: the AnnData the model was set up with) cut to the cells `indices` (positions or a boolean
+        mask; scvi-tools' keyword), as a view of that AnnData; unchanged without indices."""
+        if indices is None:
+            return data
+        source = data if data is not None else self.data
+        if not is_anndata(source):
+            raise ValueError(
+                "indices= selects cells of an AnnData (adata=..., or the one the model was set up with); for a store "
+                "path select them with obs_filter=..."
+            )
+        return source[np.asarray(indices)]
+
     def _batches(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False, keys=()):
         """(store, ModelInputs in store order, with the model's codes of the batch/covariate `keys`) of `layer`
         (default: the one the model was trained on; "X" for X); genes the data lacks are zero-filled (with a
@@ -353,7 +366,7 @@ class AtlasVAE:
         )
 
     def get_latent_representation(
-        self, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
+        self, adata=None, indices=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
         batch_size: int = 4096, give_mean: bool = True,
     ) -> np.ndarray:  # fmt: skip
         """Posterior means (cells × n_latent) of `adata` (an AnnData or a store path; default: the data
@@ -361,7 +374,10 @@ class AtlasVAE:
         matrix of raw counts where it is not the one the model was trained on ("X", "raw" or a layer);
         `allow_non_integer=True` reads values that are not whole (normalized or ambient-corrected; still finite and
         >= 0) where the model was trained on counts. Every reader of this class takes both. give_mean=False
-        (scvi-tools' keyword): one draw from each cell's posterior instead of its mean (torch's random stream)."""
+        (scvi-tools' keyword): one draw from each cell's posterior instead of its mean (torch's random stream).
+        indices (scvi-tools' keyword; also in predict and get_normalized_expression): only those cells of the
+        AnnData (positions or a boolean mask), in that order."""
+        adata = self._cells(adata, indices)
         return self._latent(adata, obs_filter, batch_size, layer, allow_non_integer, not give_mean)[1]
 
     def review_labels(
@@ -423,7 +439,7 @@ class AtlasVAE:
         return out
 
     def predict(
-        self, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
+        self, adata=None, indices=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
         unknown_threshold: float = DEFAULT_UNKNOWN, batch_size: int = 4096, predictor: str | None = None,
         soft: bool = False,
     ):  # fmt: skip
@@ -434,6 +450,7 @@ class AtlasVAE:
         soft=True (scvi-tools' keyword): each class's probability instead, cells × classes (a dict of them by
         label key for a model with several)."""
         self._need_labels()
+        adata = self._cells(adata, indices)
         store, results, _ = self._transfer(adata, obs_filter, batch_size, layer, allow_non_integer, predictor)
         if soft:
             tables = {k: pd.DataFrame(r.probs, index=_cell_names(store), columns=list(self.vocab.label_classes[k]))
@@ -541,7 +558,7 @@ class AtlasVAE:
                              gene_list)[1]  # fmt: skip
 
     def get_normalized_expression(
-        self, adata=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
+        self, adata=None, indices=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
         library_size: float = 1.0, batch_size: int = 1024, transform_batch=None, gene_list=None,
     ) -> pd.DataFrame:  # fmt: skip
         """Denoised expression (cells × the model's genes) at a common library size (1.0: fractions;
@@ -551,8 +568,8 @@ class AtlasVAE:
         query from batches the model has not seen needs no map_query. Unset: each cell's own batch.
         gene_list: only these of the model's genes, in this order, by id or by the training data's feature name
         (a symbol, where the model is on Census ids); a million cells × 2,000 genes is 8 GB, a few markers are not."""
-        store, mu, genes = self._decoded(adata, obs_filter, library_size, batch_size, layer, allow_non_integer,
-                                         transform_batch, gene_list)  # fmt: skip
+        store, mu, genes = self._decoded(self._cells(adata, indices), obs_filter, library_size, batch_size, layer,
+                                         allow_non_integer, transform_batch, gene_list)  # fmt: skip
         return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(genes))
 
 

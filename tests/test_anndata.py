@@ -93,6 +93,16 @@ def test_results_come_back_in_the_anndatas_order(copies, tmp_path):
     in_study = shuffled.obs_names[shuffled.obs.dataset_id == "study_1"]
     assert list(expr.index) == list(in_study) and list(expr.columns) == list(model.vocab.genes)
     assert np.allclose(expr.sum(1), 1.0, atol=1e-4)  # fractions of a common library size
+    some = np.random.default_rng(1).choice(N, 50, replace=False)  # indices= (scvi-tools'): those cells, that order
+    assert np.allclose(model.get_latent_representation(indices=some), z[some])
+    mask = np.zeros(N, bool)
+    mask[some] = True
+    assert np.allclose(model.get_latent_representation(adata, mask), z[np.sort(some)])
+    assert list(model.predict(adata, some).index) == list(adata.obs_names[some])
+    np.testing.assert_allclose(model.get_normalized_expression(shuffled, some).to_numpy(),
+                               model.get_normalized_expression(shuffled).to_numpy()[some], rtol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="indices= selects cells of an AnnData.*obs_filter"):
+        model.get_latent_representation(copies["zarr"], indices=some)
     as_1 = model.get_normalized_expression(shuffled, transform_batch="study_1")  # covariates stay each cell's own
     assert np.allclose(as_1.loc[in_study], model.get_normalized_expression(shuffled).loc[in_study], rtol=1e-5)
     old = AtlasVAE.load(tmp_path / "run")
