@@ -243,9 +243,8 @@ class Store:
         The one rule that resolves genes everywhere (training, embedding, prepare): a gene is found by
         feature id, else by feature name, else in a 10x file's gene_ids column (scanpy puts the symbols in the
         index and the ids there), else by its other name (`names`), else by its Ensembl id without the version
-        (stable_id); a name
-        that appears more than once is ambiguous and refused (select it by id). Genes the store lacks are an
-        error (missing="error") or left out of colmap, so that their output columns stay zero
+        (stable_id); a name that appears more than once is ambiguous and refused (select it by id). Genes the
+        store lacks are an error (missing="error") or left out of colmap, so that their output columns stay zero
         (missing="zero-fill", with a warning; refused below `min_overlap` of the genes; an ambiguous gene
         reads as missing there). `what` names the gene list in messages ("model's"). `names`: each gene's
         other name (a model's recorded feature names, "" where none), tried the same way where the gene is not
