@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from .infer import UNKNOWN, embed
 from .label_review import MIN_AGREEMENT, review
 from .model import VAEModule
 from .process_group import at_exit_after_peers
-from .query import map_query
+from .query import PendingMapping, map_query
 from .reference import read_reference, reference_dir
 from .rundir import RunDir, load_run, save_run
 from .train import make_accelerator, train
@@ -83,6 +83,8 @@ class AtlasVAE:
         self.module: VAEModule | None = None
         self.run_dir: Path | None = None
         self._scratch = None  # removes the temporary run dir of a fit() given none (weakref.finalize)
+        self._pending: PendingMapping | None = None  # load_query_data(): the surgery fit() runs
+        self._reference: AtlasVAE | None = None  # load_query_data()'s reference, kept while its run dir is needed
         if data is not None and not batch_key:
             raise ValueError("batch_key is required: the obs column of the batch (e.g. 'sample')")
         self.config = RunConfig(
@@ -116,6 +118,8 @@ class AtlasVAE:
         metrics = RunDir(self.run_dir).metrics
         epochs = f", {len(self.history)} epochs" if metrics.exists() else ""
         lines.append(f"  {len(vocab.genes):,} genes, {self.module.z_mean.out_features}-d latent{epochs}")
+        if self._pending is not None:
+            lines.append(f"  a query set up for mapping onto {self._pending.reference}: train() runs the surgery")
         return "\n".join([*lines, f"  run dir: {self.run_dir}"])
 
     @classmethod
@@ -158,13 +162,18 @@ class AtlasVAE:
         run_dir = _scratch_run_dir(acc) if scratch else run_dir
         in_memory = self.data if is_anndata(self.data) else None
         try:
-            train(cfg, run_dir, resume=resume, overwrite=overwrite, accelerator=acc, data=in_memory)
+            if self._pending is not None:
+                self._pending.run(self.data, run_dir, max_epochs=max_epochs, resume=resume, overwrite=overwrite,
+                                  accelerator=acc, **options)  # fmt: skip
+            else:
+                train(cfg, run_dir, resume=resume, overwrite=overwrite, accelerator=acc, data=in_memory)
         except BaseException:
             if scratch and acc.is_main_process:  # a temporary folder nobody can name again
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         run = load_run(run_dir)
         self._remove_scratch()
+        self._pending = self._reference = None
         self.config, self.vocab, self.module, self.run_dir = run.config, run.vocab, run.module, run.path
         if scratch and acc.num_processes > 1:  # the others may still read it when this model goes
             remove = functools.partial(shutil.rmtree, run.path, ignore_errors=True)
@@ -213,6 +222,44 @@ class AtlasVAE:
                 raise TypeError(f"train(): plan_kwargs {name!r} is not one of {', '.join(PLAN_KWARGS)}")
             kwargs[PLAN_KWARGS[name]] = value
         return self.fit(run_dir, max_epochs=max_epochs, **kwargs)
+
+    @classmethod
+    def load_query_data(
+        cls, adata, reference_model, *, unfrozen: bool = False, unfreeze_encoder: bool = False,
+        unfreeze_decoder: bool = False, obs_filter: str | None = None, layer: str | None = None,
+    ) -> AtlasVAE:  # fmt: skip
+        """scvi-tools' and scArches' way into query mapping: a model that holds the reference's weights with `adata`
+        (an AnnData or a store path) as its data. Until it is trained it maps the query zero-shot (the encoder does
+        not see the batch); train() / fit(run_dir) then runs map_query()'s surgery into a run dir of its own (a
+        temporary one when given none): the rows of the query's new batches train, and where the query has the
+        reference's label keys, the rows of its new classes, while the reference's weights stay as they are.
+        `reference_model`: a trained AtlasVAE or its run dir. `unfrozen=True` trains every weight as well
+        (`unfreeze_encoder` / `unfreeze_decoder`: one part). `layer`: the query's matrix of raw counts where it
+        is not the one the reference was trained on."""
+        reference = reference_model if isinstance(reference_model, AtlasVAE) else cls.load(reference_model)
+        reference._need_fit()
+        model = cls._from_run(load_run(reference.run_dir))
+        data = replace(model.config.data, data=data_name(adata), obs_filter=obs_filter, drop_labels=())
+        model.config = replace(model.config, data=data).override("data", layer=layer)
+        model.data, model._reference = adata, reference  # a reference fit() without run dir keeps its folder
+        model._pending = PendingMapping(
+            reference.run_dir, unfrozen or unfreeze_encoder, unfrozen or unfreeze_decoder, obs_filter, layer
+        )
+        return model
+
+    @staticmethod
+    def prepare_query_anndata(adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True):
+        """scvi-tools' step before load_query_data, for its scripts. Nothing needs preparing here: every reader
+        matches the model's genes as it reads (by feature id, else by name; in the model's order; a gene the query
+        lacks reads as zeros, with a warning), so this checks that the query shares enough of them (half; fewer is
+        refused) and leaves it as it is: returns None, or `adata` with inplace=False, or the model's genes with
+        return_reference_var_names=True."""
+        reference = reference_model if isinstance(reference_model, AtlasVAE) else AtlasVAE.load(reference_model)
+        reference._need_fit()
+        if return_reference_var_names:
+            return pd.Index(reference.vocab.genes)
+        reference.vocab.colmap(open_store(adata))
+        return None if inplace else adata
 
     @classmethod
     def load(cls, run_dir, adata=None) -> AtlasVAE:

@@ -257,3 +257,39 @@ def map_query(
     in_memory = query if is_anndata(query) else None
     acc = accelerator or make_accelerator(cfg)
     return train(cfg, out, overwrite=overwrite, accelerator=acc, surgery=surgery, data=in_memory)
+
+
+# what a query model's fit() takes (TrainConfig names): the surgery's other settings are the reference's
+QUERY_FIT_OPTIONS = ("batch_size", "lr", "weight_decay")
+
+
+@dataclass
+class PendingMapping:
+    """A query set up for surgery and not yet trained (the notebook API's load_query_data): the reference's
+    run dir and how the surgery is to run on the model's data."""
+
+    reference: Path
+    unfreeze_encoder: bool = False
+    unfreeze_decoder: bool = False
+    obs_filter: str | None = None
+    layer: str | None = None
+
+    def run(self, query, out, *, max_epochs=None, resume=False, overwrite=False, accelerator=None, **options):
+        """map_query of `query` into `out`; fit()'s keywords that have no meaning for a surgery are refused
+        (weight decay is 0 there, so that the frozen rows do not move)."""
+        if resume:
+            raise ValueError("a query mapping starts over: fit(run_dir, overwrite=True) replaces an earlier one")
+        unknown = sorted(set(options) - set(QUERY_FIT_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"a query model's fit() takes max_epochs, {', '.join(QUERY_FIT_OPTIONS)}, not {', '.join(unknown)} "
+                "(the surgery's other settings are the reference's)"
+            )
+        if options.pop("weight_decay", 0.0) != 0.0:
+            raise ValueError("surgery trains with weight_decay 0, so that the frozen weights do not move")
+        epochs = {} if max_epochs is None else {"epochs": max_epochs}
+        return map_query(
+            self.reference, query, out, obs_filter=self.obs_filter, layer=self.layer, overwrite=overwrite,
+            unfreeze_encoder=self.unfreeze_encoder, unfreeze_decoder=self.unfreeze_decoder, accelerator=accelerator,
+            **epochs, **options,
+        )  # fmt: skip

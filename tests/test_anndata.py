@@ -180,6 +180,43 @@ def test_a_model_without_label_keys_keeps_its_16_latent_dimensions_through_embed
     assert mapped.config.train.max_epochs == 2
 
 
+def test_load_query_data_maps_zero_shot_until_train_runs_the_same_surgery_as_map_query(copies, tmp_path):
+    """scvi-tools' query flow: prepare_query_anndata checks the genes and leaves the AnnData as it is (refusing
+    one that shares too few); load_query_data's model reads the query as the reference does until train(),
+    which runs map_query's surgery (the same weights as map_query, the query's new study in the vocab) into a
+    temporary folder; a weight decay, or an option the surgery has no use for, is refused."""
+    adata = copies["memory"]
+    train = {"max_epochs": 1, "batch_size": 64, "seed": 5}
+    reference = adata[adata.obs.dataset_id != "study_1"].copy()
+    model = AtlasVAE(reference, batch_key="dataset_id", label_keys=["cell_type"], train=train)
+    model.fit(tmp_path / "run")
+    query = adata[adata.obs.dataset_id == "study_1"].copy()
+    query.obs["dataset_id"] = query.obs["dataset_id"].cat.rename_categories({"study_1": "new_study"})
+    assert AtlasVAE.prepare_query_anndata(query, model) is None
+    assert AtlasVAE.prepare_query_anndata(query, tmp_path / "run", inplace=False) is query
+    genes = AtlasVAE.prepare_query_anndata(query, model, return_reference_var_names=True)
+    assert list(genes) == model.vocab.genes
+    with pytest.raises(ValueError, match="shares 30 of the model's 80 genes"):
+        AtlasVAE.prepare_query_anndata(query[:, :30].copy(), model)
+
+    mapping = AtlasVAE.load_query_data(query, tmp_path / "run")  # a run dir, or the model itself
+    assert "train() runs the surgery" in repr(mapping)
+    np.testing.assert_array_equal(mapping.get_latent_representation(), model.get_latent_representation(query))
+    with pytest.raises(ValueError, match="weight_decay 0"):
+        mapping.train(max_epochs=1, plan_kwargs={"weight_decay": 1e-3})
+    with pytest.raises(TypeError, match="not early_stopping_patience"):
+        mapping.train(max_epochs=1, early_stopping=False)
+    mapping.train(max_epochs=1, plan_kwargs={"weight_decay": 0.0})
+    assert mapping.vocab.batch_categories["dataset_id"][-1] == "new_study" and "surgery" not in repr(mapping)
+    mapped = model.map_query(query, tmp_path / "mapped", epochs=1)
+    ours, theirs = mapping.module.state_dict(), mapped.module.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=0, msg=name)
+    pd.testing.assert_frame_equal(mapping.predict(), mapped.predict(query))
+    assert mapping.run_dir.parent == Path(tempfile.gettempdir()) and mapping.run_dir.exists()
+
+
 def test_review_labels_reviews_the_labelled_cells_of_an_anndata_in_its_order(copies, tmp_path, monkeypatch):
     """review_labels() = label_review.review of the latent's labelled cells, indexed by their names (the
     'undefined' ones left out); a missing column is named."""
