@@ -128,10 +128,27 @@ class AtlasVAE:
         return cls(data, **kwargs)
 
     @classmethod
-    def _from_run(cls, run) -> AtlasVAE:
+    def _from_run(cls, run, device=None) -> AtlasVAE:
         model = cls()
         model.config, model.vocab, model.module, model.run_dir = run.config, run.vocab, run.module, run.path
-        return model
+        return model.to_device(device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the readers compute: the model's weights' device."""
+        self._need_fit()
+        return next(self.module.parameters()).device
+
+    def to_device(self, device=None) -> AtlasVAE:
+        """Move the model to `device` (e.g. "cuda:1", "cpu"); unset: this process's GPU where there is one (under
+        `accelerate launch`, its own), else the CPU. fit() and load() place the model so."""
+        self._need_fit()
+        if device is None:
+            from accelerate import PartialState
+
+            device = PartialState(cpu=not torch.cuda.is_available()).device
+        self.module.to(device)
+        return self
 
     # -- training / persistence -------------------------------------------------------------------
     def fit(
@@ -175,6 +192,7 @@ class AtlasVAE:
         self._remove_scratch()
         self._pending = self._reference = None
         self.config, self.vocab, self.module, self.run_dir = run.config, run.vocab, run.module, run.path
+        self.to_device(acc.device)
         if scratch and acc.num_processes > 1:  # the others may still read it when this model goes
             remove = functools.partial(shutil.rmtree, run.path, ignore_errors=True)
             at_exit_after_peers(remove if acc.is_main_process else lambda: None)
@@ -262,10 +280,11 @@ class AtlasVAE:
         return None if inplace else adata
 
     @classmethod
-    def load(cls, run_dir, adata=None) -> AtlasVAE:
+    def load(cls, run_dir, adata=None, *, device=None) -> AtlasVAE:
         """The model saved in run_dir; `adata` (an AnnData or a store path, scvi-tools' keyword) becomes the data
-        the readers take when given none, as the data a model was set up with."""
-        model = cls._from_run(load_run(run_dir))
+        the readers take when given none, as the data a model was set up with. `device`: where the readers
+        compute (unset: this process's GPU where there is one, else the CPU; to_device() moves it later)."""
+        model = cls._from_run(load_run(run_dir), device)
         model.data = adata
         return model
 
@@ -373,8 +392,7 @@ class AtlasVAE:
             prefetch_next_epoch=False,
             validate="finite" if allow_non_integer else "counts",
         )
-        device = next(self.module.parameters()).device
-        to_input = ToModelInput(self.vocab, store, device, batch_keys=keys, panels=stream.gene_panels())
+        to_input = ToModelInput(self.vocab, store, self.device, batch_keys=keys, panels=stream.gene_panels())
         return store, map(to_input, stream)
 
     def embed(self, data, out, **kwargs):
@@ -465,6 +483,8 @@ class AtlasVAE:
         self.module.eval()
         reference = read_reference(self.run_dir) if self.run_dir is not None else None
         transfer = LabelTransfer(self.module, self.vocab, reference, predictor=predictor)
+        if transfer.index is not None:
+            transfer.index.to(self.device)  # the kNN search where the latents are, as embed does
         store, batches = self._batches(data, obs_filter, batch_size, layer, allow_non_integer)
         z = torch.cat([self.module.latent(inp.counts, measured=inp.measured) for inp in batches])
         results, umap = transfer(z)

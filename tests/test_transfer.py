@@ -139,6 +139,19 @@ def test_novel_type_is_flagged_not_mislabelled(novel):
     assert obs["cell_type_unknown"].to_numpy()[known].mean() <= 0.05
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_label_transfer_on_a_gpu_predicts_as_on_the_cpu(novel, tmp_path):
+    """A model on a GPU (load's default there) searches its reference where the latents are and reads the labels
+    on the CPU: the same calls as the CPU's, and embed's columns are the readers'."""
+    root, atlas, _, _, obs = novel
+    gpu, cpu = AtlasVAE.load(root / "run", adata=atlas), AtlasVAE.load(root / "run", adata=atlas, device="cpu")
+    assert gpu.device.type == "cuda" and cpu.device.type == "cpu"
+    on_gpu, on_cpu = gpu.predict(), cpu.predict()
+    assert (on_gpu.cell_type_pred == on_cpu.cell_type_pred).mean() >= 0.999
+    np.testing.assert_allclose(on_gpu.cell_type_prob, on_cpu.cell_type_prob, atol=1e-3)
+    assert (on_gpu.cell_type_pred.astype(str).to_numpy() == obs.cell_type_pred.astype(str).to_numpy()).mean() >= 0.999
+
+
 def test_evaluate_reports_transfer_and_unseen_class_detection(novel, tmp_path):
     from bigatlas.evaluate import evaluate
 
