@@ -39,6 +39,7 @@ from .process_group import leave_at_exit
 from .reference import read_reference
 from .rundir import load_run
 from .transfer import DEFAULT_UNKNOWN, LabelTransfer
+from .write_store import check_folder_name
 
 OUTPUT_VERSION = 3  # 2: obs/row renamed obs/bigatlas_row; 3: uncertainty, filtered, per-predictor columns
 UNKNOWN = "Unknown"  # the category of <key>_pred_filtered for uncertain cells
@@ -386,7 +387,9 @@ def embed(
     allow_non_integer: bool = False,
 ) -> Path:
     """Embed `data` (a store path, an .h5ad or an AnnData object) with the model in `run_dir` into `out`: an
-    AnnData-Zarr store or a SOMA experiment, as output_format chooses. See the module doc."""
+    AnnData-Zarr store or a SOMA experiment, as output_format chooses (an output named as a single file, .h5ad or
+    another, is refused). See the module doc."""
+    check_folder_name(out, "the embedding")
     state = PartialState(cpu=not torch.cuda.is_available())
     leave_at_exit()
     faults = Faults()

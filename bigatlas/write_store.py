@@ -94,6 +94,21 @@ def _writes(method):
     return wrapper
 
 
+# single-file formats: a store is a folder, and one named so is one their readers cannot open
+FILE_SUFFIXES = (".h5ad", ".h5", ".hdf5", ".loom", ".csv", ".tsv", ".parquet", ".mtx", ".npz", ".npy", ".rds", ".gz")
+
+
+def check_folder_name(path, what: str) -> None:
+    """Refuse to write the store `what` (a folder) under a name that says it is a single file: read_h5ad(...) of an
+    'out.h5ad' that is an AnnData-Zarr folder fails with h5py's message, not ours."""
+    path = Path(path)
+    if path.suffix.lower() in FILE_SUFFIXES:
+        raise ValueError(
+            f"{path}: {what} is a folder (AnnData-Zarr or SOMA, written in chunks), not a {path.suffix} file; name it "
+            f"{path.with_suffix('.zarr').name} (anndata.read_zarr opens it, and its write_h5ad() makes an .h5ad)"
+        )
+
+
 class _PartialStore:
     """A store written under `<path>.partial`; finish() renames it into place, an exception inside
     the `with` block removes it. One writer per output: a second one (another `synth` or `prepare
@@ -102,6 +117,7 @@ class _PartialStore:
 
     def __init__(self, path, overwrite: bool):
         self.path = Path(path)
+        check_folder_name(self.path, "the store")
         self._lock = OutputLock(self.path.with_name(self.path.name + ".lock"), f"output {self.path}")
         try:
             self.partial = _prepare_target(self.path, overwrite)

@@ -50,6 +50,11 @@ CASES = {  # name: (args with {root}, extra env, fragment of the one error line)
     "stream": (["stream", "--data", "{root}/nope.zarr"], {}, "store {root}/nope.zarr does not exist"),
     "map-query": (["map-query", "--run", "{root}", "--data", "{root}/a.zarr", "--out", "{out}"], {},
                   "is not a trained run dir"),
+    "embed to .h5ad": (["embed", "--run", "{root}", "--data", "{root}/a.zarr", "--out", "{root}/e.h5ad"], {},
+                       "{root}/e.h5ad: the embedding is a folder (AnnData-Zarr or SOMA, written in chunks), not a "
+                       ".h5ad file; name it e.zarr (anndata.read_zarr opens it"),
+    "convert to .h5ad": (["prepare", "--data", "{root}/a.zarr", "--out", "{out}", "--convert", "{root}/c.h5ad"], {},
+                         "{root}/c.h5ad: the store is a folder"),
     "synth exists": (["synth", "--out", "{root}/a.zarr", "--cells", "10"], {}, "exists"),
     "stream without data": (["stream", "--batch-size", "8"], {}, "--data is required"),
     "two data": (["prepare", "{root}/a.zarr", "--data", "{root}/b.zarr", "--out", "{out}"], {}, "two data given"),
@@ -68,6 +73,7 @@ def test_user_errors_are_one_line(stores, tmp_path, case):
     errors = [line for line in res.stderr.splitlines() if line.startswith(f"bigatlas {command}: error: ")]
     assert len(errors) == 1 and fragment.format(**fill) in errors[0], res.stderr[-3000:]
     assert not (out / "model.safetensors").exists() and not Path(str(out) + "/zarr.json").exists()
+    assert not list(stores.glob("*.h5ad*"))  # nothing under a single file's name
 
 
 def test_accelerate_cpu_with_two_processes_is_one_line(stores, tmp_path):
