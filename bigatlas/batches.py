@@ -81,6 +81,7 @@ class ToModelInput:
     ):
         self.batch_keys, self.label_keys = tuple(batch_keys), tuple(label_keys)
         self.batch_luts = vocab.batch_luts(store, self.batch_keys)
+        self.batch_names = {k: store.obs_codes(k)[1] for k in self.batch_keys}  # for the message of an unseen one
         self.label_luts = vocab.label_luts(store, self.label_keys)
         self.device, self.val_fraction, self.seed = device, val_fraction, seed
         self.measured = Measured(panels, store, device)
@@ -92,9 +93,9 @@ class ToModelInput:
             model_codes = np.stack([apply_lut(self.batch_luts[k], batch.obs[k].numpy()) for k in self.batch_keys], 1)
             unseen = (model_codes < 0).any(0)
             if unseen.any():
-                key = self.batch_keys[int(np.argmax(unseen))]
+                j = int(np.argmax(unseen))
                 raise ValueError(
-                    f"obs column {key!r} has categories the model was not trained on; use map_query to extend the model"
+                    self._unseen(self.batch_keys[j], batch.obs[self.batch_keys[j]].numpy(), model_codes[:, j])
                 )
             codes = to_device(torch.from_numpy(model_codes), self.device)
         if self.label_keys:
@@ -105,3 +106,16 @@ class ToModelInput:
         val = holdout_mask(positions, self.val_fraction, self.seed)
         counts = Counts.from_sparse_csr(batch.x, self.device)
         return ModelInput(counts, codes, labels, positions, val, self.measured.of(positions))
+
+    def _unseen(self, key: str, store_codes, model_codes) -> str:
+        """The message for cells whose `key` the model has no code for: values it was not trained on (named), or
+        missing ones."""
+        bad = store_codes[model_codes < 0]
+        names = [str(self.batch_names[key][c]) for c in np.unique(bad[bad >= 0])]
+        if not names:
+            return f"obs column {key!r} is missing for some cells; fill it with one of the model's {key} values"
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return (
+            f"obs column {key!r} has categories the model was not trained on ({shown}); use map_query to extend the "
+            "model (get_normalized_expression(transform_batch=...) decodes cells as a batch the model knows)"
+        )

@@ -367,5 +367,10 @@ def test_duplicated_gene_names_need_ids_and_unseen_batches_are_handled(atlas, tr
     assert np.isfinite(model.get_latent(query)).all()  # embedding never needs the batch (zero-shot)
     no_batch = variant(atlas, tmp_path / "nobatch.zarr", obs=ad.read_zarr(atlas).obs.drop(columns=["dataset_id"]))
     assert np.isfinite(model.get_latent(no_batch)).all()  # not even the batch column
-    with pytest.raises(ValueError, match="'dataset_id' has categories the model was not trained on; use map_query"):
+    with pytest.raises(
+        ValueError, match=r"'dataset_id' has categories the model was not trained on \('new_study'\); use"
+    ):
         model.get_reconstructed_expression(query)
+    obs["dataset_id"] = pd.Categorical([None] * 3 + list(ad.read_zarr(atlas).obs.dataset_id[3:]))
+    with pytest.raises(ValueError, match="'dataset_id' is missing for some cells; fill it with one of the model's"):
+        model.get_reconstructed_expression(variant(atlas, tmp_path / "gaps.zarr", obs=obs))
