@@ -285,19 +285,40 @@ class AtlasVAE:
         the readers take when given none, as the data a model was set up with. `device`: where the readers
         compute (unset: this process's GPU where there is one, else the CPU; to_device() moves it later)."""
         model = cls._from_run(load_run(run_dir), device)
+        saved = RunDir(run_dir).adata
+        if adata is None and saved.exists():  # save(save_anndata=True)
+            import anndata
+
+            adata = anndata.read_h5ad(saved)
         model.data = adata
         return model
 
-    def save(self, run_dir, *, overwrite: bool = False) -> Path:
+    @property
+    def adata(self):
+        """The AnnData the model was set up or loaded with (scvi-tools' attribute); None for a store path."""
+        return self.data if is_anndata(self.data) else None
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the model holds trained weights (scvi-tools' attribute)."""
+        return self.module is not None and self._pending is None
+
+    def save(self, run_dir, *, overwrite: bool = False, save_anndata: bool = False) -> Path:
         """Write the model to run_dir with what label transfer reads beside the weights (the reference, the
         run's copies of the cells trained without labels), so that `AtlasVAE.load(run_dir)` predicts as this
         model does, and the training's epoch rows (`history`); checkpoints stay behind. A run_dir that holds
         another run is refused unless `overwrite` (its checkpoints, reference and report go first). The
         temporary run dir of a fit() given none is then removed. Under `accelerate launch` the main process
-        writes."""
+        writes. `save_anndata=True` (scvi-tools' keyword) writes the AnnData the model was given beside it, as
+        adata.h5ad, which `AtlasVAE.load(run_dir)` then takes as its data (a model given a path records it)."""
         from accelerate import PartialState
 
         self._need_fit()
+        if save_anndata and not is_anndata(self.data):
+            raise ValueError(
+                f"save_anndata=True writes the AnnData the model was given, and it was given {self.config.data.data}, "
+                "which the run records: AtlasVAE.load(run_dir) reads it from there"
+            )
         target, state = RunDir(run_dir), PartialState(cpu=not torch.cuda.is_available())
         elsewhere = self.run_dir.resolve() != target.path.resolve()
         other = target.outputs() if elsewhere else []
@@ -310,6 +331,8 @@ class AtlasVAE:
                 target.remove_outputs()
                 config = _copy_run_files(RunDir(self.run_dir), target, config)
             save_run(target.path, config, self.vocab, self.module)
+            if save_anndata:
+                _write_h5ad_atomically(self.data, target.adata)
         state.wait_for_everyone()
         self.config = target.read_config()
         self._remove_scratch(keep=target.path)
@@ -638,6 +661,17 @@ class AtlasVAE:
         store, mu, genes = self._decoded(self._cells(adata, indices), obs_filter, library_size, batch_size, layer,
                                          allow_non_integer, transform_batch, gene_list)  # fmt: skip
         return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(genes))
+
+
+def _write_h5ad_atomically(adata, path: Path) -> None:
+    """adata as an .h5ad at path, under a temporary name until it is whole (backed: copied from its file)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    if getattr(adata, "isbacked", False) and not adata.is_view:
+        shutil.copyfile(adata.filename, partial)
+    else:
+        adata.write_h5ad(partial)
+    partial.replace(path)
 
 
 def _scratch_run_dir(acc) -> Path:

@@ -77,7 +77,8 @@ ADDED_DATA_SETTINGS = {
 # what a run writes beside config.json and vocab.json (which a new run rewrites) and its copies of the dropped
 # labels (rewritten too; a --drop-labels may name them): a new run over an earlier one removes these first
 # (train --overwrite), so that none of the earlier run's checkpoints, epoch rows or reference pass for the new one's
-OUTPUTS = ("checkpoints", "model.safetensors", "metrics.csv", "tb", "loss_curves.png", REFERENCE, "report", "trace")
+OUTPUTS = ("checkpoints", "model.safetensors", "metrics.csv", "tb", "loss_curves.png", REFERENCE, "report", "trace",
+           "adata.h5ad")  # fmt: skip
 
 
 class RunDir:
@@ -89,6 +90,7 @@ class RunDir:
         self.weights_file = self.path / "model.safetensors"
         self.dropped_labels = self.path / "dropped_labels"
         self.metrics = self.path / "metrics.csv"
+        self.adata = self.path / "adata.h5ad"  # save(save_anndata=True): the AnnData the model was given
 
     def dropped_labels_of(self, key: str) -> Path:
         """The run's copy of the cells trained without label `key` (--drop-labels)."""

@@ -217,6 +217,39 @@ def test_load_query_data_maps_zero_shot_until_train_runs_the_same_surgery_as_map
     assert mapping.run_dir.parent == Path(tempfile.gettempdir()) and mapping.run_dir.exists()
 
 
+def test_save_anndata_keeps_the_anndata_that_load_then_reads(copies, tmp_path):
+    """scvi-tools' save(save_anndata=True): the AnnData goes beside the weights (a backed one copied from its file)
+    and load() without adata reads it; a model given a path has nothing to save (refused before anything is
+    written), and a save over the folder without it removes the old copy with the other run's files."""
+    train = {"max_epochs": 1, "batch_size": 64, "seed": 5}
+    model = AtlasVAE(copies["memory"], batch_key="dataset_id", train=train)
+    assert not model.is_trained and model.adata is copies["memory"]
+    model.fit(tmp_path / "run")
+    assert model.is_trained
+    with pytest.raises(ValueError, match="trained on an AnnData"):
+        AtlasVAE.load(tmp_path / "run").get_latent_representation()  # nothing to read without it
+    model.save(tmp_path / "kept", save_anndata=True)
+    loaded = AtlasVAE.load(tmp_path / "kept")
+    assert loaded.adata.n_obs == N and (loaded.adata.obs_names == copies["memory"].obs_names).all()
+    z = model.get_latent_representation()
+    np.testing.assert_array_equal(loaded.get_latent_representation(), z)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(indices=[5, 2]), z[[5, 2]], atol=1e-5
+    )  # 2 cells a batch
+
+    backed = AtlasVAE(copies["backed"], batch_key="dataset_id", train=train).fit(tmp_path / "b")
+    backed.save(tmp_path / "b", save_anndata=True)  # its own folder: the file beside it
+    assert (tmp_path / "b" / "adata.h5ad").read_bytes() == Path(copies["h5ad"]).read_bytes()
+    np.testing.assert_array_equal(AtlasVAE.load(tmp_path / "b").get_latent_representation(), z)
+
+    on_path = AtlasVAE(copies["zarr"], batch_key="dataset_id", train=train).fit(tmp_path / "p")
+    with pytest.raises(ValueError, match=r"it was given .*a\.zarr, which the run records"):
+        on_path.save(tmp_path / "p2", save_anndata=True)
+    assert not (tmp_path / "p2").exists()
+    on_path.save(tmp_path / "kept", overwrite=True)
+    assert not (tmp_path / "kept" / "adata.h5ad").exists()
+
+
 def test_review_labels_reviews_the_labelled_cells_of_an_anndata_in_its_order(copies, tmp_path, monkeypatch):
     """review_labels() = label_review.review of the latent's labelled cells, indexed by their names (the
     'undefined' ones left out); a missing column is named."""
