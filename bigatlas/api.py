@@ -446,17 +446,29 @@ class AtlasVAE:
     @torch.no_grad()
     def _latent(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False, sample=False) -> tuple:
         """(store, posterior means, or one draw each with `sample`, as a numpy array in the store's cell order)."""
+        store, means, variances = self._posterior(data, obs_filter, batch_size, layer, allow_non_integer)
+        if sample:
+            draw = torch.randn(means.shape, dtype=torch.float32).numpy()  # one stream, whatever the device
+            return store, means + np.sqrt(variances) * draw
+        return store, means
+
+    @torch.no_grad()
+    def _posterior(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False) -> tuple:
+        """(store, posterior means, posterior variances), numpy arrays in the store's cell order."""
         self._need_fit()
         self.module.eval()
         store, batches = self._batches(data, obs_filter, batch_size, layer, allow_non_integer)
-        return store, np.concatenate(
-            [self.module.latent(inp.counts, sample, measured=inp.measured).cpu().numpy() for inp in batches]
-        )
+        means, variances = [], []
+        for inp in batches:
+            q_mu, q_var = self.module.posterior(inp.counts, measured=inp.measured)
+            means.append(q_mu.cpu().numpy())
+            variances.append(q_var.cpu().numpy())
+        return store, np.concatenate(means), np.concatenate(variances)
 
     def get_latent_representation(
         self, adata=None, indices=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
-        batch_size: int = 4096, give_mean: bool = True,
-    ) -> np.ndarray:  # fmt: skip
+        batch_size: int = 4096, give_mean: bool = True, return_dist: bool = False,
+    ):  # fmt: skip
         """Posterior means (cells × n_latent) of `adata` (an AnnData or a store path; default: the data
         the model was set up with), in its cell order: `adata.obsm["X_bigatlas"] = ...`. `layer` names the
         matrix of raw counts where it is not the one the model was trained on ("X", "raw" or a layer);
@@ -464,8 +476,11 @@ class AtlasVAE:
         >= 0) where the model was trained on counts. Every reader of this class takes both. give_mean=False
         (scvi-tools' keyword): one draw from each cell's posterior instead of its mean (torch's random stream).
         indices (scvi-tools' keyword; also in predict and get_normalized_expression): only those cells of the
-        AnnData (positions or a boolean mask), in that order."""
+        AnnData (positions or a boolean mask), in that order. return_dist=True (scvi-tools' keyword): (means,
+        variances) of the posteriors."""
         adata = self._cells(adata, indices)
+        if return_dist:
+            return self._posterior(adata, obs_filter, batch_size, layer, allow_non_integer)[1:]
         return self._latent(adata, obs_filter, batch_size, layer, allow_non_integer, not give_mean)[1]
 
     def review_labels(
@@ -572,10 +587,11 @@ class AtlasVAE:
 
     @torch.no_grad()
     def _decoded(self, data, obs_filter, library_size, batch_size, layer=None, allow_non_integer=False,
-                 transform_batch=None, gene_list=None):  # fmt: skip
+                 transform_batch=None, gene_list=None, n_samples: int = 1):  # fmt: skip
         """(store, decoded means cells × genes, the genes' names): each cell decoded with its own batch, or with
         each batch of `transform_batch` in turn and averaged (its covariates its own either way); only the genes
-        of `gene_list` kept, in its order, where given."""
+        of `gene_list` kept, in its order, where given. Decoded from the posterior mean, or averaged over
+        `n_samples` draws from the posterior where it is more than 1."""
         self._need_fit()
         self.module.eval()
         genes, columns = self._gene_columns(gene_list)
@@ -588,12 +604,12 @@ class AtlasVAE:
             lib = inp.counts.library
             if library_size is not None:
                 lib = torch.full_like(lib, float(library_size))
-            z = self.module.latent(inp.counts, measured=inp.measured)
-            if as_batches is None:
-                mu = self.module.decode(z, inp.codes, lib)[0]
-            else:
-                mu = sum(self.module.decode(z, _with_batch(code, inp.codes, z), lib)[0] for code in as_batches)
-                mu = mu / len(as_batches)
+            q_mu, q_var = self.module.posterior(inp.counts, measured=inp.measured)
+            draws = (
+                [q_mu] if n_samples == 1 else [q_mu + q_var.sqrt() * torch.randn_like(q_mu) for _ in range(n_samples)]
+            )
+            codes = [inp.codes] if as_batches is None else [_with_batch(c, inp.codes, q_mu) for c in as_batches]
+            mu = sum(self.module.decode(z, c, lib)[0] for z in draws for c in codes) / (len(draws) * len(codes))
             if library_size is None and inp.measured is not None:  # its observed total is its measured genes'
                 mu = mu * (lib / (mu * inp.measured).sum(1).clamp_min(1e-30)).unsqueeze(1)
             out.append((mu if columns is None else mu[:, columns.to(mu.device)]).cpu().numpy())
@@ -649,18 +665,23 @@ class AtlasVAE:
 
     def get_normalized_expression(
         self, adata=None, indices=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
-        library_size: float = 1.0, batch_size: int = 1024, transform_batch=None, gene_list=None,
-    ) -> pd.DataFrame:  # fmt: skip
+        library_size: float = 1.0, batch_size: int = 1024, transform_batch=None, gene_list=None, n_samples: int = 1,
+        return_numpy: bool = False,
+    ):  # fmt: skip
         """Denoised expression (cells × the model's genes) at a common library size (1.0: fractions;
         1e4 for counts per 10k), as a DataFrame indexed by cell name in the data's cell order.
         transform_batch: a category of the batch key (or a list of them, averaged) every cell is decoded as, for
         expression without the batch effect (scvi-tools' name); the data's own batches are then not read, so a
         query from batches the model has not seen needs no map_query. Unset: each cell's own batch.
         gene_list: only these of the model's genes, in this order, by id or by the training data's feature name
-        (a symbol, where the model is on Census ids); a million cells × 2,000 genes is 8 GB, a few markers are not."""
+        (a symbol, where the model is on Census ids); a million cells × 2,000 genes is 8 GB, a few markers are not.
+        n_samples (scvi-tools' keyword): more than 1 averages the decoded expression of that many draws from each
+        cell's posterior (1: decoded from its mean); return_numpy=True gives the array without the DataFrame."""
+        if int(n_samples) < 1:
+            raise ValueError(f"n_samples must be at least 1, not {n_samples}")
         store, mu, genes = self._decoded(self._cells(adata, indices), obs_filter, library_size, batch_size, layer,
-                                         allow_non_integer, transform_batch, gene_list)  # fmt: skip
-        return pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(genes))
+                                         allow_non_integer, transform_batch, gene_list, int(n_samples))  # fmt: skip
+        return mu if return_numpy else pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(genes))
 
 
 def _write_h5ad_atomically(adata, path: Path) -> None:

@@ -569,13 +569,17 @@ class VAEModule(nn.Module):
         return self.encode(counts, fill)
 
     @torch.no_grad()
-    def latent(self, x, sample: bool = False, measured: torch.Tensor | None = None) -> torch.Tensor:
-        """Posterior mean (or a sample) of x: Counts, a dense or a sparse CSR tensor; `measured` (cells or 1,
+    def posterior(self, x, measured: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z|x)'s mean and variance for x: Counts, a dense or a sparse CSR tensor; `measured` (cells or 1,
         genes) bool marks the genes each cell's store measured (None: all)."""
         if measured is None or bool((measured | self.read_as_zero).all()):
-            q_mu, q_var = self.encode(x)
-        else:
-            q_mu, q_var = self.encode_measured(x if isinstance(x, Counts) else _counts(x), measured)
+            return self.encode(x)
+        return self.encode_measured(x if isinstance(x, Counts) else _counts(x), measured)
+
+    @torch.no_grad()
+    def latent(self, x, sample: bool = False, measured: torch.Tensor | None = None) -> torch.Tensor:
+        """Posterior mean (or a sample) of x (see posterior)."""
+        q_mu, q_var = self.posterior(x, measured)
         return q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu) if sample else q_mu
 
     @torch.no_grad()

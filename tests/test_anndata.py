@@ -71,6 +71,9 @@ def test_results_come_back_in_the_anndatas_order(copies, tmp_path):
     assert not np.allclose(draws[0], draws[1]) and not np.allclose(draws[0], z)
     one, averaged = (np.sqrt(np.mean((d - z) ** 2)) for d in (draws[0], draws.mean(0)))
     assert averaged < 0.35 * one  # draws around the mean: 16 of them average to it at about a quarter the spread
+    mean, var = model.get_latent_representation(return_dist=True)
+    np.testing.assert_array_equal(mean, z)
+    assert 0.8 < draws.var(0, ddof=1).mean() / var.mean() < 1.25  # variances (not scales) of what give_mean draws
     pred = model.predict(shuffled)
     assert list(pred.index) == list(shuffled.obs_names)
     cols = ["pred", "prob", "uncertainty", "unknown", "pred_filtered"]
@@ -430,6 +433,17 @@ def test_transform_batch_decodes_every_cell_as_the_named_batch(copies, tmp_path)
     np.testing.assert_allclose(counts.sum(1), np.asarray(query.X.sum(1)).ravel(), rtol=1e-4)  # observed totals
     with pytest.raises(ValueError, match=r"\['study_9'\].*not a 'dataset_id' the model was trained on"):
         model.get_normalized_expression(ref, transform_batch="study_9")
+
+    # n_samples (scvi-tools'): the average over posterior draws, which settles on the mean's decoding as they grow
+    np.testing.assert_array_equal(model.get_normalized_expression(ref, return_numpy=True, n_samples=1), own)
+    torch.manual_seed(0)
+    few = [model.get_normalized_expression(ref, n_samples=2, return_numpy=True) for _ in range(2)]
+    many = [model.get_normalized_expression(ref, n_samples=32, return_numpy=True) for _ in range(2)]
+    np.testing.assert_allclose(many[0].sum(1), 1.0, rtol=1e-5)
+    spread = [np.abs(np.log(a / b)).mean() for a, b in (few, many)]
+    assert 0 < spread[1] < 0.4 * spread[0]  # 16 times the draws: a quarter of the spread
+    with pytest.raises(ValueError, match="n_samples must be at least 1"):
+        model.get_normalized_expression(ref, n_samples=0)
 
 
 def test_transform_batch_takes_the_batch_column_own_values(copies, tmp_path):
