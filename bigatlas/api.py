@@ -651,6 +651,68 @@ class AtlasVAE:
             raise ValueError(f"transform_batch {unknown or names!r}: not a {key!r} the model was trained on ({shown})")
         return codes
 
+    def differential_expression(
+        self, adata=None, groupby: str | None = None, group1=None, group2=None, *, delta: float = 0.25,
+        batch_correction: bool = False, n_draws: int = 5000, n_pairs: int = 10_000, pseudocounts: float = 1e-5,
+        fdr_target: float = 0.05, seed: int = 0, layer: str | None = None, allow_non_integer: bool = False,
+        batch_size: int = 1024,
+    ) -> pd.DataFrame:  # fmt: skip
+        """Differential expression between groups of the cells of `adata` (an AnnData; default: the one the
+        model was set up with) by the obs column `groupby`, in scvi-tools' "change" mode and with its columns
+        (bigatlas.differential): every group against the rest (group1 unset), group1 against the rest, or group1
+        against group2 (each a value or a list of them). One row per model gene and comparison, the most probably
+        changed first: proba_de (P(|log2 fold change| >= delta) of the decoded expression), bayes_factor, lfc_mean /
+        _median / _std / _min / _max, scale1 / scale2 (mean expression at library size 1), is_de_fdr_<fdr_target>,
+        the groups' raw counts (raw_mean, raw_normalized_mean per 10,000, non_zeros_proportion of the cells
+        decoded) and `gene_name` where the training data named its genes. Each group: up to `n_draws` decoded
+        vectors, from all its cells or n_draws of them; `n_pairs` pairs of vectors make each gene's distribution of
+        change. batch_correction=True decodes every cell under each of the two groups' batches (those the model
+        knows) and averages, so that the groups are compared without their batches' effects."""
+        from .differential import change, comparisons, decode_draws, pick_cells
+
+        data = adata if adata is not None else self.data
+        if not is_anndata(data):
+            raise ValueError(
+                "differential_expression compares cells of an AnnData (adata=..., or the one the model was set up "
+                "with); open a store as one: anndata.read_h5ad(path, backed='r') or anndata.read_zarr(path)"
+            )
+        if groupby not in data.obs.columns:
+            guess = closest(str(groupby), list(data.obs.columns))
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            raise ValueError(f"groupby {groupby!r} is not an obs column of the AnnData{hint}")
+        self._need_fit()
+        self.module.eval()
+        groups, rng = data.obs[groupby], np.random.default_rng(seed)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        key = self.config.data.batch_keys[0]
+        genes, names = self.vocab.genes, self.vocab.gene_names
+        tables = []
+        for name, one, two in comparisons(groups, group1, group2):
+            sides = [pick_cells(groups, members, n_draws, rng) for members in (one, two)]
+            as_batches = None
+            if batch_correction:
+                seen = {str(b) for cells, _ in sides for b in data.obs[key].iloc[cells].astype(str).unique()}
+                as_batches = self._batch_codes([b for b in self.vocab.batch_categories[key] if b in seen])
+            keys = self.config.data.batch_keys if as_batches is None else self.config.data.batch_keys[1:]
+
+            def codes_of(inp, z, as_batches=as_batches):
+                return [inp.codes] if as_batches is None else [_with_batch(c, inp.codes, z) for c in as_batches]
+
+            drawn = []
+            for cells, per_cell in sides:
+                _, batches = self._batches(data[cells], None, batch_size, layer, allow_non_integer, keys=keys)
+                drawn.append(decode_draws(self.module, batches, per_cell, codes_of, len(genes), generator))
+            (h1, raw1), (h2, raw2) = drawn
+            table = change(h1, h2, delta=delta, pseudocounts=pseudocounts, n_pairs=n_pairs, fdr_target=fdr_target,
+                           rng=rng)  # fmt: skip
+            table = table.assign(**raw1.columns("1"), **raw2.columns("2"), comparison=name,
+                                 group1=" + ".join(one), group2=" + ".join(two))  # fmt: skip
+            table.index = pd.Index(genes, name="gene")
+            if any(names):
+                table.insert(0, "gene_name", names)
+            tables.append(table.sort_values(["proba_de", "lfc_mean"], ascending=False, key=_abs_if_lfc))
+        return pd.concat(tables)
+
     def get_reconstructed_expression(
         self, data=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
         library_size=None, batch_size: int = 1024, transform_batch=None, gene_list=None,
@@ -732,6 +794,11 @@ def _drops_named_in(config: RunConfig, run: RunDir) -> RunConfig:
         copy = run.dropped_labels_of(key)
         specs.append(f"{key}={copy}" if copy.exists() else spec)
     return config.override("data", drop_labels=tuple(specs))
+
+
+def _abs_if_lfc(column: pd.Series) -> pd.Series:
+    """differential_expression's order: by proba_de, then by the size of the change either way."""
+    return column.abs() if column.name == "lfc_mean" else column
 
 
 def _with_batch(code: int, covariates, z: torch.Tensor) -> torch.Tensor:
