@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterable
 from dataclasses import fields, replace
@@ -27,18 +25,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from loaders import CellStream, data_name, in_memory_names, is_anndata, is_local_path, open_store
+from loaders import CellStream, data_name, in_memory_names, is_anndata, open_store
 from loaders.store import closest
 
+from .api_files import (
+    check_recorded_data,
+    copy_run_files,
+    drop_spec,
+    drops_named_in,
+    scratch_run_dir,
+    write_h5ad_atomically,
+)
 from .batches import ToModelInput
 from .config import UNLABELED, DataConfig, ModelConfig, RunConfig, TrainConfig
-from .dropped_labels import parse as parse_drop
 from .infer import UNKNOWN, embed
 from .label_review import MIN_AGREEMENT, review
 from .model import VAEModule
 from .process_group import at_exit_after_peers
 from .query import PendingMapping, map_query
-from .reference import read_reference, reference_dir
+from .reference import read_reference
 from .rundir import RunDir, load_run, save_run
 from .train import make_accelerator, train
 from .transfer import DEFAULT_UNKNOWN, LabelTransfer
@@ -77,7 +82,7 @@ class AtlasVAE:
             "unlabeled_category", unlabeled_category, "unlabeled_categories", unlabeled_categories, UNLABELED
         )
         self.data = data
-        drops = {key: _drop_spec(key, cells) for key, cells in (drop_labels or {}).items()}
+        drops = {key: drop_spec(key, cells) for key, cells in (drop_labels or {}).items()}
         self._drop_files = {key: written for key, (_, written) in drops.items() if written is not None}
         self.vocab: Vocab | None = None
         self.module: VAEModule | None = None
@@ -176,7 +181,7 @@ class AtlasVAE:
             cfg = cfg.override("data", data=data_name(self.data))
         acc = make_accelerator(cfg)
         scratch = run_dir is None
-        run_dir = _scratch_run_dir(acc) if scratch else run_dir
+        run_dir = scratch_run_dir(acc) if scratch else run_dir
         in_memory = self.data if is_anndata(self.data) else None
         try:
             if self._pending is not None:
@@ -217,7 +222,7 @@ class AtlasVAE:
         file written for the fit, which goes (a later fit reads the copy)."""
         if not self._drop_files:
             return
-        self.config = _drops_named_in(self.config, run)
+        self.config = drops_named_in(self.config, run)
         for written in self._drop_files.values():
             shutil.rmtree(written.parent, ignore_errors=True)
         self._drop_files = {}
@@ -329,10 +334,10 @@ class AtlasVAE:
             config = self.config
             if elsewhere:
                 target.remove_outputs()
-                config = _copy_run_files(RunDir(self.run_dir), target, config)
+                config = copy_run_files(RunDir(self.run_dir), target, config)
             save_run(target.path, config, self.vocab, self.module)
             if save_anndata:
-                _write_h5ad_atomically(self.data, target.adata)
+                write_h5ad_atomically(self.data, target.adata)
         state.wait_for_everyone()
         self.config = target.read_config()
         self._remove_scratch(keep=target.path)
@@ -375,7 +380,7 @@ class AtlasVAE:
                 "AtlasVAE.load(run_dir, adata=...) once)"
             )
         if self.data is None:
-            _check_recorded_data(d.data, self.run_dir)
+            check_recorded_data(d.data, self.run_dir)
         return (d.data if self.data is None else self.data), (obs_filter or d.obs_filter)
 
     def _cells(self, data, indices):
@@ -652,23 +657,25 @@ class AtlasVAE:
         return codes
 
     def differential_expression(
-        self, adata=None, groupby: str | None = None, group1=None, group2=None, *, delta: float = 0.25,
-        batch_correction: bool = False, n_draws: int = 5000, n_pairs: int = 10_000, pseudocounts: float = 1e-5,
-        fdr_target: float = 0.05, seed: int = 0, layer: str | None = None, allow_non_integer: bool = False,
-        batch_size: int = 1024,
+        self, adata=None, groupby: str | None = None, group1=None, group2=None, idx1=None, idx2=None, *,
+        delta: float = 0.25, batch_correction: bool = False, n_draws: int = 5000, n_pairs: int = 10_000,
+        pseudocounts: float = 1e-5, fdr_target: float = 0.05, seed: int = 0, layer: str | None = None,
+        allow_non_integer: bool = False, batch_size: int = 1024,
     ) -> pd.DataFrame:  # fmt: skip
         """Differential expression between groups of the cells of `adata` (an AnnData; default: the one the
         model was set up with) by the obs column `groupby`, in scvi-tools' "change" mode and with its columns
         (bigatlas.differential): every group against the rest (group1 unset), group1 against the rest, or group1
-        against group2 (each a value or a list of them). One row per model gene and comparison, the most probably
-        changed first: proba_de (P(|log2 fold change| >= delta) of the decoded expression), bayes_factor, lfc_mean /
-        _median / _std / _min / _max, scale1 / scale2 (mean expression at library size 1), is_de_fdr_<fdr_target>,
-        the groups' raw counts (raw_mean, raw_normalized_mean per 10,000, non_zeros_proportion of the cells
-        decoded) and `gene_name` where the training data named its genes. Each group: up to `n_draws` decoded
-        vectors, from all its cells or n_draws of them; `n_pairs` pairs of vectors make each gene's distribution of
-        change. batch_correction=True decodes every cell under each of the two groups' batches (those the model
-        knows) and averages, so that the groups are compared without their batches' effects."""
-        from .differential import change, comparisons, decode_draws, pick_cells
+        against group2 (each a value or a list of them); or, as scvi-tools takes them, the cells `idx1` against
+        `idx2` (or the rest), each a boolean mask or positions of the AnnData's cells. One row per model gene and
+        comparison, the most probably changed first: proba_de (P(|log2 fold change| >= delta) of the decoded
+        expression), bayes_factor, lfc_mean / _median / _std / _min / _max, scale1 / scale2 (mean expression at
+        library size 1), is_de_fdr_<fdr_target>, the groups' raw counts (raw_mean, raw_normalized_mean per
+        10,000, non_zeros_proportion of the cells decoded) and `gene_name` where the training data named its
+        genes. Each group: up to `n_draws` decoded vectors, from all its cells or n_draws of them; `n_pairs` pairs
+        of vectors make each gene's distribution of change. batch_correction=True decodes every cell under each of
+        the two groups' batches (those the model knows) and averages, so that the groups are compared without
+        their batches' effects."""
+        from .differential import decode_draws, differential_table, groups_of_cells
 
         data = adata if adata is not None else self.data
         if not is_anndata(data):
@@ -676,42 +683,45 @@ class AtlasVAE:
                 "differential_expression compares cells of an AnnData (adata=..., or the one the model was set up "
                 "with); open a store as one: anndata.read_h5ad(path, backed='r') or anndata.read_zarr(path)"
             )
-        if groupby not in data.obs.columns:
+        if idx1 is not None:
+            if groupby is not None or group1 is not None or group2 is not None:
+                raise ValueError(
+                    "differential_expression: give groupby (with group1 / group2) or idx1 / idx2, not both"
+                )
+            groups, group1, group2 = groups_of_cells(idx1, idx2, data.n_obs)
+        elif idx2 is not None:
+            raise ValueError("idx2 needs idx1: the cells compared with it")
+        elif groupby not in data.obs.columns:
             guess = closest(str(groupby), list(data.obs.columns))
             hint = f"; did you mean {guess[0]!r}?" if guess else ""
             raise ValueError(f"groupby {groupby!r} is not an obs column of the AnnData{hint}")
+        else:
+            groups = data.obs[groupby]
         self._need_fit()
         self.module.eval()
-        groups, rng = data.obs[groupby], np.random.default_rng(seed)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        key = self.config.data.batch_keys[0]
-        genes, names = self.vocab.genes, self.vocab.gene_names
-        tables = []
-        for name, one, two in comparisons(groups, group1, group2):
-            sides = [pick_cells(groups, members, n_draws, rng) for members in (one, two)]
-            as_batches = None
-            if batch_correction:
-                seen = {str(b) for cells, _ in sides for b in data.obs[key].iloc[cells].astype(str).unique()}
-                as_batches = self._batch_codes([b for b in self.vocab.batch_categories[key] if b in seen])
-            keys = self.config.data.batch_keys if as_batches is None else self.config.data.batch_keys[1:]
+        keys = self.config.data.batch_keys
 
-            def codes_of(inp, z, as_batches=as_batches):
+        def draw(sides):  # [(positions, draws per cell)] of the two groups -> [(decoded draws, RawStats)]
+            as_batches = None
+            if batch_correction:  # the batches of both groups' cells that the model knows, for every cell
+                seen = {str(b) for cells, _ in sides for b in data.obs[keys[0]].iloc[cells].astype(str).unique()}
+                as_batches = self._batch_codes([b for b in self.vocab.batch_categories[keys[0]] if b in seen])
+
+            def codes_of(inp, z):
                 return [inp.codes] if as_batches is None else [_with_batch(c, inp.codes, z) for c in as_batches]
 
-            drawn = []
+            read = keys if as_batches is None else keys[1:]
+            out = []
             for cells, per_cell in sides:
-                _, batches = self._batches(data[cells], None, batch_size, layer, allow_non_integer, keys=keys)
-                drawn.append(decode_draws(self.module, batches, per_cell, codes_of, len(genes), generator))
-            (h1, raw1), (h2, raw2) = drawn
-            table = change(h1, h2, delta=delta, pseudocounts=pseudocounts, n_pairs=n_pairs, fdr_target=fdr_target,
-                           rng=rng)  # fmt: skip
-            table = table.assign(**raw1.columns("1"), **raw2.columns("2"), comparison=name,
-                                 group1=" + ".join(one), group2=" + ".join(two))  # fmt: skip
-            table.index = pd.Index(genes, name="gene")
-            if any(names):
-                table.insert(0, "gene_name", names)
-            tables.append(table.sort_values(["proba_de", "lfc_mean"], ascending=False, key=_abs_if_lfc))
-        return pd.concat(tables)
+                _, batches = self._batches(data[cells], None, batch_size, layer, allow_non_integer, keys=read)
+                out.append(decode_draws(self.module, batches, per_cell, codes_of, len(self.vocab.genes), generator))
+            return out
+
+        return differential_table(
+            groups, group1, group2, draw, self.vocab.genes, self.vocab.gene_names, n_draws=n_draws,
+            delta=delta, pseudocounts=pseudocounts, n_pairs=n_pairs, fdr_target=fdr_target, seed=seed,
+        )  # fmt: skip
 
     def get_reconstructed_expression(
         self, data=None, *, obs_filter=None, layer: str | None = None, allow_non_integer: bool = False,
@@ -746,61 +756,6 @@ class AtlasVAE:
         return mu if return_numpy else pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(genes))
 
 
-def _write_h5ad_atomically(adata, path: Path) -> None:
-    """adata as an .h5ad at path, under a temporary name until it is whole (backed: copied from its file)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    if getattr(adata, "isbacked", False) and not adata.is_view:
-        shutil.copyfile(adata.filename, partial)
-    else:
-        adata.write_h5ad(partial)
-    partial.replace(path)
-
-
-def _scratch_run_dir(acc) -> Path:
-    """A new temporary folder for a fit() given no run dir: the main process makes it and tells the others.
-    A temporary folder is one machine's, so a launch over several machines needs a run dir they share."""
-    if acc.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)):
-        raise ValueError(
-            "fit() on several machines needs run_dir=: a folder every machine sees (a temporary folder is one "
-            "machine's)"
-        )
-    made = [tempfile.mkdtemp(prefix="bigatlas-run-") if acc.is_main_process else None]
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(made)
-    return Path(made[0])
-
-
-def _copy_run_files(source: RunDir, target: RunDir, config: RunConfig) -> RunConfig:
-    """Copy the run dir `source`'s reference, epoch rows and copies of the cells trained without labels into
-    target, whose outputs (RunDir.outputs) are gone; returns `config` with those cells named by target's copies."""
-    shutil.rmtree(target.dropped_labels, ignore_errors=True)  # not an output: a drop_labels may name it
-    folders = [(reference_dir(source.path), reference_dir(target.path)), (source.dropped_labels, target.dropped_labels)]
-    for src, dst in folders:
-        if src.exists():
-            shutil.copytree(src, dst)
-    if source.metrics.exists():
-        shutil.copyfile(source.metrics, target.metrics)
-    return _drops_named_in(config, target)
-
-
-def _drops_named_in(config: RunConfig, run: RunDir) -> RunConfig:
-    """`config` with each drop_labels entry naming run's copy of its cells, where the run has one."""
-    specs = []
-    for spec in config.data.drop_labels:
-        key = parse_drop(spec)[0]
-        copy = run.dropped_labels_of(key)
-        specs.append(f"{key}={copy}" if copy.exists() else spec)
-    return config.override("data", drop_labels=tuple(specs))
-
-
-def _abs_if_lfc(column: pd.Series) -> pd.Series:
-    """differential_expression's order: by proba_de, then by the size of the change either way."""
-    return column.abs() if column.name == "lfc_mean" else column
-
-
 def _with_batch(code: int, covariates, z: torch.Tensor) -> torch.Tensor:
     """Codes of the cells of latent `z` with `code` as the batch key's (first column) beside their covariates'
     codes (int64, as ToModelInput makes them), on z's device."""
@@ -812,19 +767,6 @@ def _positions(names, known) -> tuple[list[int], list[str]]:
     """(the positions in `known` of `names` that are in it, in their order; the names that are not)."""
     at = {name: i for i, name in enumerate(known)}
     return [at[n] for n in names if n in at], [n for n in names if n not in at]
-
-
-def _check_recorded_data(recorded, run_dir) -> None:
-    """A local path the run recorded as its data that is not there (moved, or written relative to another
-    working directory by a run from before paths were recorded absolute): say so, and how to pass the data."""
-    paths = recorded if isinstance(recorded, list | tuple) else [recorded]
-    missing = [p for p in paths if is_local_path(p) and not Path(p).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"the data this model was trained on, {', '.join(map(repr, missing))} (recorded in {run_dir}/config.json), "
-            f"is not there from {os.getcwd()}; pass the data: model.predict(data) / get_latent_representation(data), "
-            "or AtlasVAE.load(run_dir, adata=...) once"
-        )
 
 
 def _scvi_keyword(scvi_name: str, scvi_value, name: str, value, default):
@@ -841,21 +783,6 @@ def _names(value) -> tuple[str, ...]:
     genes (a batch column of integers or booleans: transform_batch=3 or True)."""
     one = isinstance(value, str) or not isinstance(value, Iterable)
     return (str(value),) if one else tuple(str(v) for v in value)
-
-
-def _drop_spec(key: str, cells) -> tuple[str, Path | None]:
-    """DataConfig.drop_labels' KEY=FILE for `cells`: a CSV's path, or the cells themselves (review_labels()'s
-    flagged rows, a DataFrame with a `cell` column or cell names as index, or a list of names) written to a
-    temporary one, whose path comes second (None for a path given)."""
-    if isinstance(cells, str | Path):
-        return f"{key}={cells}", None
-    table = cells if isinstance(cells, pd.DataFrame) else pd.DataFrame(index=pd.Index(list(cells), dtype=str))
-    listed = pd.DataFrame({"cell": (table["cell"] if "cell" in table.columns else table.index).astype(str)})
-    if "row" in table.columns:
-        listed["row"] = table["row"].to_numpy()
-    path = Path(tempfile.mkdtemp(prefix="bigatlas-drop-")) / f"{key}.csv"  # until fit(): the run keeps a copy
-    listed.to_csv(path, index=False)
-    return f"{key}={path}", path
 
 
 def _cell_names(store) -> pd.Index:

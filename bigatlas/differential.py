@@ -37,6 +37,30 @@ def comparisons(groups: pd.Series, group1=None, group2=None) -> list[tuple[str, 
     return [(name, one, two)]
 
 
+def groups_of_cells(idx1, idx2, n_cells: int) -> tuple[pd.Series, str, str | None]:
+    """(groups, group1, group2) for cells given as scvi-tools' idx1 / idx2 (boolean masks or positions): "idx1"
+    and "idx2", or "rest" for the other cells where idx2 is unset."""
+    one, two = _mask(idx1, n_cells, "idx1"), None if idx2 is None else _mask(idx2, n_cells, "idx2")
+    if two is not None and (one & two).any():
+        raise ValueError(f"idx1 and idx2 share {(one & two).sum()} cells")
+    other = np.full(n_cells, "rest" if two is None else None, dtype=object)
+    if two is not None:
+        other[two] = "idx2"
+    groups = pd.Series(np.where(one, "idx1", other))
+    return groups, "idx1", None if two is None else "idx2"
+
+
+def _mask(cells, n_cells: int, what: str) -> np.ndarray:
+    cells = np.asarray(cells)
+    if cells.dtype == bool:
+        if cells.shape != (n_cells,):
+            raise ValueError(f"{what}: a boolean mask of {len(cells)} values for {n_cells} cells")
+        return cells
+    mask = np.zeros(n_cells, bool)
+    mask[cells.astype(np.int64)] = True
+    return mask
+
+
 def _values(given, values: list[str], what: str) -> list[str]:
     given = [str(given)] if isinstance(given, str) or not np.iterable(given) else [str(g) for g in given]
     unknown = [g for g in given if g not in values]
@@ -135,3 +159,26 @@ def fdr_calls(proba_de: np.ndarray, target: float) -> np.ndarray:
     called = np.zeros(len(proba_de), dtype=bool)
     called[order[:k]] = True
     return called
+
+
+def differential_table(groups: pd.Series, group1, group2, draw, genes, names, *, n_draws: int, delta: float,
+                       pseudocounts: float, n_pairs: int, fdr_target: float, seed: int) -> pd.DataFrame:  # fmt: skip
+    """The comparisons' tables, one after the other, each the most probably changed genes first. `draw(sides)`:
+    for [(positions, draws per cell)] of the two groups, [(decoded draws, RawStats)]."""
+    rng, tables = np.random.default_rng(seed), []
+    for name, one, two in comparisons(groups, group1, group2):
+        (h1, raw1), (h2, raw2) = draw([pick_cells(groups, members, n_draws, rng) for members in (one, two)])
+        table = change(h1, h2, delta=delta, pseudocounts=pseudocounts, n_pairs=n_pairs, fdr_target=fdr_target,
+                       rng=rng)  # fmt: skip
+        table = table.assign(**raw1.columns("1"), **raw2.columns("2"), comparison=name, group1=" + ".join(one),
+                             group2=" + ".join(two))  # fmt: skip
+        table.index = pd.Index(genes, name="gene")
+        if any(names):
+            table.insert(0, "gene_name", names)
+        tables.append(table.sort_values(["proba_de", "lfc_mean"], ascending=False, key=_abs_if_lfc))
+    return pd.concat(tables)
+
+
+def _abs_if_lfc(column: pd.Series) -> pd.Series:
+    """The tables' order: by proba_de, then by the size of the change either way."""
+    return column.abs() if column.name == "lfc_mean" else column

@@ -4,6 +4,7 @@ groups' counts, and its calls follow the posterior expected FDR rule."""
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import mannwhitneyu
 
@@ -78,6 +79,20 @@ def test_raw_columns_are_the_groups_counts_and_each_group_is_compared_with_the_r
         np.testing.assert_allclose(rows.raw_normalized_mean1, (x / x.sum(1, keepdims=True) * 1e4).mean(0), rtol=1e-5)
     again = model.differential_expression(groupby="dataset_id", n_pairs=2000, seed=3)
     assert again.equals(table)  # its own random streams: the same seed, the same table
+
+    study = adata.obs.dataset_id.to_numpy()  # scvi-tools' idx1 / idx2: a mask, or positions, of the cells
+    numeric = [c for c in table.columns if c not in ("comparison", "group1", "group2")]
+    for by_group, by_cells in (
+        ({"group1": studies[0]}, {"idx1": study == studies[0]}),
+        ({"group1": studies[1], "group2": studies[2]},
+         {"idx1": np.flatnonzero(study == studies[1]), "idx2": np.flatnonzero(study == studies[2])}),
+    ):  # fmt: skip
+        named = model.differential_expression(groupby="dataset_id", n_pairs=2000, seed=3, **by_group)
+        masked = model.differential_expression(n_pairs=2000, seed=3, **by_cells)
+        pd.testing.assert_frame_equal(masked[numeric], named[numeric])
+    assert masked.comparison.iloc[0] == "idx1 vs idx2"
+    with pytest.raises(ValueError, match="idx1 and idx2 share 3 cells"):
+        model.differential_expression(idx1=[0, 1, 2, 3], idx2=[1, 2, 3, 4])
 
 
 def test_fdr_calls_take_the_most_probable_genes_while_their_expected_false_share_stays_under_the_target():
