@@ -385,7 +385,8 @@ class AtlasVAE:
 
     def _cells(self, data, indices):
         """`data` (default: the AnnData the model was set up with) cut to the cells `indices` (positions or a boolean
-        mask; scvi-tools' keyword), as a view of that AnnData; unchanged without indices."""
+        mask; scvi-tools' keyword), as a view of that AnnData (of a backed one: read into memory); unchanged without
+        indices."""
         if indices is None:
             return data
         source = data if data is not None else self.data
@@ -394,7 +395,7 @@ class AtlasVAE:
                 "indices= selects cells of an AnnData (adata=..., or the one the model was set up with); for a store "
                 "path select them with obs_filter=..."
             )
-        return source[np.asarray(indices)]
+        return _subset(source, np.asarray(indices))
 
     def _batches(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False, keys=()):
         """(store, ModelInputs in store order, with the model's codes of the batch/covariate `keys`) of `layer`
@@ -691,12 +692,10 @@ class AtlasVAE:
             groups, group1, group2 = groups_of_cells(idx1, idx2, data.n_obs)
         elif idx2 is not None:
             raise ValueError("idx2 needs idx1: the cells compared with it")
-        elif groupby not in data.obs.columns:
-            guess = closest(str(groupby), list(data.obs.columns))
-            hint = f"; did you mean {guess[0]!r}?" if guess else ""
-            raise ValueError(f"groupby {groupby!r} is not an obs column of the AnnData{hint}")
-        else:
-            groups = data.obs[groupby]
+        elif groupby is None:
+            raise ValueError("differential_expression needs groupby (an obs column) or idx1")
+        else:  # through the store, so that a lazy AnnData's obs reads as an in-memory one's
+            groups = _obs_values(open_store(data), groupby)
         self._need_fit()
         self.module.eval()
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -705,7 +704,8 @@ class AtlasVAE:
         def draw(sides):  # [(positions, draws per cell)] of the two groups -> [(decoded draws, RawStats)]
             as_batches = None
             if batch_correction:  # the batches of both groups' cells that the model knows, for every cell
-                seen = {str(b) for cells, _ in sides for b in data.obs[keys[0]].iloc[cells].astype(str).unique()}
+                batch = _obs_values(open_store(data), keys[0])
+                seen = {str(b) for cells, _ in sides for b in batch.iloc[cells].dropna().unique()}
                 as_batches = self._batch_codes([b for b in self.vocab.batch_categories[keys[0]] if b in seen])
 
             def codes_of(inp, z):
@@ -714,7 +714,7 @@ class AtlasVAE:
             read = keys if as_batches is None else keys[1:]
             out = []
             for cells, per_cell in sides:
-                _, batches = self._batches(data[cells], None, batch_size, layer, allow_non_integer, keys=read)
+                _, batches = self._batches(_subset(data, cells), None, batch_size, layer, allow_non_integer, keys=read)
                 out.append(decode_draws(self.module, batches, per_cell, codes_of, len(self.vocab.genes), generator))
             return out
 
@@ -754,6 +754,20 @@ class AtlasVAE:
         store, mu, genes = self._decoded(self._cells(adata, indices), obs_filter, library_size, batch_size, layer,
                                          allow_non_integer, transform_batch, gene_list, int(n_samples))  # fmt: skip
         return mu if return_numpy else pd.DataFrame(mu, index=_cell_names(store), columns=pd.Index(genes))
+
+
+def _obs_values(store, column: str) -> pd.Series:
+    """A store's obs column as a categorical Series by position (missing values NaN); a missing column is named,
+    with a guess."""
+    codes, categories = store.obs_codes(column)
+    return pd.Series(pd.Categorical.from_codes(codes, [str(c) for c in categories]))
+
+
+def _subset(adata, cells):
+    """The AnnData's `cells` (positions or a mask): a view, or for a backed AnnData (whose views do not stream)
+    those cells read into memory."""
+    view = adata[cells]
+    return view.to_memory() if getattr(adata, "isbacked", False) else view
 
 
 def _with_batch(code: int, covariates, z: torch.Tensor) -> torch.Tensor:

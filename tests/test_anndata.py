@@ -239,6 +239,8 @@ def test_save_anndata_keeps_the_anndata_that_load_then_reads(copies, tmp_path):
     np.testing.assert_allclose(
         loaded.get_latent_representation(indices=[5, 2]), z[[5, 2]], atol=1e-5
     )  # 2 cells a batch
+    picked = loaded.get_latent_representation(copies["backed"], indices=[5, 2])  # a backed AnnData's: read
+    np.testing.assert_allclose(picked, z[[5, 2]], atol=1e-5)
 
     backed = AtlasVAE(copies["backed"], batch_key="dataset_id", train=train).fit(tmp_path / "b")
     backed.save(tmp_path / "b", save_anndata=True)  # its own folder: the file beside it
