@@ -23,6 +23,9 @@ def comparisons(groups: pd.Series, group1=None, group2=None) -> list[tuple[str, 
     """(name, group1's values, group2's values) of each comparison: every value against the rest (group1 unset),
     group1 against the rest (group2 unset), or group1 against group2; each a value or a list of them."""
     values = [str(v) for v in pd.Categorical(groups.dropna().astype(str)).categories]
+    if len(values) < 2:
+        raise ValueError(f"the cells make {len(values)} group{'s' * (len(values) != 1)} ({', '.join(values)}): "
+                         "differential expression compares two")  # fmt: skip
     if group1 is None:
         if group2 is not None:
             raise ValueError("group2 needs group1: the groups compared with it")
@@ -109,11 +112,11 @@ def decode_draws(module, batches, per_cell: int, codes_of, n_genes: int, generat
     for inp in batches:
         c = inp.counts
         q_mu, q_var = module.posterior(c, measured=inp.measured)
-        ones, codes = torch.ones_like(c.library), codes_of(inp, q_mu)
-        for _ in range(per_cell):
-            noise = torch.randn(q_mu.shape, generator=generator, device=q_mu.device, dtype=q_mu.dtype)
-            z = q_mu + q_var.sqrt() * noise
-            parts.append((sum(module.decode(z, b, ones)[0] for b in codes) / len(codes)).float().cpu().numpy())
+        codes = [b.repeat(per_cell, 1) for b in codes_of(inp, q_mu)]  # each cell's draws decoded in one call
+        q_mu, scale = q_mu.repeat(per_cell, 1), q_var.sqrt().repeat(per_cell, 1)
+        z = q_mu + scale * torch.randn(q_mu.shape, generator=generator, device=q_mu.device, dtype=q_mu.dtype)
+        ones = torch.ones(len(z), device=z.device, dtype=c.library.dtype)
+        parts.append((sum(module.decode(z, b, ones)[0] for b in codes) / len(codes)).float().cpu().numpy())
         values, library = c.values.double().cpu().numpy(), c.library.double().cpu().numpy()
         per_10k = values / np.maximum(library[c.rows.long().cpu().numpy()], 1e-12) * 1e4
         raw.add(c.cols.long().cpu().numpy(), values, per_10k, len(c.library))

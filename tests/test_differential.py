@@ -111,5 +111,8 @@ def test_bad_groups_are_named(fitted):
         model.differential_expression(groupby="cell_typ")
     with pytest.raises(ValueError, match="group1: 'type_9.9' not among the groups"):
         model.differential_expression(groupby="true_cell_type", group1="type_9.9")
+    one_study = adata[(adata.obs.dataset_id == "study_0").to_numpy()].copy()
+    with pytest.raises(ValueError, match=r"the cells make 1 group \(study_0\): differential expression compares two"):
+        model.differential_expression(one_study, groupby="dataset_id")
     with pytest.raises(ValueError, match="compares cells of an AnnData"):
         model.differential_expression("atlas.zarr", groupby="dataset_id")
