@@ -148,8 +148,9 @@ class LatentIndex:
 
     @torch.no_grad()
     def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(distances, indices) of the k nearest reference cells of each query, nearest first."""
-        q = q.to(torch.float32)
+        """(distances, indices) of the k nearest reference cells of each query, nearest first, on the index's
+        device (a query on another is moved there: an exact index may have been moved to a GPU, `to`)."""
+        q = q.to(self.z.device, torch.float32)
         k = min(k, len(self.z))
         if self.exact:
             d2, idx = self._exact(q, k)

@@ -137,7 +137,7 @@ class LabelTransfer:
 
     def neighbours(self, z: torch.Tensor):
         """(distances, indices, kernel weights) of each cell's k nearest reference cells."""
-        dist, idx = self.index.search(z.float().to(self.index.z.device), self.k)  # on a GPU where the index was moved
+        dist, idx = self.index.search(z, self.k)
         dist, idx = dist.cpu(), idx.cpu()  # the reference's labels, weights and layout stay on the CPU
         bandwidth = dist.nan_to_num(posinf=0).mean(1, keepdim=True).clamp_min(1e-6)
         kernel = torch.exp(-((dist / bandwidth) ** 2)).nan_to_num(0.0)
