@@ -40,7 +40,7 @@ from .batches import ToModelInput
 from .config import UNLABELED, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .infer import UNKNOWN, embed
 from .label_review import MIN_AGREEMENT, review
-from .model import VAEModule
+from .model import VAEModule, draw
 from .process_group import at_exit_after_peers
 from .query import PendingMapping, map_query
 from .reference import read_reference
@@ -259,14 +259,17 @@ class AtlasVAE:
         `reference_model`: a trained AtlasVAE or its run dir. `unfrozen=True` trains every weight as well
         (`unfreeze_encoder` / `unfreeze_decoder`: one part). `layer`: the query's matrix of raw counts where it
         is not the one the reference was trained on."""
-        reference = reference_model if isinstance(reference_model, AtlasVAE) else cls.load(reference_model)
-        reference._need_fit()
-        model = cls._from_run(load_run(reference.run_dir))
+        if isinstance(reference_model, AtlasVAE):
+            reference_model._need_fit()
+            model = cls._from_run(load_run(reference_model.run_dir))
+            model._reference = reference_model  # a reference fit() without run dir keeps its folder meanwhile
+        else:  # a run dir: the model loaded from it is the query's
+            model = cls.load(reference_model, adata)  # (not the reference's saved AnnData)
         data = replace(model.config.data, data=data_name(adata), obs_filter=obs_filter, drop_labels=())
         model.config = replace(model.config, data=data).override("data", layer=layer)
-        model.data, model._reference = adata, reference  # a reference fit() without run dir keeps its folder
+        model.data = adata
         model._pending = PendingMapping(
-            reference.run_dir, unfrozen or unfreeze_encoder, unfrozen or unfreeze_decoder, obs_filter, layer
+            model.run_dir, unfrozen or unfreeze_encoder, unfrozen or unfreeze_decoder, obs_filter, layer
         )
         return model
 
@@ -452,11 +455,12 @@ class AtlasVAE:
     @torch.no_grad()
     def _latent(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False, sample=False) -> tuple:
         """(store, posterior means, or one draw each with `sample`, as a numpy array in the store's cell order)."""
-        store, means, variances = self._posterior(data, obs_filter, batch_size, layer, allow_non_integer)
-        if sample:
-            draw = torch.randn(means.shape, dtype=torch.float32).numpy()  # one stream, whatever the device
-            return store, means + np.sqrt(variances) * draw
-        return store, means
+        self._need_fit()
+        self.module.eval()
+        store, batches = self._batches(data, obs_filter, batch_size, layer, allow_non_integer)
+        return store, np.concatenate(
+            [self.module.latent(inp.counts, sample, measured=inp.measured).cpu().numpy() for inp in batches]
+        )
 
     @torch.no_grad()
     def _posterior(self, data, obs_filter, batch_size, layer=None, allow_non_integer=False) -> tuple:
@@ -611,9 +615,7 @@ class AtlasVAE:
             if library_size is not None:
                 lib = torch.full_like(lib, float(library_size))
             q_mu, q_var = self.module.posterior(inp.counts, measured=inp.measured)
-            draws = (
-                [q_mu] if n_samples == 1 else [q_mu + q_var.sqrt() * torch.randn_like(q_mu) for _ in range(n_samples)]
-            )
+            draws = [q_mu] if n_samples == 1 else [draw(q_mu, q_var) for _ in range(n_samples)]
             codes = [inp.codes] if as_batches is None else [_with_batch(c, inp.codes, q_mu) for c in as_batches]
             mu = sum(self.module.decode(z, c, lib)[0] for z in draws for c in codes) / (len(draws) * len(codes))
             if library_size is None and inp.measured is not None:  # its observed total is its measured genes'
@@ -684,6 +686,7 @@ class AtlasVAE:
                 "differential_expression compares cells of an AnnData (adata=..., or the one the model was set up "
                 "with); open a store as one: anndata.read_h5ad(path, backed='r') or anndata.read_zarr(path)"
             )
+        store = open_store(data)  # obs through the store, so that a lazy AnnData's reads as an in-memory one's
         if idx1 is not None:
             if groupby is not None or group1 is not None or group2 is not None:
                 raise ValueError(
@@ -694,17 +697,17 @@ class AtlasVAE:
             raise ValueError("idx2 needs idx1: the cells compared with it")
         elif groupby is None:
             raise ValueError("differential_expression needs groupby (an obs column) or idx1")
-        else:  # through the store, so that a lazy AnnData's obs reads as an in-memory one's
-            groups = _obs_values(open_store(data), groupby)
+        else:
+            groups = _obs_values(store, groupby)
         self._need_fit()
         self.module.eval()
         generator = torch.Generator(device=self.device).manual_seed(seed)
         keys = self.config.data.batch_keys
+        batch = _obs_values(store, keys[0]) if batch_correction else None  # read once, for every comparison
 
-        def draw(sides):  # [(positions, draws per cell)] of the two groups -> [(decoded draws, RawStats)]
+        def decode_sides(sides):  # [(positions, draws per cell)] of the two groups -> [(decoded draws, RawStats)]
             as_batches = None
-            if batch_correction:  # the batches of both groups' cells that the model knows, for every cell
-                batch = _obs_values(open_store(data), keys[0])
+            if batch is not None:  # the batches of both groups' cells that the model knows, for every cell
                 seen = {str(b) for cells, _ in sides for b in batch.iloc[cells].dropna().unique()}
                 as_batches = self._batch_codes([b for b in self.vocab.batch_categories[keys[0]] if b in seen])
 
@@ -719,7 +722,7 @@ class AtlasVAE:
             return out
 
         return differential_table(
-            groups, group1, group2, draw, self.vocab.genes, self.vocab.gene_names, n_draws=n_draws,
+            groups, group1, group2, decode_sides, self.vocab.genes, self.vocab.gene_names, n_draws=n_draws,
             delta=delta, pseudocounts=pseudocounts, n_pairs=n_pairs, fdr_target=fdr_target, seed=seed,
         )  # fmt: skip
 

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .model import draw
+
 GENE_BLOCK = 1024  # genes per block of pairwise changes (n_pairs x block floats at a time)
 
 
@@ -113,8 +115,7 @@ def decode_draws(module, batches, per_cell: int, codes_of, n_genes: int, generat
         c = inp.counts
         q_mu, q_var = module.posterior(c, measured=inp.measured)
         codes = [b.repeat(per_cell, 1) for b in codes_of(inp, q_mu)]  # each cell's draws decoded in one call
-        q_mu, scale = q_mu.repeat(per_cell, 1), q_var.sqrt().repeat(per_cell, 1)
-        z = q_mu + scale * torch.randn(q_mu.shape, generator=generator, device=q_mu.device, dtype=q_mu.dtype)
+        z = draw(q_mu.repeat(per_cell, 1), q_var.repeat(per_cell, 1), generator)
         ones = torch.ones(len(z), device=z.device, dtype=c.library.dtype)
         parts.append((sum(module.decode(z, b, ones)[0] for b in codes) / len(codes)).float().cpu().numpy())
         values, library = c.values.double().cpu().numpy(), c.library.double().cpu().numpy()
@@ -164,13 +165,13 @@ def fdr_calls(proba_de: np.ndarray, target: float) -> np.ndarray:
     return called
 
 
-def differential_table(groups: pd.Series, group1, group2, draw, genes, names, *, n_draws: int, delta: float,
+def differential_table(groups: pd.Series, group1, group2, decode_sides, genes, names, *, n_draws: int, delta: float,
                        pseudocounts: float, n_pairs: int, fdr_target: float, seed: int) -> pd.DataFrame:  # fmt: skip
-    """The comparisons' tables, one after the other, each the most probably changed genes first. `draw(sides)`:
+    """The comparisons' tables, one after the other, each the most probably changed genes first. `decode_sides(sides)`:
     for [(positions, draws per cell)] of the two groups, [(decoded draws, RawStats)]."""
     rng, tables = np.random.default_rng(seed), []
     for name, one, two in comparisons(groups, group1, group2):
-        (h1, raw1), (h2, raw2) = draw([pick_cells(groups, members, n_draws, rng) for members in (one, two)])
+        (h1, raw1), (h2, raw2) = decode_sides([pick_cells(groups, members, n_draws, rng) for members in (one, two)])
         table = change(h1, h2, delta=delta, pseudocounts=pseudocounts, n_pairs=n_pairs, fdr_target=fdr_target,
                        rng=rng)  # fmt: skip
         table = table.assign(**raw1.columns("1"), **raw2.columns("2"), comparison=name, group1=" + ".join(one),

@@ -580,7 +580,7 @@ class VAEModule(nn.Module):
     def latent(self, x, sample: bool = False, measured: torch.Tensor | None = None) -> torch.Tensor:
         """Posterior mean (or a sample) of x (see posterior)."""
         q_mu, q_var = self.posterior(x, measured)
-        return q_mu + torch.sqrt(q_var) * torch.randn_like(q_mu) if sample else q_mu
+        return draw(q_mu, q_var) if sample else q_mu
 
     @torch.no_grad()
     def label_probs(self, z: torch.Tensor) -> list[torch.Tensor]:
@@ -596,6 +596,12 @@ def _weighted(terms: dict, recon, kl_weight: float, gate_weight: float, label_we
     if "label" in terms:
         total = total + label_weight * terms["label"]
     return total
+
+
+def draw(q_mu: torch.Tensor, q_var: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw from each posterior N(q_mu, q_var) (torch's random stream, or `generator`'s on their device)."""
+    noise = torch.randn(q_mu.shape, generator=generator, device=q_mu.device, dtype=q_mu.dtype)
+    return q_mu + q_var.sqrt() * noise
 
 
 def _group_target(member: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
